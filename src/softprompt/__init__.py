@@ -1,0 +1,2 @@
+"""softprompt."""
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""The attention function registered with transformers' AttentionInterface.
+
+It wraps the stock SDPA function: prefixes are concatenated in front of the layer's keys/values and the call is
+routed so that fused kernels stay usable:
+
+* causal self-attention with no mask (no padding, prefill): the prefix is given P dummy query rows so that SDPA's
+  top-left ``is_causal`` alignment becomes exactly "every real query sees the whole prefix and the causal past".
+  No mask is materialised, so the flash / memory-efficient kernels stay on (the dummy rows are dropped).
+* no mask and a single query, or bidirectional attention with no padding: plain concatenation, no mask.
+* a mask is present (padding, chunked prefill): P always-visible columns are prepended to it (pitfalls P1-P3 of
+  the injection spec: never hand SDPA ``mask=None`` with kv_len > q_len and ``is_causal``, as it crops the keys).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .state import STATE_KWARG, InjectionState, LayerInjection
+
+ATTN_NAME = "softprompt"
+_LAYER_ATTR = "_softprompt_layer"  # set on each self-attention module by the injector
+
+
+def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Broadcast a [1 or b, ...] prefix to ``batch`` rows; b must divide batch (beam search repeats examples)."""
+    b = t.shape[0]
+    if b == batch:
+        return t
+    if b == 1:
+        return t.expand(batch, *t.shape[1:])
+    if batch % b:
+        raise RuntimeError(f"prefix batch {b} does not divide attention batch {batch}")
+    return t.repeat_interleave(batch // b, dim=0)
+
+
+def _gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: torch.device):
+    pk = inj.key.to(device=device, dtype=dtype)
+    pv = inj.value.to(device=device, dtype=dtype)
+    if inj.gate is not None:
+        g = inj.gate.to(device=device, dtype=dtype)
+        g = g.reshape(g.shape[0], -1 if g.dim() > 2 else 1, g.shape[-1])[..., None]  # [B, H|1, P, 1]
+        pv = pv * g
+        if not inj.gate_values_only:
+            pk = pk * g
+    return _expand_batch(pk, batch), _expand_batch(pv, batch)
+
+
+def _grow_mask_for_insertion(mask: torch.Tensor | None, t: int, at: int) -> torch.Tensor | None:
+    """Mask built for N tokens -> N + t: inserted columns are visible to all, inserted rows copy row ``at``."""
+    if mask is None:
+        return None
+    visible = True if mask.dtype == torch.bool else 0.0
+    cols = mask.new_full((*mask.shape[:-1], t), visible)
+    mask = torch.cat([mask[..., :at], cols, mask[..., at:]], dim=-1)
+    if mask.shape[-2] > 1:
+        rows = mask[..., at : at + 1, :].expand(*mask.shape[:-2], t, mask.shape[-1])
+        mask = torch.cat([mask[..., :at, :], rows, mask[..., at:, :]], dim=-2)
+    return mask
+
+
+def _prepend_visible_columns(mask: torch.Tensor, p: int) -> torch.Tensor:
+    visible = True if mask.dtype == torch.bool else 0.0
+    cols = mask.new_full((*mask.shape[:-1], p), visible)
+    return torch.cat([cols, mask], dim=-1)
+
+
+def softprompt_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+):
+    """AttentionInterface function: stock SDPA plus the prefixes/insertions of the current ``InjectionState``."""
+    state: InjectionState | None = kwargs.pop(STATE_KWARG, None)
+    index = getattr(module, _LAYER_ATTR, None)
+    if state is None or index is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if state.calls is not None:
+        state.calls[index] = state.calls.get(index, 0) + 1
+    if state.capture is not None:
+        state.capture[index] = (key, value)
+    inj = state.layers.get(index)
+    if inj is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if inj.inserted:
+        attention_mask = _grow_mask_for_insertion(attention_mask, inj.inserted, inj.insert_at)
+    p = inj.prefix_length
+    if p == 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    batch, _, q_len, _ = query.shape
+    pk, pv = _gated_prefix(inj, batch, key.dtype, key.device)
+    key = torch.cat([pk, key], dim=2)
+    value = torch.cat([pv, value], dim=2)
+    if kwargs.get("position_bias") is not None:  # T5-style additive bias: prefix columns get 0
+        pb = kwargs["position_bias"]
+        kwargs["position_bias"] = torch.cat([pb.new_zeros((*pb.shape[:-1], p)), pb], dim=-1)
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    real_kv = key.shape[2] - p
+
+    if attention_mask is None and causal and q_len > 1 and q_len == real_kv:
+        # Fused path: dummy query rows for the prefix turn top-left causal alignment into the wanted pattern.
+        dummy = query.new_zeros((batch, query.shape[1], p, query.shape[3]))
+        out, weights = sdpa_attention_forward(
+            module, torch.cat([dummy, query], dim=2), key, value, None, is_causal=True, **kwargs
+        )
+        return out[:, p:], weights
+    if attention_mask is None and (q_len == 1 or not causal):
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=False, **kwargs)
+    if attention_mask is None:
+        # Causal with q_len != real kv (chunked prefill without a mask): build the bottom-right causal mask (P2).
+        offset = real_kv - q_len
+        qi = torch.arange(q_len, device=query.device)[:, None]
+        kj = torch.arange(real_kv, device=query.device)[None, :]
+        attention_mask = (kj <= qi + offset)[None, None]
+    return sdpa_attention_forward(
+        module, query, key, value, _prepend_visible_columns(attention_mask, p), is_causal=False, **kwargs
+    )
+
+
+def register() -> None:
+    """Register the attention function and its mask builder (idempotent).
+
+    The mask function must be registered too: without it transformers hands the function ``attention_mask=None``
+    and causality is lost silently.
+    """
+    AttentionInterface.register(ATTN_NAME, softprompt_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)

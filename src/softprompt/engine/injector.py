@@ -1,0 +1,226 @@
+"""Attach the engine to a Hugging Face model: activate the attention function, find the self-attention layers with a
+probe forward, and install the layer hooks (gates, mid-network insertion).
+
+Nothing model-specific is hard-coded: layers are found by watching which modules call the attention function, and
+shapes are read from the keys those modules actually produce (never sniffed from weights, which ZeRO-3 partitions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from . import attention
+from .state import STATE_KWARG, InjectionState
+
+_INJECTOR_ATTR = "_softprompt_injector"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shapes of the frozen model, as measured by the probe forward."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    is_causal: bool
+    max_positions: int | None
+    has_rotary: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The bare transformer inside a task model (``BertForSequenceClassification`` -> ``BertModel``)."""
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, nn.Module) else model
+
+
+def _probe_inputs(config, device) -> dict:
+    vocab = int(getattr(config, "vocab_size", 8) or 8)
+    ids = torch.arange(1, 5, device=device).clamp(max=vocab - 1)[None]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _block_of(model: nn.Module, module_name: str) -> tuple[str, nn.Module]:
+    """The element of an ``nn.ModuleList`` that contains the named module (the transformer block)."""
+    modules = dict(model.named_modules())
+    parts = module_name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        parent = modules.get(".".join(parts[: cut - 1])) if cut > 1 else model
+        if isinstance(parent, nn.ModuleList):
+            name = ".".join(parts[:cut])
+            return name, modules[name]
+    raise UnsupportedModelError(f"could not find the transformer block that holds {module_name}")
+
+
+class Injector:
+    """The engine attached to one model. Build once per model with :func:`attach`."""
+
+    def __init__(self, model: nn.Module):
+        attention.register()
+        self.model = model
+        self.backbone = backbone_of(model)
+        cls = type(model).__name__
+        if getattr(model, "_supports_attention_backend", True) is False:
+            raise UnsupportedModelError(
+                f"{cls} ({model.config.model_type}) computes attention in its own code and bypasses transformers' "
+                "AttentionInterface, so prefixes cannot be injected. Use a family that supports it "
+                "(BERT, RoBERTa, XLM-R, ModernBERT, GPT-2, Llama, Qwen2/3, Mistral)."
+            )
+        try:
+            model.set_attn_implementation(attention.ATTN_NAME)
+        except Exception as exc:  # transformers raises for models without the attention interface
+            raise UnsupportedModelError(f"{cls} cannot use a custom attention function: {exc}") from exc
+        self.attention_modules: list[nn.Module] = []
+        self.blocks: list[nn.Module] = []
+        self._hooks: list = []
+        self.info = self._probe()
+        self._install_hooks()
+        object.__setattr__(model, _INJECTOR_ATTR, self)
+
+    # ---- discovery -------------------------------------------------------------------------------------------
+    def _probe(self) -> ModelInfo:
+        config = self.model.config
+        names = {m: n for n, m in self.backbone.named_modules()}
+        seen: list[nn.Module] = []
+        shapes: dict[nn.Module, tuple] = {}
+        original = attention.softprompt_attention
+
+        # Temporarily record every module that calls the attention function, in call order.
+        def recorder(module, query, key, value, mask, **kw):
+            if module not in shapes:
+                seen.append(module)
+                shapes[module] = (query.shape[1], key.shape[1], key.shape[3], kw.get("is_causal"))
+            return original(module, query, key, value, mask, **kw)
+
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(attention.ATTN_NAME, recorder)
+        try:
+            with torch.no_grad():
+                device = next(self.backbone.parameters()).device
+                self.backbone(**_probe_inputs(config, device), **{STATE_KWARG: InjectionState()})
+        finally:
+            AttentionInterface.register(attention.ATTN_NAME, original)
+        cross = [m for m in seen if getattr(m, "is_cross_attention", False)]
+        self_attn = [m for m in seen if m not in cross]
+        expected = getattr(config, "num_hidden_layers", None)
+        if not self_attn or (expected is not None and len(self_attn) != expected):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} (model_type={config.model_type!r}): {len(self_attn)} of "
+                f"{expected} attention layers called transformers' AttentionInterface during the probe. This family "
+                "bypasses the interface (e.g. DeBERTa, Falcon, Bloom) and cannot take prefixes; use a supported "
+                "family (BERT, RoBERTa, XLM-R, ModernBERT, GPT-2, Llama, Qwen2/3, Mistral)."
+            )
+        for i, module in enumerate(self_attn):
+            setattr(module, attention._LAYER_ATTR, i)
+            self.attention_modules.append(module)
+            self.blocks.append(_block_of(self.backbone, names[module])[1])
+        hq, hkv, d, causal = shapes[self_attn[0]]
+        causal = bool(getattr(self_attn[0], "is_causal", False) if causal is None else causal)
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or hq * d)
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        has_rotary = any(n.endswith("rotary_emb") for n, _ in self.backbone.named_modules())
+        return ModelInfo(
+            model_type=config.model_type, num_layers=len(self_attn), hidden_size=hidden, num_heads=int(hq),
+            num_kv_heads=int(hkv), head_dim=int(d), is_causal=causal, max_positions=max_pos, has_rotary=has_rotary,
+        )
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        for i, block in enumerate(self.blocks):
+            self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
+        self._hooks.append(self.blocks[-1].register_forward_hook(self._post_last_block, with_kwargs=True))
+
+    def _make_pre_hook(self, index: int):
+        def hook(module, args, kwargs):
+            state: InjectionState | None = kwargs.get(STATE_KWARG)
+            if state is None:
+                return None
+            in_args = len(args) > 0
+            hidden = args[0] if in_args else kwargs["hidden_states"]
+            if state.layer_hook is not None:
+                state.layer_hook(index, hidden, state)
+            ins = state.insertion
+            if ins is None or ins.layer != index or ins.consumed:
+                return None
+            if self.info.is_causal:
+                # Causal decoders: the inserted tokens become key/value prefixes of layers index..L-1.
+                for j, (k, v) in self.insertion_to_prefix(ins.vectors.to(hidden.dtype), index).items():
+                    state.layer(j).key, state.layer(j).value = k, v
+                ins.consumed = True
+                return None
+            s = ins.vectors.to(hidden.dtype)
+            s = s.expand(hidden.shape[0], *s.shape[1:]) if s.shape[0] == 1 else s
+            hidden = torch.cat([hidden[:, : ins.at], s, hidden[:, ins.at :]], dim=1)
+            for j in range(index, len(self.blocks)):
+                state.layer(j).inserted, state.layer(j).insert_at = s.shape[1], ins.at
+            if in_args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _post_last_block(self, module, args, kwargs, output):
+        state: InjectionState | None = kwargs.get(STATE_KWARG)
+        if state is None or state.insertion is None or state.insertion.consumed:
+            return None
+        ins = state.insertion
+        t = ins.vectors.shape[1]
+
+        def strip(h):
+            return torch.cat([h[:, : ins.at], h[:, ins.at + t :]], dim=1)
+
+        if isinstance(output, torch.Tensor):
+            return strip(output)
+        if isinstance(output, tuple):
+            return (strip(output[0]), *output[1:])
+        output[0] = strip(output[0])  # ModelOutput-like
+        return output
+
+    def detach(self) -> None:
+        """Remove hooks (the attention implementation stays registered; it is a no-op without a state)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ---- decoder insertion ------------------------------------------------------------------------------------
+    def insertion_to_prefix(self, vectors: torch.Tensor, layer: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Key/value prefixes equivalent to inserting ``vectors`` in front of the sequence before ``layer`` of a
+        causal decoder.
+
+        In a causal model, tokens in front attend only to themselves, so their states from ``layer`` on do not
+        depend on the input that follows: running them alone through layers ``layer..L-1`` and handing their keys
+        and values to the real tokens as prefixes is the same computation. The prompt takes positions 0..t-1 and
+        the real tokens keep theirs; the KV cache of ``generate()`` holds real tokens only.
+        """
+        t = vectors.shape[1]
+        pos = torch.arange(t, device=vectors.device)[None].expand(vectors.shape[0], t)
+        kwargs: dict = {"attention_mask": None, "position_ids": pos, "use_cache": False}
+        rotary = next((m for n, m in self.backbone.named_modules() if n.endswith("rotary_emb")), None)
+        if rotary is not None:
+            kwargs["position_embeddings"] = rotary(vectors, pos)
+        capture: dict = {}
+        state = InjectionState(capture=capture)
+        hidden = vectors
+        for i in range(layer, len(self.blocks)):
+            out = self.blocks[i](hidden, **kwargs, **{STATE_KWARG: state})
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        return {i: capture[i] for i in range(layer, len(self.blocks))}
+
+
+def attach(model: nn.Module) -> Injector:
+    """Attach the engine to ``model`` (idempotent) and return its :class:`Injector`."""
+    existing = getattr(model, _INJECTOR_ATTR, None)
+    if existing is not None:
+        return existing
+    return Injector(model)

@@ -1,0 +1,75 @@
+"""Per-forward injection state.
+
+The state is built fresh for every forward pass (by the wrapper model from the method's outputs) and travels to the
+attention function as a keyword argument of the backbone's forward (``softprompt_state=...``). Transformers passes
+unknown keyword arguments down to every decoder/encoder layer and into the attention function, and gradient
+checkpointing captures them with the layer call, so a recomputed layer sees exactly the same prefixes. Nothing is ever
+written into a ``Cache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+STATE_KWARG = "softprompt_state"
+
+
+@dataclass
+class LayerInjection:
+    """What one self-attention layer receives.
+
+    key/value: prefix of shape [B or 1, H_kv, P, D] (post-RoPE convention: prefix keys carry no position).
+    gate: optional multiplicative gate broadcastable to [B, H_kv or 1, P]; applied to keys and values
+        (``gate_values_only=False``) or to values only, before they enter attention ("scale" gating).
+    inserted: number of prompt tokens inserted into the hidden states before this layer (encoder insertion);
+        the attention mask built for the original N tokens is grown to N + inserted.
+    insert_at: sequence position of the inserted tokens.
+    """
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    gate_values_only: bool = False
+    inserted: int = 0
+    insert_at: int = 0
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.key is None else int(self.key.shape[-2])
+
+
+@dataclass
+class Insertion:
+    """Prompt vectors inserted into the hidden states before layer ``layer`` at position ``at`` (encoders)."""
+
+    layer: int
+    vectors: torch.Tensor  # [B or 1, t, hidden]
+    at: int = 0
+    consumed: bool = False  # set once a causal decoder has turned it into prefixes (reused by generate steps)
+
+
+# A layer hook sees (layer index, hidden states entering that layer, the state) and may edit state.layers[index],
+# e.g. to set an input-dependent gate. It runs inside the layer call, so checkpointing recomputes it.
+LayerHook = Callable[[int, torch.Tensor, "InjectionState"], None]
+
+
+@dataclass
+class InjectionState:
+    """Everything injected into one forward pass, keyed by the engine's own layer index (0..L-1)."""
+
+    layers: dict[int, LayerInjection] = field(default_factory=dict)
+    insertion: Insertion | None = None
+    layer_hook: LayerHook | None = None
+    attention_mask: torch.Tensor | None = None  # 2D [B, N] padding mask of the real tokens (1 = token)
+    # Filled by the engine when capturing keys/values (probe forward, insertion-to-prefix conversion).
+    capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    calls: dict[int, int] | None = None
+
+    def layer(self, index: int) -> LayerInjection:
+        """Return (creating if needed) the injection of one layer."""
+        if index not in self.layers:
+            self.layers[index] = LayerInjection()
+        return self.layers[index]

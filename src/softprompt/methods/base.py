@@ -1,0 +1,111 @@
+"""What every method shares: a config dataclass and a module that turns a batch into engine contributions.
+
+A method never touches the backbone. Its module returns a :class:`Contribution` (input-layer prompt, per-layer
+key/value prefixes, an insertion before some layer, a layer hook for gates) and the wrapper model hands it to the
+engine. A new method is therefore a config plus a small module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..engine.injector import ModelInfo
+from ..engine.state import Insertion, LayerHook
+from ..errors import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method config. Subclasses are dataclasses with documented, validated fields."""
+
+    method: ClassVar[str] = ""
+
+    def validate(self, info: ModelInfo | None = None) -> None:
+        """Raise :class:`ConfigError` naming the field, the value and the fix. ``info`` enables model checks."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown} for method {cls.method!r}; valid options are {sorted(names)}"
+            )
+        return cls(**data)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class Contribution:
+    """What a method adds to one forward pass.
+
+    input_prompt: [B or 1, t, hidden] vectors placed in front of the token embeddings (position ``prompt_at``).
+    prefixes: layer index -> (key, value), each [B or 1, H_kv, P, D].
+    insertion: vectors inserted into the hidden states before one layer.
+    layer_hook: called with each layer's input hidden states (gates).
+    """
+
+    input_prompt: torch.Tensor | None = None
+    prompt_at: int = 0
+    prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    insertion: Insertion | None = None
+    layer_hook: LayerHook | None = None
+
+
+@dataclass
+class MethodInputs:
+    """What a method may look at to build its contribution."""
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor  # [B, N], 1 = real token
+    embed: nn.Module  # the frozen input embedding table
+    batch_size: int
+
+    def token_embeddings(self) -> torch.Tensor:
+        return self.embed(self.input_ids)
+
+
+class PromptMethod(nn.Module):
+    """Base class of method modules. ``forward(inputs) -> Contribution``."""
+
+    config: MethodConfig
+
+    def __init__(self, config: MethodConfig, info: ModelInfo):
+        super().__init__()
+        config.validate(info)
+        self.config = config
+        self.info = info
+
+    def forward(self, inputs: MethodInputs) -> Contribution:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to save. Default: all parameters and buffers of the module."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def import_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`export_state_dict` (strict)."""
+        self.load_state_dict(tensors, strict=True)
+
+    def insertion_length(self) -> int:
+        """Positions this method adds to the sequence (input prompts and insertions)."""
+        return 0
+
+    def init_from_model(self, embed: nn.Module, tokenizer=None) -> None:
+        """Optional initialisation that needs the frozen model (e.g. prompt from vocabulary or text)."""

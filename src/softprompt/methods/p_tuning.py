@@ -1,0 +1,73 @@
+"""P-tuning (Liu et al., arXiv 2103.10385): input-layer prompt produced by a reparameterising encoder.
+
+We prepend only (no interleaving with a discrete template). The encoder is an MLP (PEFT's default form:
+Linear(d,h)-ReLU-Linear(h,h)-ReLU-Linear(h,d)) or a bidirectional LSTM followed by an MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..engine.injector import ModelInfo
+from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
+from .prompt_tuning import INITS, init_prompt_table
+
+ENCODERS = ("mlp", "lstm")
+
+
+@dataclass
+class PTuningConfig(MethodConfig):
+    """num_virtual_tokens t; encoder "mlp" or "lstm"; encoder_hidden_size h (default: the model's hidden size)."""
+
+    method = "ptuning"
+    num_virtual_tokens: int = 20
+    encoder: str = "mlp"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    init: str = "vocab"
+    init_text: str | None = None
+    init_range: float = 0.5
+    position: str = "front"
+    seed: int = 0
+
+    def validate(self, info: ModelInfo | None = None) -> None:
+        require(self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        require(self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        require(self.position in ("front", "after_cls"), f"position must be front/after_cls, got {self.position!r}")
+        require(self.encoder_hidden_size is None or self.encoder_hidden_size > 0, "encoder_hidden_size must be > 0")
+
+
+class PTuning(PromptMethod):
+    """Free embeddings -> encoder -> prompt [t, hidden]."""
+
+    def __init__(self, config: PTuningConfig, info: ModelInfo):
+        super().__init__(config, info)
+        d = info.hidden_size
+        h = config.encoder_hidden_size or d
+        self.embedding = nn.Parameter(torch.zeros(config.num_virtual_tokens, d))
+        if config.encoder == "lstm":
+            self.lstm = nn.LSTM(d, h, num_layers=config.encoder_num_layers, bidirectional=True, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
+        else:
+            self.lstm = None
+            self.mlp = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
+
+    def init_from_model(self, embed: nn.Module, tokenizer=None) -> None:
+        init_prompt_table(self.embedding.data, self.config, embed, tokenizer)
+
+    def insertion_length(self) -> int:
+        return self.config.num_virtual_tokens
+
+    def prompt(self) -> torch.Tensor:
+        x = self.embedding[None]
+        if self.lstm is not None:
+            x = self.lstm(x)[0]
+        return self.mlp(x)
+
+    def forward(self, inputs: MethodInputs) -> Contribution:
+        at = 1 if self.config.position == "after_cls" else 0
+        return Contribution(input_prompt=self.prompt(), prompt_at=at)

@@ -1,0 +1,158 @@
+"""Prefix tuning / P-tuning v2 (Li & Liang, arXiv 2101.00190; Liu et al., arXiv 2110.07602).
+
+Every selected layer gets P learned key and value vectors per key/value head, prepended inside attention.
+Lengths may differ per layer (PT-2*, from APT's gates) or be 0. Optionally the prefixes are produced by a
+reparameterisation MLP during training; the saved adapter always holds the projected tables (so it loads without the
+MLP) plus the MLP itself (so training can resume, which PEFT cannot: huggingface/peft#2256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..engine.injector import ModelInfo
+from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
+
+PREFIX_INITS = ("vocab", "random", "text")
+
+
+@dataclass
+class PrefixConfig(MethodConfig):
+    """Deep prefixes.
+
+    num_virtual_tokens: prefix length P at every layer (unless ``layer_lengths`` is given).
+    layer_lengths: one length per layer (0 = no prefix there); overrides num_virtual_tokens.
+    layers: restrict prefixes to these layer indices (others get 0).
+    projection: reparameterise through Embedding(P, d) -> Linear(d, h) -> Tanh -> Linear(h, L*2*H_kv*D).
+    init: "vocab" (keys/values that the frozen model itself produces for randomly sampled vocabulary tokens: prefixes
+        start on the scale of real keys), "random" (normal with std ``init_std``, PEFT's choice with std 1),
+        or "text" (keys/values of ``init_text``). Ignored with projection (the MLP is initialised randomly).
+    """
+
+    method = "prefix"
+    num_virtual_tokens: int = 20
+    layer_lengths: list[int] | None = None
+    layers: list[int] | None = None
+    projection: bool = False
+    projection_hidden_size: int = 512
+    init: str = "vocab"
+    init_text: str | None = None
+    init_std: float = 1.0
+    dropout: float = 0.0
+    seed: int = 0
+
+    def validate(self, info: ModelInfo | None = None) -> None:
+        require(self.num_virtual_tokens >= 0, f"num_virtual_tokens must be >= 0, got {self.num_virtual_tokens}")
+        require(self.init in PREFIX_INITS, f"init must be one of {PREFIX_INITS}, got {self.init!r}")
+        require(self.init != "text" or bool(self.init_text), "init='text' needs init_text='...'")
+        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        if self.layer_lengths is not None:
+            require(all(int(n) >= 0 for n in self.layer_lengths), f"layer_lengths must be >= 0: {self.layer_lengths}")
+            require(sum(self.layer_lengths) > 0, "layer_lengths are all 0: nothing to train")
+        if info is not None:
+            if self.layer_lengths is not None:
+                require(
+                    len(self.layer_lengths) == info.num_layers,
+                    f"layer_lengths has {len(self.layer_lengths)} entries but the model has {info.num_layers} layers",
+                )
+            if self.layers is not None:
+                bad = [i for i in self.layers if not 0 <= i < info.num_layers]
+                require(not bad, f"layers {bad} out of range 0..{info.num_layers - 1}")
+
+    def lengths(self, num_layers: int) -> list[int]:
+        """The prefix length of every layer."""
+        if self.layer_lengths is not None:
+            return [int(n) for n in self.layer_lengths]
+        chosen = set(range(num_layers)) if self.layers is None else set(self.layers)
+        return [self.num_virtual_tokens if i in chosen else 0 for i in range(num_layers)]
+
+
+class PrefixTuning(PromptMethod):
+    """Per-layer key/value tables ``tables[i]`` of shape [2, H_kv, P_i, D], or an MLP that produces them."""
+
+    def __init__(self, config: PrefixConfig, info: ModelInfo):
+        super().__init__(config, info)
+        self.lengths = config.lengths(info.num_layers)
+        shape = lambda p: (2, info.num_kv_heads, p, info.head_dim)  # noqa: E731
+        gen = torch.Generator().manual_seed(config.seed)
+        self.tables = nn.ParameterDict(
+            {str(i): nn.Parameter(torch.randn(shape(p), generator=gen) * config.init_std)
+             for i, p in enumerate(self.lengths) if p > 0}
+        )
+        self.mlp: nn.Module | None = None
+        if config.projection:
+            width = 2 * info.num_kv_heads * info.head_dim
+            self.tables = nn.ParameterDict()  # produced by the MLP
+            self.wte = nn.Embedding(max(self.lengths), info.hidden_size)
+            self.mlp = nn.Sequential(
+                nn.Linear(info.hidden_size, config.projection_hidden_size), nn.Tanh(),
+                nn.Linear(config.projection_hidden_size, info.num_layers * width),
+            )
+        self.drop = nn.Dropout(config.dropout)
+
+    # ---- initialisation from the frozen model ----------------------------------------------------------------
+    def init_from_model(self, embed: nn.Module, tokenizer=None, capture=None) -> None:
+        """``capture(input_ids) -> {layer: (key [1,H,N,D], value)}`` runs the frozen model and returns its K/V."""
+        if self.mlp is not None or self.config.init == "random" or capture is None:
+            return
+        longest = max(self.lengths)
+        if self.config.init == "text":
+            if tokenizer is None:
+                raise ValueError("init='text' needs a tokenizer: pass tokenizer=... to softprompt.wrap")
+            ids = tokenizer(self.config.init_text, add_special_tokens=False)["input_ids"]
+            ids = (ids * (longest // max(len(ids), 1) + 1))[:longest]
+        else:
+            vocab = embed.weight.shape[0]
+            low = 1000 if vocab > 5000 else 0
+            gen = torch.Generator().manual_seed(self.config.seed)
+            ids = torch.randint(low, vocab, (longest,), generator=gen).tolist()
+        kv = capture(torch.tensor([ids], device=embed.weight.device))
+        with torch.no_grad():
+            for name, table in self.tables.items():
+                k, v = kv[int(name)]
+                p = table.shape[2]
+                table[0].copy_(k[0, :, :p].float())
+                table[1].copy_(v[0, :, :p].float())
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def layer_tables(self) -> dict[int, torch.Tensor]:
+        """layer -> [2, H_kv, P, D]."""
+        if self.mlp is None:
+            return {int(i): t for i, t in self.tables.items()}
+        info = self.info
+        flat = self.mlp(self.wte.weight)  # [P_max, L*2*H*D]
+        per = flat.view(flat.shape[0], info.num_layers, 2, info.num_kv_heads, info.head_dim).permute(1, 2, 3, 0, 4)
+        return {i: per[i, :, :, :p] for i, p in enumerate(self.lengths) if p > 0}
+
+    def forward(self, inputs: MethodInputs) -> Contribution:
+        return Contribution(prefixes={i: (self.drop(t[0])[None], self.drop(t[1])[None])
+                                      for i, t in self.layer_tables().items()})
+
+    # ---- saving: projected tables always, the MLP too for resuming ---------------------------------------------
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"tables.{i}": t.detach().contiguous() for i, t in self.layer_tables().items()}
+        if self.mlp is not None:
+            out.update({f"mlp_state.{k}": v.detach() for k, v in self.state_dict().items() if not k.startswith("tables")})
+        return out
+
+    def import_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        tables = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("tables.")}
+        mlp = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("mlp_state.")}
+        if self.mlp is not None and mlp:
+            self.load_state_dict(mlp, strict=True)
+            return
+        if self.mlp is not None:
+            self.fold()
+        self.load_state_dict({f"tables.{k}": v for k, v in tables.items()}, strict=True)
+
+    def fold(self) -> None:
+        """Replace the reparameterisation MLP by the tables it produces (inference form)."""
+        if self.mlp is None:
+            return
+        with torch.no_grad():
+            tables = {str(i): nn.Parameter(t.detach().clone()) for i, t in self.layer_tables().items()}
+        self.mlp, self.wte = None, None
+        self.tables = nn.ParameterDict(tables)

@@ -1,0 +1,82 @@
+"""Prompt tuning (Lester et al., arXiv 2104.08691): t learned vectors in front of the token embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..engine.injector import ModelInfo
+from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
+
+INITS = ("vocab", "random", "text")
+POSITIONS = ("front", "after_cls")
+
+
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    """Input-layer soft prompt.
+
+    num_virtual_tokens: prompt length t.
+    init: "vocab" (embeddings of randomly sampled vocabulary tokens: the scale of real inputs, the robust default),
+        "random" (uniform in [-init_range, init_range], the prompt-tuning paper's default with 0.5), or
+        "text" (embeddings of ``init_text``, repeated/cropped to t; needs a tokenizer at wrap time).
+    position: "front" puts the prompt before [CLS]/<s> (PEFT's behaviour, the pooler then reads a virtual token);
+        "after_cls" keeps the first real token in front so encoder heads still read [CLS].
+    """
+
+    method = "prompt"
+    num_virtual_tokens: int = 20
+    init: str = "vocab"
+    init_text: str | None = None
+    init_range: float = 0.5
+    position: str = "front"
+    seed: int = 0
+
+    def validate(self, info: ModelInfo | None = None) -> None:
+        require(self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        require(self.init != "text" or bool(self.init_text), "init='text' needs init_text='...' (the words to use)")
+        require(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")
+
+
+def init_prompt_table(table: torch.Tensor, config, embed: nn.Module, tokenizer=None) -> None:
+    """Fill ``table`` [t, d] according to ``config.init`` (shared by prompt tuning and P-tuning)."""
+    t = table.shape[0]
+    weight = embed.weight.detach()
+    gen = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        if config.init == "random":
+            table.copy_(torch.empty(table.shape).uniform_(-config.init_range, config.init_range, generator=gen))
+        elif config.init == "vocab":
+            # Skip the first ids (special tokens in most vocabularies) when the vocabulary is big enough.
+            low = 1000 if weight.shape[0] > 5000 else 0
+            ids = torch.randint(low, weight.shape[0], (t,), generator=gen)
+            table.copy_(weight[ids].float())
+        else:
+            if tokenizer is None:
+                raise ValueError("init='text' needs a tokenizer: pass tokenizer=... to softprompt.wrap")
+            ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"init_text {config.init_text!r} tokenises to nothing")
+            ids = (ids * (t // len(ids) + 1))[:t]
+            table.copy_(weight[torch.tensor(ids, device=weight.device)].float().cpu())
+
+
+class PromptTuning(PromptMethod):
+    """Holds the prompt table [t, hidden]."""
+
+    def __init__(self, config: PromptTuningConfig, info: ModelInfo):
+        super().__init__(config, info)
+        self.prompt = nn.Parameter(torch.zeros(config.num_virtual_tokens, info.hidden_size))
+
+    def init_from_model(self, embed: nn.Module, tokenizer=None) -> None:
+        init_prompt_table(self.prompt.data, self.config, embed, tokenizer)
+
+    def insertion_length(self) -> int:
+        return self.config.num_virtual_tokens
+
+    def forward(self, inputs: MethodInputs) -> Contribution:
+        at = 1 if self.config.position == "after_cls" else 0
+        return Contribution(input_prompt=self.prompt[None], prompt_at=at)

@@ -1,0 +1,196 @@
+"""The wrapper model: a frozen Hugging Face model plus one method module, driven through the injection engine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .engine.injector import Injector, attach
+from .engine.state import STATE_KWARG, InjectionState, LayerInjection
+from .errors import SequenceTooLongError
+from .methods import MethodConfig, MethodInputs, PromptMethod, method_classes
+
+# Randomly initialised task heads of transformers task models: they train with the method and are saved with it.
+HEAD_NAMES = ("classifier", "score", "qa_outputs")
+
+
+def task_head_names(model: nn.Module) -> list[str]:
+    """Names of the top-level task-head modules of a transformers task model (none for causal LMs)."""
+    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+
+
+class SoftPromptModel(nn.Module):
+    """A frozen base model adapted by one method. Use :func:`softprompt.wrap` or :func:`softprompt.load`.
+
+    ``forward`` takes the base model's usual inputs (``input_ids``, ``attention_mask``, ``labels``, ...) and returns
+    its usual outputs; only the method module and the task head (if any) have ``requires_grad``.
+    """
+
+    def __init__(self, base: nn.Module, config: MethodConfig, *, tokenizer=None, train_head: bool | None = None):
+        super().__init__()
+        self.base_model = base
+        self.injector: Injector = attach(base)
+        self.info = self.injector.info
+        config_cls, module_cls = method_classes(config.method)
+        if not isinstance(config, config_cls):
+            config = config_cls.from_dict(config.to_dict())
+        self.method_config = config
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.head_names = task_head_names(base) if train_head is not False else []
+        for name in self.head_names:
+            for p in getattr(base, name).parameters():
+                p.requires_grad_(True)
+        method = module_cls(config, self.info)
+        embed = base.get_input_embeddings()
+        method.init_from_model(embed, tokenizer, **self._init_kwargs(method))
+        param = next(base.parameters())
+        self.method: PromptMethod = method.to(param.device)
+
+    def _init_kwargs(self, method: PromptMethod) -> dict:
+        import inspect
+
+        if "capture" in inspect.signature(method.init_from_model).parameters:
+            return {"capture": self.capture_kv}
+        return {}
+
+    # ---- engine plumbing ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture_kv(self, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Run the frozen backbone on ``input_ids`` and return every layer's (key, value) [B, H_kv, N, D]."""
+        capture: dict = {}
+        self.injector.backbone(input_ids=input_ids, **{STATE_KWARG: InjectionState(capture=capture)})
+        return capture
+
+    def build_state(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> tuple[dict, InjectionState]:
+        """Run the method and turn its contribution into model inputs + the engine state of this forward."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, length = ref.shape[0], ref.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=ref.device)
+        self._check_length(length)
+        embed = self.base_model.get_input_embeddings()
+        contrib = self.method(MethodInputs(input_ids, attention_mask, embed, batch))
+        state = InjectionState(attention_mask=attention_mask, layer_hook=contrib.layer_hook)
+        for i, (k, v) in contrib.prefixes.items():
+            state.layers[i] = LayerInjection(key=k, value=v)
+        if contrib.insertion is not None:
+            state.insertion = contrib.insertion
+        inputs: dict = {"attention_mask": attention_mask}
+        if contrib.input_prompt is not None:
+            if inputs_embeds is None:
+                inputs_embeds = embed(input_ids)
+            prompt = contrib.input_prompt.to(inputs_embeds.dtype)
+            prompt = prompt.expand(batch, *prompt.shape[1:]) if prompt.shape[0] == 1 else prompt
+            at = contrib.prompt_at
+            inputs_embeds = torch.cat([inputs_embeds[:, :at], prompt, inputs_embeds[:, at:]], dim=1)
+            ones = attention_mask.new_ones(batch, prompt.shape[1])
+            inputs["attention_mask"] = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
+            inputs["inputs_embeds"] = inputs_embeds
+            self._prompt_span = (at, prompt.shape[1])
+        else:
+            self._prompt_span = None
+            if inputs_embeds is not None:
+                inputs["inputs_embeds"] = inputs_embeds
+            else:
+                inputs["input_ids"] = input_ids
+        return inputs, state
+
+    def _check_length(self, length: int) -> None:
+        limit = self.info.max_positions
+        extra = self.method.insertion_length()
+        if limit is not None and length + extra > limit:
+            raise SequenceTooLongError(
+                f"sequence of {length} tokens + {extra} prompt tokens = {length + extra} exceeds the position limit "
+                f"{limit} of {self.info.model_type}; truncate inputs to at most {limit - extra} tokens (max_length)"
+            )
+
+    def _pad_span(self, tensor: torch.Tensor, value) -> torch.Tensor:
+        at, t = self._prompt_span
+        pad = tensor.new_full((tensor.shape[0], t, *tensor.shape[2:]), value)
+        return torch.cat([tensor[:, :at], pad, tensor[:, at:]], dim=1)
+
+    # ---- public API ----------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        """Same inputs and outputs as the base model."""
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        inputs, state = self.build_state(input_ids, attention_mask, inputs_embeds)
+        if self._prompt_span is not None:
+            # Prompt positions carry no labels, no token types and no explicit positions (PEFT does the same).
+            kwargs.pop("position_ids", None)
+            if kwargs.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = self._pad_span(kwargs["token_type_ids"], 0)
+            if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
+                labels = self._pad_span(labels, -100)
+        out = self.base_model(**inputs, labels=labels, **kwargs, **{STATE_KWARG: state})
+        logits = getattr(out, "logits", None)
+        if self._prompt_span is not None and logits is not None and logits.dim() == 3 and logits.shape[1] > length:
+            at, t = self._prompt_span
+            out["logits"] = torch.cat([logits[:, :at], logits[:, at + t :]], dim=1)
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """``generate()`` of the base model with the adaptation applied; returns prompt ids + new tokens."""
+        inputs, state = self.build_state(input_ids, attention_mask, None)
+        base = self.base_model
+        validate = base._validate_model_kwargs
+
+        def validate_without_state(model_kwargs):
+            # transformers rejects kwargs that prepare_inputs_for_generation does not name; ours travels via **kwargs.
+            model_kwargs = {k: v for k, v in model_kwargs.items() if k != STATE_KWARG}
+            return validate(model_kwargs)
+
+        base._validate_model_kwargs = validate_without_state
+        try:
+            out = base.generate(**inputs, **kwargs, **{STATE_KWARG: state})
+        finally:
+            del base._validate_model_kwargs
+        if "inputs_embeds" in inputs:  # transformers returns only the new tokens when given embeddings
+            out = torch.cat([input_ids, out], dim=1)
+        return out
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter that trains: the method's and the task head's."""
+        out = {f"method.{n}": p for n, p in self.method.named_parameters() if p.requires_grad}
+        for name in self.head_names:
+            out.update({f"head.{name}.{n}": p for n, p in getattr(self.base_model, name).named_parameters()})
+        return out
+
+    def num_parameters_summary(self) -> tuple[int, int, int]:
+        """(method parameters, head parameters, all parameters of base + method)."""
+        method = sum(p.numel() for p in self.method.parameters() if p.requires_grad)
+        head = sum(p.numel() for n in self.head_names for p in getattr(self.base_model, n).parameters())
+        total = sum(p.numel() for p in self.base_model.parameters()) + method
+        return method, head, total
+
+    def print_trainable_parameters(self) -> None:
+        method, head, total = self.num_parameters_summary()
+        print(
+            f"trainable params: {method + head:,} (method {method:,} + head {head:,}) || all params: {total:,} "
+            f"|| trainable%: {100 * (method + head) / total:.4f}"
+        )
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Checkpoint the frozen layers (non-reentrant, so gradients reach prefixes that are not layer inputs)."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+        # Frozen embeddings: make sure something that requires grad enters the checkpointed layers.
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    def save_pretrained(self, path: str, **metadata) -> None:
+        """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a model card ``README.md``."""
+        from .io import save_adapter
+
+        save_adapter(self, path, **metadata)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def config(self):
+        return self.base_model.config

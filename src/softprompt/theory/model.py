@@ -1,0 +1,167 @@
+"""One-layer linear attention with task prompts and optional per-task heads.
+
+The model of spec section 2 (the official ``LinearAttn``), holding ``R``
+independent copies ("runs", i.e. restarts) in one module so that restarts
+train in parallel: every parameter has a leading run axis, the training loss
+is the *sum* over runs, and since Adam is element-wise the runs stay exactly
+independent.
+
+For task ``k`` with context tokens ``z_i = [x_i; y_i]`` and query ``z = [x; 0]``::
+
+    q = W_q z,  K = [P_k; Z] W_k^T,  V = [P_k; Z] W_v^T,
+    o = (q^T K^T / sqrt(d+1)) V,  y_hat = v^T o
+
+with ``v = e_{d+1}`` fixed, or a trainable head ``v_k`` per task. No softmax,
+no residual, no 1/n, and the query is not a key (cross-attention).
+
+:meth:`LinearAttn.forward` evaluates the same function through the Gram
+matrix ``G = sum_j t_j t_j^T`` of the key/value tokens::
+
+    y_hat = (W_k^T W_q z)^T G (W_v^T v) / sqrt(d+1),
+
+which costs ``O((d+1)^2)`` per prompt and run instead of ``O(n (d+1)^2)``
+(associativity only; :meth:`LinearAttn.forward_tokens` is the literal
+token-level version and the tests check both agree).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .sampling import TaskBatch
+
+__all__ = ["LinearAttn", "tokens"]
+
+
+def tokens(batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context tokens ``Z = [X, y]`` of shape ``(B, n, d+1)`` and query tokens ``[x; 0]`` of shape ``(B, d+1)``."""
+    Z = torch.cat([batch.X, batch.y[..., None]], dim=-1)
+    zq = torch.cat([batch.xq, torch.zeros_like(batch.xq[:, :1])], dim=-1)
+    return Z, zq
+
+
+class LinearAttn(nn.Module):
+    """``runs`` independent one-layer linear-attention models (spec section 2).
+
+    Args:
+        d: input dimension (tokens have ``d + 1`` entries).
+        num_tasks: K.
+        runs: number of independent copies trained in parallel.
+        prompt_len: prompt tokens per task (``m``; 0 disables prompts).
+        heads: if True, a trainable readout ``v_k`` per task replaces ``e_{d+1}``.
+        generator: optional RNG for the PyTorch-default-like initialisation
+            (``nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); prompts N(0, 1)).
+    """
+
+    def __init__(
+        self,
+        d: int,
+        num_tasks: int,
+        runs: int = 1,
+        prompt_len: int = 1,
+        heads: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        D = d + 1
+        self.d, self.D, self.K, self.runs = d, D, num_tasks, runs
+        self.prompt_len = prompt_len
+        bound = 1.0 / math.sqrt(D)
+
+        def uniform(*shape: int) -> nn.Parameter:
+            return nn.Parameter((torch.rand(*shape, generator=generator) * 2 - 1) * bound)
+
+        self.Wq = uniform(runs, D, D)
+        self.Wk = uniform(runs, D, D)
+        self.Wv = uniform(runs, D, D)
+        self.prompts = (
+            nn.Parameter(torch.randn(runs, num_tasks, prompt_len, D, generator=generator)) if prompt_len > 0 else None
+        )
+        self.heads = uniform(runs, num_tasks, D) if heads else None
+        readout = torch.zeros(D)
+        readout[-1] = 1.0
+        self.register_buffer("readout", readout)
+
+    # ----------------------------------------------------------------- pieces
+    def attention_parameters(self) -> list[nn.Parameter]:
+        """``W_q, W_k, W_v`` (what PT trains and FT freezes)."""
+        return [self.Wq, self.Wk, self.Wv]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Prompts and heads (whichever exist)."""
+        return [p for p in (self.prompts, self.heads) if p is not None]
+
+    def _value_readout(self, k: int) -> torch.Tensor:
+        """``w = W_v^T v`` per run, shape ``(R, D)``."""
+        if self.heads is None:
+            return self.Wv[:, -1, :]  # W_v^T e_{d+1} is the last row of W_v
+        return torch.einsum("rij,ri->rj", self.Wv, self.heads[:, k])
+
+    def forward(self, k: int, Z: torch.Tensor, zq: torch.Tensor, gram: torch.Tensor | None = None, use_prompt: bool = True) -> torch.Tensor:
+        """Predictions ``(R, B)`` for task ``k``.
+
+        Args:
+            k: task index (selects the prompt and head).
+            Z: context tokens ``(B, n, D)`` (unused when ``gram`` is given).
+            zq: query tokens ``(B, D)``.
+            gram: optional precomputed ``Z^T Z`` of shape ``(B, D, D)``; it does
+                not depend on the parameters, so a caller may share it.
+            use_prompt: prepend the task prompt (False gives the plain model).
+        """
+        if gram is None:
+            gram = Z.transpose(1, 2) @ Z
+        w = self._value_readout(k).to(zq.dtype)
+        qk = torch.einsum("rji,rjl,bl->rbi", self.Wk.to(zq.dtype), self.Wq.to(zq.dtype), zq)  # W_k^T W_q z
+        gw = torch.einsum("bij,rj->rbi", gram, w)
+        if use_prompt and self.prompts is not None:
+            P = self.prompts[:, k].to(zq.dtype)  # (R, m, D)
+            gw = gw + torch.einsum("rmi,rmj,rj->ri", P, P, w)[:, None, :]
+        return (qk * gw).sum(-1) / math.sqrt(self.D)
+
+    def forward_tokens(self, k: int, Z: torch.Tensor, zq: torch.Tensor, use_prompt: bool = True) -> torch.Tensor:
+        """Literal token-level forward (reference for tests), predictions ``(R, B)``."""
+        R, B = self.runs, Z.shape[0]
+        T = Z[None].expand(R, *Z.shape)
+        if use_prompt and self.prompts is not None:
+            P = self.prompts[:, k][:, None].expand(R, B, self.prompt_len, self.D).to(Z.dtype)
+            T = torch.cat([P, T], dim=2)
+        q = torch.einsum("rij,bj->rbi", self.Wq.to(Z.dtype), zq)
+        keys = torch.einsum("rbtj,rij->rbti", T, self.Wk.to(Z.dtype))
+        vals = torch.einsum("rbtj,rij->rbti", T, self.Wv.to(Z.dtype))
+        scores = torch.einsum("rbi,rbti->rbt", q, keys) / math.sqrt(self.D)
+        o = torch.einsum("rbt,rbti->rbi", scores, vals)
+        if self.heads is None:
+            return o[..., -1]
+        return torch.einsum("rbi,ri->rb", o, self.heads[:, k].to(Z.dtype))
+
+    def predictor(self, use_prompt: bool = True, dtype: torch.dtype = torch.float64):
+        """A Monte-Carlo predictor ``(k, TaskBatch) -> (R, B)`` (see :mod:`.montecarlo`)."""
+
+        def predict(k: int, batch: TaskBatch) -> torch.Tensor:
+            Z, zq = tokens(batch)
+            return self.forward(k, Z.to(dtype), zq.to(dtype), use_prompt=use_prompt)
+
+        return predict
+
+    def reduced_view(self) -> dict[str, torch.Tensor]:
+        """The blocks of spec section 3 per run: ``A, a`` of ``W_KQ`` and ``u_x, u_y`` of ``w_PV`` (task 0's head).
+
+        ``W_KQ = W_q^T W_k / sqrt(d+1)`` and ``w_PV = W_v^T v``; at the plain
+        optimum ``a = 0, u_x = 0`` and ``u_y A`` is the preconditioner ``W``.
+        """
+        with torch.no_grad():
+            wkq = self.Wq.transpose(1, 2) @ self.Wk / math.sqrt(self.D)
+            wpv = self._value_readout(0)
+            d = self.d
+            return {"A": wkq[:, :d, :d], "a": wkq[:, :d, d], "u_x": wpv[:, :d], "u_y": wpv[:, d]}
+
+    def select_run(self, r: int) -> "LinearAttn":
+        """A single-run copy holding run ``r``'s parameters."""
+        out = LinearAttn(self.d, self.K, runs=1, prompt_len=self.prompt_len, heads=self.heads is not None)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                getattr(out, name).copy_(p[r : r + 1])
+        return out.to(self.Wq.device)

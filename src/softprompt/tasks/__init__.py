@@ -1,0 +1,30 @@
+"""Task registry: offline benchmark readers, user files, derived splits and metrics.
+
+Pure data + metrics (no model code). ``datasets`` is imported only for a Hub fallback.
+
+>>> from softprompt import tasks
+>>> recs = tasks.load("glue/sst2", "dev")          # [{"idx", "text", "text_pair", "label"}, ...]
+>>> spec = tasks.get_task("glue/sst2")
+>>> tasks.compute_metrics(spec, [r["label"] for r in recs], [r["label"] for r in recs])["main"]
+1.0
+"""
+from __future__ import annotations
+
+from ._io import clear_cache
+from .datadir import ENV_VAR, resolve_data_dir
+from .errors import (DataNotFoundError, HubUnavailableError, MalformedRowError, MalformedRowWarning,
+                     MissingColumnError, TaskError, UnknownSplitError, UnknownTaskError)
+from .metrics import (accuracy, compute_metrics, entity_f1, entity_scores, f1_binary, macro_f1, matthews_corrcoef,
+                      pearson, spearman)
+from .registry import (derived_split_indices, describe_tasks, get_task, list_tasks, load, save_split_indices)
+from .spec import SplitDerivation, TaskSpec
+from .user_files import load_file
+
+__all__ = [
+    "load", "load_file", "get_task", "list_tasks", "describe_tasks", "compute_metrics", "TaskSpec",
+    "UnknownTaskError", "MalformedRowError", "resolve_data_dir",
+    "derived_split_indices", "save_split_indices", "SplitDerivation", "clear_cache", "ENV_VAR",
+    "TaskError", "UnknownSplitError", "MissingColumnError", "DataNotFoundError", "HubUnavailableError",
+    "MalformedRowWarning",
+    "accuracy", "f1_binary", "macro_f1", "matthews_corrcoef", "pearson", "spearman", "entity_f1", "entity_scores",
+]

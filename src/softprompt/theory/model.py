@@ -27,6 +27,7 @@ token-level version and the tests check both agree).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -100,26 +101,43 @@ class LinearAttn(nn.Module):
             return self.Wv[:, -1, :]  # W_v^T e_{d+1} is the last row of W_v
         return torch.einsum("rij,ri->rj", self.Wv, self.heads[:, k])
 
-    def forward(self, k: int, Z: torch.Tensor, zq: torch.Tensor, gram: torch.Tensor | None = None, use_prompt: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        k: int,
+        Z: torch.Tensor | None,
+        zq: torch.Tensor,
+        gram: torch.Tensor | None = None,
+        use_prompt: bool = True,
+    ) -> torch.Tensor:
         """Predictions ``(R, B)`` for task ``k``.
 
         Args:
             k: task index (selects the prompt and head).
             Z: context tokens ``(B, n, D)`` (unused when ``gram`` is given).
-            zq: query tokens ``(B, D)``.
-            gram: optional precomputed ``Z^T Z`` of shape ``(B, D, D)``; it does
-                not depend on the parameters, so a caller may share it.
+            zq: query tokens ``(B, D)``, shared by all runs.
+            gram: optional precomputed ``Z^T Z``: ``(B, D, D)`` shared by all
+                runs, or ``(g, B, D, D)`` with ``R`` divisible by ``g``, run
+                ``r`` using group ``r // (R // g)`` (so that runs at different
+                context lengths train in one step).
             use_prompt: prepend the task prompt (False gives the plain model).
         """
         if gram is None:
             gram = Z.transpose(1, 2) @ Z
-        w = self._value_readout(k).to(zq.dtype)
-        qk = torch.einsum("rji,rjl,bl->rbi", self.Wk.to(zq.dtype), self.Wq.to(zq.dtype), zq)  # W_k^T W_q z
-        gw = torch.einsum("bij,rj->rbi", gram, w)
+        dt = zq.dtype
+        R, D = self.runs, self.D
+        groups = 1 if gram.dim() == 3 else gram.shape[0]
+        if R % groups:
+            raise ValueError(f"{R} runs cannot be split into {groups} gram groups")
+        w = self._value_readout(k).to(dt)  # (R, D)
+        qk = torch.einsum("rji,rjl,bl->rbi", self.Wk.to(dt), self.Wq.to(dt), zq)  # W_k^T W_q z
+        if groups == 1:
+            gw = torch.einsum("bij,rj->rbi", gram.reshape(-1, D, D), w)
+        else:
+            gw = torch.einsum("gbij,grj->grbi", gram, w.view(groups, R // groups, D)).reshape(R, -1, D)
         if use_prompt and self.prompts is not None:
-            P = self.prompts[:, k].to(zq.dtype)  # (R, m, D)
+            P = self.prompts[:, k].to(dt)  # (R, m, D)
             gw = gw + torch.einsum("rmi,rmj,rj->ri", P, P, w)[:, None, :]
-        return (qk * gw).sum(-1) / math.sqrt(self.D)
+        return (qk * gw).sum(-1) / math.sqrt(D)
 
     def forward_tokens(self, k: int, Z: torch.Tensor, zq: torch.Tensor, use_prompt: bool = True) -> torch.Tensor:
         """Literal token-level forward (reference for tests), predictions ``(R, B)``."""
@@ -158,10 +176,12 @@ class LinearAttn(nn.Module):
             d = self.d
             return {"A": wkq[:, :d, :d], "a": wkq[:, :d, d], "u_x": wpv[:, :d], "u_y": wpv[:, d]}
 
-    def select_run(self, r: int) -> "LinearAttn":
-        """A single-run copy holding run ``r``'s parameters."""
-        out = LinearAttn(self.d, self.K, runs=1, prompt_len=self.prompt_len, heads=self.heads is not None)
+    def subset(self, runs: Sequence[int] | slice) -> "LinearAttn":
+        """A copy holding only the given runs' parameters (same device and dtype)."""
+        idx = list(range(self.runs))[runs] if isinstance(runs, slice) else list(runs)
+        out = LinearAttn(self.d, self.K, runs=len(idx), prompt_len=self.prompt_len, heads=self.heads is not None)
+        out = out.to(device=self.Wq.device, dtype=self.Wq.dtype)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                getattr(out, name).copy_(p[r : r + 1])
-        return out.to(self.Wq.device)
+                getattr(out, name).copy_(p[idx])
+        return out

@@ -36,7 +36,7 @@ from .model import LinearAttn, tokens
 from .montecarlo import MCResult, evaluate_predictor
 from .sampling import TaskSampler
 
-__all__ = ["TrainConfig", "TrainResult", "train", "train_regimes", "TRAINABLE_REGIMES"]
+__all__ = ["TrainConfig", "TrainResult", "train", "train_multi", "TRAINABLE_REGIMES"]
 
 TRAINABLE_REGIMES: tuple[str, ...] = ("pt", "ft", "jt", "dec")
 
@@ -163,25 +163,37 @@ def _fit(
     model: LinearAttn,
     params: Sequence[torch.nn.Parameter],
     mix: TaskMixture,
-    n: int,
+    ns: Sequence[int],
     steps: int,
     cfg: TrainConfig,
     sampler: TaskSampler,
     use_prompt: bool,
     callback: Callable[[int, float], None] | None = None,
 ) -> list[tuple[int, float]]:
-    """Adam with step decay on ``sum_r sum_k pi_k MSE_{r,k}`` (runs independent)."""
+    """Adam with step decay on ``sum_r sum_k pi_k MSE_{r,k}`` (runs independent).
+
+    The runs are split into ``len(ns)`` equal groups, group ``i`` trained at
+    context length ``ns[i]``. One draw of ``max(ns)`` examples serves every
+    group through its first ``ns[i]`` rows: each group still sees exact
+    samples of its own distribution, and the groups (like the restarts)
+    merely share randomness.
+    """
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, steps, cfg)
     every = cfg.log_every or max(1, steps // 50)
     history: list[tuple[int, float]] = []
     pis = [float(p) for p in mix.pis]
+    n_max = max(ns)
     for step in range(steps):
         total = None
         for k in range(mix.K):
-            batch = sampler.sample(k, n, cfg.batch)
+            batch = sampler.sample(k, n_max, cfg.batch)
             Z, zq = tokens(batch)
-            pred = model(k, Z, zq, use_prompt=use_prompt)
+            if len(ns) == 1:
+                gram = Z.transpose(1, 2) @ Z
+            else:
+                gram = torch.stack([Z[:, :m].transpose(1, 2) @ Z[:, :m] for m in ns])
+            pred = model(k, None, zq, gram=gram, use_prompt=use_prompt)
             mse = ((pred - batch.yq) ** 2).mean(-1)  # (R,)
             total = pis[k] * mse if total is None else total + pis[k] * mse
         opt.zero_grad(set_to_none=True)
@@ -209,6 +221,88 @@ def _evaluate(model: LinearAttn, mix: TaskMixture, n: int, cfg: TrainConfig, use
     )
 
 
+def _results(
+    model: LinearAttn,
+    regime: str,
+    mix: TaskMixture,
+    ns: Sequence[int],
+    cfg: TrainConfig,
+    seconds: float,
+    history: list[tuple[int, float]],
+    use_prompt: bool,
+) -> dict[int, TrainResult]:
+    out: dict[int, TrainResult] = {}
+    R = cfg.runs
+    for i, n in enumerate(ns):
+        sub = model.subset(slice(i * R, (i + 1) * R))
+        evals = _evaluate(sub, mix, n, cfg, use_prompt=use_prompt)
+        best = int(np.argmin([e.loss for e in evals]))
+        # Wall time and history are shared by the groups trained together.
+        out[n] = TrainResult(regime, n, evals, best, seconds, cfg, history, sub)
+    return out
+
+
+def train_multi(
+    mix: TaskMixture,
+    regime: str,
+    ns: Sequence[int],
+    config: TrainConfig | None = None,
+    callback: Callable[[int, float], None] | None = None,
+    **overrides: Any,
+) -> dict[int, TrainResult]:
+    """Train ``config.runs`` restarts of ``regime`` at every context length in ``ns`` at once.
+
+    Args:
+        mix: the task mixture.
+        regime: ``pt``, ``ft``, ``jt`` or ``dec``.
+        ns: distinct context lengths (no 1/n in the model, so each model is
+            trained and evaluated at its own n).
+        config: settings; keyword ``overrides`` replace its fields.
+        callback: optional ``f(step, mean normalised train loss)``.
+
+    Returns:
+        ``{n: TrainResult}``; for FT each result's ``pretrain`` holds its PT phase.
+    """
+    regime = regime.lower()
+    if regime not in TRAINABLE_REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; trainable regimes: {TRAINABLE_REGIMES}")
+    cfg = replace(config or TrainConfig(), **overrides)
+    if cfg.steps < 1 or cfg.runs < 1 or cfg.batch < 1:
+        raise ValueError("steps, runs and batch must be >= 1")
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+    ns = [int(n) for n in ns]
+    if len(set(ns)) != len(ns) or min(ns) < 0:
+        raise ValueError(f"ns must be distinct non-negative integers, got {ns}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = LinearAttn(mix.d, mix.K, runs=cfg.runs * len(ns), prompt_len=1, heads=(regime == "dec"), generator=gen)
+    model = model.to(device=cfg.device, dtype=cfg.dtype)
+    sampler = TaskSampler(mix, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed + 1)
+
+    t0 = time.perf_counter()
+    pre: dict[int, TrainResult] | None = None
+    if regime == "ft":
+        pre_steps = cfg.pretrain_steps or cfg.steps
+        hist = _fit(model, model.attention_parameters(), mix, ns, pre_steps, cfg, sampler, use_prompt=False, callback=callback)
+        t_pre = time.perf_counter() - t0
+        pre = _results(model, "pt", mix, ns, replace(cfg, steps=pre_steps), t_pre, hist, use_prompt=False)
+        for p in model.attention_parameters():
+            p.requires_grad_(False)  # FT: the pretrained attention is frozen
+        t1 = time.perf_counter()
+        history = _fit(model, model.task_parameters(), mix, ns, cfg.steps, cfg, sampler, use_prompt=True, callback=callback)
+        seconds = t_pre + time.perf_counter() - t1
+    else:
+        use_prompt = regime != "pt"
+        params = model.attention_parameters() + (model.task_parameters() if use_prompt else [])
+        history = _fit(model, params, mix, ns, cfg.steps, cfg, sampler, use_prompt=use_prompt, callback=callback)
+        seconds = time.perf_counter() - t0
+    out = _results(model, regime, mix, ns, cfg, seconds, history, use_prompt=regime != "pt")
+    if pre is not None:
+        for n in ns:
+            out[n].pretrain = pre[n]
+    return out
+
+
 def train(
     mix: TaskMixture,
     regime: str,
@@ -219,65 +313,8 @@ def train(
 ) -> TrainResult:
     """Train ``config.runs`` restarts of the linear-attention model in ``regime`` at context length ``n``.
 
-    Args:
-        mix: the task mixture.
-        regime: ``pt``, ``ft``, ``jt`` or ``dec``.
-        n: context length (no 1/n in the model, so train and evaluate at the same n).
-        config: settings; keyword ``overrides`` replace its fields
-            (``train(mix, "pt", 10, steps=2000, runs=2)``).
-        callback: optional ``f(step, normalised_train_loss)``.
-
-    Returns:
-        A :class:`TrainResult`; for FT its ``pretrain`` field holds the PT phase.
+    Keyword ``overrides`` replace :class:`TrainConfig` fields, e.g.
+    ``train(mix, "pt", 10, steps=2000, runs=2)``. Returns a :class:`TrainResult`
+    whose ``model`` holds all restarts (``best_run`` indexes the best).
     """
-    regime = regime.lower()
-    if regime not in TRAINABLE_REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; trainable regimes: {TRAINABLE_REGIMES}")
-    cfg = replace(config or TrainConfig(), **overrides)
-    if cfg.steps < 1 or cfg.runs < 1 or cfg.batch < 1:
-        raise ValueError("steps, runs and batch must be >= 1")
-    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
-    n = int(n)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = LinearAttn(mix.d, mix.K, runs=cfg.runs, prompt_len=1, heads=(regime == "dec"), generator=gen)
-    model = model.to(device=cfg.device, dtype=cfg.dtype)
-    sampler = TaskSampler(mix, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed + 1)
-
-    t0 = time.perf_counter()
-    pretrain = None
-    if regime == "ft":
-        pre_steps = cfg.pretrain_steps or cfg.steps
-        hist = _fit(model, model.attention_parameters(), mix, n, pre_steps, cfg, sampler, use_prompt=False, callback=callback)
-        t_pre = time.perf_counter() - t0
-        pre_evals = _evaluate(model, mix, n, cfg, use_prompt=False)
-        pretrain = TrainResult("pt", n, pre_evals, int(np.argmin([e.loss for e in pre_evals])), t_pre, replace(cfg, steps=pre_steps), hist)
-        for p in model.attention_parameters():
-            p.requires_grad_(False)  # FT: the pretrained attention is frozen
-        t1 = time.perf_counter()
-        history = _fit(model, model.task_parameters(), mix, n, cfg.steps, cfg, sampler, use_prompt=True, callback=callback)
-        seconds = t_pre + time.perf_counter() - t1
-    else:
-        use_prompt = regime != "pt"
-        params = model.attention_parameters() + (model.task_parameters() if use_prompt else [])
-        history = _fit(model, params, mix, n, cfg.steps, cfg, sampler, use_prompt=use_prompt, callback=callback)
-        seconds = time.perf_counter() - t0
-    evals = _evaluate(model, mix, n, cfg, use_prompt=regime != "pt")
-    best = int(np.argmin([e.loss for e in evals]))
-    return TrainResult(regime, n, evals, best, seconds, cfg, history, model, pretrain)
-
-
-def train_regimes(
-    mix: TaskMixture,
-    n: int,
-    regimes: Sequence[str] = TRAINABLE_REGIMES,
-    config: TrainConfig | None = None,
-    steps: dict[str, int] | None = None,
-) -> dict[str, TrainResult]:
-    """Train several regimes at one ``n``; ``steps`` optionally overrides the step count per regime."""
-    cfg = config or TrainConfig()
-    out: dict[str, TrainResult] = {}
-    for r in regimes:
-        c = replace(cfg, steps=(steps or {}).get(r, cfg.steps))
-        out[r] = train(mix, r, n, c)
-    return out
+    return train_multi(mix, regime, [n], config, callback, **overrides)[int(n)]

@@ -1,0 +1,240 @@
+"""Engine behaviour: generate, checkpointing, padding, per-example prefixes, gates, insertion, unsupported models."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny
+
+import softprompt as sp
+from softprompt.engine.injector import attach
+from softprompt.engine.state import InjectionState, LayerInjection
+
+DECODERS = ["llama", "qwen2", "mistral", "gpt2"]
+CONFIGS = [
+    sp.PromptTuningConfig(num_virtual_tokens=4),
+    sp.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
+    sp.PrefixConfig(num_virtual_tokens=5),
+    sp.PrefixConfig(layer_lengths=[0, 3, 6]),
+    sp.LatePromptConfig(num_virtual_tokens=3, layer=1),
+]
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
+def test_generate_same_tokens_with_and_without_cache(kind, config, batch):
+    ids, mask = batch
+    model = sp.wrap(tiny(kind), config).eval()
+    a = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    b = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert a.shape == (3, ids.shape[1] + 6)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, : ids.shape[1]], ids)
+
+
+def _grads(model, ids, mask):
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    return {n: p.grad.clone() for n, p in model.trainable_parameters().items() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
+def test_gradient_checkpointing_gives_same_gradients(kind, config, batch):
+    ids, mask = batch
+    plain = sp.wrap(tiny(kind), config).train()
+    ckpt = sp.wrap(tiny(kind), config).train()
+    ckpt.method.load_state_dict(plain.method.state_dict())
+    ckpt.gradient_checkpointing_enable()
+    g1, g2 = _grads(plain, ids, mask), _grads(ckpt, ids, mask)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for name in g1:
+        assert g1[name].abs().sum() > 0, name
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5)
+
+
+def test_zero_length_prefix_is_the_base_model(batch):
+    ids, mask = batch
+    base = tiny("llama").eval()
+    ref = base(input_ids=ids, attention_mask=mask).logits
+    model = sp.wrap(copy.deepcopy(base), sp.PrefixConfig(layer_lengths=[0, 0, 2])).eval()
+    with torch.no_grad():
+        model.method.tables["2"].zero_()  # a zero prefix at the last layer still changes attention (softmax mass)
+    state_free = model.base_model(input_ids=ids, attention_mask=mask).logits  # no state: untouched model
+    torch.testing.assert_close(state_free, ref, atol=0, rtol=0)
+
+
+def test_encoder_prefix_changes_output_and_padding_is_respected():
+    base = tiny("bert").eval()
+    ids = torch.randint(3, 100, (1, 7))
+    model = sp.wrap(copy.deepcopy(base), sp.PrefixConfig(num_virtual_tokens=4, init="random")).eval()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        ours = model(input_ids=ids).logits
+        # The same row with right padding must give the same output (masked columns, prefix visible).
+        padded = torch.cat([ids, torch.full((1, 3), 1)], 1)
+        pmask = torch.cat([torch.ones(1, 7), torch.zeros(1, 3)], 1).long()
+        ours_padded = model(input_ids=padded, attention_mask=pmask).logits
+    assert (ours - plain).abs().max() > 1e-4
+    torch.testing.assert_close(ours, ours_padded, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_causal_path_equals_masked_path():
+    """P1/P2 regression: with no padding the engine takes the dummy-row is_causal route; it must equal the
+    explicit-mask route (and must not crop the keys to the query length)."""
+    base = tiny("llama").eval()
+    attach(base)
+    ids = torch.randint(3, 100, (2, 8))
+    torch.manual_seed(3)
+    state = InjectionState(layers={i: LayerInjection(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)) for i in range(3)})
+    with torch.no_grad():
+        fused = base(input_ids=ids, softprompt_state=state).logits
+        # An all-ones mask of a different dtype forces transformers to build a mask (the explicit route).
+        mask = torch.ones_like(ids)
+        mask_4d = torch.ones(2, 1, 8, 8, dtype=torch.bool).tril()
+        explicit = base(input_ids=ids, attention_mask=mask_4d, softprompt_state=state).logits
+        no_prefix = base(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert (fused - no_prefix).abs().max() > 1e-3
+
+
+def test_per_example_prefixes_equal_running_rows_alone(batch):
+    ids, mask = batch
+    base = tiny("llama").eval()
+    attach(base)
+    torch.manual_seed(4)
+    k, v = torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8)
+    state = InjectionState(layers={i: LayerInjection(k, v) for i in range(3)}, attention_mask=mask)
+    with torch.no_grad():
+        together = base(input_ids=ids, attention_mask=mask, softprompt_state=state).logits
+        for r in range(3):
+            alone_state = InjectionState(layers={i: LayerInjection(k[r:r + 1], v[r:r + 1]) for i in range(3)})
+            alone = base(input_ids=ids[r:r + 1], attention_mask=mask[r:r + 1], softprompt_state=alone_state).logits
+            real = mask[r].bool()
+            torch.testing.assert_close(together[r][real], alone[0][real], atol=1e-5, rtol=1e-5)
+
+
+def test_layer_hook_sees_layer_inputs_and_gates_scale_the_prefix(batch):
+    ids, mask = batch
+    base = tiny("llama").eval()
+    attach(base)
+    torch.manual_seed(5)
+    k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    gate = torch.rand(3, 4)
+    seen = []
+
+    def hook(index, hidden, state):
+        seen.append((index, tuple(hidden.shape)))
+        state.layers[index].gate = gate
+
+    gated = InjectionState(layers={i: LayerInjection(k, v) for i in range(3)}, layer_hook=hook)
+    g = gate[:, None, :, None]
+    manual = InjectionState(layers={i: LayerInjection(k * g, v * g) for i in range(3)})
+    values_only = InjectionState(layers={i: LayerInjection(k, v * g) for i in range(3)})
+    with torch.no_grad():
+        a = base(input_ids=ids, attention_mask=mask, softprompt_state=gated).logits
+        b = base(input_ids=ids, attention_mask=mask, softprompt_state=manual).logits
+        gated_v = InjectionState(layers={i: LayerInjection(k, v, gate_values_only=True) for i in range(3)},
+                                 layer_hook=lambda i, h, s: setattr(s.layers[i], "gate", gate))
+        c = base(input_ids=ids, attention_mask=mask, softprompt_state=gated_v).logits
+        d = base(input_ids=ids, attention_mask=mask, softprompt_state=values_only).logits
+    assert seen == [(i, (3, 9, 32)) for i in range(3)]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c, d, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max() > 1e-4
+
+
+def test_encoder_insertion_equals_manual_layers():
+    """T8: tokens inserted before layer m of BERT, by hand through the HF layers, equal the engine's result."""
+    base = tiny("bert").eval()
+    model = sp.wrap(copy.deepcopy(base), sp.LatePromptConfig(num_virtual_tokens=3, layer=1, init_std=1.0)).eval()
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    s = model.method.prompt.detach()
+    bert = copy.deepcopy(base).bert
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+        h = bert.embeddings(input_ids=ids)
+        m4 = (mask[:, None, None, :] == 1).expand(2, 1, 6, 6)
+        for layer in bert.encoder.layer[:1]:
+            h = layer(h, attention_mask=m4)[0] if isinstance(layer(h, attention_mask=m4), tuple) else layer(h, attention_mask=m4)
+        h = torch.cat([h[:, :1], s[None].expand(2, -1, -1), h[:, 1:]], 1)
+        mask2 = torch.cat([mask[:, :1], torch.ones(2, 3, dtype=mask.dtype), mask[:, 1:]], 1)
+        m4 = (mask2[:, None, None, :] == 1).expand(2, 1, 9, 9)
+        for layer in bert.encoder.layer[1:]:
+            r = layer(h, attention_mask=m4)
+            h = r[0] if isinstance(r, tuple) else r
+        h = torch.cat([h[:, :1], h[:, 4:]], 1)
+        ref = base.classifier(bert.pooler(h))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_insertion_equals_full_sequence_through_late_layers():
+    """Causal insertion = prompt in front from layer m on (prompt positions 0..t-1, real tokens keep theirs)."""
+    base = tiny("llama").eval()
+    model = sp.wrap(copy.deepcopy(base), sp.LatePromptConfig(num_virtual_tokens=3, layer=1, init_std=1.0)).eval()
+    ids = torch.randint(3, 100, (2, 6))
+    s = model.method.prompt.detach()[None].expand(2, -1, -1)
+    inner = copy.deepcopy(base).model
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        h = inner.embed_tokens(ids)
+        pos = torch.arange(6)[None].expand(2, -1)
+        pe = inner.rotary_emb(h, pos)
+        causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+        h = inner.layers[0](h, attention_mask=causal, position_embeddings=pe, position_ids=pos)
+        h = h[0] if isinstance(h, tuple) else h
+        h = torch.cat([s, h], 1)
+        pos2 = torch.cat([torch.arange(3), torch.arange(6)])[None].expand(2, -1)
+        pe2 = inner.rotary_emb(h, pos2)
+        causal2 = torch.ones(9, 9, dtype=torch.bool).tril()[None, None].expand(2, 1, 9, 9)
+        for layer in inner.layers[1:]:
+            h = layer(h, attention_mask=causal2, position_embeddings=pe2, position_ids=pos2)
+            h = h[0] if isinstance(h, tuple) else h
+        ref = base.lm_head(inner.norm(h[:, 3:]))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_runs_and_is_close(batch):
+    ids, mask = batch
+    model = sp.wrap(tiny("llama"), sp.PrefixConfig(num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(low).all()
+    assert (low.float() - ref)[mask.bool()].abs().max() < 0.1
+
+
+def test_unsupported_family_raises_naming_the_class():
+    import transformers as tf
+
+    cfg = tf.DebertaV2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4)
+    with pytest.raises(sp.UnsupportedModelError, match="DebertaV2"):
+        sp.wrap(tf.DebertaV2ForSequenceClassification(cfg), sp.PrefixConfig())
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_encoder_families_train_all_methods(kind):
+    ids = torch.randint(3, 100, (2, 6))
+    for config in CONFIGS:
+        if config.layer_lengths if hasattr(config, "layer_lengths") else False:
+            continue
+        model = sp.wrap(tiny(kind), config).train()
+        out = model(input_ids=ids, labels=torch.tensor([0, 2]))
+        out.loss.backward()
+        assert out.logits.shape == (2, 3)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.method.parameters())
+        assert all(p.grad is None for p in model.base_model.bert.parameters()) if kind == "bert" else True
+
+
+def test_token_classification_with_input_prompt_keeps_length():
+    model = sp.wrap(tiny("bert", task="tok"), sp.PromptTuningConfig(num_virtual_tokens=4, position="after_cls"))
+    ids = torch.randint(3, 100, (2, 6))
+    labels = torch.randint(0, 3, (2, 6))
+    out = model(input_ids=ids, labels=labels, token_type_ids=torch.zeros_like(ids))
+    assert out.logits.shape == (2, 6, 3)
+    assert torch.isfinite(out.loss)

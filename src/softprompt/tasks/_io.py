@@ -46,8 +46,8 @@ class Collector:
 
     def bad(self, line: int, problem: str) -> None:
         self.n_bad += 1
-        if self.first_bad is None:
-            self.first_bad = (int(line), problem)
+        if self.first_bad is None or int(line) < self.first_bad[0]:
+            self.first_bad = (int(line), problem)  # the earliest in the file, whatever the detection order
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -131,7 +131,7 @@ def copy_record(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
 
 
-def finish(result: ParseResult, *, strict: bool, what: str = "") -> list[dict[str, Any]]:
+def finish(result: ParseResult, *, strict: bool, what: str = "", stacklevel: int = 4) -> list[dict[str, Any]]:
     """Turn a parse result into a fresh list of records; raise (strict) or warn about malformed rows."""
     if result.n_bad:
         line, problem = result.first_bad or (0, "?")
@@ -142,7 +142,7 @@ def finish(result: ParseResult, *, strict: bool, what: str = "") -> list[dict[st
             + (f" while loading {what}" if what else "")
             + f"; first at {result.unit} {line}: {problem} (pass strict=True to fail instead)",
             MalformedRowWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
     return [copy_record(r) for r in result.records]
 

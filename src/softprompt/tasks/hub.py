@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 from .errors import HubUnavailableError
 from .readers_commonsense import arc_record
-from .readers_other import CONLL_TAGS
 from .spec import TaskSpec
 
 
@@ -145,4 +144,4 @@ def load_from_hub(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["load_from_hub", "MAPPERS", "CONLL_TAGS"]
+__all__ = ["load_from_hub", "MAPPERS"]

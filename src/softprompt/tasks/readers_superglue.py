@@ -16,7 +16,7 @@ Record layouts (all tasks also carry ``idx``, the source ``idx``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from ._io import Collector, ParseResult, RowProblem, cached_parse, get_field, iter_jsonl
 

@@ -170,8 +170,8 @@ _register(TaskSpec(
     name="commonsense/piqa", kind="multiple_choice", label_names=["sol1", "sol2"], metric="accuracy",
     splits=("train", "test", "full"), reader=rc.read_piqa, train_split="train", eval_split="test", test_split="test",
     description=("PIQA physical commonsense, 2 choices; text = goal. Only the validation set (valid.jsonl + "
-                 "valid-labels.lst, 1,838) is available, as split `full`; it is cut 50/50, seed 0, into train / "
-                 "test (919 / 919). There is no separate dev split (eval_split = test): do no model selection on it."),
+                 "valid-labels.lst, 1,838) is available, as split `full`; train / test are derived from it: "
+                 "50/50, seed 0 (919 / 919). There is no separate dev split (eval_split = test): do no model selection on it."),
     metrics=_MC, split_aliases={"validation": "full", "val": "full"},
     derivation=SplitDerivation("full", (("train", 0.5), ("test", 0.5)), seed=0),
     files={"full": ("commonsense/piqa/valid.jsonl", "commonsense/piqa/valid-labels.lst")},

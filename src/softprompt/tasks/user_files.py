@@ -225,7 +225,7 @@ def load_file(path: str | os.PathLike[str], *, text_column: str = "text", text_p
     """
     p = Path(path)
     result, names, kind = parse_user_file(p, text_column, text_pair_column, label_column, label_names)
-    records = finish(result, strict=strict, what=str(p.name))
+    records = finish(result, strict=strict, what=str(p.name), stacklevel=3)
     labeled = label_column is not None
     if kind == "regression":
         metric, metrics = "pearson", ("pearson", "spearman", "pearson_spearman_mean", "mse")

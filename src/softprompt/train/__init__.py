@@ -1,0 +1,1 @@
+"""Training and evaluation (transformers Trainer with adapter-only checkpoints)."""

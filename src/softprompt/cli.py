@@ -1,0 +1,197 @@
+"""The ``softprompt`` command line: train, eval, predict, tasks, demo, and the subcommands of each component."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model aliases are local; never wait for an unreachable Hub
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _method_options(args) -> dict:
+    """Method options from the flags that apply to the chosen method, plus ``--option key=value`` pairs."""
+    opts: dict = {}
+    if args.num_virtual_tokens is not None:
+        opts["num_virtual_tokens"] = args.num_virtual_tokens
+    if args.layer is not None:
+        opts["layer"] = args.layer
+    if args.layer_lengths:
+        with open(args.layer_lengths) as f:
+            data = json.load(f)
+        opts["layer_lengths"] = data["layer_lengths"] if isinstance(data, dict) else data
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
+
+
+def cmd_train(args) -> int:
+    from .train.runner import TrainConfig, train
+
+    if not args.task and not args.file:
+        raise SystemExit("softprompt train: give --task NAME (see `softprompt tasks`) or --file F.csv|F.jsonl")
+    cfg = TrainConfig(
+        method=args.method, model=args.model, output=args.output, task=args.task, file=args.file,
+        eval_file=args.eval_file, text_column=args.text_column, text_pair_column=args.text_pair_column,
+        label_column=args.label_column, data_dir=args.data_dir, epochs=args.epochs, max_steps=args.max_steps,
+        lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=_method_options(args),
+        bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing,
+        save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, strict=args.strict,
+        fsdp=args.fsdp or "", weight_decay=args.weight_decay,
+    )
+    metrics = train(cfg)
+    shown = {k: v for k, v in metrics.items() if k != "loss_history"}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train.runner import evaluate
+
+    metrics = evaluate(args.adapter, task=args.task, file=args.file, text_column=args.text_column,
+                       text_pair_column=args.text_pair_column, label_column=args.label_column, split=args.split,
+                       data_dir=args.data_dir, limit=args.limit)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .train.runner import predict
+
+    if args.text:
+        texts = list(args.text)
+    elif args.file:
+        with open(args.file, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        raise SystemExit("softprompt predict: give --text \"...\" (repeatable) or --file texts.txt")
+    for row in predict(args.adapter, texts):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from . import tasks
+
+    print(tasks.describe_tasks())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(output=args.output, steps=args.max_steps, data_dir=args.data_dir)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help="prompt | ptuning | prefix | lpt | apt | idspam")
+    p.add_argument("--model", default="minilm", help="alias (minilm, smollm2) or a transformers model path")
+    p.add_argument("--task", help="registry task, e.g. glue/sst2 (see `softprompt tasks`)")
+    p.add_argument("--file", help="your own labelled CSV/TSV/JSONL training file")
+    p.add_argument("--eval-file", help="your own labelled evaluation file (default: --file)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--output", required=True, help="adapter folder to write")
+    p.add_argument("--data-dir", help="benchmark data folder (default: $SOFTPROMPT_DATA_DIR or ../shared/data)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--lr", type=float, help="learning rate (default depends on the method)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--num-virtual-tokens", type=int)
+    p.add_argument("--layer", type=int, help="insertion layer m (lpt, idspam)")
+    p.add_argument("--layer-lengths", help="JSON file with per-layer prefix lengths (from `softprompt prune`)")
+    p.add_argument("--option", action="append", help="extra method option key=value (JSON values), repeatable")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--train-limit", type=int, help="train on a seeded subsample of this many examples")
+    p.add_argument("--eval-limit", type=int, help="evaluate on a seeded subsample of this many examples")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
+    p.add_argument("--eval-steps", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--strict", action="store_true", help="fail on the first malformed data row")
+    p.add_argument("--fsdp", help="passed to the Trainer, e.g. 'full_shard auto_wrap'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an adapter on a task or your own file")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a saved adapter")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--task")
+    p.add_argument("--split")
+    p.add_argument("--file")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict with a saved adapter")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--text", action="append")
+    p.add_argument("--file", help="one text per line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("tasks", help="list the task registry")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("demo", help="train a prefix on SST-2 with MiniLM, evaluate, save, reload, predict")
+    p.add_argument("--output", default="runs/demo-sst2-prefix")
+    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_demo)
+
+    for module in ("theory.cli", "methods.apt_cli", "methods.id_spam_cli"):
+        _add_optional(sub, module)
+    return parser
+
+
+def _add_optional(sub, module: str) -> None:
+    """Component subcommands register themselves through ``add_<name>_parser(sub)`` functions."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"softprompt.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("softprompt"):
+            return
+        raise
+    for name in dir(mod):
+        if name.startswith("add_") and name.endswith("_parser"):
+            getattr(mod, name)(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import SoftPromptError
+    from .tasks import TaskError
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (SoftPromptError, TaskError, FileNotFoundError) as exc:
+        print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

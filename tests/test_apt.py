@@ -1,0 +1,459 @@
+"""APT (adaptive prefix tuning): gates against hand computations, parity with prefix tuning, padding, gradients and
+checkpointing, save/load, generation, mixed precision, probing and PT-2* allocation. Tiny random models only."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny
+
+import softprompt as sp
+from softprompt.errors import ConfigError
+from softprompt.methods import METHODS, config_from_dict, method_classes
+from softprompt.methods.apt import APT, APTConfig
+from softprompt.methods.apt_tools import allocate_lengths, plot_gates, probe_gates, prune, save_layer_lengths
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# With the default init (std 0.02) attention barely moves a tiny random BERT; std 0.2 makes gate effects visible.
+SENSITIVE = dict(initializer_range=0.2)
+
+
+# ---- builders ------------------------------------------------------------------------------------------------------
+def bert(**kw):
+    return tiny("bert", "cls", **NO_DROPOUT, **SENSITIVE, **kw).eval()
+
+
+def llama_lm():
+    return tiny("llama").eval()
+
+
+def apt(base, p=4, randomize=True, **cfg):
+    """Wrap ``base`` with APT; with ``randomize`` the gates are far from their init so that they matter."""
+    model = sp.wrap(base, sp.APTConfig(num_virtual_tokens=p, **cfg))
+    if randomize:
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for lin in model.method.gate_proj.values():
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+                if lin.bias is not None:
+                    lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen))
+            for lam in model.method.gate_lambda.values():
+                lam.copy_(0.3 + torch.rand((), generator=gen) * 1.5)
+    return model
+
+
+def right_padded():
+    """BERT-style batch: row 1 right-padded."""
+    torch.manual_seed(3)
+    ids = torch.randint(3, 100, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    ids[1, 5:] = 1  # pad id of the tiny BERT
+    return ids, mask
+
+
+def left_padded():
+    torch.manual_seed(4)
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    ids[0, :2] = 0
+    return ids, mask
+
+
+def last_hidden(model, **inputs):
+    """Final hidden states (the tiny heads' logits are ~1e-2, too small to show differences)."""
+    return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
+def pool64(h, mask, how):
+    """Float64 reference pooling written independently of the library."""
+    rows = []
+    for b in range(h.shape[0]):
+        real = [j for j in range(h.shape[1]) if mask[b, j] > 0]
+        if how == "mean":
+            rows.append(h[b, real].mean(0))
+        elif how == "first":
+            rows.append(h[b, real[0]])
+        else:
+            rows.append(h[b, real[-1]])
+    return torch.stack(rows)
+
+
+def capture_block_inputs(model):
+    """Forward pre-hooks on every transformer block recording the hidden states entering it."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(model.injector.blocks):
+        def hook(module, args, kwargs, i=i):
+            seen[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    return seen, handles
+
+
+# ---- registration and config ---------------------------------------------------------------------------------------
+def test_registered_and_lazy_config():
+    assert sp.APTConfig is APTConfig
+    assert method_classes("apt") == (APTConfig, APT) and "apt" in METHODS
+    cfg = config_from_dict("apt", {"num_virtual_tokens": 5, "gate_pool": "first", "gate_target": "v"})
+    assert isinstance(cfg, APTConfig) and cfg.method == "apt" and cfg.gate_target == "v"
+    defaults = APTConfig()
+    assert (defaults.gate_pool, defaults.gate_target, defaults.lambda_init, defaults.gate_init, defaults.gate_bias) == (
+        "mean", "kv", 1.0, "normal", True)
+    for bad in ({"gate_pool": "max"}, {"gate_target": "logit"}, {"gate_init": "ones"}, {"lambda_init": float("nan")},
+                {"num_virtual_tokens": -1}):
+        with pytest.raises(ConfigError):
+            APTConfig(**bad)
+
+
+def test_init_options():
+    """gate_init='zeros' gives alpha = 0.5 exactly; every lambda starts at lambda_init."""
+    base = bert()
+    model = sp.wrap(base, APTConfig(num_virtual_tokens=3, gate_init="zeros", lambda_init=2.0))
+    ids, mask = right_padded()
+    with torch.no_grad(), model.method.recording() as gates:
+        model(input_ids=ids, attention_mask=mask)
+    assert sorted(gates) == [0, 1, 2]
+    for g in gates.values():
+        assert torch.equal(g["alpha"], torch.full((2, 3), 0.5)) and g["lambda"] == 2.0
+    normal = sp.wrap(bert(), APTConfig(num_virtual_tokens=3))
+    w = normal.method.gate_proj["0"].weight
+    assert 0.005 < w.std().item() < 0.05 and torch.all(normal.method.gate_proj["0"].bias == 0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_trainable_parameter_count_formula(bias):
+    base = bert()
+    p = 5
+    model = sp.wrap(base, APTConfig(num_virtual_tokens=p, gate_bias=bias))
+    info = model.info
+    L, d, h, D = info.num_layers, info.hidden_size, info.num_kv_heads, info.head_dim
+    prefix = L * 2 * h * p * D
+    gates = L * (d * p + 1) + (L * p if bias else 0)  # spec section 1: L*(d*l + 1) [+ L*l bias]
+    method, head, _ = model.num_parameters_summary()
+    assert method == prefix + gates
+    assert model.method.num_gate_parameters() == gates
+    # Per-layer lengths (0 = no prefix, no gate there).
+    lengths = [2, 0, 3]
+    model = sp.wrap(bert(), APTConfig(layer_lengths=lengths, gate_bias=bias))
+    expect = sum(2 * h * n * D + d * n + (n if bias else 0) + 1 for n in lengths if n)
+    assert model.num_parameters_summary()[0] == expect
+    assert sorted(model.method.gate_proj) == ["0", "2"]
+
+
+# ---- the gate formula ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pool", ["mean", "first", "last"])
+def test_gate_equals_float64_formula(pool):
+    """alpha_i = sigmoid(W_i . pool(h_{i-1}) + b_i), recomputed in float64 from the captured layer inputs."""
+    base = bert().double()
+    model = apt(base, p=4, gate_pool=pool)
+    model.method.double()
+    ids, mask = right_padded()
+    seen, handles = capture_block_inputs(model)
+    try:
+        with torch.no_grad(), model.method.recording() as gates:
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in range(model.info.num_layers):
+        lin = model.method.gate_proj[str(i)]
+        pooled = pool64(seen[i].double(), mask, pool)
+        ref = torch.sigmoid(pooled @ lin.weight.double().T + lin.bias.double())
+        got = gates[i]["alpha"].double()
+        assert (got - ref.float().double()).abs().max().item() < 1e-6  # record stores float32
+        assert gates[i]["lambda"] == pytest.approx(model.method.gate_lambda[str(i)].item())
+    assert not torch.allclose(gates[0]["alpha"][0], gates[0]["alpha"][1])  # input-dependent: differs per example
+
+
+@pytest.mark.parametrize("target", ["kv", "v"])
+def test_gated_attention_equals_float64_hand_computation(target):
+    """One layer's attention output = softmax(q [g*Pk ; K]^T / sqrt(D)) [g*Pv ; V] with g = lambda*alpha (keys
+    scaled only for target 'kv'), computed by hand in float64."""
+    base = bert().double()
+    model = apt(base, p=3, gate_target=target)
+    model.method.double()
+    ids, mask = right_padded()
+    layer = 1
+    att = model.injector.attention_modules[layer]
+    store = {}
+    h1 = att.register_forward_pre_hook(lambda m, a, k: store.__setitem__("h", (a[0] if a else k["hidden_states"])),
+                                       with_kwargs=True)
+    h2 = att.register_forward_hook(lambda m, a, o: store.__setitem__("out", o[0]))
+    try:
+        with torch.no_grad(), model.method.recording() as gates:
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        h1.remove()
+        h2.remove()
+    h = store["h"].double()
+    B, N, _ = h.shape
+    H, D = model.info.num_heads, model.info.head_dim
+    split = lambda x: x.view(B, N, H, D).transpose(1, 2)  # noqa: E731
+    with torch.no_grad():
+        q, k, v = split(att.query(h)), split(att.key(h)), split(att.value(h))
+        table = model.method.tables[str(layer)].double()  # [2, H, P, D]
+        # BERT is post-LN: the attention input is the layer input h_{i-1}, so the gate is recomputed from it here.
+        lin = model.method.gate_proj[str(layer)]
+        alpha = torch.sigmoid(pool64(h, mask, "mean") @ lin.weight.T + lin.bias)
+        assert (alpha.float() - gates[layer]["alpha"]).abs().max().item() < 1e-6
+        g = (model.method.gate_lambda[str(layer)] * alpha)[:, None, :, None]  # [B, 1, P, 1]
+        pk = table[0][None] * (g if target == "kv" else 1.0)
+        pv = table[1][None] * g
+        keys, values = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv, v], 2)
+        scores = q @ keys.transpose(-1, -2) / D**0.5
+        visible = torch.cat([torch.ones(B, 3, dtype=torch.bool), mask.bool()], 1)[:, None, None, :]
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        ref = (probs @ values).transpose(1, 2).reshape(B, N, H * D)
+    out = store["out"].double()
+    real = mask.bool()
+    assert (out - ref)[real].abs().max().item() < 1e-10
+
+
+def test_lambda_one_alpha_one_is_prefix_tuning_bit_for_bit():
+    """W = 0, a huge bias (sigmoid = 1.0 exactly) and lambda = 1: outputs equal prefix tuning with the same tables."""
+    for build, batch in ((bert, right_padded), (llama_lm, left_padded)):
+        ids, mask = batch()
+        ours = sp.wrap(build(), APTConfig(num_virtual_tokens=4, gate_init="zeros", lambda_init=1.0))
+        with torch.no_grad():
+            for lin in ours.method.gate_proj.values():
+                lin.bias.fill_(1e4)
+        plain = sp.wrap(build(), sp.PrefixConfig(num_virtual_tokens=4))
+        with torch.no_grad():
+            for i, t in plain.method.tables.items():
+                t.copy_(ours.method.tables[i])
+            a = ours(input_ids=ids, attention_mask=mask).logits
+            b = plain(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("target", ["kv", "v"])
+def test_gate_target_matches_hand_gated_prefix_through_engine(target):
+    """APT's output equals a plain prefix model fed the same lambda*alpha through the engine's gate; kv != v."""
+    outs = {}
+    ids, mask = right_padded()
+    for tgt in ("kv", "v"):
+        model = apt(bert(), p=4, gate_target=tgt)
+        with torch.no_grad(), model.method.recording() as gates:
+            outs[tgt] = last_hidden(model, input_ids=ids, attention_mask=mask)
+        if tgt != target:
+            continue
+        plain = sp.wrap(bert(), sp.PrefixConfig(num_virtual_tokens=4))
+        with torch.no_grad():
+            for i, t in plain.method.tables.items():
+                t.copy_(model.method.tables[i])
+            inputs, state = plain.build_state(ids, mask, None)
+            for i, g in gates.items():
+                state.layers[i].gate = g["lambda"] * g["alpha"]
+                state.layers[i].gate_values_only = tgt == "v"
+            ref = last_hidden(plain.base_model, **inputs, softprompt_state=state)
+            ungated = last_hidden(plain, input_ids=ids, attention_mask=mask)
+        assert (outs[tgt] - ref).abs().max().item() <= 1e-6
+        assert (outs[tgt] - ungated).abs().max().item() > 1e-2  # the gate really acts
+    assert (outs["kv"] - outs["v"]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("pool", ["mean", "first", "last"])
+def test_pooling_ignores_padding(pool):
+    """A right-padded row gives the same gates and logits as the same row without padding."""
+    model = apt(bert(), p=4, gate_pool=pool)
+    ids, mask = right_padded()
+    n = int(mask[1].sum())
+    with torch.no_grad():
+        with model.method.recording() as padded:
+            a = model(input_ids=ids, attention_mask=mask).logits[1]
+        with model.method.recording() as alone:
+            b = model(input_ids=ids[1:, :n], attention_mask=mask[1:, :n]).logits[0]
+    assert (a - b).abs().max().item() < 1e-5
+    for i in padded:
+        assert (padded[i]["alpha"][1] - alone[i]["alpha"][0]).abs().max().item() < 1e-6
+
+
+# ---- training: gradients, checkpointing, mixed precision ------------------------------------------------------------
+def _grads(model, ids, mask, **kw):
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, **kw)
+    loss = out.loss if out.loss is not None else out.logits.square().mean()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.method.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_gradients_reach_gates_and_tables_with_and_without_checkpointing(kind):
+    if kind == "bert":
+        build, (ids, mask), kw = bert, right_padded(), {"labels": torch.tensor([0, 2])}
+    else:
+        build, (ids, mask) = llama_lm, left_padded()
+        kw = {"labels": ids.masked_fill(mask == 0, -100)}
+    plain = apt(build(), p=3)
+    ref = _grads(plain, ids, mask, **kw)
+    names = set(ref)
+    assert any(n.startswith("gate_proj.") and n.endswith("weight") for n in names)
+    assert any(n.startswith("gate_lambda.") for n in names) and any(n.startswith("prefix.tables.") for n in names)
+    for n, g in ref.items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, n
+
+    ckpt = apt(build(), p=3)
+    ckpt.gradient_checkpointing_enable()
+    calls = []
+    original = ckpt.method.compute_gate
+    ckpt.method.compute_gate = lambda *a, **k: (calls.append(a[0]), original(*a, **k))[1]
+    attn_calls = []
+    handles = [m.register_forward_pre_hook(lambda *_, i=i: attn_calls.append(i))
+               for i, m in enumerate(ckpt.injector.attention_modules)]
+    got = _grads(ckpt, ids, mask, **kw)
+    for h in handles:
+        h.remove()
+    # Checkpointing is really on: every block ran twice (forward + recompute in backward).
+    assert sorted(attn_calls) == sorted(list(range(3)) * 2)
+    # transformers 5.x checkpoints the block's forward, not its __call__, so the gate (a module pre-hook) runs once
+    # and keeps its small graph; versions that checkpoint __call__ recompute it. Both give the same gradients.
+    assert set(calls) == {0, 1, 2} and all(calls.count(i) in (1, 2) for i in range(3))
+    assert set(got) == names
+    for n in names:
+        assert (got[n] - ref[n]).abs().max().item() <= 1e-6, n
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_bf16_autocast_forward_and_backward(kind):
+    model = apt(bert() if kind == "bert" else llama_lm(), p=3)
+    ids, mask = right_padded() if kind == "bert" else left_padded()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(logits.float()).all()
+    logits.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.method.gate_proj.parameters())
+    # A model loaded in bf16 works too (gates computed in the method's float32, cast by the engine).
+    model = apt((bert() if kind == "bert" else llama_lm()).to(torch.bfloat16), p=3)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits.float()).all()
+
+
+# ---- save / load, generation ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("projection", [False, True])
+def test_save_load_round_trip_identical(tmp_path, projection):
+    ids, mask = right_padded()
+    model = apt(bert(), p=4, gate_pool="first", gate_target="v", lambda_init=0.7, projection=projection,
+                projection_hidden_size=16)
+    with torch.no_grad():
+        model.base_model.classifier.weight.normal_()
+        ref = model.eval()(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["method"] == "apt" and saved["config"]["gate_target"] == "v"
+    loaded = sp.load(bert(), tmp_path)
+    assert isinstance(loaded.method, APT) and loaded.method_config == model.method_config
+    with torch.no_grad():
+        out = loaded(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(out, ref)
+
+
+def test_generate_same_tokens_with_and_without_cache():
+    model = apt(llama_lm(), p=3)
+    ids, mask = left_padded()
+    calls = []
+    original = model.method.compute_gate
+    model.method.compute_gate = lambda *a, **k: (calls.append(a[0]), original(*a, **k))[1]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, attention_mask=mask, use_cache=True, **kw)
+    # Gates are computed at prefill only and reused by every decoding step.
+    assert sorted(calls) == [0, 1, 2]
+    uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+    assert cached.shape == (2, ids.shape[1] + 4)
+    assert torch.equal(cached, uncached)
+    # The first generated token is the argmax of an ordinary forward (same prefill gates).
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    assert torch.equal(cached[:, ids.shape[1]], logits.argmax(-1))
+
+
+# ---- probing and PT-2* ---------------------------------------------------------------------------------------------
+def _batches():
+    ids, mask = right_padded()
+    return [{"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])},
+            {"input_ids": ids[:1], "attention_mask": mask[:1]}]
+
+
+def test_probe_gates_averages_examples():
+    model = apt(bert(), p=4)
+    model.train()
+    gates = probe_gates(model, _batches())
+    assert model.training  # mode restored
+    assert gates["num_examples"] == 3 and gates["num_layers"] == 3 and gates["lengths"] == [4, 4, 4]
+    ids, mask = right_padded()
+    model.eval()
+    with torch.no_grad(), model.method.recording() as rec:
+        model(input_ids=ids, attention_mask=mask)
+    for i in range(3):
+        a = rec[i]["alpha"].double()
+        mean = (a.sum(0) + a[0]) / 3  # row 0 appears twice (second batch)
+        assert torch.allclose(torch.tensor(gates["alpha"][i], dtype=torch.float64), mean, atol=1e-6)
+        lam = model.method.gate_lambda[str(i)].item()
+        assert gates["lambda"][i] == pytest.approx(lam)
+        assert gates["layer_mass"][i] == pytest.approx(abs(lam) * mean.mean().item(), rel=1e-6)
+        assert torch.allclose(torch.tensor(gates["gate"][i], dtype=torch.float64), lam * mean, atol=1e-6)
+    json.dumps(gates)  # JSON-ready
+    with pytest.raises(ConfigError):
+        probe_gates(sp.wrap(bert(), sp.PrefixConfig(num_virtual_tokens=2)), _batches())
+
+
+def test_allocate_lengths_sums_to_budget_and_follows_mass():
+    gates = {"layer_mass": [0.1, 0.6, 0.0, 0.3]}
+    assert allocate_lengths(gates, 10) == [1, 6, 0, 3]
+    for budget in (1, 7, 13, 50, 101):
+        lengths = allocate_lengths(gates, budget)
+        assert sum(lengths) == budget and all(n >= 0 for n in lengths)
+        assert lengths[1] >= lengths[3] >= lengths[0] >= lengths[2] == 0
+    # Largest remainder: quotas 7*[1/3, 1/3, 1/3] = 2.33 each -> 3, 2, 2 (ties to the lower layer).
+    assert allocate_lengths({"layer_mass": [1.0, 1.0, 1.0]}, 7) == [3, 2, 2]
+    assert allocate_lengths({"layer_mass": [0.0, 0.0]}, 5) == [3, 2]  # no signal: equal shares
+    assert allocate_lengths(gates, 12, min_length=1) == [2, 6, 1, 3]
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ConfigError):
+            allocate_lengths(gates, bad)
+    with pytest.raises(ConfigError):
+        allocate_lengths(gates, 3, min_length=1)
+
+
+def test_prune_writes_prefix_config_that_trains(tmp_path):
+    model = apt(bert(), p=4)
+    with torch.no_grad():  # alpha = 0.5 everywhere; lambda 0, 1, 3 -> masses 0, 0.5, 1.5 -> quotas 0, 2, 6 of 8
+        for lin in model.method.gate_proj.values():
+            lin.weight.zero_()
+            lin.bias.zero_()
+        for i, lam in enumerate((0.0, 1.0, 3.0)):
+            model.method.gate_lambda[str(i)].fill_(lam)
+    path = tmp_path / "lengths.json"
+    lengths = prune(model, _batches(), budget=8, path=path)
+    assert lengths == [0, 2, 6]
+    data = json.loads(path.read_text())
+    assert data == {"layer_lengths": lengths}
+    pt2 = sp.wrap(bert(), sp.PrefixConfig(**data))
+    assert pt2.method.lengths == lengths
+    ids, mask = right_padded()
+    assert pt2(input_ids=ids, attention_mask=mask).logits.shape == (2, 3)
+    save_layer_lengths([1, 2, 3], tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text()) == {"layer_lengths": [1, 2, 3]}
+
+
+def test_plot_gates_writes_png(tmp_path):
+    model = apt(bert(), layer_lengths=[3, 0, 5])
+    gates = probe_gates(model, _batches())
+    assert gates["alpha"][1] == [] and gates["lambda"][1] is None and gates["layer_mass"][1] == 0.0
+    path = tmp_path / "sub" / "gates.png"
+    plot_gates(gates, path, title="tiny BERT")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_deepcopy_and_state_cache_isolated():
+    """Two forwards never share gates: the cache lives on the per-forward state, not on the module."""
+    model = apt(bert(), p=2)
+    ids, mask = right_padded()
+    with torch.no_grad():
+        a = last_hidden(model, input_ids=ids, attention_mask=mask)
+        b = last_hidden(model, input_ids=ids[:, :4], attention_mask=mask[:, :4])
+        c = last_hidden(copy.deepcopy(model), input_ids=ids, attention_mask=mask)
+    assert (a[:, :4] - b).abs().max() > 1e-2 and torch.equal(a, c)

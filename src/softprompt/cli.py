@@ -156,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a prefix on SST-2 with MiniLM, evaluate, save, reload, predict")
     p.add_argument("--output", default="runs/demo-sst2-prefix")
-    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("theory.cli", "methods.apt_cli", "methods.id_spam_cli"):
+    for module in ("theory.cli", "method_cli"):
         _add_optional(sub, module)
     return parser
 

@@ -6,7 +6,7 @@ import json
 import time
 
 
-def run_demo(output: str = "runs/demo-sst2-prefix", steps: int = 600, data_dir: str | None = None) -> int:
+def run_demo(output: str = "runs/demo-sst2-prefix", steps: int = 300, data_dir: str | None = None) -> int:
     """Train a 20-token prefix on SST-2, print dev accuracy, save, reload, check the reload, predict."""
     import torch
 

@@ -38,9 +38,9 @@ __all__ = ["LinearAttn", "tokens"]
 
 
 def tokens(batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context tokens ``Z = [X, y]`` of shape ``(B, n, d+1)`` and query tokens ``[x; 0]`` of shape ``(B, d+1)``."""
+    """Context tokens ``Z = [X, y]`` of shape ``(..., B, n, d+1)`` and query tokens ``[x; 0]`` of shape ``(..., B, d+1)``."""
     Z = torch.cat([batch.X, batch.y[..., None]], dim=-1)
-    zq = torch.cat([batch.xq, torch.zeros_like(batch.xq[:, :1])], dim=-1)
+    zq = torch.cat([batch.xq, torch.zeros_like(batch.xq[..., :1])], dim=-1)
     return Z, zq
 
 
@@ -137,6 +137,35 @@ class LinearAttn(nn.Module):
         if use_prompt and self.prompts is not None:
             P = self.prompts[:, k].to(dt)  # (R, m, D)
             gw = gw + torch.einsum("rmi,rmj,rj->ri", P, P, w)[:, None, :]
+        return (qk * gw).sum(-1) / math.sqrt(D)
+
+    def forward_all(self, gram: torch.Tensor, zq: torch.Tensor, use_prompt: bool = True) -> torch.Tensor:
+        """Predictions ``(R, K, B)`` for all tasks at once (the training path).
+
+        Args:
+            gram: ``Z^T Z`` per task, ``(K, B, D, D)``, or per task and group
+                ``(K, g, B, D, D)`` with run ``r`` in group ``r // (R // g)``.
+            zq: query tokens per task, ``(K, B, D)``.
+            use_prompt: prepend each task's prompt.
+        """
+        dt = zq.dtype
+        R, D, K = self.runs, self.D, self.K
+        if gram.dim() == 4:
+            gram = gram[:, None]
+        groups = gram.shape[1]
+        if R % groups:
+            raise ValueError(f"{R} runs cannot be split into {groups} gram groups")
+        Wv = self.Wv.to(dt)
+        if self.heads is None:
+            w = Wv[:, -1, :][:, None, :].expand(R, K, D)
+        else:
+            w = torch.einsum("rij,rki->rkj", Wv, self.heads.to(dt))
+        qk_mat = self.Wk.to(dt).transpose(1, 2) @ self.Wq.to(dt)  # W_k^T W_q, (R, D, D)
+        qk = torch.einsum("ril,kbl->rkbi", qk_mat, zq)
+        gw = torch.einsum("kgbij,grkj->grkbi", gram, w.reshape(groups, R // groups, K, D)).reshape(R, K, -1, D)
+        if use_prompt and self.prompts is not None:
+            P = self.prompts.to(dt)  # (R, K, m, D)
+            gw = gw + torch.einsum("rkmi,rkmj,rkj->rki", P, P, w)[:, :, None, :]
         return (qk * gw).sum(-1) / math.sqrt(D)
 
     def forward_tokens(self, k: int, Z: torch.Tensor, zq: torch.Tensor, use_prompt: bool = True) -> torch.Tensor:

@@ -57,6 +57,7 @@ class TaskSampler:
         self._beta_sqrt = t(np.stack([_psd_sqrt(c) for c in mix.covs]))
         self._x_sqrt = None if mix.is_isotropic_x else t(np.linalg.cholesky(mix.sigma_x))
         self._sigmas = [float(s) for s in mix.sigmas]
+        self._sigma_t = t(mix.sigmas)
 
     def _randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator, device=self.device, dtype=self.dtype)
@@ -75,4 +76,24 @@ class TaskSampler:
         if self._sigmas[k] > 0:
             y = y + self._sigmas[k] * self._randn(batch, n)
             yq = yq + self._sigmas[k] * self._randn(batch)
+        return TaskBatch(X, y, xq, yq)
+
+    def sample_all(self, n: int, batch: int) -> TaskBatch:
+        """Draw ``batch`` prompts of *every* task at once; tensors get a leading task axis ``K``.
+
+        Shapes: ``X (K, B, n, d)``, ``y (K, B, n)``, ``xq (K, B, d)``, ``yq (K, B)``.
+        One call per tensor kind instead of one per task keeps GPU launches few.
+        """
+        K, d = self.mix.K, self.mix.d
+        beta = self._mus[:, None, :] + torch.einsum("kij,kbj->kbi", self._beta_sqrt, self._randn(K, batch, d))
+        X = self._randn(K, batch, n, d)
+        xq = self._randn(K, batch, d)
+        if self._x_sqrt is not None:
+            X = X @ self._x_sqrt.T
+            xq = xq @ self._x_sqrt.T
+        y = (X @ beta[..., None])[..., 0]
+        yq = (xq * beta).sum(-1)
+        if any(s > 0 for s in self._sigmas):
+            y = y + self._sigma_t[:, None, None] * self._randn(K, batch, n)
+            yq = yq + self._sigma_t[:, None] * self._randn(K, batch)
         return TaskBatch(X, y, xq, yq)

@@ -33,7 +33,8 @@ import torch
 
 from .config import TaskMixture
 from .model import LinearAttn, tokens
-from .montecarlo import MCResult, evaluate_predictor
+from .closed_form import closed_form
+from .montecarlo import MCResult, evaluate_paired, reduced_predictor
 from .sampling import TaskSampler
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_multi", "TRAINABLE_REGIMES"]
@@ -96,6 +97,9 @@ class TrainResult:
         best_run: index of the restart with the lowest evaluation loss.
         seconds: wall time of the training (evaluation excluded).
         config: the :class:`TrainConfig` used.
+        theory: the regime's closed-form normalised loss at ``n``.
+        theory_mc: the closed-form parameters evaluated on the same draws as ``evals``
+            (each eval's ``paired_diff`` is relative to it).
         history: ``(step, mean normalised training loss over runs)`` pairs.
         model: the trained (all-runs) model.
         pretrain: FT only: the result of its PT phase.
@@ -107,6 +111,8 @@ class TrainResult:
     best_run: int
     seconds: float
     config: TrainConfig
+    theory: float
+    theory_mc: MCResult
     history: list[tuple[int, float]] = field(default_factory=list)
     model: LinearAttn | None = None
     pretrain: "TrainResult | None" = None
@@ -125,6 +131,13 @@ class TrainResult:
     def best_se(self) -> float:
         """Monte-Carlo standard error of :attr:`best` (normalised)."""
         return self.evals[self.best_run].se_normalised
+
+    @property
+    def best_vs_theory(self) -> tuple[float, float]:
+        """Paired ``(best - closed form) / closed form`` and its standard error (relative)."""
+        e = self.evals[self.best_run]
+        scale = self.theory_mc.loss
+        return e.paired_diff / scale, e.paired_diff_se / scale
 
     @property
     def mean(self) -> float:
@@ -147,6 +160,10 @@ class TrainResult:
             "mean": self.mean,
             "std": self.std,
             "runs": self.normalised.tolist(),
+            "theory": self.theory,
+            "theory_mc": self.theory_mc.normalised,
+            "best_vs_theory_rel": self.best_vs_theory[0],
+            "best_vs_theory_rel_se": self.best_vs_theory[1],
             "seconds": self.seconds,
             "config": self.config.to_dict(),
             "history": [list(h) for h in self.history],
@@ -182,22 +199,16 @@ def _fit(
     sched = _schedule(opt, steps, cfg)
     every = cfg.log_every or max(1, steps // 50)
     history: list[tuple[int, float]] = []
-    pis = [float(p) for p in mix.pis]
+    pis = torch.as_tensor(mix.pis, dtype=cfg.dtype, device=cfg.device)
     n_max = max(ns)
     for step in range(steps):
-        total = None
-        for k in range(mix.K):
-            batch = sampler.sample(k, n_max, cfg.batch)
-            Z, zq = tokens(batch)
-            if len(ns) == 1:
-                gram = Z.transpose(1, 2) @ Z
-            else:
-                gram = torch.stack([Z[:, :m].transpose(1, 2) @ Z[:, :m] for m in ns])
-            pred = model(k, None, zq, gram=gram, use_prompt=use_prompt)
-            mse = ((pred - batch.yq) ** 2).mean(-1)  # (R,)
-            total = pis[k] * mse if total is None else total + pis[k] * mse
+        batch = sampler.sample_all(n_max, cfg.batch)
+        Z, zq = tokens(batch)
+        pred = model.forward_all(prefix_grams(Z, ns), zq, use_prompt=use_prompt)  # (R, K, B)
+        mse = ((pred - batch.yq) ** 2).mean(-1)  # (R, K)
+        total = mse @ pis  # (R,): the JT objective sum_k pi_k MSE_k, per run
         opt.zero_grad(set_to_none=True)
-        total.sum().backward()
+        total.sum().backward()  # runs are independent: Adam is element-wise
         opt.step()
         sched.step()
         if step % every == 0 or step == steps - 1:
@@ -208,12 +219,33 @@ def _fit(
     return history
 
 
-def _evaluate(model: LinearAttn, mix: TaskMixture, n: int, cfg: TrainConfig, use_prompt: bool) -> list[MCResult]:
-    # Fresh draws, float64, a seed disjoint from the training sampler's.
-    return evaluate_predictor(
+def prefix_grams(Z: torch.Tensor, ns: Sequence[int]) -> torch.Tensor:
+    """``Z[..., :n, :]^T Z[..., :n, :]`` for every ``n`` in ``ns``: shape ``(K, len(ns), B, D, D)``.
+
+    Computed from the Gram matrices of the segments between consecutive
+    sorted lengths and a cumulative sum, so the work is that of one Gram
+    matrix of ``max(ns)`` rows.
+    """
+    order = sorted(range(len(ns)), key=lambda i: ns[i])
+    segs, lo = [], 0
+    for i in order:
+        hi = ns[i]
+        part = Z[..., lo:hi, :]
+        segs.append(part.transpose(-1, -2) @ part)
+        lo = hi
+    cum = torch.cumsum(torch.stack(segs, dim=1), dim=1)  # sorted order
+    inverse = [order.index(i) for i in range(len(ns))]
+    return cum[:, inverse]
+
+
+def _evaluate(model: LinearAttn, mix: TaskMixture, n: int, regime: str, cfg: TrainConfig, use_prompt: bool) -> tuple[list[MCResult], MCResult]:
+    """Fresh float64 draws (seed disjoint from training), with the regime's closed form on the same draws."""
+    ref = reduced_predictor(closed_form(mix, [n], regime).params, device=cfg.device)
+    return evaluate_paired(
         mix,
         n,
         model.predictor(use_prompt=use_prompt),
+        ref,
         draws=cfg.eval_batches * cfg.eval_batch,
         chunk=cfg.eval_batch,
         seed=cfg.seed + 7_919_000 + n,
@@ -235,10 +267,11 @@ def _results(
     R = cfg.runs
     for i, n in enumerate(ns):
         sub = model.subset(slice(i * R, (i + 1) * R))
-        evals = _evaluate(sub, mix, n, cfg, use_prompt=use_prompt)
+        evals, ref = _evaluate(sub, mix, n, regime, cfg, use_prompt=use_prompt)
         best = int(np.argmin([e.loss for e in evals]))
+        theory = float(closed_form(mix, [n], regime, normalise=True).loss[0])
         # Wall time and history are shared by the groups trained together.
-        out[n] = TrainResult(regime, n, evals, best, seconds, cfg, history, sub)
+        out[n] = TrainResult(regime, n, evals, best, seconds, cfg, theory, ref, history, sub)
     return out
 
 

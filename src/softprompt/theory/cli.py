@@ -1,0 +1,331 @@
+"""``softprompt theory ...``: closed-form curves, Monte-Carlo checks and training from the command line.
+
+The main CLI calls :func:`add_theory_parser`; for local use,
+``python -m softprompt.theory.cli curves --config zero_cov_12 ...`` works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .closed_form import ALL_REGIMES, REGIMES, as_n_array, theory_curves
+from .config import PRESETS, TaskMixture, preset, resolve_config
+
+__all__ = ["add_theory_parser", "curves", "main"]
+
+
+# ----------------------------------------------------------------- parsing helpers
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return vals
+
+
+def _regime_list(text: str) -> list[str]:
+    vals = [v.strip().lower() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in ALL_REGIMES]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"regimes must be among {','.join(ALL_REGIMES)}, got {text!r}")
+    return vals
+
+
+def _overrides(text: str | None, cast: type) -> dict[str, Any]:
+    """Parse ``dec=60000,pt=20000`` into a dict."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"expected REGIME=VALUE pairs, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip().lower()
+        if k not in REGIMES:
+            raise argparse.ArgumentTypeError(f"unknown regime {k!r} in {text!r}")
+        out[k] = cast(v)
+    return out
+
+
+# ------------------------------------------------------------------------ work
+def curves(
+    mix: TaskMixture,
+    ns: Sequence[int],
+    regimes: Sequence[str] = REGIMES,
+    mc_draws: int = 0,
+    train_cfg: Any = None,
+    regime_steps: dict[str, int] | None = None,
+    regime_lr: dict[str, float] | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Theory values per regime and n, plus optional Monte-Carlo and training results.
+
+    Args:
+        mix: the mixture.
+        ns: context lengths.
+        regimes: regimes to report (``oracle`` has theory and MC only).
+        mc_draws: if > 0, Monte-Carlo draws per task for each closed form.
+        train_cfg: a :class:`~softprompt.theory.train.TrainConfig` to also train the model, or None.
+        regime_steps: per-regime step counts overriding ``train_cfg.steps``.
+        regime_lr: per-regime learning rates overriding ``train_cfg.lr``.
+        log: progress printer.
+
+    Returns:
+        A JSON-friendly dict (the schema that :func:`~softprompt.theory.plot.plot_curves` reads).
+    """
+    ns = [int(v) for v in as_n_array(ns)]
+    theory = theory_curves(mix, ns, regimes, normalise=True)
+    raw = theory_curves(mix, ns, regimes, normalise=False)
+    result: dict[str, Any] = {
+        "config": mix.to_dict(),
+        "norm": mix.norm,
+        "n": ns,
+        "theory": {r: v.tolist() for r, v in theory.items()},
+        "theory_raw": {r: v.tolist() for r, v in raw.items()},
+    }
+    if mc_draws > 0:
+        from .montecarlo import monte_carlo
+
+        result["mc"] = {}
+        for r in regimes:
+            t0 = time.perf_counter()
+            res = [monte_carlo(mix, n, r, draws=mc_draws, seed=1000 + 17 * i) for i, n in enumerate(ns)]
+            result["mc"][r] = {
+                "normalised": [x.normalised for x in res],
+                "se_normalised": [x.se_normalised for x in res],
+                "z": [(x.normalised - t) / x.se_normalised for x, t in zip(res, theory[r])],
+                "draws_per_task": mc_draws,
+            }
+            log(f"[mc] {r}: {time.perf_counter() - t0:.1f}s")
+    if train_cfg is not None:
+        from .train import train_multi
+
+        result["train"] = {}
+        trainable = [r for r in regimes if r in REGIMES]
+        # FT's first phase *is* PT training; reuse it instead of training PT twice.
+        order = (["ft"] if "ft" in trainable else []) + [r for r in trainable if r != "ft"]
+        done: dict[str, dict[int, Any]] = {}
+        for r in order:
+            if r in done:
+                continue
+            cfg = replace(
+                train_cfg,
+                steps=(regime_steps or {}).get(r, train_cfg.steps),
+                lr=(regime_lr or {}).get(r, train_cfg.lr),
+            )
+            if r == "ft":
+                cfg = replace(cfg, pretrain_steps=(regime_steps or {}).get("pt", train_cfg.pretrain_steps or train_cfg.steps))
+            if r == "pt" and "pt" in done:
+                continue
+            log(f"[train] {r}: steps={cfg.steps} lr={cfg.lr} runs={cfg.runs} batch={cfg.batch} device={cfg.device}")
+            res = train_multi(mix, r, ns, cfg)
+            done[r] = res
+            if r == "ft" and "pt" in trainable:
+                done["pt"] = {n: res[n].pretrain for n in ns}
+        for r in trainable:
+            res = done[r]
+            result["train"][r] = {
+                "best": [res[n].best for n in ns],
+                "best_se": [res[n].best_se for n in ns],
+                "mean": [res[n].mean for n in ns],
+                "std": [res[n].std for n in ns],
+                "runs": [res[n].normalised.tolist() for n in ns],
+                "theory_same_draws": [res[n].theory_mc.normalised for n in ns],
+                "best_vs_theory_rel": [res[n].best_vs_theory[0] for n in ns],
+                "best_vs_theory_rel_se": [res[n].best_vs_theory[1] for n in ns],
+                "seconds": res[ns[0]].seconds,
+                "config": res[ns[0]].config.to_dict(),
+            }
+    return result
+
+
+def _print_table(result: dict[str, Any], out=sys.stdout) -> None:
+    ns = result["n"]
+    head = f"{'regime':<8}{'source':<14}" + "".join(f"{('n=' + str(n)):>10}" for n in ns)
+    print(f"config {result['config']['name']}  (normaliser tr(M Sx) = {result['norm']:.6g})", file=out)
+    print(head, file=out)
+    for r, vals in result["theory"].items():
+        print(f"{r:<8}{'theory':<14}" + "".join(f"{v:>10.4f}" for v in vals), file=out)
+        if r in result.get("mc", {}):
+            mc = result["mc"][r]
+            print(f"{'':<8}{'MC':<14}" + "".join(f"{v:>10.4f}" for v in mc["normalised"]), file=out)
+            print(f"{'':<8}{'MC z-score':<14}" + "".join(f"{v:>10.2f}" for v in mc["z"]), file=out)
+        if r in result.get("train", {}):
+            tr = result["train"][r]
+            print(f"{'':<8}{'trained best':<14}" + "".join(f"{v:>10.4f}" for v in tr["best"]), file=out)
+            print(f"{'':<8}{'trained mean':<14}" + "".join(f"{v:>10.4f}" for v in tr["mean"]), file=out)
+            print(f"{'':<8}{'best/theory-1':<14}" + "".join(f"{100 * v:>9.2f}%" for v in tr["best_vs_theory_rel"]), file=out)
+
+
+def _cmd_curves(args: argparse.Namespace) -> int:
+    try:
+        mix = resolve_config(args.config)
+        regimes = args.regimes
+        ns = args.n
+        train_cfg = None
+        if args.train:
+            import torch
+
+            from .train import TrainConfig
+
+            train_cfg = TrainConfig(
+                steps=args.steps,
+                pretrain_steps=args.pretrain_steps,
+                lr=args.lr,
+                batch=args.batch,
+                runs=args.runs,
+                weight_decay=args.weight_decay,
+                eval_batches=args.eval_batches,
+                eval_batch=args.batch,
+                seed=args.seed,
+                device=args.device,
+                dtype=torch.float64 if args.float64 else torch.float32,
+            )
+        t0 = time.perf_counter()
+        log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        result = curves(
+            mix,
+            ns,
+            regimes,
+            mc_draws=args.mc_draws if args.mc else 0,
+            train_cfg=train_cfg,
+            regime_steps=_overrides(args.regime_steps, int),
+            regime_lr=_overrides(args.regime_lr, float),
+            log=log,
+        )
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"softprompt theory: error: {exc}", file=sys.stderr)
+        return 2
+    result["meta"] = {
+        "command": "softprompt theory " + " ".join(sys.argv[1:]) if args.record_argv else None,
+        "seconds": time.perf_counter() - t0,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    if args.train:
+        import torch
+
+        result["meta"]["torch"] = torch.__version__
+        result["meta"]["device_name"] = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu"
+    _print_table(result)
+    if args.json:
+        p = Path(args.json)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {p}")
+    if args.plot:
+        from .plot import plot_curves
+
+        print(f"wrote {plot_curves(result, args.plot, layout=args.layout)}")
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    if args.show:
+        try:
+            mix = resolve_config(args.show)
+        except ValueError as exc:
+            print(f"softprompt theory: error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(mix.to_dict(), indent=1))
+        return 0
+    for name in PRESETS:
+        mix = preset(name)
+        print(f"{name:<34} norm={mix.norm:<8.4g} global mean={round(float(mix.mean[0]), 12) + 0.0:+.3g}  {mix.description}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_curves
+
+    try:
+        result = json.loads(Path(args.json).read_text())
+        print(f"wrote {plot_curves(result, args.out, layout=args.layout)}")
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"softprompt theory: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_theory_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Register ``theory`` (with ``curves``, ``configs`` and ``plot``) on a subparsers object.
+
+    Each leaf parser sets ``func``: a handler taking the namespace and returning an exit code.
+    """
+    p = subparsers.add_parser(
+        "theory",
+        help="task-specific prompts on linear attention: closed forms, Monte-Carlo, training",
+        description="Theory lab for task-specific prompts in multi-task in-context learning (arXiv 2503.02102).",
+    )
+    sub = p.add_subparsers(dest="theory_command", metavar="{curves,configs,plot}")
+
+    def _help(_: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=_help)
+
+    c = sub.add_parser("curves", help="normalised optimal loss per regime and n (+ Monte-Carlo, + training, + figure)")
+    c.add_argument("--config", default="zero_cov_12", help="preset name (see 'theory configs') or a JSON/YAML file")
+    c.add_argument("--n", type=_int_list, default=[1, 10, 20, 30, 40, 50], help="comma-separated context lengths")
+    c.add_argument("--regimes", type=_regime_list, default=list(REGIMES), help="subset of pt,ft,jt,dec,oracle")
+    c.add_argument("--json", help="write the results here")
+    c.add_argument("--plot", help="write a PNG figure here")
+    c.add_argument("--layout", choices=("panels", "overlay"), default="panels")
+    c.add_argument("--mc", action="store_true", help="Monte-Carlo check of every closed form")
+    c.add_argument("--mc-draws", type=int, default=200_000, help="Monte-Carlo draws per task (default 200000)")
+    c.add_argument("--train", action="store_true", help="train the linear-attention model in each regime")
+    c.add_argument("--steps", type=int, default=20_000, help="optimiser steps per regime (FT: of the prompt phase)")
+    c.add_argument("--pretrain-steps", type=int, default=None, help="FT's PT phase (default: --steps, or the pt entry of --regime-steps)")
+    c.add_argument("--regime-steps", help="per-regime steps, e.g. dec=60000,pt=20000")
+    c.add_argument("--regime-lr", help="per-regime learning rates, e.g. dec=0.01")
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--batch", type=int, default=3072, help="prompts per task per step (and per evaluation batch)")
+    c.add_argument("--runs", type=int, default=4, help="restarts (trained in parallel); the best is reported")
+    c.add_argument("--weight-decay", type=float, default=0.0)
+    c.add_argument("--eval-batches", type=int, default=10)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    c.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
+    c.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    c.add_argument("--no-record-argv", dest="record_argv", action="store_false", help="do not store the command line in the JSON")
+    c.set_defaults(func=_cmd_curves)
+
+    g = sub.add_parser("configs", help="list the named configurations, or show one as JSON")
+    g.add_argument("--show", metavar="CONFIG", help="print this preset or file as a JSON config")
+    g.set_defaults(func=_cmd_configs)
+
+    pl = sub.add_parser("plot", help="redraw a figure from a curves JSON")
+    pl.add_argument("json", help="a JSON written by 'theory curves --json'")
+    pl.add_argument("out", help="output PNG")
+    pl.add_argument("--layout", choices=("panels", "overlay"), default="panels")
+    pl.set_defaults(func=_cmd_plot)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry: ``python -m softprompt.theory.cli curves ...``."""
+    parser = argparse.ArgumentParser(prog="python -m softprompt.theory.cli")
+    subs = parser.add_subparsers(dest="command")
+    add_theory_parser(subs)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Accept both "curves ..." and "theory curves ..." for convenience.
+    if not argv or argv[0] != "theory":
+        argv = ["theory", *argv]
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Figures of the theory lab (matplotlib, Agg backend, imported lazily).
+
+The input is the JSON-friendly result dict that ``softprompt theory curves``
+writes, so a figure can be redrawn from a saved ``.json`` without rerunning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from .closed_form import REGIME_LABELS
+
+__all__ = ["plot_curves", "config_title"]
+
+_COLORS = {"pt": "tab:blue", "ft": "tab:orange", "jt": "tab:green", "dec": "tab:red", "oracle": "tab:purple"}
+_PANEL_TITLES = {
+    "pt": "Plain training",
+    "ft": "Fine-tuning with prompts",
+    "jt": "Joint training with prompts",
+    "dec": "Joint training with even more parameters",
+    "oracle": "Per-task optimal W (oracle)",
+}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def config_title(cfg: Mapping[str, Any]) -> str:
+    """A compact title like the paper's ``K=2, mu1=1.4, mu2=-0.6, Sigma_b1=1, Sigma_b2=2, pi=(0.3, 0.7)``."""
+    mus, cs, pis = cfg.get("mus", []), cfg.get("cs", []), cfg.get("pis", [])
+    parts = [f"K={len(pis)}"]
+    for i, m in enumerate(mus, 1):
+        parts.append(f"μ{i}={_fmt(m)}" if isinstance(m, (int, float)) else f"μ{i}=vector")
+    for i, c in enumerate(cs, 1):
+        parts.append(f"Σβ{i}={_fmt(c)}" if isinstance(c, (int, float)) else f"Σβ{i}=matrix")
+    parts.append("π=(" + ", ".join(_fmt(round(p, 4)) for p in pis) + ")")
+    sig = cfg.get("sigma", 0)
+    if sig not in (0, 0.0, None):
+        parts.append(f"σ={sig}")
+    if cfg.get("sigma_x") is not None:
+        parts.append("Σx≠I")
+    return ", ".join(parts)
+
+
+def _measured(result: Mapping[str, Any], regime: str) -> tuple[str, list[float], list[float] | None] | None:
+    """The solid curve of a regime: trained best over restarts if present, else Monte-Carlo."""
+    tr = result.get("train", {}).get(regime)
+    if tr:
+        return "trained (best of %d)" % len(tr["runs"][0]), tr["best"], None
+    mc = result.get("mc", {}).get(regime)
+    if mc:
+        return "Monte-Carlo ±2 SE", mc["normalised"], [2 * s for s in mc["se_normalised"]]
+    return None
+
+
+def plot_curves(result: Mapping[str, Any], path: str | Path, layout: str = "panels", dpi: int = 110) -> Path:
+    """Draw theory (dashed) and trained or Monte-Carlo (solid) normalised losses against n.
+
+    Args:
+        result: the dict written by ``softprompt theory curves`` (keys ``n``,
+            ``theory``, optionally ``train`` and ``mc``, and ``config``).
+        path: output PNG path (parent folders are created).
+        layout: ``"panels"`` (one panel per regime, as the paper's overview
+            figure, with PT theory as a grey reference) or ``"overlay"``.
+        dpi: resolution.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    ns = result["n"]
+    regimes = [r for r in result["theory"] if r in _COLORS]
+    title = f"{result.get('config', {}).get('name', '')}: {config_title(result.get('config', {}))}"
+    ylabel = r"$L^\star / \mathbb{E}[(x^\top\beta)^2]$"
+    if layout == "overlay":
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        axes = [ax] * len(regimes)
+    elif layout == "panels":
+        fig, axs = plt.subplots(1, len(regimes), figsize=(3.6 * len(regimes), 3.8), sharey=True, squeeze=False)
+        axes = list(axs[0])
+    else:
+        raise ValueError(f"layout must be 'panels' or 'overlay', got {layout!r}")
+
+    for ax, r in zip(axes, regimes):
+        col = _COLORS[r]
+        if layout == "panels" and r != "pt" and "pt" in result["theory"]:
+            ax.plot(ns, result["theory"]["pt"], "--", color="0.7", lw=1.2, label="PT theory")
+        ax.plot(ns, result["theory"][r], "--", color=col, lw=1.8, label=f"{r.upper()} theory")
+        meas = _measured(result, r)
+        if meas is not None:
+            label, ys, err = meas
+            if err is None:
+                ax.plot(ns, ys, "-o", color=col, ms=4, lw=1.4, label=f"{r.upper()} {label}")
+            else:
+                ax.errorbar(ns, ys, yerr=err, fmt="-o", color=col, ms=4, lw=1.4, capsize=2, label=f"{r.upper()} {label}")
+        if layout == "panels":
+            ax.set_title(_PANEL_TITLES.get(r, REGIME_LABELS.get(r, r)), fontsize=10)
+            ax.set_xlabel("n (in-context examples)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel(ylabel)
+    if layout == "overlay":
+        axes[0].set_xlabel("n (in-context examples)")
+        axes[0].grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        axes[0].set_title(title, fontsize=9)
+    else:
+        fig.suptitle(f"{title}\nfully coupled  →  fully decoupled", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out

@@ -33,7 +33,8 @@ def tiny(kind: str, task: str = "lm", **kw):
         return tf.GPT2LMHeadModel(cfg)
     if kind in ("bert", "roberta"):
         cls = tf.BertConfig if kind == "bert" else tf.RobertaConfig
-        cfg = cls(**common, pad_token_id=1, **kw)
+        kw.setdefault("pad_token_id", 1)
+        cfg = cls(**common, **kw)
         mod = tf.BertForSequenceClassification if kind == "bert" else tf.RobertaForSequenceClassification
         if task == "tok":
             mod = tf.BertForTokenClassification if kind == "bert" else tf.RobertaForTokenClassification

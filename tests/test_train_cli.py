@@ -1,0 +1,109 @@
+"""Training, evaluation and prediction end to end on a tiny model saved to disk (fast), through the CLI."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny
+
+import softprompt as sp
+from softprompt.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT + a word-level tokenizer over a small vocabulary, saved like any HF model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "good great fine bad awful poor movie film the a is was very not".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers.processors import TemplateProcessing
+
+    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                  sep_token="[SEP]")
+    d = tmp_path_factory.mktemp("tinybert")
+    model = tiny("bert", pad_token_id=0, initializer_range=0.3).bert  # a bare encoder, as pretrained checkpoints are
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def sentiment_csv(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(160):
+        pos = i % 2 == 0
+        word = ["good", "great", "fine"][i % 3] if pos else ["bad", "awful", "poor"][i % 3]
+        noun = ["movie", "film"][int(torch.randint(0, 2, (1,), generator=g))]
+        rows.append({"sentence": f"the {noun} was very {word}", "sentiment": "pos" if pos else "neg"})
+    path = d / "train.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["sentence", "sentiment"])
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.mark.parametrize("method,extra", [("prefix", []), ("prompt", ["--option", "position=after_cls"]), ("lpt", [])])
+def test_train_eval_predict_on_user_csv(method, extra, tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    rc = main(["train", "--method", method, "--model", tiny_bert_dir, "--file", sentiment_csv, "--text-column",
+               "sentence", "--label-column", "sentiment", "--output", str(out), "--epochs", "15", "--batch-size", "16",
+               "--lr", "0.05", "--num-virtual-tokens", "4", "--max-length", "16", "--seed", "0", *extra])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("eval_accuracy", "trainable_params", "train_seconds", "method", "task", "model"):
+        assert key in metrics
+    assert metrics["method"] == method
+    # The task is learnable from one word; a tiny random encoder passes only a weak signal, so this asks for
+    # "clearly above chance" (0.5 on 160 balanced rows), not for quality (quality is measured on real models).
+    assert metrics["eval_accuracy"] >= 0.65, metrics
+    assert (out / "adapter_model.safetensors").exists() and (out / "README.md").exists()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--file", sentiment_csv, "--text-column", "sentence",
+                 "--label-column", "sentiment"]) == 0
+    reloaded = json.loads(capsys.readouterr().out)
+    assert reloaded["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    assert main(["predict", "--adapter", str(out), "--text", "the film was very awful"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["label"] == "neg"
+
+
+def test_resume_after_interruption_gives_the_same_adapter(tiny_bert_dir, sentiment_csv, tmp_path):
+    """Train 12 steps straight, or 6 steps + resume to 12 from the step-6 checkpoint: identical tensors."""
+    from safetensors.torch import load_file
+
+    common = ["train", "--method", "prefix", "--model", tiny_bert_dir, "--file", sentiment_csv, "--text-column",
+              "sentence", "--label-column", "sentiment", "--batch-size", "16", "--lr", "0.05",
+              "--num-virtual-tokens", "4", "--max-length", "16", "--seed", "0", "--save-steps", "6"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(common + ["--output", str(straight), "--max-steps", "12"]) == 0
+    # A run killed right after its step-6 checkpoint leaves exactly this folder behind.
+    import shutil
+
+    assert (straight / "checkpoint-6" / "adapter_model.safetensors").exists()
+    shutil.copytree(straight / "checkpoint-6", resumed / "checkpoint-6")
+    assert main(common + ["--output", str(resumed), "--max-steps", "12", "--resume"]) == 0
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["eval", "--adapter", str(tmp_path), "--task", "glue/sst2"]) == 2
+    assert "adapter_config.json is missing" in capsys.readouterr().err
+    with pytest.raises(sp.ConfigError, match="unknown method 'nope'"):
+        sp.config_from_dict("nope", {})
+    with pytest.raises(sp.ConfigError, match="unknown option"):
+        sp.config_from_dict("prefix", {"num_virtual_tokenz": 3})

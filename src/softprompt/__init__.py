@@ -27,6 +27,7 @@ from .methods import (  # noqa: E402
     PTuningConfig,
     config_from_dict,
 )
+from . import resources  # noqa: E402
 from .model import SoftPromptModel  # noqa: E402
 
 

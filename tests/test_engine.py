@@ -238,3 +238,23 @@ def test_token_classification_with_input_prompt_keeps_length():
     out = model(input_ids=ids, labels=labels, token_type_ids=torch.zeros_like(ids))
     assert out.logits.shape == (2, 6, 3)
     assert torch.isfinite(out.loss)
+
+
+def test_modernbert_prefix_works_and_insertion_is_refused_clearly():
+    import transformers as tf
+
+    cfg = tf.ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              cls_token_id=1, sep_token_id=2, num_labels=2)
+    torch.manual_seed(0)
+    model = sp.wrap(tf.ModernBertForSequenceClassification(cfg), sp.PrefixConfig(num_virtual_tokens=4)).eval()
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[1:, :5]).logits
+    torch.testing.assert_close(out[1], alone[0], atol=1e-5, rtol=1e-5)
+    late = sp.wrap(tf.ModernBertForSequenceClassification(cfg), sp.LatePromptConfig(layer=1))
+    with pytest.raises(sp.UnsupportedModelError, match="rotary encoder ModernBert"):
+        late(input_ids=ids)

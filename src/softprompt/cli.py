@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("theory.cli", "method_cli"):
+    for module in ("theory.cli", "method_cli", "represent.cli", "serve.cli", "dnd.cli"):
         _add_optional(sub, module)
     return parser
 

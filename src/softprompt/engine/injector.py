@@ -158,6 +158,13 @@ class Injector:
                     state.layer(j).key, state.layer(j).value = k, v
                 ins.consumed = True
                 return None
+            if self.info.has_rotary:
+                # Rotary encoders (ModernBERT) hand every layer cos/sin for N positions (and local-window masks);
+                # growing those consistently is not implemented, so refuse rather than compute something else.
+                raise UnsupportedModelError(
+                    f"inserting prompt tokens before layer {index} is not supported for the rotary encoder "
+                    f"{type(self.model).__name__}; use prefix or prompt tuning on it, or a BERT/RoBERTa encoder"
+                )
             s = ins.vectors.to(hidden.dtype)
             s = s.expand(hidden.shape[0], *s.shape[1:]) if s.shape[0] == 1 else s
             hidden = torch.cat([hidden[:, : ins.at], s, hidden[:, ins.at :]], dim=1)

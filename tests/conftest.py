@@ -3,6 +3,8 @@
 import os
 import warnings
 
+import csv
+
 import pytest
 import torch
 
@@ -50,3 +52,46 @@ def batch():
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding on row 0
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT + a word-level tokenizer over a small vocabulary, saved like any HF model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "good great fine bad awful poor movie film the a is was very not".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers.processors import TemplateProcessing
+
+    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                  sep_token="[SEP]")
+    d = tmp_path_factory.mktemp("tinybert")
+    model = tiny("bert", pad_token_id=0, initializer_range=0.3).bert  # a bare encoder, as pretrained checkpoints are
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(160):
+        pos = i % 2 == 0
+        word = ["good", "great", "fine"][i % 3] if pos else ["bad", "awful", "poor"][i % 3]
+        noun = ["movie", "film"][int(torch.randint(0, 2, (1,), generator=g))]
+        rows.append({"sentence": f"the {noun} was very {word}", "sentiment": "pos" if pos else "neg"})
+    path = d / "train.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["sentence", "sentiment"])
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+

@@ -1,6 +1,5 @@
 """Training, evaluation and prediction end to end on a tiny model saved to disk (fast), through the CLI."""
 
-import csv
 import json
 from pathlib import Path
 
@@ -10,47 +9,6 @@ from conftest import tiny
 
 import softprompt as sp
 from softprompt.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny BERT + a word-level tokenizer over a small vocabulary, saved like any HF model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "good great fine bad awful poor movie film the a is was very not".split()
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    from tokenizers.processors import TemplateProcessing
-
-    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                  sep_token="[SEP]")
-    d = tmp_path_factory.mktemp("tinybert")
-    model = tiny("bert", pad_token_id=0, initializer_range=0.3).bert  # a bare encoder, as pretrained checkpoints are
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def sentiment_csv(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rows = []
-    g = torch.Generator().manual_seed(0)
-    for i in range(160):
-        pos = i % 2 == 0
-        word = ["good", "great", "fine"][i % 3] if pos else ["bad", "awful", "poor"][i % 3]
-        noun = ["movie", "film"][int(torch.randint(0, 2, (1,), generator=g))]
-        rows.append({"sentence": f"the {noun} was very {word}", "sentiment": "pos" if pos else "neg"})
-    path = d / "train.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["sentence", "sentiment"])
-        w.writeheader()
-        w.writerows(rows)
-    return str(path)
 
 
 @pytest.mark.parametrize("method,extra", [("prefix", []), ("prompt", ["--option", "position=after_cls"]), ("lpt", [])])

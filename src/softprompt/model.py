@@ -188,6 +188,16 @@ class SoftPromptModel(nn.Module):
         save_adapter(self, path, **metadata)
 
     @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Tell the Trainer whether the loss honours ``num_items_in_batch``.
+
+        Only causal-LM losses do. For the others (classification heads take a per-batch mean), the Trainer's
+        default guess from our ``**kwargs`` signature would scale the loss by the number of processes under DDP and
+        make a 2-process run differ from a 1-process run with the same global batch.
+        """
+        return type(self.base_model).__name__.endswith("ForCausalLM")
+
+    @property
     def device(self) -> torch.device:
         return next(self.base_model.parameters()).device
 

@@ -141,8 +141,34 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 # ---- Trainer with adapter-only checkpoints ------------------------------------------------------------------------
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation that depends only on (seed, epoch), identical on every rank.
+
+    accelerate shards the *batches* of this sampler across ranks (rank r takes batches r, r+W, ...), so a step of
+    W processes with batch b sees exactly the examples of one step of a single process with batch W*b: runs with the
+    same global batch give the same adapter whatever the number of processes.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 class AdapterTrainer(Trainer):
     """Saves and restores only the adapter (safetensors + JSON); stops on a non-finite loss."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpochShuffleSampler(len(dataset), self.args.data_seed or self.args.seed)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 OURS = {"prompt", "ptuning", "prefix", "lpt", "apt", "idspam"}
+# Variants of our methods: name -> (method, extra options).
+VARIANTS = {"prefix_rand": ("prefix", {"init": "random"}), "prompt_after_cls": ("prompt", {"position": "after_cls"})}
 OTHERS = {"peft_lora", "peft_prefix", "peft_prompt", "peft_ptuning", "linear_probe", "full_ft"}
 EPOCHS = {"glue/sst2": 3, "glue/rte": 20, "glue/mrpc": 10, "glue/cola": 10}
 LR = {"peft_lora": 5e-4, "peft_prefix": 1e-2, "peft_prompt": 3e-2, "peft_ptuning": 1e-3, "linear_probe": 1e-3,
@@ -33,14 +35,17 @@ VIRTUAL_TOKENS = 20
 def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool, epochs: float | None) -> dict:
     """One training run; returns the metrics dict (also written to JSON)."""
     epochs = epochs or EPOCHS.get(task, 3)
-    if method in OURS:
+    if method in OURS or method in VARIANTS:
         from softprompt.train.runner import TrainConfig, train
 
-        opts = {} if method == "lpt" else {"num_virtual_tokens": VIRTUAL_TOKENS}
-        cfg = TrainConfig(method=method, model=model, task=task, output=f"{out}/adapters/{_name(task, method, seed)}",
+        base_method, extra = VARIANTS.get(method, (method, {}))
+        opts = {} if base_method == "lpt" else {"num_virtual_tokens": VIRTUAL_TOKENS}
+        opts.update(extra)
+        cfg = TrainConfig(method=base_method, model=model, task=task, output=f"{out}/adapters/{_name(task, method, seed)}",
                           epochs=epochs, batch_size=32, max_length=128, seed=seed, bf16=bf16, method_options=opts,
                           logging_steps=200)
         metrics = train(cfg)
+        metrics["method"] = method
     else:
         metrics = _run_other(task, method, seed, model, bf16, epochs)
     metrics.pop("loss_history", None)
@@ -140,7 +145,7 @@ def cmd_table(args) -> int:
     for f in sorted(Path(args.out).glob("*.json")):
         m = json.loads(f.read_text())
         rows.setdefault((m["task"], m["method"]), []).append(m)
-    order = ["prompt", "ptuning", "prefix", "lpt", "apt", "idspam", "peft_prompt", "peft_ptuning", "peft_prefix",
+    order = ["prompt", "prompt_after_cls", "ptuning", "prefix", "prefix_rand", "lpt", "apt", "idspam", "peft_prompt", "peft_ptuning", "peft_prefix",
              "peft_lora", "linear_probe", "full_ft"]
     task_names = sorted({t for t, _ in rows}, key=lambda t: list(EPOCHS).index(t) if t in EPOCHS else 99)
     print("| task (metric) | method | score (mean ± std) | seeds | trainable params | train time (s) |")

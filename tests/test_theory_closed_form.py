@@ -181,9 +181,12 @@ def test_limits_stated_in_spec() -> None:
     assert np.all(np.diff(gap[1:]) < 0) and gap[200] < 1e-3 * gap[1]
     # The FT - JT gap is largest at small n.
     assert int(ns[np.argmax(t["ft"] - t["jt"])]) <= 5
-    # All regimes improve with n.
-    for r in REGIMES:
+    # Every regime improves with n, except FT between n = 0 and 1: with the
+    # attention frozen at the PT optimum, the first example adds more variance
+    # than the (already prompt-corrected) bias it removes.
+    for r in ("pt", "jt", "dec"):
         assert np.all(np.diff(t[r]) < 0)
+    assert np.all(np.diff(t["ft"][1:]) < 0) and t["ft"][1] > t["ft"][0]
 
 
 def test_prompts_explain_the_mean_icl_the_variance() -> None:

@@ -67,6 +67,7 @@ def curves(
     train_cfg: Any = None,
     regime_steps: dict[str, int] | None = None,
     regime_lr: dict[str, float] | None = None,
+    device: str = "cpu",
     log=print,
 ) -> dict[str, Any]:
     """Theory values per regime and n, plus optional Monte-Carlo and training results.
@@ -79,6 +80,7 @@ def curves(
         train_cfg: a :class:`~softprompt.theory.train.TrainConfig` to also train the model, or None.
         regime_steps: per-regime step counts overriding ``train_cfg.steps``.
         regime_lr: per-regime learning rates overriding ``train_cfg.lr``.
+        device: torch device of the Monte-Carlo draws (float64).
         log: progress printer.
 
     Returns:
@@ -100,7 +102,7 @@ def curves(
         result["mc"] = {}
         for r in regimes:
             t0 = time.perf_counter()
-            res = [monte_carlo(mix, n, r, draws=mc_draws, seed=1000 + 17 * i) for i, n in enumerate(ns)]
+            res = [monte_carlo(mix, n, r, draws=mc_draws, seed=1000 + 17 * i, device=device) for i, n in enumerate(ns)]
             result["mc"][r] = {
                 "normalised": [x.normalised for x in res],
                 "se_normalised": [x.se_normalised for x in res],
@@ -144,13 +146,15 @@ def curves(
                 "theory_same_draws": [res[n].theory_mc.normalised for n in ns],
                 "best_vs_theory_rel": [res[n].best_vs_theory[0] for n in ns],
                 "best_vs_theory_rel_se": [res[n].best_vs_theory[1] for n in ns],
+                "structure": [res[n].structure for n in ns],
                 "seconds": res[ns[0]].seconds,
                 "config": res[ns[0]].config.to_dict(),
             }
     return result
 
 
-def _print_table(result: dict[str, Any], out=sys.stdout) -> None:
+def _print_table(result: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout  # resolved at call time so that redirection/capture works
     ns = result["n"]
     head = f"{'regime':<8}{'source':<14}" + "".join(f"{('n=' + str(n)):>10}" for n in ns)
     print(f"config {result['config']['name']}  (normaliser tr(M Sx) = {result['norm']:.6g})", file=out)
@@ -202,6 +206,7 @@ def _cmd_curves(args: argparse.Namespace) -> int:
             train_cfg=train_cfg,
             regime_steps=_overrides(args.regime_steps, int),
             regime_lr=_overrides(args.regime_lr, float),
+            device=args.device,
             log=log,
         )
     except (ValueError, argparse.ArgumentTypeError) as exc:
@@ -296,7 +301,7 @@ def add_theory_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argu
     c.add_argument("--weight-decay", type=float, default=0.0)
     c.add_argument("--eval-batches", type=int, default=10)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (training and Monte-Carlo)")
     c.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
     c.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     c.add_argument("--no-record-argv", dest="record_argv", action="store_false", help="do not store the command line in the JSON")

@@ -193,16 +193,18 @@ class LinearAttn(nn.Module):
 
         return predict
 
-    def reduced_view(self) -> dict[str, torch.Tensor]:
-        """The blocks of spec section 3 per run: ``A, a`` of ``W_KQ`` and ``u_x, u_y`` of ``w_PV`` (task 0's head).
+    def reduced_view(self, k: int = 0) -> dict[str, torch.Tensor]:
+        """The blocks of spec section 3 per run: ``A, a`` of ``W_KQ`` and ``u_x, u_y`` of ``w_PV`` (task ``k``'s head).
 
         ``W_KQ = W_q^T W_k / sqrt(d+1)`` and ``w_PV = W_v^T v``; at the plain
         optimum ``a = 0, u_x = 0`` and ``u_y A`` is the preconditioner ``W``.
         """
         with torch.no_grad():
             wkq = self.Wq.transpose(1, 2) @ self.Wk / math.sqrt(self.D)
-            wpv = self._value_readout(0)
+            wpv = self._value_readout(k)
             d = self.d
+            # detach: views of parameters keep requires_grad even under no_grad
+            wkq, wpv = wkq.detach(), wpv.detach()
             return {"A": wkq[:, :d, :d], "a": wkq[:, :d, d], "u_x": wpv[:, :d], "u_y": wpv[:, d]}
 
     def subset(self, runs: Sequence[int] | slice) -> "LinearAttn":

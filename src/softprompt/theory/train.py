@@ -103,6 +103,8 @@ class TrainResult:
         history: ``(step, mean normalised training loss over runs)`` pairs.
         model: the trained (all-runs) model.
         pretrain: FT only: the result of its PT phase.
+        structure: how far the best run is from the reduced form of spec section 3
+            (see :func:`_structure`).
     """
 
     regime: str
@@ -116,6 +118,7 @@ class TrainResult:
     history: list[tuple[int, float]] = field(default_factory=list)
     model: LinearAttn | None = None
     pretrain: "TrainResult | None" = None
+    structure: dict[str, Any] = field(default_factory=dict)
 
     @property
     def normalised(self) -> np.ndarray:
@@ -167,6 +170,7 @@ class TrainResult:
             "seconds": self.seconds,
             "config": self.config.to_dict(),
             "history": [list(h) for h in self.history],
+            "structure": self.structure,
             "pretrain": None if self.pretrain is None else {k: v for k, v in self.pretrain.to_dict().items() if k != "history"},
         }
 
@@ -253,6 +257,28 @@ def _evaluate(model: LinearAttn, mix: TaskMixture, n: int, regime: str, cfg: Tra
     )
 
 
+def _structure(model: LinearAttn, mix: TaskMixture) -> dict[str, Any]:
+    """Reduced-form diagnostics of a single-run model (spec section 3).
+
+    ``a_rel = |a| / |A|_F`` and ``u_x_rel = |u_x| / |u_y|`` vanish at the
+    plain/prompt optimum of the reduced model; with heads, the decoupled
+    solution has ``u_x,k`` parallel to ``-mu_k`` (cosine +1).
+    """
+    out: dict[str, Any] = {}
+    views = [model.reduced_view(k) for k in range(mix.K if model.heads is not None else 1)]
+    v0 = views[0]
+    out["a_rel"] = float(v0["a"].norm() / v0["A"].norm())
+    out["u_x_rel"] = [float(v["u_x"].norm() / v["u_y"].abs().clamp_min(1e-30)) for v in views]
+    if model.heads is not None:
+        cos = []
+        for k, v in enumerate(views):
+            mu = torch.as_tensor(mix.mus[k], dtype=v["u_x"].dtype, device=v["u_x"].device)
+            ux = v["u_x"][0] * torch.sign(v["u_y"][0])  # orientation relative to u_y
+            cos.append(float(torch.dot(ux, -mu) / (ux.norm() * mu.norm()).clamp_min(1e-30)))
+        out["cos_u_x_minus_mu"] = cos
+    return out
+
+
 def _results(
     model: LinearAttn,
     regime: str,
@@ -272,6 +298,7 @@ def _results(
         theory = float(closed_form(mix, [n], regime, normalise=True).loss[0])
         # Wall time and history are shared by the groups trained together.
         out[n] = TrainResult(regime, n, evals, best, seconds, cfg, theory, ref, history, sub)
+        out[n].structure = _structure(sub.subset([best]), mix)
     return out
 
 

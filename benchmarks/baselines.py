@@ -26,7 +26,7 @@ OURS = {"prompt", "ptuning", "prefix", "lpt", "apt", "idspam"}
 # Variants of our methods: name -> (method, extra options).
 VARIANTS = {"prefix_rand": ("prefix", {"init": "random"}), "prompt_after_cls": ("prompt", {"position": "after_cls"})}
 OTHERS = {"peft_lora", "peft_prefix", "peft_prompt", "peft_ptuning", "linear_probe", "full_ft"}
-EPOCHS = {"glue/sst2": 3, "glue/rte": 20, "glue/mrpc": 10, "glue/cola": 10}
+EPOCHS = {"glue/sst2": 3, "glue/rte": 20, "glue/mrpc": 10, "glue/cola": 5}
 LR = {"peft_lora": 5e-4, "peft_prefix": 1e-2, "peft_prompt": 3e-2, "peft_ptuning": 1e-3, "linear_probe": 1e-3,
       "full_ft": 5e-5}
 VIRTUAL_TOKENS = 20
@@ -147,6 +147,8 @@ def cmd_table(args) -> int:
         rows.setdefault((m["task"], m["method"]), []).append(m)
     order = ["prompt", "prompt_after_cls", "ptuning", "prefix", "prefix_rand", "lpt", "apt", "idspam", "peft_prompt", "peft_ptuning", "peft_prefix",
              "peft_lora", "linear_probe", "full_ft"]
+    if args.header:
+        print(Path(args.header).read_text())
     task_names = sorted({t for t, _ in rows}, key=lambda t: list(EPOCHS).index(t) if t in EPOCHS else 99)
     print("| task (metric) | method | score (mean ± std) | seeds | trainable params | train time (s) |")
     print("|---|---|---|---|---|---|")
@@ -187,6 +189,7 @@ def main() -> int:
     o.add_argument("--epochs", type=float)
     t = sub.add_parser("table")
     t.add_argument("--out", default="benchmarks/results/runs")
+    t.add_argument("--header", help="markdown file printed before the table (device, versions, commands)")
     args = p.parse_args()
     if args.cmd == "one":
         run_one(args.task, args.method, args.seed, args.model, args.out, args.bf16, args.epochs)

@@ -46,7 +46,6 @@ import contextlib
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -530,10 +529,13 @@ def _fmt_row(row: dict) -> list[str]:
             "-" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%", status]
 
 
-def format_table(rows: list[dict]) -> str:
-    """Fixed-width text table of result rows."""
+_STREAM_WIDTHS = (9, 13, 11, 9, 2, 9, 9, 8, 6)  # rows printed one by one while the run goes
+
+
+def format_table(rows: list[dict], widths: tuple[int, ...] | None = None) -> str:
+    """Fixed-width text table of result rows (column widths from the rows unless given)."""
     cells = [list(COLUMNS)] + [_fmt_row(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS) - 1)]
+    widths = widths or tuple(max(len(c[i]) for c in cells) for i in range(len(COLUMNS) - 1))
     lines = []
     for c in cells:
         lines.append("  ".join(c[i].ljust(widths[i]) if i < 4 else c[i].rjust(widths[i])
@@ -571,9 +573,9 @@ class Bench:
         self.rows.append(row)
         if not self.args.quiet:
             if not self._header_printed:
-                print(format_table([]).splitlines()[0], flush=True)
+                print(format_table([], _STREAM_WIDTHS).splitlines()[0], flush=True)
                 self._header_printed = True
-            print(format_table([row]).splitlines()[1], flush=True)
+            print(format_table([row], _STREAM_WIDTHS).splitlines()[1], flush=True)
         self.write()
 
     def document(self) -> dict:
@@ -890,7 +892,8 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "softprompt": getattr(softprompt, "__version__", "?"), "device": str(device), "dtype": str(dtype).split(".")[-1],
+        "softprompt": getattr(softprompt, "__version__", "?"), "device": str(device),
+        "dtype": str(dtype).split(".")[-1],
         "host": platform.node(),
     }
     if device.type == "cuda":
@@ -910,7 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=None, help="training shapes BATCHxSEQ (default 8x512,4x2048; tiny 2x32)")
     p.add_argument("--gc-shapes", default=None,
                    help="shapes run with gradient checkpointing, memory section (default 1x8192; tiny 1x128)")
-    p.add_argument("--longseq", default=None, help="batch-1 lengths of the longseq section (default 1024,2048,4096,8192)")
+    p.add_argument("--longseq", default=None,
+                   help="batch-1 lengths of the longseq section (default 1024,2048,4096,8192; tiny 64,128)")
     p.add_argument("--longseq-methods", default="prefix,peft_prefix")
     p.add_argument("--infer-shape", default=None, help="forward-throughput shape (default 32x512; tiny 4x32)")
     p.add_argument("--gen-shape", default=None, help="generate() batch x prompt length (default 8x128; tiny 2x16)")

@@ -154,6 +154,9 @@ def test_ordering_on_presets() -> None:
         assert np.all(t["jt"] <= t["ft"] + tol), name
         assert np.all(t["ft"] <= t["pt"] + tol), name
         assert np.all(t["oracle"] <= t["dec"] + tol), name
+        assert np.all(t["dec"] <= t["jt_gc"] + tol) and np.all(t["jt_gc"] <= t["jt"] + tol), name
+        if np.allclose(preset(name).mean, 0):
+            np.testing.assert_allclose(t["jt_gc"], t["jt"], rtol=1e-12)
 
 
 def test_ordering_on_random_configurations() -> None:
@@ -166,6 +169,7 @@ def test_ordering_on_random_configurations() -> None:
         assert np.all(t["jt"] <= t["ft"] + tol)
         assert np.all(t["ft"] <= t["pt"] + tol)
         assert np.all(t["oracle"] <= t["dec"] + tol)
+        assert np.all(t["dec"] <= t["jt_gc"] + tol) and np.all(t["jt_gc"] <= t["jt"] + tol)
 
 
 def test_limits_stated_in_spec() -> None:

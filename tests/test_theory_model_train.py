@@ -49,9 +49,13 @@ def test_all_task_forward_and_prefix_grams() -> None:
             torch.testing.assert_close(out[2 * g : 2 * g + 2, k], ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("regime", ["pt", "ft", "jt", "dec"])
+@pytest.mark.parametrize("regime", ["pt", "ft", "jt", "dec", "jt_gc"])
 def test_attention_represents_the_closed_form_exactly(regime: str) -> None:
-    """Spec section 3: with W_q = I and W_k = sqrt(D) [[W, 0], [0, 0]] the model is the reduced one."""
+    """Spec section 3: with W_q = I and W_k = sqrt(D) [[W, 0], [0, 0]] the model is the reduced one.
+
+    ``jt_gc`` (shared centring, no heads) is realised by the last row of W_v,
+    ``(u_x, u_y) = (-g, 1)``: the "global-mean pitfall" term of the spec.
+    """
     mix = TaskMixture(d=4, mus=[[1.0, 0.5, -0.3, 2.0], -1.0], cs=[1.0, [0.5, 1.0, 2.0, 0.1]], pis=[0.4, 0.6], sigma=0.2)
     n = 5
     params = closed_form(mix, n, regime).params
@@ -63,19 +67,20 @@ def test_attention_represents_the_closed_form_exactly(regime: str) -> None:
         wk = torch.zeros(D, D, dtype=torch.float64)
         wk[:d, :d] = math.sqrt(D) * W  # W_KQ = W_q^T W_k / sqrt(D) = [[W, 0], [0, 0]]
         model.Wk.copy_(wk[None])
-        model.Wv.copy_(torch.eye(D)[None])  # w_PV = v
+        wv = torch.eye(D, dtype=torch.float64)
+        if regime == "jt_gc":
+            wv[d, :d] = -torch.as_tensor(params.g[0, 0])  # shared u_x = -u_y g
+        model.Wv.copy_(wv[None])  # w_PV = W_v^T v
         for k in range(2):
-            mu = torch.as_tensor(mix.mus[k])
+            # Centring vector of task k: per-task head (dec) or the shared W_v row (jt_gc).
+            g = torch.as_tensor(params.g[0, k])
             c = torch.as_tensor(params.c[0, k])
-            px = torch.linalg.solve(W, c)  # W p_x p_y (u_x.p_x + u_y p_y) = c_k
+            px = torch.linalg.solve(W, c)  # prompt term: W p_x (u_x.p_x + u_y p_y) = c_k
             if regime == "dec":
-                model.heads[0, k, :d] = -mu  # u_x,k = -u_y mu_k centres the context labels
+                model.heads[0, k, :d] = -g
                 model.heads[0, k, d] = 1.0
-                model.prompts[0, k, 0, :d] = px
-                model.prompts[0, k, 0, d] = 1.0 + mu @ px
-            else:
-                model.prompts[0, k, 0, :d] = px
-                model.prompts[0, k, 0, d] = 1.0
+            model.prompts[0, k, 0, :d] = px
+            model.prompts[0, k, 0, d] = 1.0 + g @ px
     ref = reduced_predictor(params)
     batch = TaskSampler(mix, seed=4).sample(1, n, 50)
     got = model.predictor(use_prompt=regime != "pt")(1, batch)[0]
@@ -96,31 +101,35 @@ def test_subset_and_config_validation() -> None:
         train_multi(small_mixture(), "pt", [3, 3], steps=1)
 
 
-@pytest.mark.parametrize("regime, steps, tol", [("pt", 500, 0.03), ("jt", 500, 0.03), ("dec", 700, 0.05)])
-def test_training_approaches_closed_form(regime: str, steps: int, tol: float) -> None:
+@pytest.mark.parametrize(
+    "regime, steps, runs, tol",
+    # Prompt+heads leaves a plateau late (spec: "training approaches it slowly"), hence more steps/restarts.
+    [("pt", 500, 2, 0.03), ("jt", 500, 2, 0.03), ("dec", 4000, 4, 0.05)],
+)
+def test_training_approaches_closed_form(regime: str, steps: int, runs: int, tol: float) -> None:
     """Adam + step decay on the real attention model gets within a few % of the closed-form optimum."""
-    torch.manual_seed(0)
     mix = small_mixture()
-    res = train(mix, regime, 4, steps=steps, lr=1e-2, batch=512, runs=2, eval_batches=4, eval_batch=2048, seed=1)
+    res = train(mix, regime, 4, steps=steps, lr=1e-2, batch=512, runs=runs, eval_batches=4, eval_batch=2048, seed=1)
     rel, se = res.best_vs_theory
     # Paired with the closed form on the same draws: the gap must be small...
     assert rel < tol, (rel, se)
     # ...and the trained model cannot beat the optimum by more than noise + the small
     # extra freedom of the full attention (spec section 3 counts only the reduced terms).
     assert rel > -0.01 - 4 * se
-    assert res.best <= res.mean + 1e-12 and len(res.normalised) == 2
+    assert res.best <= res.mean + 1e-12 and len(res.normalised) == runs
     assert res.history[-1][1] < res.history[0][1]
 
 
 def test_fine_tuning_improves_on_its_pretrained_model() -> None:
     mix = small_mixture()
-    ns = [2, 6]
-    res = train_multi(mix, "ft", ns, steps=300, pretrain_steps=400, lr=1e-2, batch=512, runs=2, eval_batches=4, eval_batch=2048, seed=2)
+    ns = [4, 8]
+    res = train_multi(mix, "ft", ns, steps=600, pretrain_steps=800, lr=1e-2, batch=512, runs=2, eval_batches=4, eval_batch=2048, seed=2)
     for n in ns:
         ft, pt = res[n], res[n].pretrain
         assert pt is not None and pt.regime == "pt"
         assert ft.best < pt.best  # prompts remove the task-mean bias
-        assert ft.best_vs_theory[0] < 0.05
-        assert pt.best_vs_theory[0] < 0.05
-        # Frozen attention: FT must not have moved W_q, W_k, W_v away from its PT phase.
+        assert abs(ft.best_vs_theory[0]) < 0.03
+        assert abs(pt.best_vs_theory[0]) < 0.03
         assert ft.theory < pt.theory
+        # Frozen attention: the FT phase must not have moved W_q, W_k, W_v.
+        torch.testing.assert_close(ft.model.Wk, pt.model.Wk)

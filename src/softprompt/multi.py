@@ -589,6 +589,7 @@ class MultiAdapterModel(nn.Module):
     def _prefixes(self, g: int, contribs, subs, state: InjectionState) -> None:
         """Per-layer key/value prefixes, one row per example (padded and masked when lengths differ)."""
         layers = sorted({i for c in contribs.values() for i in c.prefixes})
+        pick, pick_names = None, None  # row -> adapter index, shared by the layers
         for layer in layers:
             parts = {name: c.prefixes[layer] for name, c in contribs.items() if layer in c.prefixes}
             lengths = {name: k.shape[-2] for name, (k, _) in parts.items()}
@@ -600,6 +601,18 @@ class MultiAdapterModel(nn.Module):
                 continue
             if not uniform and not ENGINE_PREFIX_MASK:  # plan() never lets this happen
                 raise RuntimeError("rows with different prefix lengths in one pass need LayerInjection.prefix_mask")
+            if uniform and all(k.shape[0] == 1 and v.shape[0] == 1 for k, v in parts.values()):
+                # The common case (static tables of one length): stack the adapters' tables and pick one per row,
+                # two kernels per layer whatever the number of adapters.
+                names = list(parts)
+                if pick is None or pick_names != names:
+                    pick, pick_names = torch.empty(g, dtype=torch.long, device=subs[names[0]].device), names
+                    for j, name in enumerate(names):
+                        pick[subs[name]] = j
+                keys = torch.cat([parts[n][0] for n in names])
+                values = torch.cat([parts[n][1] for n in names])
+                state.layers[layer] = LayerInjection(key=keys[pick], value=values[pick])
+                continue
             k0 = next(iter(parts.values()))[0]
             key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3])
             value = key.clone()

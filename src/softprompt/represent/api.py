@@ -119,10 +119,14 @@ def probe_predict(probe_dir: str, texts: Sequence[str], *, pairs: Sequence[str |
         spec.max_length = int(meta["max_length"])
     rep = Representer(spec, **representer_kw)
     if spec.kind in ("concat", "joint"):
-        now = [e.sha256 for e in rep.entries()]
-        if now != meta.get("entry_sha256", now):
-            raise ValueError(f"the bank's prefixes changed since probe {probe_dir} was fitted (a task was retrained "
-                             "or removed); refit the probe (softprompt probe ...)")
+        from .bank import BankError
+
+        have = {e.task: e.sha256 for e in rep.bank.entries()}  # type: ignore[union-attr]
+        pinned = dict(zip(spec.entries or [], meta.get("entry_sha256", [])))
+        changed = [t for t, h in pinned.items() if have.get(t) != h]
+        if changed:
+            raise BankError(f"bank prefixes {changed} were removed or retrained since probe {probe_dir} was fitted; "
+                            "its input no longer exists: refit the probe (softprompt probe ...)")
     if info.kind == "multiple_choice":
         if not choices:
             raise ValueError("this probe is multiple choice: give --choice (repeatable) with one --text")

@@ -75,7 +75,7 @@ def curves(
     Args:
         mix: the mixture.
         ns: context lengths.
-        regimes: regimes to report (``oracle`` has theory and MC only).
+        regimes: regimes to report (the references ``oracle`` and ``jt_gc`` have theory and MC only).
         mc_draws: if > 0, Monte-Carlo draws per task for each closed form.
         train_cfg: a :class:`~softprompt.theory.train.TrainConfig` to also train the model, or None.
         regime_steps: per-regime step counts overriding ``train_cfg.steps``.
@@ -284,7 +284,7 @@ def add_theory_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argu
     c = sub.add_parser("curves", help="normalised optimal loss per regime and n (+ Monte-Carlo, + training, + figure)")
     c.add_argument("--config", default="zero_cov_12", help="preset name (see 'theory configs') or a JSON/YAML file")
     c.add_argument("--n", type=_int_list, default=[1, 10, 20, 30, 40, 50], help="comma-separated context lengths")
-    c.add_argument("--regimes", type=_regime_list, default=list(REGIMES), help="subset of pt,ft,jt,dec,oracle")
+    c.add_argument("--regimes", type=_regime_list, default=list(REGIMES), help="subset of pt,ft,jt,dec and the references oracle,jt_gc")
     c.add_argument("--json", help="write the results here")
     c.add_argument("--plot", help="write a PNG figure here")
     c.add_argument("--layout", choices=("panels", "overlay"), default="panels")

@@ -197,6 +197,13 @@ class TaskMixture:
         """Normaliser ``tr(M Sigma_x) = E[(x^T beta)^2]`` (the y-axis L*/E||y||^2)."""
         return float(np.trace(self.Sigma_tilde @ self.sigma_x))
 
+    def centred(self) -> "TaskMixture":
+        """The same mixture with every task mean shifted by the global mean (``mu_k - sum_j pi_j mu_j``)."""
+        return TaskMixture(
+            self.d, self.mus - self.mean, self.covs, self.pis, self.sigmas, self.sigma_x,
+            name=f"{self.name}_centred", description=self.description,
+        )
+
     # ---------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict that :meth:`from_dict` reads back exactly."""

@@ -13,13 +13,14 @@ from .closed_form import REGIME_LABELS
 
 __all__ = ["plot_curves", "config_title"]
 
-_COLORS = {"pt": "tab:blue", "ft": "tab:orange", "jt": "tab:green", "dec": "tab:red", "oracle": "tab:purple"}
+_COLORS = {"pt": "tab:blue", "ft": "tab:orange", "jt": "tab:green", "dec": "tab:red", "oracle": "tab:purple", "jt_gc": "tab:olive"}
 _PANEL_TITLES = {
     "pt": "Plain training",
     "ft": "Fine-tuning with prompts",
     "jt": "Joint training with prompts",
     "dec": "Joint training with even more parameters",
     "oracle": "Per-task optimal W (oracle)",
+    "jt_gc": "JT + global centring",
 }
 
 
@@ -72,7 +73,10 @@ def plot_curves(result: Mapping[str, Any], path: str | Path, layout: str = "pane
     import matplotlib.pyplot as plt
 
     ns = result["n"]
-    regimes = [r for r in result["theory"] if r in _COLORS]
+    present = [r for r in result["theory"] if r in _COLORS]
+    # References that are not paper regimes go into the panel they refine.
+    host = {"oracle": "dec", "jt_gc": "jt"}
+    regimes = [r for r in present if r not in host or layout == "overlay" or host[r] not in present]
     title = f"{result.get('config', {}).get('name', '')}: {config_title(result.get('config', {}))}"
     ylabel = r"$L^\star / \mathbb{E}[(x^\top\beta)^2]$"
     if layout == "overlay":
@@ -89,6 +93,10 @@ def plot_curves(result: Mapping[str, Any], path: str | Path, layout: str = "pane
         if layout == "panels" and r != "pt" and "pt" in result["theory"]:
             ax.plot(ns, result["theory"]["pt"], "--", color="0.7", lw=1.2, label="PT theory")
         ax.plot(ns, result["theory"][r], "--", color=col, lw=1.8, label=f"{r.upper()} theory")
+        if layout == "panels":
+            for extra, h in host.items():
+                if h == r and extra in present:
+                    ax.plot(ns, result["theory"][extra], ":", color=_COLORS[extra], lw=1.6, label=f"{REGIME_LABELS[extra]}")
         meas = _measured(result, r)
         if meas is not None:
             label, ys, err = meas

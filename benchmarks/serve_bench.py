@@ -1,0 +1,319 @@
+"""Requests per second for many adapters on one model: mixed batches vs one adapter at a time.
+
+A stream of single-text requests, each for one of N adapters chosen at random, is served two ways on the same
+model and hardware:
+
+* ``mixed``: every window of ``--batch-size`` queued requests runs as one batch (rows of all adapters together),
+  which is what ``softprompt serve`` does;
+* ``per_adapter``: every window is split by adapter and each adapter's rows run as their own batch, one after the
+  other: the only way to serve prompt/prefix adapters when a batch cannot mix them (PEFT, huggingface/peft#759).
+
+Two measurements:
+
+* ``engine``: in-process, through ``MultiAdapterModel.predict`` (tokenise + forward + labels), no HTTP;
+* ``http``: ``softprompt serve`` in a subprocess (``--no-mixed`` for the per-adapter server) driven by
+  ``--concurrency`` asynchronous HTTP clients; requests/s and latency percentiles.
+
+Adapters are randomly initialised (speed does not depend on their values).
+
+    python benchmarks/serve_bench.py --model minilm --device cpu                  # CPU figure
+    python benchmarks/serve_bench.py --model minilm --device cuda --dtype bfloat16 --requests 8192 \
+        --batch-size 64 --concurrency 256 --out benchmarks/results/serve_gpu.json  # GPU figure
+    python benchmarks/serve_bench.py --model tiny --requests 256                  # seconds, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WORDS = ("the a film movie plot actors story was is very not quite rather good great bad awful dull brilliant "
+         "funny slow moving performance direction script scenes ending music visual charming tedious surprising "
+         "predictable original clever cast camera work humour pace long short memorable forgettable").split()
+
+
+# ---- setup -----------------------------------------------------------------------------------------------------
+def make_texts(n: int, seed: int, min_words: int, max_words: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def tiny_model_dir(root: Path) -> str:
+    """A random 4-layer BERT (hidden 256) with MiniLM's tokenizer: a quick CPU smoke test of the whole pipeline."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from softprompt import resources
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                     num_attention_heads=4, max_position_embeddings=512, pad_token_id=0)
+    BertModel(cfg).save_pretrained(root)
+    AutoTokenizer.from_pretrained(resources.minilm_dir()).save_pretrained(root)
+    return str(root)
+
+
+def make_adapters(model: str, root: Path, n: int, methods: list[str], tokens: int, max_length: int) -> dict[str, str]:
+    """N randomly initialised adapters (methods cycled), saved with serving metadata."""
+    import softprompt as sp
+    from softprompt.train.runner import _SpecStub, load_base
+
+    base, _ = load_base(model, _SpecStub("classification", ["neg", "pos"]))
+    out = {}
+    for i in range(n):
+        method = methods[i % len(methods)]
+        opts = {"num_virtual_tokens": tokens}
+        if method in ("lpt", "idspam"):
+            opts["num_virtual_tokens"] = max(1, tokens // 2)
+        wrapped = sp.wrap(_fresh(base), sp.config_from_dict(method, opts))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in wrapped.trainable_parameters().values():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        name = f"{method}{i}"
+        wrapped.save_pretrained(root / name, label_names=["neg", "pos"], task_kind="classification",
+                                max_length=max_length, model_name=model)
+        out[name] = str(root / name)
+    return out
+
+
+def _fresh(base):
+    import copy
+
+    return copy.deepcopy(base)
+
+
+# ---- engine measurement ----------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def engine_run(model, texts: list[str], names: list[str], batch: int, mixed: bool, device: str) -> dict:
+    """Serve the request stream window by window; returns requests/s and model calls."""
+    calls = 0
+    sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        t, n = texts[i:i + batch], names[i:i + batch]
+        if mixed:
+            model.predict(t, n)
+            calls += 1
+        else:
+            by: dict[str, list[int]] = {}
+            for j, a in enumerate(n):
+                by.setdefault(a, []).append(j)
+            for a, rows in by.items():
+                model.predict([t[j] for j in rows], a)
+                calls += 1
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"requests_per_s": len(texts) / seconds, "seconds": seconds, "model_calls": calls}
+
+
+def engine_bench(model, texts, names, batch, device, repeats) -> dict:
+    engine_run(model, texts[: batch * 4], names[: batch * 4], batch, True, device)  # warm-up (kernels, allocator)
+    engine_run(model, texts[: batch * 4], names[: batch * 4], batch, False, device)
+    runs: dict[str, list[dict]] = {"mixed": [], "per_adapter": []}
+    for _ in range(repeats):  # alternate, so that a load change on a shared machine hits both modes alike
+        runs["mixed"].append(engine_run(model, texts, names, batch, True, device))
+        runs["per_adapter"].append(engine_run(model, texts, names, batch, False, device))
+    out = {}
+    for mode, rs in runs.items():
+        best = max(rs, key=lambda r: r["requests_per_s"])
+        out[mode] = {**best, "runs_requests_per_s": [round(r["requests_per_s"], 2) for r in rs]}
+    out["speedup"] = out["mixed"]["requests_per_s"] / out["per_adapter"]["requests_per_s"]
+    return out
+
+
+# ---- HTTP measurement ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, adapters: dict, args, mixed: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "softprompt", "serve", "--model", model, "--port", str(port),
+           "--max-batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms), "--device", args.device,
+           "--dtype", args.dtype, "--max-inputs", str(max(64, args.inputs_per_request)), "--log-level", "warning"]
+    for name, path in adapters.items():
+        cmd += ["--adapter", f"{name}={path}"]
+    if not mixed:
+        cmd.append("--no-mixed")
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start in 300 s")
+
+
+async def _drive(url: str, texts: list[str], names: list[str], concurrency: int, per_request: int = 1) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(0, len(texts), per_request):  # a request: consecutive texts, all for the first one's adapter
+        queue.put_nowait((texts[i:i + per_request], names[i]))
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def worker():
+            nonlocal errors
+            while not queue.empty():
+                inputs, name = queue.get_nowait()
+                t0 = time.perf_counter()
+                r = await client.post("/predict", json={"adapter": name, "inputs": inputs})
+                latencies.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+        stats = (await client.get("/stats")).json()
+    latencies.sort()
+    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000  # noqa: E731
+    return {"requests_per_s": len(latencies) / seconds, "texts_per_s": len(texts) / seconds, "seconds": seconds,
+            "errors": errors,
+            "latency_ms_p50": q(0.5), "latency_ms_p95": q(0.95), "latency_ms_p99": q(0.99),
+            "mean_batch_rows": stats["batcher"]["mean_batch_rows"], "model_calls": stats["batcher"]["model_calls"],
+            "backbone_passes": stats["model"]["backbone_passes"]}
+
+
+def http_bench(model: str, adapters: dict, texts, names, args) -> dict:
+    out = {}
+    for mode, mixed in (("mixed", True), ("per_adapter", False)):
+        proc, url = start_server(model, adapters, args, mixed)
+        try:
+            warm = min(len(texts), args.batch_size * 4)
+            asyncio.run(_drive(url, texts[:warm], names[:warm], args.concurrency, args.inputs_per_request))
+            out[mode] = asyncio.run(_drive(url, texts, names, args.concurrency, args.inputs_per_request))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    out["speedup"] = out["mixed"]["requests_per_s"] / out["per_adapter"]["requests_per_s"]
+    return out
+
+
+# ---- main --------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm", help="alias/path, or 'tiny' (random 4-layer BERT, quick)")
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--methods", default="prefix", help="comma list, cycled over the adapters (prefix, prompt, ...)")
+    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    p.add_argument("--requests", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=32, help="window = server max batch size")
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=64, help="HTTP clients in flight")
+    p.add_argument("--inputs-per-request", type=int, default=1, help="texts per HTTP request (same adapter)")
+    p.add_argument("--min-words", type=int, default=8)
+    p.add_argument("--max-words", type=int, default=40)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--mode", default="engine,http", help="engine, http or both (comma list)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (engine and server); default torch's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/serve_bench.json")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    modes = {m.strip() for m in args.mode.split(",") if m.strip()}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from softprompt.multi import MultiAdapterModel
+
+    work = Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    try:
+        model_name = tiny_model_dir(work / "tiny") if args.model == "tiny" else args.model
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        adapters = make_adapters(model_name, work / "adapters", args.adapters, methods, args.num_virtual_tokens,
+                                 args.max_length)
+        texts = make_texts(args.requests, args.seed, args.min_words, args.max_words)
+        rng = random.Random(args.seed + 1)
+        names = [rng.choice(list(adapters)) for _ in texts]
+        result: dict = {
+            "model": args.model, "adapters": args.adapters, "methods": methods,
+            "num_virtual_tokens": args.num_virtual_tokens, "requests": args.requests, "batch_size": args.batch_size,
+            "device": args.device, "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": _machine(args.device), "words_per_text": [args.min_words, args.max_words],
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        }
+        if "engine" in modes:
+            model = MultiAdapterModel(model_name, adapters, dtype=getattr(torch, args.dtype), device=args.device)
+            result["backbone_passes_per_mixed_batch"] = len(model.plan(names[: args.batch_size]))
+            result["engine"] = engine_bench(model, texts, names, args.batch_size, args.device, args.repeats)
+            del model
+        if "http" in modes:
+            result["http"] = http_bench(model_name, adapters, texts, names, args)
+            result["http"]["concurrency"] = args.concurrency
+            result["http"]["inputs_per_request"] = args.inputs_per_request
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(result))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def table(r: dict) -> str:
+    lines = [f"{r['adapters']} adapters ({'/'.join(r['methods'])}, {r['num_virtual_tokens']} tokens) on {r['model']}, "
+             f"{r['device']} {r['dtype']} [{r['machine']}], {r['requests']} requests, batch {r['batch_size']}", "",
+             "| measurement | mixed req/s | one adapter at a time req/s | speed-up | notes |",
+             "|---|---:|---:|---:|---|"]
+    if "engine" in r:
+        e = r["engine"]
+        lines.append(f"| engine (predict, no HTTP) | {e['mixed']['requests_per_s']:.1f} | "
+                     f"{e['per_adapter']['requests_per_s']:.1f} | {e['speedup']:.2f}x | model calls "
+                     f"{e['mixed']['model_calls']} vs {e['per_adapter']['model_calls']} |")
+    if "http" in r:
+        h = r["http"]
+        lines.append(f"| HTTP ({h['concurrency']} clients, {h['inputs_per_request']} text/request) | "
+                     f"{h['mixed']['requests_per_s']:.1f} | "
+                     f"{h['per_adapter']['requests_per_s']:.1f} | {h['speedup']:.2f}x | p50 latency "
+                     f"{h['mixed']['latency_ms_p50']:.0f} vs {h['per_adapter']['latency_ms_p50']:.0f} ms, mean batch "
+                     f"{h['mixed']['mean_batch_rows']:.1f} rows |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

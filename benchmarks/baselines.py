@@ -24,7 +24,7 @@ from pathlib import Path
 
 OURS = {"prompt", "ptuning", "prefix", "lpt", "apt", "idspam"}
 # Variants of our methods: name -> (method, extra options).
-VARIANTS = {"prefix_rand": ("prefix", {"init": "random"}), "prompt_after_cls": ("prompt", {"position": "after_cls"})}
+VARIANTS = {"prefix_rand": ("prefix", {"init": "random"}), "prefix_shift": ("prefix", {"shift_positions": True}), "prompt_after_cls": ("prompt", {"position": "after_cls"})}
 OTHERS = {"peft_lora", "peft_prefix", "peft_prompt", "peft_ptuning", "linear_probe", "full_ft"}
 EPOCHS = {"glue/sst2": 3, "glue/rte": 20, "glue/mrpc": 10, "glue/cola": 5}
 LR = {"peft_lora": 5e-4, "peft_prefix": 1e-2, "peft_prompt": 3e-2, "peft_ptuning": 1e-3, "linear_probe": 1e-3,
@@ -145,7 +145,7 @@ def cmd_table(args) -> int:
     for f in sorted(Path(args.out).glob("*.json")):
         m = json.loads(f.read_text())
         rows.setdefault((m["task"], m["method"]), []).append(m)
-    order = ["prompt", "prompt_after_cls", "ptuning", "prefix", "prefix_rand", "lpt", "apt", "idspam", "peft_prompt", "peft_ptuning", "peft_prefix",
+    order = ["prompt", "prompt_after_cls", "ptuning", "prefix", "prefix_rand", "prefix_shift", "lpt", "apt", "idspam", "peft_prompt", "peft_ptuning", "peft_prefix",
              "peft_lora", "linear_probe", "full_ft"]
     if args.header:
         print(Path(args.header).read_text())

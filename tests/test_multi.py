@@ -128,7 +128,9 @@ def test_every_method_and_length_mixed_equals_alone(multi, reference):
 
 
 def test_text_pairs_and_token_types(multi, reference):
-    names = ["prefix_a", "prompt_cls", "lpt", None, "prefix_long"]
+    names = ["prefix_a", "prompt_cls", "lpt", None, "prefix_long", "ptuning"]
+    batch = multi.encode(texts(2, 1), names[:2], texts(2, 2))
+    assert batch["token_type_ids"].max() == 1  # second segments are typed, prompts get type 0 inside
     check_rows_equal_alone(multi, reference, names, seed=11, pairs=True)
 
 
@@ -262,3 +264,28 @@ def test_unsupported_heads_are_refused():
                         intermediate_size=32)
     with pytest.raises(UnsupportedModelError, match="question answering"):
         MultiAdapterModel(tf.BertForQuestionAnswering(cfg), {})
+
+
+def test_unpadded_decoder_batch_of_prefix_and_bare_rows(tmp_path):
+    """No padding at all (transformers then hands attention no mask): prefixes of two lengths and bare rows on a
+    causal decoder. One pass when the engine has a per-row prefix mask, three otherwise; the same numbers."""
+    make = lambda: tiny("llama")  # noqa: E731 - a causal LM: token-level logits, prompt positions stripped
+    dirs = {
+        "p3": _saved(make, sp.PrefixConfig(num_virtual_tokens=3), tmp_path / "p3"),
+        "p5": _saved(make, sp.PrefixConfig(num_virtual_tokens=5), tmp_path / "p5"),
+    }
+    model = MultiAdapterModel(make(), dirs)
+    refs = {n: sp.load(make(), d).eval() for n, d in dirs.items()}
+    refs[None] = make().eval()
+    names = ["p3", None, "p5", "p3", None]
+    ids = torch.randint(3, 100, (len(names), 6), generator=torch.Generator().manual_seed(4))
+    calls, handle = count_backbone_passes(model)
+    try:
+        out = model(ids, adapter_names=names)
+    finally:
+        handle.remove()
+    assert len(calls) == (1 if ENGINE_PREFIX_MASK else 3)
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            ref = refs[name](input_ids=ids[i][None]).logits[0]
+        torch.testing.assert_close(out[i], ref, **TOL, msg=lambda m: f"row {i} ({name}): {m}")

@@ -65,3 +65,19 @@ def test_engine_state_directly_equals_peft_bitwise(batch):
         ref = pm(input_ids=ids, attention_mask=mask).logits
         out = ours(input_ids=ids, attention_mask=mask, position_ids=pos, softprompt_state=state).logits
     assert (out - ref)[mask.bool()].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shift_positions_reproduces_peft_without_explicit_positions(kind, batch):
+    ids, mask = batch
+    base = tiny(kind).eval()
+    pm, w = peft_and_tables(base, 3)
+    model = sp.wrap(copy.deepcopy(base), sp.PrefixConfig(num_virtual_tokens=3, shift_positions=True)).eval()
+    with torch.no_grad():
+        for i, table in model.method.tables.items():
+            table.copy_(torch.stack([w[2 * int(i)], w[2 * int(i) + 1]]))
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert (out - ref)[mask.bool()].abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="shift_positions"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)

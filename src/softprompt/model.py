@@ -101,6 +101,8 @@ class SoftPromptModel(nn.Module):
     def _check_length(self, length: int) -> None:
         limit = self.info.max_positions
         extra = self.method.insertion_length()
+        if getattr(self.method_config, "shift_positions", False):
+            extra += max(self.method.lengths)
         if limit is not None and length + extra > limit:
             raise SequenceTooLongError(
                 f"sequence of {length} tokens + {extra} prompt tokens = {length + extra} exceeds the position limit "
@@ -124,6 +126,11 @@ class SoftPromptModel(nn.Module):
                 kwargs["token_type_ids"] = self._pad_span(kwargs["token_type_ids"], 0)
             if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
                 labels = self._pad_span(labels, -100)
+        if getattr(self.method_config, "shift_positions", False) and kwargs.get("position_ids") is None:
+            shift = max(self.method.lengths)
+            ref = inputs.get("input_ids", inputs.get("inputs_embeds"))
+            kwargs["position_ids"] = torch.arange(shift, shift + ref.shape[1], device=ref.device)[None].expand(
+                ref.shape[0], -1)
         out = self.base_model(**inputs, labels=labels, **kwargs, **{STATE_KWARG: state})
         logits = getattr(out, "logits", None)
         if self._prompt_span is not None and logits is not None and logits.dim() == 3 and logits.shape[1] > length:
@@ -134,6 +141,9 @@ class SoftPromptModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """``generate()`` of the base model with the adaptation applied; returns prompt ids + new tokens."""
+        if getattr(self.method_config, "shift_positions", False):
+            raise ValueError("shift_positions=True (PEFT's position numbering) is for training/forward only; "
+                             "generate() numbers positions itself. Re-create the config without it to generate.")
         inputs, state = self.build_state(input_ids, attention_mask, None)
         base = self.base_model
         validate = base._validate_model_kwargs

@@ -20,6 +20,7 @@ COMMON="--n 1,10,20,30,40,50 --train --device $DEVICE --steps 20000 --runs 8 --l
   --regime-lr dec=0.01 --eval-batches 50 --mc --mc-draws 400000 --quiet"
 for cfg in $CONFIGS; do
   extra=""
-  [ "$cfg" = nonzero_cov_11 ] && extra="--regime-steps dec=60000"
+  # Non-zero global mean: also report JT + global centring (what the shared u_x of KQV can reach).
+  [ "$cfg" = nonzero_cov_11 ] && extra="--regime-steps dec=60000 --regimes pt,ft,jt,dec,jt_gc"
   $SP curves --config "$cfg" $COMMON $extra --json "$OUT/$cfg.json" --plot "$OUT/$cfg.png"
 done

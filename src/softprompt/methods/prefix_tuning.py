@@ -30,6 +30,9 @@ class PrefixConfig(MethodConfig):
     init: "vocab" (keys/values that the frozen model itself produces for randomly sampled vocabulary tokens: prefixes
         start on the scale of real keys), "random" (normal with std ``init_std``, PEFT's choice with std 1),
         or "text" (keys/values of ``init_text``). Ignored with projection (the MLP is initialised randomly).
+    shift_positions: number the real tokens from P instead of 0, as PEFT's cache-based prefix tuning does (the
+        prefix takes positions 0..P-1). Off by default: prefix keys carry no position, and a shift can push
+        absolute-position models past their table (GPT-2's 1024). Applies to ``forward``; ``generate`` refuses it.
     """
 
     method = "prefix"
@@ -42,6 +45,7 @@ class PrefixConfig(MethodConfig):
     init_text: str | None = None
     init_std: float = 1.0
     dropout: float = 0.0
+    shift_positions: bool = False
     seed: int = 0
 
     def validate(self, info: ModelInfo | None = None) -> None:

@@ -13,31 +13,25 @@ from torch import nn
 
 from ..engine.injector import ModelInfo
 from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
-from .prompt_tuning import INITS, init_prompt_table
+from .prompt_tuning import PromptTuningConfig, init_prompt_table
 
 ENCODERS = ("mlp", "lstm")
 
 
 @dataclass
-class PTuningConfig(MethodConfig):
-    """num_virtual_tokens t; encoder "mlp" or "lstm"; encoder_hidden_size h (default: the model's hidden size)."""
+class PTuningConfig(PromptTuningConfig):
+    """Prompt-tuning options (length, init, position) plus the reparameterising encoder:
+    encoder "mlp" or "lstm"; encoder_hidden_size h (default: the model's hidden size); encoder_num_layers (LSTM).
+    """
 
     method = "ptuning"
-    num_virtual_tokens: int = 20
     encoder: str = "mlp"
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2
-    init: str = "vocab"
-    init_text: str | None = None
-    init_range: float = 0.5
-    position: str = "front"
-    seed: int = 0
 
     def validate(self, info: ModelInfo | None = None) -> None:
-        require(self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        super().validate(info)
         require(self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
-        require(self.position in ("front", "after_cls"), f"position must be front/after_cls, got {self.position!r}")
         require(self.encoder_hidden_size is None or self.encoder_hidden_size > 0, "encoder_hidden_size must be > 0")
 
 

@@ -246,6 +246,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_feats = featurize([r for r in train_recs if _labelled(r)], spec, tokenizer, cfg.max_length)
     eval_feats = featurize([r for r in eval_recs if _labelled(r)], spec, tokenizer, cfg.max_length)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.method, 1e-3)
+    if cfg.fsdp and not torch.cuda.is_available():
+        import warnings
+
+        warnings.warn("--fsdp needs CUDA devices: on CPU the Trainer trains with DDP instead (same results, "
+                      "parameters replicated on every process)", stacklevel=2)
     args = TrainingArguments(
         output_dir=cfg.output, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size, learning_rate=lr, num_train_epochs=cfg.epochs,

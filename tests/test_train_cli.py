@@ -65,3 +65,38 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         sp.config_from_dict("nope", {})
     with pytest.raises(sp.ConfigError, match="unknown option"):
         sp.config_from_dict("prefix", {"num_virtual_tokenz": 3})
+
+
+def test_apt_gates_prune_and_retrain_with_layer_lengths(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    """The PT-2* loop on the CLI: train APT, probe gates (JSON + PNG), prune to a budget, retrain prefix with it."""
+    apt = tmp_path / "apt"
+    common = ["--model", tiny_bert_dir, "--file", sentiment_csv, "--text-column", "sentence", "--label-column",
+              "sentiment", "--max-steps", "10", "--batch-size", "16", "--num-virtual-tokens", "4", "--max-length", "16"]
+    assert main(["train", "--method", "apt", "--output", str(apt), *common]) == 0
+    assert main(["gates", "--adapter", str(apt), "--file", sentiment_csv, "--text-column", "sentence",
+                 "--limit", "40", "--out", str(tmp_path / "g.json"), "--plot", str(tmp_path / "g.png")]) == 0
+    gates = json.loads((tmp_path / "g.json").read_text())
+    assert gates and (tmp_path / "g.png").stat().st_size > 5000
+    assert main(["prune", "--adapter", str(apt), "--file", sentiment_csv, "--text-column", "sentence",
+                 "--limit", "40", "--budget", "7", "--out", str(tmp_path / "len.json")]) == 0
+    lengths = json.loads((tmp_path / "len.json").read_text())["layer_lengths"]
+    assert sum(lengths) == 7 and len(lengths) == 3
+    out = tmp_path / "pt2s"
+    assert main(["train", "--method", "prefix", "--layer-lengths", str(tmp_path / "len.json"), "--output", str(out),
+                 *common]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["config"]["layer_lengths"] == lengths
+
+
+def test_idspam_train_and_explain(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    out = tmp_path / "idspam"
+    assert main(["train", "--method", "idspam", "--model", tiny_bert_dir, "--file", sentiment_csv, "--text-column",
+                 "sentence", "--label-column", "sentiment", "--max-steps", "5", "--batch-size", "16",
+                 "--num-virtual-tokens", "3", "--layer", "1", "--max-length", "16", "--output", str(out)]) == 0
+    capsys.readouterr()
+    html = tmp_path / "tokens.html"
+    assert main(["explain", "--adapter", str(out), "--text", "the film was very good", "--out", str(html)]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1] == " " or line[:1].isdigit()]
+    weights = [float(parts[0]) for parts in lines if parts]
+    assert len(weights) >= 5 and abs(sum(weights) - 1.0) < 1e-3
+    assert "<html" in html.read_text().lower()

@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 
 
-def _batches(adapter: str, task: str | None, split: str | None, limit: int | None, batch_size: int = 64):
-    from .tasks import get_task, load
+def _batches(args, batch_size: int = 64):
+    """Tokenised batches of a registry task split or of a user file (texts only: labels are not needed)."""
+    from .tasks import get_task, load, load_file
     from .train.data import Collator, featurize
     from .train.runner import load_for_inference
 
-    model, tokenizer, meta = load_for_inference(adapter)
-    task = task or meta.get("task")
-    spec = get_task(task)
-    recs = load(task, split or spec.eval_split, limit=limit)
+    model, tokenizer, meta = load_for_inference(args.adapter)
+    if args.file:
+        recs, spec = load_file(args.file, text_column=args.text_column)
+        recs = recs[: args.limit] if args.limit else recs
+    else:
+        task = args.task or meta.get("task")
+        if not task:
+            raise SystemExit("give --task NAME or --file F (the adapter was not trained on a registry task)")
+        spec = get_task(task)
+        recs = load(task, args.split or spec.eval_split, limit=args.limit)
     feats = featurize(recs, spec, tokenizer, meta.get("max_length", 128))
     collate = Collator(tokenizer, spec.kind)
     batches = []
@@ -27,7 +34,7 @@ def _batches(adapter: str, task: str | None, split: str | None, limit: int | Non
 def cmd_gates(args) -> int:
     from .methods.apt_tools import plot_gates, probe_gates
 
-    model, batches = _batches(args.adapter, args.task, args.split, args.limit)
+    model, batches = _batches(args)
     gates = probe_gates(model, batches)
     with open(args.out, "w") as f:
         json.dump(gates, f, indent=2)
@@ -41,7 +48,7 @@ def cmd_gates(args) -> int:
 def cmd_prune(args) -> int:
     from .methods.apt_tools import allocate_lengths, probe_gates, save_layer_lengths
 
-    model, batches = _batches(args.adapter, args.task, args.split, args.limit)
+    model, batches = _batches(args)
     lengths = allocate_lengths(probe_gates(model, batches), args.budget)
     save_layer_lengths(lengths, args.out)
     print(json.dumps({"layer_lengths": lengths}))
@@ -62,12 +69,14 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def add_method_parsers(sub) -> None:
+def add_method_parser(sub) -> None:
     p = sub.add_parser("gates", help="average APT gates over a dataset; heat map + lambda bar chart")
     p.add_argument("--adapter", required=True)
     p.add_argument("--task")
     p.add_argument("--split")
     p.add_argument("--limit", type=int)
+    p.add_argument("--file", help="a CSV/JSONL/TXT of texts instead of --task")
+    p.add_argument("--text-column", default="text")
     p.add_argument("--out", default="gates.json")
     p.add_argument("--plot")
     p.set_defaults(func=cmd_gates)
@@ -78,6 +87,8 @@ def add_method_parsers(sub) -> None:
     p.add_argument("--task")
     p.add_argument("--split")
     p.add_argument("--limit", type=int)
+    p.add_argument("--file", help="a CSV/JSONL/TXT of texts instead of --task")
+    p.add_argument("--text-column", default="text")
     p.add_argument("--out", default="layer_lengths.json")
     p.set_defaults(func=cmd_prune)
 

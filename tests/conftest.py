@@ -26,6 +26,10 @@ def tiny(kind: str, task: str = "lm", **kw):
     if kind == "qwen2":
         cfg = tf.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, **kw)
         return tf.Qwen2ForCausalLM(cfg)
+    if kind == "qwen3":  # head_dim deliberately != hidden / heads (as in real Qwen3): shapes come from the probe
+        cfg = tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                             pad_token_id=0, **kw)
+        return tf.Qwen3ForCausalLM(cfg)
     if kind == "mistral":
         cfg = tf.MistralConfig(**common, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, **kw)
         return tf.MistralForCausalLM(cfg)
@@ -33,6 +37,10 @@ def tiny(kind: str, task: str = "lm", **kw):
         cfg = tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=4, n_positions=128, bos_token_id=1,
                             eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
         return tf.GPT2LMHeadModel(cfg)
+    if kind == "xlm-roberta":
+        kw.setdefault("pad_token_id", 1)
+        cfg = tf.XLMRobertaConfig(**common, num_labels=3, **kw)
+        return tf.XLMRobertaForSequenceClassification(cfg)
     if kind in ("bert", "roberta"):
         cls = tf.BertConfig if kind == "bert" else tf.RobertaConfig
         kw.setdefault("pad_token_id", 1)

@@ -10,7 +10,7 @@ import softprompt as sp
 from softprompt.engine.injector import attach
 from softprompt.engine.state import InjectionState, LayerInjection
 
-DECODERS = ["llama", "qwen2", "mistral", "gpt2"]
+DECODERS = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
 CONFIGS = [
     sp.PromptTuningConfig(num_virtual_tokens=4),
     sp.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
@@ -217,7 +217,7 @@ def test_unsupported_family_raises_naming_the_class():
         sp.wrap(tf.DebertaV2ForSequenceClassification(cfg), sp.PrefixConfig())
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta"])
 def test_encoder_families_train_all_methods(kind):
     ids = torch.randint(3, 100, (2, 6))
     for config in CONFIGS:

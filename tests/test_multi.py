@@ -99,7 +99,8 @@ def check_rows_equal_alone(multi, reference, names, seed=0, pairs=False):
         keep = batch["attention_mask"][i].bool()
         tt = batch["token_type_ids"][i][keep] if "token_type_ids" in batch else None
         ref = reference(name, batch["input_ids"][i][keep], tt)
-        torch.testing.assert_close(out[i, : ref.shape[-1]], ref, **TOL, msg=lambda m: f"row {i} ({name}): {m}")
+        torch.testing.assert_close(out[i, : ref.shape[-1]], ref, **TOL,
+                                   msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")
         assert torch.isinf(out[i, ref.shape[-1]:]).all()  # columns of wider heads: -inf
     assert len(calls) == multi.stats.backbone_passes - before  # the model's own counter agrees
     return len(calls)
@@ -252,7 +253,7 @@ def test_decoders_and_token_level_heads(family, tmp_path):
         with torch.no_grad():
             ref = refs[name](input_ids=ids[i][keep][None]).logits[0]
         got = out[i][keep] if out.dim() == 3 else out[i]
-        torch.testing.assert_close(got, ref, **TOL, msg=lambda m: f"row {i} ({name}): {m}")
+        torch.testing.assert_close(got, ref, **TOL, msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")
 
 
 def test_unsupported_heads_are_refused():
@@ -288,4 +289,4 @@ def test_unpadded_decoder_batch_of_prefix_and_bare_rows(tmp_path):
     for i, name in enumerate(names):
         with torch.no_grad():
             ref = refs[name](input_ids=ids[i][None]).logits[0]
-        torch.testing.assert_close(out[i], ref, **TOL, msg=lambda m: f"row {i} ({name}): {m}")
+        torch.testing.assert_close(out[i], ref, **TOL, msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")

@@ -41,7 +41,8 @@ def make_tiny_base_dir(root: Path) -> str:
     tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                  sep_token="[SEP]", model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+                                  sep_token="[SEP]",
+                                  model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                      num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, initializer_range=0.3)

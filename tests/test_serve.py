@@ -304,7 +304,8 @@ def test_cli_serves_named_adapters(dirs, tmp_path):
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"server did not come up:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+                log = proc.stdout.read() if proc.poll() is not None else ""
+                raise AssertionError(f"server did not come up:\n{log}")
             time.sleep(0.2)
         r = httpx.post(f"{url}/predict", json={"adapter": "pos", "inputs": ["the film was good"]}, timeout=30)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("neg", "pos")

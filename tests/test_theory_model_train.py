@@ -102,14 +102,15 @@ def test_subset_and_config_validation() -> None:
 
 
 @pytest.mark.parametrize(
-    "regime, steps, runs, tol",
-    # Prompt+heads leaves a plateau late (spec: "training approaches it slowly"), hence more steps/restarts.
-    [("pt", 500, 2, 0.03), ("jt", 500, 2, 0.03), ("dec", 4000, 4, 0.05)],
+    "regime, steps, lr, batch, runs, tol",
+    # Prompt+heads leaves a plateau late (spec: "training approaches it slowly"), hence a
+    # larger step size and 4 restarts; in a seed sweep (1-3) the best run ended 0.5-3.5% above.
+    [("pt", 500, 1e-2, 512, 2, 0.03), ("jt", 500, 1e-2, 512, 2, 0.03), ("dec", 1500, 3e-2, 256, 4, 0.06)],
 )
-def test_training_approaches_closed_form(regime: str, steps: int, runs: int, tol: float) -> None:
+def test_training_approaches_closed_form(regime: str, steps: int, lr: float, batch: int, runs: int, tol: float) -> None:
     """Adam + step decay on the real attention model gets within a few % of the closed-form optimum."""
     mix = small_mixture()
-    res = train(mix, regime, 4, steps=steps, lr=1e-2, batch=512, runs=runs, eval_batches=4, eval_batch=2048, seed=1)
+    res = train(mix, regime, 4, steps=steps, lr=lr, batch=batch, runs=runs, eval_batches=4, eval_batch=2048, seed=1)
     rel, se = res.best_vs_theory
     # Paired with the closed form on the same draws: the gap must be small...
     assert rel < tol, (rel, se)
@@ -118,6 +119,10 @@ def test_training_approaches_closed_form(regime: str, steps: int, runs: int, tol
     assert rel > -0.01 - 4 * se
     assert res.best <= res.mean + 1e-12 and len(res.normalised) == runs
     assert res.history[-1][1] < res.history[0][1]
+    if regime == "dec":
+        # 19% below L_JT here: only reachable by centring the context labels with the heads.
+        assert res.best < closed_form(mix, 4, "jt", normalise=True).loss[0]
+        assert min(res.structure["cos_u_x_minus_mu"]) > 0.9
 
 
 def test_fine_tuning_improves_on_its_pretrained_model() -> None:

@@ -51,10 +51,15 @@ def ensure_smollm2(out_dir: str | os.PathLike | None = None) -> Path:
     lm.hf_quantizer = None
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
+    # Write next to the target and rename, so an interrupted conversion never leaves a half folder behind.
     tmp = out.with_name(out.name + ".tmp")
     lm.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.replace(out) if not out.exists() else None
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.replace(out)
     return out
 
 

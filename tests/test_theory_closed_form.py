@@ -17,7 +17,13 @@ from softprompt.theory.closed_form import (
     exact_loss,
     theory_curves,
 )
-from softprompt.theory.config import PRESETS, TaskMixture, load_config, preset, resolve_config
+from softprompt.theory.config import (
+    PRESETS,
+    TaskMixture,
+    load_config,
+    preset,
+    resolve_config,
+)
 
 NS = [1, 10, 20, 30, 40, 50]
 
@@ -148,7 +154,7 @@ def test_closed_forms_are_stationary_minima(seed: int) -> None:
 
 def test_ordering_on_presets() -> None:
     for name in PRESETS:
-        t = theory_curves(preset(name), range(0, 61), ALL_REGIMES)
+        t = theory_curves(preset(name), range(61), ALL_REGIMES)
         tol = 1e-12
         assert np.all(t["dec"] <= t["jt"] + tol), name
         assert np.all(t["jt"] <= t["ft"] + tol), name

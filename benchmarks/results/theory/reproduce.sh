@@ -8,7 +8,7 @@ set -euo pipefail
 OUT=${1:-benchmarks/results/theory}
 DEVICE=${2:-cuda}
 shift $(( $# > 2 ? 2 : $# )) || true
-CONFIGS=${*:-"zero_cov_12 nonzero_cov_11"}
+CONFIGS=${*:-"zero_cov_12 nonzero_cov_11 noisy_nonzero_cov_11"}
 SP="python3 -m softprompt.theory.cli"
 mkdir -p "$OUT"
 
@@ -19,8 +19,15 @@ mkdir -p "$OUT"
 COMMON="--n 1,10,20,30,40,50 --train --device $DEVICE --steps 20000 --runs 8 --lr 1e-3 \
   --regime-lr dec=0.01 --eval-batches 50 --mc --mc-draws 400000 --quiet"
 for cfg in $CONFIGS; do
+  [ "$cfg" = noisy_nonzero_cov_11 ] && continue  # theory + Monte-Carlo only, below
   extra=""
   # Non-zero global mean: also report JT + global centring (what the shared u_x of KQV can reach).
   [ "$cfg" = nonzero_cov_11 ] && extra="--regime-steps dec=60000 --regimes pt,ft,jt,dec,jt_gc"
   $SP curves --config "$cfg" $COMMON $extra --json "$OUT/$cfg.json" --plot "$OUT/$cfg.png"
 done
+
+# 2. Noisy configuration, theory + Monte-Carlo only (CPU, about two minutes; no GPU needed).
+case " $CONFIGS " in *" noisy_nonzero_cov_11 "*)
+$SP curves --config noisy_nonzero_cov_11 --n 1,3,5,7,10,15,20 --regimes pt,ft,jt,dec,oracle,jt_gc \
+  --mc --mc-draws 200000 --threads 1 --json "$OUT/noisy_nonzero_cov_11.json" --plot "$OUT/noisy_nonzero_cov_11.png" --quiet
+;; esac

@@ -11,9 +11,10 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -172,7 +173,18 @@ def _print_table(result: dict[str, Any], out: Any = None) -> None:
             print(f"{'':<8}{'best/theory-1':<14}" + "".join(f"{100 * v:>9.2f}%" for v in tr["best_vs_theory_rel"]), file=out)
 
 
+def _command_line() -> str:
+    argv = sys.argv[1:]
+    if argv and argv[0] == "theory":  # called through the main ``softprompt`` CLI
+        argv = argv[1:]
+    return "softprompt theory " + " ".join(argv)
+
+
 def _cmd_curves(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         mix = resolve_config(args.config)
         regimes = args.regimes
@@ -213,7 +225,7 @@ def _cmd_curves(args: argparse.Namespace) -> int:
         print(f"softprompt theory: error: {exc}", file=sys.stderr)
         return 2
     result["meta"] = {
-        "command": "softprompt theory " + " ".join(sys.argv[1:]) if args.record_argv else None,
+        "command": _command_line() if args.record_argv else None,
         "seconds": time.perf_counter() - t0,
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -263,7 +275,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_theory_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_theory_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``theory`` (with ``curves``, ``configs`` and ``plot``) on a subparsers object.
 
     Each leaf parser sets ``func``: a handler taking the namespace and returning an exit code.
@@ -303,6 +315,7 @@ def add_theory_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argu
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (training and Monte-Carlo)")
     c.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads; 1 is fastest for these tiny ops on a busy CPU")
     c.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     c.add_argument("--no-record-argv", dest="record_argv", action="store_false", help="do not store the command line in the JSON")
     c.set_defaults(func=_cmd_curves)

@@ -36,24 +36,24 @@ fourth moments, and is the third independent check.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from .config import TaskMixture
 
 __all__ = [
-    "REGIMES",
     "ALL_REGIMES",
+    "REGIMES",
     "REGIME_LABELS",
-    "ReducedParams",
     "ClosedForm",
+    "ReducedParams",
+    "as_n_array",
     "closed_form",
     "closed_form_isotropic",
     "exact_loss",
     "theory_curves",
-    "as_n_array",
 ]
 
 #: The paper's four regimes, from fully coupled to fully decoupled.
@@ -96,7 +96,7 @@ class ReducedParams:
     c: np.ndarray
     g: np.ndarray
 
-    def at(self, i: int) -> "ReducedParams":
+    def at(self, i: int) -> ReducedParams:
         """The parameters for the ``i``-th context length only (leading axis kept, size 1)."""
         return ReducedParams(self.n[i : i + 1], self.W[i : i + 1], self.c[i : i + 1], self.g[i : i + 1])
 

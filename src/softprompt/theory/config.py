@@ -12,17 +12,18 @@ also come from user JSON/YAML files.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "TaskMixture",
     "PRESETS",
+    "TaskMixture",
+    "load_config",
     "preset",
     "preset_names",
-    "load_config",
     "resolve_config",
 ]
 
@@ -197,7 +198,7 @@ class TaskMixture:
         """Normaliser ``tr(M Sigma_x) = E[(x^T beta)^2]`` (the y-axis L*/E||y||^2)."""
         return float(np.trace(self.Sigma_tilde @ self.sigma_x))
 
-    def centred(self) -> "TaskMixture":
+    def centred(self) -> TaskMixture:
         """The same mixture with every task mean shifted by the global mean (``mu_k - sum_j pi_j mu_j``)."""
         return TaskMixture(
             self.d, self.mus - self.mean, self.covs, self.pis, self.sigmas, self.sigma_x,
@@ -228,17 +229,18 @@ class TaskMixture:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TaskMixture":
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskMixture:
         """Build from a mapping with keys ``d, mus, cs|covs, pis[, sigma, sigma_x, name, description]``.
 
         Raises:
             ValueError: naming the field that is missing, unknown or malformed.
         """
         if not isinstance(data, Mapping):
-            raise ValueError("theory config must be a JSON/YAML object (mapping)")
+            # ValueError (not TypeError): every malformed user config is reported the same way.
+            raise ValueError("theory config must be a JSON/YAML object (mapping)")  # noqa: TRY004
         unknown = set(data) - _ALLOWED_KEYS
         if unknown:
-            raise _field_error(sorted(unknown)[0], f"unknown key (allowed: {sorted(_ALLOWED_KEYS)})")
+            raise _field_error(min(unknown), f"unknown key (allowed: {sorted(_ALLOWED_KEYS)})")
         if "cs" in data and "covs" in data:
             raise _field_error("covs", "give either 'cs' or 'covs', not both")
         for key in ("d", "mus", "pis"):
@@ -271,32 +273,32 @@ _NONZERO = (1.0, -1.0)
 _PI = (0.3, 0.7)
 
 _PRESET_TABLE: dict[str, dict[str, Any]] = {
-    "zero_cov_12": dict(mus=_ZERO, cs=(1.0, 2.0), description="global mean 0, covariances 1 and 2 (main figure)"),
-    "zero_cov_11": dict(mus=_ZERO, cs=(1.0, 1.0), description="global mean 0, covariances 1 and 1"),
-    "zero_cov_22": dict(mus=_ZERO, cs=(2.0, 2.0), description="global mean 0, covariances 2 and 2"),
-    "zero_cov_11_different_means": dict(mus=(2.1, -0.9), cs=(1.0, 1.0), description="global mean 0, means 2.1/-0.9"),
-    "nonzero_cov_11": dict(mus=_NONZERO, cs=(1.0, 1.0), description="global mean -0.4, covariances 1 and 1"),
-    "nonzero_cov_22": dict(mus=_NONZERO, cs=(2.0, 2.0), description="global mean -0.4, covariances 2 and 2"),
-    "nonzero_cov_12": dict(mus=_NONZERO, cs=(1.0, 2.0), description="global mean -0.4, covariances 1 and 2"),
-    "nonzero_cov_11_different_means": dict(mus=(1.7, -1.3), cs=(1.0, 1.0), description="global mean -0.4, means 1.7/-1.3"),
-    "noisy_zero_cov_11": dict(mus=_ZERO, cs=(1.0, 1.0), sigma=0.3, description="zero_cov_11 with label noise sigma=0.3"),
-    "noisy_nonzero_cov_11": dict(mus=_NONZERO, cs=(1.0, 1.0), sigma=0.3, description="nonzero_cov_11 with label noise sigma=0.3"),
+    "zero_cov_12": {"mus": _ZERO, "cs": (1.0, 2.0), "description": "global mean 0, covariances 1 and 2 (main figure)"},
+    "zero_cov_11": {"mus": _ZERO, "cs": (1.0, 1.0), "description": "global mean 0, covariances 1 and 1"},
+    "zero_cov_22": {"mus": _ZERO, "cs": (2.0, 2.0), "description": "global mean 0, covariances 2 and 2"},
+    "zero_cov_11_different_means": {"mus": (2.1, -0.9), "cs": (1.0, 1.0), "description": "global mean 0, means 2.1/-0.9"},
+    "nonzero_cov_11": {"mus": _NONZERO, "cs": (1.0, 1.0), "description": "global mean -0.4, covariances 1 and 1"},
+    "nonzero_cov_22": {"mus": _NONZERO, "cs": (2.0, 2.0), "description": "global mean -0.4, covariances 2 and 2"},
+    "nonzero_cov_12": {"mus": _NONZERO, "cs": (1.0, 2.0), "description": "global mean -0.4, covariances 1 and 2"},
+    "nonzero_cov_11_different_means": {"mus": (1.7, -1.3), "cs": (1.0, 1.0), "description": "global mean -0.4, means 1.7/-1.3"},
+    "noisy_zero_cov_11": {"mus": _ZERO, "cs": (1.0, 1.0), "sigma": 0.3, "description": "zero_cov_11 with label noise sigma=0.3"},
+    "noisy_nonzero_cov_11": {"mus": _NONZERO, "cs": (1.0, 1.0), "sigma": 0.3, "description": "nonzero_cov_11 with label noise sigma=0.3"},
     # Despite its name, the official config scales a *diagonal* 2^-i beta covariance.
-    "isotropic_covariance_zero_mean": dict(
-        mus=_ZERO,
-        cs=tuple([2.0 ** -i for i in range(10)] for _ in range(2)),
-        description="Sigma_beta = diag(2^-i), i=0..9 (name kept from the official code)",
-    ),
+    "isotropic_covariance_zero_mean": {
+        "mus": _ZERO,
+        "cs": tuple([2.0 ** -i for i in range(10)] for _ in range(2)),
+        "description": "Sigma_beta = diag(2^-i), i=0..9 (name kept from the official code)",
+    },
 }
 # Multi-layer ablation configurations (the 1-layer theory still applies to them).
 for _ratio, _c in (("0.1", 9.0), ("0.5", 1.0), ("0.9", 1.0 / 9.0)):
-    _PRESET_TABLE[f"single_task_mu_ratio_{_ratio}"] = dict(
-        mus=(1.0,), cs=(_c,), pis=(1.0,), description=f"single task, mu=1, c={_c:.4g}"
-    )
+    _PRESET_TABLE[f"single_task_mu_ratio_{_ratio}"] = {
+        "mus": (1.0,), "cs": (_c,), "pis": (1.0,), "description": f"single task, mu=1, c={_c:.4g}"
+    }
 for _ratio, _c in (("0.1", 22.799999999999997), ("0.5", 2.3200000000000003), ("0.9", 0.04444444444444473)):
-    _PRESET_TABLE[f"multi_task_mu_ratio_{_ratio}"] = dict(
-        mus=(-1.0, 1.0), cs=(_c, _c), pis=(0.5, 0.5), description=f"two tasks, mu=-1/+1, c={_c:.4g}"
-    )
+    _PRESET_TABLE[f"multi_task_mu_ratio_{_ratio}"] = {
+        "mus": (-1.0, 1.0), "cs": (_c, _c), "pis": (0.5, 0.5), "description": f"two tasks, mu=-1/+1, c={_c:.4g}"
+    }
 
 PRESETS: tuple[str, ...] = tuple(_PRESET_TABLE)
 

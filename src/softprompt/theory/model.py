@@ -27,7 +27,7 @@ token-level version and the tests check both agree).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -207,7 +207,7 @@ class LinearAttn(nn.Module):
             wkq, wpv = wkq.detach(), wpv.detach()
             return {"A": wkq[:, :d, :d], "a": wkq[:, :d, d], "u_x": wpv[:, :d], "u_y": wpv[:, d]}
 
-    def subset(self, runs: Sequence[int] | slice) -> "LinearAttn":
+    def subset(self, runs: Sequence[int] | slice) -> LinearAttn:
         """A copy holding only the given runs' parameters (same device and dtype)."""
         idx = list(range(self.runs))[runs] if isinstance(runs, slice) else list(runs)
         out = LinearAttn(self.d, self.K, runs=len(idx), prompt_len=self.prompt_len, heads=self.heads is not None)

@@ -12,8 +12,8 @@ gets its own draws and the per-task mean squared errors are pi-weighted, so
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from .closed_form import ReducedParams, closed_form
 from .config import TaskMixture
 from .sampling import TaskBatch, TaskSampler
 
-__all__ = ["MCResult", "monte_carlo", "evaluate_predictor", "evaluate_paired", "reduced_predictor"]
+__all__ = ["MCResult", "evaluate_paired", "evaluate_predictor", "monte_carlo", "reduced_predictor"]
 
 Predictor = Callable[[int, TaskBatch], torch.Tensor]
 

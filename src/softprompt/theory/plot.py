@@ -6,12 +6,13 @@ writes, so a figure can be redrawn from a saved ``.json`` without rerunning.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .closed_form import REGIME_LABELS
 
-__all__ = ["plot_curves", "config_title"]
+__all__ = ["config_title", "plot_curves"]
 
 _COLORS = {"pt": "tab:blue", "ft": "tab:orange", "jt": "tab:green", "dec": "tab:red", "oracle": "tab:purple", "jt_gc": "tab:olive"}
 _PANEL_TITLES = {
@@ -49,7 +50,7 @@ def _measured(result: Mapping[str, Any], regime: str) -> tuple[str, list[float],
     """The solid curve of a regime: trained best over restarts if present, else Monte-Carlo."""
     tr = result.get("train", {}).get(regime)
     if tr:
-        return "trained (best of %d)" % len(tr["runs"][0]), tr["best"], None
+        return f"trained (best of {len(tr['runs'][0])})", tr["best"], None
     mc = result.get("mc", {}).get(regime)
     if mc:
         return "Monte-Carlo ±2 SE", mc["normalised"], [2 * s for s in mc["se_normalised"]]

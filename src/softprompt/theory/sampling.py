@@ -52,7 +52,7 @@ class TaskSampler:
         self.dtype = dtype
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
-        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self.device)  # noqa: E731
+        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self.device)
         self._mus = t(mix.mus)
         self._beta_sqrt = t(np.stack([_psd_sqrt(c) for c in mix.covs]))
         self._x_sqrt = None if mix.is_isotropic_x else t(np.linalg.cholesky(mix.sigma_x))

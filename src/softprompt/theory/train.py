@@ -25,19 +25,20 @@ draws.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from .closed_form import closed_form
 from .config import TaskMixture
 from .model import LinearAttn, tokens
-from .closed_form import closed_form
 from .montecarlo import MCResult, evaluate_paired, reduced_predictor
 from .sampling import TaskSampler
 
-__all__ = ["TrainConfig", "TrainResult", "train", "train_multi", "TRAINABLE_REGIMES"]
+__all__ = ["TRAINABLE_REGIMES", "TrainConfig", "TrainResult", "train", "train_multi"]
 
 TRAINABLE_REGIMES: tuple[str, ...] = ("pt", "ft", "jt", "dec")
 
@@ -117,7 +118,7 @@ class TrainResult:
     theory_mc: MCResult
     history: list[tuple[int, float]] = field(default_factory=list)
     model: LinearAttn | None = None
-    pretrain: "TrainResult | None" = None
+    pretrain: TrainResult | None = None
     structure: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -176,7 +177,7 @@ class TrainResult:
 
 
 def _schedule(opt: torch.optim.Optimizer, steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    milestones = sorted({max(1, int(round(f * steps))) for f in cfg.decay_at if 0 < f < 1})
+    milestones = sorted({max(1, round(f * steps)) for f in cfg.decay_at if 0 < f < 1})
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.decay_factor)
 
 

@@ -397,14 +397,25 @@ def _interactive() -> bool:
 
 
 def _last_checkpoint(output: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not os.path.isdir(output):
+    """The newest *complete* checkpoint folder: a process killed while writing one leaves it incomplete, so we fall
+    back to the one before (the Trainer writes ``trainer_state.json`` last; our adapter files are atomic)."""
+    root = Path(output)
+    if not root.is_dir():
         return None
-    last = get_last_checkpoint(output)
-    if last is not None and not (Path(last) / WEIGHTS_NAME).exists():
-        return None
-    return last
+    found = []
+    for d in root.glob("checkpoint-*"):
+        suffix = d.name.split("-", 1)[1]
+        if d.is_dir() and suffix.isdigit():
+            found.append((int(suffix), d))
+    for _, d in sorted(found, reverse=True):
+        try:
+            json.loads((d / "trainer_state.json").read_text())
+            read_adapter_tensors(d)
+        except (OSError, ValueError):
+            continue
+        if (d / "optimizer.pt").exists() and (d / "scheduler.pt").exists():
+            return str(d)
+    return None
 
 
 def write_json(path: str, obj) -> None:

@@ -65,3 +65,27 @@ def test_killed_then_resumed_two_process_run_ends_identical(dropout_free_bert, s
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "lpt", "apt", "idspam"])
+def test_every_method_trains_under_torchrun(method, dropout_free_bert, sentiment_csv, tmp_path):
+    """DDP runs with find_unused_parameters=False, so this also proves that every trainable parameter of each
+    method receives a gradient in every step (an unused one would make DDP raise)."""
+    out = tmp_path / method
+    extra = ["--layer", "1"] if method in ("lpt", "idspam") else []
+    args = ["--model", dropout_free_bert, "--file", sentiment_csv, "--method", method, "--text-column", "sentence",
+            "--label-column", "sentiment", "--num-virtual-tokens", "3", "--max-length", "16", "--max-steps", "3",
+            "--batch-size", "8", "--output", str(out), *extra]
+    _run(args, 2)
+    assert (out / "adapter_model.safetensors").exists() and (out / "metrics.json").exists()
+
+
+def test_accelerate_launch_works(dropout_free_bert, sentiment_csv, tmp_path):
+    out = tmp_path / "acc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--main_process_port",
+           str(29700 + os.getpid() % 200), "-m", "softprompt", "train", "--model", dropout_free_bert, "--file",
+           sentiment_csv, *ARGS, "--max-steps", "3", "--batch-size", "8", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "adapter_model.safetensors").exists()

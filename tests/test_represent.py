@@ -218,7 +218,8 @@ def test_manifest_add_remove_list_and_errors(tiny_dir, tmp_path, capsys):
     assert e.id == "glue__sst2" and e.prefix_length == 4 and e.steps == 7 and e.train_seconds == 1.5
     manifest = json.loads((bank.path / "manifest.json").read_text())
     assert manifest["base_model"] == tiny_dir and manifest["max_length"] == 32
-    assert manifest["entries"][0]["sha256"] == e.sha256 and (bank.path / e.adapter / "adapter_model.safetensors").exists()
+    assert manifest["entries"][0]["sha256"] == e.sha256
+    assert (bank.path / e.adapter / "adapter_model.safetensors").exists()
     with pytest.raises(sp.SoftPromptError, match="already in bank"):
         _register(bank, tiny_dir, tmp_path, "glue/sst2", 2)
     with pytest.raises(sp.SoftPromptError, match="base model"):
@@ -270,7 +271,8 @@ def test_probe_beats_chance_on_a_separable_toy_task():
     xc = torch.randn(350, 3, 16, generator=g)
     yc = (xc @ w).argmax(-1)
     probe, _ = fit_probe(mc, xc[:300].reshape(-1, 16), yc[:300].tolist(), xc[300:].reshape(-1, 16),
-                         yc[300:].tolist(), ProbeConfig(epochs=60, lr=1e-2), groups_train=[3] * 300, groups_dev=[3] * 50)
+                         yc[300:].tolist(), ProbeConfig(epochs=60, lr=1e-2), groups_train=[3] * 300,
+                         groups_dev=[3] * 50)
     from softprompt.represent.probe import predictions
 
     assert (predictions(mc, probe, xc[300:]) == yc[300:].numpy()).mean() > 0.8

@@ -5,7 +5,8 @@ Layout::
     BANK/
       manifest.json            {"format_version", "base_model", "max_length", "entries": [...]}
       .manifest.lock           fcntl lock file: serialises manifest updates between processes
-      prefixes/<entry id>/     a normal softprompt adapter (adapter_config.json, adapter_model.safetensors, metrics.json)
+      prefixes/<entry id>/     a normal softprompt adapter (adapter_config.json, adapter_model.safetensors,
+                               metrics.json)
       cache/                   the feature cache (see :mod:`softprompt.represent.cache`)
 
 Training a prefix takes minutes to hours and touches nothing shared, so it runs *outside* the lock, into a private
@@ -302,7 +303,8 @@ def add_task(bank: str | os.PathLike, task: str, *, model: str = "minilm", file:
             label_column=label_column, data_dir=data_dir, epochs=epochs, max_steps=max_steps, lr=lr,
             batch_size=batch_size, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
             seed=seed, bf16=bf16, logging_steps=10**9,
-            method_options={"num_virtual_tokens": num_virtual_tokens, **(method_options or {})},
+            # The run's seed also seeds the prefix initialisation (PrefixConfig.seed), so seeds differ in init too.
+            method_options={"num_virtual_tokens": num_virtual_tokens, "seed": seed, **(method_options or {})},
         )
         metrics = train(cfg)
         for name in os.listdir(staging):  # Trainer checkpoints are not part of the entry

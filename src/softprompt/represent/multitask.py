@@ -77,8 +77,8 @@ def _source(task: str, data_dir: str | None) -> tuple[Any, list[dict], list[dict
 
         with open(task, encoding="utf-8") as f:
             head = f.readline()
-        pair = "text_pair" if "text_pair" in (head if task.endswith((".jsonl", ".json")) else next(csv.reader([head]))) \
-            else None
+        columns = head if task.endswith((".jsonl", ".json")) else next(csv.reader([head]))
+        pair = "text_pair" if "text_pair" in columns else None
         recs, spec = tasks.load_file(task, text_column="text", text_pair_column=pair, label_column="label")
         return spec, recs, recs
     spec = tasks.get_task(task)

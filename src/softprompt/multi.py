@@ -759,7 +759,8 @@ class MultiAdapterModel(nn.Module):
                 continue
             labels = entry.label_names if entry is not None else []
             if len(labels) != width:
-                id2label = getattr(self.base_model.config, "id2label", None) or {}
+                # The base model's names describe its own head only (rows naming None); otherwise label indices.
+                id2label = (getattr(self.base_model.config, "id2label", None) or {}) if entry is None else {}
                 labels = [str(id2label.get(i, i)) for i in range(width)]
             probs = torch.softmax(row, -1)
             best = int(probs.argmax())

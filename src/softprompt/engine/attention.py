@@ -67,6 +67,21 @@ def _prepend_visible_columns(mask: torch.Tensor, p: int) -> torch.Tensor:
     return torch.cat([cols, mask], dim=-1)
 
 
+def _prepend_prefix_columns(mask: torch.Tensor, prefix_mask: torch.Tensor | None, p: int, batch: int) -> torch.Tensor:
+    """Prepend the P prefix columns to a materialised mask: all visible, or per row as ``prefix_mask`` says."""
+    if prefix_mask is None:
+        return _prepend_visible_columns(mask, p)
+    visible = _expand_batch(prefix_mask.to(device=mask.device, dtype=torch.bool), batch)[:, None, None, :]
+    if mask.dtype == torch.bool:
+        cols = visible
+    else:
+        cols = torch.zeros(visible.shape, dtype=mask.dtype, device=mask.device)
+        cols = cols.masked_fill(~visible, torch.finfo(mask.dtype).min)
+    mask = _expand_batch(mask, batch)
+    cols = cols.expand(batch, mask.shape[1], mask.shape[2], p)
+    return torch.cat([cols, mask], dim=-1)
+
+
 def softprompt_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -104,6 +119,12 @@ def softprompt_attention(
     causal = getattr(module, "is_causal", False) if causal is None else causal
     real_kv = key.shape[2] - p
 
+    if inj.prefix_mask is not None and attention_mask is None:
+        # Hiding prefix columns from some rows needs a materialised mask (the fused no-mask paths cannot do it).
+        qi = torch.arange(q_len, device=query.device)[:, None]
+        kj = torch.arange(real_kv, device=query.device)[None, :]
+        attention_mask = (kj <= qi + (real_kv - q_len)) if causal else (kj >= 0)
+        attention_mask = attention_mask.expand(q_len, real_kv)[None, None]
     if attention_mask is None and causal and q_len > 1 and q_len == real_kv:
         # Fused path: dummy query rows for the prefix turn top-left causal alignment into the wanted pattern.
         dummy = query.new_zeros((batch, query.shape[1], p, query.shape[3]))
@@ -120,7 +141,8 @@ def softprompt_attention(
         kj = torch.arange(real_kv, device=query.device)[None, :]
         attention_mask = (kj <= qi + offset)[None, None]
     return sdpa_attention_forward(
-        module, query, key, value, _prepend_visible_columns(attention_mask, p), is_causal=False, **kwargs
+        module, query, key, value, _prepend_prefix_columns(attention_mask, inj.prefix_mask, p, batch),
+        is_causal=False, **kwargs
     )
 
 

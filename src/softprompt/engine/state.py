@@ -27,6 +27,9 @@ class LayerInjection:
     inserted: number of prompt tokens inserted into the hidden states before this layer (encoder insertion);
         the attention mask built for the original N tokens is grown to N + inserted.
     insert_at: sequence position of the inserted tokens.
+    prefix_mask: optional [B or 1, P] bool, True = the row sees that prefix column. Lets rows of one batch carry
+        prefixes of different lengths (shorter ones padded, padding hidden), e.g. several adapters in one batch.
+        None = every column visible to every row (the fused attention paths stay usable).
     """
 
     key: torch.Tensor | None = None
@@ -35,6 +38,7 @@ class LayerInjection:
     gate_values_only: bool = False
     inserted: int = 0
     insert_at: int = 0
+    prefix_mask: torch.Tensor | None = None
 
     @property
     def prefix_length(self) -> int:

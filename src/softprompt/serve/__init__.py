@@ -1,7 +1,7 @@
 """HTTP serving of many adapters on one frozen model (``softprompt serve``).
 
-Importing this package stays light: FastAPI and uvicorn are imported only when an app is built or served, so the
-main CLI can list ``softprompt serve`` without them installed. Install with ``pip install 'softprompt[serve]'``.
+Importing this package is light (the main CLI imports ``softprompt.serve.cli`` to list the command): the batcher,
+torch and FastAPI load only when something is used. Install the web stack with ``pip install 'softprompt[serve]'``.
 
     from softprompt.multi import MultiAdapterModel
     from softprompt.serve import ServeConfig, create_app
@@ -11,15 +11,17 @@ main CLI can list ``softprompt serve`` without them installed. Install with ``pi
 
 from __future__ import annotations
 
-from .batcher import BatcherStats, DynamicBatcher, OverloadedError
-from .config import ServeConfig
+import importlib
 
-__all__ = ["ServeConfig", "DynamicBatcher", "BatcherStats", "OverloadedError", "create_app"]
+_EXPORTS = {
+    "ServeConfig": ".config", "DynamicBatcher": ".batcher", "BatcherStats": ".batcher",
+    "OverloadedError": ".batcher", "create_app": ".app",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name == "create_app":  # needs FastAPI: import on first use
-        from .app import create_app
-
-        return create_app
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'softprompt.serve' has no attribute {name!r}")

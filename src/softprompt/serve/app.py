@@ -249,7 +249,7 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> F
 
     # ---- errors: always JSON with a message; client mistakes are 4xx ----------------------------------------
     def error(status: int, exc: BaseException) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"detail": str(exc)})
+        return JSONResponse(status_code=status, content={"detail": _safe(exc)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -265,7 +265,7 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> F
 
     @app.exception_handler(OverloadedError)
     async def _overloaded(request: Request, exc: OverloadedError):
-        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "1"})
+        return JSONResponse(status_code=503, content={"detail": _safe(exc)}, headers={"Retry-After": "1"})
 
     @app.exception_handler(_Conflict)
     async def _conflict(request: Request, exc: _Conflict):
@@ -282,7 +282,7 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> F
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}: {exc}"})
+        return JSONResponse(status_code=500, content={"detail": _safe(f"internal error: {type(exc).__name__}: {exc}")})
 
     # ---- prediction ----------------------------------------------------------------------------------------
     @app.post("/predict", response_model=PredictResponse, responses=_responses(404, 413, 503))

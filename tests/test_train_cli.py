@@ -1,5 +1,6 @@
 """Training, evaluation and prediction end to end on a tiny model saved to disk (fast), through the CLI."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -142,3 +143,28 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_bert_dir, se
     step = int(err.split(" at step ")[1].split(";")[0])
     assert (out / f"checkpoint-{step - 1}" / "adapter_model.safetensors").exists()
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a diverged run
+
+
+def test_zero_shot_eval_on_a_users_csv_equals_the_registry_eval(tiny_bert_dir, tmp_path, capsys):
+    """An SST-2 adapter pointed at a user's CSV (written here from SST-2 dev) scores it without training, and the
+    score equals the registry evaluation of the same rows."""
+    from softprompt import tasks
+
+    out = tmp_path / "sst2"
+    assert main(["train", "--method", "prefix", "--model", tiny_bert_dir, "--task", "glue/sst2", "--train-limit", "64",
+                 "--max-steps", "2", "--batch-size", "16", "--num-virtual-tokens", "4", "--max-length", "32",
+                 "--output", str(out)]) == 0
+    rows = tasks.load("glue/sst2", "dev")
+    csv_path = tmp_path / "reviews.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "label"])
+        for r in rows:
+            w.writerow([r["text"], r["label"]])
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--file", str(csv_path), "--text-column", "sentence",
+                 "--label-column", "label"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--adapter", str(out), "--task", "glue/sst2"]) == 0
+    from_registry = json.loads(capsys.readouterr().out)
+    assert from_file["eval_accuracy"] == pytest.approx(from_registry["eval_accuracy"], abs=1e-12)

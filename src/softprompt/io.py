@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import __version__
-from .errors import AdapterFormatError, AdapterMismatchError
+from .errors import AdapterFormatError, AdapterMismatchError, SoftPromptError
 from .methods import config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
@@ -96,11 +96,20 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise AdapterFormatError(f"{file} is missing: {path} is not a softprompt adapter folder")
     try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{file} is not valid JSON ({exc}); re-save the adapter") from exc
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deeply nested
+        raise AdapterFormatError(f"{file} is not valid JSON ({str(exc)[:200]}); re-save the adapter") from exc
     if not isinstance(config, dict) or "method" not in config or "config" not in config:
         raise AdapterFormatError(f"{file} lacks the 'method'/'config' fields of a softprompt adapter")
+    expected = {"method": (str,), "config": (dict,), "base_model": (dict,), "head_modules": (list, type(None))}
+    for key, types in expected.items():
+        if key in config and not isinstance(config[key], types):
+            raise AdapterFormatError(
+                f"{file}: field {key!r} is {config[key]!r} ({type(config[key]).__name__}), expected "
+                + " or ".join(t.__name__ for t in types) + "; re-save the adapter"
+            )
+    if not all(isinstance(h, str) for h in config.get("head_modules") or []):
+        raise AdapterFormatError(f"{file}: field 'head_modules' must list module names, got {config['head_modules']!r}")
     version = config.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise AdapterFormatError(
@@ -143,7 +152,15 @@ def load_adapter(base, path: str | os.PathLike, *, tokenizer=None, is_trainable:
 
     config = read_adapter_config(path)
     tensors = read_adapter_tensors(path)
-    method_cfg = config_from_dict(config["method"], dict(config["config"]))
+    try:
+        method_cfg = config_from_dict(config["method"], dict(config["config"]))
+    except SoftPromptError:
+        raise
+    except (TypeError, ValueError) as exc:  # an option of the wrong type that validation compared or used
+        raise AdapterFormatError(
+            f"{Path(path) / CONFIG_NAME}: invalid {config['method']!r} options {config['config']!r} ({exc}); "
+            "re-save the adapter"
+        ) from exc
     heads = config.get("head_modules") or []
     model = SoftPromptModel(base, method_cfg, tokenizer=tokenizer, train_head=bool(heads))
     check_base_model(config, model.info, path)

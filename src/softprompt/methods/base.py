@@ -33,16 +33,39 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ConfigError(
-                f"unknown option(s) {unknown} for method {cls.method!r}; valid options are {sorted(names)}"
+                f"unknown option(s) {unknown} for method {cls.method!r}; valid options are {sorted(fields)}"
             )
+        for name, value in data.items():
+            _check_type(cls.method, name, value, str(fields[name].type))
         return cls(**data)
 
     def __post_init__(self) -> None:
         self.validate()
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(method: str, name: str, value: Any, annotation: str) -> None:
+    """Check a JSON/CLI value against a field annotation such as ``int``, ``str | None`` or ``list[int] | None``."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return
+    for option in options:
+        if option in _SCALARS:
+            ok = isinstance(value, _SCALARS[option]) and not (option != "bool" and isinstance(value, bool))
+        elif option.startswith("list[") and isinstance(value, list):
+            inner = option[5:-1]
+            ok = all(isinstance(v, _SCALARS.get(inner, (object,))) and not isinstance(v, bool) for v in value)
+        else:
+            ok = False
+        if ok:
+            return
+    raise ConfigError(f"option {name}={value!r} of method {method!r} has the wrong type: expected {annotation}")
 
 
 def require(condition: bool, message: str) -> None:

@@ -25,6 +25,7 @@ class ParseResult:
         n_bad: how many malformed rows were skipped.
         first_bad: ``(line_or_item_number, problem)`` of the first malformed row, or None.
         unit: ``"line"`` (1-based physical line) or ``"item"`` (1-based element of a JSON array).
+        bad_lines: the line (or item) numbers of every malformed row, ascending.
     """
 
     path: str
@@ -32,6 +33,7 @@ class ParseResult:
     n_bad: int = 0
     first_bad: tuple[int, str] | None = None
     unit: str = "line"
+    bad_lines: tuple[int, ...] = ()
 
 
 class Collector:
@@ -43,9 +45,11 @@ class Collector:
         self.records: list[dict[str, Any]] = []
         self.n_bad = 0
         self.first_bad: tuple[int, str] | None = None
+        self.bad_lines: list[int] = []
 
     def bad(self, line: int, problem: str) -> None:
         self.n_bad += 1
+        self.bad_lines.append(int(line))
         if self.first_bad is None or int(line) < self.first_bad[0]:
             self.first_bad = (int(line), problem)  # the earliest in the file, whatever the detection order
 
@@ -53,7 +57,8 @@ class Collector:
         self.records.append(record)
 
     def result(self) -> ParseResult:
-        return ParseResult(str(self.path), tuple(self.records), self.n_bad, self.first_bad, self.unit)
+        return ParseResult(str(self.path), tuple(self.records), self.n_bad, self.first_bad, self.unit,
+                           tuple(sorted(self.bad_lines)))
 
 
 def require_file(path: Path) -> Path:
@@ -131,6 +136,14 @@ def copy_record(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
 
 
+def _list_lines(result: ParseResult, limit: int = 20) -> str:
+    lines = result.bad_lines
+    if not lines:
+        return ""
+    shown = ", ".join(str(n) for n in lines[:limit]) + (f", ... ({len(lines) - limit} more)" if len(lines) > limit else "")
+    return f"; malformed {result.unit}s: {shown}"
+
+
 def finish(result: ParseResult, *, strict: bool, what: str = "", stacklevel: int = 4) -> list[dict[str, Any]]:
     """Turn a parse result into a fresh list of records; raise (strict) or warn about malformed rows."""
     if result.n_bad:
@@ -140,7 +153,9 @@ def finish(result: ParseResult, *, strict: bool, what: str = "", stacklevel: int
         warnings.warn(
             f"{result.path}: skipped {result.n_bad} malformed row(s)"
             + (f" while loading {what}" if what else "")
-            + f"; first at {result.unit} {line}: {problem} (pass strict=True to fail instead)",
+            + f"; first at {result.unit} {line}: {problem}"
+            + _list_lines(result)
+            + " (pass strict=True to fail instead)",
             MalformedRowWarning,
             stacklevel=stacklevel,
         )
@@ -172,6 +187,8 @@ def iter_jsonl(path: Path, col: Collector) -> Iterator[tuple[int, Any]]:
             yield line_no, json.loads(line)
         except json.JSONDecodeError as exc:
             col.bad(line_no, f"invalid JSON ({exc.msg} at column {exc.colno})")
+        except (ValueError, RecursionError) as exc:  # too deeply nested, integer with too many digits
+            col.bad(line_no, f"invalid JSON ({type(exc).__name__}: {str(exc)[:100]})")
 
 
 def load_json_array(path: Path) -> list[Any]:
@@ -185,6 +202,8 @@ def load_json_array(path: Path) -> list[Any]:
         raise MalformedRowError(path, 1, f"not valid UTF-8 ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise MalformedRowError(path, exc.lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # too deeply nested, integer with too many digits
+        raise MalformedRowError(path, 1, f"invalid JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
     if not isinstance(obj, list):
         raise MalformedRowError(path, 1, f"expected a JSON array, got {type(obj).__name__}")
     return obj

@@ -21,7 +21,8 @@ def _read_table(path: Path, col: Collector, delimiter: str) -> tuple[list[str], 
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise MalformedRowError(path, data.count(b"\n", 0, exc.start) + 1, f"not valid UTF-8 ({exc.reason})") from None
+        raise MalformedRowError(path, data.count(b"\n", 0, exc.start) + 1, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                                f"re-save the file as UTF-8 (e.g. from Latin-1)") from None
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     try:
@@ -54,8 +55,8 @@ def _read_json(path: Path, col: Collector) -> tuple[list[str], list[tuple[int, d
     if path.suffix.lower() == ".json" and head.startswith("["):
         try:
             items = json.loads(read_bytes(path).decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedRowError(path, getattr(exc, "lineno", 1), f"invalid JSON: {exc}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # incl. JSONDecodeError, too deep
+            raise MalformedRowError(path, getattr(exc, "lineno", 1), f"invalid JSON: {str(exc)[:200]}") from None
         col.unit = "item"
         rows = list(enumerate(items, start=1))
     else:

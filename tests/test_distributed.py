@@ -43,7 +43,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(dropout_free
     common = ["--model", dropout_free_bert, "--file", sentiment_csv, *ARGS, "--max-steps", "8"]
     single, double = tmp_path / "single", tmp_path / "double"
     _run(common + ["--output", str(single), "--batch-size", "16"], 1)
-    proc = _run(common + ["--output", str(double), "--batch-size", "8"], 2)
+    _run(common + ["--output", str(double), "--batch-size", "8"], 2)
     # Exactly one adapter folder, written once (rank 0 only): no per-rank files.
     assert sorted(p.name for p in double.iterdir() if not p.name.startswith("checkpoint")) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "metrics.json"]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..engine.injector import ModelInfo
-from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
+from .base import Contribution, MethodInputs, PromptMethod, require
 from .prompt_tuning import PromptTuningConfig, init_prompt_table
 
 ENCODERS = ("mlp", "lstm")

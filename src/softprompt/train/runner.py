@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .. import resources, tasks
 from ..errors import NonFiniteLossError
-from ..io import WEIGHTS_NAME, atomic_write_json, read_adapter_tensors
+from ..io import atomic_write_json, read_adapter_tensors
 from ..methods import config_from_dict
 from ..model import SoftPromptModel
 from .data import Collator, featurize, model_class_for

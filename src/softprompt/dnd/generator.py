@@ -1,0 +1,359 @@
+"""Hyper-convolutional decoder (DnD, spec ``dnd.md`` §1(d)-(e)): prompt embeddings -> LoRA weight tokens.
+
+Input per sample: the condition map [N, L, D] (N prompts × L tokens × D hidden, from :mod:`.condition`); output:
+the token grid [T, r+2, c+2] of :mod:`.tokenizer`. The chain of shapes (N, H, W) goes from the condition shape to
+the target shape through ``n_layers`` :class:`HyperConvLayer` s; heights and widths are interpolated geometrically
+and the channel counts are ``width, 2·width, 4·width, …`` (the size knob), ending at T.
+
+Each layer: (1) LayerNorm over (H, W); (2) branch A = width conv (W as channels) then height conv (H as channels),
+branch B = height conv, width conv, tanh; ``(A + B + bias) / 3``; (3) a channel conv (N -> N′, with bias). All
+convs are k×k, 'same', no stride; a residual is added only when input and output shapes agree.
+
+Training: weighted MSE on the non-padded grid entries (per-token weights = each token's std across checkpoints,
+normalised per dataset and averaged), condition/target noise 1e-4/1e-5, AdamW, linear warm-up then cosine decay,
+gradient clipping, bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .condition import ConditionEncoder, PromptSampler, PromptSource, prompts_by_dataset
+from .export import ADAPTER_CONFIG, load_adapter, read_zoo
+from .tokenizer import (
+    TokenLayout,
+    canonicalize_state,
+    detokenize,
+    from_grid,
+    grid_mask,
+    to_grid,
+    tokenize,
+)
+
+Shape = tuple[int, int, int]
+
+
+def plan_chain(in_shape: Shape, out_shape: Shape, width: int = 64, n_layers: int = 4) -> list[Shape]:
+    """Shapes (N, H, W) from the condition map to the token grid: ``n_layers + 1`` entries.
+
+    Intermediate channels are ``width·2^i``; H and W move geometrically from input to target."""
+    if n_layers < 1:
+        raise ValueError("n_layers >= 1")
+    (_n0, h0, w0), (_nt, ht, wt) = in_shape, out_shape
+    chain = [tuple(in_shape)]
+    for i in range(1, n_layers):
+        f = i / n_layers
+        chain.append((width * 2 ** (i - 1), max(1, round(h0 * (ht / h0) ** f)), max(1, round(w0 * (wt / w0) ** f))))
+    chain.append(tuple(out_shape))
+    return chain
+
+
+def layer_parameters(i: Shape, o: Shape, k: int) -> int:
+    """Parameter count of one :class:`HyperConvLayer` (hand formula)."""
+    (n, h, w), (n2, h2, w2) = i, o
+    return (2 * h * w  # LayerNorm over (H, W)
+            + 2 * (w * w2 * k * k + w2)  # width convs of both branches
+            + 2 * (h * h2 * k * k + h2)  # height convs of both branches
+            + h2 * w2  # branch bias
+            + n * n2 * k * k + n2)  # channel conv
+
+
+def chain_parameters(chain: Sequence[Shape], k: int) -> int:
+    """Parameter count of a whole decoder chain."""
+    return sum(layer_parameters(a, b, k) for a, b in itertools.pairwise(chain))
+
+
+class HyperConvLayer(nn.Module):
+    """(N, H, W) -> (N′, H′, W′); see the module docstring."""
+
+    def __init__(self, in_shape: Shape, out_shape: Shape, kernel: int = 9) -> None:
+        super().__init__()
+        (n, h, w), (n2, h2, w2) = in_shape, out_shape
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.norm = nn.LayerNorm([h, w])
+        pad = "same"
+        self.a_width = nn.Conv2d(w, w2, kernel, padding=pad)
+        self.a_height = nn.Conv2d(h, h2, kernel, padding=pad)
+        self.b_height = nn.Conv2d(h, h2, kernel, padding=pad)
+        self.b_width = nn.Conv2d(w, w2, kernel, padding=pad)
+        self.bias = nn.Parameter(torch.zeros(h2, w2))
+        self.channel = nn.Conv2d(n, n2, kernel, padding=pad)
+        self.residual = self.in_shape == self.out_shape
+
+    @staticmethod
+    def _width(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:  # [B,N,H,W] -> [B,N,H,W']
+        return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    @staticmethod
+    def _height(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:  # [B,N,H,W] -> [B,N,H',W]
+        return conv(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, H, W] -> [B, N′, H′, W′]."""
+        y = self.norm(x)
+        a = self._height(self.a_height, self._width(self.a_width, y))
+        b = torch.tanh(self._width(self.b_width, self._height(self.b_height, y)))
+        y = self.channel((a + b + self.bias) / 3)
+        return y + x if self.residual else y
+
+
+class HyperConvDecoder(nn.Module):
+    """A chain of :class:`HyperConvLayer` s: condition [B, N, L, D] -> token grid [B, T, r+2, c+2]."""
+
+    def __init__(self, chain: Sequence[Shape], kernel: int = 9) -> None:
+        super().__init__()
+        self.chain = [tuple(int(v) for v in s) for s in chain]
+        self.kernel = kernel
+        self.layers = nn.ModuleList(HyperConvLayer(a, b, kernel) for a, b in zip(self.chain[:-1], self.chain[1:]))
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        """Condition [B, N, L, D] -> grid [B, T, r+2, c+2]."""
+        x = cond
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def count_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def token_weights(grids: torch.Tensor, datasets: Sequence[str]) -> torch.Tensor:
+    """Per-token loss weight [T]: each token's std across a dataset's checkpoints (mean over its entries),
+    normalised to mean 1 per dataset, averaged over datasets; uniform where undefined."""
+    per = []
+    for d in dict.fromkeys(datasets):
+        g = grids[[i for i, x in enumerate(datasets) if x == d]]
+        if g.shape[0] < 2:
+            continue
+        s = torch.nan_to_num(g.std(dim=0), nan=0.0)
+        cnt = (~torch.isnan(g[0])).sum(dim=(1, 2)).clamp_min(1)
+        s = s.sum(dim=(1, 2)) / cnt
+        if s.mean() > 0:
+            per.append(s / s.mean())
+    if not per:
+        return torch.ones(grids.shape[1])
+    w = torch.stack(per).mean(0)
+    return torch.where(w > 0, w, torch.full_like(w, 1e-3))
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ w_t·m·(p−y)² / Σ w_t·m over the batch; ``target`` may hold NaN where ``mask`` is False."""
+    mask = mask.expand_as(pred)
+    m = mask.to(torch.float32) * weight.to(pred.dtype)[:, None, None]
+    diff = torch.where(mask, pred.float() - torch.nan_to_num(target.float()), torch.zeros_like(pred, dtype=torch.float32))
+    return (diff.pow(2) * m).sum() / m.sum().clamp_min(1e-12)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    prog = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+def registry_prompts_for(dataset: str, part: str = "zoo") -> list[str]:
+    """Unlabeled prompts of a registry dataset: the plain instruction text (no answer, no chat template) of every
+    record of its DnD ``part`` (default ``zoo``; use ``test`` for a held-out dataset's conditions)."""
+    from .harness import dnd_records
+    from .templates import user_message
+
+    return [user_message(dataset, r)[0] for r in dnd_records(dataset, part)]
+
+
+def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab"
+                     ) -> tuple[TokenLayout, torch.Tensor, list[str]]:
+    """Tokenise every zoo checkpoint: (layout, grids [M, T, r+2, c+2] float32, dataset of each)."""
+    layout, grids, ds = None, [], []
+    for e in entries:
+        st = canonicalize_state(load_adapter(e["path"]), target)
+        if layout is None:
+            layout = TokenLayout.from_state_dict(st, chunk)
+        grids.append(to_grid(tokenize(st, layout)))
+        ds.append(e["dataset"])
+    if layout is None:
+        raise ValueError("empty zoo")
+    return layout, torch.stack(grids), ds
+
+
+def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequence[str] | None,
+                    out: str | Path, steps: int = 1000, *, prompts: PromptSource | None = None,
+                    prompts_for: Callable[[str], Sequence[str]] | None = None, encoder: str = "minilm",
+                    max_length: int = 128, n_prompts: int = 32, batch_size: int = 8, lr: float = 3e-5,
+                    weight_decay: float = 0.1, warmup: int = 1, clip: float = 1.0, width: int = 64,
+                    n_layers: int = 4, kernel: int = 9, chain: Sequence[Shape] | None = None, chunk: int = 192,
+                    target: str = "ab", cond_noise: float = 1e-4, target_noise: float = 1e-5,
+                    weighting: str = "std", seed: int = 0, device: str | None = None, log_every: int = 50,
+                    verbose: bool = True) -> dict:
+    """Train a hyper-conv decoder on a zoo, leaving out the ``holdout`` dataset(s); save it to ``out``.
+
+    ``zoo_dir``: zoo folder / manifest / list of entries (``dataset``, ``path``, …). Prompts per dataset come from
+    ``prompts_for(dataset)`` or ``prompts`` (see :func:`.condition.prompts_by_dataset`), else from a ``prompts``
+    field (JSONL path) of the manifest entries, else from the task registry (:func:`registry_prompts_for`). Writes ``generator.safetensors``, ``generator_config.json``
+    (chain, kernel, layout, encoder, …), ``template_adapter_config.json`` and ``train_log.json``; returns a summary
+    with ``losses``, ``parameters`` and ``seconds``."""
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    root = zoo_dir if isinstance(zoo_dir, (str, Path)) else None
+    entries = read_zoo(zoo_dir)
+    held = {holdout} if isinstance(holdout, str) else set(holdout or ())
+    held = {h for x in held for h in x.split(",") if h}
+    train = [e for e in entries if e["dataset"] not in held]
+    if not train:
+        raise ValueError(f"no zoo checkpoints left after holding out {sorted(held)}")
+    datasets = list(dict.fromkeys(e["dataset"] for e in train))
+    if prompts_for is not None:
+        pool = prompts_by_dataset(prompts_for, datasets)
+    elif prompts is not None:
+        pool = prompts_by_dataset(prompts, datasets)
+    else:
+        src = {}
+        for e in train:
+            if "prompts" in e:
+                p = Path(e["prompts"])
+                src.setdefault(e["dataset"], str(p if p.is_absolute() or root is None else
+                                                 (Path(root) if Path(root).is_dir() else Path(root).parent) / p))
+        if src and len(src) < len(datasets):
+            raise ValueError(f"no prompts for {[d for d in datasets if d not in src]}: pass prompts= or prompts_for=")
+        pool = prompts_by_dataset(src or registry_prompts_for, datasets)
+
+    layout, grids, ds = load_zoo_tensors(train, chunk, target)
+    mask = grid_mask(layout)
+    weight = token_weights(grids, ds) if weighting == "std" else torch.ones(grids.shape[1])
+    enc = ConditionEncoder(encoder, max_length=max_length, device=dev)
+    sampler = PromptSampler(pool, n_prompts, seed=seed)
+    in_shape = (n_prompts, max_length, enc.hidden)
+    chain = [tuple(s) for s in chain] if chain else plan_chain(in_shape, layout.grid_shape, width, n_layers)
+    if tuple(chain[0]) != in_shape or tuple(chain[-1]) != layout.grid_shape:
+        raise ValueError(f"chain {chain[0]}..{chain[-1]} does not map {in_shape} to {layout.grid_shape}")
+    model = HyperConvDecoder(chain, kernel).to(dev)
+    n_par = model.count_parameters()
+    if verbose:
+        print(f"hyper-conv decoder: {n_par:,} parameters; chain {chain}; target {layout.n_tokens} tokens "
+              f"{layout.grid_shape[1:]} ({layout.n_params:,} LoRA parameters)")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, steps))
+    gen = torch.Generator().manual_seed(seed)
+    grids_d, mask_d, weight_d = grids.to(dev), mask.to(dev), weight.to(dev)
+    use_bf16 = dev.type == "cuda"
+    losses = []
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, grids.shape[0], (batch_size,), generator=gen)
+        cond, _ = enc.encode_batch([sampler.sample(ds[i]) for i in idx.tolist()])
+        cond = cond.to(dev)
+        y = grids_d[idx.to(dev)]
+        if cond_noise:
+            cond = cond + cond_noise * torch.randn_like(cond)
+        if target_noise:
+            y = y + target_noise * torch.randn_like(y)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            pred = model(cond)
+        loss = weighted_mse(pred.float(), y, mask_d, weight_d)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if verbose and log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"step {step:5d}  loss {losses[-1]:.5f}  lr {sched.get_last_lr()[0]:.2e}")
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(out / "generator.safetensors"))
+    shutil.copy(Path(train[0]["path"]) / ADAPTER_CONFIG, out / "template_adapter_config.json")
+    seconds = time.perf_counter() - t0
+    cfg = {"chain": [list(s) for s in chain], "kernel": kernel, "layout": layout.to_json(), "encoder": enc.name,
+           "max_length": max_length, "n_prompts": n_prompts, "target": target, "holdout": sorted(held),
+           "train_datasets": datasets, "zoo_entries": train, "parameters": n_par, "steps": steps,
+           "batch_size": batch_size, "lr": lr, "seed": seed}
+    with open(out / "generator_config.json", "w") as f:
+        json.dump(cfg, f, indent=1, default=str)
+    summary = {"parameters": n_par, "losses": losses, "seconds": seconds, "out": str(out)}
+    with open(out / "train_log.json", "w") as f:
+        json.dump(summary, f)
+    return summary
+
+
+def load_generator_config(generator_dir: str | Path) -> dict:
+    """The ``generator_config.json`` of a trained generator."""
+    with open(Path(generator_dir) / "generator_config.json") as f:
+        return json.load(f)
+
+
+_LOADED: dict[str, tuple] = {}
+
+
+def load_generator(generator_dir: str | Path, device: str | None = None
+                   ) -> tuple[HyperConvDecoder, ConditionEncoder, TokenLayout, dict]:
+    """(decoder, condition encoder, layout, config) of a trained generator folder."""
+    from safetensors.torch import load_file
+
+    cfg = load_generator_config(generator_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = HyperConvDecoder([tuple(s) for s in cfg["chain"]], cfg["kernel"])
+    model.load_state_dict(load_file(str(Path(generator_dir) / "generator.safetensors")))
+    model.to(dev).eval()
+    enc = ConditionEncoder(cfg["encoder"], max_length=cfg["max_length"], device=dev)
+    return model, enc, TokenLayout.from_json(cfg["layout"]), cfg
+
+
+@torch.no_grad()
+def generate(generator_dir: str | Path, prompts: Sequence[str], n_prompts: int | None = None, seed: int = 0,
+             device: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], float]:
+    """Prompts of an (unseen) dataset -> (PEFT LoRA state dict, seconds).
+
+    Samples ``n_prompts`` (the generator's N) of ``prompts`` with ``seed``; the seconds cover encoding, the decoder
+    pass and detokenisation, not loading the generator (which is cached per folder)."""
+    weights = Path(generator_dir) / "generator.safetensors"
+    key = f"{weights.resolve()}|{weights.stat().st_mtime_ns}|{device}"
+    if key not in _LOADED:
+        _LOADED[key] = load_generator(generator_dir, device)
+    model, enc, layout, cfg = _LOADED[key]
+    n = cfg["n_prompts"]
+    if n_prompts not in (None, n):
+        raise ValueError(f"this generator takes {n} prompts per condition (its chain starts at {cfg['chain'][0]})")
+    dev = next(model.parameters()).device
+    t0 = time.perf_counter()
+    batch = PromptSampler({"x": list(prompts)}, n, seed=seed).sample("x")
+    cond, _ = enc.encode_batch([batch])
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        grid = model(cond.to(dev))[0].float()
+    state = detokenize(from_grid(grid, layout), layout, dtype=dtype)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return state, time.perf_counter() - t0
+
+
+def train_main(args: argparse.Namespace) -> dict:
+    """CLI body of ``softprompt dnd train --zoo ZOO --holdout D --out GEN``.
+
+    Optional attributes (defaults of :func:`train_generator` otherwise): steps, batch_size, n_prompts, max_length,
+    lr, width, n_layers, kernel, chunk, target, encoder, seed, device, and ``prompts`` (a folder of
+    ``<dataset>.jsonl``, or a JSON mapping dataset -> JSONL) or ``prompts_for`` (a callable)."""
+    names = ("steps", "batch_size", "n_prompts", "max_length", "lr", "width", "n_layers", "kernel", "chunk",
+             "target", "encoder", "seed", "device", "prompts", "prompts_for", "weight_decay", "warmup", "log_every")
+    kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    res = train_generator(args.zoo, args.holdout, args.out, **kw)
+    print(f"generator: {res['parameters']:,} parameters, final loss {res['losses'][-1]:.5f}, "
+          f"{res['seconds']:.1f} s -> {res['out']}")
+    return res

@@ -1,0 +1,230 @@
+"""Checkpoint zoo for Drag-and-Drop: one PEFT LoRA per dataset, all from one fixed initialisation.
+
+Layout written by :func:`build_zoo` under ``out``::
+
+    out/
+      manifest.json
+      init/                                  # the shared step-0 LoRA (PEFT folder; B = 0, A from init_seed)
+        adapter_config.json
+        adapter_model.safetensors
+      <dataset with "/" -> "__">/            # e.g. commonsense__arc_easy
+        step_000076/                         # one PEFT folder per kept optimiser step
+          adapter_config.json
+          adapter_model.safetensors
+        ...
+
+Training: answer-only LM loss on the :mod:`templates` prompt (prompt tokens labelled -100; the gold
+answer string plus the tokenizer's EOS are the targets), AdamW, constant lr, batches drawn from a
+seeded shuffle of the dataset's DnD ``zoo`` part (see :mod:`harness`). ``warmup_steps`` optimiser steps
+are run first (nothing kept), then ``checkpoints`` more steps, each saved (steps ``S+1 .. S+C``).
+Every dataset restarts from the exact same LoRA weights (asserted) and a fresh optimiser.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .harness import (
+    default_device,
+    dnd_records,
+    dnd_split_info,
+    encode_item,
+    evaluate_items,
+    pad_id,
+)
+from .templates import canonical_name, format_dataset
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MANIFEST_VERSION = 1
+
+
+def parse_targets(targets: str | Sequence[str]) -> list[str]:
+    """``"all"`` -> the seven projections; ``"qv"`` -> q,v; else a comma list or a sequence of module names."""
+    if isinstance(targets, str):
+        t = targets.strip().lower()
+        if t == "all":
+            return list(ALL_TARGETS)
+        if t == "qv":
+            return ["q_proj", "v_proj"]
+        return [x.strip() for x in targets.split(",") if x.strip()]
+    return list(targets)
+
+
+def dataset_dirname(name: str) -> str:
+    """Folder name of a dataset inside the zoo (``commonsense/arc_easy`` -> ``commonsense__arc_easy``)."""
+    return canonical_name(name).replace("/", "__")
+
+
+def _train_examples(tokenizer: Any, items: Sequence[Any], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per item: prompt masked with -100, gold answer + EOS as targets."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = []
+    for it in items:
+        if it.gold < 0:
+            continue
+        p, answers = encode_item(tokenizer, it, max_prompt_tokens=max(max_length - 8, 1))
+        a = list(answers[it.gold]) + ([int(eos)] if eos is not None else [])
+        out.append((p + a, [-100] * len(p) + a))
+    return out
+
+
+def _batch(examples: Sequence[tuple[list[int], list[int]]], pad: int, device: Any) -> dict[str, torch.Tensor]:
+    """Left-padded batch with position ids skipping the padding."""
+    n = max(len(e[0]) for e in examples)
+    ids = torch.full((len(examples), n), pad, dtype=torch.long)
+    lab = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, n - len(x):] = torch.tensor(x)
+        lab[i, n - len(y):] = torch.tensor(y)
+        mask[i, n - len(x):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": lab, "position_ids": pos}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _lora_state(model: Any) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: str | Sequence[str] = "all",
+              warmup_steps: int = 75, checkpoints: int = 50, out: str | Path = "zoo", *,
+              lora_alpha: float | None = None, lr: float = 1e-4, checkpoint_lr: float | None = None,
+              batch_size: int = 32, max_length: int = 512, init_seed: int = 42, data_seed: int = 0,
+              train_limit: int | None = None, dev_limit: int | None = 50,
+              eval_measures: Sequence[str] = ("loglik", "gen"), eval_batch_size: int = 16,
+              device: str | None = None, dtype: torch.dtype | None = None, model: Any = None,
+              tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Train one LoRA per dataset from a shared initialisation and keep ``checkpoints`` step checkpoints.
+
+    Args:
+        model_name: alias (``smollm2``) or HF folder; ignored for loading when ``model``/``tokenizer`` are given.
+        datasets: registry or short names.
+        rank: LoRA rank r (``lora_alpha`` defaults to 2r, as DnD's r=8/alpha=16).
+        targets: ``"all"`` (q,k,v,o,gate,up,down), ``"qv"`` or module names.
+        warmup_steps: optimiser steps run before the first kept checkpoint.
+        checkpoints: consecutive steps kept per dataset (steps warmup+1 .. warmup+checkpoints).
+        lr / checkpoint_lr: AdamW lr of the warm-up / checkpoint phase (constant; default same).
+        train_limit: use only the first ``train_limit`` records of the zoo part.
+        dev_limit: records of the DnD ``dev`` part scored per checkpoint (None = all; 0 = no scoring).
+        init_seed: torch seed of the LoRA init, identical for every dataset.
+        data_seed: seed of the batch order (per dataset: ``data_seed`` + dataset position).
+
+    Returns:
+        The manifest dict (also written to ``out/manifest.json``).
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from .harness import load_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = device or default_device()
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(model_name, device=dev, dtype=dtype)
+    model.to(dev)
+    tmods = parse_targets(targets)
+    alpha = float(lora_alpha if lora_alpha is not None else 2 * rank)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=tmods, bias="none",
+                     task_type="CAUSAL_LM")
+    torch.manual_seed(init_seed)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(str(out / "init"))
+    init_state = _lora_state(peft_model)
+    pad = pad_id(tokenizer)
+    manifest: dict[str, Any] = {
+        "version": MANIFEST_VERSION, "model": model_name, "rank": rank, "lora_alpha": alpha,
+        "target_modules": tmods, "init_seed": init_seed, "init_path": "init", "warmup_steps": warmup_steps,
+        "num_checkpoints": checkpoints, "lr": lr, "checkpoint_lr": checkpoint_lr if checkpoint_lr is not None else lr,
+        "batch_size": batch_size, "max_length": max_length, "data_seed": data_seed, "train_limit": train_limit,
+        "dev_limit": dev_limit, "eval_measures": list(eval_measures), "datasets": {}, "checkpoints": [],
+    }
+    for d_i, raw in enumerate(datasets):
+        name = canonical_name(raw)
+        t0 = time.time()
+        set_peft_model_state_dict(peft_model, {k: v.to(dev) for k, v in init_state.items()})
+        now = _lora_state(peft_model)
+        assert all(torch.equal(now[k], init_state[k]) for k in init_state), "LoRA init differs across datasets"
+        recs = dnd_records(name, "zoo")
+        if train_limit is not None:
+            recs = recs[:train_limit]
+        examples = _train_examples(tokenizer, format_dataset(name, recs, tokenizer), max_length)
+        dev_items = []
+        if dev_limit != 0:
+            dev_recs = dnd_records(name, "dev")
+            dev_items = format_dataset(name, dev_recs[:dev_limit] if dev_limit else dev_recs, tokenizer)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        rng = random.Random(data_seed + d_i)
+        order: list[int] = []
+        entry = {"dir": dataset_dirname(name), "splits": dnd_split_info(name), "n_zoo": len(examples),
+                 "n_dev": len(dev_items), "checkpoints": []}
+        from tqdm.auto import tqdm
+
+        total = warmup_steps + checkpoints
+        for step in tqdm(range(1, total + 1), desc=f"zoo {name}", disable=not progress, leave=False):
+            if step == warmup_steps + 1 and checkpoint_lr is not None:
+                for g in opt.param_groups:
+                    g["lr"] = checkpoint_lr
+            batch_ex = []
+            while len(batch_ex) < min(batch_size, len(examples)):
+                if not order:
+                    order = list(range(len(examples)))
+                    rng.shuffle(order)
+                batch_ex.append(examples[order.pop()])
+            peft_model.train()
+            loss = peft_model(**_batch(batch_ex, pad, dev)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step > warmup_steps:
+                rel = f"{dataset_dirname(name)}/step_{step:06d}"
+                peft_model.save_pretrained(str(out / rel))
+                rec: dict[str, Any] = {"dataset": name, "step": step, "path": rel, "train_loss": float(loss.detach())}
+                if dev_items:
+                    sc = evaluate_items(peft_model, tokenizer, dev_items, eval_batch_size, eval_measures,
+                                        progress=False)
+                    rec.update({k: sc[k] for k in ("loglik_acc", "gen_acc", "gen_invalid", "n") if k in sc})
+                manifest["checkpoints"].append(rec)
+                entry["checkpoints"].append(rel)
+        entry["seconds"] = round(time.time() - t0, 2)
+        manifest["datasets"][name] = entry
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        del opt
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_manifest(zoo: str | Path) -> dict[str, Any]:
+    """Read ``zoo/manifest.json``."""
+    return json.loads((Path(zoo) / "manifest.json").read_text())
+
+
+def zoo_main(args: Any) -> dict[str, Any]:
+    """CLI body of ``softprompt dnd zoo``.
+
+    Reads ``args.model``, ``args.datasets`` (comma string or list; default all seven), ``args.rank``,
+    ``args.targets``, ``args.warmup_steps``, ``args.checkpoints``, ``args.out``; optional ``lr``,
+    ``checkpoint_lr``, ``batch_size``, ``max_length``, ``init_seed``, ``train_limit``, ``dev_limit``, ``device``.
+    """
+    from .templates import DATASETS
+
+    ds = getattr(args, "datasets", None) or list(DATASETS)
+    if isinstance(ds, str):
+        ds = [x.strip() for x in ds.split(",") if x.strip()]
+    kw = {k: getattr(args, k) for k in ("lr", "checkpoint_lr", "batch_size", "max_length", "init_seed",
+                                         "train_limit", "dev_limit", "device")
+          if getattr(args, k, None) is not None}
+    m = build_zoo(args.model, ds, rank=getattr(args, "rank", 8) or 8, targets=getattr(args, "targets", "all") or "all",
+                  warmup_steps=args.warmup_steps, checkpoints=args.checkpoints, out=args.out, **kw)
+    print(json.dumps({"out": str(args.out), "datasets": list(m["datasets"]),
+                      "checkpoints": len(m["checkpoints"])}, indent=2))
+    return m

@@ -63,16 +63,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def texts_from_args(args, command: str) -> list[str]:
+    """Texts of a prediction command: repeated ``--text`` flags, or ``--file`` with one text per line."""
+    if args.text:
+        return list(args.text)
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    raise SystemExit(f"softprompt {command}: give --text \"...\" (repeatable) or --file texts.txt")
+
+
 def cmd_predict(args) -> int:
     from .train.runner import predict
 
-    if args.text:
-        texts = list(args.text)
-    elif args.file:
-        with open(args.file, encoding="utf-8") as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
-    else:
-        raise SystemExit("softprompt predict: give --text \"...\" (repeatable) or --file texts.txt")
+    texts = texts_from_args(args, "predict")
     for row in predict(args.adapter, texts):
         print(json.dumps(row, ensure_ascii=False))
     return 0

@@ -116,13 +116,9 @@ def cmd_probe(args) -> int:
 def cmd_probe_predict(args) -> int:
     from .api import probe_predict
 
-    if args.text:
-        texts = list(args.text)
-    elif args.file:
-        with open(args.file, encoding="utf-8") as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
-    else:
-        raise SystemExit("softprompt probe-predict: give --text \"...\" (repeatable) or --file texts.txt")
+    from ..cli import texts_from_args
+
+    texts = texts_from_args(args, "probe-predict")
     pairs = list(args.text_pair) if args.text_pair else None
     if pairs is not None and len(pairs) != len(texts):
         raise SystemExit("softprompt probe-predict: give one --text-pair per --text")

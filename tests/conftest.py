@@ -62,27 +62,30 @@ def batch():
     return ids, mask
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny BERT + a word-level tokenizer over a small vocabulary, saved like any HF model folder."""
+def save_tiny_bert(directory, words: list[str]) -> str:
+    """Save a tiny bare BERT + a word-level tokenizer over ``words`` like a pretrained checkpoint folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
-    words = "good great fine bad awful poor movie film the a is was very not".split()
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words)}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + list(dict.fromkeys(words)))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    from tokenizers.processors import TemplateProcessing
-
     tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                   sep_token="[SEP]")
-    d = tmp_path_factory.mktemp("tinybert")
-    model = tiny("bert", pad_token_id=0, initializer_range=0.3).bert  # a bare encoder, as pretrained checkpoints are
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    # initializer_range 0.3: at the default 0.02 a tiny random encoder passes almost no signal through.
+    tiny("bert", pad_token_id=0, initializer_range=0.3).bert.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT + a word-level tokenizer over a small vocabulary, saved like any HF model folder."""
+    words = "good great fine bad awful poor movie film the a is was very not".split()
+    return save_tiny_bert(tmp_path_factory.mktemp("tinybert"), words)
 
 
 @pytest.fixture(scope="session")

@@ -243,7 +243,7 @@ def test_gate_target_matches_hand_gated_prefix_through_engine(target):
         with torch.no_grad():
             for i, t in plain.method.tables.items():
                 t.copy_(model.method.tables[i])
-            inputs, state = plain.build_state(ids, mask, None)
+            inputs, state, _ = plain.build_state(ids, mask, None)
             for i, g in gates.items():
                 state.layers[i].gate = g["lambda"] * g["alpha"]
                 state.layers[i].gate_values_only = tgt == "v"

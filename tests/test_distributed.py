@@ -13,13 +13,22 @@ ARGS = ["--method", "prefix", "--text-column", "sentence", "--label-column", "se
         "--num-virtual-tokens", "4", "--max-length", "16", "--seed", "0", "--option", "dropout=0.0"]
 
 
+def _free_port() -> int:
+    """A port nobody listens on now (a fixed port can still be in TIME_WAIT from the previous launch)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _run(args, nproc, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
     if nproc == 1:
         cmd = [sys.executable, "-m", "softprompt", "train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "softprompt", "train", *args]
+               str(_free_port()), "-m", "softprompt", "train", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -84,7 +93,7 @@ def test_accelerate_launch_works(dropout_free_bert, sentiment_csv, tmp_path):
     out = tmp_path / "acc"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--main_process_port",
-           str(29700 + os.getpid() % 200), "-m", "softprompt", "train", "--model", dropout_free_bert, "--file",
+           str(_free_port()), "-m", "softprompt", "train", "--model", dropout_free_bert, "--file",
            sentiment_csv, *ARGS, "--max-steps", "3", "--batch-size", "8", "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

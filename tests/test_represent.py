@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import save_tiny_bert
 
 import softprompt as sp
 from softprompt.cli import main
@@ -21,21 +21,7 @@ WORDS = "good great fine bad awful poor movie film the a is was very not plot ac
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny bare BERT + word-level tokenizer, saved like a pretrained checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                  sep_token="[SEP]")
-    d = tmp_path_factory.mktemp("tinybert")
-    tiny("bert", pad_token_id=0, initializer_range=0.3).bert.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_bert(tmp_path_factory.mktemp("tinybert"), WORDS)
 
 
 @pytest.fixture(scope="module")

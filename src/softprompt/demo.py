@@ -8,8 +8,6 @@ import time
 
 def run_demo(output: str = "runs/demo-sst2-prefix", steps: int = 300, data_dir: str | None = None) -> int:
     """Train a 20-token prefix on SST-2, print dev accuracy, save, reload, check the reload, predict."""
-    import torch
-
     from .train.runner import TrainConfig, evaluate, predict, train
 
     print(f"[demo] training prefix tuning (20 tokens) on glue/sst2 with MiniLM-L6 for {steps} steps ...", flush=True)
@@ -28,5 +26,4 @@ def run_demo(output: str = "runs/demo-sst2-prefix", steps: int = 300, data_dir: 
                                 "The plot is thin and the jokes fall flat."]):
         print("[demo] predict:", json.dumps(row))
     print(f"[demo] done in {time.time() - start:.0f} s")
-    torch.set_num_threads(torch.get_num_threads())
     return 0 if same else 1

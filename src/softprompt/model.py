@@ -64,8 +64,9 @@ class SoftPromptModel(nn.Module):
 
     def build_state(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None
-    ) -> tuple[dict, InjectionState]:
-        """Run the method and turn its contribution into model inputs + the engine state of this forward."""
+    ) -> tuple[dict, InjectionState, tuple[int, int] | None]:
+        """Run the method and turn its contribution into model inputs, the engine state of this forward and the
+        (position, length) of an input-layer prompt (None without one)."""
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, length = ref.shape[0], ref.shape[1]
         if attention_mask is None:
@@ -89,14 +90,12 @@ class SoftPromptModel(nn.Module):
             ones = attention_mask.new_ones(batch, prompt.shape[1])
             inputs["attention_mask"] = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
             inputs["inputs_embeds"] = inputs_embeds
-            self._prompt_span = (at, prompt.shape[1])
+            return inputs, state, (at, prompt.shape[1])
+        if inputs_embeds is not None:
+            inputs["inputs_embeds"] = inputs_embeds
         else:
-            self._prompt_span = None
-            if inputs_embeds is not None:
-                inputs["inputs_embeds"] = inputs_embeds
-            else:
-                inputs["input_ids"] = input_ids
-        return inputs, state
+            inputs["input_ids"] = input_ids
+        return inputs, state, None
 
     def _check_length(self, length: int) -> None:
         limit = self.info.max_positions
@@ -109,8 +108,9 @@ class SoftPromptModel(nn.Module):
                 f"{limit} of {self.info.model_type}; truncate inputs to at most {limit - extra} tokens (max_length)"
             )
 
-    def _pad_span(self, tensor: torch.Tensor, value) -> torch.Tensor:
-        at, t = self._prompt_span
+    @staticmethod
+    def _pad_span(tensor: torch.Tensor, span: tuple[int, int], value) -> torch.Tensor:
+        at, t = span
         pad = tensor.new_full((tensor.shape[0], t, *tensor.shape[2:]), value)
         return torch.cat([tensor[:, :at], pad, tensor[:, at:]], dim=1)
 
@@ -118,14 +118,14 @@ class SoftPromptModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         """Same inputs and outputs as the base model."""
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        inputs, state = self.build_state(input_ids, attention_mask, inputs_embeds)
-        if self._prompt_span is not None:
+        inputs, state, span = self.build_state(input_ids, attention_mask, inputs_embeds)
+        if span is not None:
             # Prompt positions carry no labels, no token types and no explicit positions (PEFT does the same).
             kwargs.pop("position_ids", None)
             if kwargs.get("token_type_ids") is not None:
-                kwargs["token_type_ids"] = self._pad_span(kwargs["token_type_ids"], 0)
+                kwargs["token_type_ids"] = self._pad_span(kwargs["token_type_ids"], span, 0)
             if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
-                labels = self._pad_span(labels, -100)
+                labels = self._pad_span(labels, span, -100)
         if getattr(self.method_config, "shift_positions", False) and kwargs.get("position_ids") is None:
             shift = max(self.method.lengths)
             ref = inputs.get("input_ids", inputs.get("inputs_embeds"))
@@ -133,8 +133,8 @@ class SoftPromptModel(nn.Module):
                 ref.shape[0], -1)
         out = self.base_model(**inputs, labels=labels, **kwargs, **{STATE_KWARG: state})
         logits = getattr(out, "logits", None)
-        if self._prompt_span is not None and logits is not None and logits.dim() == 3 and logits.shape[1] > length:
-            at, t = self._prompt_span
+        if span is not None and logits is not None and logits.dim() == 3 and logits.shape[1] > length:
+            at, t = span
             out["logits"] = torch.cat([logits[:, :at], logits[:, at + t :]], dim=1)
         return out
 
@@ -144,7 +144,7 @@ class SoftPromptModel(nn.Module):
         if getattr(self.method_config, "shift_positions", False):
             raise ValueError("shift_positions=True (PEFT's position numbering) is for training/forward only; "
                              "generate() numbers positions itself. Re-create the config without it to generate.")
-        inputs, state = self.build_state(input_ids, attention_mask, None)
+        inputs, state, _ = self.build_state(input_ids, attention_mask, None)
         base = self.base_model
         validate = base._validate_model_kwargs
 

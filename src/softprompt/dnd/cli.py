@@ -4,36 +4,27 @@ from __future__ import annotations
 
 
 
-def _zoo(args) -> int:
-    from .zoo import zoo_main
+def _step(module: str, function: str, dataset_attr: str | None = None):
+    """A subcommand handler that imports its step lazily (torch/peft load only when it runs) and maps short
+    dataset names (``arc_easy``, ``boolq``) to registry names."""
 
-    zoo_main(args)
-    return 0
+    def run(args) -> int:
+        import importlib
 
+        from .templates import canonical_name
 
-def _train(args) -> int:
-    from .generator import train_main
-    from .templates import canonical_name
+        if dataset_attr:
+            setattr(args, dataset_attr, canonical_name(getattr(args, dataset_attr)))
+        getattr(importlib.import_module(module, __package__), function)(args)
+        return 0
 
-    args.holdout = canonical_name(args.holdout)
-    train_main(args)
-    return 0
-
-
-def _generate(args) -> int:
-    from .export import generate_main
-
-    generate_main(args)
-    return 0
+    return run
 
 
-def _eval(args) -> int:
-    from .harness import eval_main
-    from .templates import canonical_name
-
-    args.dataset = canonical_name(args.dataset)
-    eval_main(args)
-    return 0
+_zoo = _step(".zoo", "zoo_main")
+_train = _step(".generator", "train_main", "holdout")
+_generate = _step(".export", "generate_main")
+_eval = _step(".harness", "eval_main", "dataset")
 
 
 def add_dnd_parser(sub) -> None:

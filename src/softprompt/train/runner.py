@@ -416,8 +416,3 @@ def _last_checkpoint(output: str) -> str | None:
         if (d / "optimizer.pt").exists() and (d / "scheduler.pt").exists():
             return str(d)
     return None
-
-
-def write_json(path: str, obj) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, json.loads(json.dumps(obj, default=_py)))

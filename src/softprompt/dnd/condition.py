@@ -22,11 +22,12 @@ class ConditionEncoder:
         model: alias (``"minilm"``) or a local HF folder.
         max_length: tokens per prompt after padding/truncation (L).
         device: torch device for the encoder.
-        cache: keep each prompt's states (CPU, float32) for reuse.
+        cache: keep each prompt's states (float32) for reuse.
+        cache_device: where cached states live (default CPU; the encoder's device avoids a host copy per batch).
     """
 
     def __init__(self, model: str = "minilm", max_length: int = 128, device: str | torch.device = "cpu",
-                 cache: bool = True) -> None:
+                 cache: bool = True, cache_device: str | torch.device = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
 
         from ..resources import resolve
@@ -41,6 +42,7 @@ class ConditionEncoder:
         self.max_length = max_length
         self.hidden = int(self.model.config.hidden_size)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.cache_device = torch.device(cache_device)
 
     @torch.no_grad()
     def _encode_new(self, prompts: list[str], batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,7 +53,8 @@ class ConditionEncoder:
             h = self.model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].bool()
             h = h * mask[..., None]  # padded positions are exactly zero
-            out += [(h[j].cpu(), mask[j].cpu()) for j in range(h.shape[0])]
+            h, mask = h.to(self.cache_device), mask.to(self.cache_device)
+            out += [(h[j], mask[j]) for j in range(h.shape[0])]
         return out
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

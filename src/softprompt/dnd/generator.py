@@ -173,15 +173,25 @@ def registry_prompts_for(dataset: str, part: str = "zoo") -> list[str]:
     return [user_message(dataset, r)[0] for r in dnd_records(dataset, part)]
 
 
-def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab"
-                     ) -> tuple[TokenLayout, torch.Tensor, list[str]]:
-    """Tokenise every zoo checkpoint: (layout, grids [M, T, r+2, c+2] float32, dataset of each)."""
+def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
+                     cache: dict | None = None) -> tuple[TokenLayout, torch.Tensor, list[str]]:
+    """Tokenise every zoo checkpoint: (layout, grids [M, T, r+2, c+2] float32, dataset of each).
+
+    ``cache`` (optional) maps ``(path, chunk, target)`` to a checkpoint's grid: hits are not re-tokenised and
+    misses are added, so several generators trained in one process tokenise each checkpoint once."""
     layout, grids, ds = None, [], []
     for e in entries:
-        st = canonicalize_state(load_adapter(e["path"]), target)
-        if layout is None:
-            layout = TokenLayout.from_state_dict(st, chunk)
-        grids.append(to_grid(tokenize(st, layout)))
+        key = (str(e["path"]), chunk, target)
+        if layout is None or cache is None or key not in cache:
+            st = canonicalize_state(load_adapter(e["path"]), target)
+            if layout is None:
+                layout = TokenLayout.from_state_dict(st, chunk)
+        if cache is not None and key in cache:
+            grids.append(cache[key])
+        else:
+            grids.append(to_grid(tokenize(st, layout)))
+            if cache is not None:
+                cache[key] = grids[-1]
         ds.append(e["dataset"])
     if layout is None:
         raise ValueError("empty zoo")
@@ -190,18 +200,22 @@ def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab"
 
 def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequence[str] | None,
                     out: str | Path, steps: int = 1000, *, prompts: PromptSource | None = None,
-                    prompts_for: Callable[[str], Sequence[str]] | None = None, encoder: str = "minilm",
+                    prompts_for: Callable[[str], Sequence[str]] | None = None,
+                    encoder: str | ConditionEncoder = "minilm",
                     max_length: int = 128, n_prompts: int = 32, batch_size: int = 8, lr: float = 3e-5,
                     weight_decay: float = 0.1, warmup: int = 1, clip: float = 1.0, width: int = 64,
                     n_layers: int = 4, kernel: int = 9, chain: Sequence[Shape] | None = None, chunk: int = 192,
                     target: str = "ab", cond_noise: float = 1e-4, target_noise: float = 1e-5,
                     weighting: str = "std", seed: int = 0, device: str | None = None, log_every: int = 50,
-                    verbose: bool = True) -> dict:
+                    verbose: bool = True, grid_cache: dict | None = None) -> dict:
     """Train a hyper-conv decoder on a zoo, leaving out the ``holdout`` dataset(s); save it to ``out``.
 
     ``zoo_dir``: zoo folder / manifest / list of entries (``dataset``, ``path``, …). Prompts per dataset come from
     ``prompts_for(dataset)`` or ``prompts`` (see :func:`.condition.prompts_by_dataset`), else from a ``prompts``
-    field (JSONL path) of the manifest entries, else from the task registry (:func:`registry_prompts_for`). Writes ``generator.safetensors``, ``generator_config.json``
+    field (JSONL path) of the manifest entries, else from the task registry (:func:`registry_prompts_for`).
+    ``encoder`` is an alias/folder or an already loaded :class:`ConditionEncoder` (its prompt cache is then shared
+    between generators; its ``max_length`` must equal ``max_length``); ``grid_cache`` is passed to
+    :func:`load_zoo_tensors`. Writes ``generator.safetensors``, ``generator_config.json``
     (chain, kernel, layout, encoder, …), ``template_adapter_config.json`` and ``train_log.json``; returns a summary
     with ``losses``, ``parameters`` and ``seconds``."""
     from safetensors.torch import save_file
@@ -233,10 +247,15 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
             raise ValueError(f"no prompts for {[d for d in datasets if d not in src]}: pass prompts= or prompts_for=")
         pool = prompts_by_dataset(src or registry_prompts_for, datasets)
 
-    layout, grids, ds = load_zoo_tensors(train, chunk, target)
+    layout, grids, ds = load_zoo_tensors(train, chunk, target, cache=grid_cache)
     mask = grid_mask(layout)
     weight = token_weights(grids, ds) if weighting == "std" else torch.ones(grids.shape[1])
-    enc = ConditionEncoder(encoder, max_length=max_length, device=dev)
+    if isinstance(encoder, ConditionEncoder):
+        enc = encoder
+        if enc.max_length != max_length:
+            raise ValueError(f"encoder max_length {enc.max_length} != max_length {max_length}")
+    else:
+        enc = ConditionEncoder(encoder, max_length=max_length, device=dev)
     sampler = PromptSampler(pool, n_prompts, seed=seed)
     in_shape = (n_prompts, max_length, enc.hidden)
     chain = [tuple(s) for s in chain] if chain else plan_chain(in_shape, layout.grid_shape, width, n_layers)

@@ -102,7 +102,7 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
               train_limit: int | None = None, dev_limit: int | None = 50,
               eval_measures: Sequence[str] = ("loglik", "gen"), eval_batch_size: int = 16,
               device: str | None = None, dtype: torch.dtype | None = None, model: Any = None,
-              tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
+              tokenizer: Any = None, progress: bool = True, curve_steps: Sequence[int] = ()) -> dict[str, Any]:
     """Train one LoRA per dataset from a shared initialisation and keep ``checkpoints`` step checkpoints.
 
     Args:
@@ -117,6 +117,11 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         dev_limit: records of the DnD ``dev`` part scored per checkpoint (None = all; 0 = no scoring).
         init_seed: torch seed of the LoRA init, identical for every dataset.
         data_seed: seed of the batch order (per dataset: ``data_seed`` + dataset position).
+        curve_steps: warm-up steps (<= ``warmup_steps``) also saved, as ``<dataset>/curve_<step>`` (a training
+            curve for cost comparisons; listed in the dataset's ``curve`` entry, never in ``checkpoints``).
+
+    Every kept checkpoint and curve point records ``train_seconds``: the cumulative time of the optimiser steps
+    so far (forward, backward, update; CUDA-synchronised), excluding saving and scoring.
 
     Returns:
         The manifest dict (also written to ``out/manifest.json``).
@@ -145,7 +150,8 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         "target_modules": tmods, "init_seed": init_seed, "init_path": "init", "warmup_steps": warmup_steps,
         "num_checkpoints": checkpoints, "lr": lr, "checkpoint_lr": checkpoint_lr if checkpoint_lr is not None else lr,
         "batch_size": batch_size, "max_length": max_length, "data_seed": data_seed, "train_limit": train_limit,
-        "dev_limit": dev_limit, "eval_measures": list(eval_measures), "datasets": {}, "checkpoints": [],
+        "dev_limit": dev_limit, "eval_measures": list(eval_measures),
+        "curve_steps": sorted(int(x) for x in curve_steps), "datasets": {}, "checkpoints": [],
     }
     for d_i, raw in enumerate(datasets):
         name = canonical_name(raw)
@@ -166,10 +172,13 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         rng = random.Random(data_seed + d_i)
         order: list[int] = []
         entry = {"dir": dataset_dirname(name), "splits": dnd_split_info(name), "n_zoo": len(examples),
-                 "n_dev": len(dev_items), "checkpoints": []}
+                 "n_dev": len(dev_items), "checkpoints": [], "curve": []}
+        train_seconds = 0.0
+        sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else (lambda: None)
         from tqdm.auto import tqdm
 
         total = warmup_steps + checkpoints
+        curve = {int(x) for x in curve_steps}
         for step in tqdm(range(1, total + 1), desc=f"zoo {name}", disable=not progress, leave=False):
             if step == warmup_steps + 1 and checkpoint_lr is not None:
                 for g in opt.param_groups:
@@ -181,14 +190,25 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
                     rng.shuffle(order)
                 batch_ex.append(examples[order.pop()])
             peft_model.train()
-            loss = peft_model(**_batch(batch_ex, pad, dev)).loss
+            inputs = _batch(batch_ex, pad, dev)
+            sync()
+            t_step = time.perf_counter()
+            loss = peft_model(**inputs).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sync()
+            train_seconds += time.perf_counter() - t_step
+            if step <= warmup_steps and step in curve:
+                rel = f"{dataset_dirname(name)}/curve_{step:06d}"
+                peft_model.save_pretrained(str(out / rel))
+                entry["curve"].append({"step": step, "path": rel, "train_seconds": round(train_seconds, 4),
+                                       "train_loss": float(loss.detach())})
             if step > warmup_steps:
                 rel = f"{dataset_dirname(name)}/step_{step:06d}"
                 peft_model.save_pretrained(str(out / rel))
-                rec: dict[str, Any] = {"dataset": name, "step": step, "path": rel, "train_loss": float(loss.detach())}
+                rec: dict[str, Any] = {"dataset": name, "step": step, "path": rel, "train_loss": float(loss.detach()),
+                                       "train_seconds": round(train_seconds, 4)}
                 if dev_items:
                     sc = evaluate_items(peft_model, tokenizer, dev_items, eval_batch_size, eval_measures,
                                         progress=False)
@@ -196,6 +216,7 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
                 manifest["checkpoints"].append(rec)
                 entry["checkpoints"].append(rel)
         entry["seconds"] = round(time.time() - t0, 2)
+        entry["train_seconds"] = round(train_seconds, 4)
         manifest["datasets"][name] = entry
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         del opt

@@ -54,6 +54,59 @@ def test_gradient_checkpointing_gives_same_gradients(kind, config, batch):
         torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.fixture
+def hooks_inside_checkpoint(monkeypatch):
+    """Checkpoint the whole ``__call__`` of every layer, module hooks included, as transformers 5.17 does (5.24
+    checkpoints ``forward`` only, so hooks run once). One-shot steps in our layer pre-hooks must then replay
+    identically: the GPU run under 5.17 failed with "A different number of tensors was saved" before the fix."""
+    from functools import partial
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def call_517(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(partial(torch.nn.Module.__call__, self, **kwargs), *args)
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+
+    def patch(model):
+        for block in attach(model).blocks:
+            cls = type(block)
+            assert issubclass(cls, GradientCheckpointingLayer)
+            monkeypatch.setattr(cls, "forward", getattr(cls.forward, "__wrapped__", cls.forward))
+            monkeypatch.setattr(cls, "__call__", call_517)
+
+    return patch
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("config", [
+    sp.LatePromptConfig(num_virtual_tokens=3, layer=1, dropout=0.2),
+    sp.LatePromptConfig(num_virtual_tokens=3, layer=1, generator="npg", bottleneck=8),
+    sp.IDSPAMConfig(num_virtual_tokens=3, layer=1, bottleneck=8),
+    sp.IDSPAMConfig(num_virtual_tokens=3, layer=1, bottleneck=8, embed_source="full"),
+    sp.APTConfig(num_virtual_tokens=3),
+], ids=lambda c: f"{c.method}-{getattr(c, 'generator', '')}{getattr(c, 'embed_source', '')}")
+def test_checkpointing_with_hooks_inside_the_checkpoint(kind, config, batch, hooks_inside_checkpoint):
+    ids, mask = batch
+    torch.manual_seed(0)
+    plain = sp.wrap(tiny(kind), config).train()
+    ckpt = sp.wrap(tiny(kind), config).train()
+    ckpt.method.load_state_dict(plain.method.state_dict())
+    hooks_inside_checkpoint(ckpt.base_model)
+    ckpt.gradient_checkpointing_enable()
+    labels = torch.tensor([0, 1, 0]) if kind == "bert" else ids.masked_fill(mask == 0, -100)
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)  # same dropout masks in both runs (checkpointing restores the RNG for the replay)
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.method.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        assert grads[0][name].abs().sum() > 0, name
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
 def test_zero_length_prefix_is_the_base_model(batch):
     """T4: a prefix of length 0 at every layer (and layers without an entry) leave the model exactly as it was."""
     ids, mask = batch

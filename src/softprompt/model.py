@@ -74,7 +74,9 @@ class SoftPromptModel(nn.Module):
         self._check_length(length)
         embed = self.base_model.get_input_embeddings()
         contrib = self.method(MethodInputs(input_ids, attention_mask, embed, batch))
-        state = InjectionState(attention_mask=attention_mask, layer_hook=contrib.layer_hook)
+        replays = self.base_model.training and torch.is_grad_enabled() and bool(
+            getattr(self.base_model, "is_gradient_checkpointing", False))
+        state = InjectionState(attention_mask=attention_mask, layer_hook=contrib.layer_hook, replays=replays)
         for i, (k, v) in contrib.prefixes.items():
             state.layers[i] = LayerInjection(key=k, value=v)
         if contrib.insertion is not None:

@@ -150,7 +150,7 @@ class Injector:
             if state.layer_hook is not None:
                 state.layer_hook(index, hidden, state)
             ins = state.insertion
-            if ins is None or ins.layer != index or ins.consumed:
+            if ins is None or ins.layer != index or (ins.consumed and not state.replays):
                 return None
             if self.info.is_causal:
                 # Causal decoders: the inserted tokens become key/value prefixes of layers index..L-1.

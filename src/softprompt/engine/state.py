@@ -71,6 +71,12 @@ class InjectionState:
     # Filled by the engine when capturing keys/values (probe forward, insertion-to-prefix conversion).
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     calls: dict[int, int] | None = None
+    # True when a layer may run twice in one forward pass: activation checkpointing replays it during backward, and
+    # transformers versions differ in whether module hooks sit inside the checkpointed call (5.17) or outside (5.24).
+    # One-shot steps inside a layer call (turning an insertion into prefixes, generating a prompt at layer m) must
+    # then run again on the replay, identically, instead of reusing their first result: the replay has to save the
+    # same tensors as the first run.
+    replays: bool = False
 
     def layer(self, index: int) -> LayerInjection:
         """Return (creating if needed) the injection of one layer."""

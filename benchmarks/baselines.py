@@ -16,36 +16,103 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 OURS = {"prompt", "ptuning", "prefix", "lpt", "apt", "idspam"}
-# Variants of our methods: name -> (method, extra options).
-VARIANTS = {"prefix_rand": ("prefix", {"init": "random"}), "prefix_shift": ("prefix", {"shift_positions": True}), "prompt_after_cls": ("prompt", {"position": "after_cls"})}
+# Variants of our methods: name -> (method, extra options). "<idspam|lpt>_L<m>" (insertion layer m) and "pt2star"
+# (prefix tuning with APT-derived per-layer lengths) are parsed in method_of().
+VARIANTS = {"prefix_rand": ("prefix", {"init": "random"}), "prefix_shift": ("prefix", {"shift_positions": True}),
+            "prompt_after_cls": ("prompt", {"position": "after_cls"}),
+            "idspam_meanpool": ("idspam", {"pooling": "mean"})}
 OTHERS = {"peft_lora", "peft_prefix", "peft_prompt", "peft_ptuning", "linear_probe", "full_ft"}
-EPOCHS = {"glue/sst2": 3, "glue/rte": 20, "glue/mrpc": 10, "glue/cola": 5}
+EPOCHS = {"glue/sst2": 3, "glue/rte": 20, "glue/mrpc": 10, "glue/cola": 5, "glue/stsb": 5, "superglue/cb": 30,
+          "conll2003": 3}
+TRAIN_SIZES = {"glue/sst2": 67349, "glue/rte": 2490, "glue/mrpc": 3668, "glue/cola": 8551, "glue/stsb": 5749,
+               "superglue/cb": 250, "conll2003": 14041}
+# "<task>@fewshot": the FewGLUE protocol: train on the 32-example train32 file, evaluate on the SuperGLUE dev set.
+FEWSHOT = "@fewshot"
+FEWSHOT_EPOCHS = 100  # 32 examples in one batch of 32: 100 steps
 LR = {"peft_lora": 5e-4, "peft_prefix": 1e-2, "peft_prompt": 3e-2, "peft_ptuning": 1e-3, "linear_probe": 1e-3,
       "full_ft": 5e-5}
-VIRTUAL_TOKENS = 20
+VIRTUAL_TOKENS = 20  # prompt, P-tuning, prefix and APT; LPT and ID-SPAM keep their default t=10 (same t, same m)
+PT2_BUDGET = 60  # PT-2*: total prefix tokens over all layers (APT and prefix tuning use 20 x 6 = 120 on MiniLM)
+
+GLUE4 = ["glue/sst2", "glue/mrpc", "glue/rte", "glue/cola"]
+APT_TASKS = ["glue/rte", "glue/mrpc", "glue/cola", "glue/sst2", "superglue/cb", "conll2003"]
+FEWGLUE = [f"superglue/{t}{FEWSHOT}" for t in ("boolq", "cb", "copa", "rte", "wic", "wsc")]
+IDSPAM_TASKS = ["glue/sst2", "glue/mrpc", "glue/rte", "glue/cola", "glue/stsb", "superglue/cb"]
+
+
+def suite(name: str) -> list[tuple[str, str]]:
+    """(task, method) pairs of a named suite, in launch order (long runs first so that they do not finish last)."""
+    if name == "core":
+        pairs = [(t, m) for t in GLUE4 for m in ("prompt", "ptuning", "prefix", "lpt", "peft_lora", "linear_probe",
+                                                  "full_ft")]
+        return [("glue/sst2", "prefix_shift")] + pairs
+    if name == "apt":
+        return ([(t, m) for t in APT_TASKS for m in ("apt", "prefix")] + [(t, m) for t in FEWGLUE for m in
+                ("apt", "prefix")] + [(t, "pt2star") for t in APT_TASKS])
+    if name == "idspam":
+        return [(t, m) for t in IDSPAM_TASKS for m in ("idspam", "prompt", "ptuning", "lpt", "peft_lora",
+                                                      "idspam_meanpool")]
+    if name == "sweep":
+        return [(t, f"{m}_L{layer}") for t in ("glue/rte", "glue/mrpc") for m in ("idspam", "lpt") for layer in range(6)]
+    raise SystemExit(f"unknown suite {name!r}: core, apt, idspam, sweep")
+
+
+def method_of(method: str) -> tuple[str, dict]:
+    """Our method name and options of a (variant) method name."""
+    m = re.fullmatch(r"(idspam|lpt)_L(\d+)", method)
+    if m:
+        return m.group(1), {"layer": int(m.group(2))}
+    if method == "pt2star":
+        return "prefix", {}
+    return VARIANTS.get(method, (method, {}))
+
+
+def split_task(task: str) -> tuple[str, dict]:
+    """Registry task name and TrainConfig split options of a task key (``superglue/cb@fewshot``)."""
+    if task.endswith(FEWSHOT):
+        return task[: -len(FEWSHOT)], {"train_split": "train32", "eval_split": "val"}
+    return task, {}
+
+
+def epochs_of(task: str) -> float:
+    return FEWSHOT_EPOCHS if task.endswith(FEWSHOT) else EPOCHS.get(task, 3)
+
+
+def estimated_steps(task: str) -> int:
+    n = 32 if task.endswith(FEWSHOT) else TRAIN_SIZES.get(task, 10000)
+    return int(math.ceil(n / 32) * epochs_of(task))
 
 
 def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool, epochs: float | None) -> dict:
     """One training run; returns the metrics dict (also written to JSON)."""
-    epochs = epochs or EPOCHS.get(task, 3)
-    if method in OURS or method in VARIANTS:
+    epochs = epochs or epochs_of(task)
+    if method in OURS or method in VARIANTS or method == "pt2star" or re.fullmatch(r"(idspam|lpt)_L\d+", method):
         from softprompt.train.runner import TrainConfig, train
 
-        base_method, extra = VARIANTS.get(method, (method, {}))
-        opts = {} if base_method == "lpt" else {"num_virtual_tokens": VIRTUAL_TOKENS}
+        base_method, extra = method_of(method)
+        opts = {} if base_method in ("lpt", "idspam") else {"num_virtual_tokens": VIRTUAL_TOKENS}
         opts.update(extra)
-        cfg = TrainConfig(method=base_method, model=model, task=task, output=f"{out}/adapters/{_name(task, method, seed)}",
+        if method == "pt2star":
+            opts = {"layer_lengths": pt2_lengths(task, seed, out)}
+        registry_task, splits = split_task(task)
+        cfg = TrainConfig(method=base_method, model=model, task=registry_task, output=f"{out}/adapters/{_name(task, method, seed)}",
                           epochs=epochs, batch_size=32, max_length=128, seed=seed, bf16=bf16, method_options=opts,
-                          logging_steps=200)
+                          logging_steps=200, **splits)
         metrics = train(cfg)
         metrics["method"] = method
+        metrics["task"] = task
+        if method == "pt2star":
+            metrics["layer_lengths"] = opts["layer_lengths"]
     else:
         metrics = _run_other(task, method, seed, model, bf16, epochs)
     metrics.pop("loss_history", None)
@@ -53,6 +120,34 @@ def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool,
     with open(Path(out) / f"{_name(task, method, seed)}.json", "w") as f:
         json.dump(metrics, f, indent=1)
     return metrics
+
+
+def pt2_lengths(task: str, seed: int, out: str, wait_s: float = 3600) -> list[int]:
+    """PT-2*: per-layer prefix lengths summing to PT2_BUDGET from the gates of the APT run of the same task and
+    seed, probed on (up to 1000) unlabeled training inputs, not on the evaluation split."""
+    from softprompt import tasks
+    from softprompt.methods.apt_tools import allocate_lengths, probe_gates
+    from softprompt.train.data import Collator, featurize
+    from softprompt.train.runner import load_for_inference
+
+    apt_dir = Path(out) / "adapters" / _name(task, "apt", seed)
+    deadline = time.time() + wait_s
+    while not (apt_dir / "metrics.json").exists():  # the APT run of the same suite may still be training
+        if time.time() > deadline:
+            raise SystemExit(f"PT-2*: no finished APT adapter at {apt_dir}")
+        time.sleep(10)
+    model, tok, meta = load_for_inference(str(apt_dir))
+    registry_task, splits = split_task(task)
+    spec = tasks.get_task(registry_task)
+    recs = tasks.load(registry_task, splits.get("train_split", spec.train_split), limit=1000)
+    feats = featurize(recs, spec, tok, 128)
+    collate = Collator(tok, spec.kind)
+    batches = []
+    for i in range(0, len(feats), 64):
+        b = collate(feats[i : i + 64])
+        b.pop("labels", None)
+        batches.append({k: v.to(model.device) for k, v in b.items()})
+    return allocate_lengths(probe_gates(model, batches), PT2_BUDGET)
 
 
 def _run_other(task, method, seed, model_name, bf16, epochs) -> dict:
@@ -65,7 +160,8 @@ def _run_other(task, method, seed, model_name, bf16, epochs) -> dict:
     from softprompt.train.runner import ListDataset, load_base, load_tokenizer, predictions_to_metrics
 
     torch.manual_seed(seed)
-    spec = tasks.get_task(task)
+    registry_task, splits = split_task(task)
+    spec = tasks.get_task(registry_task)
     tok = load_tokenizer(model_name)
     base, _ = load_base(model_name, spec)
     if method == "full_ft":
@@ -87,8 +183,10 @@ def _run_other(task, method, seed, model_name, bf16, epochs) -> dict:
         }[method]()
         model = peft.get_peft_model(base, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train_recs = [r for r in tasks.load(task, spec.train_split) if r.get("label") is not None]
-    eval_recs = [r for r in tasks.load(task, spec.eval_split) if r.get("label") is not None]
+    train_recs = [r for r in tasks.load(registry_task, splits.get("train_split", spec.train_split))
+                  if r.get("label") is not None]
+    eval_recs = [r for r in tasks.load(registry_task, splits.get("eval_split", spec.eval_split))
+                 if r.get("label") is not None]
     n_train = len(train_recs)
     args = TrainingArguments(
         output_dir=f"/tmp/bl-{os.getpid()}", per_device_train_batch_size=32, per_device_eval_batch_size=128,
@@ -117,18 +215,33 @@ def _name(task: str, method: str, seed: int) -> str:
 
 
 def cmd_run(args) -> int:
-    jobs = [(t, m, s) for t in args.tasks.split(",") for m in args.methods.split(",") for s in args.seeds.split(",")]
-    todo = [j for j in jobs if not (Path(args.out) / f"{_name(*j[:2], int(j[2]))}.json").exists()]
+    pairs = ([p for name in args.suites.split(",") for p in suite(name)] if args.suites else
+             [(t, m) for t in args.tasks.split(",") for m in args.methods.split(",")])
+    jobs = [(t, m, s) for t, m in pairs for s in args.seeds.split(",")]
+    jobs = list(dict.fromkeys(jobs))  # suites share runs (e.g. prefix on RTE): run each once
+    todo = [j for j in jobs if not (Path(args.out) / f"{_name(j[0], j[1], int(j[2]))}.json").exists()]
     print(f"{len(todo)} of {len(jobs)} runs to do, {args.parallel} at a time", flush=True)
+    start = time.time()
+    per_step: list[float] = []  # seconds per training step of finished runs (they share the machine)
 
     def launch(job):
         t, m, s = job
+        est = estimated_steps(t) * (statistics.median(per_step) if per_step else args.sec_per_step) + 30
+        if args.deadline and time.time() - start + est > args.deadline:
+            return f"{t} {m} seed {s}: not started (about {est:.0f} s would pass the deadline)"
         cmd = [sys.executable, __file__, "one", "--task", t, "--method", m, "--seed", s, "--model", args.model,
                "--out", args.out] + (["--bf16"] if args.bf16 else []) + (["--epochs", str(args.epochs)] if args.epochs else [])
-        start = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # One CPU thread per run: many small runs share the host's cores (unpinned, each grabs them all).
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         status = "ok" if proc.returncode == 0 else "FAILED\n" + proc.stderr[-3000:]
-        return f"{t} {m} seed {s}: {status} ({time.time() - start:.0f} s)"
+        result = Path(args.out) / f"{_name(t, m, int(s))}.json"
+        if proc.returncode == 0 and result.exists():
+            r = json.loads(result.read_text())
+            if r.get("steps"):
+                per_step.append(r["train_seconds"] / r["steps"])
+        return f"[{time.time() - start:.0f} s] {t} {m} seed {s}: {status} ({time.time() - t0:.0f} s)"
 
     with cf.ThreadPoolExecutor(args.parallel) as pool:
         for line in pool.map(launch, todo):
@@ -137,8 +250,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
-    import statistics
-
     from softprompt import tasks
 
     rows: dict = {}
@@ -153,7 +264,7 @@ def cmd_table(args) -> int:
     print("| task (metric) | method | score (mean ± std) | seeds | trainable params | train time (s) |")
     print("|---|---|---|---|---|---|")
     for task in task_names:
-        metric = tasks.get_task(task).metric
+        metric = tasks.get_task(split_task(task)[0]).metric
         for method in order:
             runs = rows.get((task, method))
             if not runs:
@@ -170,6 +281,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
+    r.add_argument("--suites", help="comma list of named suites (core, apt, idspam, sweep); overrides --tasks/--methods")
     r.add_argument("--tasks", default="glue/sst2,glue/mrpc,glue/rte,glue/cola")
     r.add_argument("--methods", default="prompt,ptuning,prefix,lpt,peft_prompt,peft_ptuning,peft_prefix,peft_lora,"
                                         "linear_probe,full_ft")
@@ -179,6 +291,9 @@ def main() -> int:
     r.add_argument("--parallel", type=int, default=4)
     r.add_argument("--bf16", action="store_true")
     r.add_argument("--epochs", type=float)
+    r.add_argument("--deadline", type=float, help="seconds from start after which no run is started that would "
+                                                 "not finish in time (estimated from finished runs)")
+    r.add_argument("--sec-per-step", type=float, default=0.05, help="step time guess before any run has finished")
     o = sub.add_parser("one")
     o.add_argument("--task", required=True)
     o.add_argument("--method", required=True)

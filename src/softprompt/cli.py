@@ -40,7 +40,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(
         method=args.method, model=args.model, output=args.output, task=args.task, file=args.file,
         eval_file=args.eval_file, text_column=args.text_column, text_pair_column=args.text_pair_column,
-        label_column=args.label_column, data_dir=args.data_dir, epochs=args.epochs, max_steps=args.max_steps,
+        label_column=args.label_column, data_dir=args.data_dir, train_split=args.train_split,
+        eval_split=args.eval_split, epochs=args.epochs, max_steps=args.max_steps,
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=_method_options(args),
         bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing,
@@ -119,6 +120,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--train-limit", type=int, help="train on a seeded subsample of this many examples")
     p.add_argument("--eval-limit", type=int, help="evaluate on a seeded subsample of this many examples")
+    p.add_argument("--train-split", help="registry split to train on (default: the task's; e.g. train32 for FewGLUE)")
+    p.add_argument("--eval-split", help="registry split to evaluate on (default: the task's; e.g. val)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")

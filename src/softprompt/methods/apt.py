@@ -110,6 +110,13 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> to
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
 
+def mean_pool_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, N] weights that average the real tokens (1 / count on them, 0 on padding; all zero for an empty row),
+    so that ``bmm(weights, hidden)`` is the masked mean of ``pool_hidden(..., "mean")``."""
+    m = mask.to(torch.promote_types(dtype, torch.float32))
+    return (m / m.sum(1, keepdim=True).clamp(min=1)).to(dtype)[:, None, :]
+
+
 class APT(PromptMethod):
     """Prefix tables (``self.prefix``, a :class:`PrefixTuning`) plus per-layer gates.
 
@@ -165,15 +172,23 @@ class APT(PromptMethod):
         return contrib
 
     def compute_gate(
-        self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None
+        self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None, pool_weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha [B, P_i], lambda_i) of layer ``index`` from the hidden states entering it."""
+        """(alpha [B, P_i], lambda_i) of layer ``index`` from the hidden states entering it.
+
+        ``pool_weights`` ([B, 1, N], from :func:`mean_pool_weights`) lets the layers of one forward share the mean
+        pooling's normalisation: the pooling is then a single batched matmul in the hidden states' dtype (fp32
+        accumulation), with no full-size copy of the hidden states (this runs once per layer on the hot path).
+        """
         lin = self.gate_proj[str(index)]
         dt = lin.weight.dtype
-        if mask is not None and mask.shape[0] != hidden.shape[0]:
-            # generate() with beams/num_return_sequences repeats each example; the mask was built before that.
-            mask = mask.repeat_interleave(hidden.shape[0] // mask.shape[0], dim=0)
-        pooled = pool_hidden(hidden.to(dt), mask, self.config.gate_pool)
+        if pool_weights is not None:
+            pooled = torch.bmm(pool_weights, hidden).squeeze(1).to(dt)
+        else:
+            if mask is not None and mask.shape[0] != hidden.shape[0]:
+                # generate() with beams/num_return_sequences repeats each example; the mask was built before that.
+                mask = mask.repeat_interleave(hidden.shape[0] // mask.shape[0], dim=0)
+            pooled = pool_hidden(hidden.to(dt), mask, self.config.gate_pool)
         alpha = torch.sigmoid(lin(pooled))
         return alpha, self.gate_lambda[str(index)]
 
@@ -196,7 +211,13 @@ class APT(PromptMethod):
             if not full:
                 # No prefill seen (e.g. the caller supplied its own cache): pool the tokens present.
                 mask = mask[:, -hidden.shape[1]:] if hidden.shape[1] <= mask.shape[1] else None
-            alpha, lam = self.compute_gate(index, hidden, mask)
+            weights = None
+            if self.config.gate_pool == "mean" and full and mask is not None and mask.shape[0] == hidden.shape[0]:
+                key = ("pool", hidden.dtype)
+                if key not in cache:  # once per forward, shared by every layer
+                    cache[key] = mean_pool_weights(mask, hidden.dtype)
+                weights = cache[key]
+            alpha, lam = self.compute_gate(index, hidden, mask, pool_weights=weights)
             gate = lam * alpha
             cache[index] = gate
             if self.record:

@@ -43,6 +43,8 @@ class TrainConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     data_dir: str | None = None
+    train_split: str | None = None  # registry split names; default: the task's train / eval split
+    eval_split: str | None = None
     epochs: float = 3.0
     max_steps: int = -1
     lr: float | None = None
@@ -113,7 +115,10 @@ def task_records(cfg: TrainConfig, split_role: str) -> tuple[list[dict], Any]:
                                      label_column=cfg.label_column, strict=cfg.strict)
         return recs, spec
     spec = tasks.get_task(cfg.task)
-    split = spec.train_split if split_role == "train" else spec.eval_split
+    if split_role == "train":
+        split = cfg.train_split or spec.train_split
+    else:
+        split = cfg.eval_split or spec.eval_split
     limit = cfg.train_limit if split_role == "train" else cfg.eval_limit
     if limit:
         return _limited(cfg, spec, split, limit), spec
@@ -286,6 +291,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "train_examples": len(train_feats), "eval_examples": len(eval_feats), "steps": trainer.state.global_step,
         "loss_history": logger.history[-20:],
     }
+    if cfg.task:
+        metrics["train_split"] = cfg.train_split or spec.train_split
+        metrics["eval_split"] = cfg.eval_split or spec.eval_split
     if trainer.is_world_process_zero():
         model.save_pretrained(cfg.output, **trainer.adapter_metadata)
         atomic_write_json(Path(cfg.output) / "metrics.json", metrics)

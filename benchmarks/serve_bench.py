@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             del model
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()  # the HTTP servers load their own copy
+            # Keep the engine figures even if the HTTP part fails or is cut off.
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         if "http" in modes:
             result["http"] = http_bench(model_name, adapters, texts, names, args)
             result["http"]["concurrency"] = args.concurrency

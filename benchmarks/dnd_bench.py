@@ -69,8 +69,11 @@ DEFAULTS: dict = {
     "samples": 5,                      # generated adapters per held-out dataset (prompt draws, seeds 0..samples-1)
     "prompt_counts": "4,16,64",        # ablation: distinct condition prompts at generation time
     "ablation_samples": 2,
-    "answer_datasets": "all",          # held-out datasets of the prompt+answer ablation ("all", "none" or a list)
-    "measures": "loglik,gen", "max_new_tokens": 8,
+    "answer_datasets": "arc_challenge,boolq,winogrande",  # prompt+answer ablation ("all", "none" or a list)
+    "measures": "loglik,gen",          # main table (base, train LoRAs, zoo mean, DnD draws, own LoRA)
+    "curve_measures": "loglik",        # training-curve points of the cost comparison
+    "ablation_measures": "loglik,gen",  # number-of-prompts ablation
+    "max_new_tokens": 8,
 }
 INT_KEYS = {"eval_n", "min_pool", "heldout_pool", "train_pool", "rank", "warmup_steps", "checkpoints", "zoo_batch",
             "max_length", "train_limit", "init_seed", "data_seed", "n_prompts", "cond_length", "gen_steps",
@@ -78,7 +81,7 @@ INT_KEYS = {"eval_n", "min_pool", "heldout_pool", "train_pool", "rank", "warmup_
             "ablation_samples", "max_new_tokens"}
 FLOAT_KEYS = {"zoo_lr", "gen_lr", "gen_weight_decay"}
 # Seconds per stage kind on one H100 with the defaults (used until a stage of that kind has been measured).
-PRIORS = {"base": 45.0, "zoo": 75.0, "gen": 110.0, "ans": 90.0}
+PRIORS = {"base": 30.0, "zoo": 60.0, "gen": 100.0, "ans": 80.0}
 KIND_TITLES = {"base": "base model evaluation (all datasets)", "zoo": "LoRA zoo for one dataset (+ its scores)",
                "gen": "generator + generated adapters + ablation (one held-out dataset)",
                "ans": "prompt+answer generator (one held-out dataset)"}
@@ -184,15 +187,16 @@ class Evaluator:
             b = state[prefix + ".lora_B.weight"].to(self.device, torch.float32)
             w.data.copy_((self.orig[name].float() + scale * (b @ a)).to(w.dtype))
 
-    def score(self, items, state: dict | None = None, scale: float = 1.0) -> dict:
+    def score(self, items, state: dict | None = None, scale: float = 1.0, measures: tuple[str, ...] | None = None
+              ) -> dict:
         from softprompt.dnd.harness import evaluate_items
 
         if state is None:
             self.clear()
         else:
             self.set_adapter(state, scale)
-        res = evaluate_items(self.model, self.tok, items, self.batch_size, self.measures, self.max_new_tokens,
-                             progress=False)
+        res = evaluate_items(self.model, self.tok, items, self.batch_size, measures or self.measures,
+                             self.max_new_tokens, progress=False)
         return {k: res[k] for k in ("n", "loglik_acc", "gen_acc", "gen_invalid") if k in res}
 
 
@@ -227,7 +231,9 @@ class Bench:
         ans = str(cfg["answer_datasets"]).strip().lower()
         self.answer_datasets = (list(self.datasets) if ans == "all" else [] if ans in ("none", "") else
                                 [canonical_name(x) for x in str(cfg["answer_datasets"]).split(",") if x.strip()])
-        self.measures = tuple(m.strip() for m in str(cfg["measures"]).split(",") if m.strip())
+        split = lambda key: tuple(m.strip() for m in str(cfg[key]).split(",") if m.strip())
+        self.measures, self.curve_measures = split("measures"), split("curve_measures")
+        self.ablation_measures = split("ablation_measures")
         self.zoo_dir = state / "zoo"
         self._ev = None
         self._items: dict = {}
@@ -273,7 +279,7 @@ class Bench:
     @property
     def ev(self) -> Evaluator:
         if self._ev is None:
-            self._ev = Evaluator(self.cfg["model"], self.dev, int(self.rt.get("eval_batch") or 64), self.measures,
+            self._ev = Evaluator(self.cfg["model"], self.dev, int(self.rt.get("eval_batch") or 128), self.measures,
                                  int(self.cfg["max_new_tokens"]))
         return self._ev
 
@@ -393,7 +399,8 @@ class Bench:
             if s not in by_step:
                 continue
             path, secs = by_step[s]
-            sc = final_on[d] if s == final["step"] else self.ev.score(self.items(d), load_adapter(part / path), self.scale)
+            sc = final_on[d] if s == final["step"] else self.ev.score(self.items(d), load_adapter(part / path),
+                                                                      self.scale, self.curve_measures)
             curve.append({"step": s, "train_seconds": secs, **sc})
         return {"dataset": d, "zoo_seconds": round(zoo_seconds, 3), "train_seconds": entry["train_seconds"],
                 "steps": int(cfg["warmup_steps"]) + int(cfg["checkpoints"]), "n_checkpoints": len(m["checkpoints"]),
@@ -530,7 +537,8 @@ class Bench:
         for n in (int(x) for x in str(cfg["prompt_counts"]).split(",") if x.strip()):
             for s in range(int(cfg["ablation_samples"])):
                 st, secs = self.generate(dec, layout, pool, n, seed=s)
-                counts.append({"n_prompts": n, "seed": s, "seconds": round(secs, 4), **self.ev.score(items, st, self.scale)})
+                counts.append({"n_prompts": n, "seed": s, "seconds": round(secs, 4),
+                               **self.ev.score(items, st, self.scale, self.ablation_measures)})
         res["prompt_counts"] = counts
         # where the generated adapter lies: ||dW|| distances to every dataset's final LoRA and to the zoo mean
         finals = {}
@@ -634,15 +642,17 @@ def collect(state: Path, record: dict | None = None) -> dict:
                           "dnd_best": max(accs), "dnd_k": len(accs), "zoo_mean": g["zoo_mean"][key]})
                 r["counts"] = {}
                 for c in g["prompt_counts"]:
-                    r["counts"].setdefault(str(c["n_prompts"]), []).append(c[key])
+                    if key in c:
+                        r["counts"].setdefault(str(c["n_prompts"]), []).append(c[key])
                 r["counts"] = {n: _mean(v) for n, v in r["counts"].items()}
-                r["counts"][str(cfg["n_prompts"])] = r["dnd_mean"]
+                if r["counts"]:
+                    r["counts"][str(cfg["n_prompts"])] = r["dnd_mean"]
                 if r["train_mean"] is not None and r["base"] is not None:
                     r["beats_train_mean"] = r["dnd_mean"] > r["train_mean"]
                     r["beats_base"] = r["dnd_mean"] > r["base"]
                     r["beats_train_best"] = r["dnd_mean"] > r["train_best"]
                 # cost: optimiser seconds of the held-out dataset's own LoRA until its curve reaches DnD's accuracy
-                if zoo[h] and r["base"] is not None:
+                if zoo[h] and r["base"] is not None and all(key in c for c in zoo[h]["curve"]):
                     curve = [(0.0, 0, r["base"])] + [(c["train_seconds"], c["step"], c[key]) for c in zoo[h]["curve"]]
                     hit = next(((t, s) for t, s, acc in curve if acc >= r["dnd_mean"]), None)
                     r["lora_seconds_to_match"] = hit[0] if hit else None
@@ -682,8 +692,9 @@ def _claims(res: dict, m: str) -> list[str]:
         if r.get("dnd_mean") is None or r.get("train_mean") is None:
             continue
         dm, tm, b = r["dnd_mean"], r["train_mean"], r["base"]
-        out.append(f"- {short(h)}: DnD {_pct(dm)} {'beats' if dm > tm else 'does not beat'} the training-LoRA mean "
-                   f"{_pct(tm)} ({100 * (dm - tm):+.1f}) and {'beats' if dm > b else 'does not beat'} the base model "
+        verb = lambda x, y: "beats" if x > y else "ties with" if x == y else "does not beat"
+        out.append(f"- {short(h)}: DnD {_pct(dm)} {verb(dm, tm)} the training-LoRA mean "
+                   f"{_pct(tm)} ({100 * (dm - tm):+.1f}) and {verb(dm, b)} the base model "
                    f"{_pct(b)} ({100 * (dm - b):+.1f}); best training LoRA {_pct(r['train_best'])} "
                    f"({short(r['train_best_dataset'])}), own LoRA {_pct(r['own'])}.")
     n = [r[m] for r in res["rows"].values() if r.get(m, {}).get("beats_train_mean") is not None]
@@ -783,8 +794,20 @@ def render(res: dict) -> str:
         L.append(f"| {short(h)} | {row['gen_seconds']:.3f} | {row['generator_train_seconds']:.1f} | " + " | ".join(cells) + " |")
     L += ["", (f"One-off costs: the zoo ({zc['datasets']} datasets x {int(cfg['warmup_steps']) + int(cfg['checkpoints'])} "
           f"steps, {cfg['checkpoints']} checkpoints each) took {zc['seconds']:.1f} s ({zc['train_seconds']:.1f} s of "
-          f"optimiser steps; the rest is saving checkpoints); each generator's training time is in the table above "
-          "(plus tokenising the zoo once, in the zoo stages)."), ""]
+          f"optimiser steps; the rest is data preparation and saving checkpoints); each generator's training time is "
+          "in the table above (tokenising the zoo is done once, in the zoo stages)."), ""]
+    curves = {h: z["curve"] for h in res["rows"] if (z := res["stages"].get(f"zoo:{short(h)}"))}
+    if curves:
+        steps = sorted({c["step"] for cv in curves.values() for c in cv})
+        L += [("Training curves of the held-out datasets' own LoRAs (log-lik accuracy %, cumulative optimiser seconds "
+              "in brackets; step 0 = base model):"), "",
+              "| dataset | 0 | " + " | ".join(str(x) for x in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+        for h, cv in curves.items():
+            at = {c["step"]: c for c in cv}
+            base_acc = res["rows"][h].get("loglik", {}).get("base")
+            L.append(f"| {short(h)} | {_pct(base_acc)} | " + " | ".join(
+                f"{_pct(at[x].get('loglik_acc'))} ({at[x]['train_seconds']:.2f})" if x in at else "–" for x in steps) + " |")
+        L.append("")
     # ablations
     counts = sorted({int(n) for row in res["rows"].values() for n in row.get("loglik", row.get("gen", {})).get("counts", {})})
     if counts:
@@ -948,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, help="seconds from process start; stages that would not fit are left")
     p.add_argument("--export", help="folder for dnd_results.json / dnd.md / dnd_logs.tar.gz (after every stage)")
     p.add_argument("--device")
-    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--eval-batch", type=int, default=128, help="evaluation batch (speed only)")
     p.add_argument("--priors", help="stage seconds before a stage of the kind was measured, e.g. zoo=60,gen=100")
     p.add_argument("--safety", type=float, default=1.15, help="factor on the estimates")
     p.add_argument("--reserve", type=float, default=15.0, help="seconds kept for exporting at the end")

@@ -91,7 +91,7 @@ def test_frozen_config(bench, two_runs):
 
 def test_results_match_stage_files(two_runs):
     res, md, state = two_runs["res"], two_runs["md"], two_runs["state"]
-    stage = lambda n: json.loads((state / "stages" / f"{n.replace(':', '__')}.json").read_text())  # noqa: E731
+    stage = lambda n: json.loads((state / "stages" / f"{n.replace(':', '__')}.json").read_text())
     short = {"commonsense/arc_easy": "arc_easy", "superglue/boolq": "boolq", "commonsense/winogrande": "winogrande"}
     base = stage("base")
     assert base["subsets"]["commonsense/winogrande"]["prompt_source"].startswith("zoo part")
@@ -170,7 +170,7 @@ def test_merged_scoring_equals_peft(bench, two_runs, tiny_llama_dir):
     merged = option_logliks(ev.model, ev.tok, items, progress=False)
     peft = PeftModel.from_pretrained(tiny("llama"), str(adapter)).eval()
     ref = option_logliks(peft, ev.tok, items, progress=False)
-    flat = lambda rows: torch.tensor([x for r in rows for x in r])  # noqa: E731
+    flat = lambda rows: torch.tensor([x for r in rows for x in r])
     assert torch.allclose(flat(merged), flat(ref), atol=1e-4)
     assert not torch.allclose(flat(merged), flat(option_logliks(tiny("llama").eval(), ev.tok, items, progress=False)))
     ev.clear()  # back to the base model exactly

@@ -490,6 +490,7 @@ class Bench:
         cfg = self.cfg
         out = self.state / "gen" / f"{'ans' if with_answer else 'gen'}-{short(h)}"
         shutil.rmtree(out, ignore_errors=True)
+        self.write_zoo_manifest()  # (a run killed between a zoo stage and its manifest update leaves it stale)
         entries = [e for e in read_zoo(self.zoo_dir) if e["dataset"] != h]
         self.fill_grid_cache(entries)
         enc = self.encoder()
@@ -917,6 +918,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           "safety": args.safety, "reserve": args.reserve}
     inv_path = state / "invocations.json"
     invocations = json.loads(inv_path.read_text()) if inv_path.exists() else []
+    for old in invocations:  # a run killed by the call's time limit never wrote its end
+        if old.get("status") == "running":
+            old["status"] = "killed before it finished (no end recorded)"
     record = {"id": len(invocations), "start": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": shlex.join(["python", "benchmarks/dnd_bench.py", *args.argv]), "env": env_info(),
               "time_budget": args.time_budget, "stages_run": [], "status": "running"}

@@ -176,3 +176,31 @@ def test_merged_scoring_equals_peft(bench, two_runs, tiny_llama_dir):
     ev.clear()  # back to the base model exactly
     base = option_logliks(tiny("llama").eval(), ev.tok, items, progress=False)
     assert option_logliks(ev.model, ev.tok, items, progress=False) == base
+
+
+def test_failed_stage_then_resume(bench, two_runs, tmp_path, monkeypatch):
+    """A stage that raises: the run exports what is done and fails; the next run redoes only the missing stages."""
+    import shutil
+
+    state = tmp_path / "state"
+    shutil.copytree(two_runs["state"], state)
+    for name in ("gen__winogrande.json", "ans__boolq.json"):
+        (state / "stages" / name).unlink()
+    inv = json.loads((state / "invocations.json").read_text())
+    inv[-1]["status"] = "running"  # as left by a run killed by the call's time limit
+    (state / "invocations.json").write_text(json.dumps(inv))
+
+    def boom(self, h, with_answer):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(bench.Bench, "stage_gen", boom)
+    assert bench.main(["run", "--state", str(state), *RUNTIME, "--export", str(tmp_path / "out")]) == 1
+    res = json.loads((tmp_path / "out" / "dnd_results.json").read_text())
+    assert res["status"]["pending"] == ["gen:winogrande", "ans:boolq"]
+    assert res["invocations"][-1]["status"] == "failed: RuntimeError: simulated failure"
+    assert res["invocations"][1]["status"].startswith("killed")
+    assert "not run yet: gen:winogrande, ans:boolq" in (tmp_path / "out" / "dnd.md").read_text()
+    monkeypatch.undo()
+    assert bench.main(["run", "--state", str(state), *RUNTIME, "--export", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "dnd_results.json").read_text())
+    assert res["status"]["pending"] == [] and res["invocations"][-1]["stages_run"] == ["gen:winogrande", "ans:boolq"]

@@ -23,10 +23,10 @@ start)
   mkdir -p "$STATE/runs" && cp benchmarks/results/runs/*.json "$STATE/runs/"  # finished runs are not redone
   cd "$STATE"
   export PYTHONPATH=$STATE/src
-  setsid nohup python benchmarks/baselines.py run --suites core,apt,idspam,sweep --seeds 1,2,3 \
+  setsid nohup python benchmarks/baselines.py run --suites "${SUITES:-core,apt,idspam,sweep}" --seeds 1,2,3 \
     --model "$STATE/minilm" --out "$STATE/runs" --parallel 13 --bf16 --deadline "$deadline" \
     > "$STATE/baselines.log" 2>&1 < /dev/null &
-  setsid nohup python benchmarks/prefix_representations.py --budget full --model "$STATE/minilm" \
+  [ "${PREFREP:-1}" = 1 ] && setsid nohup python benchmarks/prefix_representations.py --budget full --model "$STATE/minilm" \
     --work "$STATE/prefrep" --time-limit "$deadline" --no-progress --stages bank,update,main,throughput \
     > "$STATE/prefrep.log" 2>&1 < /dev/null &
   sleep 5

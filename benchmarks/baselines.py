@@ -122,7 +122,7 @@ def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool,
     return metrics
 
 
-def pt2_lengths(task: str, seed: int, out: str, wait_s: float = 3600) -> list[int]:
+def pt2_lengths(task: str, seed: int, out: str) -> list[int]:
     """PT-2*: per-layer prefix lengths summing to PT2_BUDGET from the gates of the APT run of the same task and
     seed, probed on (up to 1000) unlabeled training inputs, not on the evaluation split."""
     from softprompt import tasks
@@ -131,11 +131,8 @@ def pt2_lengths(task: str, seed: int, out: str, wait_s: float = 3600) -> list[in
     from softprompt.train.runner import load_for_inference
 
     apt_dir = Path(out) / "adapters" / _name(task, "apt", seed)
-    deadline = time.time() + wait_s
-    while not (apt_dir / "metrics.json").exists():  # the APT run of the same suite may still be training
-        if time.time() > deadline:
-            raise SystemExit(f"PT-2*: no finished APT adapter at {apt_dir}")
-        time.sleep(10)
+    if not (apt_dir / "metrics.json").exists():
+        raise SystemExit(f"PT-2*: no finished APT adapter at {apt_dir}; run the apt suite first")
     model, tok, meta = load_for_inference(str(apt_dir))
     registry_task, splits = split_task(task)
     spec = tasks.get_task(registry_task)
@@ -243,8 +240,18 @@ def cmd_run(args) -> int:
                 per_step.append(r["train_seconds"] / r["steps"])
         return f"[{time.time() - start:.0f} s] {t} {m} seed {s}: {status} ({time.time() - t0:.0f} s)"
 
+    # PT-2* runs read the adapter of their APT run: they go in a second wave, so that they never hold a worker
+    # while waiting (and are skipped where the APT adapter is missing, e.g. from another machine).
+    first = [j for j in todo if j[1] != "pt2star"]
+    second = [j for j in todo if j[1] == "pt2star"]
     with cf.ThreadPoolExecutor(args.parallel) as pool:
-        for line in pool.map(launch, todo):
+        for line in pool.map(launch, first):
+            print(line, flush=True)
+        ready = [j for j in second if (Path(args.out) / "adapters" / _name(j[0], "apt", int(j[2])) / "metrics.json").exists()]
+        for j in second:
+            if j not in ready:
+                print(f"{j[0]} pt2star seed {j[2]}: not started (no APT adapter in {args.out}/adapters)", flush=True)
+        for line in pool.map(launch, ready):
             print(line, flush=True)
     return 0
 

@@ -101,3 +101,22 @@ def test_zero_shot_eval_on_a_users_csv_equals_the_registry_eval(tiny_bert_dir, t
     assert main(["eval", "--adapter", str(out), "--task", "glue/sst2"]) == 0
     from_registry = json.loads(capsys.readouterr().out)
     assert from_file["eval_accuracy"] == pytest.approx(from_registry["eval_accuracy"], abs=1e-12)
+
+
+def test_fewglue_protocol_trains_on_train32_and_evaluates_on_val(tiny_bert_dir, tmp_path, capsys):
+    """--train-split/--eval-split pick registry splits (the FewGLUE protocol: 32 examples, SuperGLUE dev as test)."""
+    from softprompt import tasks
+
+    out = tmp_path / "cb32"
+    assert main(["train", "--method", "apt", "--model", tiny_bert_dir, "--task", "superglue/cb", "--train-split",
+                 "train32", "--eval-split", "val", "--max-steps", "2", "--batch-size", "16",
+                 "--num-virtual-tokens", "3", "--max-length", "32", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_examples"] == len(tasks.load("superglue/cb", "train32")) == 32
+    assert metrics["eval_examples"] == len(tasks.load("superglue/cb", "val"))
+    assert (metrics["train_split"], metrics["eval_split"]) == ("train32", "val")
+    capsys.readouterr()
+    rc = main(["train", "--method", "prefix", "--model", tiny_bert_dir, "--task", "superglue/cb", "--train-split",
+               "nope", "--max-steps", "1", "--output", str(tmp_path / "bad")])
+    assert rc != 0
+    assert "has no split 'nope'; available splits: train, val" in capsys.readouterr().err

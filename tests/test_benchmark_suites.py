@@ -1,0 +1,42 @@
+"""The benchmark suites name the runs the results files need (benchmarks/baselines.py), with the right splits and
+method options; a variant name maps to exactly one method configuration."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import baselines  # noqa: E402
+
+
+def test_suites_cover_the_issue_tables():
+    core = set(baselines.suite("core"))
+    assert {(t, m) for t in baselines.GLUE4 for m in ("prompt", "ptuning", "prefix", "lpt", "peft_lora",
+                                                      "linear_probe", "full_ft")} <= core
+    apt = baselines.suite("apt")
+    assert ("conll2003", "apt") in apt and ("superglue/wsc@fewshot", "prefix") in apt
+    # PT-2* reads the APT adapters: every PT-2* task has its APT run in the same suite, listed before it.
+    for task in baselines.APT_TASKS:
+        assert apt.index((task, "apt")) < apt.index((task, "pt2star"))
+    sweep = baselines.suite("sweep")
+    assert len(sweep) == 2 * 2 * 6 and ("glue/mrpc", "lpt_L0") in sweep
+    with pytest.raises(SystemExit, match="unknown suite"):
+        baselines.suite("nope")
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("idspam_L4", ("idspam", {"layer": 4})), ("lpt_L0", ("lpt", {"layer": 0})),
+    ("idspam_meanpool", ("idspam", {"pooling": "mean"})), ("prefix_shift", ("prefix", {"shift_positions": True})),
+    ("pt2star", ("prefix", {})), ("apt", ("apt", {})),
+])
+def test_variant_names(name, expected):
+    assert baselines.method_of(name) == expected
+
+
+def test_fewshot_task_keys_and_step_estimates():
+    assert baselines.split_task("superglue/rte@fewshot") == ("superglue/rte", {"train_split": "train32",
+                                                                               "eval_split": "val"})
+    assert baselines.split_task("glue/rte") == ("glue/rte", {})
+    assert baselines.estimated_steps("superglue/cb@fewshot") == baselines.FEWSHOT_EPOCHS
+    assert baselines.estimated_steps("glue/rte") == 78 * 20  # ceil(2490 / 32) batches x 20 epochs

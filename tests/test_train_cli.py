@@ -120,3 +120,28 @@ def test_fewglue_protocol_trains_on_train32_and_evaluates_on_val(tiny_bert_dir, 
                "nope", "--max-steps", "1", "--output", str(tmp_path / "bad")])
     assert rc != 0
     assert "has no split 'nope'; available splits: train, val" in capsys.readouterr().err
+
+
+def test_adapter_moved_to_another_machine_needs_and_takes_base_model(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    """The base recorded in an adapter is a path of the training machine; where it is missing the CLI says so and
+    names --base-model, and --base-model gives the same scores as the original base."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert_dir, base)
+    out = tmp_path / "adapter"
+    common = ["--text-column", "sentence", "--label-column", "sentiment"]
+    assert main(["train", "--method", "prefix", "--model", str(base), "--file", sentiment_csv, *common,
+                 "--output", str(out), "--max-steps", "3", "--num-virtual-tokens", "2", "--max-length", "16"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--file", sentiment_csv, *common]) == 0
+    before = json.loads(capsys.readouterr().out)
+    moved = tmp_path / "elsewhere"
+    base.rename(moved)
+    assert main(["eval", "--adapter", str(out), "--file", sentiment_csv, *common]) != 0
+    err = capsys.readouterr().err
+    assert str(base) in err and "--base-model" in err
+    assert main(["eval", "--adapter", str(out), "--file", sentiment_csv, *common, "--base-model", str(moved)]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after == before
+    assert main(["predict", "--adapter", str(out), "--text", "a good film", "--base-model", str(moved)]) == 0

@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
 
     metrics = evaluate(args.adapter, task=args.task, file=args.file, text_column=args.text_column,
                        text_pair_column=args.text_pair_column, label_column=args.label_column, split=args.split,
-                       data_dir=args.data_dir, limit=args.limit)
+                       data_dir=args.data_dir, limit=args.limit, base_model=args.base_model)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -78,7 +78,7 @@ def cmd_predict(args) -> int:
     from .train.runner import predict
 
     texts = texts_from_args(args, "predict")
-    for row in predict(args.adapter, texts):
+    for row in predict(args.adapter, texts, base_model=args.base_model):
         print(json.dumps(row, ensure_ascii=False))
     return 0
 
@@ -150,12 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int)
+    p.add_argument("--base-model", help="use this base model (alias, folder or Hub name) instead of the one recorded "
+                                        "in the adapter, e.g. after moving the adapter to another machine")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict with a saved adapter")
     p.add_argument("--adapter", required=True)
     p.add_argument("--text", action="append")
     p.add_argument("--file", help="one text per line")
+    p.add_argument("--base-model", help="use this base model (alias, folder or Hub name) instead of the one recorded "
+                                        "in the adapter, e.g. after moving the adapter to another machine")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("tasks", help="list the task registry")

@@ -11,7 +11,7 @@ def _batches(args, batch_size: int = 64):
     from .train.data import Collator, featurize
     from .train.runner import load_for_inference
 
-    model, tokenizer, meta = load_for_inference(args.adapter)
+    model, tokenizer, meta = load_for_inference(args.adapter, args.base_model)
     if args.file:
         recs, spec = load_file(args.file, text_column=args.text_column)
         recs = recs[: args.limit] if args.limit else recs
@@ -59,7 +59,7 @@ def cmd_explain(args) -> int:
     from .methods.id_spam_explain import explain, write
     from .train.runner import load_for_inference
 
-    model, tokenizer, _ = load_for_inference(args.adapter)
+    model, tokenizer, _ = load_for_inference(args.adapter, args.base_model)
     pairs = explain(model, tokenizer, args.text)
     for token, weight in pairs:
         print(f"{weight:8.4f}  {token}")
@@ -72,6 +72,7 @@ def cmd_explain(args) -> int:
 def add_method_parser(sub) -> None:
     p = sub.add_parser("gates", help="average APT gates over a dataset; heat map + lambda bar chart")
     p.add_argument("--adapter", required=True)
+    p.add_argument("--base-model", help="use this base model instead of the one recorded in the adapter")
     p.add_argument("--task")
     p.add_argument("--split")
     p.add_argument("--limit", type=int)
@@ -83,6 +84,7 @@ def add_method_parser(sub) -> None:
 
     p = sub.add_parser("prune", help="turn APT gates into per-layer prefix lengths summing to --budget (PT-2*)")
     p.add_argument("--adapter", required=True)
+    p.add_argument("--base-model", help="use this base model instead of the one recorded in the adapter")
     p.add_argument("--budget", type=int, required=True)
     p.add_argument("--task")
     p.add_argument("--split")
@@ -94,6 +96,7 @@ def add_method_parser(sub) -> None:
 
     p = sub.add_parser("explain", help="which input tokens drove an ID-SPAM prompt")
     p.add_argument("--adapter", required=True)
+    p.add_argument("--base-model", help="use this base model instead of the one recorded in the adapter")
     p.add_argument("--text", required=True)
     p.add_argument("--out", help="tokens.html or tokens.png")
     p.set_defaults(func=cmd_explain)

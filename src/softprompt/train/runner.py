@@ -303,9 +303,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def evaluate(adapter: str, *, task: str | None = None, file: str | None = None, text_column: str = "text",
              text_pair_column: str | None = None, label_column: str = "label", split: str | None = None,
              data_dir: str | None = None, batch_size: int = 128, max_length: int | None = None,
-             limit: int | None = None) -> dict[str, float]:
+             limit: int | None = None, base_model: str | None = None) -> dict[str, float]:
     """Score a saved adapter on a registry task split or a user's labelled file."""
-    model, tokenizer, meta = load_for_inference(adapter)
+    model, tokenizer, meta = load_for_inference(adapter, base_model)
     if file:
         recs, spec = tasks.load_file(file, text_column=text_column, text_pair_column=text_pair_column,
                                      label_column=label_column, label_names=meta.get("label_names"))
@@ -318,9 +318,10 @@ def evaluate(adapter: str, *, task: str | None = None, file: str | None = None, 
     return {f"eval_{k}": v for k, v in predictions_to_metrics(spec, logits, labels).items()}
 
 
-def predict(adapter: str, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 64) -> list[dict]:
+def predict(adapter: str, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 64,
+            base_model: str | None = None) -> list[dict]:
     """Predict labels for raw texts with a saved classification/regression adapter."""
-    model, tokenizer, meta = load_for_inference(adapter)
+    model, tokenizer, meta = load_for_inference(adapter, base_model)
     names = meta.get("label_names") or []
     kind = meta.get("task_kind", "classification")
     recs = [{"text": t, "text_pair": (text_pairs[i] if text_pairs else None)} for i, t in enumerate(texts)]
@@ -338,13 +339,22 @@ def predict(adapter: str, texts: list[str], text_pairs: list[str] | None = None,
     return out
 
 
-def load_for_inference(adapter: str):
-    """Rebuild base model, tokenizer and adapter from an adapter folder written by :func:`train`."""
+def load_for_inference(adapter: str, base_model: str | None = None):
+    """Rebuild base model, tokenizer and adapter from an adapter folder written by :func:`train`.
+
+    ``base_model`` (alias, folder or Hub name) replaces the base recorded in the adapter, e.g. when the adapter was
+    trained on another machine where the model lived elsewhere; the adapter is still checked against it.
+    """
     from .. import load as load_adapter
     from ..io import read_adapter_config
 
     meta = read_adapter_config(adapter)
-    model_name = meta.get("model_name") or meta["base_model"]["name_or_path"]
+    model_name = base_model or meta.get("model_name") or meta["base_model"]["name_or_path"]
+    if base_model is None and os.path.isabs(model_name) and not os.path.exists(model_name):
+        raise FileNotFoundError(
+            f"the base model recorded in {adapter} ({model_name}) does not exist on this machine; pass "
+            f"--base-model PATH_OR_ALIAS (Python: base_model=...) with the same model"
+        )
     spec = _SpecStub(meta.get("task_kind", "classification"), meta.get("label_names") or [])
     base, is_decoder = load_base(model_name, spec)
     tokenizer = load_tokenizer(model_name)

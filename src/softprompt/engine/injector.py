@@ -219,9 +219,22 @@ class Injector:
         capture: dict = {}
         state = InjectionState(capture=capture)
         hidden = vectors
-        for i in range(layer, len(self.blocks)):
-            out = self.blocks[i](hidden, **kwargs, **{STATE_KWARG: state})
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        # The prompt is only t tokens, so checkpointing these calls saves nothing; and when the conversion itself
+        # runs inside a checkpointed layer (transformers 5.17 checkpoints hooks too), a nested checkpoint inside
+        # the replay keeps its frames, and with them the whole model, alive after backward. Run them plainly.
+        blocks = self.blocks[layer:]
+        flags = [getattr(b, "gradient_checkpointing", None) for b in blocks]
+        try:
+            for b, flag in zip(blocks, flags):
+                if flag:
+                    b.gradient_checkpointing = False
+            for b in blocks:
+                out = b(hidden, **kwargs, **{STATE_KWARG: state})
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+        finally:
+            for b, flag in zip(blocks, flags):
+                if flag:
+                    b.gradient_checkpointing = flag
         return {i: capture[i] for i in range(layer, len(self.blocks))}
 
 

@@ -1,7 +1,8 @@
 """Results files of the method issues, built from the run JSONs of ``benchmarks/baselines.py``.
 
     python benchmarks/method_tables.py apt      > benchmarks/results/apt.md
-    python benchmarks/method_tables.py idspam   > benchmarks/results/idspam.md
+    python benchmarks/method_tables.py idspam --plot benchmarks/results/idspam_layer_sweep.png \
+        > benchmarks/results/idspam.md
 
 Every number comes from ``benchmarks/results/runs/*.json`` (and, for APT, the gate probes in
 ``benchmarks/results/apt/``); runs that are missing are listed as missing, never filled in.
@@ -137,7 +138,7 @@ def apt_report(rows) -> str:
     return "\n".join(lines)
 
 
-def idspam_report(rows) -> str:
+def idspam_report(rows, plot: str | None = None) -> str:
     lines = ["# ID-SPAM on MiniLM (issue 4)", "",
              "Made by `python benchmarks/method_tables.py idspam` from the runs of "
              "`python benchmarks/baselines.py run --suites idspam,sweep --seeds 1,2,3 --bf16`. ID-SPAM and late prompt "
@@ -151,20 +152,74 @@ def idspam_report(rows) -> str:
     for other in ("lpt", "peft_lora", "prompt"):
         lines.append("* " + average_line(means, "idspam", other, f"ID-SPAM vs {names[other]}"))
     lines += [""]
-    sweep = {(m, layer): rows.get((task, f"{m}_L{layer}")) for task in ("glue/rte", "glue/mrpc")
-             for m in ("idspam", "lpt") for layer in range(6)}
-    if not any(sweep.values()):
-        lines += ["Layer sweep (RTE, MRPC, m = 0..5): not run yet (the GPU budget of the session ran out).", ""]
+    lines += sweep_section(rows, plot)
     return "\n".join(lines)
+
+
+SWEEP_TASKS = ("glue/rte", "glue/mrpc")
+SWEEP_LAYERS = range(6)
+
+
+def sweep_scores(rows) -> dict[tuple[str, str], list[tuple[int, float, float, int]]]:
+    """(task, method) -> [(m, mean, std, seeds)] of the layer sweep runs ``<method>_L<m>``."""
+    out: dict = {}
+    for task in SWEEP_TASKS:
+        metric = metric_of(task)
+        for m in ("idspam", "lpt"):
+            pts = []
+            for layer in SWEEP_LAYERS:
+                runs = rows.get((task, f"{m}_L{layer}"))
+                if runs:
+                    vals = [100 * r[f"eval_{metric}"] for r in runs]
+                    pts.append((layer, statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                                len(vals)))
+            out[(task, m)] = pts
+    return out
+
+
+def sweep_section(rows, plot: str | None) -> list[str]:
+    scores = sweep_scores(rows)
+    if not any(scores.values()):
+        return ["Layer sweep (RTE, MRPC, m = 0..5): not run yet.", ""]
+    lines = ["## Layer sweep (insertion layer m; MiniLM has 6 layers)", "",
+             "| task | method | " + " | ".join(f"m={layer}" for layer in SWEEP_LAYERS) + " |",
+             "|---|---|" + "---|" * len(SWEEP_LAYERS)]
+    for (task, m), pts in scores.items():
+        by_layer = {p[0]: f"{p[1]:.1f} ± {p[2]:.1f}" for p in pts}
+        lines.append(f"| {task} | {m} | " + " | ".join(by_layer.get(layer, "-") for layer in SWEEP_LAYERS) + " |")
+    lines.append("")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(SWEEP_TASKS), figsize=(5 * len(SWEEP_TASKS), 3.6))
+        for ax, task in zip(axes, SWEEP_TASKS):
+            for m, label in (("idspam", "ID-SPAM"), ("lpt", "LPT")):
+                pts = scores[(task, m)]
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                capsize=3, label=label)
+            ax.set_title(task)
+            ax.set_xlabel("insertion layer m")
+            ax.set_ylabel(f"dev {metric_of(task)} x 100")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        lines += [f"![layer sweep]({Path(plot).name})", ""]
+    return lines
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["apt", "idspam"])
     p.add_argument("--runs", default=str(ROOT / "results" / "runs"))
+    p.add_argument("--plot", help="idspam: write the layer-sweep figure here (PNG), e.g. "
+                                  "benchmarks/results/idspam_layer_sweep.png")
     args = p.parse_args()
     rows = load_runs(Path(args.runs))
-    print(apt_report(rows) if args.which == "apt" else idspam_report(rows))
+    print(apt_report(rows) if args.which == "apt" else idspam_report(rows, args.plot))
     return 0
 
 

@@ -40,3 +40,30 @@ def test_fewshot_task_keys_and_step_estimates():
     assert baselines.split_task("glue/rte") == ("glue/rte", {})
     assert baselines.estimated_steps("superglue/cb@fewshot") == baselines.FEWSHOT_EPOCHS
     assert baselines.estimated_steps("glue/rte") == 78 * 20  # ceil(2490 / 32) batches x 20 epochs
+
+
+def test_idspam_report_tables_and_sweep_plot_from_run_files(tmp_path):
+    """The ID-SPAM results file is computed from run JSONs: a missing run reads "not run", the sweep table holds
+    mean ± std over seeds, and the sweep figure is written."""
+    import json
+
+    import method_tables
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    def write(task, method, seed, acc):
+        rec = {"task": task, "method": method, "seed": seed, "eval_accuracy": acc, "eval_accuracy_f1_mean": acc,
+               "trainable_params": 123, "train_seconds": 1.0}
+        (runs / f"{task.replace('/', '_')}__{method}__{seed}.json").write_text(json.dumps(rec))
+    write("glue/rte", "idspam", 1, 0.60)
+    write("glue/rte", "idspam", 2, 0.62)
+    for layer in range(6):
+        write("glue/rte", f"lpt_L{layer}", 1, 0.50 + layer / 100)
+        write("glue/rte", f"lpt_L{layer}", 2, 0.52 + layer / 100)
+    rows = method_tables.load_runs(runs)
+    png = tmp_path / "sweep.png"
+    text = method_tables.idspam_report(rows, str(png))
+    assert "| glue/rte (accuracy) | 61.0 ± 1.4 (2) | not run |" in text
+    assert "| glue/rte | lpt | 51.0 ± 1.4 | 52.0 ± 1.4 |" in text
+    assert "| glue/mrpc | idspam | - | - |" in text
+    assert png.stat().st_size > 1000

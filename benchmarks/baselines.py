@@ -63,7 +63,8 @@ def suite(name: str) -> list[tuple[str, str]]:
         return [(t, m) for t in IDSPAM_TASKS for m in ("idspam", "prompt", "ptuning", "lpt", "peft_lora",
                                                       "idspam_meanpool")]
     if name == "sweep":
-        return [(t, f"{m}_L{layer}") for t in ("glue/rte", "glue/mrpc") for m in ("idspam", "lpt") for layer in range(6)]
+        return [(t, f"{m}_L{layer}") for t in ("glue/rte", "glue/mrpc") for m in ("idspam", "lpt")
+                for layer in range(6)]
     raise SystemExit(f"unknown suite {name!r}: core, apt, idspam, sweep")
 
 
@@ -105,7 +106,8 @@ def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool,
         if method == "pt2star":
             opts = {"layer_lengths": pt2_lengths(task, seed, out)}
         registry_task, splits = split_task(task)
-        cfg = TrainConfig(method=base_method, model=model, task=registry_task, output=f"{out}/adapters/{_name(task, method, seed)}",
+        cfg = TrainConfig(method=base_method, model=model, task=registry_task,
+                          output=f"{out}/adapters/{_name(task, method, seed)}",
                           epochs=epochs, batch_size=32, max_length=128, seed=seed, bf16=bf16, method_options=opts,
                           logging_steps=200, **splits)
         metrics = train(cfg)
@@ -227,7 +229,8 @@ def cmd_run(args) -> int:
         if args.deadline and time.time() - start + est > args.deadline:
             return f"{t} {m} seed {s}: not started (about {est:.0f} s would pass the deadline)"
         cmd = [sys.executable, __file__, "one", "--task", t, "--method", m, "--seed", s, "--model", args.model,
-               "--out", args.out] + (["--bf16"] if args.bf16 else []) + (["--epochs", str(args.epochs)] if args.epochs else [])
+               "--out", args.out] + (["--bf16"] if args.bf16 else [])
+        cmd += ["--epochs", str(args.epochs)] if args.epochs else []
         # One CPU thread per run: many small runs share the host's cores (unpinned, each grabs them all).
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         t0 = time.time()
@@ -247,7 +250,8 @@ def cmd_run(args) -> int:
     with cf.ThreadPoolExecutor(args.parallel) as pool:
         for line in pool.map(launch, first):
             print(line, flush=True)
-        ready = [j for j in second if (Path(args.out) / "adapters" / _name(j[0], "apt", int(j[2])) / "metrics.json").exists()]
+        adapters = Path(args.out) / "adapters"
+        ready = [j for j in second if (adapters / _name(j[0], "apt", int(j[2])) / "metrics.json").exists()]
         for j in second:
             if j not in ready:
                 print(f"{j[0]} pt2star seed {j[2]}: not started (no APT adapter in {args.out}/adapters)", flush=True)
@@ -263,7 +267,8 @@ def cmd_table(args) -> int:
     for f in sorted(Path(args.out).glob("*.json")):
         m = json.loads(f.read_text())
         rows.setdefault((m["task"], m["method"]), []).append(m)
-    order = ["prompt", "prompt_after_cls", "ptuning", "prefix", "prefix_rand", "prefix_shift", "lpt", "apt", "idspam", "peft_prompt", "peft_ptuning", "peft_prefix",
+    order = ["prompt", "prompt_after_cls", "ptuning", "prefix", "prefix_rand", "prefix_shift", "lpt", "apt", "idspam",
+             "peft_prompt", "peft_ptuning", "peft_prefix",
              "peft_lora", "linear_probe", "full_ft"]
     if args.header:
         print(Path(args.header).read_text())
@@ -288,7 +293,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--suites", help="comma list of named suites (core, apt, idspam, sweep); overrides --tasks/--methods")
+    r.add_argument("--suites",
+                   help="comma list of named suites (core, apt, idspam, sweep); overrides --tasks/--methods")
     r.add_argument("--tasks", default="glue/sst2,glue/mrpc,glue/rte,glue/cola")
     r.add_argument("--methods", default="prompt,ptuning,prefix,lpt,peft_prompt,peft_ptuning,peft_prefix,peft_lora,"
                                         "linear_probe,full_ft")

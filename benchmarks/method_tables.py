@@ -130,9 +130,10 @@ def apt_report(rows) -> str:
         j = ROOT / "results" / "apt" / f"{png}.json"
         if j.exists():
             lines += [f"![{task} gates](apt/{png}.png)", "", f"* {task}: {gate_summary(j)}.", ""]
-    lines += ["Command: `softprompt gates --adapter <run>/adapters/glue_rte__apt__1 --task glue/rte --out gates_rte.json "
-              "--plot gates_rte.png` (CoNLL: `--task conll2003 --limit 1000`). RTE puts its largest gates on the first "
-              "layer (λ_0 ≈ 1.9) and layer 4; CoNLL-2003 opens the upper layers 3-5 almost fully (mean α ≈ 0.8) and keeps "
+    lines += ["Command: `softprompt gates --adapter <run>/adapters/glue_rte__apt__1 --task glue/rte "
+              "--out gates_rte.json --plot gates_rte.png` (CoNLL: `--task conll2003 --limit 1000`). RTE puts its "
+              "largest gates on the first layer (λ_0 ≈ 1.9) and layer 4; CoNLL-2003 opens the upper layers 3-5 almost "
+              "fully (mean α ≈ 0.8) and keeps "
               "the lower ones half closed: the two tasks use different layers, which is the paper's probing claim. "
               "This is one adapter per task, not a statistic over seeds.", ""]
     return "\n".join(lines)

@@ -130,6 +130,31 @@ def test_checkpointed_insertion_frees_the_model_after_backward(config, batch, ho
     assert ref() is None
 
 
+def test_no_grad_prefix_cache_follows_the_state(batch):
+    """Without gradients the attention function keeps the cast/gated/expanded prefix of a state between calls
+    (generate() steps); a new gate or a new batch size in the same state must not reuse it."""
+    ids, mask = batch
+    base = tiny("llama").eval()
+    attach(base)
+    k = torch.randn(1, 2, 3, 8)
+    v = torch.randn(1, 2, 3, 8)
+    state = InjectionState(layers={i: LayerInjection(k, v) for i in range(2)}, attention_mask=mask)
+    with torch.no_grad():
+        first = base(input_ids=ids, attention_mask=mask, softprompt_state=state).logits
+        again = base(input_ids=ids, attention_mask=mask, softprompt_state=state).logits
+        for i in range(2):
+            state.layers[i].gate = torch.full((1, 3), 0.5)
+        gated = base(input_ids=ids, attention_mask=mask, softprompt_state=state).logits
+        fresh = InjectionState(layers={i: LayerInjection(k, v, gate=torch.full((1, 3), 0.5)) for i in range(2)},
+                               attention_mask=mask)
+        expected = base(input_ids=ids, attention_mask=mask, softprompt_state=fresh).logits
+        one = base(input_ids=ids[:1], attention_mask=mask[:1], softprompt_state=state).logits
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(gated, expected, atol=0, rtol=0)
+    assert not torch.allclose(gated, first)
+    torch.testing.assert_close(one, expected[:1], atol=1e-6, rtol=1e-5)
+
+
 def test_zero_length_prefix_is_the_base_model(batch):
     """T4: a prefix of length 0 at every layer (and layers without an entry) leave the model exactly as it was."""
     ids, mask = batch
@@ -166,7 +191,8 @@ def test_fused_causal_path_equals_masked_path():
     attach(base)
     ids = torch.randint(3, 100, (2, 8))
     torch.manual_seed(3)
-    state = InjectionState(layers={i: LayerInjection(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)) for i in range(3)})
+    layers = {i: LayerInjection(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)) for i in range(3)}
+    state = InjectionState(layers=layers)
     with torch.no_grad():
         fused = base(input_ids=ids, softprompt_state=state).logits
         # An all-ones mask of a different dtype forces transformers to build a mask (the explicit route).

@@ -37,6 +37,17 @@ def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: torch.device):
+    if torch.is_grad_enabled():
+        return _compute_gated_prefix(inj, batch, dtype, device)
+    # Without gradients (generate(), evaluation) a state's prefix is fixed: cast/gate/expand it once, not at every
+    # decoding step of every layer.
+    key = (batch, dtype, device, id(inj.key), id(inj.value), id(inj.gate))  # the tensors inj holds: ids are stable
+    if inj.cache is None or inj.cache[0] != key:
+        inj.cache = (key, _compute_gated_prefix(inj, batch, dtype, device))
+    return inj.cache[1]
+
+
+def _compute_gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: torch.device):
     pk = inj.key.to(device=device, dtype=dtype)
     pv = inj.value.to(device=device, dtype=dtype)
     if inj.gate is not None:

@@ -39,6 +39,8 @@ class LayerInjection:
     inserted: int = 0
     insert_at: int = 0
     prefix_mask: torch.Tensor | None = None
+    # The prefix as attention uses it (cast, gated, expanded), kept for no-grad calls (see attention.py).
+    cache: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def prefix_length(self) -> int:

@@ -94,8 +94,10 @@ def estimated_steps(task: str) -> int:
     return int(math.ceil(n / 32) * epochs_of(task))
 
 
-def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool, epochs: float | None) -> dict:
-    """One training run; returns the metrics dict (also written to JSON)."""
+def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool, epochs: float | None,
+            model_label: str | None = None) -> dict:
+    """One training run; returns the metrics dict (also written to JSON). ``model_label`` is what the JSON records
+    as the model (e.g. the repo-relative ``.carry/minilm`` when ``model`` is a scratch folder of a GPU machine)."""
     epochs = epochs or epochs_of(task)
     if method in OURS or method in VARIANTS or method == "pt2star" or re.fullmatch(r"(idspam|lpt)_L\d+", method):
         from softprompt.train.runner import TrainConfig, train
@@ -118,6 +120,7 @@ def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool,
     else:
         metrics = _run_other(task, method, seed, model, bf16, epochs)
     metrics.pop("loss_history", None)
+    metrics["model"] = model_label or model
     Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / f"{_name(task, method, seed)}.json", "w") as f:
         json.dump(metrics, f, indent=1)
@@ -128,24 +131,15 @@ def pt2_lengths(task: str, seed: int, out: str) -> list[int]:
     """PT-2*: per-layer prefix lengths summing to PT2_BUDGET from the gates of the APT run of the same task and
     seed, probed on (up to 1000) unlabeled training inputs, not on the evaluation split."""
     from softprompt import tasks
+    from softprompt.method_cli import adapter_batches
     from softprompt.methods.apt_tools import allocate_lengths, probe_gates
-    from softprompt.train.data import Collator, featurize
-    from softprompt.train.runner import load_for_inference
 
     apt_dir = Path(out) / "adapters" / _name(task, "apt", seed)
     if not (apt_dir / "metrics.json").exists():
         raise SystemExit(f"PT-2*: no finished APT adapter at {apt_dir}; run the apt suite first")
-    model, tok, meta = load_for_inference(str(apt_dir))
     registry_task, splits = split_task(task)
-    spec = tasks.get_task(registry_task)
-    recs = tasks.load(registry_task, splits.get("train_split", spec.train_split), limit=1000)
-    feats = featurize(recs, spec, tok, 128)
-    collate = Collator(tok, spec.kind)
-    batches = []
-    for i in range(0, len(feats), 64):
-        b = collate(feats[i : i + 64])
-        b.pop("labels", None)
-        batches.append({k: v.to(model.device) for k, v in b.items()})
+    split = splits.get("train_split", tasks.get_task(registry_task).train_split)
+    model, batches = adapter_batches(str(apt_dir), task=registry_task, split=split, limit=1000)
     return allocate_lengths(probe_gates(model, batches), PT2_BUDGET)
 
 
@@ -229,6 +223,7 @@ def cmd_run(args) -> int:
         if args.deadline and time.time() - start + est > args.deadline:
             return f"{t} {m} seed {s}: not started (about {est:.0f} s would pass the deadline)"
         cmd = [sys.executable, __file__, "one", "--task", t, "--method", m, "--seed", s, "--model", args.model,
+               "--model-label", args.model_label or args.model,
                "--out", args.out] + (["--bf16"] if args.bf16 else [])
         cmd += ["--epochs", str(args.epochs)] if args.epochs else []
         # One CPU thread per run: many small runs share the host's cores (unpinned, each grabs them all).
@@ -272,7 +267,7 @@ def cmd_table(args) -> int:
              "peft_lora", "linear_probe", "full_ft"]
     if args.header:
         print(Path(args.header).read_text())
-    task_names = sorted({t for t, _ in rows}, key=lambda t: list(EPOCHS).index(t) if t in EPOCHS else 99)
+    task_names = sorted({t for t, _ in rows}, key=lambda t: (list(EPOCHS).index(t) if t in EPOCHS else 99, t))
     print("| task (metric) | method | score (mean ± std) | seeds | trainable params | train time (s) |")
     print("|---|---|---|---|---|---|")
     for task in task_names:
@@ -300,6 +295,7 @@ def main() -> int:
                                         "linear_probe,full_ft")
     r.add_argument("--seeds", default="1,2,3")
     r.add_argument("--model", default="minilm")
+    r.add_argument("--model-label", help="model name recorded in the run JSONs (default: --model)")
     r.add_argument("--out", default="benchmarks/results/runs")
     r.add_argument("--parallel", type=int, default=4)
     r.add_argument("--bf16", action="store_true")
@@ -312,6 +308,7 @@ def main() -> int:
     o.add_argument("--method", required=True)
     o.add_argument("--seed", type=int, required=True)
     o.add_argument("--model", default="minilm")
+    o.add_argument("--model-label")
     o.add_argument("--out", required=True)
     o.add_argument("--bf16", action="store_true")
     o.add_argument("--epochs", type=float)
@@ -320,7 +317,7 @@ def main() -> int:
     t.add_argument("--header", help="markdown file printed before the table (device, versions, commands)")
     args = p.parse_args()
     if args.cmd == "one":
-        run_one(args.task, args.method, args.seed, args.model, args.out, args.bf16, args.epochs)
+        run_one(args.task, args.method, args.seed, args.model, args.out, args.bf16, args.epochs, args.model_label)
         return 0
     return {"run": cmd_run, "table": cmd_table}[args.cmd](args)
 

@@ -10,7 +10,7 @@
 # apt, idspam, sweep; 3 seeds, 13 at a time, bf16) and prefix_representations.py --budget full (4 workers).
 # Unpack the tarballs locally into benchmarks/results/runs/ and runs/prefrep-full/ and rebuild the tables.
 set -u
-STATE=${STATE:-/root/sp_state}
+STATE=${STATE:-$HOME/sp_state}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src SOFTPROMPT_DATA_DIR=$STATE/qdata
 
 case "${1:-}" in
@@ -24,7 +24,7 @@ start)
   cd "$STATE"
   export PYTHONPATH=$STATE/src
   setsid nohup python benchmarks/baselines.py run --suites "${SUITES:-core,apt,idspam,sweep}" --seeds 1,2,3 \
-    --model "$STATE/minilm" --out "$STATE/runs" --parallel 13 --bf16 --deadline "$deadline" \
+    --model "$STATE/minilm" --model-label .carry/minilm --out "$STATE/runs" --parallel 13 --bf16 --deadline "$deadline" \
     > "$STATE/baselines.log" 2>&1 < /dev/null &
   [ "${PREFREP:-1}" = 1 ] && setsid nohup python benchmarks/prefix_representations.py --budget full --model "$STATE/minilm" \
     --work "$STATE/prefrep" --time-limit "$deadline" --no-progress --stages bank,update,main,throughput \

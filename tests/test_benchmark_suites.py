@@ -1,6 +1,7 @@
 """The benchmark suites name the runs the results files need (benchmarks/baselines.py), with the right splits and
 method options; a variant name maps to exactly one method configuration."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -45,8 +46,6 @@ def test_fewshot_task_keys_and_step_estimates():
 def test_idspam_report_tables_and_sweep_plot_from_run_files(tmp_path):
     """The ID-SPAM results file is computed from run JSONs: a missing run reads "not run", the sweep table holds
     mean ± std over seeds, and the sweep figure is written."""
-    import json
-
     import method_tables
 
     runs = tmp_path / "runs"
@@ -67,3 +66,19 @@ def test_idspam_report_tables_and_sweep_plot_from_run_files(tmp_path):
     assert "| glue/rte | lpt | 51.0 ± 1.4 | 52.0 ± 1.4 |" in text
     assert "| glue/mrpc | idspam | - | - |" in text
     assert png.stat().st_size > 1000
+
+
+def test_pt2star_lengths_come_from_the_apt_run_of_the_same_task_and_seed(tiny_bert_dir, tmp_path):
+    from softprompt.cli import main
+
+    task = "superglue/cb@fewshot"
+    with pytest.raises(SystemExit, match="no finished APT adapter"):
+        baselines.pt2_lengths(task, 1, str(tmp_path))
+    adapter = tmp_path / "adapters" / baselines._name(task, "apt", 1)
+    assert main(["train", "--method", "apt", "--model", tiny_bert_dir, "--task", "superglue/cb", "--train-split",
+                 "train32", "--eval-split", "val", "--max-steps", "1", "--num-virtual-tokens", "4",
+                 "--max-length", "32", "--output", str(adapter)]) == 0
+    lengths = baselines.pt2_lengths(task, 1, str(tmp_path))
+    config = json.loads((Path(tiny_bert_dir) / "config.json").read_text())
+    assert len(lengths) == config["num_hidden_layers"]
+    assert sum(lengths) == baselines.PT2_BUDGET and all(n >= 0 for n in lengths)

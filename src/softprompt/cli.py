@@ -96,6 +96,13 @@ def cmd_demo(args) -> int:
     return run_demo(output=args.output, steps=args.max_steps, data_dir=args.data_dir)
 
 
+def add_adapter_flags(p: argparse.ArgumentParser) -> None:
+    """``--adapter DIR`` and ``--base-model``, for every command that loads a saved adapter."""
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--base-model", help="use this base model (alias, folder or Hub name) instead of the one recorded "
+                                        "in the adapter, e.g. after moving the adapter to another machine")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="prompt | ptuning | prefix | lpt | apt | idspam")
     p.add_argument("--model", default="minilm", help="alias (minilm, smollm2) or a transformers model path")
@@ -141,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a saved adapter")
-    p.add_argument("--adapter", required=True)
+    add_adapter_flags(p)
     p.add_argument("--task")
     p.add_argument("--split")
     p.add_argument("--file")
@@ -150,16 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int)
-    p.add_argument("--base-model", help="use this base model (alias, folder or Hub name) instead of the one recorded "
-                                        "in the adapter, e.g. after moving the adapter to another machine")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict with a saved adapter")
-    p.add_argument("--adapter", required=True)
+    add_adapter_flags(p)
     p.add_argument("--text", action="append")
     p.add_argument("--file", help="one text per line")
-    p.add_argument("--base-model", help="use this base model (alias, folder or Hub name) instead of the one recorded "
-                                        "in the adapter, e.g. after moving the adapter to another machine")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("tasks", help="list the task registry")

@@ -5,22 +5,25 @@ from __future__ import annotations
 import json
 
 
-def _batches(args, batch_size: int = 64):
-    """Tokenised batches of a registry task split or of a user file (texts only: labels are not needed)."""
+def adapter_batches(adapter: str, *, task: str | None = None, split: str | None = None, limit: int | None = None,
+                    file: str | None = None, text_column: str = "text", base_model: str | None = None,
+                    batch_size: int = 64):
+    """(model, batches): a saved adapter and tokenised input batches (texts only, no labels) of a registry task
+    split (default: the adapter's task, its eval split) or of a user file, on the model's device."""
     from .tasks import get_task, load, load_file
     from .train.data import Collator, featurize
     from .train.runner import load_for_inference
 
-    model, tokenizer, meta = load_for_inference(args.adapter, args.base_model)
-    if args.file:
-        recs, spec = load_file(args.file, text_column=args.text_column)
-        recs = recs[: args.limit] if args.limit else recs
+    model, tokenizer, meta = load_for_inference(adapter, base_model)
+    if file:
+        recs, spec = load_file(file, text_column=text_column)
+        recs = recs[:limit] if limit else recs
     else:
-        task = args.task or meta.get("task")
+        task = task or meta.get("task")
         if not task:
             raise SystemExit("give --task NAME or --file F (the adapter was not trained on a registry task)")
         spec = get_task(task)
-        recs = load(task, args.split or spec.eval_split, limit=args.limit)
+        recs = load(task, split or spec.eval_split, limit=limit)
     feats = featurize(recs, spec, tokenizer, meta.get("max_length", 128))
     collate = Collator(tokenizer, spec.kind)
     batches = []
@@ -29,6 +32,11 @@ def _batches(args, batch_size: int = 64):
         b.pop("labels", None)
         batches.append({k: v.to(model.device) for k, v in b.items()})
     return model, batches
+
+
+def _batches(args):
+    return adapter_batches(args.adapter, task=args.task, split=args.split, limit=args.limit, file=args.file,
+                           text_column=args.text_column, base_model=args.base_model)
 
 
 def cmd_gates(args) -> int:
@@ -70,9 +78,10 @@ def cmd_explain(args) -> int:
 
 
 def add_method_parser(sub) -> None:
+    from .cli import add_adapter_flags
+
     p = sub.add_parser("gates", help="average APT gates over a dataset; heat map + lambda bar chart")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--base-model", help="use this base model instead of the one recorded in the adapter")
+    add_adapter_flags(p)
     p.add_argument("--task")
     p.add_argument("--split")
     p.add_argument("--limit", type=int)
@@ -83,8 +92,7 @@ def add_method_parser(sub) -> None:
     p.set_defaults(func=cmd_gates)
 
     p = sub.add_parser("prune", help="turn APT gates into per-layer prefix lengths summing to --budget (PT-2*)")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--base-model", help="use this base model instead of the one recorded in the adapter")
+    add_adapter_flags(p)
     p.add_argument("--budget", type=int, required=True)
     p.add_argument("--task")
     p.add_argument("--split")
@@ -95,8 +103,7 @@ def add_method_parser(sub) -> None:
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("explain", help="which input tokens drove an ID-SPAM prompt")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--base-model", help="use this base model instead of the one recorded in the adapter")
+    add_adapter_flags(p)
     p.add_argument("--text", required=True)
     p.add_argument("--out", help="tokens.html or tokens.png")
     p.set_defaults(func=cmd_explain)

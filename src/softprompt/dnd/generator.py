@@ -182,16 +182,15 @@ def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
     layout, grids, ds = None, [], []
     for e in entries:
         key = (str(e["path"]), chunk, target)
-        if layout is None or cache is None or key not in cache:
+        grid = cache.get(key) if cache is not None else None
+        if grid is None or layout is None:  # the layout comes from the first checkpoint's tensors
             st = canonicalize_state(load_adapter(e["path"]), target)
-            if layout is None:
-                layout = TokenLayout.from_state_dict(st, chunk)
-        if cache is not None and key in cache:
-            grids.append(cache[key])
-        else:
-            grids.append(to_grid(tokenize(st, layout)))
-            if cache is not None:
-                cache[key] = grids[-1]
+            layout = layout or TokenLayout.from_state_dict(st, chunk)
+            if grid is None:
+                grid = to_grid(tokenize(st, layout))
+                if cache is not None:
+                    cache[key] = grid
+        grids.append(grid)
         ds.append(e["dataset"])
     if layout is None:
         raise ValueError("empty zoo")

@@ -80,6 +80,11 @@ class InjectionState:
     # same tensors as the first run.
     replays: bool = False
 
+    def needs_insertion(self) -> bool:
+        """Whether a hook that generates the inserted prompt must (re)generate it now: not yet made in this forward,
+        or a checkpointing replay (see ``replays``). Later ``generate()`` steps reuse the first one."""
+        return self.insertion is None or self.replays
+
     def layer(self, index: int) -> LayerInjection:
         """Return (creating if needed) the injection of one layer."""
         if index not in self.layers:

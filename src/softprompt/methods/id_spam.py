@@ -234,9 +234,7 @@ class IDSPAM(PromptMethod):
         return Contribution(insertion=Insertion(self.layer, prompt, at=self._at()))
 
     def _full_embedding_hook(self, index: int, hidden: torch.Tensor, state: InjectionState) -> None:
-        # Only the first call of the forward generates: later generate() steps reuse it (a checkpointing replay
-        # of layer 0 generates again, identically; see InjectionState.replays).
-        if index != 0 or (state.insertion is not None and not state.replays):
+        if index != 0 or not state.needs_insertion():
             return
         mask = state.attention_mask
         if mask is not None and mask.shape[1] != hidden.shape[1]:

@@ -72,7 +72,7 @@ class LatePrompt(PromptMethod):
 
     def _npg_hook(self, index: int, hidden: torch.Tensor, state) -> None:
         """At layer m, generate the prompt from the hidden states entering it and insert it there."""
-        if index != self.layer or (state.insertion is not None and not state.replays):
+        if index != self.layer or not state.needs_insertion():
             return
         if self.info.is_causal:
             mask = state.attention_mask[:, -hidden.shape[1]:].to(hidden.dtype)[..., None]

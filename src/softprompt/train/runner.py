@@ -115,14 +115,18 @@ def task_records(cfg: TrainConfig, split_role: str) -> tuple[list[dict], Any]:
                                      label_column=cfg.label_column, strict=cfg.strict)
         return recs, spec
     spec = tasks.get_task(cfg.task)
-    if split_role == "train":
-        split = cfg.train_split or spec.train_split
-    else:
-        split = cfg.eval_split or spec.eval_split
+    split = registry_split(cfg, spec, split_role)
     limit = cfg.train_limit if split_role == "train" else cfg.eval_limit
     if limit:
         return _limited(cfg, spec, split, limit), spec
     return tasks.load(cfg.task, split, cfg.data_dir, strict=cfg.strict), spec
+
+
+def registry_split(cfg: TrainConfig, spec: Any, split_role: str) -> str:
+    """The registry split of the train/eval role: ``--train-split``/``--eval-split``, else the task's own."""
+    if split_role == "train":
+        return cfg.train_split or spec.train_split
+    return cfg.eval_split or spec.eval_split
 
 
 def _limited(cfg, spec, split, limit):
@@ -292,8 +296,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "loss_history": logger.history[-20:],
     }
     if cfg.task:
-        metrics["train_split"] = cfg.train_split or spec.train_split
-        metrics["eval_split"] = cfg.eval_split or spec.eval_split
+        metrics["train_split"] = registry_split(cfg, spec, "train")
+        metrics["eval_split"] = registry_split(cfg, spec, "eval")
     if trainer.is_world_process_zero():
         model.save_pretrained(cfg.output, **trainer.adapter_metadata)
         atomic_write_json(Path(cfg.output) / "metrics.json", metrics)

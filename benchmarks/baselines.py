@@ -14,7 +14,6 @@ of epochs per task, evaluation on the GLUE dev set after the last epoch (no mode
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +43,7 @@ LR = {"peft_lora": 5e-4, "peft_prefix": 1e-2, "peft_prompt": 3e-2, "peft_ptuning
       "full_ft": 5e-5}
 VIRTUAL_TOKENS = 20  # prompt, P-tuning, prefix and APT; LPT and ID-SPAM keep their default t=10 (same t, same m)
 PT2_BUDGET = 60  # PT-2*: total prefix tokens over all layers (APT and prefix tuning use 20 x 6 = 120 on MiniLM)
+PT2_SOURCE_SEED = 1  # PT-2* lengths come from the gates of this seed's APT run
 
 GLUE4 = ["glue/sst2", "glue/mrpc", "glue/rte", "glue/cola"]
 APT_TASKS = ["glue/rte", "glue/mrpc", "glue/cola", "glue/sst2", "superglue/cb", "conll2003"]
@@ -106,7 +107,7 @@ def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool,
         opts = {} if base_method in ("lpt", "idspam") else {"num_virtual_tokens": VIRTUAL_TOKENS}
         opts.update(extra)
         if method == "pt2star":
-            opts = {"layer_lengths": pt2_lengths(task, seed, out)}
+            opts = {"layer_lengths": pt2_lengths(task, out)}
         registry_task, splits = split_task(task)
         cfg = TrainConfig(method=base_method, model=model, task=registry_task,
                           output=f"{out}/adapters/{_name(task, method, seed)}",
@@ -127,20 +128,26 @@ def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool,
     return metrics
 
 
-def pt2_lengths(task: str, seed: int, out: str) -> list[int]:
-    """PT-2*: per-layer prefix lengths summing to PT2_BUDGET from the gates of the APT run of the same task and
-    seed, probed on (up to 1000) unlabeled training inputs, not on the evaluation split."""
+def pt2_lengths(task: str, out: str) -> list[int]:
+    """PT-2*: per-layer prefix lengths summing to PT2_BUDGET from the gates of the seed-``PT2_SOURCE_SEED`` APT run
+    of the task, probed on (up to 1000) unlabeled training inputs, not on the evaluation split. One allocation per
+    task: every PT-2* seed retrains a prefix with the same lengths."""
     from softprompt import tasks
     from softprompt.method_cli import adapter_batches
     from softprompt.methods.apt_tools import allocate_lengths, probe_gates
 
-    apt_dir = Path(out) / "adapters" / _name(task, "apt", seed)
+    apt_dir = apt_adapter(task, out)
     if not (apt_dir / "metrics.json").exists():
         raise SystemExit(f"PT-2*: no finished APT adapter at {apt_dir}; run the apt suite first")
     registry_task, splits = split_task(task)
     split = splits.get("train_split", tasks.get_task(registry_task).train_split)
     model, batches = adapter_batches(str(apt_dir), task=registry_task, split=split, limit=1000)
     return allocate_lengths(probe_gates(model, batches), PT2_BUDGET)
+
+
+def apt_adapter(task: str, out: str) -> Path:
+    """The APT adapter whose gates give the PT-2* lengths of ``task``."""
+    return Path(out) / "adapters" / _name(task, "apt", PT2_SOURCE_SEED)
 
 
 def _run_other(task, method, seed, model_name, bf16, epochs) -> dict:
@@ -213,7 +220,13 @@ def cmd_run(args) -> int:
     jobs = [(t, m, s) for t, m in pairs for s in args.seeds.split(",")]
     jobs = list(dict.fromkeys(jobs))  # suites share runs (e.g. prefix on RTE): run each once
     todo = [j for j in jobs if not (Path(args.out) / f"{_name(j[0], j[1], int(j[2]))}.json").exists()]
-    print(f"{len(todo)} of {len(jobs)} runs to do, {args.parallel} at a time", flush=True)
+    # PT-2* needs the adapter of its APT run; where only that run's JSON is here (adapters are not kept between
+    # machines), the APT run is made again, first, so that the PT-2* runs can start early.
+    reruns = list(dict.fromkeys((t, "apt", str(PT2_SOURCE_SEED)) for t, m, _ in todo if m == "pt2star"
+                                if not (apt_adapter(t, args.out) / "metrics.json").exists()))
+    print(f"{len(todo)} of {len(jobs)} runs to do, plus {len(reruns)} APT reruns for PT-2*, {args.parallel} at a time",
+          flush=True)
+    todo = reruns + [j for j in todo if j not in reruns]
     start = time.time()
     per_step: list[float] = []  # seconds per training step of finished runs (they share the machine)
 
@@ -238,20 +251,44 @@ def cmd_run(args) -> int:
                 per_step.append(r["train_seconds"] / r["steps"])
         return f"[{time.time() - start:.0f} s] {t} {m} seed {s}: {status} ({time.time() - t0:.0f} s)"
 
-    # PT-2* runs read the adapter of their APT run: they go in a second wave, so that they never hold a worker
-    # while waiting (and are skipped where the APT adapter is missing, e.g. from another machine).
-    first = [j for j in todo if j[1] != "pt2star"]
-    second = [j for j in todo if j[1] == "pt2star"]
-    with cf.ThreadPoolExecutor(args.parallel) as pool:
-        for line in pool.map(launch, first):
+    # Workers take the first runnable job in `todo` order; a PT-2* job is runnable once its APT adapter exists,
+    # so it never holds a worker while waiting, and it is dropped when that APT run has failed or was not started.
+    lock = threading.Lock()
+    running_apt: set = set()
+
+    def next_job():
+        with lock:
+            for i, job in enumerate(todo):
+                t, m, _ = job
+                if m != "pt2star" or (apt_adapter(t, args.out) / "metrics.json").exists():
+                    if m == "apt":
+                        running_apt.add(t)
+                    return todo.pop(i)
+                if t not in running_apt and not any(j[0] == t and j[1] == "apt" for j in todo):
+                    todo.pop(i)
+                    return (t, "pt2star-skip", job[2])
+            return None if not todo else "wait"
+
+    def worker():
+        while (job := next_job()) is not None:
+            if job == "wait":
+                time.sleep(2)
+                continue
+            if job[1] == "pt2star-skip":
+                print(f"{job[0]} pt2star seed {job[2]}: not started (no APT adapter in {args.out}/adapters)",
+                      flush=True)
+                continue
+            line = launch(job)
+            if job[1] == "apt":
+                with lock:
+                    running_apt.discard(job[0])
             print(line, flush=True)
-        adapters = Path(args.out) / "adapters"
-        ready = [j for j in second if (adapters / _name(j[0], "apt", int(j[2])) / "metrics.json").exists()]
-        for j in second:
-            if j not in ready:
-                print(f"{j[0]} pt2star seed {j[2]}: not started (no APT adapter in {args.out}/adapters)", flush=True)
-        for line in pool.map(launch, ready):
-            print(line, flush=True)
+
+    threads = [threading.Thread(target=worker) for _ in range(args.parallel)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     return 0
 
 

@@ -24,10 +24,12 @@ start)
   cd "$STATE"
   export PYTHONPATH=$STATE/src
   setsid nohup python benchmarks/baselines.py run --suites "${SUITES:-core,apt,idspam,sweep}" --seeds 1,2,3 \
-    --model "$STATE/minilm" --model-label .carry/minilm --out "$STATE/runs" --parallel 13 --bf16 --deadline "$deadline" \
+    --model "$STATE/minilm" --model-label .carry/minilm --out "$STATE/runs" --parallel "${PARALLEL:-13}" --bf16 --deadline "$deadline" \
     > "$STATE/baselines.log" 2>&1 < /dev/null &
-  [ "${PREFREP:-1}" = 1 ] && setsid nohup python benchmarks/prefix_representations.py --budget full --model "$STATE/minilm" \
-    --work "$STATE/prefrep" --time-limit "$deadline" --no-progress --stages bank,update,main,throughput \
+  # One CPU thread per process here too: the machine's cores are shared with the baseline runs.
+  [ "${PREFREP:-1}" = 1 ] && OMP_NUM_THREADS=1 setsid nohup python benchmarks/prefix_representations.py --budget full \
+    --model "$STATE/minilm" --work "$STATE/prefrep" --time-limit "$deadline" --no-progress --threads 2 \
+    --parallel "${PREFREP_PARALLEL:-4}" --stages bank,update,main,throughput \
     > "$STATE/prefrep.log" 2>&1 < /dev/null &
   sleep 5
   echo "started; $(nproc) cores"; nvidia-smi --query-gpu=name,memory.used --format=csv
@@ -38,9 +40,11 @@ collect)
   echo "finished runs: $(ls runs/*.json 2>/dev/null | wc -l)"; tail -n 5 baselines.log; tail -n 3 prefrep.log
   grep -c FAILED baselines.log
   grep -A8 FAILED baselines.log | head -40
-  # Results JSON of every run, the logs, and the APT adapters the gate heat maps need (RTE, CoNLL, seed 1).
+  # Results JSON of every run, the logs, the APT adapters the gate heat maps need (RTE, CoNLL, seed 1) and an
+  # SST-2 ID-SPAM adapter for the explanation example.
   tar czf "$OUT/runs.tgz" runs/*.json baselines.log prefrep.log \
-    $(ls -d runs/adapters/glue_rte__apt__1 runs/adapters/conll2003__apt__1 2>/dev/null)
+    $(ls -d runs/adapters/glue_rte__apt__1 runs/adapters/conll2003__apt__1 runs/adapters/glue_sst2__idspam__1 \
+      2>/dev/null)
   python - <<'PY'
 import os, sys
 from pathlib import Path

@@ -68,17 +68,58 @@ def test_idspam_report_tables_and_sweep_plot_from_run_files(tmp_path):
     assert png.stat().st_size > 1000
 
 
-def test_pt2star_lengths_come_from_the_apt_run_of_the_same_task_and_seed(tiny_bert_dir, tmp_path):
+def test_pt2star_lengths_come_from_the_seed_1_apt_run_of_the_task(tiny_bert_dir, tmp_path):
     from softprompt.cli import main
 
     task = "superglue/cb@fewshot"
     with pytest.raises(SystemExit, match="no finished APT adapter"):
-        baselines.pt2_lengths(task, 1, str(tmp_path))
-    adapter = tmp_path / "adapters" / baselines._name(task, "apt", 1)
+        baselines.pt2_lengths(task, str(tmp_path))
+    adapter = tmp_path / "adapters" / baselines._name(task, "apt", baselines.PT2_SOURCE_SEED)
     assert main(["train", "--method", "apt", "--model", tiny_bert_dir, "--task", "superglue/cb", "--train-split",
                  "train32", "--eval-split", "val", "--max-steps", "1", "--num-virtual-tokens", "4",
                  "--max-length", "32", "--output", str(adapter)]) == 0
-    lengths = baselines.pt2_lengths(task, 1, str(tmp_path))
+    lengths = baselines.pt2_lengths(task, str(tmp_path))
     config = json.loads((Path(tiny_bert_dir) / "config.json").read_text())
     assert len(lengths) == config["num_hidden_layers"]
     assert sum(lengths) == baselines.PT2_BUDGET and all(n >= 0 for n in lengths)
+
+
+def test_runner_reruns_apt_for_pt2star_and_starts_pt2star_once_its_adapter_exists(tmp_path, monkeypatch):
+    """The scheduler of `baselines.py run` with the training subprocess faked: finished runs are skipped, an APT run
+    whose JSON exists but whose adapter is missing is made again before everything else, PT-2* starts only after
+    its APT adapter exists, and PT-2* of a task whose APT run fails is reported as not started."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    for task in ("glue/rte", "glue/mrpc"):  # APT seed 1 finished on another machine: JSON only
+        (out / f"{baselines._name(task, 'apt', 1)}.json").write_text("{}")
+    (out / f"{baselines._name('glue/rte', 'prefix', 1)}.json").write_text("{}")
+    started: list = []
+
+    class Done:
+        def __init__(self, rc):
+            self.returncode, self.stderr = rc, "boom"
+
+    def fake_run(cmd, **kw):
+        task, method, seed = (cmd[cmd.index(f)+1] for f in ("--task", "--method", "--seed"))
+        started.append((task, method, seed))
+        if method == "pt2star":
+            assert (baselines.apt_adapter(task, str(out)) / "metrics.json").exists()
+        if method == "apt" and task == "glue/mrpc":
+            return Done(1)
+        if method == "apt":
+            adapter = baselines.apt_adapter(task, str(out))
+            adapter.mkdir(parents=True)
+            (adapter / "metrics.json").write_text("{}")
+        (out / f"{baselines._name(task, method, int(seed))}.json").write_text(json.dumps({"steps": 0}))
+        return Done(0)
+
+    monkeypatch.setattr(baselines.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["baselines.py", "run", "--tasks", "glue/rte,glue/mrpc",
+                                      "--methods", "prefix,pt2star", "--seeds", "1,2", "--out", str(out),
+                                      "--parallel", "2"])
+    assert baselines.main() == 0
+    assert set(started[:2]) == {("glue/rte", "apt", "1"), ("glue/mrpc", "apt", "1")}
+    assert ("glue/rte", "prefix", "1") not in started  # finished before
+    assert {("glue/rte", "pt2star", "1"), ("glue/rte", "pt2star", "2")} <= set(started)
+    assert not any(j[0] == "glue/mrpc" and j[1] == "pt2star" for j in started)
+    assert len(started) == 2 + 3 + 2  # 2 APT reruns, 3 prefix runs, 2 RTE PT-2* runs

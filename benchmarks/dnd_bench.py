@@ -65,7 +65,8 @@ DEFAULTS: dict = {
     "max_length": 512, "train_limit": 0, "init_seed": 42, "data_seed": 0,
     "curve_steps": "5,10,20,40,75,100",  # training-curve points scored for the cost comparison (+ the final step)
     "n_prompts": 32, "cond_length": 128, "gen_steps": 800, "gen_batch": 8, "gen_lr": 1e-3, "gen_warmup": 50,
-    "gen_weight_decay": 0.1, "width": 64, "n_layers": 4, "kernel": 5, "chunk": 192, "target": "ab", "gen_seed": 0,
+    "gen_weight_decay": 0.1, "width": 64, "n_layers": 4, "kernel": 5, "chunk": 192, "target": "ab",
+    "stats_code": "relative", "gen_seed": 0,
     "samples": 5,                      # generated adapters per held-out dataset (prompt draws, seeds 0..samples-1)
     "prompt_counts": "4,16,64",        # ablation: distinct condition prompts at generation time
     "ablation_samples": 2,
@@ -383,8 +384,8 @@ class Bench:
         grids, layout = {}, None
         for rec in m["checkpoints"]:
             st = canonicalize_state(load_adapter(part / rec["path"]), cfg["target"])
-            layout = layout or TokenLayout.from_state_dict(st, int(cfg["chunk"]))
-            grids[rec["path"]] = to_grid(tokenize(st, layout))
+            layout = layout or TokenLayout.from_state_dict(st, int(cfg["chunk"]), cfg["stats_code"])
+            grids[rec["path"]] = to_grid(tokenize(st, layout), cfg["stats_code"])
         torch.save(grids, part / "grids.pt")
         tokenize_seconds = time.perf_counter() - t1
         # scores: the final checkpoint on every dataset; the training curve on d
@@ -436,7 +437,7 @@ class Bench:
     def fill_grid_cache(self, entries: list[dict]) -> None:
         import torch
 
-        key = (int(self.cfg["chunk"]), self.cfg["target"])
+        key = (int(self.cfg["chunk"]), self.cfg["target"], self.cfg["stats_code"])
         for d in dict.fromkeys(e["dataset"] for e in entries):
             part = self.part_dir(d)
             if any(str(part) in p for p, *_ in self._grid_cache):
@@ -499,7 +500,8 @@ class Bench:
             encoder=enc, max_length=int(cfg["cond_length"]), n_prompts=int(cfg["n_prompts"]),
             batch_size=int(cfg["gen_batch"]), lr=float(cfg["gen_lr"]), weight_decay=float(cfg["gen_weight_decay"]),
             warmup=int(cfg["gen_warmup"]), width=int(cfg["width"]), n_layers=int(cfg["n_layers"]),
-            kernel=int(cfg["kernel"]), chunk=int(cfg["chunk"]), target=cfg["target"], seed=int(cfg["gen_seed"]),
+            kernel=int(cfg["kernel"]), chunk=int(cfg["chunk"]), target=cfg["target"],
+            stats_code=cfg["stats_code"], seed=int(cfg["gen_seed"]),
             device=self.dev, log_every=0, verbose=False, grid_cache=self._grid_cache)
         gcfg = load_generator_config(out)
         dec = HyperConvDecoder([tuple(s) for s in gcfg["chain"]], gcfg["kernel"])

@@ -106,10 +106,36 @@ def test_tokenizer_round_trip_exact(zoo):
     layout = TokenLayout.from_state_dict(state, 16)
     assert layout.grid_shape == (96, 4, 18) and layout.n_params == sum(v.numel() for v in state.values())
     assert list(layout.modules[0].prefix.split(".")[-2:]) == ["self_attn", "q_proj"]
-    # the grid encoding keeps the stats closely enough to decode
+    # the grid encoding keeps the stats closely enough to decode, with either stats code
     tok = tokenize(state, layout)
-    again = detokenize(from_grid(to_grid(tok), layout), layout)
-    assert all(torch.allclose(again[k], state[k], atol=1e-5) for k in state)
+    for code in ("relative", "dnd"):
+        layout = TokenLayout.from_json(TokenLayout.from_state_dict(state, 16, code).to_json())
+        assert layout.stats_code == code
+        again = detokenize(from_grid(to_grid(tok, code), layout), layout)
+        assert all(torch.allclose(again[k], state[k], atol=1e-5) for k in state)
+    with pytest.raises(ValueError, match="stats_code"):
+        TokenLayout.from_state_dict(state, 16, "log")
+
+
+def test_relative_stats_code_keeps_small_scales_relative():
+    """The same small error of a generator in the std code costs a relative error of about that size with the
+    relative code at every scale; with DnD's code it grows to ~10x at the scales of lora_B tokens (std ~ 1e-4)."""
+    from softprompt.dnd.tokenizer import decode_stats, encode_stats
+
+    std = torch.tensor([1e-4, 1e-3, 1e-2, 1e-1], dtype=torch.float64)
+    mean = torch.zeros_like(std)
+    for code, worst in (("relative", 0.011), ("dnd", None)):
+        mc, sc = encode_stats(mean, std, code)
+        _, back = decode_stats(mc, sc + 0.01, code)
+        rel = (back - std).abs() / std
+        if worst is not None:
+            assert rel.max() < worst
+        else:
+            assert rel[0] > 5 and rel[-1] < 0.1
+    # the old layout JSON (no stats_code) is read as DnD's code, the one its generators were trained with
+    d = TokenLayout(chunk=4, rank=2).to_json()
+    del d["stats_code"]
+    assert TokenLayout.from_json(d).stats_code == "dnd"
 
 
 def test_gauge_svd_and_shared_init(zoo):

@@ -55,7 +55,9 @@ def add_dnd_parser(sub) -> None:
     for name, typ in (("steps", int), ("batch-size", int), ("n-prompts", int), ("lr", float), ("width", int),
                       ("n-layers", int), ("kernel", int), ("chunk", int), ("seed", int)):
         p.add_argument(f"--{name}", type=typ)
-    p.add_argument("--target", help="tokens | svd (gauge-free low-rank target)")
+    p.add_argument("--target", help="ab (the zoo's own A, B; default) | svd (gauge-free low-rank target)")
+    p.add_argument("--stats-code", choices=("relative", "dnd"),
+                   help="how a token's mean/std are written for the generator (default relative; dnd = the paper's)")
     p.add_argument("--prompts", help="folder of <dataset>.jsonl or a JSON mapping (default: the registry's prompts)")
     p.add_argument("--device")
     p.set_defaults(func=_train)

@@ -174,20 +174,21 @@ def registry_prompts_for(dataset: str, part: str = "zoo") -> list[str]:
 
 
 def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
-                     cache: dict | None = None) -> tuple[TokenLayout, torch.Tensor, list[str]]:
+                     cache: dict | None = None,
+                     stats_code: str = "relative") -> tuple[TokenLayout, torch.Tensor, list[str]]:
     """Tokenise every zoo checkpoint: (layout, grids [M, T, r+2, c+2] float32, dataset of each).
 
-    ``cache`` (optional) maps ``(path, chunk, target)`` to a checkpoint's grid: hits are not re-tokenised and
+    ``cache`` (optional) maps ``(path, chunk, target, stats_code)`` to a checkpoint's grid: hits are not re-tokenised and
     misses are added, so several generators trained in one process tokenise each checkpoint once."""
     layout, grids, ds = None, [], []
     for e in entries:
-        key = (str(e["path"]), chunk, target)
+        key = (str(e["path"]), chunk, target, stats_code)
         grid = cache.get(key) if cache is not None else None
         if grid is None or layout is None:  # the layout comes from the first checkpoint's tensors
             st = canonicalize_state(load_adapter(e["path"]), target)
-            layout = layout or TokenLayout.from_state_dict(st, chunk)
+            layout = layout or TokenLayout.from_state_dict(st, chunk, stats_code)
             if grid is None:
-                grid = to_grid(tokenize(st, layout))
+                grid = to_grid(tokenize(st, layout), stats_code)
                 if cache is not None:
                     cache[key] = grid
         grids.append(grid)
@@ -204,7 +205,8 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
                     max_length: int = 128, n_prompts: int = 32, batch_size: int = 8, lr: float = 3e-5,
                     weight_decay: float = 0.1, warmup: int = 1, clip: float = 1.0, width: int = 64,
                     n_layers: int = 4, kernel: int = 9, chain: Sequence[Shape] | None = None, chunk: int = 192,
-                    target: str = "ab", cond_noise: float = 1e-4, target_noise: float = 1e-5,
+                    target: str = "ab", stats_code: str = "relative", cond_noise: float = 1e-4,
+                    target_noise: float = 1e-5,
                     weighting: str = "std", seed: int = 0, device: str | None = None, log_every: int = 50,
                     verbose: bool = True, grid_cache: dict | None = None) -> dict:
     """Train a hyper-conv decoder on a zoo, leaving out the ``holdout`` dataset(s); save it to ``out``.
@@ -246,7 +248,7 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
             raise ValueError(f"no prompts for {[d for d in datasets if d not in src]}: pass prompts= or prompts_for=")
         pool = prompts_by_dataset(src or registry_prompts_for, datasets)
 
-    layout, grids, ds = load_zoo_tensors(train, chunk, target, cache=grid_cache)
+    layout, grids, ds = load_zoo_tensors(train, chunk, target, cache=grid_cache, stats_code=stats_code)
     mask = grid_mask(layout)
     weight = token_weights(grids, ds) if weighting == "std" else torch.ones(grids.shape[1])
     if isinstance(encoder, ConditionEncoder):
@@ -366,10 +368,10 @@ def train_main(args: argparse.Namespace) -> dict:
     """CLI body of ``softprompt dnd train --zoo ZOO --holdout D --out GEN``.
 
     Optional attributes (defaults of :func:`train_generator` otherwise): steps, batch_size, n_prompts, max_length,
-    lr, width, n_layers, kernel, chunk, target, encoder, seed, device, and ``prompts`` (a folder of
+    lr, width, n_layers, kernel, chunk, target, stats_code, encoder, seed, device, and ``prompts`` (a folder of
     ``<dataset>.jsonl``, or a JSON mapping dataset -> JSONL) or ``prompts_for`` (a callable)."""
     names = ("steps", "batch_size", "n_prompts", "max_length", "lr", "width", "n_layers", "kernel", "chunk",
-             "target", "encoder", "seed", "device", "prompts", "prompts_for", "weight_decay", "warmup", "log_every")
+             "target", "stats_code", "encoder", "seed", "device", "prompts", "prompts_for", "weight_decay", "warmup", "log_every")
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     res = train_generator(args.zoo, args.holdout, args.out, **kw)
     print(f"generator: {res['parameters']:,} parameters, final loss {res['losses'][-1]:.5f}, "

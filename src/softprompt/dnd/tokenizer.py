@@ -10,8 +10,15 @@ and std, which are kept, so that :func:`detokenize` restores the tensors **bitwi
   scaling by a power of two is exact, and ``z * s + m`` gives back exactly ``x``.
 
 For the generator, :func:`to_grid` writes each token as an (r+2)×(c+2) grid: the z-scores, plus two extra rows and
-two extra columns carrying ``(mean*8, log(0.9*std+0.1)+1.6)`` (as DnD), so that a generator predicts the scales too;
-:func:`from_grid` inverts that (approximately; the generator's output is not exact anyway).
+two extra columns carrying a code of the token's (mean, std), so that a generator predicts the scales too;
+:func:`from_grid` inverts that (approximately; the generator's output is not exact anyway). Two codes
+(``TokenLayout.stats_code``):
+
+* ``"dnd"``: ``(mean*8, log(0.9*std+0.1)+1.6)``, DnD's. For std ≪ 0.1 it hardly moves (d std / d code ≈ 0.11), so a
+  small error of the generator in the code is a large relative error of a small std; ``lora_B`` tokens (B starts
+  at 0) have stds of 1e-4 to 1e-3, and generated B came out ~10x too large in a CPU run on SmolLM2.
+* ``"relative"`` (default): ``(mean/std, log(std)+6)``: a code error ε is a relative error of about ε in the std
+  and an error of ε·std in the mean, at every scale.
 
 Gauge issue (spec §4). A LoRA update is ΔW = (α/r)·B·A, and B·A is invariant under (B, A) -> (B·M, M⁻¹·A) for any
 invertible r×r matrix M. Regressing per-checkpoint A and B (the ``"ab"`` target, as DnD does) is therefore only
@@ -35,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+STATS_CODES = ("relative", "dnd")
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
 _LAYER = re.compile(r"layers\.(\d+)\.")
 _MODULE = re.compile(r"\.([A-Za-z0-9_]+)\.lora_[AB]\.")
@@ -82,6 +90,11 @@ class TokenLayout:
     chunk: int
     rank: int
     modules: list[ModuleSpec] = field(default_factory=list)
+    stats_code: str = "relative"  # how to_grid writes each token's (mean, std): "relative" or "dnd"
+
+    def __post_init__(self) -> None:
+        if self.stats_code not in STATS_CODES:
+            raise ValueError(f"stats_code {self.stats_code!r}: expected one of {STATS_CODES}")
 
     @property
     def n_tokens(self) -> int:
@@ -104,7 +117,8 @@ class TokenLayout:
         return sum(m.rank * (m.d_in + m.d_out) for m in self.modules)
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor], chunk: int) -> TokenLayout:
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], chunk: int,
+                        stats_code: str = "relative") -> TokenLayout:
         """Build the layout of a PEFT LoRA state dict with chunk size ``chunk`` (c)."""
         mods = []
         ranks = set()
@@ -118,7 +132,7 @@ class TokenLayout:
                                    math.ceil(b.shape[0] / chunk)))
         if len(ranks) != 1:
             raise ValueError(f"all modules must share one rank, got {sorted(ranks)}")
-        return cls(chunk=chunk, rank=ranks.pop(), modules=mods)
+        return cls(chunk=chunk, rank=ranks.pop(), modules=mods, stats_code=stats_code)
 
     def to_json(self) -> dict:
         """JSON-serialisable form."""
@@ -127,7 +141,9 @@ class TokenLayout:
     @classmethod
     def from_json(cls, d: dict) -> TokenLayout:
         """Inverse of :meth:`to_json`."""
-        return cls(chunk=d["chunk"], rank=d["rank"], modules=[ModuleSpec(**m) for m in d["modules"]])
+        # layouts written before the "relative" code existed used DnD's
+        return cls(chunk=d["chunk"], rank=d["rank"], modules=[ModuleSpec(**m) for m in d["modules"]],
+                   stats_code=d.get("stats_code", "dnd"))
 
     def save(self, path) -> None:
         """Write as JSON."""
@@ -213,20 +229,28 @@ def detokenize(tokens: WeightTokens, layout: TokenLayout, dtype: torch.dtype | N
     return out
 
 
-def _encode_stats(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return mean * 8.0, torch.log(0.9 * std + 0.1) + 1.6
+def encode_stats(mean: torch.Tensor, std: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of tokens -> the two values a grid carries for them (see the module docstring)."""
+    if code == "dnd":
+        return mean * 8.0, torch.log(0.9 * std + 0.1) + 1.6
+    return mean / std, torch.log(std) + 6.0
 
 
-def _decode_stats(mcode: torch.Tensor, scode: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return mcode / 8.0, ((torch.exp(scode - 1.6) - 0.1) / 0.9).clamp_min(1e-12)
+def decode_stats(mcode: torch.Tensor, scode: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_stats`."""
+    if code == "dnd":
+        return mcode / 8.0, ((torch.exp(scode - 1.6) - 0.1) / 0.9).clamp_min(1e-12)
+    std = torch.exp(scode - 6.0)
+    return mcode * std, std
 
 
-def to_grid(tokens: WeightTokens) -> torch.Tensor:
-    """Tokens -> float32 grid [T, r+2, c+2]: z-scores plus the encoded (mean, std) in 2 rows and 2 columns."""
+def to_grid(tokens: WeightTokens, stats_code: str = "relative") -> torch.Tensor:
+    """Tokens -> float32 grid [T, r+2, c+2]: z-scores plus the encoded (mean, std) in 2 rows and 2 columns
+    (``stats_code`` must be the layout's)."""
     t, r, c = tokens.z.shape
     g = torch.full((t, r + 2, c + 2), float("nan"), dtype=torch.float64)
     g[:, :r, :c] = tokens.z
-    mc, sc = _encode_stats(tokens.mean, tokens.std)
+    mc, sc = encode_stats(tokens.mean, tokens.std, stats_code)
     g[:, r, :] = mc[:, None]
     g[:, r + 1, :] = sc[:, None]
     g[:, :r, c] = mc[:, None]
@@ -254,7 +278,7 @@ def from_grid(grid: torch.Tensor, layout: TokenLayout) -> WeightTokens:
     r, c = layout.rank, layout.chunk
     mc = torch.cat([g[:, r, :], g[:, :r, c]], dim=1).nanmean(dim=1)
     sc = torch.cat([g[:, r + 1, :], g[:, :r, c + 1]], dim=1).nanmean(dim=1)
-    mean, std = _decode_stats(mc, sc)
+    mean, std = decode_stats(mc, sc, layout.stats_code)
     z = g[:, :r, :c].clone()
     z[~grid_mask(layout)[:, :r, :c]] = float("nan")
     return WeightTokens(z=z, mean=mean, std=std)

@@ -727,7 +727,8 @@ def render(res: dict) -> str:
           f"{cfg['warmup_steps']} warm-up + {cfg['checkpoints']} kept steps, batch {cfg['zoo_batch']}, lr {cfg['zoo_lr']}; "
           f"answer-only LM loss."),
           (f"- Generator: hyper-convolutional decoder (kernel {cfg['kernel']}, width {cfg['width']}, {cfg['n_layers']} "
-          f"layers, chunk {cfg['chunk']}, target `{cfg['target']}`), {cfg['gen_steps']} steps x batch {cfg['gen_batch']}, "
+          f"layers, chunk {cfg['chunk']}, target `{cfg['target']}`, token stats code `{cfg.get('stats_code', 'dnd')}`), "
+          f"{cfg['gen_steps']} steps x batch {cfg['gen_batch']}, "
           f"lr {cfg['gen_lr']}; conditions: {cfg['n_prompts']} prompts x {cfg['cond_length']} tokens from encoder "
           f"`{cfg['encoder']}`, resampled every step from up to {cfg['train_pool']} prompts per training dataset."),
           (f"- Leave-one-dataset-out: the generator for held-out h is trained on the other datasets' checkpoints only; "

@@ -345,14 +345,18 @@ def test_token_classification_with_input_prompt_keeps_length():
     assert torch.isfinite(out.loss)
 
 
-def test_modernbert_prefix_works_and_insertion_is_refused_clearly():
+def _tiny_modernbert(**kw):
     import transformers as tf
 
     cfg = tf.ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                               num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                              cls_token_id=1, sep_token_id=2, num_labels=2)
+                              cls_token_id=1, sep_token_id=2, num_labels=2, **kw)
     torch.manual_seed(0)
-    model = sp.wrap(tf.ModernBertForSequenceClassification(cfg), sp.PrefixConfig(num_virtual_tokens=4)).eval()
+    return tf.ModernBertForSequenceClassification(cfg).eval()
+
+
+def test_modernbert_prefix_matches_the_row_alone():
+    model = sp.wrap(_tiny_modernbert(), sp.PrefixConfig(num_virtual_tokens=4)).eval()
     ids = torch.randint(3, 100, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
@@ -360,6 +364,51 @@ def test_modernbert_prefix_works_and_insertion_is_refused_clearly():
         out = model(input_ids=ids, attention_mask=mask).logits
         alone = model(input_ids=ids[1:, :5]).logits
     torch.testing.assert_close(out[1], alone[0], atol=1e-5, rtol=1e-5)
-    late = sp.wrap(tf.ModernBertForSequenceClassification(cfg), sp.LatePromptConfig(layer=1))
-    with pytest.raises(sp.UnsupportedModelError, match="rotary encoder ModernBert"):
-        late(input_ids=ids)
+
+
+def test_modernbert_mid_layer_insertion_matches_a_direct_computation():
+    """Late prompt tokens inserted before layer 1 of a rotary encoder (ModernBERT, global and local layers): the
+    engine's output equals running the model's own modules by hand with the t vectors inserted after [CLS], their
+    rotary position that of the token they precede, the real tokens keeping theirs, and padding masked."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    base = _tiny_modernbert(global_attn_every_n_layers=2, local_attention=64)
+    model = sp.wrap(base, sp.LatePromptConfig(num_virtual_tokens=3, layer=1)).eval()
+    ids = torch.randint(3, 100, (2, 7))
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[1:, :5]).logits
+        prompt = model.method.prompt
+        t, at, n = prompt.shape[0], 1, ids.shape[1]
+        mb = base.model
+        h = mb.embeddings(input_ids=ids)
+        pos = torch.arange(n)[None]
+        for i, layer in enumerate(mb.layers):
+            if i == 1:
+                h = torch.cat([h[:, :at], prompt[None].expand(2, t, -1), h[:, at:]], dim=1)
+                pos = torch.cat([pos[:, :at], torch.full((1, t), at), pos[:, at:]], dim=1)
+                mask2 = torch.cat([mask[:, :at], torch.ones(2, t, dtype=mask.dtype), mask[:, at:]], dim=1)
+            m = mask if i < 1 else mask2
+            attn = create_bidirectional_mask(config=base.config, inputs_embeds=h, attention_mask=m)
+            cos_sin = mb.rotary_emb(h, pos, layer.attention_type)
+            h = layer(h, attention_mask=attn, position_embeddings=cos_sin)
+        h = mb.final_norm(torch.cat([h[:, :at], h[:, at + t:]], dim=1))
+        want = base.classifier(base.drop(base.head(h[:, 0])))
+    assert {layer.attention_type for layer in mb.layers} == {"full_attention", "sliding_attention"}
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], alone[0], atol=1e-5, rtol=1e-5)
+    # A local window shorter than the sequence (the inserted columns stay visible to every row): a padded row
+    # still equals the same row alone.
+    narrow = sp.wrap(_tiny_modernbert(global_attn_every_n_layers=2, local_attention=4),
+                     sp.LatePromptConfig(num_virtual_tokens=3, layer=1)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(input_ids=ids, attention_mask=mask).logits[1],
+                                   narrow(input_ids=ids[1:, :5]).logits[0], atol=1e-5, rtol=1e-5)
+    # ID-SPAM on the same encoder trains: the loss moves the generator
+    idspam = sp.wrap(_tiny_modernbert(), sp.IDSPAMConfig(num_virtual_tokens=3, layer=2)).train()
+    out = idspam(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert idspam.method.up.weight.grad.abs().sum() > 0

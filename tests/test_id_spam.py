@@ -13,7 +13,7 @@ from torch import nn
 
 import softprompt as sp
 from softprompt.engine.injector import ModelInfo
-from softprompt.errors import ConfigError, SequenceTooLongError, UnsupportedModelError
+from softprompt.errors import ConfigError, SequenceTooLongError
 from softprompt.methods import config_from_dict, id_spam_explain
 from softprompt.methods.id_spam import IDSPAM, IDSPAMConfig, id_spam_parameter_count
 
@@ -108,9 +108,6 @@ def test_registry_and_validation():
     with pytest.raises(ConfigError, match="layer must be in 0..2"):
         sp.wrap(tiny("bert", "cls"), IDSPAMConfig(layer=3))
     assert IDSPAM(IDSPAMConfig(), info(64, layers=12)).layer == 6  # default: the middle layer
-    rotary_encoder = ModelInfo(**{**info(64).to_dict(), "model_type": "modernbert", "has_rotary": True})
-    with pytest.raises(UnsupportedModelError, match="rotary"):
-        IDSPAM(IDSPAMConfig(), rotary_encoder)
 
 
 def test_sequence_limit_counts_prompt():

@@ -32,7 +32,6 @@ from torch import nn
 
 from ..engine.injector import ModelInfo
 from ..engine.state import Insertion, InjectionState
-from ..errors import UnsupportedModelError
 from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
 
 UP_ACTIVATIONS = ("relu", "none")
@@ -126,14 +125,6 @@ class IDSPAM(PromptMethod):
 
     def __init__(self, config: IDSPAMConfig, info: ModelInfo):
         super().__init__(config, info)
-        if info.has_rotary and not info.is_causal:
-            # The engine inserts rows into the hidden states of encoders, but rotary encoders (ModernBERT) hand every
-            # layer cos/sin computed for the N original positions: the shapes no longer match. Fail clearly here.
-            raise UnsupportedModelError(
-                f"ID-SPAM cannot insert a prompt into {info.model_type}: mid-layer insertion into encoders with rotary "
-                "position embeddings is not supported by the engine; use an absolute-position encoder (BERT, "
-                "RoBERTa, MiniLM) or a decoder"
-            )
         n, t, c = info.hidden_size, config.num_virtual_tokens, config.bottleneck
         self.layer = config.insert_layer(info.num_layers)
         # Seeded init that leaves the global RNG untouched (the default nn.Linear init draws from it).

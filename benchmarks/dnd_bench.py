@@ -46,6 +46,9 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/portable.py, also when loaded from a path
+from portable import portable  # noqa: E402
+
 T_START = time.time()
 
 SHORT = {"commonsense/arc_easy": "arc_easy", "commonsense/arc_challenge": "arc_challenge",
@@ -869,7 +872,7 @@ def export_results(state: Path, out: Path, record: dict | None = None) -> dict:
     """``out/dnd_results.json``, ``out/dnd.md`` and ``out/dnd_logs.tar.gz`` (stage JSONs, log, configs, zoo manifest,
     generator configs and loss logs; no weights)."""
     out.mkdir(parents=True, exist_ok=True)
-    res = collect(state, record)
+    res = portable(collect(state, record))  # no machine's folders in what is committed
     write_json(out / "dnd_results.json", res)
     (out / "dnd.md").write_text(render(res))
     with tarfile.open(out / "dnd_logs.tar.gz", "w:gz") as tar:

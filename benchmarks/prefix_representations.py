@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/portable.py, also when loaded from a path
+from portable import portable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -718,8 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     bench.scratch.mkdir(parents=True, exist_ok=True)
     if set(args.stages.split(",")) - {"report"}:
-        bench.save("run_info", {"device": device_name(), "torch": torch.__version__, "command": args.command_line,
-                                "model": args.model})
+        bench.save("run_info", portable({"device": device_name(), "torch": torch.__version__,
+                                         "command": args.command_line, "model": args.model}))
     stages = args.stages.split(",")
     status = 0
     try:

@@ -123,3 +123,19 @@ def test_runner_reruns_apt_for_pt2star_and_starts_pt2star_once_its_adapter_exist
     assert {("glue/rte", "pt2star", "1"), ("glue/rte", "pt2star", "2")} <= set(started)
     assert not any(j[0] == "glue/mrpc" and j[1] == "pt2star" for j in started)
     assert len(started) == 2 + 3 + 2  # 2 APT reruns, 3 prefix runs, 2 RTE PT-2* runs
+
+
+def test_recorded_paths_name_no_machine_folders(monkeypatch, tmp_path):
+    """benchmarks/portable.py: $OUT, the home folder and the repository root are written as $OUT, $HOME and '.'
+    everywhere in a JSON-like record; other values are untouched."""
+    import portable
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("OUT", str(out) + "/")
+    home = str(Path("~").expanduser())
+    root = str(portable.ROOT)
+    rec = {"command": f"python x.py --model {home}/state/minilm --export {out}/r.json --data {root}/data",
+           "paths": [f"{home}/a", (f"{root}/b", 3)], "n": 1.5, "none": None}
+    assert portable.portable(rec) == {
+        "command": "python x.py --model $HOME/state/minilm --export $OUT/r.json --data ./data",
+        "paths": ["$HOME/a", ("./b", 3)], "n": 1.5, "none": None}

@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/portable.py, also when loaded from a path
-from portable import portable  # noqa: E402
+from portable import portable
 
 T_START = time.time()
 

@@ -35,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/portable.py, also when loaded from a path
-from portable import portable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # portable.py, also when this file is loaded from a path
+
+from portable import portable
 
 from softprompt import tasks  # noqa: E402
 from softprompt.represent.api import fit_and_score, split_features  # noqa: E402

@@ -190,9 +190,11 @@ def idspam_report(rows, plot: str | None = None) -> str:
                   zero_shot_line(), ""]
     lines += ["The m=3 column of the sweep repeats the ID-SPAM and LPT runs of the first table with the same seeds. "
               "LPT's repeats are identical to the last digit; ID-SPAM's differ (e.g. RTE seed 1: "
-              f"{repeat_pair(rows, 'glue/rte', 1)}): its GPU training is not bitwise reproducible "
-              "(cause not isolated; the generator's attention backward is the likely source). Read differences "
-              "of ID-SPAM below about 2 points as noise.", ""]
+              f"{repeat_pair(rows, 'glue/rte', 1)}): its GPU training was not bitwise reproducible. The likely cause: "
+              "the generator's single 384-wide attention head went through SDPA, whose memory-efficient CUDA "
+              "backward is non-deterministic; the generator now computes that attention explicitly (after these "
+              "runs; whether repeats are now identical on the GPU is not yet measured). Read differences of ID-SPAM "
+              "below about 2 points as noise.", ""]
     return "\n".join(lines)
 
 

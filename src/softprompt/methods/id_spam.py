@@ -23,11 +23,9 @@ layers at positions 0..t-1, real tokens keep positions 0..N-1), which generate()
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..engine.injector import ModelInfo
@@ -120,6 +118,13 @@ def id_spam_parameter_count(hidden: int, t: int = 10, c: int = 34, *, qkv_bias: 
     return qkv + c * n + (c if down_bias else 0) + c * n * t + (n * t if up_bias else 0)
 
 
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Softmax attention probabilities [B, Nq, Nk] of one head of width n (scale 1/sqrt(n), the paper's
+    1/sqrt(d_k)); ``keys`` [B, Nk] bool marks the keys that may be attended to."""
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    return scores.masked_fill(~keys[:, None, :], float("-inf")).softmax(-1)
+
+
 class IDSPAM(PromptMethod):
     """The ID-SPAM prompt generator. Parameters: ``q``/``k``/``v`` (n x n), ``down`` (n -> c), ``up`` (c -> t n)."""
 
@@ -162,9 +167,10 @@ class IDSPAM(PromptMethod):
         qm = queries[..., None].to(x.dtype)
         if self.config.pooling == "attention":
             q, k, v = self._project(x)
-            # One head of width n: SDPA's default scale 1/sqrt(n) is the paper's 1/sqrt(d_k).
-            out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=keys[:, None, None, :])
-            x = out[:, 0]
+            # One head of width n, written out rather than through SDPA: B x N x N scores are small here, and
+            # CUDA's memory-efficient SDPA kernel (the one a masked single wide head gets) has a non-deterministic
+            # backward, which made ID-SPAM's GPU runs differ between repeats of the same seed.
+            x = _attention_probs(q, k, keys) @ v
             qm = qm.to(x.dtype)  # bf16 under autocast
         return (x * qm).sum(1) / qm.sum(1).clamp(min=1)
 
@@ -191,7 +197,7 @@ class IDSPAM(PromptMethod):
         gives key j. Since A = sum_j w_j v_j exactly, w_j is token j's share in the pooled vector that the prompt is
         generated from. Each row sums to 1 over the real tokens and is 0 on padding (with ``mask_padding``). For
         ``pooling="mean"`` it is the uniform 1 / |real|. Computed in float32 from the explicit softmax (the forward
-        uses fused SDPA; the two agree to rounding).
+        uses the same probabilities in the compute dtype).
         """
         x = embeddings.to(device=self._device(), dtype=torch.float32)
         keys, queries = self._masks(attention_mask, x.shape)
@@ -199,8 +205,7 @@ class IDSPAM(PromptMethod):
         if self.config.pooling == "mean":
             return qm / qm.sum(-1, keepdim=True).clamp(min=1)
         q, k, _ = (p.float() for p in self._project(x.to(self.up.weight.dtype)))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(x.shape[-1])
-        probs = scores.masked_fill(~keys[:, None, :], float("-inf")).softmax(-1)  # [B, Nq, Nk]
+        probs = _attention_probs(q, k, keys)  # [B, Nq, Nk]
         return (probs * qm[..., None]).sum(1) / qm.sum(-1, keepdim=True).clamp(min=1)
 
     # ---- engine interface ---------------------------------------------------------------------------------------

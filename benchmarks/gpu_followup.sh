@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU measurements still open after session 3 (docs/STATUS.md), one stage per device call of one lease:
+#
+#   bash benchmarks/gpu_followup.sh det     ID-SPAM repeatability: the same RTE run (seed 1) twice; prints both scores
+#                                           and whether they are identical (the generator's attention no longer goes
+#                                           through SDPA's non-deterministic memory-efficient backward). ~3 min.
+#   bash benchmarks/gpu_followup.sh perf    benchmarks/perf.py, all sections (issue 8: generate() with the no-grad
+#                                           prefix cache, memory after the nested-checkpoint fix, ID-SPAM's explicit
+#                                           generator attention at 1x8192). ~5 min.
+#   bash benchmarks/gpu_followup.sh serve   issue 11 over HTTP with 16 texts per request (the model, not the HTTP
+#                                           stack, is then the bottleneck). ~3 min.
+#
+# Carry: .carry/minilm and .carry/qdata.tar.xz (benchmarks/make_carry.sh, docs/STATUS.md) for det and serve, and
+# .whl_serve (FastAPI stack wheels for Python 3.12, git-ignored) for serve. Results land in $OUT; commit them under
+# benchmarks/results/ with the device and versions they print.
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src
+S=${STATE:-$HOME/followup}
+mkdir -p "$S" "$OUT"
+python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'peft', peft.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+
+case "${1:-}" in
+det)
+  [ -d "$S/qdata" ] || tar xJf .carry/qdata.tar.xz -C "$S"
+  export SOFTPROMPT_DATA_DIR=$S/qdata
+  for i in 1 2; do
+    python benchmarks/baselines.py one --task glue/rte --method idspam --seed 1 --model .carry/minilm \
+      --model-label .carry/minilm --out "$S/det$i" --bf16 > "$S/det$i.log" 2>&1 || tail -n 20 "$S/det$i.log"
+  done
+  python - "$S" <<'PY'
+import json, sys
+from pathlib import Path
+runs = [json.loads((Path(sys.argv[1]) / f"det{i}" / "glue_rte__idspam__1.json").read_text()) for i in (1, 2)]
+scores = [r["eval_main"] for r in runs]
+print("ID-SPAM RTE seed 1, two runs:", scores, "identical" if scores[0] == scores[1] else "DIFFERENT",
+      "train seconds", [r["train_seconds"] for r in runs])
+PY
+  cp "$S"/det1/glue_rte__idspam__1.json "$OUT/idspam_repeat_1.json"
+  cp "$S"/det2/glue_rte__idspam__1.json "$OUT/idspam_repeat_2.json"
+  ;;
+perf)
+  python benchmarks/perf.py --time-budget 300 --out "$OUT/perf_all.json" --markdown "$OUT/perf_all.md"
+  ;;
+serve)
+  python -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl || exit 1
+  PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/serve_bench.py --model .carry/minilm --device cuda \
+    --dtype bfloat16 --batch-size 64 --concurrency 256 --client-procs 4 --inputs-per-request 16 --requests 4096 \
+    --mode engine,http --repeats 2 --out "$OUT/serve_gpu_prefix_http16.json"
+  ;;
+*)
+  echo "usage: $0 det | perf | serve" >&2; exit 2 ;;
+esac

@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_followup.sh perf    benchmarks/perf.py, all sections (issue 8: generate() with the no-grad
 #                                           prefix cache, memory after the nested-checkpoint fix, ID-SPAM's explicit
 #                                           generator attention at 1x8192). ~5 min.
+#   bash benchmarks/gpu_followup.sh compile issue 8 at the small shape: our methods' training steps through
+#                                           torch.compile(mode="reduce-overhead") (CUDA graphs; every method traces
+#                                           into one graph, tests/test_engine.py), against the eager rows of `perf`.
+#                                           ~9 min.
 #   bash benchmarks/gpu_followup.sh serve   issue 11 over HTTP with 16 texts per request (the model, not the HTTP
 #                                           stack, is then the bottleneck). ~3 min.
 #
@@ -42,6 +46,11 @@ PY
 perf)
   python benchmarks/perf.py --time-budget 300 --out "$OUT/perf_all.json" --markdown "$OUT/perf_all.md"
   ;;
+compile)
+  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 8x512 --warmup 5 \
+    --models qwen0.5b,qwen1.5b,roberta-large --methods frozen,prompt,prefix,apt,idspam,lpt --time-budget 540 \
+    --out "$OUT/perf_compile.json" --markdown "$OUT/perf_compile.md"
+  ;;
 serve)
   python -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl || exit 1
   PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/serve_bench.py --model .carry/minilm --device cuda \
@@ -49,5 +58,5 @@ serve)
     --mode engine,http --repeats 2 --out "$OUT/serve_gpu_prefix_http16.json"
   ;;
 *)
-  echo "usage: $0 det | perf | serve" >&2; exit 2 ;;
+  echo "usage: $0 det | perf | compile | serve" >&2; exit 2 ;;
 esac

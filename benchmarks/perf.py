@@ -658,9 +658,12 @@ class Bench:
         batch = make_batch(spec, shape, b, s, self.device)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         opt = torch.optim.AdamW(params, lr=1e-5, **fused) if params else None
+        # --compile: the model's forward (and so its backward) through torch.compile; "reduce-overhead" adds CUDA
+        # graphs, aimed at small shapes whose steps wait on kernel launches. Compilation happens in the warm-up.
+        forward = torch.compile(model, mode=self.args.compile) if self.args.compile != "none" else model
 
         def step() -> None:
-            out = model(**batch, **extra)
+            out = forward(**batch, **extra)
             out.loss.backward()
             if opt is not None:
                 opt.step()
@@ -683,6 +686,8 @@ class Bench:
             "mfu": model_flops(shape, b, s, "train") / seconds / peak_rate,
             "mfu_needed": model_flops(shape, b, s, "train" if full else "needed") / seconds / peak_rate,
         }
+        if self.args.compile != "none":
+            row["compile"] = self.args.compile
         if s != s_req:
             row["note"] = f"seq {s_req}->{s}: {spec.name} has {shape.max_positions} positions"
         if truncated:
@@ -723,6 +728,8 @@ class Bench:
         row = {"batch": b, "seq": s, "tokens_per_s": b * s / (ms / 1000.0), "step_ms": ms, "timed_steps": len(times),
                "peak_gib": peak_gib(self.device), "weights_gib": before,
                "mfu": model_flops(shape, b, s, "forward") / (ms / 1000.0) / self.meta["peak_flops"]}
+        if self.args.compile != "none":
+            row["compile"] = self.args.compile
         if s != s_req:
             row["note"] = f"seq {s_req}->{s}: {spec.name} has {shape.max_positions} positions"
         if truncated:
@@ -957,6 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
                    help="model dtype (default bf16; fp32 with --tiny on CPU)")
     p.add_argument("--tiny", action="store_true", help="tiny models and shapes for CPU smoke runs")
+    p.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"),
+                   help="train section: run the model through torch.compile with this mode (default none); "
+                        "use enough --warmup steps to cover compilation")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     return p
 
@@ -1021,6 +1031,7 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, mod
     # Library objects live for the whole run: keep them out of the collections between cases (0.2 s each otherwise).
     gc.collect()
     gc.freeze()
+    bench.meta["compile"] = args.compile
     bench.meta["peak_flops"] = measure_peak_flops(device, dtype, args.tiny)
     bench.meta["peak_tflops"] = round(bench.meta["peak_flops"] / 1e12, 2)
     print(f"device {bench.meta.get('gpu', device)} | {args.dtype} matmul peak {bench.meta['peak_tflops']} TFLOP/s | "
@@ -1046,7 +1057,8 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, mod
                      if "ceiling" in t else "")
             print(f"  [{verdict}] {t['target']} | {t['model']} {t['shape']}: {t['value']}{extra}")
     if args.markdown:
-        Path(args.markdown).write_text(format_markdown(bench.rows) + "\n")
+        note = f"Training steps through `torch.compile(mode={args.compile!r})`.\n\n" if args.compile != "none" else ""
+        Path(args.markdown).write_text(note + format_markdown(bench.rows) + "\n")
     print(f"\nwrote {bench.out} ({len(bench.rows)} rows, {bench.meta['wall_s']} s)", flush=True)
     return bench.document()
 

@@ -412,3 +412,42 @@ def test_modernbert_mid_layer_insertion_matches_a_direct_computation():
     out = idspam(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
     out.loss.backward()
     assert idspam.method.up.weight.grad.abs().sum() > 0
+
+_COMPILE_METHODS = [sp.PromptTuningConfig(num_virtual_tokens=4), sp.PrefixConfig(num_virtual_tokens=4),
+                    sp.APTConfig(num_virtual_tokens=4), sp.LatePromptConfig(num_virtual_tokens=3, layer=1),
+                    sp.IDSPAMConfig(num_virtual_tokens=3, layer=1)]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "bert"])
+@pytest.mark.parametrize("config", _COMPILE_METHODS, ids=lambda c: type(c).__name__)
+def test_wrapped_training_forward_is_one_graph_for_torch_compile(kind, config):
+    """Every method's training forward (hooks, attention function, gates, insertion) traces into a single
+    torch.compile graph with no graph break, so `torch.compile(mode="reduce-overhead")` can capture whole steps."""
+    model = sp.wrap(tiny(kind, task="lm" if kind == "qwen2" else "cls"), copy.deepcopy(config)).train()
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = ids if kind == "qwen2" else torch.tensor([0, 1])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels)
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compiled_apt_step_matches_eager():
+    model = sp.wrap(tiny("qwen2"), sp.APTConfig(num_virtual_tokens=4)).train()
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    eager = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    eager.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    loss = torch.compile(model)(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)

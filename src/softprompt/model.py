@@ -74,8 +74,7 @@ class SoftPromptModel(nn.Module):
         self._check_length(length)
         embed = self.base_model.get_input_embeddings()
         contrib = self.method(MethodInputs(input_ids, attention_mask, embed, batch))
-        replays = self.base_model.training and torch.is_grad_enabled() and bool(
-            getattr(self.base_model, "is_gradient_checkpointing", False))
+        replays = self.base_model.training and torch.is_grad_enabled() and _checkpointing(self.base_model)
         state = InjectionState(attention_mask=attention_mask, layer_hook=contrib.layer_hook, replays=replays)
         for i, (k, v) in contrib.prefixes.items():
             state.layers[i] = LayerInjection(key=k, value=v)
@@ -216,3 +215,12 @@ class SoftPromptModel(nn.Module):
     @property
     def config(self):
         return self.base_model.config
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on. transformers >= 5.2x names it ``is_activation_checkpointing`` and
+    deprecates ``is_gradient_checkpointing`` (whose warning also breaks a ``torch.compile`` graph); older 5.x has
+    only the latter."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))

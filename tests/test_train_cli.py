@@ -145,3 +145,20 @@ def test_adapter_moved_to_another_machine_needs_and_takes_base_model(tiny_bert_d
     after = json.loads(capsys.readouterr().out)
     assert after == before
     assert main(["predict", "--adapter", str(out), "--text", "a good film", "--base-model", str(moved)]) == 0
+
+
+def test_compiled_training_saves_an_adapter_that_matches_its_own_evaluation(tiny_bert_dir, sentiment_csv, tmp_path,
+                                                                             capsys):
+    """`train --compile`: the Trainer runs the wrapped model through torch.compile; the saved adapter (plain
+    tensors, no compiled wrapper in its names) reloads eagerly and scores what training reported."""
+    out = tmp_path / "compiled"
+    common = ["--file", sentiment_csv, "--text-column", "sentence", "--label-column", "sentiment"]
+    assert main(["train", "--method", "apt", "--model", tiny_bert_dir, *common, "--output", str(out),
+                 "--max-steps", "3", "--batch-size", "16", "--num-virtual-tokens", "4", "--max-length", "16",
+                 "--compile"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), *common]) == 0
+    reloaded = json.loads(capsys.readouterr().out)
+    assert reloaded["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)

@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
         eval_split=args.eval_split, epochs=args.epochs, max_steps=args.max_steps,
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=_method_options(args),
-        bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
         save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, strict=args.strict,
         fsdp=args.fsdp or "", weight_decay=args.weight_decay,
     )
@@ -132,6 +132,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="run the training forward through torch.compile (mode; default 'default'; "
+                        "'reduce-overhead' adds CUDA graphs for small, launch-bound steps)")
     p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")

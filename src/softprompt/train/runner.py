@@ -60,6 +60,7 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    compile: str | None = None  # torch.compile mode for the training forward (e.g. "default", "reduce-overhead")
     save_steps: int | None = None
     eval_steps: int | None = None
     resume: bool = False
@@ -270,6 +271,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         report_to=cfg.report_to, remove_unused_columns=False, dataloader_num_workers=cfg.dataloader_workers,
         disable_tqdm=not _interactive(), fsdp=cfg.fsdp, use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
+        # Every method's forward traces into one graph (tests/test_engine.py); padding to the batch's longest row
+        # gives a few distinct lengths, which torch.compile handles by recompiling once and then going dynamic.
+        torch_compile=cfg.compile is not None, torch_compile_mode=cfg.compile,
     )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

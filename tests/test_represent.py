@@ -63,7 +63,13 @@ def test_concat_in_one_batched_pass_equals_separate_passes(encoder, pool):
     batched = encoder.encode_concat(texts, prefixes, pool)
     calls_batched = encoder.stats.forward_calls
     encoder.stats.forward_calls = 0
-    separate = encoder.encode_separate(texts, prefixes, pool)
+    tokenize, tokenized = encoder.tokenize, []
+    encoder.tokenize = lambda chunk: tokenized.append(len(chunk)) or tokenize(chunk)
+    try:
+        separate = encoder.encode_separate(texts, prefixes, pool)
+    finally:
+        encoder.tokenize = tokenize
+    assert tokenized == [4, 4, 2]  # each chunk tokenised once, then run once per prefix (a fair baseline)
     assert batched.shape == (10, 4 * encoder.hidden_size)
     torch.testing.assert_close(batched, separate, atol=1e-5, rtol=0)
     chunks = 3  # 10 texts, 4 per chunk

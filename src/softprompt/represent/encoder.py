@@ -212,19 +212,26 @@ class PrefixEncoder:
         return self._chunks(texts, fn, f"encode x{t_count} prefixes", texts_per_chunk)
 
     def encode_separate(self, texts: Sequence[Text], prefixes: Sequence[Prefix], pool: str = "cls") -> torch.Tensor:
-        """[n, T*h] like :meth:`encode_concat`, but with T separate passes of one broadcast prefix each."""
-        blocks = []
+        """[n, T*h] like :meth:`encode_concat`, but with T separate passes of one broadcast prefix each (the baseline
+        of the batched path). Each chunk is tokenised once and then run T times, so that the comparison is between
+        backbone passes, not tokenisations."""
+        states = []
         for p in prefixes:
-            def fn(chunk: list[Text], p=p) -> torch.Tensor:
-                enc = self.tokenize(chunk)
-                state = InjectionState()
-                for i, table in p.items():
-                    t = self._prefix_tensor(table)
-                    state.layers[i] = LayerInjection(key=t[0][None], value=t[1][None])  # [1, H, P, D] broadcast
-                return pool_hidden(self._forward(enc, state), enc["attention_mask"], pool)
+            state_layers = {}
+            for i, table in p.items():
+                t = self._prefix_tensor(table)
+                state_layers[i] = (t[0][None], t[1][None])  # [1, H, P, D], broadcast over the batch
+            states.append(state_layers)
 
-            blocks.append(self._chunks(as_texts(texts), fn, "encode (one prefix)"))
-        return torch.cat(blocks, dim=1)
+        def fn(chunk: list[Text]) -> torch.Tensor:
+            enc = self.tokenize(chunk)
+            outs = []
+            for layers in states:
+                state = InjectionState(layers={i: LayerInjection(key=k, value=v) for i, (k, v) in layers.items()})
+                outs.append(pool_hidden(self._forward(enc, state), enc["attention_mask"], pool))
+            return torch.cat(outs, dim=1)
+
+        return self._chunks(as_texts(texts), fn, f"encode ({len(states)} separate passes)")
 
     def encode_joint(self, texts: Sequence[Text], prefixes: Sequence[Prefix], pool: str = "cls") -> torch.Tensor:
         """[n, h]: one pass with every layer's prefixes concatenated along the prefix axis."""

@@ -11,6 +11,8 @@
 #                                           torch.compile(mode="reduce-overhead") (CUDA graphs; every method traces
 #                                           into one graph, tests/test_engine.py), against the eager rows of `perf`.
 #                                           ~9 min.
+#   bash benchmarks/gpu_followup.sh rx      R(x) throughput of the prefix bank again (issue 5), now with a separate-pass
+#                                           baseline that tokenises once; carry runs/prefrep-full too. ~2 min.
 #   bash benchmarks/gpu_followup.sh serve   issue 11 over HTTP with 16 texts per request (the model, not the HTTP
 #                                           stack, is then the bottleneck). ~3 min.
 #
@@ -51,6 +53,13 @@ compile)
     --models qwen0.5b,qwen1.5b,roberta-large --methods frozen,prompt,prefix,apt,idspam,lpt --time-budget 540 \
     --out "$OUT/perf_compile.json" --markdown "$OUT/perf_compile.md"
   ;;
+rx)
+  [ -d "$S/qdata" ] || tar xJf .carry/qdata.tar.xz -C "$S"
+  rm -rf "$S/prefrep" && cp -r runs/prefrep-full "$S/prefrep" && rm -f "$S/prefrep/results/throughput.json"
+  SOFTPROMPT_DATA_DIR=$S/qdata python benchmarks/prefix_representations.py --budget full --model .carry/minilm \
+    --work "$S/prefrep" --stages throughput --no-progress
+  cp "$S/prefrep/results/throughput.json" "$OUT/throughput.json"
+  ;;
 serve)
   python -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl || exit 1
   PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/serve_bench.py --model .carry/minilm --device cuda \
@@ -58,5 +67,5 @@ serve)
     --mode engine,http --repeats 2 --out "$OUT/serve_gpu_prefix_http16.json"
   ;;
 *)
-  echo "usage: $0 det | perf | compile | serve" >&2; exit 2 ;;
+  echo "usage: $0 det | perf | compile | rx | serve" >&2; exit 2 ;;
 esac

@@ -75,12 +75,18 @@ def table(rows, task_list: list[str], methods: list[str], names: dict[str, str])
     return out, means
 
 
-def average_line(means: dict, a: str, b: str, label: str) -> str:
+def compare(means: dict, a: str, b: str) -> tuple[list[str], float, float]:
+    """(tasks both ran, mean of ``a`` over them, mean of ``b`` over them); the means are nan without common tasks."""
     common = sorted(set(means[a]) & set(means[b]))
     if not common:
+        return common, float("nan"), float("nan")
+    return common, statistics.mean(means[a][t] for t in common), statistics.mean(means[b][t] for t in common)
+
+
+def average_line(means: dict, a: str, b: str, label: str) -> str:
+    common, ma, mb = compare(means, a, b)
+    if not common:
         return f"No task has both {a} and {b} runs yet."
-    ma = statistics.mean(means[a][t] for t in common)
-    mb = statistics.mean(means[b][t] for t in common)
     wins = sum(means[a][t] > means[b][t] for t in common)
     verdict = "above" if ma > mb else "below"
     return (f"{label}: over the {len(common)} tasks where both ran ({', '.join(common)}), {a} averages {ma:.1f} vs "
@@ -183,10 +189,7 @@ def idspam_report(rows, plot: str | None = None) -> str:
         lines += ["## Explanation and zero-shot use of a trained adapter", "",
                   "The SST-2 ID-SPAM adapter of seed 1 (brought back from the GPU run), on this CPU:", "",
                   "![which words drove the prompt](idspam/explain_sst2.png)", "",
-                  "`softprompt explain --adapter <runs>/adapters/glue_sst2__idspam__1 --base-model minilm --text "
-                  "\"the plot is thin and the jokes fall flat, but the cast is wonderful.\" --out explain_sst2.png`: "
-                  "the generator's pooled attention puts most weight on *wonderful*, *flat* and *thin*, the words "
-                  "that carry the sentiment.", "",
+                  explain_line(), "",
                   zero_shot_line(), ""]
     lines += ["The m=3 column of the sweep repeats the ID-SPAM and LPT runs of the first table with the same seeds. "
               "LPT's repeats are identical to the last digit; ID-SPAM's differ (e.g. RTE seed 1: "
@@ -196,6 +199,17 @@ def idspam_report(rows, plot: str | None = None) -> str:
               "runs; whether repeats are now identical on the GPU is not yet measured). Read differences of ID-SPAM "
               "below about 2 points as noise.", ""]
     return "\n".join(lines)
+
+
+def explain_line() -> str:
+    path = ROOT / "results" / "idspam" / "explain_sst2.json"
+    if not path.exists():
+        return "Explanation weights: not recorded."
+    e = json.loads(path.read_text())
+    top = sorted(zip(e["weights"], e["tokens"]), reverse=True)[:3]
+    words = ", ".join(f"*{t}* ({w:.2f})" for w, t in top)
+    return (f"`{e['command']}`: the generator's pooled attention weighs {words} most "
+            "(`benchmarks/results/idspam/explain_sst2.json`).")
 
 
 def zero_shot_line() -> str:
@@ -221,10 +235,8 @@ def verdict(means: dict, a: str, others: list[str], names: dict[str, str]) -> st
     """Average of ``a`` against each of ``others`` over their common tasks, as one sentence."""
     parts = []
     for b in others:
-        common = sorted(set(means[a]) & set(means[b]))
+        common, ma, mb = compare(means, a, b)
         if common:
-            ma = statistics.mean(means[a][t] for t in common)
-            mb = statistics.mean(means[b][t] for t in common)
             parts.append(f"{names[b]} {mb:.1f} ({'below' if ma > mb else 'above'} ID-SPAM's {ma:.1f})")
     return "averages over the tasks both ran: " + "; ".join(parts) + "."
 

@@ -348,9 +348,10 @@ def test_token_classification_with_input_prompt_keeps_length():
 def _tiny_modernbert(**kw):
     import transformers as tf
 
-    cfg = tf.ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                              cls_token_id=1, sep_token_id=2, num_labels=2, **kw)
+    kw.setdefault("num_hidden_layers", 3)
+    cfg = tf.ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                              num_labels=2, **kw)
     torch.manual_seed(0)
     return tf.ModernBertForSequenceClassification(cfg).eval()
 
@@ -372,7 +373,12 @@ def test_modernbert_mid_layer_insertion_matches_a_direct_computation():
     rotary position that of the token they precede, the real tokens keeping theirs, and padding masked."""
     from transformers.masking_utils import create_bidirectional_mask
 
-    base = _tiny_modernbert(global_attn_every_n_layers=2, local_attention=64)
+    # 5 layers: after the insertion before layer 1, local and global layers alternate, so each grown cos/sin pair
+    # is reused by a later layer of the same type.
+    base = _tiny_modernbert(num_hidden_layers=5, global_attn_every_n_layers=2, local_attention=64)
+    with torch.no_grad():  # peaked attention, so that a wrong rotary position changes the output (init is ~uniform)
+        for layer in base.model.layers:
+            layer.attn.Wqkv.weight.mul_(30)
     model = sp.wrap(base, sp.LatePromptConfig(num_virtual_tokens=3, layer=1)).eval()
     ids = torch.randint(3, 100, (2, 7))
     ids[:, 0] = 1

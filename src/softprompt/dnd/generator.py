@@ -178,8 +178,8 @@ def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
                      stats_code: str = "relative") -> tuple[TokenLayout, torch.Tensor, list[str]]:
     """Tokenise every zoo checkpoint: (layout, grids [M, T, r+2, c+2] float32, dataset of each).
 
-    ``cache`` (optional) maps ``(path, chunk, target, stats_code)`` to a checkpoint's grid: hits are not re-tokenised and
-    misses are added, so several generators trained in one process tokenise each checkpoint once."""
+    ``cache`` (optional) maps ``(path, chunk, target, stats_code)`` to a checkpoint's grid: hits are not
+    re-tokenised and misses are added, so several generators trained in one process tokenise each checkpoint once."""
     layout, grids, ds = None, [], []
     for e in entries:
         key = (str(e["path"]), chunk, target, stats_code)
@@ -371,7 +371,8 @@ def train_main(args: argparse.Namespace) -> dict:
     lr, width, n_layers, kernel, chunk, target, stats_code, encoder, seed, device, and ``prompts`` (a folder of
     ``<dataset>.jsonl``, or a JSON mapping dataset -> JSONL) or ``prompts_for`` (a callable)."""
     names = ("steps", "batch_size", "n_prompts", "max_length", "lr", "width", "n_layers", "kernel", "chunk",
-             "target", "stats_code", "encoder", "seed", "device", "prompts", "prompts_for", "weight_decay", "warmup", "log_every")
+             "target", "stats_code", "encoder", "seed", "device", "prompts", "prompts_for", "weight_decay", "warmup",
+             "log_every")
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     res = train_generator(args.zoo, args.holdout, args.out, **kw)
     print(f"generator: {res['parameters']:,} parameters, final loss {res['losses'][-1]:.5f}, "

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from . import attention
-from .state import STATE_KWARG, InjectionState
+from .state import STATE_KWARG, InjectionState, Insertion
 
 _INJECTOR_ATTR = "_softprompt_injector"
 
@@ -152,7 +152,7 @@ class Injector:
             ins = state.insertion
             if ins is not None and index > ins.layer and self.info.has_rotary and not self.info.is_causal:
                 # Layers after the insertion in a rotary encoder: their cos/sin must cover the inserted rows too.
-                return args, _grow_rotary(kwargs, ins.vectors.shape[1], ins.at, type(self.model).__name__)
+                return args, _grow_rotary(kwargs, ins, type(self.model).__name__)
             if ins is None or ins.layer != index or (ins.consumed and not state.replays):
                 return None
             if self.info.is_causal:
@@ -162,7 +162,7 @@ class Injector:
                 ins.consumed = True
                 return None
             if self.info.has_rotary:
-                kwargs = _grow_rotary(kwargs, ins.vectors.shape[1], ins.at, type(self.model).__name__)
+                kwargs = _grow_rotary(kwargs, ins, type(self.model).__name__)
             s = ins.vectors.to(hidden.dtype)
             s = s.expand(hidden.shape[0], *s.shape[1:]) if s.shape[0] == 1 else s
             hidden = torch.cat([hidden[:, : ins.at], s, hidden[:, ins.at :]], dim=1)
@@ -236,24 +236,30 @@ class Injector:
         return {i: capture[i] for i in range(layer, len(self.blocks))}
 
 
-def _grow_rotary(kwargs: dict, t: int, at: int, arch: str) -> dict:
-    """Rotary encoders (ModernBERT) hand each layer the cos/sin of the N real positions: insert t rows at ``at`` so
-    that they match the N + t hidden rows. The inserted tokens take the position of the token they are inserted
-    before (``at``; the last token if they go at the end): the real tokens keep their positions, as in decoders.
-    The attention masks grow in the attention function (inserted columns visible to every row)."""
+def _grow_rotary(kwargs: dict, ins: Insertion, arch: str) -> dict:
+    """Rotary encoders (ModernBERT) hand each layer the cos/sin of the N real positions: insert t rows at ``ins.at``
+    so that they match the N + t hidden rows. The inserted tokens take the position of the token they are inserted
+    before (the last token if they go at the end): the real tokens keep their positions, as in decoders. The
+    attention masks grow in the attention function (inserted columns visible to every row)."""
     pe = kwargs.get("position_embeddings")
     if not (isinstance(pe, (tuple, list)) and len(pe) == 2 and all(isinstance(x, torch.Tensor) for x in pe)):
         raise UnsupportedModelError(
             f"inserting prompt tokens into the rotary encoder {arch} needs its layers to receive "
             "`position_embeddings=(cos, sin)` as a keyword argument; use prefix or prompt tuning on it, or a "
             "BERT/RoBERTa encoder")
+    for cos, sin, grown in ins.rotary:
+        if cos is pe[0] and sin is pe[1]:
+            return {**kwargs, "position_embeddings": grown}
+    t, at = ins.vectors.shape[1], ins.at
 
     def grow(x: torch.Tensor) -> torch.Tensor:  # [B or 1, N, D] -> [B or 1, N + t, D]
         src = min(at, x.shape[1] - 1)
         rows = x[:, src: src + 1].expand(x.shape[0], t, x.shape[-1])
         return torch.cat([x[:, :at], rows, x[:, at:]], dim=1)
 
-    return {**kwargs, "position_embeddings": (grow(pe[0]), grow(pe[1]))}
+    grown = (grow(pe[0]), grow(pe[1]))
+    ins.rotary.append((pe[0], pe[1], grown))
+    return {**kwargs, "position_embeddings": grown}
 
 
 def attach(model: nn.Module) -> Injector:

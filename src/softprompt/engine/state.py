@@ -55,6 +55,9 @@ class Insertion:
     vectors: torch.Tensor  # [B or 1, t, hidden]
     at: int = 0
     consumed: bool = False  # set once a causal decoder has turned it into prefixes (reused by generate steps)
+    # Rotary encoders: [(cos, sin, grown (cos, sin))], so that the layers after the insertion that share one cos/sin
+    # (ModernBERT: one pair per attention type) grow it once per forward.
+    rotary: list = field(default_factory=list, repr=False)
 
 
 # A layer hook sees (layer index, hidden states entering that layer, the state) and may edit state.layers[index],

@@ -46,7 +46,7 @@ PY
   cp "$S"/det2/glue_rte__idspam__1.json "$OUT/idspam_repeat_2.json"
   ;;
 perf)
-  python benchmarks/perf.py --time-budget 300 --out "$OUT/perf_all.json" --markdown "$OUT/perf_all.md"
+  python benchmarks/perf.py --time-budget 420 --out "$OUT/perf_all.json" --markdown "$OUT/perf_all.md"
   ;;
 compile)
   python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 8x512 --warmup 5 \

@@ -779,7 +779,7 @@ class Bench:
         for spec in specs:
             for si, (b, s) in enumerate(shapes):
                 for method in methods:
-                    profile = method in self.args.profile_method.split(",") and spec.causal
+                    profile = method in self.args.profile_method.split(",")
                     self.run("train", _base_row(spec, method, b, s, False),
                              lambda: self.train_case(spec, method, b, s, False, self.args.steps, self.args.warmup,
                                                      profile=profile))
@@ -952,9 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per case (default 3; tiny 1)")
     p.add_argument("--virtual-tokens", type=int, default=None,
                    help="prompt/prefix length (default 20; tiny 4); LPT and ID-SPAM use half")
-    p.add_argument("--profile-method", default="prefix,apt",
-                   help="comma list of methods profiled (CUDA kernels, one step) at every training shape of causal "
-                        "models; 'none' to skip")
+    p.add_argument("--profile-method", default="prefix,peft_prefix,apt",
+                   help="comma list of methods profiled (CUDA kernels, one step) at every training shape; "
+                        "'none' to skip")
     p.add_argument("--out", default="perf_results.json", help="JSON output (rewritten after every case)")
     p.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     p.add_argument("--time-budget", type=float, default=0.0,

@@ -16,6 +16,15 @@
 #   bash benchmarks/gpu_followup.sh serve   issue 11 over HTTP with 16 texts per request (the model, not the HTTP
 #                                           stack, is then the bottleneck). ~3 min.
 #
+# Session 4 (after the first five ran):
+#   bash benchmarks/gpu_followup.sh eager2  train steps at 8x512 again after the CPU-overhead fixes (cached
+#                                           checkpointing probe, no no-op dropout calls), RoBERTa profiled; then
+#                                           RoBERTa through torch.compile(reduce-overhead). ~8 min.
+#   bash benchmarks/gpu_followup.sh serve2  issue 11: windows of 128 rows, 16 texts per request, 32768 texts, engine
+#                                           (also against a per-adapter server queueing full batches) and HTTP. ~5 min.
+#   bash benchmarks/gpu_followup.sh compile2 PEFT's prefix through torch.compile beside ours, qwen0.5b 8x512 and
+#                                           qwen1.5b 4x2048 (the 1.3x target, both sides compiled). ~8 min.
+#
 # Carry: .carry/minilm and .carry/qdata.tar.xz (benchmarks/make_carry.sh, docs/STATUS.md) for det and serve, and
 # .whl_serve (FastAPI stack wheels for Python 3.12, git-ignored) for serve. Results land in $OUT; commit them under
 # benchmarks/results/ with the device and versions they print.
@@ -66,6 +75,28 @@ serve)
     --dtype bfloat16 --batch-size 64 --concurrency 256 --client-procs 4 --inputs-per-request 16 --requests 4096 \
     --mode engine,http --repeats 2 --out "$OUT/serve_gpu_prefix_http16.json"
   ;;
+eager2)
+  python benchmarks/perf.py --sections train --shapes 8x512 --models roberta-large,qwen0.5b \
+    --methods frozen,prefix,peft_prefix,apt,prompt,peft_prompt --time-budget 170 \
+    --out "$OUT/perf_eager2.json" --markdown "$OUT/perf_eager2.md"
+  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 8x512 --warmup 5 \
+    --models roberta-large --methods frozen,prefix,apt,idspam,lpt --time-budget 330 \
+    --out "$OUT/perf_compile_roberta.json" --markdown "$OUT/perf_compile_roberta.md"
+  ;;
+serve2)
+  python -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl || exit 1
+  PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/serve_bench.py --model .carry/minilm --device cuda \
+    --dtype bfloat16 --batch-size 128 --concurrency 256 --client-procs 4 --inputs-per-request 16 --requests 32768 \
+    --mode engine,http --repeats 2 --out "$OUT/serve_gpu_prefix_b128_http16.json"
+  ;;
+compile2)
+  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 8x512 --warmup 5 \
+    --models qwen0.5b --methods prefix,peft_prefix,peft_prompt --time-budget 250 \
+    --out "$OUT/perf_compile2_small.json" --markdown "$OUT/perf_compile2_small.md"
+  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 4x2048 --warmup 5 \
+    --models qwen1.5b --methods frozen,prefix,peft_prefix --time-budget 320 \
+    --out "$OUT/perf_compile2_large.json" --markdown "$OUT/perf_compile2_large.md"
+  ;;
 *)
-  echo "usage: $0 det | perf | compile | rx | serve" >&2; exit 2 ;;
+  echo "usage: $0 det | perf | compile | rx | serve | eager2 | serve2 | compile2" >&2; exit 2 ;;
 esac

@@ -32,6 +32,7 @@ import platform
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,44 +106,57 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def engine_run(model, texts: list[str], names: list[str], batch: int, mixed: bool, device: str) -> dict:
-    """Serve the request stream window by window; returns requests/s and model calls."""
-    calls = 0
+def engine_run(model, texts: list[str], names: list[str], batch: int, mode: str, device: str) -> dict:
+    """Serve the request stream; returns requests/s and model calls. ``mode``:
+
+    * ``mixed``: window by window, each window one call;
+    * ``per_adapter``: window by window, each window split by adapter (one call per adapter present);
+    * ``per_adapter_queued``: rows grouped by adapter over the whole stream and cut into full batches: the
+      throughput ceiling of a one-adapter-at-a-time server that queues each adapter until its batch fills (a row
+      then waits for ``batch`` rows of its own adapter to arrive, so its latency grows with the number of adapters).
+    """
+    if mode == "per_adapter_queued":
+        by: dict[str, list[int]] = {}
+        for j, a in enumerate(names):
+            by.setdefault(a, []).append(j)
+        calls_rows = [(a, rows[i:i + batch]) for a, rows in by.items() for i in range(0, len(rows), batch)]
+    else:
+        calls_rows = []
+        for i in range(0, len(texts), batch):
+            window = list(range(i, min(i + batch, len(texts))))
+            if mode == "mixed":
+                calls_rows.append((None, window))
+                continue
+            by = {}
+            for j in window:
+                by.setdefault(names[j], []).append(j)
+            calls_rows += list(by.items())
     sync(device)
     start = time.perf_counter()
-    for i in range(0, len(texts), batch):
-        t, n = texts[i:i + batch], names[i:i + batch]
-        if mixed:
-            model.predict(t, n)
-            calls += 1
-        else:
-            by: dict[str, list[int]] = {}
-            for j, a in enumerate(n):
-                by.setdefault(a, []).append(j)
-            for a, rows in by.items():
-                model.predict([t[j] for j in rows], a)
-                calls += 1
+    for adapter, rows in calls_rows:
+        model.predict([texts[j] for j in rows], [names[j] for j in rows] if adapter is None else adapter)
     sync(device)
     seconds = time.perf_counter() - start
-    return {"requests_per_s": len(texts) / seconds, "seconds": seconds, "model_calls": calls}
+    return {"requests_per_s": len(texts) / seconds, "seconds": seconds, "model_calls": len(calls_rows)}
 
 
 def engine_bench(model, texts, names, batch, device, repeats) -> dict:
-    engine_run(model, texts[: batch * 4], names[: batch * 4], batch, True, device)  # warm-up (kernels, allocator)
-    engine_run(model, texts[: batch * 4], names[: batch * 4], batch, False, device)
-    runs: dict[str, list[dict]] = {"mixed": [], "per_adapter": []}
-    for _ in range(repeats):  # alternate, so that a load change on a shared machine hits both modes alike
-        runs["mixed"].append(engine_run(model, texts, names, batch, True, device))
-        runs["per_adapter"].append(engine_run(model, texts, names, batch, False, device))
+    modes = ("mixed", "per_adapter", "per_adapter_queued")
+    for mode in modes:  # warm-up (kernels, allocator)
+        engine_run(model, texts[: batch * 4], names[: batch * 4], batch, mode, device)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(repeats):  # alternate, so that a load change on a shared machine hits every mode alike
+        for mode in modes:
+            runs[mode].append(engine_run(model, texts, names, batch, mode, device))
     out = {}
     for mode, rs in runs.items():
         best = max(rs, key=lambda r: r["requests_per_s"])
         out[mode] = {**best, "runs_requests_per_s": [round(r["requests_per_s"], 2) for r in rs]}
     out["speedup"] = out["mixed"]["requests_per_s"] / out["per_adapter"]["requests_per_s"]
+    out["speedup_vs_queued"] = out["mixed"]["requests_per_s"] / out["per_adapter_queued"]["requests_per_s"]
     # Paired ratios (mixed run i / the per-adapter run right after it): robust to load drifting on shared machines.
     ratios = sorted(m["requests_per_s"] / p["requests_per_s"] for m, p in zip(runs["mixed"], runs["per_adapter"]))
-    out["speedup_paired_median"] = ratios[len(ratios) // 2] if len(ratios) % 2 else \
-        (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+    out["speedup_paired_median"] = statistics.median(ratios)
     out["speedup_paired"] = [round(r, 3) for r in ratios]
     return out
 
@@ -360,6 +374,12 @@ def table(r: dict) -> str:
                      f"{e['per_adapter']['requests_per_s']:.1f} | {e['speedup']:.2f}x (paired median "
                      f"{e['speedup_paired_median']:.2f}x) | model calls "
                      f"{e['mixed']['model_calls']} vs {e['per_adapter']['model_calls']} |")
+        if "per_adapter_queued" in e:
+            q = e["per_adapter_queued"]
+            lines.append(f"| engine, one adapter at a time with full per-adapter batches (queued; latency not "
+                         f"bounded) | {e['mixed']['requests_per_s']:.1f} | {q['requests_per_s']:.1f} | "
+                         f"{e['speedup_vs_queued']:.2f}x | model calls {e['mixed']['model_calls']} vs "
+                         f"{q['model_calls']} |")
     if "http" in r:
         h = r["http"]
         lines.append(f"| HTTP ({h['concurrency']} clients, {h['inputs_per_request']} text/request) | "

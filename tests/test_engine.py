@@ -54,6 +54,21 @@ def test_gradient_checkpointing_gives_same_gradients(kind, config, batch):
         torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_checkpointing_probe_follows_toggles_after_wrapping(kind):
+    """The probe caches which modules carry the flag, not the flag: enabling/disabling later, on the wrapper or on
+    the base model directly, is seen; it agrees with transformers' own property every time."""
+    model = sp.wrap(tiny(kind), sp.PrefixConfig(num_virtual_tokens=2)).train()
+    base = model.base_model
+    assert model._checkpointing() is False
+    model.gradient_checkpointing_enable()
+    assert model._checkpointing() is True and base.is_gradient_checkpointing
+    base.gradient_checkpointing_disable()
+    assert model._checkpointing() is False and not base.is_gradient_checkpointing
+    base.gradient_checkpointing_enable()
+    assert model._checkpointing() is True
+
+
 @pytest.fixture
 def hooks_inside_checkpoint(monkeypatch):
     """Checkpoint the whole ``__call__`` of every layer, module hooks included, as transformers 5.17 does (5.24

@@ -262,17 +262,21 @@ def make_method(method: str, base: nn.Module, spec: ModelSpec, gc_on: bool, virt
             model.gradient_checkpointing_enable()
         return model, list(model.trainable_parameters().values()), extra
     if method == "frozen":
-        # The floor of every frozen-backbone method: forward + backward through the unchanged model (the input
-        # embeddings' output requires grad, so backward runs through every layer), no adapter. Only RoBERTa's
-        # classification head trains, as with every method.
+        # The floor of every frozen-backbone method: forward + backward through the unchanged model, no adapter.
+        # A trainable scalar (zero) is added to the embedding output so that backward runs through every layer;
+        # transformers' enable_input_require_grads() would do that with requires_grad_() in a hook, which
+        # torch.compile cannot trace (4 graph breaks on RoBERTa), so a compiled floor would not be a floor. Only
+        # RoBERTa's classification head trains besides it, as with every method.
         if gc_on:
             enable_checkpointing(base)
         base.requires_grad_(False)
-        base.enable_input_require_grads()
+        embed = base.get_input_embeddings()
+        anchor = nn.Parameter(torch.zeros((), device=embed.weight.device, dtype=embed.weight.dtype))
+        embed.register_forward_hook(lambda _module, _args, output: output + anchor)
         head = [p for n, p in base.named_parameters() if n.startswith("classifier.")]
         for p in head:
             p.requires_grad_(True)
-        return base, head, extra
+        return base, head + [anchor], extra
     if method == "full_ft":
         if gc_on:
             enable_checkpointing(base)

@@ -152,3 +152,22 @@ def test_real_shapes_match_public_parameter_counts(perf):
         assert sum(p.numel() for p in model.parameters()) == count
     roberta = perf.build_base(perf.MODELS["roberta-large"], False, torch.device("meta"), torch.bfloat16)
     assert 355_000_000 < sum(p.numel() for p in roberta.parameters()) < 356_000_000
+
+
+@pytest.mark.parametrize("model", ["qwen0.5b", "roberta-large"])
+def test_frozen_floor_backpropagates_to_the_embeddings_in_one_compiled_graph(perf, model):
+    """The `frozen` row is the floor of every frozen-backbone method only if backward runs through every layer, and
+    a compiled floor is only a floor if it compiles as one graph (enable_input_require_grads broke RoBERTa's into 5)."""
+    spec = perf.MODELS[model]
+    base = perf.build_base(spec, True, torch.device("cpu"), torch.float32)
+    net, params, extra = perf.make_method("frozen", base, spec, False, 4)
+    batch = perf.make_batch(spec, perf.shape_of(spec, True, base), 2, 16, torch.device("cpu"))
+    first_layer = [p for n, p in net.named_parameters() if ".layer.0." in n or ".layers.0." in n]
+    assert first_layer and not any(p.requires_grad for p in first_layer)
+    net.train()
+    net(**batch, **extra).loss.backward()
+    anchor = params[-1]
+    assert anchor.dim() == 0 and anchor.grad is not None and anchor.grad.abs() > 0  # gradient reached the input
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(**batch, **extra)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

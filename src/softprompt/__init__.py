@@ -10,7 +10,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from . import resources
+from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
     ConfigError,
@@ -19,7 +20,7 @@ from .errors import (  # noqa: E402
     SoftPromptError,
     UnsupportedModelError,
 )
-from .methods import (  # noqa: E402
+from .methods import (
     LatePromptConfig,
     MethodConfig,
     PrefixConfig,
@@ -27,8 +28,7 @@ from .methods import (  # noqa: E402
     PTuningConfig,
     config_from_dict,
 )
-from . import resources  # noqa: E402
-from .model import SoftPromptModel  # noqa: E402
+from .model import SoftPromptModel
 
 
 def wrap(base_model, config: MethodConfig, *, tokenizer=None, train_head: bool | None = None) -> SoftPromptModel:
@@ -58,7 +58,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "wrap", "load", "SoftPromptModel", "PromptTuningConfig", "PTuningConfig", "PrefixConfig", "LatePromptConfig",
-    "MethodConfig", "config_from_dict", "SoftPromptError", "UnsupportedModelError", "ConfigError",
-    "AdapterMismatchError", "AdapterFormatError", "SequenceTooLongError", "NonFiniteLossError",
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "ConfigError",
+    "LatePromptConfig",
+    "MethodConfig",
+    "NonFiniteLossError",
+    "PTuningConfig",
+    "PrefixConfig",
+    "PromptTuningConfig",
+    "SequenceTooLongError",
+    "SoftPromptError",
+    "SoftPromptModel",
+    "UnsupportedModelError",
+    "config_from_dict",
+    "load",
+    "resources",
+    "wrap",
 ]

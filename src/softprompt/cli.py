@@ -32,6 +32,17 @@ def _method_options(args) -> dict:
     return opts
 
 
+def _release_process_group() -> None:
+    """Close the distributed process group the Trainer opened under torchrun/accelerate. A worker that exits with
+    its gloo/NCCL group still alive can abort in C++ teardown ("terminate called without an active exception",
+    seen intermittently with 2 CPU workers). This process owns the group (the CLI is the whole program), so it closes
+    it; library callers of ``train()`` keep theirs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_train(args) -> int:
     from .train.runner import TrainConfig, train
 
@@ -48,7 +59,10 @@ def cmd_train(args) -> int:
         save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, strict=args.strict,
         fsdp=args.fsdp or "", weight_decay=args.weight_decay,
     )
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    finally:
+        _release_process_group()
     shown = {k: v for k, v in metrics.items() if k != "loss_history"}
     print(json.dumps(shown, indent=2))
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def _step(module: str, function: str, dataset_attr: str | None = None):
     """A subcommand handler that imports its step lazily (torch/peft load only when it runs) and maps short
     dataset names (``arc_easy``, ``boolq``) to registry names."""

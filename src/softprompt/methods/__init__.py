@@ -48,6 +48,16 @@ def _load_optional() -> None:
 
 
 __all__ = [
-    "METHODS", "Contribution", "MethodConfig", "MethodInputs", "PromptMethod", "PromptTuningConfig", "PTuningConfig",
-    "PrefixConfig", "LatePromptConfig", "method_classes", "config_from_dict", "register_method",
+    "METHODS",
+    "Contribution",
+    "LatePromptConfig",
+    "MethodConfig",
+    "MethodInputs",
+    "PTuningConfig",
+    "PrefixConfig",
+    "PromptMethod",
+    "PromptTuningConfig",
+    "config_from_dict",
+    "method_classes",
+    "register_method",
 ]

@@ -24,8 +24,8 @@ and cached on the per-call injection state; decoding steps (one new token, no po
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -271,4 +271,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["APTConfig", "APT", "pool_hidden", "GATE_POOLS", "GATE_TARGETS", "GATE_INITS"]
+__all__ = ["APT", "GATE_INITS", "GATE_POOLS", "GATE_TARGETS", "APTConfig", "pool_hidden"]

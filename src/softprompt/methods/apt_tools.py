@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -186,7 +187,7 @@ def allocate_lengths(gates: Mapping[str, Any], budget: int, min_length: int = 0)
     weights = mass if total > 0 else [1.0] * num_layers
     total = sum(weights)
     quotas = [rest * w / total for w in weights]
-    lengths = [min_length + int(math.floor(q)) for q in quotas]
+    lengths = [min_length + math.floor(q) for q in quotas]
     left = budget - sum(lengths)
     order = sorted(range(num_layers), key=lambda i: (-(quotas[i] - math.floor(quotas[i])), -weights[i], i))
     for i in order[: max(left, 0)]:
@@ -215,4 +216,4 @@ def prune(model, batches: Iterable[Mapping[str, Any]], budget: int, path: str | 
     return lengths
 
 
-__all__ = ["probe_gates", "plot_gates", "allocate_lengths", "save_layer_lengths", "prune"]
+__all__ = ["allocate_lengths", "plot_gates", "probe_gates", "prune", "save_layer_lengths"]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..engine.injector import ModelInfo
-from ..engine.state import Insertion, InjectionState
+from ..engine.state import InjectionState, Insertion
 from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
 
 UP_ACTIVATIONS = ("relu", "none")
@@ -246,4 +246,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["IDSPAMConfig", "IDSPAM", "id_spam_parameter_count"]
+__all__ = ["IDSPAM", "IDSPAMConfig", "id_spam_parameter_count"]

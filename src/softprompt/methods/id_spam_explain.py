@@ -18,8 +18,8 @@ The ``softprompt explain`` CLI is wired elsewhere to these functions.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -80,7 +80,7 @@ class PrefixTuning(PromptMethod):
     def __init__(self, config: PrefixConfig, info: ModelInfo):
         super().__init__(config, info)
         self.lengths = config.lengths(info.num_layers)
-        shape = lambda p: (2, info.num_kv_heads, p, info.head_dim)  # noqa: E731
+        shape = lambda p: (2, info.num_kv_heads, p, info.head_dim)
         gen = torch.Generator().manual_seed(config.seed)
         self.tables = nn.ParameterDict(
             {str(i): nn.Parameter(torch.randn(shape(p), generator=gen) * config.init_std)

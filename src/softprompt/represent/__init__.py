@@ -16,9 +16,22 @@ from .encoder import PrefixEncoder, pool_hidden
 from .features import FeatureSpec, Representer
 
 __all__ = [
-    "PrefixBank", "BankEntry", "BankError", "add_task", "load_prefix_tables", "FeatureCache", "text_hash",
-    "PrefixEncoder", "pool_hidden", "FeatureSpec", "Representer", "run_probe", "probe_predict", "represent_file",
-    "MultiTaskConfig", "train_multitask",
+    "BankEntry",
+    "BankError",
+    "FeatureCache",
+    "FeatureSpec",
+    "MultiTaskConfig",
+    "PrefixBank",
+    "PrefixEncoder",
+    "Representer",
+    "add_task",
+    "load_prefix_tables",
+    "pool_hidden",
+    "probe_predict",
+    "represent_file",
+    "run_probe",
+    "text_hash",
+    "train_multitask",
 ]
 
 

@@ -5,15 +5,26 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..io import atomic_write_json
 from .features import FeatureSpec, Representer, save_features
-from .probe import (ProbeConfig, Split, TaskInfo, _group_tensor, file_splits, fit_probe, load_probe, predictions,
-                    score, target_splits)
+from .probe import (
+    ProbeConfig,
+    Split,
+    TaskInfo,
+    _group_tensor,
+    file_splits,
+    fit_probe,
+    load_probe,
+    predictions,
+    score,
+    target_splits,
+)
 
 
 def read_texts(path: str | os.PathLike, text_column: str = "text",

@@ -25,12 +25,16 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, SoftPromptError
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_json, read_adapter_config
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
@@ -86,7 +90,7 @@ class BankEntry:
     added_at: float = 0.0
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BankEntry":
+    def from_dict(cls, data: dict) -> BankEntry:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -268,8 +272,8 @@ class PrefixBank:
                              if k not in ("eval_loss", "eval_runtime") and not k.endswith("per_second")), "")
             rows.append((e.task, str(e.prefix_length), str(e.steps), f"{e.train_seconds:.1f}", main, e.sha256[:12]))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"bank {self.path}: base model {manifest.get('base_model')}, max_length {manifest.get('max_length')}, "
-                 f"{len(rows) - 1} prefix(es)"]
+        lines = [(f"bank {self.path}: base model {manifest.get('base_model')}, "
+                  f"max_length {manifest.get('max_length')}, {len(rows) - 1} prefix(es)")]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         return "\n".join(lines)
 
@@ -317,7 +321,7 @@ def add_task(bank: str | os.PathLike, task: str, *, model: str = "minilm", file:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_prefix_tables(adapter_dir: str | os.PathLike) -> dict[int, "torch.Tensor"]:  # noqa: F821
+def load_prefix_tables(adapter_dir: str | os.PathLike) -> dict[int, torch.Tensor]:
     """layer -> [2, H_kv, P, D] key/value table of a saved prefix adapter (projection MLPs are already folded)."""
     from ..io import read_adapter_tensors
 

@@ -22,8 +22,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -67,8 +67,8 @@ class FeatureCache:
         for s in shards:
             try:
                 data = load_file(str(s))
-            except Exception:  # a shard cut short by a crash: ignore it, its rows are recomputed
-                continue
+            except Exception:  # noqa: BLE001, S112 - a shard cut short by a crash
+                continue  # ignore it: its rows are recomputed
             keys, feats = data["keys"], data["features"]
             for j, k in enumerate(bytes(r) for r in keys.numpy()):
                 index.setdefault(k, n + j)

@@ -114,9 +114,8 @@ def cmd_probe(args) -> int:
 
 
 def cmd_probe_predict(args) -> int:
-    from .api import probe_predict
-
     from ..cli import texts_from_args
+    from .api import probe_predict
 
     texts = texts_from_args(args, "probe-predict")
     pairs = list(args.text_pair) if args.text_pair else None

@@ -16,8 +16,8 @@ Features are read from the bare backbone (``AutoModel``: last hidden states), ne
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 

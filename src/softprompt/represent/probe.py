@@ -15,9 +15,10 @@ import copy
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class TaskInfo:
     metrics: list[str]
 
     @classmethod
-    def from_spec(cls, spec) -> "TaskInfo":
+    def from_spec(cls, spec) -> TaskInfo:
         return cls(spec.name, spec.kind, list(spec.label_names), spec.metric, list(spec.metrics))
 
     @property
@@ -140,7 +141,7 @@ def target_splits(task: str, *, data_dir: str | None = None, train_limit: int | 
     how: dict[str, Any] = {"task": spec.name, "split_seed": split_seed}
     if spec.test_split == spec.eval_split:
         perm = np.random.default_rng(split_seed).permutation(len(train))
-        n_dev = max(16, int(round(dev_fraction * len(train))))
+        n_dev = max(16, round(dev_fraction * len(train)))
         dev = [train[i] for i in sorted(perm[:n_dev])]
         train = [train[i] for i in sorted(perm[n_dev:])]
         test = tasks.load(spec.name, spec.test_split, data_dir)
@@ -175,7 +176,7 @@ def file_splits(train_file: str, *, eval_file: str | None = None, test_file: str
         train = recs
     else:
         perm = np.random.default_rng(split_seed).permutation(len(recs))
-        n_dev = max(1, int(round(dev_fraction * len(recs))))
+        n_dev = max(1, round(dev_fraction * len(recs)))
         dev = [recs[i] for i in sorted(perm[:n_dev])]
         train = [recs[i] for i in sorted(perm[n_dev:])]
     test = load(test_file) if test_file else dev

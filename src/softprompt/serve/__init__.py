@@ -18,7 +18,10 @@ _EXPORTS = {
     "OverloadedError": ".batcher", "create_app": ".app",
 }
 
-__all__ = sorted(_EXPORTS)
+# A literal list so that static tools can read it; keep it equal to sorted(_EXPORTS).
+__all__ = [
+    "BatcherStats", "DynamicBatcher", "OverloadedError", "ServeConfig", "create_app",
+]
 
 
 def __getattr__(name: str):

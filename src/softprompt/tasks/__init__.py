@@ -12,19 +12,66 @@ from __future__ import annotations
 
 from ._io import clear_cache
 from .datadir import ENV_VAR, resolve_data_dir
-from .errors import (DataNotFoundError, HubUnavailableError, MalformedRowError, MalformedRowWarning,
-                     MissingColumnError, TaskError, UnknownSplitError, UnknownTaskError)
-from .metrics import (accuracy, compute_metrics, entity_f1, entity_scores, f1_binary, macro_f1, matthews_corrcoef,
-                      pearson, spearman)
-from .registry import (derived_split_indices, describe_tasks, get_task, list_tasks, load, save_split_indices)
+from .errors import (
+    DataNotFoundError,
+    HubUnavailableError,
+    MalformedRowError,
+    MalformedRowWarning,
+    MissingColumnError,
+    TaskError,
+    UnknownSplitError,
+    UnknownTaskError,
+)
+from .metrics import (
+    accuracy,
+    compute_metrics,
+    entity_f1,
+    entity_scores,
+    f1_binary,
+    macro_f1,
+    matthews_corrcoef,
+    pearson,
+    spearman,
+)
+from .registry import (
+    derived_split_indices,
+    describe_tasks,
+    get_task,
+    list_tasks,
+    load,
+    save_split_indices,
+)
 from .spec import SplitDerivation, TaskSpec
 from .user_files import load_file
 
 __all__ = [
-    "load", "load_file", "get_task", "list_tasks", "describe_tasks", "compute_metrics", "TaskSpec",
-    "UnknownTaskError", "MalformedRowError", "resolve_data_dir",
-    "derived_split_indices", "save_split_indices", "SplitDerivation", "clear_cache", "ENV_VAR",
-    "TaskError", "UnknownSplitError", "MissingColumnError", "DataNotFoundError", "HubUnavailableError",
+    "ENV_VAR",
+    "DataNotFoundError",
+    "HubUnavailableError",
+    "MalformedRowError",
     "MalformedRowWarning",
-    "accuracy", "f1_binary", "macro_f1", "matthews_corrcoef", "pearson", "spearman", "entity_f1", "entity_scores",
+    "MissingColumnError",
+    "SplitDerivation",
+    "TaskError",
+    "TaskSpec",
+    "UnknownSplitError",
+    "UnknownTaskError",
+    "accuracy",
+    "clear_cache",
+    "compute_metrics",
+    "derived_split_indices",
+    "describe_tasks",
+    "entity_f1",
+    "entity_scores",
+    "f1_binary",
+    "get_task",
+    "list_tasks",
+    "load",
+    "load_file",
+    "macro_f1",
+    "matthews_corrcoef",
+    "pearson",
+    "resolve_data_dir",
+    "save_split_indices",
+    "spearman",
 ]

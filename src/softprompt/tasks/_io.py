@@ -4,9 +4,10 @@ from __future__ import annotations
 import bz2
 import functools
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import DataNotFoundError, MalformedRowError, MalformedRowWarning
 
@@ -106,8 +107,7 @@ def iter_lines(path: Path, col: Collector) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as exc:
                 col.bad(i, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
                 continue
-        if line.endswith("\r"):
-            line = line[:-1]
+        line = line.removesuffix("\r")
         yield i, line
 
 

@@ -1,8 +1,8 @@
 """Exceptions and warnings raised by :mod:`softprompt.tasks`."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 class TaskError(Exception):

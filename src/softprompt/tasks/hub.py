@@ -8,7 +8,8 @@ keep the WikiHow markers the offline converter stripped.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import HubUnavailableError
 from .readers_commonsense import arc_record
@@ -144,4 +145,4 @@ def load_from_hub(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["load_from_hub", "MAPPERS"]
+__all__ = ["MAPPERS", "load_from_hub"]

@@ -5,7 +5,8 @@ vector, MCC with an empty margin) are reported as 0.0, as scikit-learn does for 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 

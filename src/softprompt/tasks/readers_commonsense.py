@@ -15,11 +15,20 @@ Every record is ``{"idx", "text", "choices": [str, ...], "label": int}``:
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
-from ._io import (Collector, ParseResult, RowProblem, cached_parse, get_field, iter_jsonl, iter_lines,
-                  load_json_array)
+from ._io import (
+    Collector,
+    ParseResult,
+    RowProblem,
+    cached_parse,
+    get_field,
+    iter_jsonl,
+    iter_lines,
+    load_json_array,
+)
 from .errors import MalformedRowError
 
 LETTERS = "ABCDEFGH"
@@ -161,7 +170,7 @@ def parse_hellaswag(path: Path) -> ParseResult:
         try:
             if len(group) < 6:
                 raise RowProblem(f"incomplete item: {len(group)} of 6 lines at end of file")
-            if any(b[0] - a[0] != 1 for a, b in zip(group, group[1:])):
+            if any(b[0] - a[0] != 1 for a, b in itertools.pairwise(group)):
                 raise RowProblem("item lines are not consecutive (an undecodable line was dropped)")
             ctx, gold = group[0][1], group[1][1].strip()
             if gold not in ("0", "1", "2", "3"):

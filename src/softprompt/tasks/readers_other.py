@@ -5,7 +5,14 @@ import csv
 import io
 from pathlib import Path
 
-from ._io import Collector, ParseResult, RowProblem, cached_parse, iter_lines, read_bytes
+from ._io import (
+    Collector,
+    ParseResult,
+    RowProblem,
+    cached_parse,
+    iter_lines,
+    read_bytes,
+)
 from .errors import MalformedRowError
 
 AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]

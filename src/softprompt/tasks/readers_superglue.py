@@ -15,8 +15,8 @@ Record layouts (all tasks also carry ``idx``, the source ``idx``):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ._io import Collector, ParseResult, RowProblem, cached_parse, get_field, iter_jsonl
 

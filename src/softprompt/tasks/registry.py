@@ -15,8 +15,8 @@ from . import readers_superglue as rs
 from ._io import finish
 from .datadir import resolve_data_dir
 from .errors import UnknownTaskError
-from .splits import derive_indices
 from .spec import SplitDerivation, TaskSpec
+from .splits import derive_indices
 
 _GLUE_ALIASES = {"validation": "dev", "val": "dev"}
 _GLUE_HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}

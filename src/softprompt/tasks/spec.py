@@ -1,9 +1,10 @@
 """The :class:`TaskSpec` record describing one registered task."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 KINDS = ("classification", "regression", "multiple_choice", "token_classification")
 

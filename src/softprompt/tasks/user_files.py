@@ -6,10 +6,20 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ._io import Collector, ParseResult, RowProblem, finish, iter_jsonl, iter_lines, read_bytes, require_file
+from ._io import (
+    Collector,
+    ParseResult,
+    RowProblem,
+    finish,
+    iter_jsonl,
+    iter_lines,
+    read_bytes,
+    require_file,
+)
 from .errors import MalformedRowError, MissingColumnError
 from .spec import TaskSpec
 

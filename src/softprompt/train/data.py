@@ -33,7 +33,7 @@ def featurize(records: list[dict], spec, tokenizer, max_length: int) -> list[dic
         has_pair = any(p is not None for p in pairs)
         enc = tokenizer(texts, [p or "" for p in pairs] if has_pair else None, truncation=True, max_length=max_length)
         for i, r in enumerate(records):
-            f = {k: enc[k][i] for k in enc.keys()}
+            f = {k: enc[k][i] for k in enc}
             if r.get("label") is not None:
                 f["labels"] = float(r["label"]) if kind == "regression" else int(r["label"])
             feats.append(f)
@@ -78,10 +78,10 @@ class Collator:
             length = max(len(x) for f in feats for x in f["input_ids"])
             batch = {k: [] for k in feats[0] if k != "labels"}
             for f in feats:
-                for k in batch:
+                for k, column in batch.items():
                     rows = [self._pad(x, length, pad_id if k == "input_ids" else 0, left) for x in f[k]]
                     rows += [[pad_id if k == "input_ids" else 0] * length] * (n_choice - len(rows))
-                    batch[k].append(rows)
+                    column.append(rows)
             out = {k: torch.tensor(v) for k, v in batch.items()}
         else:
             length = max(len(f["input_ids"]) for f in feats)

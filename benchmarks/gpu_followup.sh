@@ -24,6 +24,8 @@
 #                                           (also against a per-adapter server queueing full batches) and HTTP. ~5 min.
 #   bash benchmarks/gpu_followup.sh compile2 PEFT's prefix through torch.compile beside ours, qwen0.5b 8x512 and
 #                                           qwen1.5b 4x2048 (the 1.3x target, both sides compiled). ~8 min.
+#   bash benchmarks/gpu_followup.sh compile3 PEFT's compiled prefix at 4x2048, and RoBERTa compiled again with the
+#                                           one-graph frozen floor (~3.5 min each; made as two separate calls).
 #
 # Carry: .carry/minilm and .carry/qdata.tar.xz (benchmarks/make_carry.sh, docs/STATUS.md) for det and serve, and
 # .whl_serve (FastAPI stack wheels for Python 3.12, git-ignored) for serve. Results land in $OUT; commit them under
@@ -34,6 +36,20 @@ S=${STATE:-$HOME/followup}
 mkdir -p "$S" "$OUT"
 python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'peft', peft.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+
+# Mixed vs one-adapter-at-a-time serving of 8 prefix adapters, HTTP at 16 texts per request: WINDOW REQUESTS OUTFILE
+serve_bench() {
+  python -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl || exit 1
+  PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/serve_bench.py --model .carry/minilm --device cuda \
+    --dtype bfloat16 --batch-size "$1" --concurrency 256 --client-procs 4 --inputs-per-request 16 --requests "$2" \
+    --mode engine,http --repeats 2 --out "$OUT/$3"
+}
+
+# Training steps through torch.compile(mode="reduce-overhead"): SHAPE MODELS METHODS BUDGET NAME
+compiled() {
+  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes "$1" --warmup 5 --models "$2" \
+    --methods "$3" --time-budget "$4" --out "$OUT/$5.json" --markdown "$OUT/$5.md"
+}
 
 case "${1:-}" in
 det)
@@ -58,9 +74,7 @@ perf)
   python benchmarks/perf.py --time-budget 420 --out "$OUT/perf_all.json" --markdown "$OUT/perf_all.md"
   ;;
 compile)
-  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 8x512 --warmup 5 \
-    --models qwen0.5b,qwen1.5b,roberta-large --methods frozen,prompt,prefix,apt,idspam,lpt --time-budget 540 \
-    --out "$OUT/perf_compile.json" --markdown "$OUT/perf_compile.md"
+  compiled 8x512 qwen0.5b,qwen1.5b,roberta-large frozen,prompt,prefix,apt,idspam,lpt 540 perf_compile
   ;;
 rx)
   [ -d "$S/qdata" ] || tar xJf .carry/qdata.tar.xz -C "$S"
@@ -70,33 +84,25 @@ rx)
   cp "$S/prefrep/results/throughput.json" "$OUT/throughput.json"
   ;;
 serve)
-  python -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl || exit 1
-  PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/serve_bench.py --model .carry/minilm --device cuda \
-    --dtype bfloat16 --batch-size 64 --concurrency 256 --client-procs 4 --inputs-per-request 16 --requests 4096 \
-    --mode engine,http --repeats 2 --out "$OUT/serve_gpu_prefix_http16.json"
+  serve_bench 64 4096 serve_gpu_prefix_http16.json
   ;;
 eager2)
   python benchmarks/perf.py --sections train --shapes 8x512 --models roberta-large,qwen0.5b \
     --methods frozen,prefix,peft_prefix,apt,prompt,peft_prompt --time-budget 170 \
     --out "$OUT/perf_eager2.json" --markdown "$OUT/perf_eager2.md"
-  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 8x512 --warmup 5 \
-    --models roberta-large --methods frozen,prefix,apt,idspam,lpt --time-budget 330 \
-    --out "$OUT/perf_compile_roberta.json" --markdown "$OUT/perf_compile_roberta.md"
+  compiled 8x512 roberta-large frozen,prefix,apt,idspam,lpt 330 perf_compile_roberta
   ;;
 serve2)
-  python -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl || exit 1
-  PYTHONPATH=/tmp/site:$PYTHONPATH python benchmarks/serve_bench.py --model .carry/minilm --device cuda \
-    --dtype bfloat16 --batch-size 128 --concurrency 256 --client-procs 4 --inputs-per-request 16 --requests 32768 \
-    --mode engine,http --repeats 2 --out "$OUT/serve_gpu_prefix_b128_http16.json"
+  serve_bench 128 32768 serve_gpu_prefix_b128_http16.json
   ;;
 compile2)
-  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 8x512 --warmup 5 \
-    --models qwen0.5b --methods prefix,peft_prefix,peft_prompt --time-budget 250 \
-    --out "$OUT/perf_compile2_small.json" --markdown "$OUT/perf_compile2_small.md"
-  python benchmarks/perf.py --compile reduce-overhead --sections train --shapes 4x2048 --warmup 5 \
-    --models qwen1.5b --methods frozen,prefix,peft_prefix --time-budget 320 \
-    --out "$OUT/perf_compile2_large.json" --markdown "$OUT/perf_compile2_large.md"
+  compiled 8x512 qwen0.5b prefix,peft_prefix,peft_prompt 250 perf_compile2_small
+  compiled 4x2048 qwen1.5b frozen,prefix,peft_prefix 320 perf_compile2_large
+  ;;
+compile3)  # the two single calls that followed compile2 (each was its own device call)
+  compiled 4x2048 qwen1.5b peft_prefix,prefix 320 perf_compile3_large
+  compiled 8x512 roberta-large frozen,prefix,peft_prefix,idspam 400 perf_compile_roberta2
   ;;
 *)
-  echo "usage: $0 det | perf | compile | rx | serve | eager2 | serve2 | compile2" >&2; exit 2 ;;
+  echo "usage: $0 det | perf | compile | rx | serve | eager2 | serve2 | compile2 | compile3" >&2; exit 2 ;;
 esac

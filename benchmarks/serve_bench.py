@@ -370,16 +370,17 @@ def table(r: dict) -> str:
              "|---|---:|---:|---:|---|"]
     if "engine" in r:
         e = r["engine"]
-        lines.append(f"| engine (predict, no HTTP) | {e['mixed']['requests_per_s']:.1f} | "
-                     f"{e['per_adapter']['requests_per_s']:.1f} | {e['speedup']:.2f}x (paired median "
-                     f"{e['speedup_paired_median']:.2f}x) | model calls "
-                     f"{e['mixed']['model_calls']} vs {e['per_adapter']['model_calls']} |")
-        if "per_adapter_queued" in e:
-            q = e["per_adapter_queued"]
-            lines.append(f"| engine, one adapter at a time with full per-adapter batches (queued; latency not "
-                         f"bounded) | {e['mixed']['requests_per_s']:.1f} | {q['requests_per_s']:.1f} | "
-                         f"{e['speedup_vs_queued']:.2f}x | model calls {e['mixed']['model_calls']} vs "
-                         f"{q['model_calls']} |")
+        mixed = e["mixed"]
+
+        def engine_row(label: str, other: dict, speedup: str) -> str:
+            return (f"| {label} | {mixed['requests_per_s']:.1f} | {other['requests_per_s']:.1f} | {speedup} | "
+                    f"model calls {mixed['model_calls']} vs {other['model_calls']} |")
+
+        lines.append(engine_row("engine (predict, no HTTP)", e["per_adapter"],
+                                f"{e['speedup']:.2f}x (paired median {e['speedup_paired_median']:.2f}x)"))
+        if "per_adapter_queued" in e:  # absent from files written before session 4
+            lines.append(engine_row("engine, one adapter at a time with full per-adapter batches (queued; latency "
+                                    "not bounded)", e["per_adapter_queued"], f"{e['speedup_vs_queued']:.2f}x"))
     if "http" in r:
         h = r["http"]
         lines.append(f"| HTTP ({h['concurrency']} clients, {h['inputs_per_request']} text/request) | "

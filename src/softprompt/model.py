@@ -55,7 +55,8 @@ class SoftPromptModel(nn.Module):
         the module tree does not change after wrapping; the flags themselves are read fresh each call, so toggling
         checkpointing later is seen."""
         if self._checkpoint_flags is None:
-            self._checkpoint_flags = tuple(m for m in self.base_model.modules() if hasattr(m, "gradient_checkpointing"))
+            modules = self.base_model.modules()
+            self._checkpoint_flags = tuple(m for m in modules if hasattr(m, "gradient_checkpointing"))
         return any(m.gradient_checkpointing for m in self._checkpoint_flags)
 
     def _init_kwargs(self, method: PromptMethod) -> dict:

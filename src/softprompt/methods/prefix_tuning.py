@@ -132,10 +132,10 @@ class PrefixTuning(PromptMethod):
         return {i: per[i, :, :, :p] for i, p in enumerate(self.lengths) if p > 0}
 
     def forward(self, inputs: MethodInputs) -> Contribution:
-        if self.drop.p == 0 or not self.training:  # skip 2 x L no-op module calls: CPU time at small shapes
-            return Contribution(prefixes={i: (t[0][None], t[1][None]) for i, t in self.layer_tables().items()})
-        return Contribution(prefixes={i: (self.drop(t[0])[None], self.drop(t[1])[None])
-                                      for i, t in self.layer_tables().items()})
+        tables = self.layer_tables()
+        if self.training and self.drop.p > 0:  # else skip L no-op module calls: CPU time at small shapes
+            tables = {i: self.drop(t) for i, t in tables.items()}
+        return Contribution(prefixes={i: (t[0][None], t[1][None]) for i, t in tables.items()})
 
     # ---- saving: projected tables always, the MLP too for resuming ---------------------------------------------
     def export_state_dict(self) -> dict[str, torch.Tensor]:

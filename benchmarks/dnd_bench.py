@@ -345,7 +345,7 @@ class Bench:
         import torch
         from safetensors.torch import load_file
 
-        from softprompt.dnd.export import load_adapter
+        from softprompt.dnd.export import read_lora_tensors
         from softprompt.dnd.harness import load_model
         from softprompt.dnd.tokenizer import (
             TokenLayout,
@@ -386,7 +386,7 @@ class Bench:
         t1 = time.perf_counter()
         grids, layout = {}, None
         for rec in m["checkpoints"]:
-            st = canonicalize_state(load_adapter(part / rec["path"]), cfg["target"])
+            st = canonicalize_state(read_lora_tensors(part / rec["path"]), cfg["target"])
             layout = layout or TokenLayout.from_state_dict(st, int(cfg["chunk"]), cfg["stats_code"])
             grids[rec["path"]] = to_grid(tokenize(st, layout), cfg["stats_code"])
         torch.save(grids, part / "grids.pt")
@@ -394,7 +394,7 @@ class Bench:
         # scores: the final checkpoint on every dataset; the training curve on d
         t2 = time.perf_counter()
         final = m["checkpoints"][-1]
-        final_state = load_adapter(part / final["path"])
+        final_state = read_lora_tensors(part / final["path"])
         final_on = {d2: self.ev.score(self.items(d2), final_state, self.scale) for d2 in self.datasets}
         by_step = {c["step"]: (c["path"], c["train_seconds"]) for c in entry["curve"]}
         by_step.update({c["step"]: (c["path"], c["train_seconds"]) for c in m["checkpoints"]})
@@ -403,7 +403,7 @@ class Bench:
             if s not in by_step:
                 continue
             path, secs = by_step[s]
-            sc = final_on[d] if s == final["step"] else self.ev.score(self.items(d), load_adapter(part / path),
+            sc = final_on[d] if s == final["step"] else self.ev.score(self.items(d), read_lora_tensors(part / path),
                                                                       self.scale, self.curve_measures)
             curve.append({"step": s, "train_seconds": secs, **sc})
         return {"dataset": d, "zoo_seconds": round(zoo_seconds, 3), "train_seconds": entry["train_seconds"],
@@ -480,7 +480,7 @@ class Bench:
         from softprompt.dnd.export import (
             delta_distance,
             delta_norms,
-            load_adapter,
+            read_lora_tensors,
             read_zoo,
             write_adapter,
         )
@@ -535,7 +535,7 @@ class Bench:
         # condition carries no information; jerryliang24/Drag-and-Drop-LLMs#4)
         mean_state: dict = {}
         for e in entries:
-            for key, v in load_adapter(e["path"]).items():
+            for key, v in read_lora_tensors(e["path"]).items():
                 mean_state[key] = mean_state.get(key, 0) + v.double() / len(entries)
         mean_state = {key: v.float() for key, v in mean_state.items()}
         res["zoo_mean"] = self.ev.score(items, mean_state, self.scale)
@@ -550,7 +550,7 @@ class Bench:
         finals = {}
         for d in self.datasets:
             z = self.load_stage(f"zoo:{short(d)}")
-            finals[d] = load_adapter(self.zoo_dir / z["final_path"])
+            finals[d] = read_lora_tensors(self.zoo_dir / z["final_path"])
         norm = lambda st: math.sqrt(sum(v * v for v in delta_norms(st).values()))
         res["sanity"] = {
             "finite": all(bool(torch.isfinite(v).all()) for v in first.values()),

@@ -156,7 +156,7 @@ def test_merged_scoring_equals_peft(bench, two_runs, tiny_llama_dir):
     """The evaluator merges scale*B@A into the weights; it must score like PEFT loading the exported adapter."""
     from peft import PeftModel
 
-    from softprompt.dnd.export import load_adapter
+    from softprompt.dnd.export import read_lora_tensors
     from softprompt.dnd.harness import option_logliks
     from softprompt.dnd.templates import format_dataset
 
@@ -166,7 +166,7 @@ def test_merged_scoring_equals_peft(bench, two_runs, tiny_llama_dir):
     recs = [{"text": "which is the sky", "choices": ["blue", "red", "green"], "label": 0},
             {"text": "the answer", "choices": ["A", "B", "C", "D"], "label": 3}]
     items = format_dataset("commonsense/arc_easy", recs, ev.tok)
-    ev.set_adapter(load_adapter(adapter), cfg["lora_alpha"] / cfg["r"])
+    ev.set_adapter(read_lora_tensors(adapter), cfg["lora_alpha"] / cfg["r"])
     merged = option_logliks(ev.model, ev.tok, items, progress=False)
     peft = PeftModel.from_pretrained(tiny("llama"), str(adapter)).eval()
     ref = option_logliks(peft, ev.tok, items, progress=False)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny
 
+from softprompt.dnd.cli import generate_main, train_main
 from softprompt.dnd.export import (
-    generate_main,
-    load_adapter,
+    read_lora_tensors,
     read_zoo,
     sanity_report,
     write_adapter,
@@ -22,7 +22,6 @@ from softprompt.dnd.generator import (
     generate,
     plan_chain,
     train_generator,
-    train_main,
 )
 from softprompt.dnd.tokenizer import (
     TokenLayout,
@@ -88,7 +87,7 @@ def trained(zoo, tiny_bert_dir, tmp_path_factory):
 
 
 def test_tokenizer_round_trip_exact(zoo):
-    state = load_adapter(zoo / "pos-2")
+    state = read_lora_tensors(zoo / "pos-2")
     state[next(iter(state))][0, :3] = 0.0  # exact zeros inside a chunk with nonzero mean
     for chunk in (16, 12, 7):  # 12 and 7 leave NaN-padded last chunks
         layout = TokenLayout.from_state_dict(state, chunk)
@@ -139,7 +138,7 @@ def test_relative_stats_code_keeps_small_scales_relative():
 
 
 def test_gauge_svd_and_shared_init(zoo):
-    state = load_adapter(zoo / "neg-3")
+    state = read_lora_tensors(zoo / "neg-3")
     a, b = state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], \
         state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     a2, b2 = canonicalize_svd(a, b)
@@ -205,7 +204,7 @@ def test_generated_adapter_loads_and_changes_output(trained, zoo, tmp_path):
     prompts = [f"the film was very {w}" for w in POS.split()]
     state, seconds = generate(gen_dir, prompts)
     assert seconds > 0
-    ref = load_adapter(zoo / "pos-1")
+    ref = read_lora_tensors(zoo / "pos-1")
     assert state.keys() == ref.keys() and all(state[k].shape == ref[k].shape for k in ref)
     out = write_adapter(state, zoo / "pos-1", tmp_path / "adapter")
     base = tiny("llama").eval()
@@ -223,7 +222,7 @@ def test_generated_adapter_loads_and_changes_output(trained, zoo, tmp_path):
     m = next(iter(rep["modules"].values()))
     assert {"norm", "zoo_min", "zoo_max", "in_range"} <= m.keys() and m["zoo_min"] <= m["zoo_max"]
     # a zoo checkpoint is its own nearest neighbour at distance 0
-    own = sanity_report(load_adapter(zoo / "neg-2"), read_zoo(zoo))
+    own = sanity_report(read_lora_tensors(zoo / "neg-2"), read_zoo(zoo))
     assert own["nearest"]["path"].endswith("neg-2") and own["nearest"]["distance"] < 1e-6
     assert own["n_out_of_range"] == 0
 

@@ -95,7 +95,7 @@ def test_zoo_two_datasets(tmp_path):
     ds = ["commonsense/arc_easy", "superglue/boolq"]
     m = build_zoo("tiny", ds, rank=2, targets="all", warmup_steps=2, checkpoints=3, out=tmp_path / "zoo",
                   lr=1e-2, batch_size=4, max_length=64, train_limit=8, dev_limit=3, eval_batch_size=4,
-                  device="cpu", model=model, tokenizer=tok, progress=False)
+                  device="cpu", model=model, tokenizer=tok, progress=False, format="letter", schedule="constant")
     disk = json.loads((tmp_path / "zoo" / "manifest.json").read_text())
     assert disk == json.loads(json.dumps(m))
     assert list(m["datasets"]) == ds and len(m["checkpoints"]) == 6

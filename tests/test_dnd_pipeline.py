@@ -7,8 +7,7 @@ from argparse import Namespace
 from conftest import tiny
 from test_dnd_harness import _tok
 
-from softprompt.dnd.export import generate_main
-from softprompt.dnd.generator import train_main
+from softprompt.dnd.cli import generate_main, train_main
 from softprompt.dnd.harness import evaluate
 from softprompt.dnd.zoo import build_zoo
 

@@ -1,14 +1,14 @@
-"""Drag-and-Drop LLMs (prompt -> LoRA weights): evaluation harness, templates, checkpoint zoo.
+"""Drag-and-Drop LLMs (prompt -> LoRA weights).
 
-Part A (this engineer): :mod:`.templates`, :mod:`.harness` (``evaluate``, ``eval_main``),
-:mod:`.zoo` (``build_zoo``, ``zoo_main``). See ``docs/dnd.md``.
+:mod:`.templates` and :mod:`.cloze` (prompt formats), :mod:`.harness` (letter-format scoring, data splits),
+:mod:`.zoo` (``build_zoo``), :mod:`.tokenizer`, :mod:`.condition`, :mod:`.generator`, :mod:`.export`; the CLI
+handlers live in :mod:`.cli`. See ``docs/dnd.md``.
 """
 from __future__ import annotations
 
 from .harness import (
                       dnd_records,
                       dnd_split_info,
-                      eval_main,
                       evaluate,
                       evaluate_items,
                       generate_answers,
@@ -30,7 +30,6 @@ from .zoo import (
                       dataset_dirname,
                       load_manifest,
                       parse_targets,
-                      zoo_main,
 )
 
 __all__ = [
@@ -42,7 +41,6 @@ __all__ = [
                       "dataset_dirname",
                       "dnd_records",
                       "dnd_split_info",
-                      "eval_main",
                       "evaluate",
                       "evaluate_items",
                       "format_dataset",
@@ -54,5 +52,4 @@ __all__ = [
                       "option_logliks",
                       "parse_answer",
                       "parse_targets",
-                      "zoo_main",
 ]

@@ -99,11 +99,16 @@ class PromptSampler:
 PROMPT_FIELDS = ("prompt", "text", "question", "input", "instruction", "sentence", "query", "ctx", "goal")
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """Prompts from a JSONL file (one JSON string, or an object with a prompt/text/question/... field, per line),
-    a JSON list, or a plain-text file (one prompt per line)."""
+    a JSON list, a CSV/TSV file (the ``column`` column, default the first of :data:`PROMPT_FIELDS` in the header),
+    or a plain-text file (one prompt per line)."""
     path = Path(path)
     text = path.read_text()
+    if path.suffix in (".csv", ".tsv"):
+        return _read_table(path, text, column)
+    if column is not None:
+        raise ValueError(f"--column {column} applies to .csv/.tsv files, not {path.name}")
     if path.suffix == ".json":
         data = json.loads(text)
         return [_prompt_of(x) for x in data]
@@ -117,6 +122,19 @@ def read_prompts(path: str | Path) -> list[str]:
         else:
             out.append(line)
     return out
+
+
+def _read_table(path: Path, text: str, column: str | None) -> list[str]:
+    import csv
+    import io
+
+    rows = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix == ".tsv" else ",")
+    header = rows.fieldnames or []
+    col = column or next((c for c in PROMPT_FIELDS if c in header), None)
+    if col not in header:
+        raise ValueError(f"{path.name}: no column {col or 'named ' + '/'.join(PROMPT_FIELDS)} (columns: "
+                         f"{', '.join(header)}); pass --column NAME")
+    return [r[col].strip() for r in rows if (r.get(col) or "").strip()]
 
 
 def _prompt_of(x) -> str:

@@ -8,7 +8,6 @@ shared with the zoo) with the zoo's range, and finds the nearest zoo checkpoint 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -51,7 +50,7 @@ def read_zoo(zoo: str | Path | Sequence[Mapping], root: str | Path | None = None
     return out
 
 
-def load_adapter(path: str | Path) -> dict[str, torch.Tensor]:
+def read_lora_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a PEFT adapter folder (or ``.safetensors`` file)."""
     from safetensors.torch import load_file
 
@@ -115,7 +114,7 @@ def zoo_norm_ranges(entries: Sequence[Mapping]) -> dict[str, tuple[float, float]
     """Per-module (min, max) of ‖B·A‖_F over zoo checkpoints."""
     ranges: dict[str, list[float]] = {}
     for e in entries:
-        for p, n in delta_norms(load_adapter(e["path"])).items():
+        for p, n in delta_norms(read_lora_tensors(e["path"])).items():
             lo, hi = ranges.get(p, [math.inf, -math.inf])
             ranges[p] = [min(lo, n), max(hi, n)]
     return {p: (lo, hi) for p, (lo, hi) in ranges.items()}
@@ -132,7 +131,7 @@ def sanity_report(state: Mapping[str, torch.Tensor], zoo: str | Path | Sequence[
     ranges: dict[str, list[float]] = {}
     totals, dists = [], []
     for e in entries:
-        zs = load_adapter(e["path"])
+        zs = read_lora_tensors(e["path"])
         zn = delta_norms(zs)
         for p, n in zn.items():
             lo, hi = ranges.get(p, [math.inf, -math.inf])
@@ -181,37 +180,3 @@ def format_report(rep: Mapping, max_lines: int = 10) -> str:
         lines.append(f"nearest zoo checkpoint: {n['dataset']} step {n['step']} ({n['path']}), distance "
                      f"{n['distance']:.4g} ({n['relative_distance']:.1%} of its norm)")
     return "\n".join(lines)
-
-
-def generate_main(args: argparse.Namespace) -> dict:
-    """CLI body of ``softprompt dnd generate --generator GEN --prompts prompts.jsonl --out ADAPTER``.
-
-    ``prompts`` is a JSONL/JSON/text file, or a registry dataset name (then its DnD ``prompts_part``, default
-    ``test``, is used). Optional attributes: ``n_prompts`` (default: the generator's), ``seed`` (0), ``zoo`` (default: the zoo the
-    generator was trained on, if still there), ``base_model`` (overrides the template's), ``dtype`` ("float32").
-    Prints the seconds and the sanity report; returns the report."""
-    from .condition import read_prompts
-    from .generator import generate, load_generator_config, registry_prompts_for
-
-    if Path(args.prompts).exists():
-        prompts = read_prompts(args.prompts)
-    else:  # a registry dataset name: its unlabeled DnD test prompts (transductive, as DnD)
-        prompts = registry_prompts_for(args.prompts, getattr(args, "prompts_part", None) or "test")
-    state, seconds = generate(args.generator, prompts, n_prompts=getattr(args, "n_prompts", None),
-                              seed=getattr(args, "seed", 0) or 0)
-    cfg = load_generator_config(args.generator)
-    dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
-    write_adapter(state, Path(args.generator) / "template_adapter_config.json", args.out, dtype=dtype,
-                  base_model=getattr(args, "base_model", None))
-    print(f"wrote {args.out} in {seconds:.3f} s (generation)")
-    zoo = getattr(args, "zoo", None) or cfg.get("zoo_entries")
-    rep = {"seconds": seconds}
-    if zoo:
-        try:
-            rep = sanity_report(state, zoo, seconds=seconds)
-            print(format_report(rep))
-        except FileNotFoundError as exc:
-            print(f"sanity report skipped: zoo not found ({exc})")
-    with open(Path(args.out) / "dnd_report.json", "w") as f:
-        json.dump(rep, f, indent=2, default=str)
-    return rep

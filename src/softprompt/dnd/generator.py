@@ -16,7 +16,6 @@ gradient clipping, bf16 autocast on CUDA.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from .condition import ConditionEncoder, PromptSampler, PromptSource, prompts_by_dataset
-from .export import ADAPTER_CONFIG, load_adapter, read_zoo
+from .export import ADAPTER_CONFIG, read_lora_tensors, read_zoo
 from .tokenizer import (
     TokenLayout,
     canonicalize_state,
@@ -164,13 +163,19 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
 
-def registry_prompts_for(dataset: str, part: str = "zoo") -> list[str]:
-    """Unlabeled prompts of a registry dataset: the plain instruction text (no answer, no chat template) of every
-    record of its DnD ``part`` (default ``zoo``; use ``test`` for a held-out dataset's conditions)."""
+def registry_prompts_for(dataset: str, part: str = "zoo", condition: str = "raw") -> list[str]:
+    """Unlabeled prompts of a registry dataset, one per record of its DnD ``part`` (default ``zoo``; use ``test``
+    for a held-out dataset's conditions), never with the answer. ``condition="raw"`` (default): the question and its
+    options as the official code feeds them (:func:`.cloze.condition_text`); ``"instruction"``: our lettered
+    template's user message (the old default, whose first line is constant per dataset)."""
+    from .cloze import condition_text
     from .harness import dnd_records
     from .templates import user_message
 
-    return [user_message(dataset, r)[0] for r in dnd_records(dataset, part)]
+    if condition not in ("raw", "instruction"):
+        raise ValueError(f"condition={condition!r}: use raw or instruction")
+    text = condition_text if condition == "raw" else (lambda d, r: user_message(d, r)[0])
+    return [text(dataset, r) for r in dnd_records(dataset, part)]
 
 
 def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
@@ -185,7 +190,7 @@ def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
         key = (str(e["path"]), chunk, target, stats_code)
         grid = cache.get(key) if cache is not None else None
         if grid is None or layout is None:  # the layout comes from the first checkpoint's tensors
-            st = canonicalize_state(load_adapter(e["path"]), target)
+            st = canonicalize_state(read_lora_tensors(e["path"]), target)
             layout = layout or TokenLayout.from_state_dict(st, chunk, stats_code)
             if grid is None:
                 grid = to_grid(tokenize(st, layout), stats_code)
@@ -202,18 +207,19 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
                     out: str | Path, steps: int = 1000, *, prompts: PromptSource | None = None,
                     prompts_for: Callable[[str], Sequence[str]] | None = None,
                     encoder: str | ConditionEncoder = "minilm",
-                    max_length: int = 128, n_prompts: int = 32, batch_size: int = 8, lr: float = 3e-5,
+                    max_length: int = 256, n_prompts: int = 64, batch_size: int = 8, lr: float = 3e-5,
                     weight_decay: float = 0.1, warmup: int = 1, clip: float = 1.0, width: int = 64,
                     n_layers: int = 4, kernel: int = 9, chain: Sequence[Shape] | None = None, chunk: int = 192,
                     target: str = "ab", stats_code: str = "relative", cond_noise: float = 1e-4,
                     target_noise: float = 1e-5,
                     weighting: str = "std", seed: int = 0, device: str | None = None, log_every: int = 50,
-                    verbose: bool = True, grid_cache: dict | None = None) -> dict:
+                    verbose: bool = True, grid_cache: dict | None = None, condition: str = "raw") -> dict:
     """Train a hyper-conv decoder on a zoo, leaving out the ``holdout`` dataset(s); save it to ``out``.
 
     ``zoo_dir``: zoo folder / manifest / list of entries (``dataset``, ``path``, …). Prompts per dataset come from
     ``prompts_for(dataset)`` or ``prompts`` (see :func:`.condition.prompts_by_dataset`), else from a ``prompts``
-    field (JSONL path) of the manifest entries, else from the task registry (:func:`registry_prompts_for`).
+    field (JSONL path) of the manifest entries, else from the task registry (:func:`registry_prompts_for` with
+    ``condition``).
     ``encoder`` is an alias/folder or an already loaded :class:`ConditionEncoder` (its prompt cache is then shared
     between generators; its ``max_length`` must equal ``max_length``); ``grid_cache`` is passed to
     :func:`load_zoo_tensors`. Writes ``generator.safetensors``, ``generator_config.json``
@@ -246,7 +252,7 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
                                                  (Path(root) if Path(root).is_dir() else Path(root).parent) / p))
         if src and len(src) < len(datasets):
             raise ValueError(f"no prompts for {[d for d in datasets if d not in src]}: pass prompts= or prompts_for=")
-        pool = prompts_by_dataset(src or registry_prompts_for, datasets)
+        pool = prompts_by_dataset(src or (lambda d: registry_prompts_for(d, "zoo", condition)), datasets)
 
     layout, grids, ds = load_zoo_tensors(train, chunk, target, cache=grid_cache, stats_code=stats_code)
     mask = grid_mask(layout)
@@ -305,7 +311,7 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
     cfg = {"chain": [list(s) for s in chain], "kernel": kernel, "layout": layout.to_json(), "encoder": enc.name,
            "max_length": max_length, "n_prompts": n_prompts, "target": target, "holdout": sorted(held),
            "train_datasets": datasets, "zoo_entries": train, "parameters": n_par, "steps": steps,
-           "batch_size": batch_size, "lr": lr, "seed": seed}
+           "batch_size": batch_size, "lr": lr, "seed": seed, "condition": condition}
     with open(out / "generator_config.json", "w") as f:
         json.dump(cfg, f, indent=1, default=str)
     summary = {"parameters": n_par, "losses": losses, "seconds": seconds, "out": str(out)}
@@ -362,19 +368,3 @@ def generate(generator_dir: str | Path, prompts: Sequence[str], n_prompts: int |
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return state, time.perf_counter() - t0
-
-
-def train_main(args: argparse.Namespace) -> dict:
-    """CLI body of ``softprompt dnd train --zoo ZOO --holdout D --out GEN``.
-
-    Optional attributes (defaults of :func:`train_generator` otherwise): steps, batch_size, n_prompts, max_length,
-    lr, width, n_layers, kernel, chunk, target, stats_code, encoder, seed, device, and ``prompts`` (a folder of
-    ``<dataset>.jsonl``, or a JSON mapping dataset -> JSONL) or ``prompts_for`` (a callable)."""
-    names = ("steps", "batch_size", "n_prompts", "max_length", "lr", "width", "n_layers", "kernel", "chunk",
-             "target", "stats_code", "encoder", "seed", "device", "prompts", "prompts_for", "weight_decay", "warmup",
-             "log_every")
-    kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    res = train_generator(args.zoo, args.holdout, args.out, **kw)
-    print(f"generator: {res['parameters']:,} parameters, final loss {res['losses'][-1]:.5f}, "
-          f"{res['seconds']:.1f} s -> {res['out']}")
-    return res

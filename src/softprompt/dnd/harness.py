@@ -17,11 +17,13 @@ parts ``"dnd:zoo"``, ``"dnd:dev"``, ``"dnd:test"``:
   ``dnd:test`` (1,635); ``dnd:dev`` = ``dev32``.
 * PIQA (registry ``eval_split`` == ``test_split``): ``dnd:dev`` = a hash-chosen 10% of ``train``
   (seed :data:`DEV_SPLIT_SEED`) and ``dnd:zoo`` the other 90%, so checkpoint scores never see the test part.
+* WinoGrande (registry test part: 127 examples, ±9 points): the whole 1,267-record file is cut by twin pair
+  (the ``-1``/``-2`` sentences of one id stay together), sha256-ranked pairs: the first 40% ``dnd:test``
+  (about 507), the next 5% ``dnd:dev``, the rest ``dnd:zoo``.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -33,6 +35,7 @@ from .templates import Prompted, canonical_name, format_dataset
 BOOLQ_SPLIT_SEED = 0
 DEV_SPLIT_SEED = 0
 DND_PARTS = ("zoo", "dev", "test")
+WINOGRANDE = "commonsense/winogrande"
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -47,6 +50,9 @@ def dnd_split_info(name: str) -> dict[str, str]:
 
     name = canonical_name(name)
     spec = tasks.get_task(name)
+    if name == WINOGRANDE:
+        return {"zoo": "full, sha256-ranked twin pairs after the first 45%", "dev": "full, pairs 40-45%",
+                "test": f"full, sha256-ranked first 40% of twin pairs (seed {DEV_SPLIT_SEED})"}
     if name == "superglue/boolq":
         return {"zoo": f"val, sha256-ranked first half (seed {BOOLQ_SPLIT_SEED})", "dev": "dev32",
                 "test": f"val, sha256-ranked second half (seed {BOOLQ_SPLIT_SEED})"}
@@ -66,21 +72,36 @@ def dnd_records(name: str, part: str) -> list[dict[str, Any]]:
     spec = tasks.get_task(name)
     if name == "superglue/boolq":
         if part == "dev":
-            return list(tasks.load(name, "dev32"))
-        recs = tasks.load(name, "val")
+            return list(tasks.load_split(name, "dev32"))
+        recs = tasks.load_split(name, "val")
         order = _rank(name, BOOLQ_SPLIT_SEED, len(recs))
         half = len(recs) - len(recs) // 2
         keep = sorted(order[:half] if part == "zoo" else order[half:])
         return [recs[i] for i in keep]
+    if name == WINOGRANDE:
+        return _winogrande(part)
     if part == "test":
-        return list(tasks.load(name, spec.test_split))
+        return list(tasks.load_split(name, spec.test_split))
     if spec.eval_split is None or spec.eval_split == spec.test_split:
-        recs = tasks.load(name, spec.train_split)
+        recs = tasks.load_split(name, spec.train_split)
         order = _rank(name + "|dnd-dev", DEV_SPLIT_SEED, len(recs))
         n_dev = round(0.1 * len(recs))
         keep = sorted(order[:n_dev] if part == "dev" else order[n_dev:])
         return [recs[i] for i in keep]
-    return list(tasks.load(name, spec.train_split if part == "zoo" else spec.eval_split))
+    return list(tasks.load_split(name, spec.train_split if part == "zoo" else spec.eval_split))
+
+
+def _winogrande(part: str) -> list[dict[str, Any]]:
+    """WinoGrande's DnD parts: twin pairs of the whole file, sha256-ranked; 40% test, 5% dev, 55% zoo."""
+    from .. import tasks
+
+    recs = tasks.load_split(WINOGRANDE, "full")
+    groups = sorted({str(r["idx"]).rsplit("-", 1)[0] for r in recs})
+    order = [groups[i] for i in _rank(WINOGRANDE + "|dnd-pairs", DEV_SPLIT_SEED, len(groups))]
+    n_test, n_dev = round(0.40 * len(groups)), round(0.05 * len(groups))
+    cut = {"test": order[:n_test], "dev": order[n_test:n_test + n_dev], "zoo": order[n_test + n_dev:]}[part]
+    keep = set(cut)
+    return [r for r in recs if str(r["idx"]).rsplit("-", 1)[0] in keep]
 
 
 def load_records(name: str, split: str) -> list[dict[str, Any]]:
@@ -89,7 +110,7 @@ def load_records(name: str, split: str) -> list[dict[str, Any]]:
 
     if split.startswith("dnd:"):
         return dnd_records(name, split[4:])
-    return list(tasks.load(canonical_name(name), split))
+    return list(tasks.load_split(canonical_name(name), split))
 
 
 # ----------------------------------------------------------------------------------------- encoding
@@ -312,27 +333,3 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
         m = PeftModel.from_pretrained(m, adapter)
     m.to(device or default_device()).eval()
     return m, tok
-
-
-def eval_main(args: Any) -> dict[str, Any]:
-    """CLI body of ``softprompt dnd eval``.
-
-    Reads ``args.model``, ``args.adapter`` (or None), ``args.dataset``, ``args.split`` (default
-    ``dnd:test``), ``args.limit``; optional ``batch_size``, ``measures`` (comma list), ``device``, ``out``
-    (JSON file). Prints and returns the result dict.
-    """
-    model, tok = load_model(args.model, getattr(args, "adapter", None), getattr(args, "device", None))
-    measures = getattr(args, "measures", None) or "loglik,gen"
-    if isinstance(measures, str):
-        measures = [m.strip() for m in measures.split(",") if m.strip()]
-    res = evaluate(model, tok, args.dataset, getattr(args, "split", None) or "dnd:test",
-                   limit=getattr(args, "limit", None), batch_size=getattr(args, "batch_size", None) or 16,
-                   measures=measures)
-    res = {"model": args.model, "adapter": getattr(args, "adapter", None), "dataset": canonical_name(args.dataset),
-           "split": getattr(args, "split", None) or "dnd:test", **res}
-    text = json.dumps(res, indent=2)
-    print(text)
-    if getattr(args, "out", None):
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return res

@@ -13,15 +13,19 @@ Layout written by :func:`build_zoo` under ``out``::
           adapter_model.safetensors
         ...
 
-Training: answer-only LM loss on the :mod:`templates` prompt (prompt tokens labelled -100; the gold
-answer string plus the tokenizer's EOS are the targets), AdamW, constant lr, batches drawn from a
-seeded shuffle of the dataset's DnD ``zoo`` part (see :mod:`harness`). ``warmup_steps`` optimiser steps
-are run first (nothing kept), then ``checkpoints`` more steps, each saved (steps ``S+1 .. S+C``).
+Training: LM loss on the answer only. ``format="cloze"`` (default): the gold option's cloze context (see
+:mod:`.cloze`) is masked with -100 and its answer text is the target, the format the harness scores;
+``format="letter"``: the :mod:`.templates` prompt and the gold letter + EOS. AdamW without weight decay; batches
+from a seeded shuffle of the dataset's DnD ``zoo`` part (see :mod:`.harness`). ``warmup_steps`` optimiser steps run
+first (nothing kept), then ``checkpoints`` kept checkpoints, one every ``checkpoint_every`` steps. The lr follows
+``schedule`` over the whole run (``cosine`` or ``linear`` from ``lr`` down to ``min_lr_ratio``·lr at the last step,
+or ``constant``), so the kept checkpoints lie on the decaying tail of training, as DnD's phase 2.
 Every dataset restarts from the exact same LoRA weights (asserted) and a fresh optimiser.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .cloze import cloze_example, score_items, training_pairs
 from .harness import (
     default_device,
     dnd_records,
@@ -59,6 +64,18 @@ def parse_targets(targets: str | Sequence[str]) -> list[str]:
 def dataset_dirname(name: str) -> str:
     """Folder name of a dataset inside the zoo (``commonsense/arc_easy`` -> ``commonsense__arc_easy``)."""
     return canonical_name(name).replace("/", "__")
+
+
+def lr_factor(step: int, total: int, schedule: str = "cosine", min_ratio: float = 0.1) -> float:
+    """lr multiplier of optimiser step ``step`` (1-based) out of ``total``: 1 at step 1, ``min_ratio`` at the last."""
+    if schedule == "constant" or total <= 1:
+        return 1.0
+    prog = (step - 1) / (total - 1)
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * prog
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * prog))
+    raise ValueError(f"schedule={schedule!r}: use cosine, linear or constant")
 
 
 def _train_examples(tokenizer: Any, items: Sequence[Any], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -96,13 +113,15 @@ def _lora_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: str | Sequence[str] = "all",
-              warmup_steps: int = 75, checkpoints: int = 50, out: str | Path = "zoo", *,
+              warmup_steps: int = 200, checkpoints: int = 50, out: str | Path = "zoo", *,
               lora_alpha: float | None = None, lr: float = 1e-4, checkpoint_lr: float | None = None,
               batch_size: int = 32, max_length: int = 512, init_seed: int = 42, data_seed: int = 0,
               train_limit: int | None = None, dev_limit: int | None = 50,
               eval_measures: Sequence[str] = ("loglik", "gen"), eval_batch_size: int = 16,
               device: str | None = None, dtype: torch.dtype | None = None, model: Any = None,
-              tokenizer: Any = None, progress: bool = True, curve_steps: Sequence[int] = ()) -> dict[str, Any]:
+              tokenizer: Any = None, progress: bool = True, curve_steps: Sequence[int] = (),
+              format: str = "cloze", checkpoint_every: int = 1, schedule: str = "cosine",
+              min_lr_ratio: float = 0.1) -> dict[str, Any]:
     """Train one LoRA per dataset from a shared initialisation and keep ``checkpoints`` step checkpoints.
 
     Args:
@@ -112,9 +131,13 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         targets: ``"all"`` (q,k,v,o,gate,up,down), ``"qv"`` or module names.
         warmup_steps: optimiser steps run before the first kept checkpoint.
         checkpoints: consecutive steps kept per dataset (steps warmup+1 .. warmup+checkpoints).
-        lr / checkpoint_lr: AdamW lr of the warm-up / checkpoint phase (constant; default same).
+        lr: peak AdamW lr; ``schedule`` (``cosine``/``linear``/``constant``) decays it to ``min_lr_ratio``·lr.
+        checkpoint_lr: if given, the checkpoint phase runs at this constant lr instead (the old recipe).
+        checkpoint_every: optimiser steps between kept checkpoints.
+        format: ``cloze`` (answer text, the default) or ``letter`` (lettered prompt, see :mod:`.templates`).
         train_limit: use only the first ``train_limit`` records of the zoo part.
-        dev_limit: records of the DnD ``dev`` part scored per checkpoint (None = all; 0 = no scoring).
+        dev_limit: records of the DnD ``dev`` part scored per checkpoint (None = all; 0 = no scoring): cloze
+            ``acc``/``acc_norm`` in the cloze format, ``eval_measures`` in the letter format.
         init_seed: torch seed of the LoRA init, identical for every dataset.
         data_seed: seed of the batch order (per dataset: ``data_seed`` + dataset position).
         curve_steps: warm-up steps (<= ``warmup_steps``) also saved, as ``<dataset>/curve_<step>`` (a training
@@ -151,7 +174,8 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         "num_checkpoints": checkpoints, "lr": lr, "checkpoint_lr": checkpoint_lr if checkpoint_lr is not None else lr,
         "batch_size": batch_size, "max_length": max_length, "data_seed": data_seed, "train_limit": train_limit,
         "dev_limit": dev_limit, "eval_measures": list(eval_measures),
-        "curve_steps": sorted(int(x) for x in curve_steps), "datasets": {}, "checkpoints": [],
+        "curve_steps": sorted(int(x) for x in curve_steps), "format": format, "checkpoint_every": checkpoint_every,
+        "schedule": schedule, "min_lr_ratio": min_lr_ratio, "datasets": {}, "checkpoints": [],
     }
     for d_i, raw in enumerate(datasets):
         name = canonical_name(raw)
@@ -162,11 +186,16 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         recs = dnd_records(name, "zoo")
         if train_limit is not None:
             recs = recs[:train_limit]
-        examples = _train_examples(tokenizer, format_dataset(name, recs, tokenizer), max_length)
-        dev_items = []
-        if dev_limit != 0:
-            dev_recs = dnd_records(name, "dev")
-            dev_items = format_dataset(name, dev_recs[:dev_limit] if dev_limit else dev_recs, tokenizer)
+        dev_recs = dnd_records(name, "dev") if dev_limit != 0 else []
+        dev_recs = dev_recs[:dev_limit] if dev_limit else dev_recs
+        if format == "cloze":
+            examples = training_pairs(tokenizer, [cloze_example(name, r) for r in recs], max_length)
+            dev_items = [cloze_example(name, r) for r in dev_recs]
+        elif format == "letter":
+            examples = _train_examples(tokenizer, format_dataset(name, recs, tokenizer), max_length)
+            dev_items = format_dataset(name, dev_recs, tokenizer)
+        else:
+            raise ValueError(f"format={format!r}: use cloze or letter")
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         rng = random.Random(data_seed + d_i)
@@ -177,12 +206,12 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else (lambda: None)
         from tqdm.auto import tqdm
 
-        total = warmup_steps + checkpoints
+        total = warmup_steps + checkpoints * checkpoint_every
         curve = {int(x) for x in curve_steps}
         for step in tqdm(range(1, total + 1), desc=f"zoo {name}", disable=not progress, leave=False):
-            if step == warmup_steps + 1 and checkpoint_lr is not None:
-                for g in opt.param_groups:
-                    g["lr"] = checkpoint_lr
+            for g in opt.param_groups:
+                g["lr"] = (checkpoint_lr if checkpoint_lr is not None and step > warmup_steps
+                           else lr * lr_factor(step, total, schedule, min_lr_ratio))
             batch_ex = []
             while len(batch_ex) < min(batch_size, len(examples)):
                 if not order:
@@ -204,12 +233,15 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
                 peft_model.save_pretrained(str(out / rel))
                 entry["curve"].append({"step": step, "path": rel, "train_seconds": round(train_seconds, 4),
                                        "train_loss": float(loss.detach())})
-            if step > warmup_steps:
+            if step > warmup_steps and (step - warmup_steps) % checkpoint_every == 0:
                 rel = f"{dataset_dirname(name)}/step_{step:06d}"
                 peft_model.save_pretrained(str(out / rel))
                 rec: dict[str, Any] = {"dataset": name, "step": step, "path": rel, "train_loss": float(loss.detach()),
-                                       "train_seconds": round(train_seconds, 4)}
-                if dev_items:
+                                       "train_seconds": round(train_seconds, 4), "lr": opt.param_groups[0]["lr"]}
+                if dev_items and format == "cloze":
+                    sc = score_items(peft_model, tokenizer, dev_items, eval_batch_size, max_length)
+                    rec.update({k: sc[k] for k in ("acc", "acc_norm", "n")})
+                elif dev_items:
                     sc = evaluate_items(peft_model, tokenizer, dev_items, eval_batch_size, eval_measures,
                                         progress=False)
                     rec.update({k: sc[k] for k in ("loglik_acc", "gen_acc", "gen_invalid", "n") if k in sc})
@@ -227,25 +259,3 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
 def load_manifest(zoo: str | Path) -> dict[str, Any]:
     """Read ``zoo/manifest.json``."""
     return json.loads((Path(zoo) / "manifest.json").read_text())
-
-
-def zoo_main(args: Any) -> dict[str, Any]:
-    """CLI body of ``softprompt dnd zoo``.
-
-    Reads ``args.model``, ``args.datasets`` (comma string or list; default all seven), ``args.rank``,
-    ``args.targets``, ``args.warmup_steps``, ``args.checkpoints``, ``args.out``; optional ``lr``,
-    ``checkpoint_lr``, ``batch_size``, ``max_length``, ``init_seed``, ``train_limit``, ``dev_limit``, ``device``.
-    """
-    from .templates import DATASETS
-
-    ds = getattr(args, "datasets", None) or list(DATASETS)
-    if isinstance(ds, str):
-        ds = [x.strip() for x in ds.split(",") if x.strip()]
-    kw = {k: getattr(args, k) for k in ("lr", "checkpoint_lr", "batch_size", "max_length", "init_seed",
-                                         "train_limit", "dev_limit", "device")
-          if getattr(args, k, None) is not None}
-    m = build_zoo(args.model, ds, rank=getattr(args, "rank", 8) or 8, targets=getattr(args, "targets", "all") or "all",
-                  warmup_steps=args.warmup_steps, checkpoints=args.checkpoints, out=args.out, **kw)
-    print(json.dumps({"out": str(args.out), "datasets": list(m["datasets"]),
-                      "checkpoints": len(m["checkpoints"])}, indent=2))
-    return m

@@ -1,50 +1,30 @@
 """The HTTP service, over real HTTP on localhost: concurrent clients, shared batches, runtime adapter management,
-4xx for bad requests (never a 500), and a schemathesis run against the OpenAPI schema."""
+4xx for bad requests (never a 500), and a schemathesis run against the OpenAPI schema. The admin lock-down, paths
+and size limits are tested in test_serve_admin.py."""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from test_multi_helpers import make_adapters, make_tiny_base_dir, texts
+from test_serve_helpers import AUTH, TOKEN, ServeProcess, ServerThread
 
 from softprompt.multi import MultiAdapterModel
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from softprompt.serve import ServeConfig, create_app  # noqa: E402
+from softprompt.serve import ServeConfig, create_app
 
 SERVED = ["prefix_a", "prefix_b", "apt", "prompt_front", "lpt", "score"]
 JSON = {"content-type": "application/json"}
-LIMITS = dict(max_inputs=8, max_text_chars=200, max_body_bytes=20_000)
-
-
-class ServerThread:
-    """uvicorn in a background thread on a free port (port 0: the OS picks; no race with other tests)."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
+LIMITS = {"max_inputs": 8, "max_text_chars": 200, "max_body_bytes": 20_000}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +50,7 @@ def model(dirs):
 
 @pytest.fixture(scope="module")
 def server(model):
-    app = create_app(model, ServeConfig(max_batch_size=64, max_wait_ms=2, **LIMITS))
+    app = create_app(model, ServeConfig(max_batch_size=64, max_wait_ms=2, admin_token=TOKEN, **LIMITS))
     with ServerThread(app) as url:
         yield url, app
 
@@ -129,9 +109,11 @@ def test_predict_all_answers_with_every_adapter(server, model):
 def test_adapters_are_added_and_removed_at_run_time(server, dirs, model):
     url, app = server
     _, adapters = dirs
-    with httpx.Client(base_url=url, timeout=30) as c:
+    # The served adapters' parent folder is the default adapter root; a relative path is taken from it.
+    assert app.state.adapter_roots == (str(Path(adapters["prefix_a"]).resolve().parent),)
+    with httpx.Client(base_url=url, timeout=30, headers=AUTH) as c:
         assert c.post("/predict", json={"adapter": "late", "inputs": ["a film"]}).status_code == 404
-        r = c.post("/adapters", json={"name": "late", "path": adapters["prompt_cls"]})
+        r = c.post("/adapters", json={"name": "late", "path": "prompt_cls"})
         assert r.status_code == 201, r.text
         assert r.json()["method"] == "prompt" and r.json()["label_names"] == ["a", "b", "c"]
         assert "late" in [a["name"] for a in c.get("/adapters").json()["adapters"]]
@@ -140,24 +122,13 @@ def test_adapters_are_added_and_removed_at_run_time(server, dirs, model):
         assert r.json()["predictions"][0]["score"] == pytest.approx(
             model.predict(["the plot was good"], "late")[0]["score"], abs=1e-5)
         assert "late" in c.post("/predict_all", json={"inputs": ["a film"]}).json()["predictions"]
-        r = c.post("/adapters", json={"name": "late", "path": adapters["prompt_cls"]})
+        r = c.post("/adapters", json={"name": "late", "path": adapters["prompt_cls"]})  # absolute, inside the root
         assert r.status_code == 409 and "already loaded" in r.json()["detail"]
         assert c.delete("/adapters/late").json() == {"removed": "late"}
         assert c.post("/predict", json={"adapter": "late", "inputs": ["a film"]}).status_code == 404
         assert c.delete("/adapters/late").status_code == 404
-        r = c.post("/adapters", json={"name": "broken", "path": "/nonexistent/folder"})
-        assert r.status_code == 400 and "adapter_config.json is missing" in r.json()["detail"]
-        # Restrictions: a root folder for loadable adapters, and admin endpoints switched off.
-        cfg = app.state.config
-        cfg.adapter_root = "/nonexistent"
-        r = c.post("/adapters", json={"name": "late", "path": adapters["prompt_cls"]})
-        assert r.status_code == 403 and "adapter root" in r.json()["detail"]
-        cfg.adapter_root, cfg.allow_admin = None, False
-        try:
-            assert c.post("/adapters", json={"name": "late", "path": adapters["prompt_cls"]}).status_code == 403
-            assert c.delete("/adapters/prefix_a").status_code == 403
-        finally:
-            cfg.allow_admin = True
+        r = c.post("/adapters", json={"name": "broken", "path": "no-such-folder"})
+        assert r.status_code == 400 and "does not exist under the adapter root" in r.json()["detail"]
     assert model.adapter_names == SERVED
 
 
@@ -189,39 +160,42 @@ def test_other_bad_calls(server):
     url, _ = server
     assert httpx.get(f"{url}/predict").status_code == 405
     assert httpx.get(f"{url}/nothing").status_code == 404
-    r = httpx.post(f"{url}/adapters", json={"name": "../x", "path": "/tmp"})
+    r = httpx.post(f"{url}/adapters", json={"name": "../x", "path": "/tmp"}, headers=AUTH)
     assert r.status_code == 422 and "pattern" in r.text
-    r = httpx.post(f"{url}/adapters", json={"name": "x", "path": "/tmp/\u0000"})
+    r = httpx.post(f"{url}/adapters", json={"name": "x", "path": "/tmp/\u0000"}, headers=AUTH)
     assert r.status_code == 400 and "NUL" in r.json()["detail"]
 
 
 def test_health_answers_while_the_model_computes(server):
-    """The model runs in its own thread: /health must not wait for a slow batch."""
+    """The model runs in its own thread: /health answers while a batch is held inside the model (event-based: the
+    model blocks until the test has its /health answer, so no timing is involved)."""
     url, app = server
     batcher = app.state.batcher
     real = batcher.model
+    inside, release = threading.Event(), threading.Event()
 
-    class Slow:
+    class Blocked:
         def __contains__(self, name):
             return name in real
 
         def predict(self, *args):
-            time.sleep(1.0)
+            inside.set()
+            release.wait(timeout=60)
             return real.predict(*args)
 
-    batcher.model = Slow()
+    batcher.model = Blocked()
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "apt", "inputs": ["good"]},
-                                  timeout=30)
-            time.sleep(0.2)
-            start = time.perf_counter()
-            r = httpx.get(f"{url}/health", timeout=30)
-            elapsed = time.perf_counter() - start
+                                  timeout=60)
+            assert inside.wait(timeout=60)
+            r = httpx.get(f"{url}/health", timeout=30)  # would time out if the event loop waited for the model
             assert r.status_code == 200 and r.json()["status"] == "ok"
-            assert elapsed < 0.5, elapsed
+            assert not pending.done()  # the batch is still inside the model
+            release.set()
             assert pending.result().status_code == 200
     finally:
+        release.set()
         batcher.model = real
 
 
@@ -245,7 +219,8 @@ def test_schemathesis_finds_no_server_error(dirs):
     base, adapters = dirs
     # A server of its own: generated DELETE/POST calls must not disturb the other tests' adapters.
     fuzz_model = MultiAdapterModel(base, {"prefix_a": adapters["prefix_a"], "prompt_front": adapters["prompt_front"]})
-    app = create_app(fuzz_model, ServeConfig(max_batch_size=16, max_wait_ms=0, adapter_root=str(base), **LIMITS))
+    app = create_app(fuzz_model, ServeConfig(max_batch_size=16, max_wait_ms=0, adapter_roots=(str(base),),
+                                             admin_token=TOKEN, **LIMITS))
     calls, statuses, unsatisfiable = [0], set(), []
     with ServerThread(app) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
@@ -257,7 +232,8 @@ def test_schemathesis_finds_no_server_error(dirs):
                 @settings(max_examples=25, deadline=None, derandomize=True, database=None,
                           suppress_health_check=list(HealthCheck))
                 def run(case):
-                    response = case.call(base_url=url, timeout=30)
+                    # With the token: the admin endpoints get past the gate and their bodies are fuzzed too.
+                    response = case.call(base_url=url, timeout=30, headers=AUTH)
                     calls[0] += 1
                     statuses.add(response.status_code)
                     case.validate_response(response, checks=[not_a_server_error])
@@ -273,12 +249,8 @@ def test_schemathesis_finds_no_server_error(dirs):
 
 
 def test_cli_serves_named_adapters(dirs, tmp_path):
-    """``softprompt serve`` end to end in a subprocess: flags parsed, adapters loaded, HTTP answered."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
+    """``softprompt serve`` end to end in a subprocess: flags parsed, adapters loaded, HTTP answered, admin off by
+    default. The server binds port 0 and prints the port it got."""
     from softprompt.serve.cli import parse_adapter_specs
 
     assert parse_adapter_specs(["a=/x", "b = /y"]) == {"a": "/x", "b": "/y"}
@@ -286,31 +258,13 @@ def test_cli_serves_named_adapters(dirs, tmp_path):
         with pytest.raises(SystemExit, match="NAME=DIR|twice"):
             parse_adapter_specs(bad)
     base, adapters = dirs
-    with socket.socket() as s:  # a free port for the child (it cannot report port 0's choice back)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "softprompt", "serve", "--model", base, "--adapter", f"pos={adapters['prefix_a']}",
-           "--adapter", f"prompt={adapters['prompt_front']}", "--port", str(port), "--max-batch-size", "8",
-           "--max-wait-ms", "1", "--max-inputs", "4", "--no-admin", "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).json()["adapters"] == 2:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log = proc.stdout.read() if proc.poll() is not None else ""
-                raise AssertionError(f"server did not come up:\n{log}")
-            time.sleep(0.2)
+    args = ["--model", base, "--adapter", f"pos={adapters['prefix_a']}", "--adapter",
+            f"prompt={adapters['prompt_front']}", "--max-batch-size", "8", "--max-wait-ms", "1", "--max-inputs", "4"]
+    with ServeProcess(args, tmp_path) as url:
+        assert httpx.get(f"{url}/health", timeout=30).json()["adapters"] == 2
         r = httpx.post(f"{url}/predict", json={"adapter": "pos", "inputs": ["the film was good"]}, timeout=30)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("neg", "pos")
         assert httpx.post(f"{url}/predict", json={"adapter": "pos", "inputs": ["a"] * 5}).status_code == 422
-        assert httpx.delete(f"{url}/adapters/pos").status_code == 403  # --no-admin
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        r = httpx.delete(f"{url}/adapters/pos")  # no admin flag: off
+        assert r.status_code == 403 and "--admin-token" in r.json()["detail"]
+        assert [a["name"] for a in httpx.get(f"{url}/adapters").json()["adapters"]] == ["pos", "prompt"]

@@ -16,12 +16,14 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import SoftPromptError
 from ..multi import MultiAdapterModel, UnknownAdapterError
+from .errors import TooLargeError
 
 
 class OverloadedError(SoftPromptError):
@@ -112,6 +114,9 @@ class DynamicBatcher:
         """Queue rows (row i: ``texts[i]`` under ``adapters[i]``) and wait for their predictions, in order."""
         if self._queue is None:
             raise RuntimeError("DynamicBatcher.start() has not been awaited")
+        if len(texts) > self.max_queue_rows:  # "retry later" would never help: the queue cannot ever hold it
+            raise TooLargeError(f"this request makes {len(texts)} rows, more than the queue ever holds "
+                                f"({self.max_queue_rows}, --max-queue-rows); split it into smaller requests")
         if self._queue.qsize() + len(texts) > self.max_queue_rows:
             raise OverloadedError(f"{self._queue.qsize()} rows are queued (limit {self.max_queue_rows}); retry later")
         loop = asyncio.get_running_loop()
@@ -165,7 +170,7 @@ class DynamicBatcher:
                 continue
             try:
                 results = await loop.run_in_executor(self._executor, self._run, batch)
-            except Exception as exc:  # _run handles row errors itself; this is a last resort
+            except Exception as exc:  # noqa: BLE001 - _run handles row errors itself; this is a last resort
                 results = [exc] * len(batch)
             for row, res in zip(batch, results):
                 if row.future.done():
@@ -214,7 +219,7 @@ class DynamicBatcher:
                                      [batch[i].text_pair for i in rows])
             for i, res in zip(rows, out):
                 results[i] = res
-        except Exception:
+        except Exception:  # noqa: BLE001 - any error of a batch is retried in parts (failure isolation)
             if len({batch[i].request for i in rows}) == 1:
                 # One request only: retry row by row so the error names the row that caused it.
                 for i in rows:

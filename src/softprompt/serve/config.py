@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# The environment variable the CLI reads the admin token from (a flag value shows in `ps` and shell history).
+ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
+MIN_TOKEN_CHARS = 16
 
 
 @dataclass
@@ -17,9 +21,21 @@ class ServeConfig:
     max_inputs: most texts per request. max_text_chars: longest text, in characters (tokens are truncated to each
         adapter's ``max_length`` anyway; this bounds tokenizer work and memory per request).
     max_body_bytes: largest request body; larger ones get 413 before anything is parsed.
-    max_queue_rows: rows waiting at most; beyond it requests get 503 (back-pressure instead of unbounded memory).
-    allow_admin: serve ``POST /adapters`` and ``DELETE /adapters/{name}`` (runtime add/remove).
-    adapter_root: if set, ``POST /adapters`` loads only folders inside it (paths are resolved first).
+    body_timeout_s: the whole request body must arrive within this many seconds of the request head (else 408), so
+        a client that trickles its body cannot hold a connection and its buffer open.
+    max_queue_rows: rows waiting at most; beyond it requests get 503 (back-pressure instead of unbounded memory). A
+        request that alone makes more rows gets 413: it could never be queued.
+    admin_token: bearer token that enables ``POST /adapters`` and ``DELETE /adapters/{name}`` (compared in constant
+        time). allow_admin_without_auth: enable them without a token (the CLI allows it on a loopback host only).
+        With neither, both endpoints answer 403.
+    adapter_roots: folders ``POST /adapters`` may load from (a relative path is resolved against them; symlinks that
+        leave them are refused). None: the parent folders of the adapters the model holds when the app is created;
+        an empty tuple: no folder is loadable.
+    max_adapters: most adapters loaded at once (``POST /adapters`` beyond it gets 409).
+    max_adapter_bytes: largest adapter, both the tensors in its safetensors file (read from the header) and the
+        modules its ``adapter_config.json`` would build (sized without allocating); checked before loading.
+    max_virtual_tokens: most virtual tokens (prompt or prefix length) of an adapter loaded at run time; the model's
+        position limit applies too.
     """
 
     max_batch_size: int = 32
@@ -28,15 +44,40 @@ class ServeConfig:
     max_inputs: int = 64
     max_text_chars: int = 2000
     max_body_bytes: int = 1_000_000
+    body_timeout_s: float = 10.0
     max_queue_rows: int = 4096
-    allow_admin: bool = True
-    adapter_root: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # repr=False: a logged config must not leak it
+    allow_admin_without_auth: bool = False
+    adapter_roots: tuple[str, ...] | None = None
+    max_adapters: int = 64
+    max_adapter_bytes: int = 256 * 2**20
+    max_virtual_tokens: int = 1024
 
     def __post_init__(self) -> None:
         from ..errors import ConfigError
 
-        for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "max_queue_rows"):
+        for name in ("max_batch_size", "max_inputs", "max_text_chars", "max_body_bytes", "max_queue_rows",
+                     "max_adapters", "max_adapter_bytes", "max_virtual_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if not self.body_timeout_s > 0:
+            raise ConfigError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
+        if self.admin_token is not None:
+            token = self.admin_token
+            # Visible ASCII only: it travels in an HTTP header, where other characters do not survive intact.
+            if len(token) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in token):
+                raise ConfigError(
+                    f"the admin token must be at least {MIN_TOKEN_CHARS} visible ASCII characters (no spaces); "
+                    "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        if isinstance(self.adapter_roots, str):  # one folder given as a plain string
+            self.adapter_roots = (self.adapter_roots,)
+        elif self.adapter_roots is not None:
+            self.adapter_roots = tuple(str(r) for r in self.adapter_roots)
+
+    @property
+    def admin_enabled(self) -> bool:
+        """Whether ``POST /adapters`` and ``DELETE /adapters/{name}`` do anything (else they answer 403)."""
+        return self.admin_token is not None or self.allow_admin_without_auth

@@ -10,6 +10,9 @@ Subcommands
 ``export --state DIR --out DIR``    results JSON + markdown + a small tar of logs.
 ``report --results JSON [--out MD]`` markdown from a results JSON (benchmarks/results/dnd.md).
 ``plan --state DIR``                the stages, which are done, and the time estimates.
+``cloze --state DIR --model M``     issue 21, cloze format: base scores, the zoo gate per config, cross-dataset LoRA
+                                    scores (``softprompt.dnd.study``); ``--export`` writes dnd_cloze_stages.json.
+``cloze-report --stages JSON``      benchmarks/results/dnd_cloze.json and dnd.md from exported stage results.
 
 Stages, in order (each persisted as ``state/stages/<name>.json`` when complete; an interrupted stage is redone):
 
@@ -969,6 +972,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloze(args: argparse.Namespace) -> int:
+    """Run the cloze study's pending stages (``softprompt.dnd.study``), exporting after every stage."""
+    import torch
+
+    from softprompt.dnd.study import Study
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    state = Path(args.state)
+    state.mkdir(parents=True, exist_ok=True)
+    study = Study(state, args.model, configs=args.configs.split(";"), n_eval=args.n_eval,
+                  batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state))
+    if args.restore:
+        log(f"restored {study.restore(args.restore)}", state)
+    info = {**env_info(), "command": " ".join(["python benchmarks/dnd_bench.py", *args.argv]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with open(state / "invocations.jsonl", "a") as f:
+        f.write(json.dumps(info) + "\n")
+    status = "failed"
+    try:
+        status = study.run(args.time_budget - (time.time() - T_START) if args.time_budget else 1e9)
+    finally:
+        if args.export:
+            study.export(args.export)
+            shutil.copy(state / "invocations.jsonl", Path(args.export) / "dnd_cloze_invocations.jsonl")
+        print(f"STATUS: {status}", flush=True)
+    return 0
+
+
+def cmd_cloze_report(args: argparse.Namespace) -> int:
+    """dnd_cloze.json + dnd.md from exported stage results and the invocation record of the run."""
+    from softprompt.dnd.report import build_results, render
+
+    stages = json.loads(Path(args.stages).read_text())
+    inv = [json.loads(x) for x in Path(args.invocations).read_text().splitlines() if x.strip()]
+    last = inv[-1]
+    versions = {k: last[k] for k in ("torch", "transformers", "peft", "python")}
+    res = build_results(stages, args.config, args.measure, device=last["device"], versions=versions,
+                        date=last["date"], command=" ; ".join(i["command"] for i in inv))
+    Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    Path(args.md).write_text(render(res))
+    print(f"wrote {args.json} and {args.md}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -998,8 +1045,30 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="stages, state and estimates")
     p.add_argument("--state", required=True)
     p.add_argument("--priors")
+    p = sub.add_parser("cloze", help="issue 21: cloze base scores, zoo gate, cross-dataset LoRA scores")
+    p.add_argument("--state", required=True)
+    p.add_argument("--model", required=True, help="HF folder or alias of the base model")
+    p.add_argument("--configs", default="r8,lr2e-4,steps250,ckpt50",
+                   help="';'-separated zoo configs (softprompt.dnd.study.parse_config)")
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--time-budget", type=float)
+    p.add_argument("--export")
+    p.add_argument("--restore", help="dnd_cloze_stages.json of an earlier run (state lost)")
+    p.add_argument("--device")
+    p = sub.add_parser("cloze-report", help="dnd_cloze.json + dnd.md from exported cloze stages")
+    p.add_argument("--stages", required=True)
+    p.add_argument("--invocations", required=True)
+    p.add_argument("--config", required=True, help="zoo config name, e.g. r8_lr2e-4_steps250_ckpt50")
+    p.add_argument("--measure", default="acc_norm", choices=("acc", "acc_norm"))
+    p.add_argument("--json", default="benchmarks/results/dnd_cloze.json")
+    p.add_argument("--md", default="benchmarks/results/dnd.md")
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.cmd == "cloze":
+        return cmd_cloze(args)
+    if args.cmd == "cloze-report":
+        return cmd_cloze_report(args)
     if args.cmd == "convert":
         convert(Path(args.gguf), Path(args.out))
         return 0

@@ -1,0 +1,125 @@
+"""Results of the cloze study: paired bootstrap intervals, ``dnd_cloze.json`` (issue 21 schema) and its markdown.
+
+``build_results(stages, ...)`` turns the stage JSONs of :mod:`.study` (and, when present, DnD stages with the same
+per-example layout) into the machine-readable file; ``render(results)`` writes ``dnd.md`` from that file alone, so
+the markdown never holds a number the JSON lacks. All accuracies are in percent.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .templates import DATASETS
+
+
+def paired_bootstrap(a: Sequence[int], b: Sequence[int], n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> list[float]:
+    """Percentile interval (in points) of mean(a) − mean(b) over examples, resampling examples with replacement
+    (the same indices for both, since a and b score the same examples)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired bootstrap needs two equal, non-empty lists (got {len(a)} and {len(b)})")
+    n = len(a)
+    diff = [x - y for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    stats = sorted(sum(diff[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    lo = stats[int((1 - level) / 2 * n_boot)]
+    hi = stats[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return [round(100 * lo, 2), round(100 * hi, 2)]
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100 * x, 2)
+
+
+def build_results(stages: Mapping[str, Any], config: str, measure: str = "acc_norm", *,
+                  device: str, versions: Mapping[str, str], date: str, command: str,
+                  datasets: Sequence[str] = DATASETS) -> dict[str, Any]:
+    """The ``dnd_cloze.json`` object from the stage results of one zoo config (see the issue's schema).
+
+    Fields not measured yet (the DnD rows before the generator stages) are ``None``; ``zoo_gate`` summarises
+    own LoRA − base on the evaluation subsets."""
+    key = "correct_norm" if measure == "acc_norm" else "correct"
+    base = stages.get("base", {}).get("datasets", {})
+    cross = stages.get(f"cross:{config}", {}).get("lora_on", {})
+    out: dict[str, Any] = {}
+    gains = []
+    for d in datasets:
+        b = base.get(d, {}).get("test")
+        z = stages.get(f"zoo:{config}:{d}")
+        row: dict[str, Any] = {"chance": _pct(b["chance"]) if b else None, "majority": _pct(b["majority"]) if b
+                               else None, "n": b["n"] if b else None, "base": _pct(b[measure]) if b else None,
+                               "base_other_measure": _pct(b["acc" if measure == "acc_norm" else "acc_norm"])
+                               if b else None}
+        if z:
+            row["own_lora"] = _pct(z["test"][measure])
+            row["own_lora_dev"], row["base_dev"] = _pct(z["dev"][measure]), _pct(base[d]["dev"][measure])
+            row["ci_own_minus_base"] = paired_bootstrap(z["test"][key], b[key])
+            gains.append(row["own_lora"] - row["base"])
+        others = {s: cross[s][d] for s in cross if d in cross[s]}
+        if others:
+            accs = {s: 100 * r[measure] for s, r in others.items()}
+            best = max(accs, key=accs.__getitem__)
+            row["train_lora_mean"] = round(statistics.mean(accs.values()), 2)
+            row["train_lora_best"] = {"dataset": best, "acc": round(accs[best], 2)}
+        for k in ("train_lora_mean", "train_lora_best", "own_lora", "dnd_mean", "dnd_sd", "ci_dnd_minus_train_mean",
+                  "ci_dnd_minus_base", "nearest_lora", "generate_seconds", "in_distribution_recovery"):
+            row.setdefault(k, None)
+        out[d] = row
+    gate = None
+    if gains:
+        gate = {"mean_gain": round(statistics.mean(gains), 2), "datasets_gaining_3": sum(g >= 3 for g in gains),
+                "n_datasets": len(gains), "passes": statistics.mean(gains) >= 3 and sum(g >= 3 for g in gains) >= 5}
+    return {"device": device, "versions": dict(versions), "date": date, "command": command, "measure": measure,
+            "zoo_config": config, "zoo_gate": gate, "datasets": out}
+
+
+def _f(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, list):
+        return f"[{x[0]:+.1f}, {x[1]:+.1f}]"
+    if isinstance(x, dict):
+        return f"{x['acc']:.1f} ({x['dataset'].split('/')[-1]})"
+    return f"{x:.1f}" if isinstance(x, float) else str(x)
+
+
+def render(res: Mapping[str, Any]) -> str:
+    """Markdown report of a ``dnd_cloze.json`` object."""
+    m = res["measure"]
+    lines = [f"# Drag-and-Drop on SmolLM2-135M-Instruct: cloze scoring ({m})", "",
+             f"Generated from `benchmarks/results/dnd_cloze.json` by `python benchmarks/dnd_bench.py cloze-report`. "
+             f"Device: {res['device']}; date: {res['date']}; versions: "
+             + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
+             f"Command: `{res['command']}`", "",
+             (f"Zoo config `{res['zoo_config']}`. Accuracies in percent on each dataset's evaluation subset "
+             "(sha256-ranked ≤500 examples of the DnD test part); intervals are 95% paired bootstrap intervals "
+             "over examples (2,000 resamples). `other` is the other measure (acc when the table is acc_norm)."), "",
+             ("| dataset | n | chance | majority | base | base (other) | own LoRA | own − base 95% CI | base dev | "
+             "own dev | train-LoRA mean | best train LoRA | DnD mean ± sd | DnD − train mean | DnD − base |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d, r in res["datasets"].items():
+        dnd = "–" if r["dnd_mean"] is None else f"{r['dnd_mean']:.1f} ± {r['dnd_sd']:.1f}"
+        lines.append(f"| {d.split('/')[-1]} | {_f(r['n'])} | {_f(r['chance'])} | {_f(r['majority'])} | "
+                     f"{_f(r['base'])} | {_f(r['base_other_measure'])} | {_f(r['own_lora'])} | "
+                     f"{_f(r.get('ci_own_minus_base'))} | {_f(r.get('base_dev'))} | {_f(r.get('own_lora_dev'))} | "
+                     f"{_f(r['train_lora_mean'])} | {_f(r['train_lora_best'])} | {dnd} | "
+                     f"{_f(r['ci_dnd_minus_train_mean'])} | {_f(r['ci_dnd_minus_base'])} |")
+    lines.append("")
+    above = [d.split("/")[-1] for d, r in res["datasets"].items() if r["base"] is not None and r["chance"] is not None
+             and r["base"] > r["chance"]]
+    below = [d.split("/")[-1] for d, r in res["datasets"].items() if r["base"] is not None and r["chance"] is not None
+             and r["base"] <= r["chance"]]
+    lines.append(f"Base above chance ({m}) on {len(above)} of {len(above) + len(below)} datasets"
+                 + (f"; not above chance: {', '.join(below)}." if below else "."))
+    g = res.get("zoo_gate")
+    if g:
+        verdict = "passes" if g["passes"] else "fails"
+        lines.append(f"Zoo gate (own LoRA ≥ base + 3 on average and on ≥5 of 7): mean gain {g['mean_gain']:+.1f} "
+                     f"points, {g['datasets_gaining_3']} of {g['n_datasets']} datasets gain ≥3: the gate {verdict}.")
+    if all(r["dnd_mean"] is None for r in res["datasets"].values()):
+        lines.append("No DnD generator has been run on this zoo yet (see `docs/dnd_gpu.md` for the next stages); "
+                     "the DnD columns are empty, not zero.")
+    return "\n".join(lines) + "\n"

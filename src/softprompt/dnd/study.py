@@ -1,0 +1,205 @@
+"""Resumable cloze study on one GPU: base model, zoo gate and cross-dataset LoRA scores (issue 21, steps 1-2).
+
+A *state* folder holds one JSON per finished stage (``stages/<name>.json``) plus the zoo weights. Stages:
+
+* ``base``: the base model's cloze scores on every dataset's evaluation subset (per-example 0/1 kept);
+* ``zoo:<cfg>:<dataset>``: one dataset's LoRA zoo under config ``cfg`` (its own folder
+  ``zoo_<cfg>/<dataset dir>``; same init seed everywhere, so all folders share one init), then its final
+  checkpoint scored on the dataset's dev part (for tuning) and on its evaluation subset;
+* ``cross:<cfg>``: every final LoRA of ``cfg`` scored on every other dataset's evaluation subset (the
+  training-LoRA mean / best of leave-one-out).
+
+A stage starts only if its estimate (the longest finished stage of its kind, else a prior) fits in the time budget,
+so a 10-minute device call stops cleanly; a rerun skips finished stages. Stage JSONs are small: they travel back in
+``$OUT`` and can be restored into a fresh state with ``restore`` (the zoo weights of a lost state are then rebuilt
+by rerunning the zoo stages, which are removed from the restored set when their weights are missing).
+
+Evaluation subset: the sha256-ranked first ``n_eval`` records of the DnD ``test`` part (key
+``<dataset>|dnd-eval``, seed 0), all of them when fewer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .cloze import evaluate_cloze
+from .harness import _rank, dnd_records
+from .templates import DATASETS
+from .zoo import build_zoo, dataset_dirname
+
+PRIORS = {"base": 60.0, "zoo": 90.0, "cross": 120.0}
+
+
+def eval_records(dataset: str, n_eval: int = 500) -> list[dict[str, Any]]:
+    """The evaluation subset of ``dataset``: sha256-ranked first ``n_eval`` records of its DnD test part."""
+    recs = dnd_records(dataset, "test")
+    keep = sorted(_rank(f"{dataset}|dnd-eval", 0, len(recs))[:n_eval])
+    return [recs[i] for i in keep]
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """``"r8,lr2e-4,steps250,ckpt50,every1"`` -> zoo options; the text (commas -> '_') names the config."""
+    keys = {"r": ("rank", int), "lr": ("lr", float), "steps": ("steps", int), "ckpt": ("checkpoints", int),
+            "every": ("checkpoint_every", int), "bs": ("batch_size", int), "min": ("min_lr_ratio", float)}
+    cfg: dict[str, Any] = {"rank": 8, "lr": 2e-4, "steps": 250, "checkpoints": 50, "checkpoint_every": 1,
+                           "batch_size": 32, "min_lr_ratio": 0.1}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key = next((k for k in sorted(keys, key=len, reverse=True) if part.startswith(k)), None)
+        if key is None:
+            raise ValueError(f"config part {part!r}: use r, lr, steps, ckpt, every, bs, min (e.g. r8,lr2e-4)")
+        name, typ = keys[key]
+        cfg[name] = typ(part[len(key):])
+    if cfg["steps"] < cfg["checkpoints"] * cfg["checkpoint_every"]:
+        raise ValueError(f"{text}: steps < ckpt × every")
+    cfg["name"] = text.replace(",", "_")
+    return cfg
+
+
+class Study:
+    """Runs the stages of one state folder (see the module docstring)."""
+
+    def __init__(self, state: str | Path, model: str, datasets: Sequence[str] = DATASETS,
+                 configs: Sequence[str] = ("r8,lr2e-4,steps250,ckpt50",), n_eval: int = 500,
+                 n_dev: int = 500, batch_size: int = 64, device: str | None = None, log: Callable[[str], None] = print) -> None:
+        self.state = Path(state)
+        (self.state / "stages").mkdir(parents=True, exist_ok=True)
+        self.model_path, self.datasets, self.n_eval, self.n_dev = model, list(datasets), n_eval, n_dev
+        self.configs = [parse_config(c) for c in configs]
+        self.batch_size, self.device, self.log = batch_size, device, log
+        self._recs: dict[str, list] = {}
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def stages(self) -> list[str]:
+        """All stage names in run order."""
+        out = ["base"]
+        for c in self.configs:  # a config's cross stage right after its zoo: the first config completes first
+            out += [f"zoo:{c['name']}:{d}" for d in self.datasets] + [f"cross:{c['name']}"]
+        return out
+
+    def path(self, stage: str) -> Path:
+        return self.state / "stages" / (stage.replace(":", "__").replace("/", "__") + ".json")
+
+    def done(self, stage: str) -> bool:
+        return self.path(stage).exists()
+
+    def result(self, stage: str) -> dict[str, Any]:
+        return json.loads(self.path(stage).read_text())
+
+    def estimate(self, stage: str) -> float:
+        kind = stage.split(":")[0]
+        seen = [self.result(s)["seconds"] for s in self.stages() if s.startswith(kind) and self.done(s)]
+        return max(seen) if seen else PRIORS[kind]
+
+    def records(self, dataset: str) -> list[dict[str, Any]]:
+        if dataset not in self._recs:
+            self._recs[dataset] = eval_records(dataset, self.n_eval)
+        return self._recs[dataset]
+
+    def _load(self, adapter: str | None = None) -> tuple[Any, Any]:
+        from .harness import load_model
+
+        return load_model(self.model_path, adapter, self.device)
+
+    def _score(self, model: Any, tok: Any, dataset: str, records: list | None = None) -> dict[str, Any]:
+        r = evaluate_cloze(model, tok, dataset, records=records if records is not None else self.records(dataset),
+                           batch_size=self.batch_size, return_details=True)
+        r.pop("scores")
+        return r
+
+    # --------------------------------------------------------------------------------------------- stages
+    def run_base(self) -> dict[str, Any]:
+        model, tok = self._load()
+        return {"datasets": {d: {"test": self._score(model, tok, d),
+                                 "dev": self._score(model, tok, d, dnd_records(d, "dev")[:self.n_dev])}
+                             for d in self.datasets}}
+
+    def zoo_dir(self, cfg: dict[str, Any], dataset: str) -> Path:
+        return self.state / f"zoo_{cfg['name']}" / dataset_dirname(dataset)
+
+    def run_zoo(self, cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+        import torch
+
+        model, tok = self._load()
+        out = self.zoo_dir(cfg, dataset)
+        if out.exists():
+            shutil.rmtree(out)  # a stage interrupted mid-way leaves partial checkpoints
+        warm = cfg["steps"] - cfg["checkpoints"] * cfg["checkpoint_every"]
+        man = build_zoo(self.model_path, [dataset], rank=cfg["rank"], warmup_steps=warm,
+                        checkpoints=cfg["checkpoints"], out=out, lr=cfg["lr"], batch_size=cfg["batch_size"],
+                        checkpoint_every=cfg["checkpoint_every"], min_lr_ratio=cfg["min_lr_ratio"],
+                        dev_limit=0, model=model, tokenizer=tok, progress=False, device=self.device)
+        final = man["checkpoints"][-1]
+        del model
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        pm, tok = self._load(str(out / final["path"]))
+        return {"final": final, "train_seconds": man["datasets"][dataset]["train_seconds"],
+                "losses": [c["train_loss"] for c in man["checkpoints"]],
+                "dev": self._score(pm, tok, dataset, dnd_records(dataset, "dev")[:self.n_dev]),
+                "test": self._score(pm, tok, dataset)}
+
+    def run_cross(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for src in self.datasets:
+            z = self.result(f"zoo:{cfg['name']}:{src}")
+            pm, tok = self._load(str(self.zoo_dir(cfg, src) / z["final"]["path"]))
+            out[src] = {d: self._score(pm, tok, d) for d in self.datasets if d != src}
+        return {"lora_on": out}
+
+    def run(self, time_budget: float = 540.0, export: str | Path | None = None,
+            t0: float | None = None) -> str:
+        """Run the pending stages that fit; returns ``complete`` or ``stopped before <stage>``."""
+        t0 = time.time() if t0 is None else t0
+        cfgs = {c["name"]: c for c in self.configs}
+        for stage in self.stages():
+            if self.done(stage):
+                continue
+            left = time_budget - (time.time() - t0)
+            need = 1.15 * self.estimate(stage) + 10
+            if need > left:
+                self.log(f"stop before {stage}: needs ~{need:.0f} s, {left:.0f} s left")
+                return f"stopped before {stage}"
+            self.log(f"stage {stage} (estimate {self.estimate(stage):.0f} s)")
+            s0 = time.time()
+            kind, *rest = stage.split(":")
+            if kind == "base":
+                res = self.run_base()
+            elif kind == "zoo":
+                res = self.run_zoo(cfgs[rest[0]], rest[1])
+            else:
+                res = self.run_cross(cfgs[rest[0]])
+            res["seconds"] = round(time.time() - s0, 2)
+            self.path(stage).write_text(json.dumps(res) + "\n")
+            self.log(f"done {stage} in {res['seconds']:.1f} s")
+            if export:
+                self.export(export)
+        return "complete"
+
+    def export(self, out: str | Path) -> Path:
+        """Every finished stage JSON in one file ``out/dnd_cloze_stages.json`` (small; no weights)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        data = {s: self.result(s) for s in self.stages() if self.done(s)}
+        (out / "dnd_cloze_stages.json").write_text(json.dumps(data) + "\n")
+        return out / "dnd_cloze_stages.json"
+
+    def restore(self, stages_file: str | Path) -> list[str]:
+        """Bring exported stage JSONs into this state; zoo stages whose weights are absent are skipped (rerun)."""
+        data = json.loads(Path(stages_file).read_text())
+        cfgs = {c["name"]: c for c in self.configs}
+        kept = []
+        for stage, res in data.items():
+            kind, *rest = stage.split(":")
+            if kind == "zoo" and (rest[0] not in cfgs or not (self.zoo_dir(cfgs[rest[0]], rest[1])
+                                                                / res["final"]["path"]).exists()):
+                continue
+            if kind == "cross":
+                continue  # meaningful only with its zoo weights; cheap to redo
+            if not self.done(stage):
+                self.path(stage).write_text(json.dumps(res) + "\n")
+                kept.append(stage)
+        return kept

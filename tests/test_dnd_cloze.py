@@ -1,0 +1,141 @@
+"""DnD cloze scoring (issue 21): exact log-likelihoods, acc_norm per byte, templates, the cloze zoo, WinoGrande split,
+bootstrap intervals and the resumable study + report on a tiny random Llama saved as a model folder."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny
+from test_dnd_harness import _tok
+
+from softprompt.dnd import cloze as C
+from softprompt.dnd.harness import dnd_records
+from softprompt.dnd.report import build_results, paired_bootstrap, render
+from softprompt.dnd.zoo import build_zoo, lr_factor
+
+ARC = {"text": "which is the sky", "choices": ["blue", "red green", "sky is blue and green"], "label": 0}
+BOOLQ = {"text": "the sky is blue", "text_pair": "is the sky blue", "label": 1}
+WINO = {"text": "the sky is _ and green .", "choices": ["blue", "red"], "label": 0}
+
+
+def test_templates_and_conditions():
+    a = C.cloze_example("arc_easy", ARC)
+    assert a.contexts == ("Question: which is the sky\nAnswer:",) * 3
+    assert a.continuations == (" blue", " red green", " sky is blue and green") and a.gold == 0
+    b = C.cloze_example("boolq", BOOLQ)
+    assert b.contexts[0] == "the sky is blue\nQuestion: is the sky blue?\nAnswer:" and b.continuations == (" no", " yes")
+    assert b.continuations[b.gold] == " yes"
+    w = C.cloze_example("winogrande", WINO)  # partial scoring: the option sits in the context
+    assert w.contexts == ("the sky is blue", "the sky is red") and w.continuations == (" and green .",) * 2
+    h = C.cloze_example("hellaswag", {"text": "A man [title] runs  fast", "choices": ["away [step] now"], "label": 0})
+    assert h.contexts == ("A man. runs fast",) and h.continuations == (" away now",)
+    assert C.condition_text("boolq", BOOLQ) == "is the sky blue?\nthe sky is blue"  # question first
+    assert C.condition_text("arc_easy", ARC) == "which is the sky\nblue\nred green\nsky is blue and green"
+
+
+def test_cloze_loglik_equals_full_forward_sum():
+    tok, model = _tok(chat=False), tiny("llama").eval()
+    items = [C.cloze_example("arc_easy", ARC), C.cloze_example("boolq", BOOLQ), C.cloze_example("winogrande", WINO)]
+    pairs = [p for it in items for p in C.encode_cloze(tok, it)]
+    got = C.continuation_logliks(model, tok, pairs, batch_size=3)  # mixed lengths share batches: padding exercised
+    with torch.no_grad():
+        for (ctx, cont), s in zip(pairs, got):
+            lp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+            hand = sum(float(lp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
+            assert s == pytest.approx(hand, abs=1e-4)
+    res = C.score_items(model, tok, items, batch_size=2, return_details=True)
+    flat = iter(got)
+    for it, sc, ok, okn in zip(items, res["scores"], res["correct"], res["correct_norm"]):
+        want = [next(flat) for _ in it.continuations]
+        assert sc == pytest.approx(want)
+        assert ok == int(max(range(len(want)), key=want.__getitem__) == it.gold)
+        per_byte = [s / len(c.encode()) for s, c in zip(want, it.continuations)]
+        assert okn == int(max(range(len(want)), key=per_byte.__getitem__) == it.gold)
+    assert res["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3) and res["n"] == 3
+
+
+def test_acc_norm_divides_by_bytes(monkeypatch):
+    # " ab" (3 bytes) scores -3.0, " abcdefgh" (9 bytes) -4.5: acc picks the first, acc_norm (-1.0 vs -0.5) the second
+    monkeypatch.setattr(C, "continuation_logliks", lambda *a, **k: [-3.0, -4.5])
+    item = C.Cloze(("q",) * 2, (" ab", " abcdefgh"), 1)
+    res = C.score_items(None, _tok(chat=False), [item])
+    assert res["acc"] == 0.0 and res["acc_norm"] == 1.0 and res["majority"] == 1.0
+
+
+def test_training_pairs_mask_context():
+    tok = _tok(chat=False)
+    it = C.cloze_example("arc_easy", ARC)
+    (ids, labels), = C.training_pairs(tok, [it], max_length=64)
+    ctx, cont = C.encode_cloze(tok, it)[0]
+    assert ids == ctx + cont and labels == [-100] * len(ctx) + cont
+    (ids, labels), = C.training_pairs(tok, [it], max_length=len(cont) + 2)  # long context: its end is kept
+    assert ids == ctx[-2:] + cont and labels[-len(cont):] == cont
+
+
+def test_lr_factor():
+    assert lr_factor(1, 11) == 1.0 and lr_factor(11, 11) == pytest.approx(0.1)
+    assert lr_factor(6, 11) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
+    assert lr_factor(6, 11, "linear", 0.0) == pytest.approx(0.5) and lr_factor(6, 11, "constant") == 1.0
+
+
+def test_cloze_zoo_decaying_lr_spaced_checkpoints(tmp_path):
+    tok, model = _tok(chat=False), tiny("llama")
+    m = build_zoo("tiny", ["arc_easy", "winogrande"], rank=2, warmup_steps=2, checkpoints=3, checkpoint_every=2,
+                  out=tmp_path / "zoo", lr=1e-2, batch_size=4, max_length=64, train_limit=8, dev_limit=3,
+                  device="cpu", model=model, tokenizer=tok, progress=False)
+    assert m["format"] == "cloze" and len(m["checkpoints"]) == 6
+    for d in ("commonsense/arc_easy", "commonsense/winogrande"):
+        cks = [c for c in m["checkpoints"] if c["dataset"] == d]
+        assert [c["step"] for c in cks] == [4, 6, 8]
+        assert [c["lr"] for c in cks] == pytest.approx([1e-2 * lr_factor(s, 8) for s in (4, 6, 8)])
+        assert all(c["n"] == 3 and c["acc"] in (0, 1 / 3, 2 / 3, 1) for c in cks)
+
+
+def test_winogrande_resplit_keeps_twins_together():
+    parts = {p: dnd_records("winogrande", p) for p in ("zoo", "dev", "test")}
+    assert [len(parts[p]) for p in ("zoo", "dev", "test")] == [685, 63, 519]
+    groups = {p: {str(r["idx"]).rsplit("-", 1)[0] for r in v} for p, v in parts.items()}
+    assert not (groups["zoo"] & groups["test"]) and not (groups["dev"] & groups["test"])
+    assert sum(len(v) for v in parts.values()) == 1267
+
+
+def test_paired_bootstrap():
+    assert paired_bootstrap([1, 0, 1], [1, 0, 1]) == [0.0, 0.0]
+    assert paired_bootstrap([1] * 5, [0] * 5) == [100.0, 100.0]
+    a, b = [1] * 60 + [0] * 40, [1] * 50 + [0] * 50  # a beats b on exactly 10 examples, never loses
+    lo, hi = paired_bootstrap(a, b)
+    assert 0 < lo < 10 < hi < 20
+    with pytest.raises(ValueError, match="equal"):
+        paired_bootstrap([1], [1, 0])
+
+
+def test_study_resumes_and_reports(tmp_path):
+    from softprompt.dnd.study import Study
+
+    folder = tmp_path / "tiny-llama"
+    tiny("llama").save_pretrained(folder)
+    _tok(chat=False).save_pretrained(folder)
+    kw = {"datasets": ["commonsense/arc_easy", "superglue/boolq"], "configs": ["r2,lr1e-2,steps3,ckpt2"],
+          "n_eval": 6, "n_dev": 4, "batch_size": 8, "device": "cpu", "log": lambda m: None}
+    study = Study(tmp_path / "state", str(folder), **kw)
+    assert study.run(time_budget=0) == "stopped before base"  # nothing fits in no time
+    assert study.run() == "complete"
+    stages = json.loads(study.export(tmp_path / "out").read_text())
+    assert list(stages) == study.stages() and len(stages) == 4 and study.stages()[-1].startswith("cross")
+    cfg = "r2_lr1e-2_steps3_ckpt2"
+    z = stages[f"zoo:{cfg}:commonsense/arc_easy"]
+    assert z["final"]["step"] == 3 and len(z["losses"]) == 2 and z["test"]["n"] == 6
+    res = build_results(stages, cfg, device="cpu", versions={"torch": torch.__version__}, date="d", command="c",
+                        datasets=["commonsense/arc_easy", "superglue/boolq"])
+    row = res["datasets"]["commonsense/arc_easy"]
+    assert row["own_lora"] == round(100 * z["test"]["acc_norm"], 2) and row["n"] == 6 and row["chance"] == 25.0
+    other = stages[f"cross:{cfg}"]["lora_on"]["superglue/boolq"]["commonsense/arc_easy"]["acc_norm"]
+    assert row["train_lora_mean"] == round(100 * other, 2) and row["train_lora_best"]["dataset"] == "superglue/boolq"
+    assert row["dnd_mean"] is None and res["zoo_gate"]["n_datasets"] == 2
+    text = render(res)
+    assert "| arc_easy | 6 | 25.0 |" in text and "DnD columns are empty" in text
+    fresh = Study(tmp_path / "state2", str(folder), **kw)
+    assert fresh.restore(tmp_path / "out" / "dnd_cloze_stages.json") == ["base"]  # zoo weights absent: redone
+    assert math.isclose(fresh.result("base")["datasets"]["superglue/boolq"]["test"]["acc"],
+                        stages["base"]["datasets"]["superglue/boolq"]["test"]["acc"])

@@ -82,3 +82,31 @@ def run_serve(args: list[str], env: dict[str, str] | None = None, timeout: float
     cmd = [sys.executable, "-m", "softprompt", "serve", *args]
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
                           check=False)
+
+
+def adapter_names(url: str) -> list[str]:
+    """The adapters a server lists (to check that a refused request changed nothing)."""
+    import httpx
+
+    return [a["name"] for a in httpx.get(f"{url}/adapters", timeout=30).json()["adapters"]]
+
+
+def assert_refused(response, status: int, *needles: str) -> str:
+    """``response`` has ``status`` and a JSON message containing every needle; returns the message."""
+    assert response.status_code == status, (response.status_code, response.text)
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail, detail  # one line
+    for needle in needles:
+        assert needle in detail, (needle, detail)
+    return detail
+
+
+def edit_config(folder, **options) -> None:
+    """Set method options in a saved adapter's ``adapter_config.json``."""
+    import json
+    from pathlib import Path
+
+    file = Path(folder) / "adapter_config.json"
+    meta = json.loads(file.read_text())
+    meta["config"].update(options)
+    file.write_text(json.dumps(meta))

@@ -59,21 +59,25 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
+def _number(text: str, low: float, inclusive: bool) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+        value = float("nan")
+    ok = value >= low if inclusive else value > low
+    if not (ok and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if inclusive else '>'} {low:g}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, 0.0, inclusive=False)
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    value = positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
-    return value
+    return _number(text, 0.0, inclusive=True)
 
 
 def add_serve_parser(sub) -> None:

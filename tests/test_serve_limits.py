@@ -1,0 +1,322 @@
+"""Issue 22, server: which folders POST /adapters may load (roots, relative paths, symlinks), size caps checked
+before anything is allocated, the body read timeout, and requests that can never fit the queue. Each refused request
+is checked for its status, its one-line message and that the adapter list did not change."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from test_multi_helpers import ADAPTERS, make_adapters, make_tiny_base_dir
+from test_serve_helpers import (
+    AUTH,
+    TOKEN,
+    ServeProcess,
+    ServerThread,
+    adapter_names,
+    assert_refused,
+    edit_config,
+)
+
+from softprompt.multi import MultiAdapterModel
+
+pytest.importorskip("fastapi")
+
+from softprompt.serve import ServeConfig, create_app
+from softprompt.serve.limits import safetensors_bytes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """base/, root/ (every kind of adapter, plus hostile ones) and outside/ (a valid adapter outside the root)."""
+    tmp = tmp_path_factory.mktemp("serve_limits")
+    base = make_tiny_base_dir(tmp / "base")
+    root, outside = tmp / "root", tmp / "outside"
+    make_adapters(base, root)
+    make_adapters(base, outside, names=["prompt_cls"])
+    (root / "link_out").symlink_to(outside / "prompt_cls", target_is_directory=True)  # the folder leaves the root
+    (root / "link_in").symlink_to(root / "prompt_cls", target_is_directory=True)  # stays inside: allowed
+    files_out = root / "files_out"
+    files_out.mkdir()
+    shutil.copy(root / "prompt_cls" / "adapter_config.json", files_out)
+    (files_out / "adapter_model.safetensors").symlink_to(outside / "prompt_cls" / "adapter_model.safetensors")
+    (root / "no_weights").mkdir()
+    shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "no_weights")
+    for name, options in {"huge_tokens": {"num_virtual_tokens": 100_000},
+                          "float_tokens": {"num_virtual_tokens": 1e9},
+                          "huge_mlp": {"projection": True, "projection_hidden_size": 10**7}}.items():
+        shutil.copytree(root / "prefix_a", root / name)
+        edit_config(root / name, **options)
+    return {"base": base, "root": root, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def model(tree):
+    return MultiAdapterModel(tree["base"], {"prefix_a": tree["root"] / "prefix_a"})
+
+
+@pytest.fixture
+def load_calls(model, monkeypatch):
+    """Every call of the model's loader (which allocates the adapter's tensors): a refused adapter must make none."""
+    calls = []
+    real = model.load_adapter_modules
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "load_adapter_modules", spy)
+    return calls
+
+
+def serve(model, **options):
+    return ServerThread(create_app(model, ServeConfig(admin_token=TOKEN, **options)))
+
+
+def add(url, path, name="added"):
+    return httpx.post(f"{url}/adapters", json={"name": name, "path": str(path)}, headers=AUTH, timeout=60)
+
+
+# ---- paths ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,status,needles", [
+    ("../outside/prompt_cls", 403, ["leads outside the adapter root", "--adapter-root"]),
+    ("{outside}/prompt_cls", 403, ["leads outside the adapter root"]),
+    ("prompt_cls/../../outside/prompt_cls", 403, ["leads outside"]),
+    ("/etc", 403, ["leads outside"]),
+    ("link_out", 403, ["leads outside"]),
+    ("files_out", 403, ["adapter_model.safetensors", "symlink that leads outside"]),
+    ("no_weights", 400, ["adapter_model.safetensors is missing"]),
+    ("no_such_folder", 400, ["does not exist under the adapter root", "relative paths are taken relative to"]),
+    ("prompt_cls/adapter_config.json", 400, ["does not exist"]),
+    ("prompt_cls\x00", 400, ["NUL"]),
+])
+def test_paths_outside_the_root_or_unusable_are_refused(tree, model, load_calls, path, status, needles):
+    with serve(model, adapter_roots=(str(tree["root"]),)) as url:
+        r = add(url, path.format(outside=tree["outside"]))
+        assert_refused(r, status, *needles)
+        assert adapter_names(url) == ["prefix_a"]
+    assert load_calls == []
+
+
+@pytest.mark.parametrize("path", ["prompt_cls", "./prompt_cls", "link_in", "{root}/prompt_cls"])
+def test_paths_inside_the_root_load_relative_to_the_root(tree, model, path):
+    assert not os.path.exists("prompt_cls")  # the relative path is not resolved against the working directory
+    with serve(model, adapter_roots=(str(tree["root"]),)) as url:
+        assert add(url, path.format(root=tree["root"])).status_code == 201
+        assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
+
+
+def test_default_root_is_the_parent_of_the_served_adapters_and_none_without_adapters(tree, model, load_calls):
+    with serve(model) as url:  # prefix_a was loaded from root/: root is the default
+        assert add(url, "prompt_cls").status_code == 201
+        assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
+        assert_refused(add(url, "../outside/prompt_cls"), 403, "leads outside")
+    with serve(model, adapter_roots=()) as url:  # no root at all: nothing is loadable
+        assert_refused(add(url, "prompt_cls"), 403, "no adapter folder is loadable", "--adapter-root")
+        assert adapter_names(url) == ["prefix_a"]
+    assert len(load_calls) == 1
+
+
+def test_every_method_loads_through_the_size_checks(tree, model):
+    """The size checks build every method's modules on the meta device: none of them may be refused wrongly."""
+    with serve(model, adapter_roots=(str(tree["root"]),)) as url:
+        for name in ADAPTERS:
+            r = add(url, name, name=f"x-{name}")
+            assert r.status_code == 201, (name, r.text)
+            assert httpx.delete(f"{url}/adapters/x-{name}", headers=AUTH, timeout=30).status_code == 200
+        assert adapter_names(url) == ["prefix_a"]
+
+
+# ---- caps -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,options,status,needles", [
+    ("huge_tokens", {}, 413, ["num_virtual_tokens = 100000 is over 64", "position limit"]),
+    ("huge_tokens", {"max_virtual_tokens": 3}, 413, ["num_virtual_tokens = 100000 is over 3", "--max-virtual-tokens"]),
+    ("prefix_a", {"max_virtual_tokens": 3}, 413, ["num_virtual_tokens = 4 is over 3"]),
+    ("float_tokens", {}, 400, ["num_virtual_tokens", "wrong type"]),
+    ("huge_mlp", {}, 413, ["would build modules of", "--max-adapter-bytes"]),
+    ("prefix_a", {"max_adapter_bytes": 1000}, 413, ["would build modules of", "over this server's limit"]),
+])
+def test_oversized_adapters_are_refused_before_loading(tree, model, load_calls, path, options, status, needles):
+    with serve(model, adapter_roots=(str(tree["root"]),), **options) as url:
+        assert_refused(add(url, path), status, *needles)
+        assert adapter_names(url) == ["prefix_a"]
+    assert load_calls == []  # refused before the loader allocated anything
+
+
+def test_safetensors_header_is_summed_and_checked(tree, model, load_calls, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = tree["root"] / "prefix_a" / "adapter_model.safetensors"
+    assert safetensors_bytes(str(weights)) == sum(t.numel() * t.element_size() for t in load_file(weights).values())
+    # A small config with a large extra tensor in the file: only the header sum can see it.
+    padded = tree["root"] / "padded"
+    shutil.copytree(tree["root"] / "prefix_a", padded)
+    save_file({**load_file(weights), "extra": torch.zeros(64, 1024)}, str(padded / "adapter_model.safetensors"))
+    # A header that claims more bytes than the file holds, and one that claims 4 GB.
+    lying = tree["root"] / "lying"
+    shutil.copytree(tree["root"] / "prefix_a", lying)
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2**20, 1024], "data_offsets": [0, 2**32]}}).encode()
+    (lying / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    with serve(model, adapter_roots=(str(tree["root"]),), max_adapter_bytes=100_000) as url:
+        assert_refused(add(url, "padded"), 413, "adapter_model.safetensors holds 0.3 MiB", "--max-adapter-bytes")
+        assert_refused(add(url, "lying"), 400, "truncated")
+        assert adapter_names(url) == ["prefix_a"]
+    assert load_calls == []
+
+
+def test_adapter_count_is_capped(tree, model, load_calls):
+    with serve(model, adapter_roots=(str(tree["root"]),), max_adapters=2) as url:
+        assert add(url, "prompt_cls", name="second").status_code == 201
+        assert_refused(add(url, "prefix_b", name="third"), 409, "holds 2 adapters", "--max-adapters 2")
+        assert adapter_names(url) == ["prefix_a", "second"]
+        assert httpx.delete(f"{url}/adapters/second", headers=AUTH, timeout=30).status_code == 200
+        assert add(url, "prefix_b", name="third").status_code == 201  # room again
+        assert httpx.delete(f"{url}/adapters/third", headers=AUTH, timeout=30).status_code == 200
+    assert len(load_calls) == 2
+
+
+def test_concurrent_adds_cannot_pass_the_count_together(tree, model):
+    """The count check and the registration happen under one lock: 8 simultaneous adds with room for 1 load 1."""
+    with serve(model, adapter_roots=(str(tree["root"]),), max_adapters=2) as url:
+        barrier = threading.Barrier(8)
+
+        def one(i):
+            barrier.wait()
+            return add(url, "prompt_cls", name=f"c{i}").status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = sorted(pool.map(one, range(8)))
+        assert statuses == [201] + [409] * 7
+        (added,) = [n for n in adapter_names(url) if n != "prefix_a"]
+        assert httpx.delete(f"{url}/adapters/{added}", headers=AUTH, timeout=30).status_code == 200
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_refused_oversized_adapter_does_not_grow_the_server(tree, tmp_path):
+    """A real server process: its peak RSS (VmHWM, which a freed allocation cannot hide) does not grow when an
+    adapter of 300,000 virtual tokens (230 MB of prefix tables if built) is refused. Either check alone (the
+    position limit, or --max-adapter-bytes) prevents the allocation."""
+    huge = tree["root"] / "huge_rss"
+    shutil.copytree(tree["root"] / "prefix_a", huge)
+    edit_config(huge, num_virtual_tokens=300_000)
+    args = ["--model", tree["base"], "--adapter", f"prefix_a={tree['root'] / 'prefix_a'}",
+            "--max-adapter-bytes", str(10 * 2**20)]
+    server = ServeProcess(args, tmp_path, env={"SOFTPROMPT_ADMIN_TOKEN": TOKEN})
+    with server as url:
+        # Warm up every code path the refused request takes (imports, a real load) before the baseline.
+        assert httpx.post(f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["good film"]}).status_code == 200
+        assert add(url, "prompt_cls").status_code == 201
+        assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
+        before = _peak_rss_kib(server.proc.pid)
+        for _ in range(3):
+            assert_refused(add(url, "huge_rss"), 413, "num_virtual_tokens = 300000")
+        grown_mib = (_peak_rss_kib(server.proc.pid) - before) / 1024
+        assert adapter_names(url) == ["prefix_a"]
+    assert grown_mib < 40, grown_mib
+
+
+# ---- requests that can never fit, and slow bodies ------------------------------------------------------------
+def test_predict_all_that_can_never_fit_the_queue_is_413_not_503(tree, model):
+    with serve(model, adapter_roots=(str(tree["root"]),), max_queue_rows=5, max_inputs=8) as url:
+        r = httpx.post(f"{url}/predict_all", json={"inputs": ["a film"] * 6}, timeout=30)
+        assert_refused(r, 413, "makes 6 rows", "can never succeed", "send at most 5 inputs per request")
+        assert httpx.post(f"{url}/predict_all", json={"inputs": ["a film"] * 5}, timeout=30).status_code == 200
+        assert add(url, "prompt_cls").status_code == 201
+        r = httpx.post(f"{url}/predict_all", json={"inputs": ["a film"] * 3}, timeout=30)
+        assert_refused(r, 413, "2 adapters x 3 inputs makes 6 rows", "send at most 2 inputs per request")
+        r = httpx.post(f"{url}/predict", json={"adapter": "added", "inputs": ["a film"] * 6}, timeout=30)
+        assert_refused(r, 413, "6 rows", "split it")
+        assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
+    with serve(model, adapter_roots=(str(tree["root"]),), max_queue_rows=1) as url:
+        assert add(url, "prompt_cls").status_code == 201
+        r = httpx.post(f"{url}/predict_all", json={"inputs": ["a film"]}, timeout=30)
+        assert_refused(r, 413, "call POST /predict per adapter")
+        assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
+
+
+def test_a_full_queue_is_503_retry_later(model):
+    """The 503 stays for what a retry can fix: the queue is full now (the model is held inside a batch)."""
+    with serve(model, max_queue_rows=4, max_batch_size=1) as url:
+        inside, release = threading.Event(), threading.Event()
+        real = model.predict
+
+        def held(*args):
+            inside.set()
+            release.wait(timeout=60)
+            return real(*args)
+
+        model.predict = held  # the batcher calls model.predict in its thread: the first batch stays inside
+
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]},
+                                    timeout=60)
+                assert inside.wait(timeout=60)
+                second = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a",
+                                                                         "inputs": ["a"] * 4}, timeout=60)
+                for _ in range(10_000):  # until the second request's 4 rows wait behind the held batch
+                    if httpx.get(f"{url}/health", timeout=30).json()["queued_rows"] == 4:
+                        break
+                else:
+                    raise AssertionError("the second request was never queued")
+                r = httpx.post(f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]}, timeout=30)
+                assert_refused(r, 503, "retry later")
+                assert r.headers["retry-after"] == "1"
+                release.set()
+                assert first.result().status_code == 200 and second.result().status_code == 200
+        finally:
+            release.set()
+            del model.predict
+
+
+def _raw_request(url: str, head: bytes, body: bytes) -> bytes:
+    """Send a request head and a partial body, then read whatever the server answers (until it closes)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(head + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(model):
+    with serve(model, body_timeout_s=0.5) as url:
+        head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        answer = _raw_request(url, head, b'{"adapter": ')  # 12 of 100 bytes, then silence
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"--body-timeout" in answer
+
+
+def test_admin_requests_are_refused_before_their_body_is_read(model):
+    """The gate answers at once: the test never sends the announced body, and the body timeout is long."""
+    with serve(model, body_timeout_s=300) as url:
+        head = b"POST /adapters HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        answer = _raw_request(url, head, b"")
+        assert answer.startswith(b"HTTP/1.1 401"), answer
+        assert b"admin token" in answer

@@ -981,8 +981,11 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     state = Path(args.state)
     state.mkdir(parents=True, exist_ok=True)
-    study = Study(state, args.model, configs=args.configs.split(";"), n_eval=args.n_eval,
-                  batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state))
+    from softprompt.dnd.templates import DATASETS, canonical_name
+
+    datasets = [canonical_name(d) for d in args.datasets.split(",")] if args.datasets else list(DATASETS)
+    study = Study(state, args.model, datasets, configs=args.configs.split(";"), n_eval=args.n_eval,
+                  n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state))
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
     info = {**env_info(), "command": " ".join(["python benchmarks/dnd_bench.py", *args.argv]),
@@ -991,7 +994,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
         f.write(json.dumps(info) + "\n")
     status = "failed"
     try:
-        status = study.run(args.time_budget - (time.time() - T_START) if args.time_budget else 1e9)
+        status = study.run(args.time_budget - (time.time() - T_START) if args.time_budget else 1e9, args.export)
     finally:
         if args.export:
             study.export(args.export)
@@ -1050,7 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="HF folder or alias of the base model")
     p.add_argument("--configs", default="r8,lr2e-4,steps250,ckpt50",
                    help="';'-separated zoo configs (softprompt.dnd.study.parse_config)")
+    p.add_argument("--datasets", help="comma list (default: the seven)")
     p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--n-dev", type=int, default=500)
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--time-budget", type=float)
     p.add_argument("--export")

@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/softprompt demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout 900 tests
+	$(BIN)/python -m pytest -p no:cacheprovider --timeout 900 tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -101,7 +101,7 @@ def run_one(task: str, method: str, seed: int, model: str, out: str, bf16: bool,
     as the model (e.g. the repo-relative ``.carry/minilm`` when ``model`` is a scratch folder of a GPU machine)."""
     epochs = epochs or epochs_of(task)
     if method in OURS or method in VARIANTS or method == "pt2star" or re.fullmatch(r"(idspam|lpt)_L\d+", method):
-        from softprompt.train.runner import TrainConfig, train
+        from softprompt.train import TrainConfig, train
 
         base_method, extra = method_of(method)
         opts = {} if base_method in ("lpt", "idspam") else {"num_virtual_tokens": VIRTUAL_TOKENS}
@@ -133,8 +133,8 @@ def pt2_lengths(task: str, out: str) -> list[int]:
     of the task, probed on (up to 1000) unlabeled training inputs, not on the evaluation split. One allocation per
     task: every PT-2* seed retrains a prefix with the same lengths."""
     from softprompt import tasks
-    from softprompt.method_cli import adapter_batches
-    from softprompt.methods.apt_tools import allocate_lengths, probe_gates
+    from softprompt.methods.apt.cli import adapter_batches
+    from softprompt.methods.apt.tools import allocate_lengths, probe_gates
 
     apt_dir = apt_adapter(task, out)
     if not (apt_dir / "metrics.json").exists():
@@ -156,8 +156,10 @@ def _run_other(task, method, seed, model_name, bf16, epochs) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from softprompt import tasks
-    from softprompt.train.data import Collator, featurize
-    from softprompt.train.runner import ListDataset, load_base, load_tokenizer, predictions_to_metrics
+    from softprompt.data import Collator, featurize
+    from softprompt.loading import load_base, load_tokenizer
+    from softprompt.train.evaluate import predictions_to_metrics
+    from softprompt.train.trainer import ListDataset
 
     torch.manual_seed(seed)
     registry_task, splits = split_task(task)
@@ -183,9 +185,9 @@ def _run_other(task, method, seed, model_name, bf16, epochs) -> dict:
         }[method]()
         model = peft.get_peft_model(base, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train_recs = [r for r in tasks.load(registry_task, splits.get("train_split", spec.train_split))
+    train_recs = [r for r in tasks.load_split(registry_task, splits.get("train_split", spec.train_split))
                   if r.get("label") is not None]
-    eval_recs = [r for r in tasks.load(registry_task, splits.get("eval_split", spec.eval_split))
+    eval_recs = [r for r in tasks.load_split(registry_task, splits.get("eval_split", spec.eval_split))
                  if r.get("label") is not None]
     n_train = len(train_recs)
     args = TrainingArguments(

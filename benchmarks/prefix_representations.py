@@ -343,7 +343,7 @@ class Bench:
         self.check_time()
         c = self.cfg
         self.log("throughput")
-        recs = tasks.load("agnews", "train", self.args.data_dir)
+        recs = tasks.load_split("agnews", "train", self.args.data_dir)
         texts = [(r["text"], None) for r in recs[: c["tp_texts"]]]
         bank = self.bank(self.bank_seeds()[0])
         tables = [load_prefix_tables(bank.adapter_dir(e)) for e in bank.entries()]

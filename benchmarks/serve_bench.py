@@ -71,9 +71,9 @@ def make_adapters(model: str, root: Path, n: int, methods: list[str], tokens: in
     import torch
 
     import softprompt as sp
-    from softprompt.train.runner import _SpecStub, load_base
+    from softprompt.loading import HeadSpec, load_base
 
-    base, _ = load_base(model, _SpecStub("classification", ["neg", "pos"]))
+    base, _ = load_base(model, HeadSpec("classification", ["neg", "pos"]))
     out = {}
     for i in range(n):
         method = methods[i % len(methods)]

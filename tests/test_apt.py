@@ -12,7 +12,7 @@ import softprompt as sp
 from softprompt.errors import ConfigError
 from softprompt.methods import METHODS, config_from_dict, method_classes
 from softprompt.methods.apt import APT, APTConfig
-from softprompt.methods.apt_tools import allocate_lengths, plot_gates, probe_gates, prune, save_layer_lengths
+from softprompt.methods.apt.tools import allocate_lengths, plot_gates, probe_gates, prune, save_layer_lengths
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 # With the default init (std 0.02) attention barely moves a tiny random BERT; std 0.2 makes gate effects visible.

@@ -14,7 +14,8 @@ from torch import nn
 import softprompt as sp
 from softprompt.engine.injector import ModelInfo
 from softprompt.errors import ConfigError, SequenceTooLongError
-from softprompt.methods import config_from_dict, id_spam_explain
+from softprompt.methods import config_from_dict
+from softprompt.methods.id_spam import explain as id_spam_explain
 from softprompt.methods.id_spam import IDSPAM, IDSPAMConfig, id_spam_parameter_count
 
 ENCODERS = ("bert", "roberta")

@@ -17,7 +17,7 @@ from test_multi_helpers import ADAPTERS, make_adapters, make_tiny_base_dir, text
 import softprompt as sp
 from softprompt.errors import AdapterMismatchError, ConfigError, SequenceTooLongError
 from softprompt.multi import ENGINE_PREFIX_MASK, MultiAdapterModel, UnknownAdapterError
-from softprompt.train.runner import _SpecStub, load_base
+from softprompt.loading import HeadSpec, load_base
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -44,13 +44,13 @@ def adapter_dirs(base_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fresh_base(base_dir):
     """The base model the adapters were made on (same seeded head), built once and copied per use."""
-    base, _ = load_base(base_dir, _SpecStub("classification", ["neg", "pos"]))
+    base, _ = load_base(base_dir, HeadSpec("classification", ["neg", "pos"]))
     return lambda: copy.deepcopy(base)
 
 
 @pytest.fixture(scope="module")
 def multi(base_dir, adapter_dirs, fresh_base):
-    from softprompt.train.runner import load_tokenizer
+    from softprompt.loading import load_tokenizer
 
     return MultiAdapterModel(fresh_base(), adapter_dirs, tokenizer=load_tokenizer(base_dir))
 
@@ -67,7 +67,7 @@ def reference(adapter_dirs, fresh_base, base_dir):
         else:
             if name not in cache:
                 kind = ADAPTERS[name][3]
-                base, _ = load_base(base_dir, _SpecStub(kind, ADAPTERS[name][2]))
+                base, _ = load_base(base_dir, HeadSpec(kind, ADAPTERS[name][2]))
                 cache[name] = sp.load(base, adapter_dirs[name]).eval()
             model = cache[name]
         with torch.no_grad():
@@ -150,7 +150,7 @@ def test_all_adapters_equals_separate_runs(multi):
 
 
 def test_predict_matches_the_single_adapter_predict(multi, adapter_dirs):
-    from softprompt.train.runner import predict
+    from softprompt.train import predict
 
     tx = texts(6, 5)
     names = ["prefix_b", "prompt_front", "idspam", "score", "prefix_b", "apt"]

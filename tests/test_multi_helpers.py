@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import softprompt as sp
-from softprompt.train.runner import _SpecStub, load_base
+from softprompt.loading import HeadSpec, load_base
 
 WORDS = "good great fine bad awful poor movie film the a is was very not plot actors".split()
 
@@ -55,7 +55,7 @@ def make_tiny_base_dir(root: Path) -> str:
 def make_adapter(base_dir: str, out: Path, method: str, options: dict, labels: list[str], kind: str,
                  seed: int) -> str:
     """Wrap the base with ``method``, randomise every trainable tensor (values do not matter) and save it."""
-    spec = _SpecStub(kind, labels)
+    spec = HeadSpec(kind, labels)
     base, _ = load_base(base_dir, spec)
     model = sp.wrap(base, sp.config_from_dict(method, dict(options)))
     gen = torch.Generator().manual_seed(seed)

@@ -12,10 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import softprompt as sp
-from softprompt.methods import METHODS, _load_optional
+from softprompt.methods import METHODS
 from softprompt.tasks import TaskError, load_file
 
-_load_optional()
 METHOD_NAMES = sorted(METHODS)
 
 

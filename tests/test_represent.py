@@ -12,7 +12,7 @@ from conftest import save_tiny_bert
 import softprompt as sp
 from softprompt.cli import main
 from softprompt.represent import FeatureSpec, PrefixBank, Representer
-from softprompt.represent.encoder import PrefixEncoder, pool_hidden
+from softprompt.represent.encoder import PrefixEncoder, pool_features
 from softprompt.represent.probe import ProbeConfig, TaskInfo, fit_probe, score
 
 WORDS = "good great fine bad awful poor movie film the a is was very not plot actor".split()
@@ -100,7 +100,7 @@ def test_single_block_matches_the_wrapper_model(tiny_dir, encoder):
     enc = encoder.tokenize([(t, None) for t in texts])
     with torch.no_grad():
         hidden = model(**enc).last_hidden_state
-    ref = pool_hidden(hidden, enc["attention_mask"], "mean")
+    ref = pool_features(hidden, enc["attention_mask"], "mean")
     ours = encoder.encode_concat(texts, [prefix], "mean")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
@@ -137,7 +137,7 @@ def test_pooling_ignores_padding(encoder):
     # mean = average over the real tokens only
     enc = encoder.tokenize([(short, None), (long, None)])
     hidden = torch.randn(2, enc["input_ids"].shape[1], 4)
-    mean = pool_hidden(hidden, enc["attention_mask"], "mean")
+    mean = pool_features(hidden, enc["attention_mask"], "mean")
     n_short = int(enc["attention_mask"][0].sum())
     assert n_short < enc["input_ids"].shape[1]
     torch.testing.assert_close(mean[0], hidden[0, :n_short].mean(0))

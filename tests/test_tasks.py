@@ -61,7 +61,7 @@ COUNTS = {
 def _load(name, split, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the shipped data has no malformed rows
-        return T.load(name, split, **kw)
+        return T.load_split(name, split, **kw)
 
 
 def _label_counts(records):
@@ -393,12 +393,12 @@ def test_save_split_indices(tmp_path):
 def test_hub_missing_datasets_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     with pytest.raises(HubUnavailableError, match="datasets"):
-        T.load("glue/sst2", "dev", data_dir="hub")
+        T.load_split("glue/sst2", "dev", data_dir="hub")
 
 
 def test_hub_split_without_counterpart():
     with pytest.raises(HubUnavailableError, match="offline data"):
-        T.load("superglue/boolq", "train32", data_dir="hub")
+        T.load_split("superglue/boolq", "train32", data_dir="hub")
 
 
 def _fake_datasets(monkeypatch, tables):
@@ -432,21 +432,21 @@ def test_hub_mapping_with_fake_datasets(monkeypatch):
             {"sentence": "A _ b", "option1": "x", "option2": "y", "answer": "2"}],
     }
     calls = _fake_datasets(monkeypatch, tables)
-    assert T.load("glue/sst2", "dev", data_dir="hub") == [
+    assert T.load_split("glue/sst2", "dev", data_dir="hub") == [
         {"idx": 0, "text": "good .", "text_pair": None, "label": 1},
         {"idx": 1, "text": "bad .", "text_pair": None, "label": 0}]
-    assert T.load("glue/stsb", "test", data_dir="hub")[0]["label"] is None
-    assert T.load("superglue/multirc", "val", data_dir="hub") == [
+    assert T.load_split("glue/stsb", "test", data_dir="hub")[0]["label"] is None
+    assert T.load_split("superglue/multirc", "val", data_dir="hub") == [
         {"idx": "0-1-2", "group": "0-1", "text": "P", "text_pair": "Q? A", "label": 1}]
-    assert T.load("conll2003", "train", data_dir="hub")[0]["tags"] == [3, 0]
-    ag = T.load("agnews", "test", data_dir="hub")
+    assert T.load_split("conll2003", "train", data_dir="hub")[0]["tags"] == [3, 0]
+    ag = T.load_split("agnews", "test", data_dir="hub")
     assert len(ag) == 4 and _label_counts(ag) == {0: 1, 1: 1, 2: 1, 3: 1}
-    assert T.load("commonsense/winogrande", "full", data_dir="hub")[0]["label"] == 1
+    assert T.load_split("commonsense/winogrande", "full", data_dir="hub")[0]["label"] == 1
     assert (("nyu-mll/glue", "sst2"), "validation") in calls
     with pytest.raises(HubUnavailableError, match="offline"):
-        T.load("glue/cola", "dev", data_dir="hub")
+        T.load_split("glue/cola", "dev", data_dir="hub")
 
 
 def test_missing_local_file_is_clear(tmp_path):
     with pytest.raises(DataNotFoundError, match="SST-2"):
-        T.load("glue/sst2", "dev", data_dir=tmp_path)
+        T.load_split("glue/sst2", "dev", data_dir=tmp_path)

@@ -24,7 +24,7 @@ def _w(path, text, mode="w"):
 def _load_warn(*args, **kw):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        out = T.load(*args, **kw)
+        out = T.load_split(*args, **kw)
     msgs = [w for w in rec if issubclass(w.category, MalformedRowWarning)]
     return out, msgs
 
@@ -39,7 +39,7 @@ def test_glue_tsv_malformed(tmp_path):
     msg = str(msgs[0].message)
     assert "2 malformed" in msg and "line 3" in msg and "dev.tsv" in msg
     with pytest.raises(T.MalformedRowError) as ei:
-        T.load("glue/sst2", "dev", data_dir=tmp_path, strict=True)
+        T.load_split("glue/sst2", "dev", data_dir=tmp_path, strict=True)
     err = ei.value
     assert isinstance(err, ValueError) and err.line == 3 and err.path.endswith("dev.tsv")
     assert "expected 2 tab-separated columns" in err.problem and "line 3" in str(err)
@@ -49,7 +49,7 @@ def test_glue_quote_none_and_bom(tmp_path):
     _w(tmp_path / "glue/MRPC/dev.tsv",
        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
        '1\t1\t2\tHe said " hi .\t" Hi , " he said .\n')
-    recs = T.load("glue/mrpc", "dev", data_dir=tmp_path, strict=True)
+    recs = T.load_split("glue/mrpc", "dev", data_dir=tmp_path, strict=True)
     assert recs == [{"idx": 0, "text": 'He said " hi .', "text_pair": '" Hi , " he said .', "label": 1}]
 
 
@@ -70,7 +70,7 @@ def test_jsonl_malformed(tmp_path):
     assert [r["idx"] for r in recs] == [0, 4] and recs[0]["label"] == 2
     assert len(msgs) == 1 and "3 malformed" in str(msgs[0].message) and "line 2" in str(msgs[0].message)
     with pytest.raises(T.MalformedRowError, match=r"val\.jsonl, line 2: invalid JSON"):
-        T.load("superglue/cb", "val", data_dir=tmp_path, strict=True)
+        T.load_split("superglue/cb", "val", data_dir=tmp_path, strict=True)
 
 
 def test_multirc_bad_passage_skipped_whole(tmp_path):
@@ -91,7 +91,7 @@ def test_conll_malformed(tmp_path):
     assert recs == [{"idx": 0, "tokens": ["EU", "rejects"], "tags": [3, 0]}, {"idx": 1, "tokens": ["OK"], "tags": [0]}]
     assert "2 malformed" in str(msgs[0].message) and "line 6" in str(msgs[0].message)
     with pytest.raises(T.MalformedRowError, match="unknown NER tag 'B-PERSON'"):
-        T.load("conll2003", "valid", data_dir=tmp_path, strict=True)
+        T.load_split("conll2003", "valid", data_dir=tmp_path, strict=True)
 
 
 def test_hellaswag_malformed(tmp_path):
@@ -111,7 +111,7 @@ def test_json_array_items_and_piqa_labels(tmp_path):
     assert recs == [{"idx": "a", "text": "q", "choices": ["x", "y"], "label": 1}]
     assert "item 2" in str(msgs[0].message) and "answerKey" in str(msgs[0].message)
     with pytest.raises(T.MalformedRowError) as ei:
-        T.load("commonsense/arc_easy", "validation", data_dir=tmp_path, strict=True)
+        T.load_split("commonsense/arc_easy", "validation", data_dir=tmp_path, strict=True)
     assert ei.value.unit == "item" and ei.value.line == 2
     _w(tmp_path / "commonsense/piqa/valid.jsonl",
        "\n".join(json.dumps({"goal": f"g{i}", "sol1": "a", "sol2": "b"}) for i in range(3)) + "\n")
@@ -129,12 +129,12 @@ def test_agnews_csv_malformed(tmp_path):
 
 def test_cache_invalidated_on_change(tmp_path):
     p = _w(tmp_path / "glue/SST-2/dev.tsv", "sentence\tlabel\na\t1\n")
-    assert len(T.load("glue/sst2", "dev", data_dir=tmp_path)) == 1
+    assert len(T.load_split("glue/sst2", "dev", data_dir=tmp_path)) == 1
     import os
     p.write_text("sentence\tlabel\na\t1\nb\t0\n")
     st = p.stat()
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
-    assert len(T.load("glue/sst2", "dev", data_dir=tmp_path)) == 2
+    assert len(T.load_split("glue/sst2", "dev", data_dir=tmp_path)) == 2
 
 
 # ---------------------------------------------------------------- user files

@@ -87,7 +87,7 @@ def test_zero_shot_eval_on_a_users_csv_equals_the_registry_eval(tiny_bert_dir, t
     assert main(["train", "--method", "prefix", "--model", tiny_bert_dir, "--task", "glue/sst2", "--train-limit", "64",
                  "--max-steps", "2", "--batch-size", "16", "--num-virtual-tokens", "4", "--max-length", "32",
                  "--output", str(out)]) == 0
-    rows = tasks.load("glue/sst2", "dev")
+    rows = tasks.load_split("glue/sst2", "dev")
     csv_path = tmp_path / "reviews.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
@@ -112,8 +112,8 @@ def test_fewglue_protocol_trains_on_train32_and_evaluates_on_val(tiny_bert_dir, 
                  "train32", "--eval-split", "val", "--max-steps", "2", "--batch-size", "16",
                  "--num-virtual-tokens", "3", "--max-length", "32", "--output", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_examples"] == len(tasks.load("superglue/cb", "train32")) == 32
-    assert metrics["eval_examples"] == len(tasks.load("superglue/cb", "val"))
+    assert metrics["train_examples"] == len(tasks.load_split("superglue/cb", "train32")) == 32
+    assert metrics["eval_examples"] == len(tasks.load_split("superglue/cb", "val"))
     assert (metrics["train_split"], metrics["eval_split"]) == ("train32", "val")
     capsys.readouterr()
     rc = main(["train", "--method", "prefix", "--model", tiny_bert_dir, "--task", "superglue/cb", "--train-split",

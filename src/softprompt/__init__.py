@@ -21,6 +21,8 @@ from .errors import (
     UnsupportedModelError,
 )
 from .methods import (
+    APTConfig,
+    IDSPAMConfig,
     LatePromptConfig,
     MethodConfig,
     PrefixConfig,
@@ -41,26 +43,17 @@ def wrap(base_model, config: MethodConfig, *, tokenizer=None, train_head: bool |
 
 
 def load(base_model, path, *, tokenizer=None, is_trainable: bool = False) -> SoftPromptModel:
-    """Load an adapter folder onto ``base_model``; raises if it was saved for a different base model."""
-    from .io import load_adapter
-
-    return load_adapter(base_model, path, tokenizer=tokenizer, is_trainable=is_trainable)
-
-
-def __getattr__(name: str):
-    # Optional methods resolve lazily so that importing softprompt stays light.
-    lazy = {"APTConfig": ".methods.apt", "IDSPAMConfig": ".methods.id_spam"}
-    if name in lazy:
-        import importlib
-
-        return getattr(importlib.import_module(lazy[name], __name__), name)
-    raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
+    """Load an adapter folder onto ``base_model``; raises if it was saved for a different base model.
+    (An alias of :meth:`SoftPromptModel.from_pretrained`.)"""
+    return SoftPromptModel.from_pretrained(base_model, path, tokenizer=tokenizer, is_trainable=is_trainable)
 
 
 __all__ = [
+    "APTConfig",
     "AdapterFormatError",
     "AdapterMismatchError",
     "ConfigError",
+    "IDSPAMConfig",
     "LatePromptConfig",
     "MethodConfig",
     "NonFiniteLossError",

@@ -12,8 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import __version__
-from .errors import AdapterFormatError, AdapterMismatchError, SoftPromptError
-from .methods import config_from_dict
+from .errors import AdapterFormatError, AdapterMismatchError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -146,49 +145,21 @@ def check_base_model(config: dict, info, path) -> None:
         )
 
 
-def load_adapter(base, path: str | os.PathLike, *, tokenizer=None, is_trainable: bool = False):
-    """Build a SoftPromptModel on ``base`` from the adapter folder ``path`` (exact round trip)."""
-    from .model import SoftPromptModel
-
-    config = read_adapter_config(path)
-    tensors = read_adapter_tensors(path)
-    try:
-        method_cfg = config_from_dict(config["method"], dict(config["config"]))
-    except SoftPromptError:
-        raise
-    except (TypeError, ValueError) as exc:  # an option of the wrong type that validation compared or used
-        raise AdapterFormatError(
-            f"{Path(path) / CONFIG_NAME}: invalid {config['method']!r} options {config['config']!r} ({exc}); "
-            "re-save the adapter"
-        ) from exc
-    heads = config.get("head_modules") or []
-    model = SoftPromptModel(base, method_cfg, tokenizer=tokenizer, train_head=bool(heads))
-    check_base_model(config, model.info, path)
-    missing = [h for h in heads if h not in model.head_names]
-    if missing:
-        raise AdapterMismatchError(
-            f"adapter {path} holds task head(s) {missing} but {type(base).__name__} has none; load the base model "
-            f"as {config['base_model'].get('architecture')} with num_labels={config.get('num_labels')}"
-        )
-    model.head_names = list(heads)
+def split_adapter_tensors(tensors: dict[str, torch.Tensor], head_names, path, method_state: dict
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Split an adapter file's tensors into the method's (checked against ``method_state``, the names and shapes
+    this config expects) and each task head's (``head.<name>.*``; their shapes are the head's to check)."""
     method = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
-    _check_shapes(model.method.export_state_dict(), method, path, "method")
-    model.method.import_state_dict(method)
-    for name in heads:
-        module = getattr(model.base_model, name)
+    check_shapes(method_state, method, path, "method")
+    heads = {}
+    for name in head_names:
         prefix = f"head.{name}."
-        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        _check_shapes(module.state_dict(), part, path, f"head {name}")
-        module.load_state_dict(part, strict=True)
-    model.to(model.device)
-    if not is_trainable:
-        model.eval()
-        for p in model.method.parameters():
-            p.requires_grad_(False)
-    return model
+        heads[name] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return method, heads
 
 
-def _check_shapes(expected: dict, found: dict, path, what: str) -> None:
+def check_shapes(expected: dict, found: dict, path, what: str) -> None:
+    """Raise AdapterFormatError unless ``found`` has the names, shapes and a float dtype of ``expected``."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     # Projection-MLP adapters may be loaded in folded form (tables only): the module decides.

@@ -5,10 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import os
+
+from .engine.compose import Part, compose, insert_prompt
 from .engine.injector import Injector, attach
-from .engine.state import STATE_KWARG, InjectionState, LayerInjection
-from .errors import SequenceTooLongError
-from .methods import MethodConfig, MethodInputs, PromptMethod, method_classes
+from .engine.state import STATE_KWARG, InjectionState
+from .errors import AdapterFormatError, AdapterMismatchError, SequenceTooLongError, SoftPromptError
+from .io import (
+    CONFIG_NAME,
+    check_base_model,
+    check_shapes,
+    read_adapter_config,
+    read_adapter_tensors,
+    save_adapter,
+    split_adapter_tensors,
+)
+from .methods import MethodConfig, MethodInputs, PromptMethod, config_from_dict, method_classes
 
 # Randomly initialised task heads of transformers task models: they train with the method and are saved with it.
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
@@ -43,7 +55,7 @@ class SoftPromptModel(nn.Module):
                 p.requires_grad_(True)
         method = module_cls(config, self.info)
         embed = base.get_input_embeddings()
-        method.init_from_model(embed, tokenizer, **self._init_kwargs(method))
+        method.init_from_model(embed, tokenizer, capture=self.capture_kv)
         param = next(base.parameters())
         self.method: PromptMethod = method.to(param.device)
         self._checkpoint_flags: tuple[nn.Module, ...] | None = None
@@ -58,13 +70,6 @@ class SoftPromptModel(nn.Module):
             modules = self.base_model.modules()
             self._checkpoint_flags = tuple(m for m in modules if hasattr(m, "gradient_checkpointing"))
         return any(m.gradient_checkpointing for m in self._checkpoint_flags)
-
-    def _init_kwargs(self, method: PromptMethod) -> dict:
-        import inspect
-
-        if "capture" in inspect.signature(method.init_from_model).parameters:
-            return {"capture": self.capture_kv}
-        return {}
 
     # ---- engine plumbing ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -87,23 +92,15 @@ class SoftPromptModel(nn.Module):
         embed = self.base_model.get_input_embeddings()
         contrib = self.method(MethodInputs(input_ids, attention_mask, embed, batch))
         replays = self.base_model.training and torch.is_grad_enabled() and self._checkpointing()
-        state = InjectionState(attention_mask=attention_mask, layer_hook=contrib.layer_hook, replays=replays)
-        for i, (k, v) in contrib.prefixes.items():
-            state.layers[i] = LayerInjection(key=k, value=v)
-        if contrib.insertion is not None:
-            state.insertion = contrib.insertion
+        state = compose([Part(contrib)], batch, attention_mask, replays=replays)
         inputs: dict = {"attention_mask": attention_mask}
         if contrib.input_prompt is not None:
             if inputs_embeds is None:
                 inputs_embeds = embed(input_ids)
-            prompt = contrib.input_prompt.to(inputs_embeds.dtype)
-            prompt = prompt.expand(batch, *prompt.shape[1:]) if prompt.shape[0] == 1 else prompt
             at = contrib.prompt_at
-            inputs_embeds = torch.cat([inputs_embeds[:, :at], prompt, inputs_embeds[:, at:]], dim=1)
-            ones = attention_mask.new_ones(batch, prompt.shape[1])
-            inputs["attention_mask"] = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
-            inputs["inputs_embeds"] = inputs_embeds
-            return inputs, state, (at, prompt.shape[1])
+            embeds, mask = insert_prompt(inputs_embeds, attention_mask, contrib.input_prompt, at)
+            inputs.update(inputs_embeds=embeds, attention_mask=mask)
+            return inputs, state, (at, contrib.input_prompt.shape[1])
         if inputs_embeds is not None:
             inputs["inputs_embeds"] = inputs_embeds
         else:
@@ -112,9 +109,7 @@ class SoftPromptModel(nn.Module):
 
     def _check_length(self, length: int) -> None:
         limit = self.info.max_positions
-        extra = self.method.insertion_length()
-        if getattr(self.method_config, "shift_positions", False):
-            extra += max(self.method.lengths)
+        extra = self.method.insertion_length() + self.method.position_shift()
         if limit is not None and length + extra > limit:
             raise SequenceTooLongError(
                 f"sequence of {length} tokens + {extra} prompt tokens = {length + extra} exceeds the position limit "
@@ -139,8 +134,8 @@ class SoftPromptModel(nn.Module):
                 kwargs["token_type_ids"] = self._pad_span(kwargs["token_type_ids"], span, 0)
             if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
                 labels = self._pad_span(labels, span, -100)
-        if getattr(self.method_config, "shift_positions", False) and kwargs.get("position_ids") is None:
-            shift = max(self.method.lengths)
+        shift = self.method.position_shift()
+        if shift and kwargs.get("position_ids") is None:
             ref = inputs.get("input_ids", inputs.get("inputs_embeds"))
             kwargs["position_ids"] = torch.arange(shift, shift + ref.shape[1], device=ref.device)[None].expand(
                 ref.shape[0], -1)
@@ -154,7 +149,7 @@ class SoftPromptModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """``generate()`` of the base model with the adaptation applied; returns prompt ids + new tokens."""
-        if getattr(self.method_config, "shift_positions", False):
+        if self.method.position_shift():
             raise ValueError("shift_positions=True (PEFT's position numbering) is for training/forward only; "
                              "generate() numbers positions itself. Re-create the config without it to generate.")
         inputs, state, _ = self.build_state(input_ids, attention_mask, None)
@@ -206,9 +201,50 @@ class SoftPromptModel(nn.Module):
 
     def save_pretrained(self, path: str, **metadata) -> None:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a model card ``README.md``."""
-        from .io import save_adapter
-
         save_adapter(self, path, **metadata)
+
+    @classmethod
+    def from_pretrained(cls, base: nn.Module, path: str | os.PathLike, *, tokenizer=None,
+                        is_trainable: bool = False) -> SoftPromptModel:
+        """Load the adapter folder ``path`` onto ``base`` (exact round trip; raises if it was saved for a different
+        base model). ``softprompt.load`` is this function."""
+        config = read_adapter_config(path)
+        tensors = read_adapter_tensors(path)
+        try:
+            method_cfg = config_from_dict(config["method"], dict(config["config"]))
+        except SoftPromptError:
+            raise
+        except (TypeError, ValueError) as exc:  # an option of the wrong type that validation compared or used
+            raise AdapterFormatError(
+                f"{os.path.join(path, CONFIG_NAME)}: invalid {config['method']!r} options {config['config']!r} "
+                f"({exc}); re-save the adapter"
+            ) from exc
+        heads = config.get("head_modules") or []
+        model = cls(base, method_cfg, tokenizer=tokenizer, train_head=bool(heads))
+        check_base_model(config, model.info, path)
+        missing = [h for h in heads if h not in model.head_names]
+        if missing:
+            raise AdapterMismatchError(
+                f"adapter {path} holds task head(s) {missing} but {type(base).__name__} has none; load the base "
+                f"model as {config['base_model'].get('architecture')} with num_labels={config.get('num_labels')}"
+            )
+        model.head_names = list(heads)
+        model.load_adapter_tensors(tensors, path)
+        model.to(model.device)
+        if not is_trainable:
+            model.eval()
+            for p in model.method.parameters():
+                p.requires_grad_(False)
+        return model
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], path: str | os.PathLike = "adapter") -> None:
+        """Copy an adapter file's tensors into the method and the task heads (names and shapes checked)."""
+        method, heads = split_adapter_tensors(tensors, self.head_names, path, self.method.export_state_dict())
+        self.method.import_state_dict(method)
+        for name, part in heads.items():
+            module = getattr(self.base_model, name)
+            check_shapes(module.state_dict(), part, path, f"head {name}")
+            module.load_state_dict(part, strict=True)
 
     @property
     def accepts_loss_kwargs(self) -> bool:

@@ -1,32 +1,33 @@
-"""Method registry: name -> (config class, module class). Adding a method = one file + one line here."""
+"""The method registry: one folder per method (``config.py`` + ``module.py``, optional ``tools``/``cli``), one line
+each in :data:`METHODS`. Everything the rest of the package needs to know about a method is a hook on its config or
+module (see ``base.py``), so adding a method touches this file and the method's own folder only."""
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Contribution, MethodConfig, MethodInputs, PromptMethod
+from .apt import APT, APTConfig
+from .base import MethodConfig, MethodInputs, PromptMethod
+from .id_spam import IDSPAM, IDSPAMConfig
 from .late_prompt import LatePrompt, LatePromptConfig
 from .p_tuning import PTuning, PTuningConfig
 from .prefix_tuning import PrefixConfig, PrefixTuning
 from .prompt_tuning import PromptTuning, PromptTuningConfig
 
+# name -> (config class, module class). The name is what ``--method`` and adapter files use.
 METHODS: dict[str, tuple[type[MethodConfig], type[PromptMethod]]] = {
     "prompt": (PromptTuningConfig, PromptTuning),
     "ptuning": (PTuningConfig, PTuning),
     "prefix": (PrefixConfig, PrefixTuning),
     "lpt": (LatePromptConfig, LatePrompt),
+    "apt": (APTConfig, APT),
+    "idspam": (IDSPAMConfig, IDSPAM),
 }
-
-
-def register_method(name: str, config_cls: type[MethodConfig], module_cls: type[PromptMethod]) -> None:
-    """Register a method under ``name`` (used by optional method files)."""
-    METHODS[name] = (config_cls, module_cls)
 
 
 def method_classes(name: str) -> tuple[type[MethodConfig], type[PromptMethod]]:
     """Look up a method by name, with a clear error listing the known ones."""
-    _load_optional()
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; known methods: {' | '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -35,21 +36,15 @@ def config_from_dict(name: str, options: dict) -> MethodConfig:
     return method_classes(name)[0].from_dict(options)
 
 
-def _load_optional() -> None:
-    # Methods living in their own files register themselves on import (APT, ID-SPAM).
-    import importlib
-
-    for mod in ("apt", "id_spam"):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{mod}":
-                raise
+def default_lr(name: str) -> float:
+    """The learning rate a method trains with when none is given."""
+    return method_classes(name)[0].default_lr
 
 
 __all__ = [
     "METHODS",
-    "Contribution",
+    "APTConfig",
+    "IDSPAMConfig",
     "LatePromptConfig",
     "MethodConfig",
     "MethodInputs",
@@ -58,6 +53,6 @@ __all__ = [
     "PromptMethod",
     "PromptTuningConfig",
     "config_from_dict",
+    "default_lr",
     "method_classes",
-    "register_method",
 ]

@@ -1,21 +1,23 @@
 """What every method shares: a config dataclass and a module that turns a batch into engine contributions.
 
-A method never touches the backbone. Its module returns a :class:`Contribution` (input-layer prompt, per-layer
-key/value prefixes, an insertion before some layer, a layer hook for gates) and the wrapper model hands it to the
-engine. A new method is therefore a config plus a small module.
+A method never touches the backbone. Its module returns a :class:`~softprompt.engine.compose.Contribution`
+(input-layer prompt, per-layer key/value prefixes, an insertion before some layer, a layer hook for gates) and the
+engine's composer turns it into the per-forward state. Everything the glue needs to know about a method is a hook
+here (default learning rate, extra positions, position shift, what its layer hook does), never an ``isinstance``.
+A new method is therefore a config plus a small module, registered in ``methods/__init__.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..engine.compose import Contribution, HookShape
 from ..engine.injector import ModelInfo
-from ..engine.state import Insertion, LayerHook
 from ..errors import ConfigError
 
 
@@ -24,6 +26,8 @@ class MethodConfig:
     """Base of every method config. Subclasses are dataclasses with documented, validated fields."""
 
     method: ClassVar[str] = ""
+    # The learning rate that works for this method with AdamW on small encoders (prompt methods need large ones).
+    default_lr: ClassVar[float] = 1e-3
 
     def validate(self, info: ModelInfo | None = None) -> None:
         """Raise :class:`ConfigError` naming the field, the value and the fix. ``info`` enables model checks."""
@@ -74,21 +78,6 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-@dataclass
-class Contribution:
-    """What a method adds to one forward pass.
-
-    input_prompt: [B or 1, t, hidden] vectors placed in front of the token embeddings (position ``prompt_at``).
-    prefixes: layer index -> (key, value), each [B or 1, H_kv, P, D].
-    insertion: vectors inserted into the hidden states before one layer.
-    layer_hook: called with each layer's input hidden states (gates).
-    """
-
-    input_prompt: torch.Tensor | None = None
-    prompt_at: int = 0
-    prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    insertion: Insertion | None = None
-    layer_hook: LayerHook | None = None
 
 
 @dataclass
@@ -130,5 +119,17 @@ class PromptMethod(nn.Module):
         """Positions this method adds to the sequence (input prompts and insertions)."""
         return 0
 
-    def init_from_model(self, embed: nn.Module, tokenizer=None) -> None:
-        """Optional initialisation that needs the frozen model (e.g. prompt from vocabulary or text)."""
+    def position_shift(self) -> int:
+        """Positions the real tokens are numbered from (PEFT's prefix numbering); 0 for every method by default."""
+        return 0
+
+    def hook_shape(self) -> HookShape | None:
+        """What this method's layer hook does, so that several adapters' rows can share one pass (``multi``).
+        None: the method has no hook, or one the composer must not mix with other adapters' rows."""
+        return None
+
+    def init_from_model(self, embed: nn.Module, tokenizer=None, capture=None) -> None:
+        """Optional initialisation that needs the frozen model (e.g. prompt from vocabulary or text).
+
+        ``capture(input_ids) -> {layer: (key, value)}`` runs the frozen backbone and returns every layer's keys and
+        values (prefix initialisation from real tokens)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .bank import BankEntry, BankError, PrefixBank, add_task, load_prefix_tables
 from .cache import FeatureCache, text_hash
-from .encoder import PrefixEncoder, pool_hidden
+from .encoder import PrefixEncoder, pool_features
 from .features import FeatureSpec, Representer
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
     "Representer",
     "add_task",
     "load_prefix_tables",
-    "pool_hidden",
+    "pool_features",
     "probe_predict",
     "represent_file",
     "run_probe",

@@ -198,7 +198,7 @@ class PrefixBank:
             raise BankError(f"{adapter_dir} is a {config.get('method')!r} adapter; a prefix bank holds prefix adapters")
         method_cfg = config["config"]
         num_layers = int(config["base_model"]["num_layers"])
-        from ..methods.prefix_tuning import PrefixConfig
+        from ..methods import PrefixConfig
 
         lengths = PrefixConfig.from_dict(dict(method_cfg)).lengths(num_layers)
         metrics = dict(metrics or {})
@@ -290,7 +290,7 @@ def add_task(bank: str | os.PathLike, task: str, *, model: str = "minilm", file:
     Only this task's prefix (and its linear head, which the bank keeps but never uses for features) trains; the
     other entries are never touched, so ``add_task`` calls for different tasks may run in parallel processes.
     """
-    from ..train.runner import TrainConfig, train
+    from ..train import TrainConfig, train
 
     pb = PrefixBank(bank)
     pb.check_can_add(task, model, replace)

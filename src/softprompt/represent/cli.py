@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from .features import KINDS
 
@@ -114,7 +113,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_probe_predict(args) -> int:
-    from ..cli import texts_from_args
+    from ..cli.common import texts_from_args
     from .api import probe_predict
 
     texts = texts_from_args(args, "probe-predict")
@@ -256,9 +255,3 @@ def add_represent_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_multitask)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from ..cli import main
-
-    sys.exit(main())

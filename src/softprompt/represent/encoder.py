@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.compose import Contribution, Part, compose
 from ..engine.injector import ModelInfo, attach
-from ..engine.state import STATE_KWARG, InjectionState, LayerInjection
+from ..engine.state import STATE_KWARG, InjectionState
 from ..errors import ConfigError
+from ..loading import load_tokenizer
+from ..pooling import pool
 
 POOLS = ("cls", "mean")
 # One text: (text, optional second segment). Pairs are tokenised as the source tasks were (tokenizer(text, pair)).
@@ -45,14 +48,16 @@ def as_texts(items: Sequence) -> list[Text]:
     return out
 
 
-def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
-    """[B, N, h] -> [B, h]: first token ([CLS], right padding) or the mean over real tokens (padding excluded)."""
-    if pool == "cls":
-        return hidden[:, 0]
-    if pool == "mean":
-        m = mask.to(hidden.dtype)[..., None]
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-    raise ConfigError(f"pool must be one of {POOLS}, got {pool!r}")
+def pool_features(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, N, h] -> [B, h]: the first token ("cls": [CLS] under right padding) or the mean over real tokens."""
+    if how not in POOLS:
+        raise ConfigError(f"pool must be one of {POOLS}, got {how!r}")
+    return pool(hidden, mask, how)
+
+
+def prefix_state(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int) -> InjectionState:
+    """The engine state of prefixes (layer -> key, value; batch dimension 1 or one row per example)."""
+    return compose([Part(Contribution(prefixes=prefixes))], batch)
 
 
 def prefix_signature(prefix: Prefix) -> tuple[tuple[int, int], ...]:
@@ -83,7 +88,6 @@ class PrefixEncoder:
         from transformers import AutoModel
 
         from .. import resources
-        from ..train.runner import load_tokenizer
 
         self.model_name = model
         path = resources.resolve(model)
@@ -164,7 +168,7 @@ class PrefixEncoder:
 
         def fn(chunk: list[Text]) -> torch.Tensor:
             enc = self.tokenize(chunk)
-            return pool_hidden(self._forward(enc, InjectionState()), enc["attention_mask"], pool)
+            return pool_features(self._forward(enc, InjectionState()), enc["attention_mask"], pool)
 
         return self._chunks(as_texts(texts), fn, "encode")
 
@@ -202,11 +206,9 @@ class PrefixEncoder:
             b = enc["input_ids"].shape[0]
             # Row t*B + b = text b under prefix t: tile the inputs, repeat each prefix B times.
             rep = {k: v.repeat(t_count, 1) for k, v in enc.items()}
-            state = InjectionState()
-            for i in layers:
-                state.layers[i] = LayerInjection(key=keys[i].repeat_interleave(b, dim=0),
-                                                 value=values[i].repeat_interleave(b, dim=0))
-            pooled = pool_hidden(self._forward(rep, state), rep["attention_mask"], pool)  # [T*B, h]
+            per_row = {i: (keys[i].repeat_interleave(b, dim=0), values[i].repeat_interleave(b, dim=0)) for i in layers}
+            state = prefix_state(per_row, t_count * b)
+            pooled = pool_features(self._forward(rep, state), rep["attention_mask"], pool)  # [T*B, h]
             return pooled.view(t_count, b, -1).transpose(0, 1).reshape(b, -1)  # [B, T*h], prefix-major blocks
 
         return self._chunks(texts, fn, f"encode x{t_count} prefixes", texts_per_chunk)
@@ -227,8 +229,8 @@ class PrefixEncoder:
             enc = self.tokenize(chunk)
             outs = []
             for layers in states:
-                state = InjectionState(layers={i: LayerInjection(key=k, value=v) for i, (k, v) in layers.items()})
-                outs.append(pool_hidden(self._forward(enc, state), enc["attention_mask"], pool))
+                state = prefix_state(layers, len(chunk))
+                outs.append(pool_features(self._forward(enc, state), enc["attention_mask"], pool))
             return torch.cat(outs, dim=1)
 
         return self._chunks(as_texts(texts), fn, f"encode ({len(states)} separate passes)")
@@ -244,7 +246,7 @@ class PrefixEncoder:
 
         def fn(chunk: list[Text]) -> torch.Tensor:
             enc = self.tokenize(chunk)
-            state = InjectionState(layers={i: LayerInjection(key=k, value=v) for i, (k, v) in joint.items()})
-            return pool_hidden(self._forward(enc, state), enc["attention_mask"], pool)
+            state = prefix_state(joint, len(chunk))
+            return pool_features(self._forward(enc, state), enc["attention_mask"], pool)
 
         return self._chunks(as_texts(texts), fn, f"encode joint ({len(prefixes)} prefixes)")

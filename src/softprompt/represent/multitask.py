@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import tasks
 from ..io import atomic_save_tensors, atomic_write_json
-from .encoder import pool_hidden
+from .encoder import pool_features
 
 
 @dataclass
@@ -84,8 +84,8 @@ def _source(task: str, data_dir: str | None) -> tuple[Any, list[dict], list[dict
     spec = tasks.get_task(task)
     if spec.kind not in ("classification", "regression"):
         raise ValueError(f"multi-task sources must be classification or regression tasks; {spec.name} is {spec.kind}")
-    train = [r for r in tasks.load(spec.name, spec.train_split, data_dir) if r.get("label") is not None]
-    ev = [r for r in tasks.load(spec.name, spec.eval_split, data_dir) if r.get("label") is not None]
+    train = [r for r in tasks.load_split(spec.name, spec.train_split, data_dir) if r.get("label") is not None]
+    ev = [r for r in tasks.load_split(spec.name, spec.eval_split, data_dir) if r.get("label") is not None]
     return spec, train, ev
 
 
@@ -102,7 +102,7 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.encoder(**enc).last_hidden_state
-        return self.drop(pool_hidden(hidden, enc["attention_mask"], self.pool))
+        return self.drop(pool_features(hidden, enc["attention_mask"], self.pool))
 
 
 def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     from transformers import AutoModel, get_linear_schedule_with_warmup
 
     from .. import resources
-    from ..train.runner import load_tokenizer
+    from ..loading import load_tokenizer
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

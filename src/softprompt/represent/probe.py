@@ -137,19 +137,19 @@ def target_splits(task: str, *, data_dir: str | None = None, train_limit: int | 
     """
     spec = tasks.get_task(task)
     info = TaskInfo.from_spec(spec)
-    train = [r for r in tasks.load(spec.name, spec.train_split, data_dir) if r.get("label") is not None]
+    train = [r for r in tasks.load_split(spec.name, spec.train_split, data_dir) if r.get("label") is not None]
     how: dict[str, Any] = {"task": spec.name, "split_seed": split_seed}
     if spec.test_split == spec.eval_split:
         perm = np.random.default_rng(split_seed).permutation(len(train))
         n_dev = max(16, round(dev_fraction * len(train)))
         dev = [train[i] for i in sorted(perm[:n_dev])]
         train = [train[i] for i in sorted(perm[n_dev:])]
-        test = tasks.load(spec.name, spec.test_split, data_dir)
+        test = tasks.load_split(spec.name, spec.test_split, data_dir)
         how.update(train=f"{spec.train_split} minus dev", dev=f"{dev_fraction:.0%} of {spec.train_split} (seeded)",
                    test=spec.test_split)
     else:
-        dev = tasks.load(spec.name, spec.eval_split, data_dir)
-        test = tasks.load(spec.name, spec.test_split, data_dir)
+        dev = tasks.load_split(spec.name, spec.eval_split, data_dir)
+        test = tasks.load_split(spec.name, spec.test_split, data_dir)
         how.update(train=spec.train_split, dev=spec.eval_split, test=spec.test_split)
     train = _subsample(train, train_limit, split_seed)
     dev = _subsample([r for r in dev if r.get("label") is not None], dev_limit, split_seed + 1)

@@ -3,7 +3,7 @@
 Pure data + metrics (no model code). ``datasets`` is imported only for a Hub fallback.
 
 >>> from softprompt import tasks
->>> recs = tasks.load("glue/sst2", "dev")          # [{"idx", "text", "text_pair", "label"}, ...]
+>>> recs = tasks.load_split("glue/sst2", "dev")    # [{"idx", "text", "text_pair", "label"}, ...]
 >>> spec = tasks.get_task("glue/sst2")
 >>> tasks.compute_metrics(spec, [r["label"] for r in recs], [r["label"] for r in recs])["main"]
 1.0
@@ -38,7 +38,7 @@ from .registry import (
     describe_tasks,
     get_task,
     list_tasks,
-    load,
+    load_split,
     save_split_indices,
 )
 from .spec import SplitDerivation, TaskSpec
@@ -66,7 +66,7 @@ __all__ = [
     "f1_binary",
     "get_task",
     "list_tasks",
-    "load",
+    "load_split",
     "load_file",
     "macro_f1",
     "matthews_corrcoef",

@@ -290,7 +290,7 @@ def _derive(spec: TaskSpec, source: list[dict[str, Any]], seed: int | None = Non
     return {k: list(v) for k, v in _derived_cached(spec.name, len(source), labels, seed).items()}
 
 
-def load(name: str, split: str, data_dir: str | os.PathLike[str] | None = None, *, strict: bool = False,
+def load_split(name: str, split: str, data_dir: str | os.PathLike[str] | None = None, *, strict: bool = False,
          limit: int | None = None) -> list[dict[str, Any]]:
     """Load one split of a registered task as a list of record dicts.
 
@@ -324,7 +324,7 @@ def load(name: str, split: str, data_dir: str | os.PathLike[str] | None = None, 
 
 def derived_split_indices(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                           seed: int | None = None) -> dict[str, list[int]]:
-    """Indices into ``load(name, spec.derivation.source)`` of each derived split (sorted ascending).
+    """Indices into ``load_split(name, spec.derivation.source)`` of each derived split (sorted ascending).
 
     ``seed`` overrides the registered seed (0); :func:`load` always uses the registered one.
     Tasks without derived splits return ``{}``.

@@ -13,7 +13,7 @@ KINDS = ("classification", "regression", "multiple_choice", "token_classificatio
 class SplitDerivation:
     """How derived splits are cut from one source split (deterministic, seeded).
 
-    Each source record ``i`` (position in ``load(task, source)``) is ranked by
+    Each source record ``i`` (position in ``load_split(task, source)``) is ranked by
     ``sha256(f"{task}|{seed}|{i}")``; the ranked list is cut into consecutive chunks whose sizes
     are ``round(fraction * n)`` for every part but the first, which takes the remainder. With
     ``stratify=True`` this is done separately within each label. The returned index lists are

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 # Batch keys that are model inputs (labels are dropped: probing needs no loss).
 _DROP_KEYS = ("labels", "label")
 
 
 def _apt_module(model):
-    from .apt import APT
+    from .module import APT
 
     method = getattr(model, "method", None)
     if not isinstance(method, APT):
@@ -202,7 +202,7 @@ def allocate_lengths(gates: Mapping[str, Any], budget: int, min_length: int = 0)
 
 def save_layer_lengths(lengths: list[int], path: str | os.PathLike) -> None:
     """Write ``{"layer_lengths": [...]}`` atomically; ``PrefixConfig(**json.load(open(path)))`` reads it back."""
-    from ..io import atomic_write_json
+    from ...io import atomic_write_json
 
     atomic_write_json(path, {"layer_lengths": [int(n) for n in lengths]})
 

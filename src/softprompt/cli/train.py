@@ -1,35 +1,17 @@
-"""The ``softprompt`` command line: train, eval, predict, tasks, demo, and the subcommands of each component."""
+"""``softprompt train | eval | predict | tasks | demo``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import warnings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model aliases are local; never wait for an unreachable Hub
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-
-def _method_options(args) -> dict:
-    """Method options from the flags that apply to the chosen method, plus ``--option key=value`` pairs."""
-    opts: dict = {}
-    if args.num_virtual_tokens is not None:
-        opts["num_virtual_tokens"] = args.num_virtual_tokens
-    if args.layer is not None:
-        opts["layer"] = args.layer
-    if args.layer_lengths:
-        with open(args.layer_lengths) as f:
-            data = json.load(f)
-        opts["layer_lengths"] = data["layer_lengths"] if isinstance(data, dict) else data
-    for item in args.option or []:
-        key, _, value = item.partition("=")
-        try:
-            opts[key] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key] = value
-    return opts
+from .common import (
+    add_adapter_flags,
+    add_task_flags,
+    method_choices,
+    method_options,
+    texts_from_args,
+)
 
 
 def _release_process_group() -> None:
@@ -44,7 +26,7 @@ def _release_process_group() -> None:
 
 
 def cmd_train(args) -> int:
-    from .train.runner import TrainConfig, train
+    from ..train import TrainConfig, train
 
     if not args.task and not args.file:
         raise SystemExit("softprompt train: give --task NAME (see `softprompt tasks`) or --file F.csv|F.jsonl")
@@ -54,7 +36,7 @@ def cmd_train(args) -> int:
         label_column=args.label_column, data_dir=args.data_dir, train_split=args.train_split,
         eval_split=args.eval_split, epochs=args.epochs, max_steps=args.max_steps,
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=_method_options(args),
+        train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=method_options(args),
         bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
         save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, strict=args.strict,
         fsdp=args.fsdp or "", weight_decay=args.weight_decay,
@@ -69,7 +51,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .train.runner import evaluate
+    from ..train import evaluate
 
     metrics = evaluate(args.adapter, task=args.task, file=args.file, text_column=args.text_column,
                        text_pair_column=args.text_pair_column, label_column=args.label_column, split=args.split,
@@ -78,18 +60,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def texts_from_args(args, command: str) -> list[str]:
-    """Texts of a prediction command: repeated ``--text`` flags, or ``--file`` with one text per line."""
-    if args.text:
-        return list(args.text)
-    if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
-    raise SystemExit(f"softprompt {command}: give --text \"...\" (repeatable) or --file texts.txt")
-
-
 def cmd_predict(args) -> int:
-    from .train.runner import predict
+    from ..train import predict
 
     texts = texts_from_args(args, "predict")
     for row in predict(args.adapter, texts, base_model=args.base_model):
@@ -98,27 +70,20 @@ def cmd_predict(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from . import tasks
+    from .. import tasks
 
     print(tasks.describe_tasks())
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     return run_demo(output=args.output, steps=args.max_steps, data_dir=args.data_dir)
 
 
-def add_adapter_flags(p: argparse.ArgumentParser) -> None:
-    """``--adapter DIR`` and ``--base-model``, for every command that loads a saved adapter."""
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--base-model", help="use this base model (alias, folder or Hub name) instead of the one recorded "
-                                        "in the adapter, e.g. after moving the adapter to another machine")
-
-
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, help="prompt | ptuning | prefix | lpt | apt | idspam")
+    p.add_argument("--method", required=True, help=method_choices())
     p.add_argument("--model", default="minilm", help="alias (minilm, smollm2) or a transformers model path")
     p.add_argument("--task", help="registry task, e.g. glue/sst2 (see `softprompt tasks`)")
     p.add_argument("--file", help="your own labelled CSV/TSV/JSONL training file")
@@ -156,29 +121,24 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", help="passed to the Trainer, e.g. 'full_shard auto_wrap'")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_train_parsers(sub) -> None:
+    """Register train, eval, predict, tasks and demo."""
     p = sub.add_parser("train", help="train an adapter on a task or your own file")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a saved adapter")
     add_adapter_flags(p)
-    p.add_argument("--task")
-    p.add_argument("--split")
-    p.add_argument("--file")
+    add_task_flags(p)
+    p.add_argument("--file", help="your own labelled CSV/TSV/JSONL file instead of --task")
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--data-dir")
-    p.add_argument("--limit", type=int)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict with a saved adapter")
     add_adapter_flags(p)
-    p.add_argument("--text", action="append")
+    p.add_argument("--text", action="append", help="a text to label (repeatable)")
     p.add_argument("--file", help="one text per line")
     p.set_defaults(func=cmd_predict)
 
@@ -190,39 +150,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_demo)
-
-    for module in ("theory.cli", "method_cli", "represent.cli", "serve.cli", "dnd.cli"):
-        _add_optional(sub, module)
-    return parser
-
-
-def _add_optional(sub, module: str) -> None:
-    """Component subcommands register themselves through ``add_<name>_parser(sub)`` functions."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"softprompt.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("softprompt"):
-            return
-        raise
-    for name in dir(mod):
-        if name.startswith("add_") and name.endswith("_parser"):
-            getattr(mod, name)(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .errors import SoftPromptError
-    from .tasks import TaskError
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (SoftPromptError, TaskError, FileNotFoundError) as exc:
-        print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .id_spam import IDSPAM
+from .module import IDSPAM
 
 TokenWeights = list[tuple[str, float]]
 

@@ -1,4 +1,5 @@
-"""Turn task records into model features and batches, per task kind."""
+"""Turn task records into model features and padded batches, per task kind (used by training, evaluation and
+serving alike)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,6 @@ from typing import Any
 
 import torch
 
-
-def model_class_for(kind: str, is_decoder: bool):
-    """The transformers Auto class that carries the head of a task kind."""
-    import transformers as tf
-
-    if kind in ("classification", "regression"):
-        return tf.AutoModelForSequenceClassification
-    if kind == "token_classification":
-        return tf.AutoModelForTokenClassification
-    if kind == "multiple_choice":
-        if is_decoder:
-            raise ValueError("multiple-choice heads exist for encoders only; use an encoder model (e.g. minilm)")
-        return tf.AutoModelForMultipleChoice
-    raise ValueError(f"unknown task kind {kind!r}")
 
 
 def featurize(records: list[dict], spec, tokenizer, max_length: int) -> list[dict[str, Any]]:

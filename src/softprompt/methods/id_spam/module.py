@@ -23,99 +23,19 @@ layers at positions 0..t-1, real tokens keep positions 0..N-1), which generate()
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..engine.injector import ModelInfo
-from ..engine.state import InjectionState, Insertion
-from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
-
-UP_ACTIVATIONS = ("relu", "none")
-DROPOUT_SITES = ("prompt", "generator")
-EMBED_SOURCES = ("word", "full")
-POOLINGS = ("attention", "mean")
-POSITIONS = ("after_cls", "front")
-
-
-@dataclass
-class IDSPAMConfig(MethodConfig):
-    """Options of ID-SPAM. Defaults follow ``specs/id_spam.md``; the paper fixes only t = 10.
-
-    num_virtual_tokens: prompt length t (paper: 10).
-    layer: m, the number of layers before the insertion point (0 = right after the embeddings); default the middle
-        layer L // 2 (the paper finds middle layers best; m is swept in its grid).
-    bottleneck: c, width of W_down. 34 is inferred from the paper's parameter counts (3n^2 + 384n), never stated.
-    up_activation: "relu" applies ReLU after W_up as in the paper's Eq. 2 (prompt entries >= 0); "none" follows
-        the paper's prose (no activation). The paper disagrees with itself; default "relu" per the spec.
-    dropout: dropout probability (paper grid {0.1, 0.2, 0.3}; 0.1 is our pick, the chosen values are unreported).
-    dropout_site: "prompt" drops entries of S (default); "generator" drops the pooled vector A and the bottleneck
-        activation instead.
-    embed_source: "word" feeds the generator the word embeddings only (the paper's "token embedding"); "full" feeds
-        it the embedding layer's output (positions, token types, LayerNorm: whatever enters layer 0).
-    pooling: "attention" (ID-SPAM) or "mean" (the paper's ablation: plain masked mean of the embeddings, no
-        Q/K/V parameters).
-    mask_padding: mask padding keys in the attention and padding queries in the mean (default on; off only to
-        study the effect: padded batches then depend on the amount of padding).
-    qkv_bias / down_bias / up_bias: the bias layout; the default (False, False, True) reproduces the paper's counts.
-    position: encoders only. "after_cls" inserts S after the first token so [CLS]/<s>-reading heads read it
-        unchanged; "front" inserts S before it (the spec's ``read_index=t``: the engine strips the inserted rows
-        after the last layer, so the head reads the first real token). For encoders with absolute position
-        embeddings the two are mathematically identical (attention is permutation-equivariant after the
-        embeddings). Causal decoders always get the prompt in front (as key/value prefixes).
-    seed: seed of the parameter initialisation (PyTorch ``nn.Linear`` default init, as the spec says).
-    """
-
-    method = "idspam"
-    num_virtual_tokens: int = 10
-    layer: int | None = None
-    bottleneck: int = 34
-    up_activation: str = "relu"
-    dropout: float = 0.1
-    dropout_site: str = "prompt"
-    embed_source: str = "word"
-    pooling: str = "attention"
-    mask_padding: bool = True
-    qkv_bias: bool = False
-    down_bias: bool = False
-    up_bias: bool = True
-    position: str = "after_cls"
-    seed: int = 0
-
-    def validate(self, info: ModelInfo | None = None) -> None:
-        require(self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
-        require(self.bottleneck >= 1, f"bottleneck must be >= 1, got {self.bottleneck}")
-        require(self.up_activation in UP_ACTIVATIONS,
-                f"up_activation must be one of {UP_ACTIVATIONS}, got {self.up_activation!r}")
-        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        require(self.dropout_site in DROPOUT_SITES,
-                f"dropout_site must be one of {DROPOUT_SITES}, got {self.dropout_site!r}")
-        require(self.embed_source in EMBED_SOURCES,
-                f"embed_source must be one of {EMBED_SOURCES}, got {self.embed_source!r}")
-        require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        require(self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}")
-        require(self.layer is None or self.layer >= 0, f"layer must be >= 0, got {self.layer}")
-        if info is not None and self.layer is not None:
-            require(self.layer < info.num_layers,
-                    f"layer must be in 0..{info.num_layers - 1} for this model ({info.num_layers} layers), "
-                    f"got {self.layer}")
-
-    def insert_layer(self, num_layers: int) -> int:
-        """m: the configured layer or the middle one."""
-        return num_layers // 2 if self.layer is None else self.layer
-
-
-def id_spam_parameter_count(hidden: int, t: int = 10, c: int = 34, *, qkv_bias: bool = False,
-                            down_bias: bool = False, up_bias: bool = True, pooling: str = "attention") -> int:
-    """Closed form of the generator's trainable parameters (spec §2).
-
-    3n^2 (+3n with Q/K/V biases) + c n (+c with a W_down bias) + c n t (+n t with a W_up bias); the Q/K/V terms
-    vanish with ``pooling="mean"``. With the defaults this is 3n^2 + 384n.
-    """
-    n = hidden
-    qkv = (3 * n * n + (3 * n if qkv_bias else 0)) if pooling == "attention" else 0
-    return qkv + c * n + (c if down_bias else 0) + c * n * t + (n * t if up_bias else 0)
+from ...engine.injector import ModelInfo
+from ...engine.state import InjectionState, Insertion
+from ...pooling import masked_mean
+from ..base import (
+    Contribution,
+    HookShape,
+    MethodInputs,
+    PromptMethod,
+)
+from .config import IDSPAMConfig
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -164,15 +84,13 @@ class IDSPAM(PromptMethod):
         """A [B, n]: Eq. 1 (single-head self-attention, masked mean over real tokens), or the plain mean."""
         x = embeddings.to(device=self._device(), dtype=self.up.weight.dtype)
         keys, queries = self._masks(attention_mask, x.shape)
-        qm = queries[..., None].to(x.dtype)
         if self.config.pooling == "attention":
             q, k, v = self._project(x)
             # One head of width n, written out rather than through SDPA: B x N x N scores are small here, and
             # CUDA's memory-efficient SDPA kernel (the one a masked single wide head gets) has a non-deterministic
             # backward, which made ID-SPAM's GPU runs differ between repeats of the same seed.
             x = _attention_probs(q, k, keys) @ v
-            qm = qm.to(x.dtype)  # bf16 under autocast
-        return (x * qm).sum(1) / qm.sum(1).clamp(min=1)
+        return masked_mean(x, queries)  # in x's dtype: bf16 under autocast
 
     def generate_prompt(self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """S [B, t, n] from the generator's input embeddings [B, N, n] and the padding mask [B, N] (Eq. 1-2)."""
@@ -212,6 +130,11 @@ class IDSPAM(PromptMethod):
     def insertion_length(self) -> int:
         return self.config.num_virtual_tokens
 
+    def hook_shape(self) -> HookShape | None:
+        if self.config.embed_source != "full":
+            return None  # the prompt is made before the forward: a plain insertion, no hook
+        return HookShape(insertion=(self.layer, self.config.num_virtual_tokens, self._at()))
+
     def _at(self) -> int:
         if self.info.is_causal:
             return 0  # ignored by the decoder route (prefixes), kept 0 for clarity
@@ -236,14 +159,3 @@ class IDSPAM(PromptMethod):
         if mask is not None and mask.shape[1] != hidden.shape[1]:
             mask = mask[:, -hidden.shape[1]:]
         state.insertion = Insertion(self.layer, self.generate_prompt(hidden, mask), at=self._at())
-
-
-def _register() -> None:
-    from . import register_method
-
-    register_method(IDSPAMConfig.method, IDSPAMConfig, IDSPAM)
-
-
-_register()
-
-__all__ = ["IDSPAM", "IDSPAMConfig", "id_spam_parameter_count"]

@@ -8,70 +8,12 @@ MLP) plus the MLP itself (so training can resume, which PEFT cannot: huggingface
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..engine.injector import ModelInfo
-from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
-
-PREFIX_INITS = ("vocab", "random", "text")
-
-
-@dataclass
-class PrefixConfig(MethodConfig):
-    """Deep prefixes.
-
-    num_virtual_tokens: prefix length P at every layer (unless ``layer_lengths`` is given).
-    layer_lengths: one length per layer (0 = no prefix there); overrides num_virtual_tokens.
-    layers: restrict prefixes to these layer indices (others get 0).
-    projection: reparameterise through Embedding(P, d) -> Linear(d, h) -> Tanh -> Linear(h, L*2*H_kv*D).
-    init: "vocab" (keys/values that the frozen model itself produces for randomly sampled vocabulary tokens: prefixes
-        start on the scale of real keys), "random" (normal with std ``init_std``, PEFT's choice with std 1),
-        or "text" (keys/values of ``init_text``). Ignored with projection (the MLP is initialised randomly).
-    shift_positions: number the real tokens from P instead of 0, as PEFT's cache-based prefix tuning does (the
-        prefix takes positions 0..P-1). Off by default: prefix keys carry no position, and a shift can push
-        absolute-position models past their table (GPT-2's 1024). Applies to ``forward``; ``generate`` refuses it.
-    """
-
-    method = "prefix"
-    num_virtual_tokens: int = 20
-    layer_lengths: list[int] | None = None
-    layers: list[int] | None = None
-    projection: bool = False
-    projection_hidden_size: int = 512
-    init: str = "vocab"
-    init_text: str | None = None
-    init_std: float = 1.0
-    dropout: float = 0.0
-    shift_positions: bool = False
-    seed: int = 0
-
-    def validate(self, info: ModelInfo | None = None) -> None:
-        require(self.num_virtual_tokens >= 0, f"num_virtual_tokens must be >= 0, got {self.num_virtual_tokens}")
-        require(self.init in PREFIX_INITS, f"init must be one of {PREFIX_INITS}, got {self.init!r}")
-        require(self.init != "text" or bool(self.init_text), "init='text' needs init_text='...'")
-        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        if self.layer_lengths is not None:
-            require(all(int(n) >= 0 for n in self.layer_lengths), f"layer_lengths must be >= 0: {self.layer_lengths}")
-            require(sum(self.layer_lengths) > 0, "layer_lengths are all 0: nothing to train")
-        if info is not None:
-            if self.layer_lengths is not None:
-                require(
-                    len(self.layer_lengths) == info.num_layers,
-                    f"layer_lengths has {len(self.layer_lengths)} entries but the model has {info.num_layers} layers",
-                )
-            if self.layers is not None:
-                bad = [i for i in self.layers if not 0 <= i < info.num_layers]
-                require(not bad, f"layers {bad} out of range 0..{info.num_layers - 1}")
-
-    def lengths(self, num_layers: int) -> list[int]:
-        """The prefix length of every layer."""
-        if self.layer_lengths is not None:
-            return [int(n) for n in self.layer_lengths]
-        chosen = set(range(num_layers)) if self.layers is None else set(self.layers)
-        return [self.num_virtual_tokens if i in chosen else 0 for i in range(num_layers)]
+from ...engine.injector import ModelInfo
+from ..base import Contribution, MethodInputs, PromptMethod
+from .config import PrefixConfig
 
 
 class PrefixTuning(PromptMethod):
@@ -130,6 +72,9 @@ class PrefixTuning(PromptMethod):
         flat = self.mlp(self.wte.weight)  # [P_max, L*2*H*D]
         per = flat.view(flat.shape[0], info.num_layers, 2, info.num_kv_heads, info.head_dim).permute(1, 2, 3, 0, 4)
         return {i: per[i, :, :, :p] for i, p in enumerate(self.lengths) if p > 0}
+
+    def position_shift(self) -> int:
+        return max(self.lengths) if self.config.shift_positions else 0
 
     def forward(self, inputs: MethodInputs) -> Contribution:
         tables = self.layer_tables()

@@ -9,41 +9,19 @@ turned into the equivalent key/value prefix of layers m..L-1 (see ``Injector.ins
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..engine.injector import ModelInfo
-from ..engine.state import Insertion
-from .base import Contribution, MethodConfig, MethodInputs, PromptMethod, require
-
-GENERATORS = ("static", "npg")
-
-
-@dataclass
-class LatePromptConfig(MethodConfig):
-    """num_virtual_tokens t; layer m (default: the middle layer, L // 2); generator; bottleneck r for npg."""
-
-    method = "lpt"
-    num_virtual_tokens: int = 10
-    layer: int | None = None
-    generator: str = "static"
-    bottleneck: int = 128
-    dropout: float = 0.0
-    init_std: float = 0.02
-    seed: int = 0
-
-    def validate(self, info: ModelInfo | None = None) -> None:
-        require(self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
-        require(self.generator in GENERATORS, f"generator must be one of {GENERATORS}, got {self.generator!r}")
-        require(self.bottleneck >= 1, f"bottleneck must be >= 1, got {self.bottleneck}")
-        if info is not None and self.layer is not None:
-            require(0 <= self.layer < info.num_layers,
-                    f"layer must be in 0..{info.num_layers - 1} for this model, got {self.layer}")
-
-    def insert_layer(self, num_layers: int) -> int:
-        return num_layers // 2 if self.layer is None else self.layer
+from ...engine.injector import ModelInfo
+from ...engine.state import Insertion
+from ...pooling import masked_mean
+from ..base import (
+    Contribution,
+    HookShape,
+    MethodInputs,
+    PromptMethod,
+)
+from .config import LatePromptConfig
 
 
 class LatePrompt(PromptMethod):
@@ -67,6 +45,11 @@ class LatePrompt(PromptMethod):
             return Contribution(insertion=Insertion(self.layer, self.drop(self.prompt)[None], at=self._at()))
         return Contribution(layer_hook=self._npg_hook)
 
+    def hook_shape(self) -> HookShape | None:
+        if self.config.generator == "static":
+            return None  # a plain insertion, no hook
+        return HookShape(insertion=(self.layer, self.config.num_virtual_tokens, self._at()))
+
     def _at(self) -> int:
         return 0 if self.info.is_causal else 1
 
@@ -75,8 +58,7 @@ class LatePrompt(PromptMethod):
         if index != self.layer or not state.needs_insertion():
             return
         if self.info.is_causal:
-            mask = state.attention_mask[:, -hidden.shape[1]:].to(hidden.dtype)[..., None]
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            pooled = masked_mean(hidden, state.attention_mask[:, -hidden.shape[1]:])
         else:
             pooled = hidden[:, 0]
         t, d = self.config.num_virtual_tokens, self.info.hidden_size

@@ -25,96 +25,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..engine.injector import ModelInfo
-from ..engine.state import InjectionState
-from .base import Contribution, MethodInputs, PromptMethod, require
-from .prefix_tuning import PrefixConfig, PrefixTuning
-
-GATE_POOLS = ("mean", "first", "last")
-GATE_TARGETS = ("kv", "v")
-GATE_INITS = ("normal", "zeros")
+from ...engine.injector import ModelInfo
+from ...engine.state import InjectionState
+from ...pooling import mean_weights, pool
+from ..base import Contribution, HookShape, MethodInputs, PromptMethod
+from ..prefix_tuning.module import PrefixTuning
+from .config import APTConfig
 
 # Attribute of the per-forward InjectionState that caches this forward's gates (reused by generate's decode steps).
 _CACHE_ATTR = "_apt_gates"
 
 
-@dataclass
-class APTConfig(PrefixConfig):
-    """Adaptive prefix tuning: every :class:`PrefixConfig` option (prefix length, per-layer lengths, layers,
-    projection, init, dropout, seed), plus the gate options below.
-
-    gate_pool: how the hidden states h_{i-1} entering layer i are pooled into the d-vector the gate reads.
-        "mean" (default): mean over the real tokens (padding excluded via the attention mask) -- unverified
-        reconstruction (the spec's default); "first": the first real token ([CLS] for BERT-style encoders with
-        right padding, the first non-pad token under left padding); "last": the last real token (the usual summary
-        token of causal decoders). "first" is the only strictly causal choice for decoders: "mean" and "last" see
-        the whole input, so in causal LM training the gate of early positions depends on later tokens.
-    gate_target: "kv" (default, reconstruction: the same lambda*alpha scales prefix keys and values; on keys it acts
-        as a per-token temperature of the prefix logits) or "v" (values only: scales each prefix token's
-        contribution). The spec's third mode, an additive log-gate on the prefix logits, is not offered: it needs a
-        materialised attention mask and would leave the fused attention path.
-    lambda_init: initial value of every layer scalar lambda_i (default 1.0, unverified). With the default gate init
-        alpha starts near 0.5, so lambda_init=2.0 makes lambda*alpha ~= 1 (plain prefix strength) at the start.
-    gate_init: "normal" (default, our choice: W_i ~ N(0, gate_init_std), the UniPELT gate init of adapter-hub) or
-        "zeros" (W_i = 0, so alpha = sigmoid(b_i) = 0.5 exactly at the start).
-    gate_init_std: standard deviation of the "normal" gate init (0.02).
-    gate_bias: give each W_i a bias b_i of P_i entries (default True; the reconstruction allows either). The bias is
-        initialised to 0.
-    Gate source (not an option): the residual stream entering layer i (the spec's "layer input", a reconstruction);
-    the spec's alternative, the post-LayerNorm attention input of pre-LN models, is not offered.
-    """
-
-    method = "apt"
-    gate_pool: str = "mean"
-    gate_target: str = "kv"
-    lambda_init: float = 1.0
-    gate_init: str = "normal"
-    gate_init_std: float = 0.02
-    gate_bias: bool = True
-
-    def validate(self, info: ModelInfo | None = None) -> None:
-        super().validate(info)
-        require(self.gate_pool in GATE_POOLS, f"gate_pool must be one of {GATE_POOLS}, got {self.gate_pool!r}")
-        require(self.gate_target in GATE_TARGETS,
-                f"gate_target must be one of {GATE_TARGETS}, got {self.gate_target!r}")
-        require(self.gate_init in GATE_INITS, f"gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
-        require(isinstance(self.lambda_init, (int, float)) and abs(float(self.lambda_init)) < float("inf"),
-                f"lambda_init must be a finite number, got {self.lambda_init!r}")
-        require(self.gate_init_std >= 0, f"gate_init_std must be >= 0, got {self.gate_init_std}")
-
-
-def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
-    """Pool hidden states [B, N, d] with the padding mask [B, N] (1 = real token) into [B, d].
-
-    "mean" averages the real tokens; "first"/"last" take the first/last real token (this works for left and right
-    padding alike). Rows without any real token pool to position 0 / the mean of nothing (zeros).
-    """
-    if mask is None:
-        mask = hidden.new_ones(hidden.shape[:2])
-    mask = mask.to(hidden.dtype)
-    if how == "mean":
-        return torch.einsum("bn,bnd->bd", mask, hidden) / mask.sum(1, keepdim=True).clamp(min=1)
-    n = hidden.shape[1]
-    real = mask > 0
-    if how == "first":
-        idx = real.to(torch.int64).argmax(1)
-    elif how == "last":
-        idx = (n - 1) - real.flip(1).to(torch.int64).argmax(1)
-    else:  # pragma: no cover - validated by the config
-        raise ValueError(how)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-
-
-def mean_pool_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, N] weights that average the real tokens (1 / count on them, 0 on padding; all zero for an empty row),
-    so that ``bmm(weights, hidden)`` is the masked mean of ``pool_hidden(..., "mean")``."""
-    m = mask.to(torch.promote_types(dtype, torch.float32))
-    return (m / m.sum(1, keepdim=True).clamp(min=1)).to(dtype)[:, None, :]
 
 
 class APT(PromptMethod):
@@ -166,6 +91,12 @@ class APT(PromptMethod):
         self.prefix.init_from_model(embed, tokenizer, capture=capture)
 
     # ---- forward -----------------------------------------------------------------------------------------------
+    def position_shift(self) -> int:
+        return self.prefix.position_shift()
+
+    def hook_shape(self) -> HookShape:
+        return HookShape(gate="v" if self.config.gate_target == "v" else "kv")
+
     def forward(self, inputs: MethodInputs) -> Contribution:
         contrib = self.prefix(inputs)
         contrib.layer_hook = self._gate_hook
@@ -188,7 +119,7 @@ class APT(PromptMethod):
             if mask is not None and mask.shape[0] != hidden.shape[0]:
                 # generate() with beams/num_return_sequences repeats each example; the mask was built before that.
                 mask = mask.repeat_interleave(hidden.shape[0] // mask.shape[0], dim=0)
-            pooled = pool_hidden(hidden.to(dt), mask, self.config.gate_pool)
+            pooled = pool(hidden.to(dt), mask, self.config.gate_pool)
         alpha = torch.sigmoid(lin(pooled))
         return alpha, self.gate_lambda[str(index)]
 
@@ -215,7 +146,7 @@ class APT(PromptMethod):
             if self.config.gate_pool == "mean" and full and mask is not None and mask.shape[0] == hidden.shape[0]:
                 key = ("pool", hidden.dtype)
                 if key not in cache:  # once per forward, shared by every layer
-                    cache[key] = mean_pool_weights(mask, hidden.dtype)
+                    cache[key] = mean_weights(mask, hidden.dtype)
                 weights = cache[key]
             alpha, lam = self.compute_gate(index, hidden, mask, pool_weights=weights)
             gate = lam * alpha
@@ -261,14 +192,3 @@ class APT(PromptMethod):
     def num_gate_parameters(self) -> int:
         """L'*(d*P + P*[bias] + 1) for L' prefixed layers of length P (spec section 1)."""
         return sum(v.numel() for v in self._gate_state().values())
-
-
-def _register() -> None:
-    from . import register_method
-
-    register_method("apt", APTConfig, APT)
-
-
-_register()
-
-__all__ = ["APT", "GATE_INITS", "GATE_POOLS", "GATE_TARGETS", "APTConfig", "pool_hidden"]

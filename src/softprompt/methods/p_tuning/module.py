@@ -6,33 +6,13 @@ Linear(d,h)-ReLU-Linear(h,h)-ReLU-Linear(h,d)) or a bidirectional LSTM followed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..engine.injector import ModelInfo
-from .base import Contribution, MethodInputs, PromptMethod, require
-from .prompt_tuning import PromptTuningConfig, init_prompt_table
-
-ENCODERS = ("mlp", "lstm")
-
-
-@dataclass
-class PTuningConfig(PromptTuningConfig):
-    """Prompt-tuning options (length, init, position) plus the reparameterising encoder:
-    encoder "mlp" or "lstm"; encoder_hidden_size h (default: the model's hidden size); encoder_num_layers (LSTM).
-    """
-
-    method = "ptuning"
-    encoder: str = "mlp"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-
-    def validate(self, info: ModelInfo | None = None) -> None:
-        super().validate(info)
-        require(self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        require(self.encoder_hidden_size is None or self.encoder_hidden_size > 0, "encoder_hidden_size must be > 0")
+from ...engine.injector import ModelInfo
+from ..base import Contribution, MethodInputs, PromptMethod
+from ..prompt_tuning.module import init_prompt_table
+from .config import PTuningConfig
 
 
 class PTuning(PromptMethod):
@@ -50,7 +30,7 @@ class PTuning(PromptMethod):
             self.lstm = None
             self.mlp = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
 
-    def init_from_model(self, embed: nn.Module, tokenizer=None) -> None:
+    def init_from_model(self, embed: nn.Module, tokenizer=None, capture=None) -> None:
         init_prompt_table(self.embedding.data, self.config, embed, tokenizer)
 
     def insertion_length(self) -> int:

@@ -1,0 +1,60 @@
+"""Flags and helpers shared by the subcommands of every part (the only part of ``softprompt.cli`` that other CLI
+modules import)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..methods import METHODS
+
+
+def method_choices() -> str:
+    """The ``--method`` names, from the method registry."""
+    return " | ".join(METHODS)
+
+
+def add_adapter_flags(p: argparse.ArgumentParser) -> None:
+    """``--adapter DIR`` and ``--base-model``, for every command that loads a saved adapter."""
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--base-model", help="use this base model (alias, folder or Hub name) instead of the one recorded "
+                                        "in the adapter, e.g. after moving the adapter to another machine")
+
+
+def texts_from_args(args, command: str) -> list[str]:
+    """Texts of a prediction command: repeated ``--text`` flags, or ``--file`` with one text per line."""
+    if args.text:
+        return list(args.text)
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    raise SystemExit(f"softprompt {command}: give --text \"...\" (repeatable) or --file texts.txt")
+
+
+def method_options(args) -> dict:
+    """Method options from the flags that apply to the chosen method, plus ``--option key=value`` pairs."""
+    opts: dict = {}
+    if args.num_virtual_tokens is not None:
+        opts["num_virtual_tokens"] = args.num_virtual_tokens
+    if args.layer is not None:
+        opts["layer"] = args.layer
+    if args.layer_lengths:
+        with open(args.layer_lengths) as f:
+            data = json.load(f)
+        opts["layer_lengths"] = data["layer_lengths"] if isinstance(data, dict) else data
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
+
+
+def add_task_flags(p: argparse.ArgumentParser, *, limit: bool = True) -> None:
+    """``--task``, ``--split``, ``--data-dir`` (and ``--limit``), for every command that reads a registry task."""
+    p.add_argument("--task", help="registry task, e.g. glue/sst2 (see `softprompt tasks`)")
+    p.add_argument("--split", help="registry split (default: the task's evaluation split)")
+    p.add_argument("--data-dir", help="benchmark data folder (default: $SOFTPROMPT_DATA_DIR or ../shared/data)")
+    if limit:
+        p.add_argument("--limit", type=int, help="use only the first N examples")

@@ -1,0 +1,232 @@
+"""The one composer: method contributions in, the per-forward :class:`InjectionState` (and model inputs) out.
+
+Every caller builds its state here: :class:`~softprompt.model.SoftPromptModel` (one method for every row), the
+multi-adapter model (each adapter's contribution on its own rows), and the prefix-representation encoder (one prefix
+per row). A new ``Contribution`` field is therefore taught to this file only.
+
+A contribution's tensors carry a batch dimension of 1 (shared by its rows) or of its own row count. With one part
+covering the whole batch, the contribution passes through unchanged (no copies); with several, prefixes are stacked
+row by row (padded and hidden by ``prefix_mask`` when lengths differ), insertions stacked, gates merged, and layer
+hooks run on their own rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .state import InjectionState, Insertion, LayerHook, LayerInjection
+
+
+@dataclass
+class Contribution:
+    """What a method adds to one forward pass.
+
+    input_prompt: [B or 1, t, hidden] vectors placed in front of the token embeddings (position ``prompt_at``).
+    prefixes: layer index -> (key, value), each [B or 1, H_kv, P, D].
+    insertion: vectors inserted into the hidden states before one layer.
+    layer_hook: called with each layer's input hidden states (gates, prompts generated inside the forward).
+    """
+
+    input_prompt: torch.Tensor | None = None
+    prompt_at: int = 0
+    prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    insertion: Insertion | None = None
+    layer_hook: LayerHook | None = None
+
+
+@dataclass(frozen=True)
+class HookShape:
+    """What a method's layer hook does, declared by the method so that the composer can mix its rows with others.
+
+    gate: "kv" / "v" when the hook gates the method's own prefixes (APT), else None.
+    insertion: (layer, length, position) when the hook inserts vectors it generates inside the forward (LPT's
+        generator, ID-SPAM on full embeddings), else None.
+    """
+
+    gate: str | None = None
+    insertion: tuple[int, int, int] | None = None
+
+
+@dataclass
+class Part:
+    """One contribution and the rows it applies to (``rows`` None = every row of the batch)."""
+
+    contribution: Contribution
+    rows: torch.Tensor | None = None
+    hook: HookShape | None = None
+
+
+def compose(parts: Sequence[Part], batch: int, attention_mask: torch.Tensor | None = None, *,
+            replays: bool = False) -> InjectionState:
+    """The injection state of one forward pass of ``batch`` rows.
+
+    Rows that no part names run bare (no prefix, gate 1). Input-layer prompts are not part of the state: they change
+    the model inputs (see :func:`insert_prompt` and :func:`insert_row_prompts`).
+    """
+    state = InjectionState(attention_mask=attention_mask, replays=replays)
+    if len(parts) == 1 and (parts[0].rows is None or len(parts[0].rows) == batch):
+        only = parts[0].contribution  # one method for every row: its tensors are used as they are
+        for i, (k, v) in only.prefixes.items():
+            state.layers[i] = LayerInjection(key=k, value=v)
+        state.insertion, state.layer_hook = only.insertion, only.layer_hook
+        return state
+    covered = sum(len(p.rows) for p in parts) == batch
+    _stack_prefixes(batch, parts, covered, state)
+    _insertions_and_hooks(batch, parts, state, attention_mask)
+    return state
+
+
+def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: InjectionState) -> None:
+    """Per-layer key/value prefixes, one row per example (padded and masked when lengths differ)."""
+    layers = sorted({i for p in parts for i in p.contribution.prefixes})
+    pick, pick_of = None, None  # row -> part index, shared by the layers
+    for layer in layers:
+        present = [p for p in parts if layer in p.contribution.prefixes]
+        tables = [p.contribution.prefixes[layer] for p in present]
+        lengths = [k.shape[-2] for k, _ in tables]
+        width = max(lengths)
+        uniform = covered and len(present) == len(parts) and len(set(lengths)) == 1
+        if uniform and all(k.shape[0] == 1 and v.shape[0] == 1 for k, v in tables):
+            # The common case (static tables of one length): stack the tables and pick one per row, two kernels
+            # per layer whatever the number of parts.
+            if pick_of != [id(p) for p in present]:
+                pick, pick_of = torch.empty(g, dtype=torch.long, device=tables[0][0].device), [id(p) for p in present]
+                for j, p in enumerate(present):
+                    pick[p.rows] = j
+            keys = torch.cat([k for k, _ in tables])
+            values = torch.cat([v for _, v in tables])
+            state.layers[layer] = LayerInjection(key=keys[pick], value=values[pick])
+            continue
+        k0 = tables[0][0]
+        key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3])
+        value = key.clone()
+        visible = torch.zeros(g, width, dtype=torch.bool, device=key.device)
+        for p, (k, v), n in zip(present, tables, lengths):
+            key[p.rows, :, :n] = k.expand(len(p.rows), *k.shape[1:])
+            value[p.rows, :, :n] = v.expand(len(p.rows), *v.shape[1:])
+            visible[p.rows, :n] = True
+        inj = LayerInjection(key=key, value=value)
+        if not uniform:
+            inj.prefix_mask = visible
+        state.layers[layer] = inj
+
+
+def _insertions_and_hooks(g: int, parts: Sequence[Part], state: InjectionState, mask: torch.Tensor | None) -> None:
+    """Static insertions are stacked now; layer hooks (gates, generated prompts) run on their own rows."""
+    inserting = [p for p in parts if p.contribution.insertion is not None]
+    hooked = [p for p in parts if p.contribution.layer_hook is not None]
+    spec = next((_insertion_spec(p) for p in parts if _insertion_spec(p) is not None), None)
+    if not hooked:
+        if inserting:
+            state.insertion = _stack_insertion(g, spec, [(p.rows, p.contribution.insertion.vectors)
+                                                         for p in inserting])
+        return
+    # Each hooked part sees its own rows and a state of its own (its caches live there, e.g. APT's gates).
+    own = [InjectionState(attention_mask=None if mask is None else mask[p.rows]) for p in hooked]
+    static = [(p.rows, p.contribution.insertion.vectors) for p in inserting]
+
+    def hook(index: int, hidden: torch.Tensor, combined: InjectionState) -> None:
+        for p, mine in zip(hooked, own):
+            p.contribution.layer_hook(index, hidden[p.rows], mine)
+            inj = mine.layers.get(index)
+            if inj is not None and inj.gate is not None and index in combined.layers:
+                _merge_gate(combined.layers[index], inj, p.rows, g, p.hook.gate if p.hook else None)
+        if spec is not None and index == spec[0] and combined.insertion is None:
+            vectors = static + [(p.rows, mine.insertion.vectors) for p, mine in zip(hooked, own)
+                                if mine.insertion is not None]
+            combined.insertion = _stack_insertion(g, spec, vectors)
+
+    state.layer_hook = hook
+
+
+def _insertion_spec(part: Part) -> tuple[int, int, int] | None:
+    ins = part.contribution.insertion
+    if ins is not None:
+        return ins.layer, int(ins.vectors.shape[1]), ins.at
+    return part.hook.insertion if part.hook is not None else None
+
+
+def _stack_insertion(g: int, spec: tuple[int, int, int], vectors: list[tuple[torch.Tensor, torch.Tensor]]) -> Insertion:
+    """One Insertion for the batch: row r gets its own part's vectors (zeros for rows without one)."""
+    layer, t, at = spec
+    v0 = vectors[0][1]
+    out = v0.new_zeros(g, t, v0.shape[-1])
+    for rows, v in vectors:
+        out[rows] = v.to(out.dtype).expand(len(rows), *v.shape[1:])
+    return Insertion(layer, out, at=at)
+
+
+def _merge_gate(combined: LayerInjection, own: LayerInjection, rows: torch.Tensor, g: int, mode: str | None) -> None:
+    """Write one part's gate [b|1, (H,) P] into the batch's gate [G, H|1, P_max] (1 for the other rows)."""
+    gate = own.gate
+    gate = gate.reshape(gate.shape[0], -1 if gate.dim() > 2 else 1, gate.shape[-1])
+    p = gate.shape[-1]
+    width = combined.prefix_length
+    current = combined.gate
+    heads = gate.shape[1]
+    if current is None:
+        current = gate.new_ones(g, heads, width)
+    elif current.shape[1] < heads:
+        current = current.expand(g, heads, width).clone()
+    current[rows, :, :p] = gate.expand(len(rows), current.shape[1], p).to(current.dtype)
+    combined.gate = current
+    combined.gate_values_only = mode == "v"
+
+
+# ---- input-layer prompts ---------------------------------------------------------------------------------------------
+def insert_prompt(embeds: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor, at: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt [1 or B, t, d] for every row, at position ``at``: (embeddings, attention mask) grown by t."""
+    batch = embeds.shape[0]
+    prompt = prompt.to(embeds.dtype)
+    prompt = prompt.expand(batch, *prompt.shape[1:]) if prompt.shape[0] == 1 else prompt
+    embeds = torch.cat([embeds[:, :at], prompt, embeds[:, at:]], dim=1)
+    ones = mask.new_ones(batch, prompt.shape[1])
+    return embeds, torch.cat([mask[:, :at], ones, mask[:, at:]], dim=1)
+
+
+def insert_row_prompts(emb: torch.Tensor, mask: torch.Tensor, prompts: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+                       *, causal: bool, token_types: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Rows with prompts of different lengths (or none) in one batch: ``prompts`` holds (rows, prompt, at).
+
+    Row layout (k = leading padding, T = longest prompt, t = the row's prompt, at = its position): encoders
+    ``tokens[:k+at] prompt tokens[k+at:] slots(T-t)``: slots go last, so the absolute positions of real tokens are
+    those of the row alone; decoders ``slots(T-t) tokens[:k+at] prompt tokens[k+at:]``: slots join the left padding
+    and the prompt stays next to the real tokens, so relative (rotary) positions are those of the row alone. Slots are
+    masked. Everything is built with one gather per tensor (no per-row Python loop). Returns ``inputs_embeds``,
+    ``attention_mask``, ``token_type_ids`` (when given) and ``keep`` (where each real token landed).
+    """
+    g, n = mask.shape
+    device = mask.device
+    total = max(p.shape[1] for _, p, _ in prompts)
+    t = torch.zeros(g, dtype=torch.long, device=device)
+    at = torch.zeros(g, dtype=torch.long, device=device)
+    table = emb.new_zeros(g, total, emb.shape[-1])
+    for rows, prompt, where in prompts:
+        t[rows] = prompt.shape[1]
+        at[rows] = where
+        table[rows, : prompt.shape[1]] = prompt.to(emb.dtype).expand(len(rows), *prompt.shape[1:])
+    k = (mask != 0).to(torch.long).argmax(1)  # first real token (0 for right padding)
+    length = n + total
+    j = torch.arange(length, device=device)[None, :].expand(g, length)
+    if causal:
+        j = j - (total - t)[:, None]  # slots in front
+    split = (k + at)[:, None]
+    in_prompt = (j >= split) & (j < split + t[:, None])
+    zero = n + total  # index of an all-zero source column: slots
+    src = torch.where(j < split, j, torch.where(in_prompt, n + j - split, j - t[:, None]))
+    src = torch.where((j < 0) | (j >= n + t[:, None]), zero, src)
+    src_emb = torch.cat([emb, table, emb.new_zeros(g, 1, emb.shape[-1])], dim=1)
+    out = {"inputs_embeds": src_emb.gather(1, src[..., None].expand(g, length, emb.shape[-1]))}
+    prompt_mask = (torch.arange(total, device=device)[None] < t[:, None]).to(mask.dtype)
+    out["attention_mask"] = torch.cat([mask, prompt_mask, mask.new_zeros(g, 1)], dim=1).gather(1, src)
+    if token_types is not None:
+        src_tt = torch.cat([token_types, token_types.new_zeros(g, total + 1)], dim=1)
+        out["token_type_ids"] = src_tt.gather(1, src)  # prompt and slots: type 0, as SoftPromptModel
+    i = torch.arange(n, device=device)[None, :]
+    keep = i + torch.where(i >= split, t[:, None], 0)
+    out["keep"] = keep + (total - t)[:, None] if causal else keep
+    return out

@@ -1,0 +1,115 @@
+"""transformers' Trainer, changed only in what it saves and loads: the adapter (safetensors + JSON), never the
+frozen base model; plus a sampler that makes runs independent of the number of processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..errors import NonFiniteLossError
+from ..io import read_adapter_tensors
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A list of feature dicts as a torch Dataset."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation that depends only on (seed, epoch), identical on every rank.
+
+    accelerate shards the *batches* of this sampler across ranks (rank r takes batches r, r+W, ...), so a step of
+    W processes with batch b sees exactly the examples of one step of a single process with batch W*b: runs with the
+    same global batch give the same adapter whatever the number of processes.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class AdapterTrainer(Trainer):
+    """Saves and restores only the adapter (safetensors + JSON); stops on a non-finite loss."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpochShuffleSampler(len(dataset), self.args.data_seed or self.args.seed)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        unwrapped.save_pretrained(output_dir, **getattr(self, "adapter_metadata", {}))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        load_adapter_weights(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapter_weights(self.model, self.state.best_model_checkpoint)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint is kept "
+                f"in {self.args.output_dir}. Lower the learning rate (--lr) or use bf16 instead of fp16."
+            )
+        return loss
+
+
+def load_adapter_weights(model, folder: str) -> None:
+    """Restore a checkpoint's adapter tensors into a training model (names and shapes checked)."""
+    model.load_adapter_tensors(read_adapter_tensors(folder), folder)
+
+
+class LossLogger(TrainerCallback):
+    """Keeps every logged entry (loss, learning rate, eval metrics) with its step."""
+
+    def __init__(self):
+        self.history: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs:
+            self.history.append({"step": state.global_step, **logs})
+
+
+def last_checkpoint(output: str) -> str | None:
+    """The newest *complete* checkpoint folder: a process killed while writing one leaves it incomplete, so we fall
+    back to the one before (the Trainer writes ``trainer_state.json`` last; our adapter files are atomic)."""
+    root = Path(output)
+    if not root.is_dir():
+        return None
+    found = []
+    for d in root.glob("checkpoint-*"):
+        suffix = d.name.split("-", 1)[1]
+        if d.is_dir() and suffix.isdigit():
+            found.append((int(suffix), d))
+    for _, d in sorted(found, reverse=True):
+        try:
+            json.loads((d / "trainer_state.json").read_text())
+            read_adapter_tensors(d)
+        except (OSError, ValueError):
+            continue
+        if (d / "optimizer.pt").exists() and (d / "scheduler.pt").exists():
+            return str(d)
+    return None

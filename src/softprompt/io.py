@@ -82,7 +82,8 @@ def save_adapter(model, path: str | os.PathLike, **metadata) -> None:
     atomic_write_json(path / CONFIG_NAME, config)
     n = sum(v.numel() for v in tensors.values())
     card = (
-        f"# softprompt adapter\n\n- method: `{config['method']}`\n- base model: `{config['base_model']['name_or_path']}`"
+        f"# softprompt adapter\n\n- method: `{config['method']}`\n"
+        f"- base model: `{config['base_model']['name_or_path']}`"
         f" ({config['base_model']['architecture']})\n- tensors: {len(tensors)}, values: {n:,}\n\n"
         "Load with:\n\n```python\nimport softprompt as sp\nmodel = sp.load(base_model, PATH)\n```\n"
     )

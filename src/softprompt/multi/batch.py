@@ -15,8 +15,9 @@ from .heads import route_heads
 
 def run_rows(model: nn.Module, idx: torch.Tensor, names: list, ids: torch.Tensor, mask: torch.Tensor,
              token_types: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One planned group of ``model`` (a :class:`~softprompt.multi.MultiAdapterModel`): (row indices, logits) pairs. The group is split further only if padding its rows to the
-    longest prompt would exceed the model's position limit."""
+    """One planned group of ``model`` (a :class:`~softprompt.multi.MultiAdapterModel`): (row indices, logits)
+    pairs. The group is split further only if padding its rows to the longest prompt would exceed the model's
+    position limit."""
     limit = model.info.max_positions
     entries = [None if n is None else model.adapter(n) for n in names]
     extra = [0 if e is None else e.shape.extra_positions for e in entries]

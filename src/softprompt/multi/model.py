@@ -183,7 +183,7 @@ class MultiAdapterModel(nn.Module):
         ``adapter_names``: one entry per row (an adapter name, or None for the bare base model), or one name for
         all rows. Heads of different widths are padded with -inf up to the widest head of the batch.
         """
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
         names = self._names_for(adapter_names, batch)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -222,7 +222,7 @@ class MultiAdapterModel(nn.Module):
         k = len(names)
         batch = input_ids.shape[0]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
+        rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))
         logits = self(rep(input_ids), rep(mask), [n for n in names for _ in range(batch)], rep(token_type_ids))
         out = {}
         for j, n in enumerate(names):
@@ -258,7 +258,7 @@ class MultiAdapterModel(nn.Module):
             enc = self.tokenizer([texts[i] for i in members], [pairs[i] for i in members] if has_pair else None,
                                  truncation=True, max_length=limit)
             for j, i in enumerate(members):
-                rows[i] = {k: enc[k][j] for k in enc.keys()}
+                rows[i] = {k: enc[k][j] for k in enc}
         return Collator(self.tokenizer, "classification")(rows)
 
     def predict(

@@ -86,7 +86,8 @@ class PrefixTuning(PromptMethod):
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"tables.{i}": t.detach().contiguous() for i, t in self.layer_tables().items()}
         if self.mlp is not None:
-            out.update({f"mlp_state.{k}": v.detach() for k, v in self.state_dict().items() if not k.startswith("tables")})
+            mlp = {k: v for k, v in self.state_dict().items() if not k.startswith("tables")}
+            out.update({f"mlp_state.{k}": v.detach() for k, v in mlp.items()})
         return out
 
     def import_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -140,7 +140,8 @@ def _list_lines(result: ParseResult, limit: int = 20) -> str:
     lines = result.bad_lines
     if not lines:
         return ""
-    shown = ", ".join(str(n) for n in lines[:limit]) + (f", ... ({len(lines) - limit} more)" if len(lines) > limit else "")
+    more = f", ... ({len(lines) - limit} more)" if len(lines) > limit else ""
+    shown = ", ".join(str(n) for n in lines[:limit]) + more
     return f"; malformed {result.unit}s: {shown}"
 
 

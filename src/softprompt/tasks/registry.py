@@ -126,7 +126,8 @@ _register(TaskSpec(
     description=("CoNLL-2003 English NER, IOB2 tags (PER/ORG/LOC/MISC, HF conll2003 tag order); records "
                  "{tokens, tags}; -DOCSTART- lines skipped. conll2003/{train,valid,test}.txt: 14,041 / 3,250 / "
                  "3,453 sentences. Main metric: entity-level micro F1 (conlleval chunking)."),
-    metrics=("f1", "precision", "recall", "accuracy"), split_aliases={"valid": "dev", "validation": "dev", "val": "dev"},
+    metrics=("f1", "precision", "recall", "accuracy"),
+    split_aliases={"valid": "dev", "validation": "dev", "val": "dev"},
     files={"train": ("conll2003/train.txt",), "dev": ("conll2003/valid.txt",), "test": ("conll2003/test.txt",)},
     hub=("eriktks/conll2003", None, {"train": "train", "dev": "validation", "test": "test"}),
 ))
@@ -160,7 +161,8 @@ _register(TaskSpec(
     splits=("train", "dev", "test"), reader=rc.read_openbookqa, train_split="train", eval_split="dev",
     test_split="test",
     description=("OpenBookQA (Main), 4 choices parsed from '(A) .. (B) .. (C) .. (D) ..'; text = question stem; "
-                 "open book not included. commonsense/openbookqa/{train,dev,test}.tsv: 4,957 / 500 / 500 (all labeled)."),
+                 "open book not included. commonsense/openbookqa/{train,dev,test}.tsv: 4,957 / 500 / 500 "
+                 "(all labeled)."),
     metrics=_MC, split_aliases={"validation": "dev", "val": "dev"},
     files={s: (f"commonsense/openbookqa/{s}.tsv",) for s in ("train", "dev", "test")},
     hub=("allenai/openbookqa", "main", {"train": "train", "dev": "validation", "test": "test"}),
@@ -171,7 +173,8 @@ _register(TaskSpec(
     splits=("train", "test", "full"), reader=rc.read_piqa, train_split="train", eval_split="test", test_split="test",
     description=("PIQA physical commonsense, 2 choices; text = goal. Only the validation set (valid.jsonl + "
                  "valid-labels.lst, 1,838) is available, as split `full`; train / test are derived from it: "
-                 "50/50, seed 0 (919 / 919). There is no separate dev split (eval_split = test): do no model selection on it."),
+                 "50/50, seed 0 (919 / 919). There is no separate dev split (eval_split = test): "
+                 "do no model selection on it."),
     metrics=_MC, split_aliases={"validation": "full", "val": "full"},
     derivation=SplitDerivation("full", (("train", 0.5), ("test", 0.5)), seed=0),
     files={"full": ("commonsense/piqa/valid.jsonl", "commonsense/piqa/valid-labels.lst")},

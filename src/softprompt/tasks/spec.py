@@ -105,4 +105,5 @@ class TaskSpec:
             return low
         if low in self.split_aliases:
             return self.split_aliases[low]
-        raise UnknownSplitError(self.name, split, list(self.splits) + [f"{a} (={t})" for a, t in self.split_aliases.items()])
+        aliases = [f"{a} (={t})" for a, t in self.split_aliases.items()]
+        raise UnknownSplitError(self.name, split, list(self.splits) + aliases)

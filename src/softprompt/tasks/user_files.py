@@ -31,7 +31,8 @@ def _read_table(path: Path, col: Collector, delimiter: str) -> tuple[list[str], 
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise MalformedRowError(path, data.count(b"\n", 0, exc.start) + 1, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise MalformedRowError(path, line, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); "
                                 f"re-save the file as UTF-8 (e.g. from Latin-1)") from None
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
@@ -134,7 +135,8 @@ def parse_user_file(path: Path, text_column: str, text_pair_column: str | None, 
         columns, rows = _read_json(path, col)
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl, .json or .txt)")
-    for c, role in ((text_column, "text_column"), (text_pair_column, "text_pair_column"), (label_column, "label_column")):
+    roles = ((text_column, "text_column"), (text_pair_column, "text_pair_column"), (label_column, "label_column"))
+    for c, role in roles:
         if c is not None and c not in columns:
             raise MissingColumnError(path, c, role, columns)
 

@@ -128,7 +128,8 @@ def curves(
                 lr=(regime_lr or {}).get(r, train_cfg.lr),
             )
             if r == "ft":
-                cfg = replace(cfg, pretrain_steps=(regime_steps or {}).get("pt", train_cfg.pretrain_steps or train_cfg.steps))
+                pre_steps = (regime_steps or {}).get("pt", train_cfg.pretrain_steps or train_cfg.steps)
+                cfg = replace(cfg, pretrain_steps=pre_steps)
             if r == "pt" and "pt" in done:
                 continue
             log(f"[train] {r}: steps={cfg.steps} lr={cfg.lr} runs={cfg.runs} batch={cfg.batch} device={cfg.device}")
@@ -170,7 +171,8 @@ def _print_table(result: dict[str, Any], out: Any = None) -> None:
             tr = result["train"][r]
             print(f"{'':<8}{'trained best':<14}" + "".join(f"{v:>10.4f}" for v in tr["best"]), file=out)
             print(f"{'':<8}{'trained mean':<14}" + "".join(f"{v:>10.4f}" for v in tr["mean"]), file=out)
-            print(f"{'':<8}{'best/theory-1':<14}" + "".join(f"{100 * v:>9.2f}%" for v in tr["best_vs_theory_rel"]), file=out)
+            rel = "".join(f"{100 * v:>9.2f}%" for v in tr["best_vs_theory_rel"])
+            print(f"{'':<8}{'best/theory-1':<14}" + rel, file=out)
 
 
 def _command_line() -> str:
@@ -234,7 +236,8 @@ def _cmd_curves(args: argparse.Namespace) -> int:
         import torch
 
         result["meta"]["torch"] = torch.__version__
-        result["meta"]["device_name"] = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu"
+        on_gpu = str(args.device).startswith("cuda")
+        result["meta"]["device_name"] = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
     _print_table(result)
     if args.json:
         p = Path(args.json)
@@ -259,7 +262,8 @@ def _cmd_configs(args: argparse.Namespace) -> int:
         return 0
     for name in PRESETS:
         mix = preset(name)
-        print(f"{name:<34} norm={mix.norm:<8.4g} global mean={round(float(mix.mean[0]), 12) + 0.0:+.3g}  {mix.description}")
+        mean = round(float(mix.mean[0]), 12) + 0.0  # + 0.0 turns -0.0 into 0.0
+        print(f"{name:<34} norm={mix.norm:<8.4g} global mean={mean:+.3g}  {mix.description}")
     return 0
 
 
@@ -296,7 +300,8 @@ def add_theory_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     c = sub.add_parser("curves", help="normalised optimal loss per regime and n (+ Monte-Carlo, + training, + figure)")
     c.add_argument("--config", default="zero_cov_12", help="preset name (see 'theory configs') or a JSON/YAML file")
     c.add_argument("--n", type=_int_list, default=[1, 10, 20, 30, 40, 50], help="comma-separated context lengths")
-    c.add_argument("--regimes", type=_regime_list, default=list(REGIMES), help="subset of pt,ft,jt,dec and the references oracle,jt_gc")
+    c.add_argument("--regimes", type=_regime_list, default=list(REGIMES),
+                   help="subset of pt,ft,jt,dec and the references oracle,jt_gc")
     c.add_argument("--json", help="write the results here")
     c.add_argument("--plot", help="write a PNG figure here")
     c.add_argument("--layout", choices=("panels", "overlay"), default="panels")
@@ -304,7 +309,8 @@ def add_theory_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     c.add_argument("--mc-draws", type=int, default=200_000, help="Monte-Carlo draws per task (default 200000)")
     c.add_argument("--train", action="store_true", help="train the linear-attention model in each regime")
     c.add_argument("--steps", type=int, default=20_000, help="optimiser steps per regime (FT: of the prompt phase)")
-    c.add_argument("--pretrain-steps", type=int, default=None, help="FT's PT phase (default: --steps, or the pt entry of --regime-steps)")
+    c.add_argument("--pretrain-steps", type=int, default=None,
+                   help="FT's PT phase (default: --steps, or the pt entry of --regime-steps)")
     c.add_argument("--regime-steps", help="per-regime steps, e.g. dec=60000,pt=20000")
     c.add_argument("--regime-lr", help="per-regime learning rates, e.g. dec=0.01")
     c.add_argument("--lr", type=float, default=1e-3)
@@ -315,9 +321,11 @@ def add_theory_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (training and Monte-Carlo)")
     c.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
-    c.add_argument("--threads", type=int, default=None, help="torch CPU threads; 1 is fastest for these tiny ops on a busy CPU")
+    c.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; 1 is fastest for these tiny ops on a busy CPU")
     c.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
-    c.add_argument("--no-record-argv", dest="record_argv", action="store_false", help="do not store the command line in the JSON")
+    c.add_argument("--no-record-argv", dest="record_argv", action="store_false",
+                   help="do not store the command line in the JSON")
     c.set_defaults(func=_cmd_curves)
 
     g = sub.add_parser("configs", help="list the named configurations, or show one as JSON")

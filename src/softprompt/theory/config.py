@@ -130,7 +130,8 @@ class TaskMixture:
                 mat = 0.5 * (arr + arr.T)
                 _check_psd(arr, f"cs[{i}]", strict=False)
             else:
-                raise _field_error(f"cs[{i}]", f"must be a scalar, a length-{d} vector or a {d}x{d} matrix, got shape {arr.shape}")
+                raise _field_error(f"cs[{i}]", f"must be a scalar, a length-{d} vector or a {d}x{d} matrix, "
+                                               f"got shape {arr.shape}")
             cov_list.append(mat)
         self.covs = np.stack(cov_list)
 
@@ -159,7 +160,8 @@ class TaskMixture:
                 _check_psd(arr, "sigma_x", strict=True)
                 sx = 0.5 * (arr + arr.T)
             else:
-                raise _field_error("sigma_x", f"must be null, a scalar, a length-{d} vector or a {d}x{d} matrix, got shape {arr.shape}")
+                raise _field_error("sigma_x", f"must be null, a scalar, a length-{d} vector or a {d}x{d} matrix, "
+                                              f"got shape {arr.shape}")
         self.sigma_x = sx
 
     # ------------------------------------------------------------------ moments
@@ -237,7 +239,7 @@ class TaskMixture:
         """
         if not isinstance(data, Mapping):
             # ValueError (not TypeError): every malformed user config is reported the same way.
-            raise ValueError("theory config must be a JSON/YAML object (mapping)")  # noqa: TRY004
+            raise ValueError("theory config must be a JSON/YAML object (mapping)")
         unknown = set(data) - _ALLOWED_KEYS
         if unknown:
             raise _field_error(min(unknown), f"unknown key (allowed: {sorted(_ALLOWED_KEYS)})")
@@ -276,13 +278,21 @@ _PRESET_TABLE: dict[str, dict[str, Any]] = {
     "zero_cov_12": {"mus": _ZERO, "cs": (1.0, 2.0), "description": "global mean 0, covariances 1 and 2 (main figure)"},
     "zero_cov_11": {"mus": _ZERO, "cs": (1.0, 1.0), "description": "global mean 0, covariances 1 and 1"},
     "zero_cov_22": {"mus": _ZERO, "cs": (2.0, 2.0), "description": "global mean 0, covariances 2 and 2"},
-    "zero_cov_11_different_means": {"mus": (2.1, -0.9), "cs": (1.0, 1.0), "description": "global mean 0, means 2.1/-0.9"},
+    "zero_cov_11_different_means": {
+        "mus": (2.1, -0.9), "cs": (1.0, 1.0), "description": "global mean 0, means 2.1/-0.9"
+    },
     "nonzero_cov_11": {"mus": _NONZERO, "cs": (1.0, 1.0), "description": "global mean -0.4, covariances 1 and 1"},
     "nonzero_cov_22": {"mus": _NONZERO, "cs": (2.0, 2.0), "description": "global mean -0.4, covariances 2 and 2"},
     "nonzero_cov_12": {"mus": _NONZERO, "cs": (1.0, 2.0), "description": "global mean -0.4, covariances 1 and 2"},
-    "nonzero_cov_11_different_means": {"mus": (1.7, -1.3), "cs": (1.0, 1.0), "description": "global mean -0.4, means 1.7/-1.3"},
-    "noisy_zero_cov_11": {"mus": _ZERO, "cs": (1.0, 1.0), "sigma": 0.3, "description": "zero_cov_11 with label noise sigma=0.3"},
-    "noisy_nonzero_cov_11": {"mus": _NONZERO, "cs": (1.0, 1.0), "sigma": 0.3, "description": "nonzero_cov_11 with label noise sigma=0.3"},
+    "nonzero_cov_11_different_means": {
+        "mus": (1.7, -1.3), "cs": (1.0, 1.0), "description": "global mean -0.4, means 1.7/-1.3"
+    },
+    "noisy_zero_cov_11": {
+        "mus": _ZERO, "cs": (1.0, 1.0), "sigma": 0.3, "description": "zero_cov_11 with label noise sigma=0.3"
+    },
+    "noisy_nonzero_cov_11": {
+        "mus": _NONZERO, "cs": (1.0, 1.0), "sigma": 0.3, "description": "nonzero_cov_11 with label noise sigma=0.3"
+    },
     # Despite its name, the official config scales a *diagonal* 2^-i beta covariance.
     "isotropic_covariance_zero_mean": {
         "mus": _ZERO,

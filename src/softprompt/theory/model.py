@@ -38,7 +38,7 @@ __all__ = ["LinearAttn", "tokens"]
 
 
 def tokens(batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context tokens ``Z = [X, y]`` of shape ``(..., B, n, d+1)`` and query tokens ``[x; 0]`` of shape ``(..., B, d+1)``."""
+    """Context tokens ``Z = [X, y]``, shape ``(..., B, n, d+1)``, and query tokens ``[x; 0]``, ``(..., B, d+1)``."""
     Z = torch.cat([batch.X, batch.y[..., None]], dim=-1)
     zq = torch.cat([batch.xq, torch.zeros_like(batch.xq[..., :1])], dim=-1)
     return Z, zq

@@ -67,11 +67,16 @@ class MCResult:
         out = asdict(self)
         out.update(normalised=self.normalised, se_normalised=self.se_normalised)
         if self.paired_diff is not None:
-            out.update(paired_diff_normalised=self.paired_diff / self.norm, paired_diff_se_normalised=self.paired_diff_se / self.norm)
+            out.update(
+                paired_diff_normalised=self.paired_diff / self.norm,
+                paired_diff_se_normalised=self.paired_diff_se / self.norm,
+            )
         return out
 
 
-def reduced_predictor(params: ReducedParams, index: int = 0, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> Predictor:
+def reduced_predictor(
+    params: ReducedParams, index: int = 0, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"
+) -> Predictor:
     """Predictor ``x^T (c_k + W_k X^T (y - X g_k))`` for the ``index``-th context length of ``params``."""
     W = torch.as_tensor(params.W[index], dtype=dtype, device=device)
     c = torch.as_tensor(params.c[index], dtype=dtype, device=device)
@@ -244,7 +249,8 @@ def _self_check() -> None:  # pragma: no cover - manual smoke test
     mix = preset("zero_cov_12")
     for r in ("pt", "ft", "jt", "dec"):
         res = monte_carlo(mix, 10, r, draws=100_000)
-        print(r, round(res.normalised, 4), "+-", round(res.se_normalised, 4), np.round(closed_form(mix, 10, r, True).loss, 4))
+        theory = np.round(closed_form(mix, 10, r, True).loss, 4)
+        print(r, round(res.normalised, 4), "+-", round(res.se_normalised, 4), theory)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,10 @@ from .closed_form import REGIME_LABELS
 
 __all__ = ["config_title", "plot_curves"]
 
-_COLORS = {"pt": "tab:blue", "ft": "tab:orange", "jt": "tab:green", "dec": "tab:red", "oracle": "tab:purple", "jt_gc": "tab:olive"}
+_COLORS = {
+    "pt": "tab:blue", "ft": "tab:orange", "jt": "tab:green", "dec": "tab:red",
+    "oracle": "tab:purple", "jt_gc": "tab:olive",
+}
 _PANEL_TITLES = {
     "pt": "Plain training",
     "ft": "Fine-tuning with prompts",
@@ -97,14 +100,16 @@ def plot_curves(result: Mapping[str, Any], path: str | Path, layout: str = "pane
         if layout == "panels":
             for extra, h in host.items():
                 if h == r and extra in present:
-                    ax.plot(ns, result["theory"][extra], ":", color=_COLORS[extra], lw=1.6, label=f"{REGIME_LABELS[extra]}")
+                    ax.plot(ns, result["theory"][extra], ":", color=_COLORS[extra], lw=1.6,
+                            label=f"{REGIME_LABELS[extra]}")
         meas = _measured(result, r)
         if meas is not None:
             label, ys, err = meas
             if err is None:
                 ax.plot(ns, ys, "-o", color=col, ms=4, lw=1.4, label=f"{r.upper()} {label}")
             else:
-                ax.errorbar(ns, ys, yerr=err, fmt="-o", color=col, ms=4, lw=1.4, capsize=2, label=f"{r.upper()} {label}")
+                ax.errorbar(ns, ys, yerr=err, fmt="-o", color=col, ms=4, lw=1.4, capsize=2,
+                            label=f"{r.upper()} {label}")
         if layout == "panels":
             ax.set_title(_PANEL_TITLES.get(r, REGIME_LABELS.get(r, r)), fontsize=10)
             ax.set_xlabel("n (in-context examples)")

@@ -46,7 +46,9 @@ class TaskSampler:
             and independent of the global RNG).
     """
 
-    def __init__(self, mix: TaskMixture, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+    def __init__(
+        self, mix: TaskMixture, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, seed: int = 0
+    ) -> None:
         self.mix = mix
         self.device = torch.device(device)
         self.dtype = dtype

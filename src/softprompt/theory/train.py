@@ -172,7 +172,8 @@ class TrainResult:
             "config": self.config.to_dict(),
             "history": [list(h) for h in self.history],
             "structure": self.structure,
-            "pretrain": None if self.pretrain is None else {k: v for k, v in self.pretrain.to_dict().items() if k != "history"},
+            "pretrain": None if self.pretrain is None
+            else {k: v for k, v in self.pretrain.to_dict().items() if k != "history"},
         }
 
 
@@ -243,7 +244,9 @@ def prefix_grams(Z: torch.Tensor, ns: Sequence[int]) -> torch.Tensor:
     return cum[:, inverse]
 
 
-def _evaluate(model: LinearAttn, mix: TaskMixture, n: int, regime: str, cfg: TrainConfig, use_prompt: bool) -> tuple[list[MCResult], MCResult]:
+def _evaluate(
+    model: LinearAttn, mix: TaskMixture, n: int, regime: str, cfg: TrainConfig, use_prompt: bool
+) -> tuple[list[MCResult], MCResult]:
     """Fresh float64 draws (seed disjoint from training), with the regime's closed form on the same draws."""
     ref = reduced_predictor(closed_form(mix, [n], regime).params, device=cfg.device)
     return evaluate_paired(
@@ -344,13 +347,15 @@ def train_multi(
     pre: dict[int, TrainResult] | None = None
     if regime == "ft":
         pre_steps = cfg.pretrain_steps or cfg.steps
-        hist = _fit(model, model.attention_parameters(), mix, ns, pre_steps, cfg, sampler, use_prompt=False, callback=callback)
+        hist = _fit(model, model.attention_parameters(), mix, ns, pre_steps, cfg, sampler,
+                    use_prompt=False, callback=callback)
         t_pre = time.perf_counter() - t0
         pre = _results(model, "pt", mix, ns, replace(cfg, steps=pre_steps), t_pre, hist, use_prompt=False)
         for p in model.attention_parameters():
             p.requires_grad_(False)  # FT: the pretrained attention is frozen
         t1 = time.perf_counter()
-        history = _fit(model, model.task_parameters(), mix, ns, cfg.steps, cfg, sampler, use_prompt=True, callback=callback)
+        history = _fit(model, model.task_parameters(), mix, ns, cfg.steps, cfg, sampler,
+                       use_prompt=True, callback=callback)
         seconds = t_pre + time.perf_counter() - t1
     else:
         use_prompt = regime != "pt"

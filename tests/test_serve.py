@@ -20,7 +20,7 @@ from softprompt.multi import MultiAdapterModel
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from softprompt.serve import ServeConfig, create_app
+from softprompt.serve import ServeConfig, create_app  # noqa: E402
 
 SERVED = ["prefix_a", "prefix_b", "apt", "prompt_front", "lpt", "score"]
 JSON = {"content-type": "application/json"}
@@ -255,7 +255,7 @@ def test_cli_serves_named_adapters(dirs, tmp_path):
 
     assert parse_adapter_specs(["a=/x", "b = /y"]) == {"a": "/x", "b": "/y"}
     for bad in (["a"], ["=/x"], ["a=/x", "a=/y"]):
-        with pytest.raises(SystemExit, match="NAME=DIR|twice"):
+        with pytest.raises(SystemExit, match=r"NAME=DIR|twice"):
             parse_adapter_specs(bad)
     base, adapters = dirs
     args = ["--model", base, "--adapter", f"pos={adapters['prefix_a']}", "--adapter",

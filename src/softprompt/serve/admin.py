@@ -82,7 +82,7 @@ def add_admin_routes(app: FastAPI, model: MultiAdapterModel, cfg: ServeConfig, a
                 return model.add_adapter(name, folder)
             except SoftPromptError as exc:
                 raise BadAdapterPathError(f"cannot load adapter from {path!r}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - any unusable folder (odd config, odd tensors) is a 400
+            except Exception as exc:  # any unusable folder (odd config, odd tensors) is a 400, never a 500
                 raise BadAdapterPathError(f"cannot load adapter from {path!r}: {type(exc).__name__}: {exc}") from None
 
     @app.post("/adapters", status_code=201, response_model=AdapterInfo, dependencies=[Depends(authorize)],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -91,10 +92,8 @@ class DynamicBatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if self._getter is not None:
             self._getter.cancel()
         while self._queue is not None and not self._queue.empty():
@@ -170,7 +169,7 @@ class DynamicBatcher:
                 continue
             try:
                 results = await loop.run_in_executor(self._executor, self._run, batch)
-            except Exception as exc:  # noqa: BLE001 - _run handles row errors itself; this is a last resort
+            except Exception as exc:  # _run handles row errors itself; this is a last resort
                 results = [exc] * len(batch)
             for row, res in zip(batch, results):
                 if row.future.done():
@@ -219,13 +218,13 @@ class DynamicBatcher:
                                      [batch[i].text_pair for i in rows])
             for i, res in zip(rows, out):
                 results[i] = res
-        except Exception:  # noqa: BLE001 - any error of a batch is retried in parts (failure isolation)
+        except Exception:  # any error of a batch is retried in parts (failure isolation)
             if len({batch[i].request for i in rows}) == 1:
                 # One request only: retry row by row so the error names the row that caused it.
                 for i in rows:
                     try:
                         results[i] = self.model.predict([batch[i].text], [batch[i].adapter], [batch[i].text_pair])[0]
-                    except Exception as exc:  # noqa: BLE001 - reported to that row's request
+                    except Exception as exc:  # reported to that row's request
                         results[i] = exc
                 return
             # Several requests: retry each alone, so one bad request cannot fail the others.

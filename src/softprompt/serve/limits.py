@@ -63,7 +63,7 @@ def safetensors_bytes(file: str) -> int:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise BadAdapterPathError(f"{name}: tensor {str(key)[:80]!r} has a corrupt header entry; re-save the adapter")
+            raise BadAdapterPathError(f"{name}: tensor {str(key)[:80]!r} has a corrupt header entry; re-save it")
         total += nbytes
         end = max(end, int(hi))
     if 8 + n + end > size:
@@ -124,7 +124,7 @@ def check_adapter_size(folder: str, info, *, max_virtual_tokens: int, max_bytes:
         needed = module_bytes(method, options, info)
     except SoftPromptError:
         raise
-    except Exception as exc:  # noqa: BLE001 - an option of the wrong type that a constructor used
+    except Exception as exc:  # an option of the wrong type that a constructor used: a 400, not a 500
         raise BadAdapterPathError(f"adapter config {method!r} {json.dumps(options)[:200]} cannot be built: "
                                   f"{type(exc).__name__}: {exc}") from None
     if needed > max_bytes:

@@ -22,8 +22,8 @@ from .errors import BadAdapterPathError, ForbiddenError, UnauthorizedError
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 ADMIN_OFF = (
-    f"adapter management is off on this server: start it with --admin-token (or the {ADMIN_TOKEN_ENV} environment variable) "
-    "and send 'Authorization: Bearer TOKEN', or with --allow-admin-without-auth on a loopback --host"
+    f"adapter management is off on this server: start it with --admin-token (or the {ADMIN_TOKEN_ENV} environment "
+    "variable) and send 'Authorization: Bearer TOKEN', or with --allow-admin-without-auth on a loopback --host"
 )
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 
 from .closed_form import ALL_REGIMES, REGIMES, as_n_array, theory_curves
 from .config import PRESETS, TaskMixture, preset, resolve_config
+from .limits import check_closed_forms, check_training, fit_mc_chunk
 
 __all__ = ["add_theory_parser", "curves", "main"]
 
@@ -35,6 +37,37 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def _at_least(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (a smaller one is a usage error, exit code 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite float above ``minimum`` (or equal to it when ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {minimum}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
 def _regime_list(text: str) -> list[str]:
     vals = [v.strip().lower() for v in text.split(",") if v.strip()]
     bad = [v for v in vals if v not in ALL_REGIMES]
@@ -43,7 +76,7 @@ def _regime_list(text: str) -> list[str]:
     return vals
 
 
-def _overrides(text: str | None, cast: type) -> dict[str, Any]:
+def _overrides(text: str | None, cast: Callable[[str], Any]) -> dict[str, Any]:
     """Parse ``dec=60000,pt=20000`` into a dict."""
     out: dict[str, Any] = {}
     if not text:
@@ -77,7 +110,7 @@ def curves(
         mix: the mixture.
         ns: context lengths.
         regimes: regimes to report (the references ``oracle`` and ``jt_gc`` have theory and MC only).
-        mc_draws: if > 0, Monte-Carlo draws per task for each closed form.
+        mc_draws: Monte-Carlo draws per task for each closed form (0: none; otherwise at least 2).
         train_cfg: a :class:`~softprompt.theory.train.TrainConfig` to also train the model, or None.
         regime_steps: per-regime step counts overriding ``train_cfg.steps``.
         regime_lr: per-regime learning rates overriding ``train_cfg.lr``.
@@ -87,7 +120,17 @@ def curves(
     Returns:
         A JSON-friendly dict (the schema that :func:`~softprompt.theory.plot.plot_curves` reads).
     """
+    if mc_draws < 0 or mc_draws == 1:
+        raise ValueError(f"mc_draws must be 0 (no Monte-Carlo) or >= 2 (a standard error needs two), got {mc_draws}")
     ns = [int(v) for v in as_n_array(ns)]
+    # Every size is checked before the first computation, so a run that cannot fit fails in seconds, not after
+    # the Monte-Carlo rows of a long run.
+    check_closed_forms(mix.d, mix.K, len(ns))
+    if mc_draws:
+        fit_mc_chunk(mix.d, max(ns), min(mc_draws, 100_000), device=device)
+    if train_cfg is not None:
+        check_training(mix.d, mix.K, ns, train_cfg.batch, train_cfg.runs, train_cfg.dtype.itemsize,
+                       str(train_cfg.device))
     theory = theory_curves(mix, ns, regimes, normalise=True)
     raw = theory_curves(mix, ns, regimes, normalise=False)
     result: dict[str, Any] = {
@@ -188,6 +231,8 @@ def _cmd_curves(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        _check_output("--json", args.json)
+        _check_output("--plot", args.plot)
         mix = resolve_config(args.config)
         regimes = args.regimes
         ns = args.n
@@ -218,14 +263,13 @@ def _cmd_curves(args: argparse.Namespace) -> int:
             regimes,
             mc_draws=args.mc_draws if args.mc else 0,
             train_cfg=train_cfg,
-            regime_steps=_overrides(args.regime_steps, int),
-            regime_lr=_overrides(args.regime_lr, float),
+            regime_steps=_overrides(args.regime_steps, _at_least(1)),
+            regime_lr=_overrides(args.regime_lr, _finite_float(0.0, inclusive=False)),
             device=args.device,
             log=log,
         )
     except (ValueError, argparse.ArgumentTypeError) as exc:
-        print(f"softprompt theory: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
     result["meta"] = {
         "command": _command_line() if args.record_argv else None,
         "seconds": time.perf_counter() - t0,
@@ -239,16 +283,33 @@ def _cmd_curves(args: argparse.Namespace) -> int:
         on_gpu = str(args.device).startswith("cuda")
         result["meta"]["device_name"] = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
     _print_table(result)
-    if args.json:
-        p = Path(args.json)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {p}")
-    if args.plot:
-        from .plot import plot_curves
+    try:
+        if args.json:
+            p = Path(args.json)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"wrote {p}")
+        if args.plot:
+            from .plot import plot_curves
 
-        print(f"wrote {plot_curves(result, args.plot, layout=args.layout)}")
+            print(f"wrote {plot_curves(result, args.plot, layout=args.layout)}")
+    except OSError as exc:
+        return _error(f"cannot write {exc.filename or args.json or args.plot}: {exc.strerror or exc}; "
+                      "choose another --json/--plot path")
     return 0
+
+
+def _error(message: str) -> int:
+    """One line on stderr, exit code 2 (the convention of the main CLI for a bad input)."""
+    print(f"softprompt theory: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_output(flag: str, path: str | None) -> None:
+    """Refuse an output path that can never be written, before hours of training are spent."""
+    if path and Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name such as {Path(path) / 'curves'}"
+                         + (".json" if flag == "--json" else ".png"))
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
@@ -256,8 +317,7 @@ def _cmd_configs(args: argparse.Namespace) -> int:
         try:
             mix = resolve_config(args.show)
         except ValueError as exc:
-            print(f"softprompt theory: error: {exc}", file=sys.stderr)
-            return 2
+            return _error(str(exc))
         print(json.dumps(mix.to_dict(), indent=1))
         return 0
     for name in PRESETS:
@@ -268,14 +328,17 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_curves
+    from .plot import load_result, plot_curves
 
     try:
-        result = json.loads(Path(args.json).read_text())
+        _check_output("output", args.out)
+        result = load_result(args.json)
+    except ValueError as exc:
+        return _error(str(exc))
+    try:
         print(f"wrote {plot_curves(result, args.out, layout=args.layout)}")
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"softprompt theory: error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        return _error(f"cannot write {args.out}: {exc.strerror or exc}; choose another output path")
     return 0
 
 
@@ -306,22 +369,25 @@ def add_theory_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     c.add_argument("--plot", help="write a PNG figure here")
     c.add_argument("--layout", choices=("panels", "overlay"), default="panels")
     c.add_argument("--mc", action="store_true", help="Monte-Carlo check of every closed form")
-    c.add_argument("--mc-draws", type=int, default=200_000, help="Monte-Carlo draws per task (default 200000)")
+    c.add_argument("--mc-draws", type=_at_least(2, " (a standard error needs two draws)"), default=200_000,
+                   help="Monte-Carlo draws per task (default 200000)")
     c.add_argument("--train", action="store_true", help="train the linear-attention model in each regime")
-    c.add_argument("--steps", type=int, default=20_000, help="optimiser steps per regime (FT: of the prompt phase)")
-    c.add_argument("--pretrain-steps", type=int, default=None,
+    c.add_argument("--steps", type=_at_least(1), default=20_000,
+                   help="optimiser steps per regime (FT: of the prompt phase)")
+    c.add_argument("--pretrain-steps", type=_at_least(1), default=None,
                    help="FT's PT phase (default: --steps, or the pt entry of --regime-steps)")
     c.add_argument("--regime-steps", help="per-regime steps, e.g. dec=60000,pt=20000")
     c.add_argument("--regime-lr", help="per-regime learning rates, e.g. dec=0.01")
-    c.add_argument("--lr", type=float, default=1e-3)
-    c.add_argument("--batch", type=int, default=3072, help="prompts per task per step (and per evaluation batch)")
-    c.add_argument("--runs", type=int, default=4, help="restarts (trained in parallel); the best is reported")
-    c.add_argument("--weight-decay", type=float, default=0.0)
-    c.add_argument("--eval-batches", type=int, default=10)
+    c.add_argument("--lr", type=_finite_float(0.0, inclusive=False), default=1e-3)
+    c.add_argument("--batch", type=_at_least(1), default=3072,
+                   help="prompts per task per step (and per evaluation batch)")
+    c.add_argument("--runs", type=_at_least(1), default=4, help="restarts (trained in parallel); the best is reported")
+    c.add_argument("--weight-decay", type=_finite_float(0.0, inclusive=True), default=0.0)
+    c.add_argument("--eval-batches", type=_at_least(1), default=10)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (training and Monte-Carlo)")
     c.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
-    c.add_argument("--threads", type=int, default=None,
+    c.add_argument("--threads", type=_at_least(1), default=None,
                    help="torch CPU threads; 1 is fastest for these tiny ops on a busy CPU")
     c.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     c.add_argument("--no-record-argv", dest="record_argv", action="store_false",

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import TaskMixture
+from .limits import check_closed_forms
 
 __all__ = [
     "ALL_REGIMES",
@@ -349,5 +350,10 @@ def theory_curves(
     regimes: Sequence[str] = REGIMES,
     normalise: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Optimal loss per regime over ``n`` (normalised by ``tr(M Sigma_x)`` by default)."""
+    """Optimal loss per regime over ``n`` (normalised by ``tr(M Sigma_x)`` by default).
+
+    Raises:
+        ConfigError: when the closed forms over all of ``n`` would not fit in memory (see :mod:`.limits`).
+    """
+    check_closed_forms(mix.d, mix.K, as_n_array(n).size)
     return {r: closed_form(mix, n, r, normalise=normalise).loss for r in regimes}

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .limits import check_mixture
+
 __all__ = [
     "PRESETS",
     "TaskMixture",
@@ -100,6 +102,8 @@ class TaskMixture:
             raise _field_error("pis", "weights must be non-negative with a positive sum")
         self.pis = pis_arr / pis_arr.sum()
         self.K = k
+        # Before any d x d matrix exists: d = 100000 would otherwise ask numpy for 74.5 GiB per matrix.
+        check_mixture(d, k)
 
         if not isinstance(mus, (list, tuple, np.ndarray)) or len(mus) != k:
             raise _field_error("mus", f"needs one entry per task ({k} tasks from 'pis')")
@@ -340,19 +344,28 @@ def preset(name: str, d: int = 10) -> TaskMixture:
 def load_config(path: str | Path) -> TaskMixture:
     """Load a user configuration from a JSON file (or YAML, when PyYAML is importable)."""
     p = Path(path)
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p}: cannot read the theory config ({exc}); give a UTF-8 JSON/YAML file") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml  # optional: not a dependency of the library
         except ImportError:  # pragma: no cover - depends on the environment
             raise ValueError(f"{p}: YAML configs need PyYAML; use JSON instead") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{p}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
     else:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"{p}: not valid JSON ({exc})") from None
-    mix = TaskMixture.from_dict(data)
+    try:
+        mix = TaskMixture.from_dict(data)
+    except ValueError as exc:  # same type (ConfigError stays ConfigError), with the file named first
+        raise type(exc)(f"{p}: {exc}") from None
     if mix.name == "custom":
         mix.name = p.stem
     return mix

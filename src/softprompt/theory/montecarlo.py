@@ -20,6 +20,7 @@ import torch
 
 from .closed_form import ReducedParams, closed_form
 from .config import TaskMixture
+from .limits import fit_mc_chunk
 from .sampling import TaskBatch, TaskSampler
 
 __all__ = ["MCResult", "evaluate_paired", "evaluate_predictor", "monte_carlo", "reduced_predictor"]
@@ -122,6 +123,8 @@ def _run(
 ) -> tuple[list[MCResult], MCResult | None]:
     if draws < 2:
         raise ValueError("draws must be >= 2 to estimate a standard error")
+    # A huge n x d could not be drawn in chunks of the default size: draw fewer at once (same draws in number).
+    chunk = fit_mc_chunk(mix.d, int(n), min(int(chunk), int(draws)), itemsize=dtype.itemsize, device=str(device))
     sampler = TaskSampler(mix, device=device, dtype=dtype, seed=seed)
     err_acc = [_Acc() for _ in range(mix.K)]
     ref_acc = [_Acc() for _ in range(mix.K)]

@@ -6,13 +6,15 @@ writes, so a figure can be redrawn from a saved ``.json`` without rerunning.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .closed_form import REGIME_LABELS
 
-__all__ = ["config_title", "plot_curves"]
+__all__ = ["check_result", "config_title", "load_result", "plot_curves"]
 
 _COLORS = {
     "pt": "tab:blue", "ft": "tab:orange", "jt": "tab:green", "dec": "tab:red",
@@ -49,12 +51,72 @@ def config_title(cfg: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _numbers(value: Any, length: int | None) -> bool:
+    """A list of real numbers (JSON null allowed: a missing point), of ``length`` entries when given."""
+    ok = isinstance(value, list) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)) for v in value
+    )
+    return ok and (length is None or len(value) == length)
+
+
+def check_result(result: Any) -> None:
+    """Check that ``result`` has the schema :func:`plot_curves` reads (what ``theory curves --json`` writes).
+
+    Raises:
+        ValueError: naming the first key that is missing or malformed.
+    """
+    if not isinstance(result, Mapping):
+        raise ValueError(f"expected a JSON object, found a JSON {type(result).__name__}")
+    ns = result.get("n")
+    if not _numbers(ns, None) or not ns or None in ns:
+        raise ValueError("key 'n' must be a non-empty list of context lengths")
+    theory = result.get("theory")
+    if not isinstance(theory, Mapping) or not any(r in _COLORS for r in theory):
+        raise ValueError(f"key 'theory' must map at least one regime of {sorted(_COLORS)} to a list of losses")
+    for r, ys in theory.items():
+        if not _numbers(ys, len(ns)):
+            raise ValueError(f"theory[{r!r}] must be a list of {len(ns)} numbers (one per n)")
+    for key in ("mc", "train", "config"):
+        if not isinstance(result.get(key) or {}, Mapping):
+            raise ValueError(f"key {key!r} must be an object")
+    for r, mc in (result.get("mc") or {}).items():
+        mc = mc if isinstance(mc, Mapping) else {}
+        if not (_numbers(mc.get("normalised"), len(ns)) and _numbers(mc.get("se_normalised"), len(ns))):
+            raise ValueError(f"mc[{r!r}] must hold 'normalised' and 'se_normalised', {len(ns)} numbers each")
+    for r, tr in (result.get("train") or {}).items():
+        tr = tr if isinstance(tr, Mapping) else {}
+        runs = tr.get("runs")
+        if not (_numbers(tr.get("best"), len(ns)) and isinstance(runs, list) and runs and isinstance(runs[0], list)):
+            raise ValueError(f"train[{r!r}] must hold 'best' ({len(ns)} numbers) and 'runs' (a list per n)")
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``theory curves --json`` file.
+
+    Raises:
+        ValueError: one line naming the file and what is wrong with it (missing, not JSON, wrong schema).
+    """
+    p = Path(path)
+    fix = "give a JSON written by 'softprompt theory curves --json'"
+    if not p.is_file():
+        raise ValueError(f"{p}: {'is a directory' if p.is_dir() else 'file not found'}; {fix}")
+    try:
+        result = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{p}: not valid JSON ({str(exc)[:200]}); {fix}") from None
+    try:
+        check_result(result)
+    except ValueError as exc:
+        raise ValueError(f"{p}: not a theory curves result: {exc}; {fix}") from None
+    return result
+
+
 def _measured(result: Mapping[str, Any], regime: str) -> tuple[str, list[float], list[float] | None] | None:
     """The solid curve of a regime: trained best over restarts if present, else Monte-Carlo."""
-    tr = result.get("train", {}).get(regime)
+    tr = (result.get("train") or {}).get(regime)
     if tr:
         return f"trained (best of {len(tr['runs'][0])})", tr["best"], None
-    mc = result.get("mc", {}).get(regime)
+    mc = (result.get("mc") or {}).get(regime)
     if mc:
         return "Monte-Carlo ±2 SE", mc["normalised"], [2 * s for s in mc["se_normalised"]]
     return None
@@ -81,7 +143,11 @@ def plot_curves(result: Mapping[str, Any], path: str | Path, layout: str = "pane
     # References that are not paper regimes go into the panel they refine.
     host = {"oracle": "dec", "jt_gc": "jt"}
     regimes = [r for r in present if r not in host or layout == "overlay" or host[r] not in present]
-    title = f"{result.get('config', {}).get('name', '')}: {config_title(result.get('config', {}))}"
+    cfg = result.get("config") or {}
+    try:
+        title = f"{cfg.get('name', '')}: {config_title(cfg)}"
+    except (TypeError, ValueError):  # a hand-edited config block: the title is decoration, the curves still draw
+        title = str(cfg.get("name", ""))
     ylabel = r"$L^\star / \mathbb{E}[(x^\top\beta)^2]$"
     if layout == "overlay":
         fig, ax = plt.subplots(figsize=(6.4, 4.6))

@@ -34,6 +34,7 @@ import torch
 
 from .closed_form import closed_form
 from .config import TaskMixture
+from .limits import check_training
 from .model import LinearAttn, tokens
 from .montecarlo import MCResult, evaluate_paired, reduced_predictor
 from .sampling import TaskSampler
@@ -338,6 +339,8 @@ def train_multi(
     ns = [int(n) for n in ns]
     if len(set(ns)) != len(ns) or min(ns) < 0:
         raise ValueError(f"ns must be distinct non-negative integers, got {ns}")
+    # Before the model and the first batch exist: a step holds every restart at every n at once.
+    check_training(mix.d, mix.K, ns, cfg.batch, cfg.runs, cfg.dtype.itemsize, str(cfg.device))
     gen = torch.Generator().manual_seed(cfg.seed)
     model = LinearAttn(mix.d, mix.K, runs=cfg.runs * len(ns), prompt_len=1, heads=(regime == "dec"), generator=gen)
     model = model.to(device=cfg.device, dtype=cfg.dtype)

@@ -36,7 +36,8 @@ def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.repeat_interleave(batch // b, dim=0)
 
 
-def _gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: torch.device):
+def gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: torch.device):
+    """The prefix (key, value) of one layer as attention uses it: cast, gated and expanded to ``batch`` rows."""
     if torch.is_grad_enabled():
         return _compute_gated_prefix(inj, batch, dtype, device)
     # Without gradients (generate(), evaluation) a state's prefix is fixed: cast/gate/expand it once, not at every
@@ -120,7 +121,7 @@ def softprompt_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     batch, _, q_len, _ = query.shape
-    pk, pv = _gated_prefix(inj, batch, key.dtype, key.device)
+    pk, pv = gated_prefix(inj, batch, key.dtype, key.device)
     key = torch.cat([pk, key], dim=2)
     value = torch.cat([pv, value], dim=2)
     if kwargs.get("position_bias") is not None:  # T5-style additive bias: prefix columns get 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .attention import gated_prefix
 from .state import InjectionState, Insertion, LayerHook, LayerInjection
 
 
@@ -229,4 +230,16 @@ def insert_row_prompts(emb: torch.Tensor, mask: torch.Tensor, prompts: Sequence[
     i = torch.arange(n, device=device)[None, :]
     keep = i + torch.where(i >= split, t[:, None], 0)
     out["keep"] = keep + (total - t)[:, None] if causal else keep
+    return out
+
+
+def resolved_prefixes(state: InjectionState, dtype: torch.dtype, device: torch.device
+                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's prefix as attention used it in a finished no-grad forward of one row: cast, gated, and with
+    insertions already turned into prefixes (causal decoders). Decoding steps that reuse it need neither the method
+    nor its hooks, which lets a batch mix rows whose prefixes were made by different methods."""
+    out = {}
+    for index, inj in state.layers.items():
+        if inj.prefix_length:
+            out[index] = gated_prefix(inj, 1, dtype, device)
     return out

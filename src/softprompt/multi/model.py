@@ -96,7 +96,9 @@ class MultiAdapterModel(nn.Module):
         kind, labels = task_kind, []
         for path in adapters.values():  # the head class follows the adapters' task (all must agree)
             meta = read_adapter_config(path)
-            kind = kind or meta.get("task_kind")
+            arch = str((meta.get("base_model") or {}).get("architecture") or "")
+            # Adapters saved from a wrapped language model record no task, only the LM architecture.
+            kind = kind or meta.get("task_kind") or ("causal_lm" if arch.endswith("ForCausalLM") else None)
             labels = labels or list(meta.get("label_names") or [])
         spec = HeadSpec(kind or "classification", labels or ["0", "1"])
         base, _ = load_base(model_name, spec, dtype=dtype)

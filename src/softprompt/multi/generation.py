@@ -1,0 +1,283 @@
+"""Text generation in which every row of one decoding batch carries its own adapter (or none).
+
+    engine = GenerationEngine(model)                       # model: a MultiAdapterModel on a causal LM
+    rid = engine.submit(prompt_ids, "summarise", SamplingParams(max_new_tokens=64, temperature=0.7, seed=1))
+    while engine.busy:
+        for event in engine.step(): ...                    # TokenEvent(request_id, token_id, finish_reason)
+
+Iteration-level batching: requests wait in a queue; before each decoding step, waiting requests are prefilled and
+join the batch, and after it, rows that finished (EOS, a stop string, ``max_new_tokens``) leave. A request is
+prefilled alone, exactly as its adapter's own ``generate()`` prefills it; from then on its adapter is the per-layer
+prefix that prefill produced (gates folded in, generated prompts already turned into prefixes, see
+``engine.compose.resolved_prefixes``), so rows of any method share one decoding batch and the KV cache holds each
+row's own sequence: its real tokens, plus the virtual tokens of an input-layer prompt (prompt tuning, P-tuning),
+which are part of the sequence in their own ``generate()`` too. Rows are left-padded in the shared cache; positions
+count each row's own tokens, so padding changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..engine.compose import Contribution, Part, compose, insert_prompt, resolved_prefixes
+from ..engine.state import STATE_KWARG
+from ..errors import ConfigError, SequenceTooLongError
+from ..methods import MethodInputs
+
+
+@dataclass
+class SamplingParams:
+    """How one request decodes. ``temperature`` 0 is greedy; ``seed`` makes sampling reproducible whatever the
+    batch the request shares; ``stop`` strings end the text (excluded from it); ``stop_token_ids`` default to the
+    model's EOS ids."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one request; ``finish_reason`` is "stop" or "length" on its last token, else None."""
+
+    request_id: int
+    token_id: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_text_at: int | None = None  # character index of the first stop string in the decoded text
+
+
+@dataclass
+class _Row:
+    request: _Request
+    prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]]  # the adapter, as its prefill resolved it
+    position: int  # position id of the row's next token
+
+
+class GenerationEngine:
+    """Continuous batching over a :class:`~softprompt.multi.MultiAdapterModel` whose base is a causal LM.
+
+    ``max_rows``: rows decoded together (waiting requests join as rows leave).
+    """
+
+    def __init__(self, model, *, max_rows: int = 32):
+        if not model.info.is_causal or not hasattr(model.base_model, "lm_head"):
+            raise ConfigError(f"generation needs a causal language model; {type(model.base_model).__name__} is not "
+                              "one (load the MultiAdapterModel with task_kind='causal_lm')")
+        self.model = model
+        self.max_rows = max_rows
+        self.waiting: deque[_Request] = deque()
+        self.rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, T] 1 = a position of the row's own sequence
+        self._state = None  # the decode steps' InjectionState, rebuilt when rows change
+        self._next_id = 0
+        self.requests: dict[int, _Request] = {}
+        eos = model.base_model.generation_config.eos_token_id
+        self.eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting or decoding."""
+        return bool(self.waiting or self.rows)
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], adapter: str | None = None, params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. Checked now: the adapter exists and the request fits the context."""
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if params.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        extra = 0
+        if adapter is not None:
+            entry = self.model.adapter(adapter)
+            extra = entry.shape.prompt + entry.method.position_shift()
+        limit = self.model.info.max_positions
+        needed = len(prompt_ids) + extra + params.max_new_tokens
+        if limit is not None and needed > limit:
+            raise SequenceTooLongError(
+                f"{len(prompt_ids)} prompt tokens + {extra} adapter positions + max_new_tokens "
+                f"{params.max_new_tokens} = {needed} exceeds the model's context of {limit}; lower max_tokens to at "
+                f"most {limit - len(prompt_ids) - extra}"
+            )
+        generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        request = _Request(self._next_id, list(prompt_ids), adapter, params, generator)
+        self._next_id += 1
+        self.requests[request.id] = request
+        self.waiting.append(request)
+        return request.id
+
+    def result(self, request_id: int) -> list[int]:
+        """The tokens generated so far for a request (stop strings are cut by the caller, see ``stop_text_at``)."""
+        return list(self.requests[request_id].tokens)
+
+    def forget(self, request_id: int) -> None:
+        """Drop a finished request's record."""
+        self.requests.pop(request_id, None)
+
+    # ---- one iteration -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Admit waiting requests (prefill: their first token), decode one token for every other row, and retire
+        the rows that finished. Returns the new tokens in order."""
+        events: list[TokenEvent] = []
+        decoded = bool(self.rows)
+        if decoded:
+            events += self._decode()
+        joined = False
+        while self.waiting and len(self.rows) < self.max_rows:
+            events.append(self._prefill(self.waiting.popleft()))
+            joined = True
+        if decoded or joined:
+            self._retire()
+        return events
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.busy:
+            self.step()
+
+    def _prefill(self, request: _Request) -> TokenEvent:
+        model = self.model
+        base = model.base_model
+        device = model.device
+        ids = torch.tensor([request.prompt_ids], device=device)
+        mask = torch.ones_like(ids)
+        inputs: dict = {"input_ids": ids, "attention_mask": mask}
+        shift = 0
+        state = None
+        if request.adapter is not None:
+            method = model.adapter(request.adapter).method
+            embed = base.get_input_embeddings()
+            contribution: Contribution = method(MethodInputs(ids, mask, embed, 1))
+            state = compose([Part(contribution)], 1, mask)
+            shift = method.position_shift()
+            if contribution.input_prompt is not None:
+                embeds, mask = insert_prompt(embed(ids), mask, contribution.input_prompt, contribution.prompt_at)
+                inputs = {"inputs_embeds": embeds, "attention_mask": mask}
+        length = mask.shape[1]
+        inputs["position_ids"] = torch.arange(shift, shift + length, device=device)[None]
+        cache = DynamicCache()
+        kwargs = {STATE_KWARG: state} if state is not None else {}
+        out = base(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        token = self._sample(out.logits[0, -1], request)
+        dtype = cache.layers[0].keys.dtype
+        prefixes = resolved_prefixes(state, dtype, device) if state is not None else {}
+        row = _Row(request, prefixes, shift + length)
+        event = self._accept(row, token)
+        if event.finish_reason is None:
+            self._join(row, cache, mask)
+        return event
+
+    def _decode(self) -> list[TokenEvent]:
+        base = self.model.base_model
+        device = self.model.device
+        last = torch.tensor([[r.request.tokens[-1]] for r in self.rows], device=device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
+        positions = torch.tensor([[r.position] for r in self.rows], device=device)
+        kwargs = {STATE_KWARG: self._state} if self._state is not None else {}
+        out = base(input_ids=last, attention_mask=self._mask, position_ids=positions, past_key_values=self._cache,
+                   use_cache=True, **kwargs)
+        logits = out.logits[:, -1]
+        events = []
+        for i, row in enumerate(self.rows):
+            row.position += 1
+            events.append(self._accept(row, self._sample(logits[i], row.request)))
+        return events
+
+    # ---- rows ----------------------------------------------------------------------------------------------------
+    def _accept(self, row: _Row, token: int) -> TokenEvent:
+        request = row.request
+        request.tokens.append(token)
+        params = request.params
+        stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.eos_ids
+        reason = None
+        if token in stop_ids:
+            reason = "stop"
+        elif params.stop and self.model.tokenizer is not None:
+            text = self.model.tokenizer.decode(request.tokens, skip_special_tokens=True)
+            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+            if hits:
+                request.stop_text_at, reason = min(hits), "stop"
+        if reason is None and len(request.tokens) >= params.max_new_tokens:
+            reason = "length"
+        request.finish_reason = reason
+        return TokenEvent(request.id, token, reason)
+
+    def _join(self, row: _Row, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append a prefilled row to the batch: both caches are left-padded to one length and stacked."""
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        self.rows.append(row)
+
+    def _retire(self) -> None:
+        """Drop finished rows, trim padding every remaining row shares, and rebuild the decode state."""
+        keep = [i for i, r in enumerate(self.rows) if r.request.finish_reason is None]
+        if not keep:
+            self.rows, self._cache, self._mask, self._state = [], None, None, None
+            return
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, device=self._mask.device)
+            self._cache.batch_select_indices(index)
+            self._mask = self._mask[index]
+            self.rows = [self.rows[i] for i in keep]
+        start = int((self._mask.sum(0) > 0).to(torch.int64).argmax())  # first column some row still uses
+        if start:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self._mask = self._mask[:, start:]
+        parts = [Part(Contribution(prefixes=r.prefixes), torch.tensor([i], device=self._mask.device))
+                 for i, r in enumerate(self.rows) if r.prefixes]
+        self._state = compose(parts, len(self.rows), self._mask) if parts else None
+
+    # ---- sampling ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _sample(logits: torch.Tensor, request: _Request) -> int:
+        params = request.params
+        if params.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest set whose mass reaches top_p (the first token always stays).
+            drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -1,0 +1,125 @@
+"""Mixed-adapter generation: each row of a shared decoding batch gives exactly the tokens of its adapter's own
+``generate()`` run alone, for every method, with rows joining and leaving between steps."""
+
+import pytest
+import torch
+
+import softprompt as sp
+from softprompt.errors import ConfigError, SequenceTooLongError
+from softprompt.multi import MultiAdapterModel
+from softprompt.multi.generation import GenerationEngine, SamplingParams
+
+from conftest import tiny
+
+# Every method, initialised strongly enough that it changes what the tiny model generates.
+CONFIGS = {
+    "prompt": sp.PromptTuningConfig(num_virtual_tokens=4, init="random", init_range=1.0, seed=1),
+    "ptuning": sp.PTuningConfig(num_virtual_tokens=3, init="random", init_range=1.0, seed=2),
+    "prefix": sp.PrefixConfig(num_virtual_tokens=5, init="random", init_std=1.0, seed=3),
+    "prefix_short": sp.PrefixConfig(num_virtual_tokens=2, init="random", init_std=1.5, seed=4),
+    "apt": sp.APTConfig(num_virtual_tokens=4, init="random", init_std=1.0, gate_init_std=1.0, seed=5),
+    "lpt": sp.LatePromptConfig(num_virtual_tokens=3, layer=1, init_std=1.0, seed=6),
+    "lpt_npg": sp.LatePromptConfig(num_virtual_tokens=2, layer=1, generator="npg", bottleneck=8, seed=7),
+    "idspam": sp.IDSPAMConfig(num_virtual_tokens=3, layer=1, dropout=0.0, seed=8),
+}
+PROMPTS = [[5, 17, 33, 8], [40, 41, 42, 43, 44, 45, 46], [9], [60, 61, 62]]
+
+
+def tiny_lm():
+    return tiny("llama").double().eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen_adapters")
+    paths = {}
+    for name, config in CONFIGS.items():
+        model = sp.wrap(tiny_lm(), config)
+        if name == "lpt_npg":  # the generator starts near zero: give it weight so it matters
+            with torch.no_grad():
+                for p in model.method.parameters():
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(11))
+        model.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def alone(path, prompt, max_new_tokens):
+    """Reference: the adapter's own generate() on one unpadded row (None: the bare model)."""
+    ids = torch.tensor([prompt])
+    if path is None:
+        out = tiny_lm().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=0)
+    else:
+        out = sp.load(tiny_lm(), path).generate(ids, attention_mask=torch.ones_like(ids),
+                                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_every_row_equals_its_adapter_alone(adapters):
+    multi = MultiAdapterModel(tiny_lm(), adapters)
+    engine = GenerationEngine(multi, max_rows=4)  # fewer rows than requests: rows leave and others join
+    jobs = []
+    names = [*CONFIGS, None]
+    for i, name in enumerate(names):
+        for prompt in (PROMPTS[i % len(PROMPTS)], PROMPTS[2]):
+            max_new = 3 + (i + len(prompt)) % 4 * 2  # rows finish at different steps
+            jobs.append((name, prompt, max_new, engine.submit(prompt, name, SamplingParams(max_new_tokens=max_new))))
+    joined_while_decoding = False
+    while engine.busy:
+        before = {r.request.id for r in engine.rows}
+        engine.step()
+        after = {r.request.id for r in engine.rows}
+        joined_while_decoding |= bool(before & after) and bool(after - before)
+    assert joined_while_decoding  # a request joined rows that were mid-decode (iteration-level batching)
+    bare = {tuple(p): alone(None, p, 9) for p in PROMPTS}
+    changed = {}
+    for name, prompt, max_new, rid in jobs:
+        want = alone(adapters.get(name), prompt, max_new)
+        assert engine.result(rid) == want, (name, prompt)
+        changed[name] = changed.get(name, False) or want != bare[tuple(prompt)][: len(want)]
+    vacuous = [name for name, c in changed.items() if name is not None and not c]
+    assert not vacuous, f"{vacuous} generate what the bare model does: the comparison would prove nothing"
+
+
+def test_seeded_sampling_is_independent_of_the_batch(adapters):
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=123)
+    solo = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
+    rid = solo.submit(PROMPTS[0], "apt", params)
+    solo.run()
+    crowd = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), max_rows=3)
+    crowd.submit(PROMPTS[1], "prefix", SamplingParams(max_new_tokens=5, temperature=1.0, seed=1))
+    crowd.submit(PROMPTS[2], None, SamplingParams(max_new_tokens=2))
+    other = crowd.submit(PROMPTS[0], "apt", params)
+    crowd.submit(PROMPTS[3], "idspam", SamplingParams(max_new_tokens=6, temperature=0.5, seed=2))
+    crowd.run()
+    assert crowd.result(other) == solo.result(rid)
+    again = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
+    changed = again.submit(PROMPTS[0], "apt", SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=124))
+    again.run()
+    assert again.result(changed) != solo.result(rid)  # the seed matters
+
+
+def test_stop_token_ends_a_row(adapters):
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
+    first = alone(adapters["apt"], PROMPTS[0], 5)
+    assert first[2] not in first[:2]
+    rid = engine.submit(PROMPTS[0], "apt", SamplingParams(max_new_tokens=5, stop_token_ids=[first[2]]))
+    events = []
+    while engine.busy:
+        events += engine.step()
+    assert engine.result(rid) == first[:3]
+    assert events[-1].finish_reason == "stop"
+
+
+def test_bad_requests_are_refused_before_anything_runs(adapters):
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
+    with pytest.raises(ConfigError, match="empty"):
+        engine.submit([], "prefix")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        engine.submit([1, 2], "prefix", SamplingParams(max_new_tokens=0))
+    with pytest.raises(SequenceTooLongError, match="lower max_tokens to at most 120"):
+        engine.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=200))  # 128 positions, 4 virtual tokens
+    with pytest.raises(KeyError, match="unknown adapter"):
+        engine.submit([1, 2], "nope")
+    assert not engine.busy

@@ -21,7 +21,7 @@ from .. import tasks
 from ..data import Collator, featurize
 from ..io import atomic_write_json
 from ..loading import load_base, load_tokenizer
-from ..methods import config_from_dict, default_lr
+from ..methods import config_from_dict, default_lr, method_classes
 from ..model import SoftPromptModel
 from .evaluate import labelled, predictions_to_metrics
 from .trainer import AdapterTrainer, ListDataset, LossLogger, last_checkpoint
@@ -51,7 +51,9 @@ class TrainConfig:
     max_length: int = 128
     train_limit: int | None = None
     eval_limit: int | None = None
-    seed: int = 42
+    seed: int = 42  # seeds everything: head, method init (unless method_options sets "seed"), data order, dropout
+    readout: str = "pooler"  # what the classification head reads: "pooler" or "mean" (loading.READOUTS)
+    carve_dev: float = 0.0  # > 0: hold out this fraction of the train split and evaluate on it (model selection)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +81,13 @@ def task_records(cfg: TrainConfig, split_role: str) -> tuple[list[dict], Any]:
     spec = tasks.get_task(cfg.task)
     split = registry_split(cfg, spec, split_role)
     limit = cfg.train_limit if split_role == "train" else cfg.eval_limit
+    if cfg.carve_dev:
+        recs = carve(cfg.task, tasks.load_split(cfg.task, registry_split(cfg, spec, "train"), cfg.data_dir,
+                                                strict=cfg.strict), cfg.carve_dev)[split_role]
+        if limit and limit < len(recs):
+            idx = np.random.default_rng(cfg.seed).permutation(len(recs))[:limit]
+            recs = [recs[i] for i in sorted(idx)]
+        return recs, spec
     if limit:
         return _limited(cfg, spec, split, limit), spec
     return tasks.load_split(cfg.task, split, cfg.data_dir, strict=cfg.strict), spec
@@ -89,6 +98,17 @@ def registry_split(cfg: TrainConfig, spec: Any, split_role: str) -> str:
     if split_role == "train":
         return cfg.train_split or spec.train_split
     return cfg.eval_split or spec.eval_split
+
+
+def carve(task: str, recs: list[dict], fraction: float) -> dict[str, list[dict]]:
+    """``{"train": ..., "eval": ...}``: a fixed held-out part of a train split (hash order with seed 0, the same for
+    every run seed and method), so that learning rates and readouts are chosen without the reported dev set."""
+    from ..tasks.splits import hash_order
+
+    order = hash_order(range(len(recs)), f"{task}|carve", 0)
+    held = set(order[: max(1, round(fraction * len(recs)))])
+    return {"train": [r for i, r in enumerate(recs) if i not in held],
+            "eval": [r for i, r in enumerate(recs) if i in held]}
 
 
 def _limited(cfg, spec, split, limit):
@@ -103,11 +123,23 @@ def _limited(cfg, spec, split, limit):
 # ---- public entry points -------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig, spec):
     """Base model + tokenizer + wrapped method for a training run."""
-    base, is_decoder = load_base(cfg.model, spec)
+    base, is_decoder = load_base(cfg.model, spec, head_seed=cfg.seed, readout=cfg.readout)
     tokenizer = load_tokenizer(cfg.model, is_decoder=is_decoder)
-    method_cfg = config_from_dict(cfg.method, dict(cfg.method_options))
+    method_cfg = config_from_dict(cfg.method, seeded_options(cfg.method, cfg.method_options, cfg.seed))
+    # Methods without a seed option draw their init from the global RNG (P-tuning's encoder): seed it too.
+    torch.manual_seed(cfg.seed)
     model = SoftPromptModel(base, method_cfg, tokenizer=tokenizer)
     return model, tokenizer
+
+
+def seeded_options(method: str, options: dict, seed: int) -> dict:
+    """The method options with the run's seed as the method's ``seed``, unless the user set one explicitly."""
+    from dataclasses import fields
+
+    out = dict(options)
+    if "seed" not in out and any(f.name == "seed" for f in fields(method_classes(method)[0])):
+        out["seed"] = seed
+    return out
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -159,12 +191,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "trainable_params": method_params + head_params, "method_params": method_params,
         "head_params": head_params, "train_seconds": round(train_seconds, 2), "method": cfg.method,
         "task": cfg.task or cfg.file, "model": cfg.model, "seed": cfg.seed, "lr": lr,
+        "method_seed": getattr(model.method_config, "seed", None), "readout": cfg.readout,
+        "carve_dev": cfg.carve_dev,
         "train_examples": len(train_feats), "eval_examples": len(eval_feats), "steps": trainer.state.global_step,
         "loss_history": logger.history[-20:],
     }
     if cfg.task:
         metrics["train_split"] = registry_split(cfg, spec, "train")
         metrics["eval_split"] = registry_split(cfg, spec, "eval")
+        if cfg.carve_dev:
+            metrics["eval_split"] = f"carved {cfg.carve_dev} of {metrics['train_split']}"
     if trainer.is_world_process_zero():
         model.save_pretrained(cfg.output, **trainer.adapter_metadata)
         atomic_write_json(Path(cfg.output) / "metrics.json", metrics)
@@ -173,7 +209,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _adapter_metadata(cfg: TrainConfig, spec) -> dict:
     return {"model_name": cfg.model, "task": cfg.task, "task_kind": spec.kind, "label_names": list(spec.label_names),
-            "max_length": cfg.max_length}
+            "max_length": cfg.max_length, "seed": cfg.seed, "readout": cfg.readout}
 
 
 def _first(x):

@@ -58,3 +58,6 @@ class APTConfig(PrefixConfig):
         require(isinstance(self.lambda_init, (int, float)) and abs(float(self.lambda_init)) < float("inf"),
                 f"lambda_init must be a finite number, got {self.lambda_init!r}")
         require(self.gate_init_std >= 0, f"gate_init_std must be >= 0, got {self.gate_init_std}")
+        # The constant scale is prefix tuning's stand-in for a gate (the fixed-scale control); APT has the gate.
+        require(float(self.scale) == 1.0, f"scale is prefix tuning's fixed-scale control; APT scales its prefix with "
+                                          f"its gates: leave scale at 1.0 (got {self.scale!r}) or use method prefix")

@@ -11,7 +11,13 @@ GENERATORS = ("static", "npg")
 
 @dataclass
 class LatePromptConfig(MethodConfig):
-    """num_virtual_tokens t; layer m (default: the middle layer, L // 2); generator; bottleneck r for npg."""
+    """num_virtual_tokens t; layer m (default: the middle layer, L // 2); generator; bottleneck r for npg.
+
+    The official xyltt/LPT code's NPG defaults to ``proj_down_size`` r = 256 (its RoBERTa script passes 128) and
+    ``num_prompt_tokens`` 20 (its script: 5); the ID-SPAM paper's LPT baseline (2.16M / 2.88M parameters) is that
+    generator at t = 10, i.e. ``LatePromptConfig(generator="npg", bottleneck=256)``. seed: the initialisation of
+    the static prompt or of the generator.
+    """
 
     method = "lpt"
     default_lr = 5e-3

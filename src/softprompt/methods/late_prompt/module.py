@@ -33,8 +33,11 @@ class LatePrompt(PromptMethod):
         if config.generator == "static":
             self.prompt = nn.Parameter(torch.randn(t, d, generator=gen) * config.init_std)
         else:
-            self.down = nn.Linear(d, config.bottleneck)
-            self.up = nn.Linear(config.bottleneck, t * d)
+            # Seeded by config.seed (not the global RNG), so that the run's seed varies the generator's init too.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.down = nn.Linear(d, config.bottleneck)
+                self.up = nn.Linear(config.bottleneck, t * d)
         self.drop = nn.Dropout(config.dropout)
 
     def insertion_length(self) -> int:

@@ -23,6 +23,11 @@ class PrefixConfig(MethodConfig):
     shift_positions: number the real tokens from P instead of 0, as PEFT's cache-based prefix tuning does (the
         prefix takes positions 0..P-1). Off by default: prefix keys carry no position, and a shift can push
         absolute-position models past their table (GPT-2's 1024). Applies to ``forward``; ``generate`` refuses it.
+    scale: a constant that multiplies the prefix keys and values in every forward (default 1.0: unchanged). With
+        0.5 this is APT's fixed-scale control: the prefix at the strength APT's gate gives it at the start
+        (lambda * alpha = 1 * sigmoid(~0) = 0.5), with no gate, so damping and gating can be told apart.
+        The saved tables are the unscaled parameters.
+    seed: the initialisation (random tables, vocabulary sampling, the projection MLP).
     """
 
     method = "prefix"
@@ -37,6 +42,7 @@ class PrefixConfig(MethodConfig):
     init_std: float = 1.0
     dropout: float = 0.0
     shift_positions: bool = False
+    scale: float = 1.0
     seed: int = 0
 
     def validate(self, info: ModelInfo | None = None) -> None:
@@ -44,6 +50,7 @@ class PrefixConfig(MethodConfig):
         require(self.init in PREFIX_INITS, f"init must be one of {PREFIX_INITS}, got {self.init!r}")
         require(self.init != "text" or bool(self.init_text), "init='text' needs init_text='...'")
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        require(0.0 < float(self.scale) < float("inf"), f"scale must be a positive number, got {self.scale!r}")
         if self.layer_lengths is not None:
             require(all(int(n) >= 0 for n in self.layer_lengths), f"layer_lengths must be >= 0: {self.layer_lengths}")
             require(sum(self.layer_lengths) > 0, "layer_lengths are all 0: nothing to train")

@@ -32,11 +32,14 @@ class PrefixTuning(PromptMethod):
         if config.projection:
             width = 2 * info.num_kv_heads * info.head_dim
             self.tables = nn.ParameterDict()  # produced by the MLP
-            self.wte = nn.Embedding(max(self.lengths), info.hidden_size)
-            self.mlp = nn.Sequential(
-                nn.Linear(info.hidden_size, config.projection_hidden_size), nn.Tanh(),
-                nn.Linear(config.projection_hidden_size, info.num_layers * width),
-            )
+            # Seeded by config.seed (not the global RNG), so that the run's seed varies the MLP's init too.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.wte = nn.Embedding(max(self.lengths), info.hidden_size)
+                self.mlp = nn.Sequential(
+                    nn.Linear(info.hidden_size, config.projection_hidden_size), nn.Tanh(),
+                    nn.Linear(config.projection_hidden_size, info.num_layers * width),
+                )
         self.drop = nn.Dropout(config.dropout)
 
     # ---- initialisation from the frozen model ----------------------------------------------------------------
@@ -80,6 +83,9 @@ class PrefixTuning(PromptMethod):
         tables = self.layer_tables()
         if self.training and self.drop.p > 0:  # else skip L no-op module calls: CPU time at small shapes
             tables = {i: self.drop(t) for i, t in tables.items()}
+        scale = float(self.config.scale)
+        if scale != 1.0:  # skipped at 1.0 so that the default stays bit-identical to PEFT (tests/test_parity_peft)
+            tables = {i: t * scale for i, t in tables.items()}
         return Contribution(prefixes={i: (t[0][None], t[1][None]) for i, t in tables.items()})
 
     # ---- saving: projected tables always, the MLP too for resuming ---------------------------------------------

@@ -1,0 +1,254 @@
+"""The parts of ``fair_glue.py`` that are not scheduling: the readout probe, the LoRA / linear-probe runs, the paired
+bootstrap and ``fair_glue.json`` (schema of issue 23), and the markdown sections ``method_tables.py`` prints."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from fair_glue import CARVE, LR_SEED, ROWS, TASKS, chosen_lr, load_state
+
+# (a, b): the papers' claims and the spec's ablations, as "a - b".
+PAIRS = [("idspam", "lpt_npg"), ("idspam", "prompt"), ("idspam", "lpt"), ("apt", "prefix"), ("apt", "prefix_half"),
+         ("prefix_half", "prefix"), ("idspam", "idspam_noact"), ("idspam", "idspam_mean")]
+NAMES = {"prompt": "prompt tuning", "ptuning": "P-tuning", "prefix": "prefix tuning (P-tuning v2)", "apt": "APT",
+         "prefix_half": "prefix x 0.5 (APT control)", "lpt": "LPT static", "lpt_npg": "LPT generator (r=256)",
+         "idspam": "ID-SPAM (ReLU)", "idspam_noact": "ID-SPAM (no activation)",
+         "idspam_mean": "ID-SPAM (mean pooling)", "lora": "LoRA (PEFT r=8)", "linear_probe": "linear probe"}
+
+
+# ---- stage 1: the readout ------------------------------------------------------------------------------------------
+def choose_readout(model_name: str, task_list: list[str], out: Path, limit: int | None = None) -> dict:
+    """Logistic regression on frozen features read by each readout, carved train -> carved dev; writes ``out``."""
+    import torch
+
+    from softprompt import tasks
+    from softprompt.loading import READOUTS, load_base, load_tokenizer
+    from softprompt.train import TrainConfig
+    from softprompt.train.runner import task_records
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scores: dict = {}
+    start = time.time()
+    for task in task_list:
+        spec = tasks.get_task(task)
+        if spec.kind != "classification":
+            continue
+        cfg = TrainConfig(method="prompt", model=model_name, output="-", task=task, carve_dev=CARVE,
+                          train_limit=limit, seed=LR_SEED)
+        train_recs, eval_recs = task_records(cfg, "train")[0], task_records(cfg, "eval")[0]
+        scores[task] = {}
+        for readout in READOUTS:
+            base, _ = load_base(model_name, spec, readout=readout)
+            tok = load_tokenizer(model_name, is_decoder=False)
+            backbone = getattr(base, base.base_model_prefix).to(device).eval()
+            feats = [_features(backbone, tok, recs, device) for recs in (train_recs, eval_recs)]
+            ys = [torch.tensor([r["label"] for r in recs]) for recs in (train_recs, eval_recs)]
+            pred = _logistic(feats[0], ys[0].to(device), feats[1], len(spec.label_names))
+            scores[task][readout] = 100 * tasks.compute_metrics(spec, pred.cpu().numpy(), ys[1].numpy())["main"]
+        print(f"readout probe {task}: {scores[task]}", flush=True)
+    means = {r: statistics.mean(s[r] for s in scores.values()) for r in READOUTS}
+    choice = max(READOUTS, key=lambda r: (means[r], r == "pooler"))  # a tie keeps the model's own pooler
+    result = {"choice": choice, "means": means, "scores": scores, "seconds": round(time.time() - start, 1),
+              "protocol": f"logistic regression (full batch, AdamW 1e-2, 300 steps, standardised features) on "
+                          f"frozen features, trained on the carved {1 - CARVE:.0%} of train, scored on the carved "
+                          f"{CARVE:.0%}; the readout with the higher mean over the tasks is used by every method"}
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _features(backbone, tok, recs, device):
+    import torch
+
+    out = []
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        for i in range(0, len(recs), 256):
+            chunk = recs[i: i + 256]
+            pairs = [r.get("text_pair") for r in chunk]
+            enc = tok([r["text"] for r in chunk], pairs if any(p is not None for p in pairs) else None,
+                      truncation=True, max_length=128, padding=True, return_tensors="pt").to(device)
+            out.append(backbone(**enc).pooler_output.float())
+    return torch.cat(out)
+
+
+def _logistic(x, y, x_eval, classes: int):
+    import torch
+
+    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    x, x_eval = (x - mu) / sd, (x_eval - mu) / sd
+    g = torch.Generator(device=x.device).manual_seed(0)
+    lin = torch.nn.Linear(x.shape[1], classes).to(x.device)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, device=x.device) * 0.01)
+        lin.bias.zero_()
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        return lin(x_eval).argmax(-1)
+
+
+# ---- LoRA and the linear probe (plain Trainer, same data, readout, seeds and budget) --------------------------------
+def train_plain(cfg, method: str, spec):
+    """``(metrics, predictions, labels)`` of PEFT LoRA (r=8, all linear layers) or a head-only linear probe."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from softprompt.data import Collator, featurize
+    from softprompt.loading import load_base, load_tokenizer
+    from softprompt.train.evaluate import labelled, predictions_to_metrics
+    from softprompt.train.runner import task_records
+    from softprompt.train.trainer import ListDataset
+
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg.model, is_decoder=False)
+    base, _ = load_base(cfg.model, spec, head_seed=cfg.seed, readout=cfg.readout)
+    if method == "probe":
+        for n, p in base.named_parameters():
+            p.requires_grad_(n.startswith("classifier"))
+        model = base
+    else:
+        import peft
+
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices
+        model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+                                                          target_modules="all-linear"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_recs = [r for r in task_records(cfg, "train")[0] if labelled(r)]
+    eval_recs = [r for r in task_records(cfg, "eval")[0] if labelled(r)]
+    steps = int(np.ceil(len(train_recs) / cfg.batch_size) * cfg.epochs)
+    args = TrainingArguments(
+        output_dir=cfg.output, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=256,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, warmup_steps=int(cfg.warmup_ratio * steps),
+        seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, save_strategy="no", report_to="none",
+        remove_unused_columns=False, disable_tqdm=True, logging_steps=10_000, use_cpu=not torch.cuda.is_available())
+    eval_ds = ListDataset(featurize(eval_recs, spec, tok, cfg.max_length))
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(featurize(train_recs, spec, tok,
+                                                                                  cfg.max_length)),
+                      eval_dataset=eval_ds, data_collator=Collator(tok, spec.kind))
+    start = time.time()
+    trainer.train()
+    seconds = time.time() - start
+    out = trainer.predict(eval_ds)
+    logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
+    preds = logits.reshape(-1) if spec.kind == "regression" else logits.argmax(-1)
+    main = predictions_to_metrics(spec, logits, out.label_ids)["main"]
+    metrics = {"steps": trainer.state.global_step, "train_seconds": round(seconds, 2), "trainable_params": trainable,
+               "train_examples": len(train_recs), f"eval_{spec.metric}": main,
+               "eval_split": f"carved {cfg.carve_dev}" if cfg.carve_dev else spec.eval_split}
+    return metrics, np.asarray(preds), np.asarray(out.label_ids)
+
+
+# ---- scores on bootstrap resamples --------------------------------------------------------------------------
+def resampled(metric: str, preds: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """[k, B] metric of each of k prediction rows on each of B resamples ``idx`` [B, n] of the examples."""
+    p, y = preds[:, idx], labels[idx][None]
+    n = idx.shape[1]
+    if metric == "pearson":
+        pc, yc = p - p.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
+        den = np.sqrt((pc ** 2).sum(-1) * (yc ** 2).sum(-1))
+        return np.where(den > 0, (pc * yc).sum(-1) / np.where(den > 0, den, 1), 0.0)
+    acc = (p == y).mean(-1)
+    if metric == "accuracy":
+        return acc
+    if metric in ("f1", "accuracy_f1_mean"):
+        tp = ((p == 1) & (y == 1)).sum(-1)
+        den = 2 * tp + ((p == 1) & (y != 1)).sum(-1) + ((p != 1) & (y == 1)).sum(-1)
+        f1 = np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), 0.0)
+        return f1 if metric == "f1" else (acc + f1) / 2
+    if metric == "matthews_correlation":
+        classes = np.union1d(np.unique(preds), np.unique(labels))
+        pk = np.stack([(p == k).sum(-1) for k in classes]).astype(np.float64)
+        tk = np.stack([np.broadcast_to((y == k).sum(-1), pk.shape[1:]) for k in classes]).astype(np.float64)
+        c = (p == y).sum(-1).astype(np.float64)
+        num = c * n - (pk * tk).sum(0)
+        den = np.sqrt((n * n - (pk ** 2).sum(0)) * (n * n - (tk ** 2).sum(0)))
+        return np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    raise ValueError(f"no bootstrap for metric {metric!r}")
+
+
+def seed_runs(done: dict) -> dict[str, dict[str, list[dict]]]:
+    """task -> row -> the seeds-stage runs (at the chosen rate), by seed."""
+    out: dict = {}
+    for r in done.values():
+        if r["stage"] == "seeds":
+            out.setdefault(r["task"], {}).setdefault(r["row"], []).append(r)
+    for rows in out.values():
+        for runs in rows.values():
+            runs.sort(key=lambda r: r["seed"])
+    return out
+
+
+def bootstrap(runs: dict, task_list: list[str], a: str, b: str, n_boot: int, seed: int = 0):
+    """(diff, [lo, hi]) in points of mean(a) - mean(b) averaged over ``task_list``: dev examples resampled jointly for
+    a and b (paired), seeds resampled independently for each; 95% percentile interval."""
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(n_boot)
+    point = 0.0
+    for task in task_list:
+        ra, rb = runs[task][a], runs[task][b]
+        labels = np.asarray(ra[0]["labels"])
+        idx = rng.integers(0, len(labels), (n_boot, len(labels)))
+        per = []
+        for rs in (ra, rb):
+            s = resampled(rs[0]["metric"], np.asarray([r["predictions"] for r in rs]), labels, idx)  # [k, B]
+            pick = rng.integers(0, len(rs), (n_boot, len(rs)))
+            per.append(100 * s[pick, np.arange(n_boot)[:, None]].mean(-1))
+        diffs += (per[0] - per[1]) / len(task_list)
+        point += 100 * (statistics.mean(r["score"] for r in ra) - statistics.mean(r["score"] for r in rb)) \
+            / len(task_list)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return round(point, 2), [round(float(lo), 2), round(float(hi), 2)]
+
+
+def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
+    """``fair_glue.json`` from the state folder (numbers in points: metric x 100)."""
+    done = load_state(state)
+    sessions = json.loads((state / "sessions.json").read_text()) if (state / "sessions.json").exists() else []
+    readout = json.loads((state / "readout.json").read_text()) if (state / "readout.json").exists() else None
+    task_names = sorted({r["task"] for r in done.values()}, key=lambda t: (t not in TASKS, t))
+    lr_selection: dict = {}
+    for task in task_names:
+        for row in ROWS:
+            lr, scores = chosen_lr(done, task, row)
+            if scores:
+                grid = ROWS[row][2]
+                lr_selection.setdefault(task, {})[row] = {
+                    "chosen": lr, "carved_scores": {f"{k:g}": round(100 * v, 2) for k, v in scores.items()},
+                    "at_grid_edge": lr in (grid[0], grid[-1]) if lr is not None else None}
+    runs = seed_runs(done)
+    table: dict = {}
+    for task, rows in runs.items():
+        for row, rs in rows.items():
+            vals = [100 * r["score"] for r in rs]
+            table.setdefault(task, {})[row] = {
+                "lr": rs[0]["lr"], "scores": [round(v, 2) for v in vals], "seeds": [r["seed"] for r in rs],
+                "mean": round(statistics.mean(vals), 2),
+                "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else None,
+                "trainable_params": rs[0]["trainable_params"], "metric": rs[0]["metric"]}
+    comparisons = []
+    for a, b in PAIRS:
+        both = [t for t in TASKS if a in runs.get(t, {}) and b in runs.get(t, {})]
+        for task in both:
+            diff, ci = bootstrap(runs, [task], a, b, n_boot)
+            comparisons.append({"a": a, "b": b, "task": task, "diff": diff, "ci": ci})
+        if len(both) == len(TASKS):
+            diff, ci = bootstrap(runs, TASKS, a, b, n_boot)
+            comparisons.append({"a": a, "b": b, "task": "mean5", "diff": diff, "ci": ci})
+    last = sessions[-1] if sessions else {}
+    data = {"device": last.get("device"), "versions": last.get("versions"), "date": last.get("date"),
+            "command": last.get("command"), "sessions": sessions,
+            "readout": readout["choice"] if readout else None, "readout_selection": readout,
+            "model": last.get("model"), "units": "points (metric x 100); diff = a - b; ci = paired bootstrap 95%",
+            "protocol": {"carve_dev": CARVE, "lr_seed": LR_SEED, "grids": {r: v[2] for r, v in ROWS.items()},
+                         "rows": {r: {"method": v[0], "options": v[1]} for r, v in ROWS.items()}},
+            "lr_selection": lr_selection, "tasks": table, "comparisons": comparisons,
+            "runs": {"lr": sum(r["stage"] == "lr" for r in done.values()),
+                     "seeds": sum(r["stage"] == "seeds" for r in done.values())}}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return data

@@ -1,0 +1,95 @@
+"""benchmarks/fair_glue.py end to end on CPU: a tiny random BERT, a tiny SST-2-shaped task, the three stages
+(readout probe, learning rates on the carved split, seeds), a restart that resumes, the JSON and its bootstrap."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+@pytest.fixture
+def tiny_glue(tmp_path, monkeypatch):
+    """glue/SST-2 train/dev files over the tiny tokenizer's words."""
+    root = tmp_path / "data" / "glue" / "SST-2"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("dev", 40)):
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            pos = i % 2 == 0
+            word = rng.choice(["good", "great", "fine"] if pos else ["bad", "awful", "poor"])
+            lines.append(f"the {rng.choice(['movie', 'film'])} was very {word}\t{int(pos)}")
+        (root / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("SOFTPROMPT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def test_pipeline_resumes_and_reports(tiny_glue, tiny_bert_dir, monkeypatch):
+    import fair_glue
+
+    state = tiny_glue / "state"
+    base = [sys.executable, str(BENCH / "fair_glue.py"), "run", "--model", tiny_bert_dir, "--state", str(state),
+            "--tasks", "glue/sst2", "--rows", "lpt", "--scratch", str(tiny_glue / "scratch"), "--parallel", "2"]
+    first = subprocess.run(base + ["--stages", "readout,lr", "--grid-override", "lpt=0.001"],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    readout = json.loads((state / "readout.json").read_text())
+    assert readout["choice"] in ("pooler", "mean") and set(readout["scores"]["glue/sst2"]) == {"pooler", "mean"}
+    (done,) = state.glob("lr__*.json")
+    stamp = done.stat().st_mtime_ns
+    # Restart with the whole (2-point) grid and the seeds stage: the finished run is kept, not redone.
+    monkeypatch.setitem(fair_glue.ROWS, "lpt", ("lpt", {"num_virtual_tokens": 10}, [1e-3, 3e-2]))
+    second = subprocess.run(base + ["--stages", "lr,seeds", "--seeds", "1,2", "--grid-override", "lpt=0.001,0.03"],
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert done.stat().st_mtime_ns == stamp
+    runs = {p.stem: json.loads(p.read_text()) for p in state.glob("*__*.json")}
+    seeds = [r for r in runs.values() if r["stage"] == "seeds"]
+    assert len(seeds) == 2 and {r["seed"] for r in seeds} == {1, 2}
+    assert all(r["readout"] == readout["choice"] and len(r["predictions"]) == 40 for r in seeds)
+    lr_runs = [r for r in runs.values() if r["stage"] == "lr"]
+    assert all(r["eval_examples"] == 12 and r["train_examples"] == 108 for r in lr_runs)  # the 10% carve
+    chosen = max(lr_runs, key=lambda r: (r["score"], -r["lr"]))["lr"]
+    assert all(r["lr"] == chosen for r in seeds)
+    assert seeds[0]["method_seed"] == 1 and seeds[1]["method_seed"] == 2
+    # The report: the schema of issue 23.
+    import fair_glue_report
+
+    data = fair_glue_report.write_json(state, tiny_glue / "fair.json", n_boot=50)
+    for key in ("device", "versions", "date", "command", "readout", "tasks", "comparisons"):
+        assert key in data
+    cell = data["tasks"]["glue/sst2"]["lpt"]
+    assert set(cell) >= {"lr", "scores", "mean", "std"} and len(cell["scores"]) == 2
+
+
+def test_bootstrap_metrics_match_the_task_metrics():
+    """The vectorised resample metrics equal softprompt's metrics on the identity resample."""
+    from fair_glue_report import resampled
+
+    from softprompt import tasks
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 60)
+    p = np.where(rng.random((3, 60)) < 0.7, y, 1 - y)
+    idx = np.arange(60)[None]
+    for task in ("glue/cola", "glue/mrpc", "glue/sst2"):
+        spec = tasks.get_task(task)
+        got = resampled(spec.metric, p, y, idx)[:, 0]
+        want = [tasks.compute_metrics(spec, row, y)["main"] for row in p]
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    y3 = rng.integers(0, 3, 50)
+    p3 = np.where(rng.random((2, 50)) < 0.6, y3, (y3 + 1) % 3)
+    got = resampled("matthews_correlation", p3, y3, np.arange(50)[None])[:, 0]
+    want = [tasks.compute_metrics(tasks.get_task("superglue/cb"), row, y3)["matthews_correlation"] for row in p3]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    ys = rng.normal(size=40)
+    ps = ys[None] + rng.normal(size=(2, 40))
+    got = resampled("pearson", ps, ys, np.arange(40)[None])[:, 0]
+    want = [tasks.compute_metrics(tasks.get_task("glue/stsb"), row, ys)["pearson"] for row in ps]
+    np.testing.assert_allclose(got, want, atol=1e-10)

@@ -20,7 +20,8 @@ DATASETS = ["commonsense/arc_easy", "superglue/boolq", "commonsense/winogrande"]
 CONFIG = ["--datasets", "arc_easy,boolq,winogrande", "--eval-n", "6", "--min-pool", "200", "--heldout-pool", "40",
           "--train-pool", "16", "--warmup-steps", "2", "--checkpoints", "3", "--zoo-batch", "2", "--max-length", "48",
           "--train-limit", "8", "--curve-steps", "1,2,4", "--zoo-lr", "1e-2", "--n-prompts", "4", "--cond-length", "16",
-          "--gen-steps", "3", "--gen-batch", "2", "--gen-warmup", "1", "--width", "4", "--n-layers", "2", "--kernel", "3",
+          "--gen-steps", "3", "--gen-batch", "2", "--gen-warmup", "1", "--width", "4", "--n-layers", "2",
+          "--kernel", "3",
           "--chunk", "16", "--samples", "2", "--prompt-counts", "2,8", "--ablation-samples", "1",
           "--answer-datasets", "boolq", "--max-new-tokens", "3", "--curve-measures", "loglik,gen"]
 RUNTIME = ["--device", "cpu", "--eval-batch", "8"]

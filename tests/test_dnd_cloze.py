@@ -24,7 +24,8 @@ def test_templates_and_conditions():
     assert a.contexts == ("Question: which is the sky\nAnswer:",) * 3
     assert a.continuations == (" blue", " red green", " sky is blue and green") and a.gold == 0
     b = C.cloze_example("boolq", BOOLQ)
-    assert b.contexts[0] == "the sky is blue\nQuestion: is the sky blue?\nAnswer:" and b.continuations == (" no", " yes")
+    assert b.contexts[0] == "the sky is blue\nQuestion: is the sky blue?\nAnswer:"
+    assert b.continuations == (" no", " yes")
     assert b.continuations[b.gold] == " yes"
     w = C.cloze_example("winogrande", WINO)  # partial scoring: the option sits in the context
     assert w.contexts == ("the sky is blue", "the sky is red") and w.continuations == (" and green .",) * 2

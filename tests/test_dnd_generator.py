@@ -75,8 +75,8 @@ def zoo(tmp_path_factory):
     return root
 
 
-KW = {"n_prompts": 4, "max_length": 8, "batch_size": 4, "width": 8, "n_layers": 2, "kernel": 3, "chunk": 16, "lr": 1e-2, "warmup": 2,
-          "log_every": 0, "verbose": False}
+KW = {"n_prompts": 4, "max_length": 8, "batch_size": 4, "width": 8, "n_layers": 2, "kernel": 3, "chunk": 16,
+      "lr": 1e-2, "warmup": 2, "log_every": 0, "verbose": False}
 
 
 @pytest.fixture(scope="module")

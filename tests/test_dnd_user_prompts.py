@@ -41,7 +41,7 @@ def test_read_prompts_formats(tmp_path):
     assert read_prompts(d / "p.csv", column="review") == PROMPTS
     with pytest.raises(ValueError, match="--column NAME"):
         read_prompts(d / "p.csv")  # no prompt-like header and no --column
-    with pytest.raises(ValueError, match="applies to .csv"):
+    with pytest.raises(ValueError, match=r"applies to \.csv"):
         read_prompts(d / "p.txt", column="review")
 
 

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .condition import ConditionEncoder, PromptSampler, PromptSource, prompts_by_dataset
 from .export import ADAPTER_CONFIG, read_lora_tensors, read_zoo
+from .gen_loss import token_weights, warmup_cosine, weighted_mse
 from .tokenizer import (
     TokenLayout,
     canonicalize_state,
@@ -128,41 +129,6 @@ class HyperConvDecoder(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def token_weights(grids: torch.Tensor, datasets: Sequence[str]) -> torch.Tensor:
-    """Per-token loss weight [T]: each token's std across a dataset's checkpoints (mean over its entries),
-    normalised to mean 1 per dataset, averaged over datasets; uniform where undefined."""
-    per = []
-    for d in dict.fromkeys(datasets):
-        g = grids[[i for i, x in enumerate(datasets) if x == d]]
-        if g.shape[0] < 2:
-            continue
-        s = torch.nan_to_num(g.std(dim=0), nan=0.0)
-        cnt = (~torch.isnan(g[0])).sum(dim=(1, 2)).clamp_min(1)
-        s = s.sum(dim=(1, 2)) / cnt
-        if s.mean() > 0:
-            per.append(s / s.mean())
-    if not per:
-        return torch.ones(grids.shape[1])
-    w = torch.stack(per).mean(0)
-    return torch.where(w > 0, w, torch.full_like(w, 1e-3))
-
-
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σ w_t·m·(p−y)² / Σ w_t·m over the batch; ``target`` may hold NaN where ``mask`` is False."""
-    mask = mask.expand_as(pred)
-    m = mask.to(torch.float32) * weight.to(pred.dtype)[:, None, None]
-    diff = torch.where(mask, pred.float() - torch.nan_to_num(target.float()), torch.zeros_like(pred, dtype=torch.float32))
-    return (diff.pow(2) * m).sum() / m.sum().clamp_min(1e-12)
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    prog = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
-
-
 def registry_prompts_for(dataset: str, part: str = "zoo", condition: str = "raw") -> list[str]:
     """Unlabeled prompts of a registry dataset, one per record of its DnD ``part`` (default ``zoo``; use ``test``
     for a held-out dataset's conditions), never with the answer. ``condition="raw"`` (default): the question and its
@@ -213,7 +179,9 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
                     target: str = "ab", stats_code: str = "relative", cond_noise: float = 1e-4,
                     target_noise: float = 1e-5,
                     weighting: str = "std", seed: int = 0, device: str | None = None, log_every: int = 50,
-                    verbose: bool = True, grid_cache: dict | None = None, condition: str = "raw") -> dict:
+                    verbose: bool = True, grid_cache: dict | None = None, condition: str = "raw",
+                    max_seconds: float | None = None, stop_after: int | None = None,
+                    keep_steps: Sequence[int] = ()) -> dict:
     """Train a hyper-conv decoder on a zoo, leaving out the ``holdout`` dataset(s); save it to ``out``.
 
     ``zoo_dir``: zoo folder / manifest / list of entries (``dataset``, ``path``, …). Prompts per dataset come from
@@ -224,7 +192,13 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
     between generators; its ``max_length`` must equal ``max_length``); ``grid_cache`` is passed to
     :func:`load_zoo_tensors`. Writes ``generator.safetensors``, ``generator_config.json``
     (chain, kernel, layout, encoder, …), ``template_adapter_config.json`` and ``train_log.json``; returns a summary
-    with ``losses``, ``parameters`` and ``seconds``."""
+    with ``losses``, ``parameters``, ``seconds`` and ``complete``.
+
+    Resumable: when ``max_seconds`` (from the call's start) or ``stop_after`` (steps in this call) ends the call
+    early, model, optimiser, schedule, losses and every random state go to ``out/train_state.pt`` and the summary
+    says ``complete: False``; calling again with the same arguments continues from there (bit-identical to an
+    uninterrupted run on the same device). ``keep_steps``: also save ``generator_step<6 digits>.safetensors`` then
+    (earlier generator checkpoints to draw from)."""
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
@@ -278,9 +252,25 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
     gen = torch.Generator().manual_seed(seed)
     grids_d, mask_d, weight_d = grids.to(dev), mask.to(dev), weight.to(dev)
     use_bf16 = dev.type == "cuda"
-    losses = []
+    losses: list[float] = []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sig = {"chain": [list(s) for s in chain], "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+           "holdout": sorted(held), "kernel": kernel}
+    resumed = _resume(out / "train_state.pt", sig, model, opt, sched, gen, sampler)
+    start = resumed["step"] if resumed else 0
+    losses = resumed["losses"] if resumed else losses
     model.train()
-    for step in range(steps):
+    for step in range(start, steps):
+        if ((stop_after is not None and step - start >= stop_after)
+                or (max_seconds is not None and time.perf_counter() - t0 > max_seconds)):
+            torch.save({"sig": sig, "step": step, "losses": losses, "model": model.state_dict(),
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                        "sampler": sampler.rng.getstate(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                       out / "train_state.pt")
+            return {"parameters": n_par, "losses": losses, "seconds": time.perf_counter() - t0, "out": str(out),
+                    "complete": False, "step": step}
         idx = torch.randint(0, grids.shape[0], (batch_size,), generator=gen)
         cond, _ = enc.encode_batch([sampler.sample(ds[i]) for i in idx.tolist()])
         cond = cond.to(dev)
@@ -301,9 +291,11 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
         losses.append(loss.item())
         if verbose and log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:5d}  loss {losses[-1]:.5f}  lr {sched.get_last_lr()[0]:.2e}")
+        if step + 1 in keep_steps:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(out / f"generator_step{step + 1:06d}.safetensors"))
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_state.pt").unlink(missing_ok=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
               str(out / "generator.safetensors"))
     shutil.copy(Path(train[0]["path"]) / ADAPTER_CONFIG, out / "template_adapter_config.json")
@@ -314,10 +306,30 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
            "batch_size": batch_size, "lr": lr, "seed": seed, "condition": condition}
     with open(out / "generator_config.json", "w") as f:
         json.dump(cfg, f, indent=1, default=str)
-    summary = {"parameters": n_par, "losses": losses, "seconds": seconds, "out": str(out)}
+    summary = {"parameters": n_par, "losses": losses, "seconds": seconds, "out": str(out), "complete": True,
+               "step": steps}
     with open(out / "train_log.json", "w") as f:
         json.dump(summary, f)
     return summary
+
+
+def _resume(path: Path, sig: dict, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+            gen: torch.Generator, sampler: PromptSampler) -> dict | None:
+    """Load an interrupted training's state into the fresh objects; None when there is none."""
+    if not path.exists():
+        return None
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    if st["sig"] != sig:
+        raise ValueError(f"{path} belongs to another training ({st['sig']} != {sig}): delete it or use another out")
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    gen.set_state(st["gen"])
+    sampler.rng.setstate(st["sampler"])
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    return {"step": st["step"], "losses": st["losses"]}
 
 
 def load_generator_config(generator_dir: str | Path) -> dict:
@@ -329,15 +341,15 @@ def load_generator_config(generator_dir: str | Path) -> dict:
 _LOADED: dict[str, tuple] = {}
 
 
-def load_generator(generator_dir: str | Path, device: str | None = None
+def load_generator(generator_dir: str | Path, device: str | None = None, weights: str = "generator.safetensors"
                    ) -> tuple[HyperConvDecoder, ConditionEncoder, TokenLayout, dict]:
-    """(decoder, condition encoder, layout, config) of a trained generator folder."""
+    """(decoder, condition encoder, layout, config) of a trained generator folder (``weights``: a kept step)."""
     from safetensors.torch import load_file
 
     cfg = load_generator_config(generator_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = HyperConvDecoder([tuple(s) for s in cfg["chain"]], cfg["kernel"])
-    model.load_state_dict(load_file(str(Path(generator_dir) / "generator.safetensors")))
+    model.load_state_dict(load_file(str(Path(generator_dir) / weights)))
     model.to(dev).eval()
     enc = ConditionEncoder(cfg["encoder"], max_length=cfg["max_length"], device=dev)
     return model, enc, TokenLayout.from_json(cfg["layout"]), cfg
@@ -345,15 +357,16 @@ def load_generator(generator_dir: str | Path, device: str | None = None
 
 @torch.no_grad()
 def generate(generator_dir: str | Path, prompts: Sequence[str], n_prompts: int | None = None, seed: int = 0,
-             device: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], float]:
+             device: str | None = None, dtype: torch.dtype = torch.float32,
+             weights: str = "generator.safetensors") -> tuple[dict[str, torch.Tensor], float]:
     """Prompts of an (unseen) dataset -> (PEFT LoRA state dict, seconds).
 
     Samples ``n_prompts`` (the generator's N) of ``prompts`` with ``seed``; the seconds cover encoding, the decoder
     pass and detokenisation, not loading the generator (which is cached per folder)."""
-    weights = Path(generator_dir) / "generator.safetensors"
-    key = f"{weights.resolve()}|{weights.stat().st_mtime_ns}|{device}"
+    wpath = Path(generator_dir) / weights
+    key = f"{wpath.resolve()}|{wpath.stat().st_mtime_ns}|{device}"
     if key not in _LOADED:
-        _LOADED[key] = load_generator(generator_dir, device)
+        _LOADED[key] = load_generator(generator_dir, device, weights)
     model, enc, layout, cfg = _LOADED[key]
     n = cfg["n_prompts"]
     if n_prompts not in (None, n):

@@ -65,7 +65,8 @@ class Study:
 
     def __init__(self, state: str | Path, model: str, datasets: Sequence[str] = DATASETS,
                  configs: Sequence[str] = ("r8,lr2e-4,steps250,ckpt50",), n_eval: int = 500,
-                 n_dev: int = 500, batch_size: int = 64, device: str | None = None, log: Callable[[str], None] = print) -> None:
+                 n_dev: int = 500, batch_size: int = 64, device: str | None = None,
+                 log: Callable[[str], None] = print) -> None:
         self.state = Path(state)
         (self.state / "stages").mkdir(parents=True, exist_ok=True)
         self.model_path, self.datasets, self.n_eval, self.n_dev = model, list(datasets), n_eval, n_dev

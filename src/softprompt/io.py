@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .errors import AdapterFormatError, AdapterMismatchError
+from .peft_format import is_peft_config, read_peft_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -90,15 +91,23 @@ def save_adapter(model, path: str | os.PathLike, **metadata) -> None:
     atomic_write_bytes(path / CARD_NAME, card.encode())
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    """Read and check ``adapter_config.json`` with errors that name the file and the fix."""
+def _raw_config(path: str | os.PathLike) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise AdapterFormatError(f"{file} is missing: {path} is not a softprompt adapter folder")
     try:
-        config = json.loads(file.read_bytes().decode("utf-8"))
+        return json.loads(file.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deeply nested
         raise AdapterFormatError(f"{file} is not valid JSON ({str(exc)[:200]}); re-save the adapter") from exc
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """Read and check ``adapter_config.json`` with errors that name the file and the fix. A PEFT prompt-learning
+    folder reads as the equivalent softprompt adapter (see ``peft_format``)."""
+    file = Path(path) / CONFIG_NAME
+    config = _raw_config(path)
+    if is_peft_config(config):
+        return read_peft_adapter(path, config, lambda: _load_tensors(path))[0]
     if not isinstance(config, dict) or "method" not in config or "config" not in config:
         raise AdapterFormatError(f"{file} lacks the 'method'/'config' fields of a softprompt adapter")
     expected = {"method": (str,), "config": (dict,), "base_model": (dict,), "head_modules": (list, type(None))}
@@ -120,7 +129,15 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
 
 
 def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load the safetensors file (never a pickle), mapping corruption to AdapterFormatError."""
+    """Load the safetensors file (never a pickle), mapping corruption to AdapterFormatError; a PEFT folder's
+    tensors come back under softprompt's names and layout."""
+    config = _raw_config(path) if (Path(path) / CONFIG_NAME).is_file() else {}
+    if is_peft_config(config):
+        return read_peft_adapter(path, config, lambda: _load_tensors(path))[1]
+    return _load_tensors(path)
+
+
+def _load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     file = Path(path) / WEIGHTS_NAME
     if not file.is_file():
         raise AdapterFormatError(f"{file} is missing; the adapter folder is incomplete (re-save or re-train it)")

@@ -8,88 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .closed_form import ALL_REGIMES, REGIMES, as_n_array, theory_curves
+from .arguments import at_least, finite_float, int_list, overrides, regime_list
+from .closed_form import REGIMES, as_n_array, theory_curves
 from .config import PRESETS, TaskMixture, preset, resolve_config
 from .limits import check_closed_forms, check_training, fit_mc_chunk
 
 __all__ = ["add_theory_parser", "curves", "main"]
-
-
-# ----------------------------------------------------------------- parsing helpers
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return vals
-
-
-def _at_least(minimum: int, why: str = "") -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (a smaller one is a usage error, exit code 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
-        return value
-
-    return parse
-
-
-def _finite_float(minimum: float, inclusive: bool) -> Callable[[str], float]:
-    """An argparse type: a finite float above ``minimum`` (or equal to it when ``inclusive``)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {minimum}, "
-                                             f"got {text!r}")
-        return value
-
-    return parse
-
-
-def _regime_list(text: str) -> list[str]:
-    vals = [v.strip().lower() for v in text.split(",") if v.strip()]
-    bad = [v for v in vals if v not in ALL_REGIMES]
-    if bad or not vals:
-        raise argparse.ArgumentTypeError(f"regimes must be among {','.join(ALL_REGIMES)}, got {text!r}")
-    return vals
-
-
-def _overrides(text: str | None, cast: Callable[[str], Any]) -> dict[str, Any]:
-    """Parse ``dec=60000,pt=20000`` into a dict."""
-    out: dict[str, Any] = {}
-    if not text:
-        return out
-    for item in text.split(","):
-        if "=" not in item:
-            raise argparse.ArgumentTypeError(f"expected REGIME=VALUE pairs, got {item!r}")
-        k, v = item.split("=", 1)
-        k = k.strip().lower()
-        if k not in REGIMES:
-            raise argparse.ArgumentTypeError(f"unknown regime {k!r} in {text!r}")
-        out[k] = cast(v)
-    return out
 
 
 # ------------------------------------------------------------------------ work
@@ -263,8 +197,8 @@ def _cmd_curves(args: argparse.Namespace) -> int:
             regimes,
             mc_draws=args.mc_draws if args.mc else 0,
             train_cfg=train_cfg,
-            regime_steps=_overrides(args.regime_steps, _at_least(1)),
-            regime_lr=_overrides(args.regime_lr, _finite_float(0.0, inclusive=False)),
+            regime_steps=overrides(args.regime_steps, at_least(1)),
+            regime_lr=overrides(args.regime_lr, finite_float(0.0, inclusive=False)),
             device=args.device,
             log=log,
         )
@@ -362,32 +296,32 @@ def add_theory_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     c = sub.add_parser("curves", help="normalised optimal loss per regime and n (+ Monte-Carlo, + training, + figure)")
     c.add_argument("--config", default="zero_cov_12", help="preset name (see 'theory configs') or a JSON/YAML file")
-    c.add_argument("--n", type=_int_list, default=[1, 10, 20, 30, 40, 50], help="comma-separated context lengths")
-    c.add_argument("--regimes", type=_regime_list, default=list(REGIMES),
+    c.add_argument("--n", type=int_list, default=[1, 10, 20, 30, 40, 50], help="comma-separated context lengths")
+    c.add_argument("--regimes", type=regime_list, default=list(REGIMES),
                    help="subset of pt,ft,jt,dec and the references oracle,jt_gc")
     c.add_argument("--json", help="write the results here")
     c.add_argument("--plot", help="write a PNG figure here")
     c.add_argument("--layout", choices=("panels", "overlay"), default="panels")
     c.add_argument("--mc", action="store_true", help="Monte-Carlo check of every closed form")
-    c.add_argument("--mc-draws", type=_at_least(2, " (a standard error needs two draws)"), default=200_000,
+    c.add_argument("--mc-draws", type=at_least(2, " (a standard error needs two draws)"), default=200_000,
                    help="Monte-Carlo draws per task (default 200000)")
     c.add_argument("--train", action="store_true", help="train the linear-attention model in each regime")
-    c.add_argument("--steps", type=_at_least(1), default=20_000,
+    c.add_argument("--steps", type=at_least(1), default=20_000,
                    help="optimiser steps per regime (FT: of the prompt phase)")
-    c.add_argument("--pretrain-steps", type=_at_least(1), default=None,
+    c.add_argument("--pretrain-steps", type=at_least(1), default=None,
                    help="FT's PT phase (default: --steps, or the pt entry of --regime-steps)")
     c.add_argument("--regime-steps", help="per-regime steps, e.g. dec=60000,pt=20000")
     c.add_argument("--regime-lr", help="per-regime learning rates, e.g. dec=0.01")
-    c.add_argument("--lr", type=_finite_float(0.0, inclusive=False), default=1e-3)
-    c.add_argument("--batch", type=_at_least(1), default=3072,
+    c.add_argument("--lr", type=finite_float(0.0, inclusive=False), default=1e-3)
+    c.add_argument("--batch", type=at_least(1), default=3072,
                    help="prompts per task per step (and per evaluation batch)")
-    c.add_argument("--runs", type=_at_least(1), default=4, help="restarts (trained in parallel); the best is reported")
-    c.add_argument("--weight-decay", type=_finite_float(0.0, inclusive=True), default=0.0)
-    c.add_argument("--eval-batches", type=_at_least(1), default=10)
+    c.add_argument("--runs", type=at_least(1), default=4, help="restarts (trained in parallel); the best is reported")
+    c.add_argument("--weight-decay", type=finite_float(0.0, inclusive=True), default=0.0)
+    c.add_argument("--eval-batches", type=at_least(1), default=10)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (training and Monte-Carlo)")
     c.add_argument("--float64", action="store_true", help="train in float64 (default float32)")
-    c.add_argument("--threads", type=_at_least(1), default=None,
+    c.add_argument("--threads", type=at_least(1), default=None,
                    help="torch CPU threads; 1 is fastest for these tiny ops on a busy CPU")
     c.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     c.add_argument("--no-record-argv", dest="record_argv", action="store_false",

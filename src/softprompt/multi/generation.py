@@ -103,6 +103,20 @@ class GenerationEngine:
     def submit(self, prompt_ids: list[int], adapter: str | None = None, params: SamplingParams | None = None) -> int:
         """Queue a request; returns its id. Checked now: the adapter exists and the request fits the context."""
         params = params or SamplingParams()
+        self.check(prompt_ids, adapter, params)
+        generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        request = _Request(self._next_id, list(prompt_ids), adapter, params, generator)
+        self._next_id += 1
+        self.requests[request.id] = request
+        self.waiting.append(request)
+        return request.id
+
+    def check(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> None:
+        """Raise a one-line error if the request cannot run: empty prompt, unknown adapter, bad sampling values,
+        or prompt + adapter positions + max_new_tokens beyond the model's context."""
         if not prompt_ids:
             raise ConfigError("the prompt is empty: give at least one token")
         if params.max_new_tokens < 1:
@@ -119,15 +133,13 @@ class GenerationEngine:
                 f"{params.max_new_tokens} = {needed} exceeds the model's context of {limit}; lower max_tokens to at "
                 f"most {limit - len(prompt_ids) - extra}"
             )
-        generator = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        request = _Request(self._next_id, list(prompt_ids), adapter, params, generator)
-        self._next_id += 1
-        self.requests[request.id] = request
-        self.waiting.append(request)
-        return request.id
+        if not 0 <= params.temperature <= 100 or not 0 < params.top_p <= 1:
+            raise ConfigError(f"temperature must be in [0, 100] and top_p in (0, 1], got {params.temperature} and "
+                              f"{params.top_p}")
+        vocab = self.model.base_model.get_input_embeddings().weight.shape[0]
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
 
     def result(self, request_id: int) -> list[int]:
         """The tokens generated so far for a request (stop strings are cut by the caller, see ``stop_text_at``)."""

@@ -109,6 +109,11 @@ class MultiAdapterModel(nn.Module):
         return next(self.base_model.parameters()).device
 
     @property
+    def lock(self):
+        """Held by every forward: anything else that runs the shared base model (generation) takes it too."""
+        return self._lock
+
+    @property
     def adapter_names(self) -> list[str]:
         """Names of the loaded adapters, in loading order."""
         return list(self._adapters)

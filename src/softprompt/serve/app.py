@@ -26,6 +26,8 @@ from .batcher import DynamicBatcher, OverloadedError
 from .body import BodyLimit
 from .config import ServeConfig
 from .errors import ServeError, TooLargeError
+from .generation import GenerationService
+from .openai_api import add_openai_routes
 from .schemas import (
     AdaptersResponse,
     Health,
@@ -74,13 +76,19 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> F
     batcher = DynamicBatcher(model, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                              mixed=cfg.mixed, max_queue_rows=cfg.max_queue_rows)
     PredictRequest, PredictAllRequest, AddAdapterRequest, _ = request_models(cfg)
+    # A language model also serves text generation (OpenAI's API), its requests sharing decoding batches.
+    generation = GenerationService(model, max_rows=cfg.max_batch_size) if _generates(model) else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
+        if generation is not None:
+            generation.start()
         try:
             yield
         finally:
+            if generation is not None:
+                generation.stop()
             await batcher.stop()
 
     app = FastAPI(
@@ -150,6 +158,8 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> F
         return {"adapters": [model.adapter(n).describe() for n in model.adapter_names]}
 
     add_admin_routes(app, model, cfg, AddAdapterRequest)
+    if generation is not None:
+        add_openai_routes(app, model, generation, max_pending=cfg.max_queue_rows)
 
     # ---- health --------------------------------------------------------------------------------------------
     @app.get("/health", response_model=Health)
@@ -166,6 +176,11 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> F
                            "mixed": cfg.mixed}}
 
     return app
+
+
+def _generates(model: MultiAdapterModel) -> bool:
+    """Whether the served base model is a causal language model (then /v1 text generation is on)."""
+    return model.info.is_causal and hasattr(model.base_model, "lm_head") and model.tokenizer is not None
 
 
 def _never_fits(inputs: int, adapters: int, limit: int) -> str:

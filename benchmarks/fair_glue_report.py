@@ -252,3 +252,73 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
                      "seeds": sum(r["stage"] == "seeds" for r in done.values())}}
     path.write_text(json.dumps(data, indent=1) + "\n")
     return data
+
+
+# ---- markdown (printed by method_tables.py) --------------------------------------------------------------------------
+def verdict(c: dict | None, a: str, b: str) -> str:
+    """One sentence on ``a - b`` from its interval: holds, reversed, or within noise."""
+    if c is None:
+        return f"{NAMES[a]} vs {NAMES[b]}: not measured yet (needs the seeds stage on all five tasks)."
+    lo, hi = c["ci"]
+    word = ("holds: a above b" if lo > 0 else "reversed: b above a" if hi < 0 else "within noise (the interval "
+            "contains 0)")
+    return (f"{NAMES[a]} - {NAMES[b]} ({c['task']}): {c['diff']:+.2f} points, 95% CI [{lo:+.2f}, {hi:+.2f}]: {word}.")
+
+
+def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]], title: str) -> list[str]:
+    """The fair-protocol section of a results file: provenance, readout, chosen rates, seed table, intervals."""
+    lines = [f"## {title}", ""]
+    if data is None:
+        return lines + ["`benchmarks/results/fair_glue.json` does not exist yet: run `benchmarks/gpu_fair.sh`.", ""]
+    rs = data.get("readout_selection") or {}
+    lines += [f"Protocol: `benchmarks/fair_glue.py` (issue 23). Every run: max length 128, batch 32, AdamW, linear "
+              f"decay, 6% warm-up, epochs SST-2 1 / MRPC 10 / RTE 20 / CoLA 5 / CB 30; bf16 on the GPU. Learning "
+              f"rates chosen per method and task on a {data['protocol']['carve_dev']:.0%} dev split carved from "
+              f"train (seed {data['protocol']['lr_seed']}), never on the reported dev set; then seeds 1-5 at that "
+              f"rate, trained on the full train split and scored on the dev set. Seeds vary every initialisation "
+              f"(head, method, generator, init sampling) and the data order and dropout.", "",
+              f"Readout (one for all methods): **{data.get('readout')}**; {rs.get('protocol', 'not chosen yet')}. "
+              + ("Carved-dev scores " + "; ".join(f"{t}: pooler {s['pooler']:.1f}, mean {s['mean']:.1f}"
+                                                  for t, s in rs.get("scores", {}).items()) + "." if rs else ""), "",
+              f"Device {data.get('device')}; versions {data.get('versions')}; last run {data.get('date')}; "
+              f"command `{data.get('command')}`. Runs so far: {data['runs']['lr']} learning-rate runs, "
+              f"{data['runs']['seeds']} seed runs.", ""]
+    tasks = [t for t in TASKS + ["glue/stsb"] if t in data["lr_selection"] or t in data["tasks"]]
+    lines += ["### Learning rates (carved dev split, seed 1)", "",
+              "| task | " + " | ".join(NAMES[r] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for t in tasks:
+        cells = []
+        for r in rows:
+            sel = data["lr_selection"].get(t, {}).get(r)
+            if sel is None:
+                cells.append("not run")
+            elif sel["chosen"] is None:
+                cells.append(f"grid {len(sel['carved_scores'])}/{len(data['protocol']['grids'][r])}: "
+                             + ", ".join(f"{k}: {v:.1f}" for k, v in sel["carved_scores"].items()))
+            else:
+                best = sel["carved_scores"][f"{sel['chosen']:g}"]
+                cells.append(f"**{sel['chosen']:g}** ({best:.1f}){' edge' if sel['at_grid_edge'] else ''}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: chosen rate (its carved-dev score x 100); `edge`: the best rate is at the end of the grid, "
+              "so the grid should be extended for that cell. Incomplete grids list the rates run so far.", "",
+              "### Dev scores at the chosen rate (mean ± std over seeds, n)", "",
+              "| task | " + " | ".join(NAMES[r] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for t in tasks:
+        cells = []
+        for r in rows:
+            c = data["tasks"].get(t, {}).get(r)
+            cells.append(f"{c['mean']:.1f} ± {c['std'] or 0:.1f} ({len(c['scores'])})" if c else "pending")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "### Comparisons (paired bootstrap over dev examples, seeds resampled; 95% intervals)", ""]
+    by_key = {(c["a"], c["b"], c["task"]): c for c in data["comparisons"]}
+    for a, b in pairs:
+        lines.append("* " + verdict(by_key.get((a, b, "mean5")), a, b))
+        per_task = [c for (x, y, t), c in by_key.items() if (x, y) == (a, b) and t != "mean5"]
+        if per_task:
+            lines.append("  Per task: " + "; ".join(f"{c['task']} {c['diff']:+.1f} [{c['ci'][0]:+.1f}, "
+                                                   f"{c['ci'][1]:+.1f}]" for c in per_task) + ".")
+    return lines + [""]
+
+
+def load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None

@@ -66,6 +66,8 @@ def test_pipeline_resumes_and_reports(tiny_glue, tiny_bert_dir, monkeypatch):
         assert key in data
     cell = data["tasks"]["glue/sst2"]["lpt"]
     assert set(cell) >= {"lr", "scores", "mean", "std"} and len(cell["scores"]) == 2
+    text = "\n".join(fair_glue_report.fair_section(data, ["lpt"], [("idspam", "lpt_npg")], "Fair"))
+    assert f"**{cell['lr']:g}**" in text and "not measured yet" in text
 
 
 def test_bootstrap_metrics_match_the_task_metrics():
@@ -93,3 +95,30 @@ def test_bootstrap_metrics_match_the_task_metrics():
     got = resampled("pearson", ps, ys, np.arange(40)[None])[:, 0]
     want = [tasks.compute_metrics(tasks.get_task("glue/stsb"), row, ys)["pearson"] for row in ps]
     np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def test_bootstrap_interval_and_verdicts():
+    """A method right on 90% of the examples against one right on 60%: the interval excludes 0; the same method
+    against itself: the interval contains 0; verdict sentences follow the interval."""
+    from fair_glue_report import bootstrap, fair_section, verdict
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+
+    def runs(p_right):
+        out = []
+        for s in range(5):
+            pred = np.where(rng.random(200) < p_right, y, 1 - y)
+            out.append({"seed": s, "metric": "accuracy", "score": float((pred == y).mean()),
+                        "predictions": pred.tolist(), "labels": y.tolist()})
+        return out
+
+    data = {"glue/sst2": {"idspam": runs(0.9), "lpt_npg": runs(0.6), "prompt": runs(0.6)}}
+    diff, ci = bootstrap(data, ["glue/sst2"], "idspam", "lpt_npg", 500)
+    assert 25 < diff < 35 and 0 < ci[0] < diff < ci[1]
+    diff, ci = bootstrap(data, ["glue/sst2"], "prompt", "lpt_npg", 500)
+    assert ci[0] < 0 < ci[1]
+    assert "holds" in verdict({"task": "mean5", "diff": 30.0, "ci": [25.0, 35.0]}, "idspam", "lpt_npg")
+    assert "within noise" in verdict({"task": "mean5", "diff": 1.0, "ci": [-1.0, 3.0]}, "apt", "prefix")
+    assert "not measured" in verdict(None, "apt", "prefix")
+    assert fair_section(None, ["apt"], [("apt", "prefix")], "T")[0] == "## T"

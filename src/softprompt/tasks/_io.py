@@ -156,7 +156,7 @@ def finish(result: ParseResult, *, strict: bool, what: str = "", stacklevel: int
             + (f" while loading {what}" if what else "")
             + f"; first at {result.unit} {line}: {problem}"
             + _list_lines(result)
-            + " (pass strict=True to fail instead)",
+            + " (to fail instead: --strict, Python: strict=True)",
             MalformedRowWarning,
             stacklevel=stacklevel,
         )

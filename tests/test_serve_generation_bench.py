@@ -1,0 +1,33 @@
+"""Smoke test of benchmarks/serve_generation.py on a tiny model: the JSON has the contract's fields and every
+request finishes. It asserts no timing (a benchmark is a script that prints numbers)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import serve_generation
+
+
+def test_run_and_report_write_the_contract(tmp_path):
+    out = tmp_path / "serve_generation.json"
+    args = ["run", "--model", "tiny", "--rates", "20,40", "--duration", "0.3", "--output-len", "3", "--prompt-len",
+            "6", "--adapters", "2", "--prefix-len", "2", "--max-rows", "4", "--dtype", "float32",
+            "--max-overrun", "1e6", "--out", str(out)]
+    assert serve_generation.main(args) == 0
+    data = json.loads(out.read_text())
+    assert {"device", "versions", "date", "command", "slo_ttft_p99_ms", "runs", "goodput"} <= set(data)
+    assert {(r["mode"], r["rate"]) for r in data["runs"]} == {(m, r) for m in ("mixed", "per_adapter", "bare")
+                                                           for r in (20.0, 40.0)}
+    keys = {"model", "mode", "adapters", "rate", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+            "itl_p99_ms"}
+    for r in data["runs"]:
+        assert keys <= set(r) and r["finished"] == r["requests"]
+    assert set(data["goodput"]["tiny"]) == {"mixed", "per_adapter", "bare"}
+    assert serve_generation.main(args) == 0  # resumes: nothing left to run, nothing duplicated
+    assert len(json.loads(out.read_text())["runs"]) == 6
+    md = tmp_path / "table.md"
+    assert serve_generation.main(["report", "--results", str(out), "--markdown", str(md),
+                                  "--plot", str(tmp_path / "p.png")]) == 0
+    assert "goodput mixed" in md.read_text() and (tmp_path / "p.png").stat().st_size > 0

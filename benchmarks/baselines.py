@@ -165,7 +165,7 @@ def _run_other(task, method, seed, model_name, bf16, epochs) -> dict:
     registry_task, splits = split_task(task)
     spec = tasks.get_task(registry_task)
     tok = load_tokenizer(model_name)
-    base, _ = load_base(model_name, spec)
+    base, _ = load_base(model_name, spec, head_seed=seed)  # the seed varies the head's init too (issue 23)
     if method == "full_ft":
         model = base
     elif method == "linear_probe":

@@ -51,6 +51,23 @@ def method_options(args) -> dict:
     return opts
 
 
+def label_map_arg(text: str) -> dict:
+    """argparse type of ``--label-map``: a JSON object (inline, or a .json file) mapping label values to labels."""
+    import argparse
+    import os
+    from pathlib import Path
+
+    try:
+        raw = Path(text).read_text(encoding="utf-8") if os.path.isfile(text) else text
+        value = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"positive\": \"pos\"}}' or a .json file "
+                                         f"holding one ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object mapping label values to labels, got {value!r}")
+    return value
+
+
 def add_task_flags(p: argparse.ArgumentParser, *, limit: bool = True) -> None:
     """``--task``, ``--split``, ``--data-dir`` (and ``--limit``), for every command that reads a registry task."""
     p.add_argument("--task", help="registry task, e.g. glue/sst2 (see `softprompt tasks`)")

@@ -8,6 +8,7 @@ import json
 from .common import (
     add_adapter_flags,
     add_task_flags,
+    label_map_arg,
     method_choices,
     method_options,
     texts_from_args,
@@ -39,6 +40,7 @@ def cmd_train(args) -> int:
         train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=method_options(args),
         bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
         save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, strict=args.strict,
+        label_map=args.label_map,
         fsdp=args.fsdp or "", weight_decay=args.weight_decay,
     )
     try:
@@ -118,6 +120,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed data row")
+    p.add_argument("--label-map", type=label_map_arg,
+                   help="rename label values of --file before classes are inferred (a JSON object or a .json "
+                        "file), e.g. '{\"1.0\": \"1\", \"pos\": \"1\"}'")
     p.add_argument("--fsdp", help="passed to the Trainer, e.g. 'full_shard auto_wrap'")
 
 

@@ -65,6 +65,7 @@ class TrainConfig:
     eval_steps: int | None = None
     resume: bool = False
     strict: bool = False
+    label_map: dict[str, Any] | None = None  # user files: rename label values before classes are inferred
     logging_steps: int = 50
     fsdp: str = ""
     report_to: str = "none"
@@ -74,9 +75,12 @@ class TrainConfig:
 def task_records(cfg: TrainConfig, split_role: str) -> tuple[list[dict], Any]:
     """Records of the train/eval role, from the registry (``--task``) or from user files (``--file``)."""
     if cfg.file:
-        path = cfg.file if split_role == "train" else (cfg.eval_file or cfg.file)
-        recs, spec = tasks.load_file(path, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
-                                     label_column=cfg.label_column, strict=cfg.strict)
+        read = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
+                    strict=cfg.strict, label_map=cfg.label_map)
+        recs, spec = tasks.load_file(cfg.file, **read)
+        if split_role == "eval" and cfg.eval_file:
+            # The eval file's labels are read against the training file's label set, so ids mean the same thing.
+            recs, _ = tasks.load_file(cfg.eval_file, **read, label_names=list(spec.label_names) or None)
         return recs, spec
     spec = tasks.get_task(cfg.task)
     split = registry_split(cfg, spec, split_role)

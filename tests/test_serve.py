@@ -58,22 +58,44 @@ def server(model):
 def test_concurrent_clients_get_their_own_answers_in_shared_batches(server, model):
     url, app = server
     batcher = app.state.batcher
-    batcher.max_wait = 0.25  # long enough that simultaneous clients surely meet in one batch, even on a busy box
     jobs = [(SERVED[i % len(SERVED)], texts(1 + i % 3, seed=i)) for i in range(12)]
-    barrier = threading.Barrier(len(jobs))
+    total_rows = sum(len(inputs) for _, inputs in jobs)
     before_batches, before_passes = batcher.stats.batches, model.stats.backbone_passes
+    # Event-based, no timing: the first batch is held inside the model until every other row is queued behind it,
+    # so the rest must form shared batches (at most 64 rows each).
+    real, inside, release, first_rows = batcher.model, threading.Event(), threading.Event(), []
+
+    class HoldFirst:
+        def __contains__(self, name):
+            return name in real
+
+        def predict(self, texts_, *args):
+            if not inside.is_set():
+                first_rows.append(len(texts_))
+                inside.set()
+                release.wait(timeout=60)
+            return real.predict(texts_, *args)
 
     def client(job):
         adapter, inputs = job
-        with httpx.Client(base_url=url, timeout=30) as c:
-            barrier.wait()
+        with httpx.Client(base_url=url, timeout=60) as c:
             return c.post("/predict", json={"adapter": adapter, "inputs": inputs})
 
+    batcher.model = HoldFirst()
     try:
         with ThreadPoolExecutor(len(jobs)) as pool:
-            responses = list(pool.map(client, jobs))
+            pending = [pool.submit(client, job) for job in jobs]
+            assert inside.wait(timeout=60)
+            for _ in range(10_000):
+                if httpx.get(f"{url}/health", timeout=30).json()["queued_rows"] == total_rows - first_rows[0]:
+                    break
+            else:
+                raise AssertionError("the other requests were never queued")
+            release.set()
+            responses = [f.result() for f in pending]
     finally:
-        batcher.max_wait = 0.002
+        release.set()
+        batcher.model = real
     batches = batcher.stats.batches - before_batches
     passes = model.stats.backbone_passes - before_passes
     for (adapter, inputs), r in zip(jobs, responses):
@@ -84,7 +106,7 @@ def test_concurrent_clients_get_their_own_answers_in_shared_batches(server, mode
         for got, ref in zip(body["predictions"], direct):
             assert got["score"] == pytest.approx(ref["score"], abs=1e-5)
             assert got.get("label") == ref.get("label")
-    assert batches < len(jobs)  # requests were grouped...
+    assert batches <= 2 < len(jobs)  # requests were grouped: the held batch, then everything queued behind it...
     assert batcher.stats.mixed_batches >= 1  # ...across adapters
     # 6 adapters fall into 3 compatible groups (4-token prefixes incl. APT and the regression head | prompt | LPT).
     assert passes <= 3 * batches

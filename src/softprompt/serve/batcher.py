@@ -105,7 +105,12 @@ class DynamicBatcher:
 
     @property
     def queued_rows(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Rows waiting for a batch: those in the queue, plus one a finished queue ``get`` holds for the batching
+        task while it waits for the model (the get outlives its timeout, see ``_next_row``)."""
+        if self._queue is None:
+            return 0
+        held = self._getter is not None and self._getter.done() and not self._getter.cancelled()
+        return self._queue.qsize() + int(held)
 
     # ---- submitting --------------------------------------------------------------------------------------------
     async def submit(self, adapters: Sequence[str], texts: Sequence[str],
@@ -116,8 +121,8 @@ class DynamicBatcher:
         if len(texts) > self.max_queue_rows:  # "retry later" would never help: the queue cannot ever hold it
             raise TooLargeError(f"this request makes {len(texts)} rows, more than the queue ever holds "
                                 f"({self.max_queue_rows}, --max-queue-rows); split it into smaller requests")
-        if self._queue.qsize() + len(texts) > self.max_queue_rows:
-            raise OverloadedError(f"{self._queue.qsize()} rows are queued (limit {self.max_queue_rows}); retry later")
+        if self.queued_rows + len(texts) > self.max_queue_rows:
+            raise OverloadedError(f"{self.queued_rows} rows are queued (limit {self.max_queue_rows}); retry later")
         loop = asyncio.get_running_loop()
         self._requests += 1
         pairs = list(pairs) if pairs is not None else [None] * len(texts)

@@ -370,7 +370,8 @@ class Bench:
                       lr=float(cfg["zoo_lr"]), batch_size=int(cfg["zoo_batch"]), max_length=int(cfg["max_length"]),
                       init_seed=int(cfg["init_seed"]), data_seed=int(cfg["data_seed"]) + self.datasets.index(d),
                       train_limit=int(cfg["train_limit"]) or None, dev_limit=0, device=self.dev, model=model,
-                      tokenizer=tok, progress=False, curve_steps=[s for s in curve_steps if s <= int(cfg["warmup_steps"])])
+                      tokenizer=tok, progress=False, curve_steps=[s for s in curve_steps if s <= int(cfg["warmup_steps"])],
+                      format="letter", schedule="constant")  # this (issue 7) pipeline scores the letter format
         zoo_seconds = time.perf_counter() - t0
         del model
         if self.dev.startswith("cuda"):

@@ -95,7 +95,8 @@ def test_results_match_stage_files(two_runs):
     stage = lambda n: json.loads((state / "stages" / f"{n.replace(':', '__')}.json").read_text())
     short = {"commonsense/arc_easy": "arc_easy", "superglue/boolq": "boolq", "commonsense/winogrande": "winogrande"}
     base = stage("base")
-    assert base["subsets"]["commonsense/winogrande"]["prompt_source"].startswith("zoo part")
+    # WinoGrande's re-split test part (519) leaves enough unevaluated records for the condition pool
+    assert base["subsets"]["commonsense/winogrande"]["prompt_source"].startswith("test part")
     assert base["subsets"]["commonsense/arc_easy"]["prompt_source"].startswith("test part")
     assert all(base["subsets"][d]["n_eval"] == 6 for d in DATASETS)
     beats = 0

@@ -16,6 +16,7 @@ from softprompt.dnd.zoo import build_zoo, lr_factor
 
 ARC = {"text": "which is the sky", "choices": ["blue", "red green", "sky is blue and green"], "label": 0}
 BOOLQ = {"text": "the sky is blue", "text_pair": "is the sky blue", "label": 1}
+WG = "commonsense/winogrande"
 WINO = {"text": "the sky is _ and green .", "choices": ["blue", "red"], "label": 0}
 
 
@@ -111,32 +112,47 @@ def test_paired_bootstrap():
         paired_bootstrap([1], [1, 0])
 
 
-def test_study_resumes_and_reports(tmp_path):
+def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     from softprompt.dnd.study import Study
 
     folder = tmp_path / "tiny-llama"
     tiny("llama").save_pretrained(folder)
     _tok(chat=False).save_pretrained(folder)
-    kw = {"datasets": ["commonsense/arc_easy", "superglue/boolq"], "configs": ["r2,lr1e-2,steps3,ckpt2"],
-          "n_eval": 6, "n_dev": 4, "batch_size": 8, "device": "cpu", "log": lambda m: None}
+    kw = {"datasets": ["commonsense/arc_easy", "commonsense/winogrande"], "configs": ["r2,lr1e-2,steps3,ckpt2,bs4"],
+          "n_eval": 6, "n_dev": 4, "batch_size": 8, "device": "cpu", "log": lambda m: None, "generators": True,
+          "encoder": tiny_bert_dir, "gen": {"steps": 4, "batch_size": 2, "width": 4, "n_layers": 2, "kernel": 3,
+                                            "chunk": 16, "n_prompts": 4, "max_length": 16, "warmup": 1, "draws": 1,
+                                            "recovery_draws": 1,
+                                            "pool": 20, "min_pool": 8}}
     study = Study(tmp_path / "state", str(folder), **kw)
     assert study.run(time_budget=0) == "stopped before base"  # nothing fits in no time
     assert study.run() == "complete"
     stages = json.loads(study.export(tmp_path / "out").read_text())
-    assert list(stages) == study.stages() and len(stages) == 4 and study.stages()[-1].startswith("cross")
-    cfg = "r2_lr1e-2_steps3_ckpt2"
+    assert list(stages) == study.stages() and len(stages) == 8 and study.stages()[3].startswith("cross")
+    cfg = "r2_lr1e-2_steps3_ckpt2_bs4"
     z = stages[f"zoo:{cfg}:commonsense/arc_easy"]
     assert z["final"]["step"] == 3 and len(z["losses"]) == 2 and z["test"]["n"] == 6
     res = build_results(stages, cfg, device="cpu", versions={"torch": torch.__version__}, date="d", command="c",
-                        datasets=["commonsense/arc_easy", "superglue/boolq"])
+                        datasets=["commonsense/arc_easy", "commonsense/winogrande"])
     row = res["datasets"]["commonsense/arc_easy"]
     assert row["own_lora"] == round(100 * z["test"]["acc_norm"], 2) and row["n"] == 6 and row["chance"] == 25.0
-    other = stages[f"cross:{cfg}"]["lora_on"]["superglue/boolq"]["commonsense/arc_easy"]["acc_norm"]
-    assert row["train_lora_mean"] == round(100 * other, 2) and row["train_lora_best"]["dataset"] == "superglue/boolq"
-    assert row["dnd_mean"] is None and res["zoo_gate"]["n_datasets"] == 2
+    assert res["datasets"][WG]["chance"] == 50.0
+    other = stages[f"cross:{cfg}"]["lora_on"]["commonsense/winogrande"]["commonsense/arc_easy"]["acc_norm"]
+    assert row["train_lora_mean"] == round(100 * other, 2) and row["train_lora_best"]["dataset"] == WG
+    dnd = stages[f"dnd:{cfg}:commonsense/arc_easy"]
+    assert len(dnd["draws"]) == 2 and {d["weights"] for d in dnd["draws"]} == {"generator_step000002.safetensors",
+                                                                              "generator.safetensors"}
+    accs = [100 * d["acc_norm"] for d in dnd["draws"]]
+    assert row["dnd_mean"] == round(sum(accs) / 2, 2) and row["dnd_draws"] == 2
+    assert dnd["nearest"] == "commonsense/winogrande" and row["nearest_lora"]["dataset"] == "commonsense/winogrande"
+    lo, hi = row["ci_dnd_minus_base"]
+    assert lo <= row["dnd_mean"] - row["base"] + 1e-6 and row["dnd_mean"] - row["base"] <= hi + 1e-6
+    rec = row["in_distribution_recovery"]
+    assert rec["dataset"] == WG and rec["own_lora"] == res["datasets"][WG]["own_lora"]
+    assert res["zoo_gate"]["n_datasets"] == 2
     text = render(res)
-    assert "| arc_easy | 6 | 25.0 |" in text and "DnD columns are empty" in text
+    assert "| arc_easy | 6 | 25.0 |" in text and "training-LoRA mean (interval above 0) on" in text
     fresh = Study(tmp_path / "state2", str(folder), **kw)
     assert fresh.restore(tmp_path / "out" / "dnd_cloze_stages.json") == ["base"]  # zoo weights absent: redone
-    assert math.isclose(fresh.result("base")["datasets"]["superglue/boolq"]["test"]["acc"],
-                        stages["base"]["datasets"]["superglue/boolq"]["test"]["acc"])
+    assert math.isclose(fresh.result("base")["datasets"]["commonsense/winogrande"]["test"]["acc"],
+                        stages["base"]["datasets"]["commonsense/winogrande"]["test"]["acc"])

@@ -15,10 +15,11 @@ from typing import Any
 from .templates import DATASETS
 
 
-def paired_bootstrap(a: Sequence[int], b: Sequence[int], n_boot: int = 2000, seed: int = 0,
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
                      level: float = 0.95) -> list[float]:
     """Percentile interval (in points) of mean(a) − mean(b) over examples, resampling examples with replacement
-    (the same indices for both, since a and b score the same examples)."""
+    (the same indices for both, since a and b score the same examples). Entries may be fractions (an example's
+    mean correctness over several adapters)."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired bootstrap needs two equal, non-empty lists (got {len(a)} and {len(b)})")
     n = len(a)
@@ -64,16 +65,42 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "acc_no
             best = max(accs, key=accs.__getitem__)
             row["train_lora_mean"] = round(statistics.mean(accs.values()), 2)
             row["train_lora_best"] = {"dataset": best, "acc": round(accs[best], 2)}
+        dnd = stages.get(f"dnd:{config}:{d}")
+        if dnd and b and others:
+            row.update(_dnd_fields(dnd, others, b, z, cross, d, measure, key))
         for k in ("train_lora_mean", "train_lora_best", "own_lora", "dnd_mean", "dnd_sd", "ci_dnd_minus_train_mean",
                   "ci_dnd_minus_base", "nearest_lora", "generate_seconds", "in_distribution_recovery"):
             row.setdefault(k, None)
         out[d] = row
+    for row in out.values():
+        rec = row.get("in_distribution_recovery")
+        if rec and out.get(rec["dataset"], {}).get("own_lora") is not None:
+            rec["own_lora"] = out[rec["dataset"]]["own_lora"]
     gate = None
     if gains:
         gate = {"mean_gain": round(statistics.mean(gains), 2), "datasets_gaining_3": sum(g >= 3 for g in gains),
                 "n_datasets": len(gains), "passes": statistics.mean(gains) >= 3 and sum(g >= 3 for g in gains) >= 5}
     return {"device": device, "versions": dict(versions), "date": date, "command": command, "measure": measure,
             "zoo_config": config, "zoo_gate": gate, "datasets": out}
+
+
+def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping[str, Any], own: Any,
+                cross: Mapping[str, Any], d: str, measure: str, key: str) -> dict[str, Any]:
+    """DnD mean/sd over draws, paired intervals against the training-LoRA mean and the base, nearest LoRA, recovery."""
+    accs = [100 * r[measure] for r in dnd["draws"]]
+    n = len(base[key])
+    per_dnd = [statistics.mean(r[key][i] for r in dnd["draws"]) for i in range(n)]
+    per_train = [statistics.mean(r[key][i] for r in others.values()) for i in range(n)]
+    rec = dnd["recovery"]
+    src = rec["dataset"]
+    return {"dnd_mean": round(statistics.mean(accs), 2), "dnd_sd": round(statistics.stdev(accs), 2)
+            if len(accs) > 1 else 0.0, "dnd_draws": len(accs),
+            "ci_dnd_minus_train_mean": paired_bootstrap(per_dnd, per_train),
+            "ci_dnd_minus_base": paired_bootstrap(per_dnd, base[key]),
+            "nearest_lora": {"dataset": dnd["nearest"], "acc": round(100 * cross[dnd["nearest"]][d][measure], 2)},
+            "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
+            "in_distribution_recovery": {"dataset": src, "generated": round(statistics.mean(
+                100 * r[measure] for r in rec["draws"]), 2), "own_lora": None}}
 
 
 def _f(x: Any) -> str:
@@ -119,6 +146,21 @@ def render(res: Mapping[str, Any]) -> str:
         verdict = "passes" if g["passes"] else "fails"
         lines.append(f"Zoo gate (own LoRA ≥ base + 3 on average and on ≥5 of 7): mean gain {g['mean_gain']:+.1f} "
                      f"points, {g['datasets_gaining_3']} of {g['n_datasets']} datasets gain ≥3: the gate {verdict}.")
+    rows = [(d.split("/")[-1], r) for d, r in res["datasets"].items() if r["dnd_mean"] is not None]
+    if rows:
+        def verdict(ci: list[float]) -> str:
+            return "wins" if ci[0] > 0 else "loses" if ci[1] < 0 else "no difference"
+
+        wins = sum(r["ci_dnd_minus_train_mean"][0] > 0 for _, r in rows)
+        lines.append(f"DnD beats the training-LoRA mean (interval above 0) on {wins} of {len(rows)} held-out datasets; "
+                     f"the paper's claim needs at least 5 of 7.")
+        lines += ["", "| held-out | vs training-LoRA mean | vs base | nearest LoRA | recovery: generated vs own LoRA | "
+                  "generate s |", "|---|---|---|---|---|---|"]
+        for name, r in rows:
+            rec = r["in_distribution_recovery"]
+            lines.append(f"| {name} | {verdict(r['ci_dnd_minus_train_mean'])} | {verdict(r['ci_dnd_minus_base'])} | "
+                         f"{_f(r['nearest_lora'])} | {rec['dataset'].split('/')[-1]}: {_f(rec['generated'])} vs "
+                         f"{_f(rec['own_lora'])} | {r['generate_seconds']:.3f} |")
     if all(r["dnd_mean"] is None for r in res["datasets"].values()):
         lines.append("No DnD generator has been run on this zoo yet (see `docs/dnd_gpu.md` for the next stages); "
                      "the DnD columns are empty, not zero.")

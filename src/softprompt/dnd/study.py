@@ -7,7 +7,9 @@ A *state* folder holds one JSON per finished stage (``stages/<name>.json``) plus
   ``zoo_<cfg>/<dataset dir>``; same init seed everywhere, so all folders share one init), then its final
   checkpoint scored on the dataset's dev part (for tuning) and on its evaluation subset;
 * ``cross:<cfg>``: every final LoRA of ``cfg`` scored on every other dataset's evaluation subset (the
-  training-LoRA mean / best of leave-one-out).
+  training-LoRA mean / best of leave-one-out);
+* with ``generators=True``, per held-out dataset: ``gen:<cfg>:<h>`` and ``dnd:<cfg>:<h>`` (:mod:`.study_gen`). A
+  ``gen`` stage may span calls: it starts when 120 s are left and trains until the budget is spent.
 
 A stage starts only if its estimate (the longest finished stage of its kind, else a prior) fits in the time budget,
 so a 10-minute device call stops cleanly; a rerun skips finished stages. Stage JSONs are small: they travel back in
@@ -32,7 +34,7 @@ from .harness import _rank, dnd_records
 from .templates import DATASETS
 from .zoo import build_zoo, dataset_dirname
 
-PRIORS = {"base": 60.0, "zoo": 90.0, "cross": 120.0}
+PRIORS = {"base": 60.0, "zoo": 90.0, "cross": 120.0, "gen": 120.0, "dnd": 180.0}
 
 
 def eval_records(dataset: str, n_eval: int = 500) -> list[dict[str, Any]]:
@@ -66,13 +68,15 @@ class Study:
     def __init__(self, state: str | Path, model: str, datasets: Sequence[str] = DATASETS,
                  configs: Sequence[str] = ("r8,lr2e-4,steps250,ckpt50",), n_eval: int = 500,
                  n_dev: int = 500, batch_size: int = 64, device: str | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, generators: bool = False, encoder: str = "minilm",
+                 gen: dict[str, Any] | None = None) -> None:
         self.state = Path(state)
         (self.state / "stages").mkdir(parents=True, exist_ok=True)
         self.model_path, self.datasets, self.n_eval, self.n_dev = model, list(datasets), n_eval, n_dev
         self.configs = [parse_config(c) for c in configs]
         self.batch_size, self.device, self.log = batch_size, device, log
         self._recs: dict[str, list] = {}
+        self.generators, self.encoder, self.gen = generators, encoder, dict(gen or {})
 
     # -------------------------------------------------------------------------------------------- helpers
     def stages(self) -> list[str]:
@@ -80,7 +84,12 @@ class Study:
         out = ["base"]
         for c in self.configs:  # a config's cross stage right after its zoo: the first config completes first
             out += [f"zoo:{c['name']}:{d}" for d in self.datasets] + [f"cross:{c['name']}"]
+            if self.generators:
+                out += [f"{k}:{c['name']}:{d}" for d in self.datasets for k in ("gen", "dnd")]
         return out
+
+    def gen_dir(self, cfg: dict[str, Any], holdout: str) -> Path:
+        return self.state / f"gen_{cfg['name']}" / dataset_dirname(holdout)
 
     def path(self, stage: str) -> Path:
         return self.state / "stages" / (stage.replace(":", "__").replace("/", "__") + ".json")
@@ -160,7 +169,7 @@ class Study:
             if self.done(stage):
                 continue
             left = time_budget - (time.time() - t0)
-            need = 1.15 * self.estimate(stage) + 10
+            need = 1.15 * (120.0 if stage.startswith("gen:") else self.estimate(stage)) + 10
             if need > left:
                 self.log(f"stop before {stage}: needs ~{need:.0f} s, {left:.0f} s left")
                 return f"stopped before {stage}"
@@ -171,8 +180,20 @@ class Study:
                 res = self.run_base()
             elif kind == "zoo":
                 res = self.run_zoo(cfgs[rest[0]], rest[1])
-            else:
+            elif kind == "cross":
                 res = self.run_cross(cfgs[rest[0]])
+            elif kind == "gen":
+                from .study_gen import run_gen
+
+                res = run_gen(self, cfgs[rest[0]], rest[1], max_seconds=left - 40)
+                if res is None:
+                    if export:
+                        self.export(export)
+                    return f"stopped during {stage}"
+            else:
+                from .study_gen import run_dnd
+
+                res = run_dnd(self, cfgs[rest[0]], rest[1])
             res["seconds"] = round(time.time() - s0, 2)
             self.path(stage).write_text(json.dumps(res) + "\n")
             self.log(f"done {stage} in {res['seconds']:.1f} s")
@@ -198,8 +219,8 @@ class Study:
             if kind == "zoo" and (rest[0] not in cfgs or not (self.zoo_dir(cfgs[rest[0]], rest[1])
                                                                 / res["final"]["path"]).exists()):
                 continue
-            if kind == "cross":
-                continue  # meaningful only with its zoo weights; cheap to redo
+            if kind in ("cross", "gen", "dnd"):
+                continue  # meaningful only with the weights they score; redone
             if not self.done(stage):
                 self.path(stage).write_text(json.dumps(res) + "\n")
                 kept.append(stage)

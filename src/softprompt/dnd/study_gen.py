@@ -1,0 +1,129 @@
+"""Generator stages of the cloze study (issue 21, step 4): leave-one-dataset-out DnD on the cloze zoo.
+
+For a zoo config ``cfg`` and each held-out dataset ``h`` (after ``cross:<cfg>``):
+
+* ``gen:<cfg>:<h>``: a hyper-conv generator trained on every zoo checkpoint of the other datasets (raw conditions,
+  :func:`.cloze.condition_text`), resumable across device calls (``train_generator(max_seconds=…)``; the stage is
+  finished only when the training is), keeping a mid-training generator too (``generator_step<k>``);
+* ``dnd:<cfg>:<h>``: ``draws`` adapters from each of the two generator checkpoints, conditioned on unlabeled prompts
+  of ``h`` (the part of h's test split that is not evaluated when at least ``min_pool`` remain, else h's zoo part),
+  each scored on h's evaluation subset; in-distribution recovery (the generator fed its first training dataset's
+  own prompts, scored there, against that dataset's own LoRA); the nearest-dataset LoRA (the training dataset whose
+  mean prompt embedding is closest in cosine to h's) and generation seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from typing import Any
+
+from .cloze import condition_text
+from .harness import _rank, dnd_records
+
+Study = Any  # a softprompt.dnd.study.Study (not imported: study imports this module)
+
+GEN_DEFAULTS: dict[str, Any] = {"steps": 1000, "batch_size": 64, "lr": 1e-3, "width": 64, "n_layers": 4,
+                                "kernel": 5, "n_prompts": 64, "max_length": 256, "chunk": 192, "warmup": 50,
+                                "stats_code": "relative", "draws": 5, "recovery_draws": 2, "min_pool": 128,
+                                "pool": 1000}
+
+
+def condition_pool(study: Study, dataset: str, min_pool: int = 128, pool: int = 1000) -> tuple[list[str], str]:
+    """Unlabeled condition prompts of a held-out dataset and where they come from."""
+    test = dnd_records(dataset, "test")
+    evaluated = {str(r["idx"]) for r in study.records(dataset)}
+    rest = [r for r in test if str(r["idx"]) not in evaluated]
+    source = "test part, not evaluated"
+    if len(rest) < min_pool:
+        rest, source = dnd_records(dataset, "zoo"), f"zoo part (only {len(rest)} test records not evaluated)"
+    keep = sorted(_rank(f"{dataset}|dnd-cond", 0, len(rest))[:pool])
+    return [condition_text(dataset, rest[i]) for i in keep], source
+
+
+def training_prompts(dataset: str, pool: int = 1000) -> list[str]:
+    """Condition prompts of a training dataset: raw texts of (at most ``pool``) records of its zoo part."""
+    recs = dnd_records(dataset, "zoo")
+    keep = sorted(_rank(f"{dataset}|dnd-train-cond", 0, len(recs))[:pool])
+    return [condition_text(dataset, recs[i]) for i in keep]
+
+
+def zoo_entries(study: Study, cfg: dict[str, Any], datasets: list[str]) -> list[dict[str, Any]]:
+    """Every kept checkpoint of ``datasets`` (absolute paths), from the per-dataset zoo folders."""
+    from .export import read_zoo
+
+    out = []
+    for d in datasets:
+        out += read_zoo(study.zoo_dir(cfg, d))
+    return out
+
+
+def run_gen(study: Study, cfg: dict[str, Any], holdout: str, max_seconds: float) -> dict[str, Any] | None:
+    """Train (or continue) the generator without ``holdout``; None while it is unfinished."""
+    from .generator import train_generator
+
+    g = {**GEN_DEFAULTS, **study.gen}
+    train = [d for d in study.datasets if d != holdout]
+    res = train_generator(zoo_entries(study, cfg, train), None, study.gen_dir(cfg, holdout), g["steps"],
+                          prompts_for=lambda d: training_prompts(d, g["pool"]), encoder=study.encoder,
+                          max_length=g["max_length"], n_prompts=g["n_prompts"], batch_size=g["batch_size"],
+                          lr=g["lr"], warmup=g["warmup"], width=g["width"], n_layers=g["n_layers"],
+                          kernel=g["kernel"], chunk=g["chunk"], stats_code=g["stats_code"], device=study.device,
+                          verbose=False, max_seconds=max_seconds, keep_steps=(g["steps"] // 2,))
+    if not res["complete"]:
+        study.log(f"generator {holdout}: step {res['step']}/{g['steps']}, continues in the next call")
+        return None
+    losses = res["losses"]
+    return {"parameters": res["parameters"], "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_curve": losses[:: max(1, len(losses) // 50)], "train_seconds": res["seconds"],
+            "train_datasets": train, "config": g}
+
+
+def _score_state(study: Study, state: dict, template: Any, dataset: str, tmp: Any) -> dict[str, Any]:
+    from .export import write_adapter
+
+    write_adapter(state, template, tmp)
+    pm, tok = study._load(str(tmp))
+    res = study._score(pm, tok, dataset)
+    shutil.rmtree(tmp)
+    return res
+
+
+def _mean_embedding(enc: Any, prompts: list[str]) -> Any:
+    states, mask = enc.encode(prompts[:256])
+    m = mask.to(states.dtype)[..., None]
+    per = (states * m).sum(1) / m.sum(1).clamp_min(1)
+    return per.mean(0)
+
+
+def run_dnd(study: Study, cfg: dict[str, Any], holdout: str) -> dict[str, Any]:
+    """Draws from both generator checkpoints on ``holdout``, recovery on a training dataset, nearest LoRA."""
+    import torch
+
+    from .generator import generate, load_generator
+
+    g = {**GEN_DEFAULTS, **study.gen}
+    gdir = study.gen_dir(cfg, holdout)
+    template = gdir / "template_adapter_config.json"
+    prompts, source = condition_pool(study, holdout, g["min_pool"], g["pool"])
+    tmp = study.state / "tmp_adapter"
+    draws = []
+    for weights in (f"generator_step{g['steps'] // 2:06d}.safetensors", "generator.safetensors"):
+        for seed in range(g["draws"]):
+            state, secs = generate(gdir, prompts, seed=seed, weights=weights, device=study.device)
+            draws.append({"weights": weights, "seed": seed, "seconds": secs,
+                          **_score_state(study, state, template, holdout, tmp)})
+    train = [d for d in study.datasets if d != holdout]
+    own = train[0]
+    rec_draws = []
+    for seed in range(g["recovery_draws"]):
+        state, _ = generate(gdir, training_prompts(own, g["pool"]), seed=seed, device=study.device)
+        rec_draws.append(_score_state(study, state, template, own, tmp))
+    _, enc, _, _ = load_generator(gdir, study.device)
+    target = _mean_embedding(enc, prompts)
+    sims = {d: float(torch.nn.functional.cosine_similarity(target, _mean_embedding(enc, training_prompts(d, 256)),
+                                                            dim=0)) for d in train}
+    nearest = max(sims, key=sims.__getitem__)
+    return {"draws": draws, "condition_source": source, "n_condition_prompts": len(prompts),
+            "recovery": {"dataset": own, "draws": rec_draws}, "similarity": sims, "nearest": nearest,
+            "generate_seconds": statistics.mean(d["seconds"] for d in draws)}

@@ -168,6 +168,7 @@ def _serve_args(argv):
     (["--admin-token", "short"], {}, "at least 16 visible ASCII characters"),
     ([], {"SOFTPROMPT_ADMIN_TOKEN": "short"}, "at least 16 visible ASCII characters"),
     (["--no-admin", "--admin-token", TOKEN], {}, "--no-admin contradicts"),
+    (["--adapter-root", "/no/such/folder"], {}, "--adapter-root '/no/such/folder' is not a folder"),
 ])
 def test_cli_startup_errors_are_one_line(args, env, needle, monkeypatch, capsys):
     from softprompt.serve.cli import cmd_serve

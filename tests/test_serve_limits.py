@@ -160,7 +160,7 @@ def test_every_method_loads_through_the_size_checks(tree, model):
     ("prefix_a", {"max_virtual_tokens": 3}, 413, ["num_virtual_tokens = 4 is over 3"]),
     ("float_tokens", {}, 400, ["num_virtual_tokens", "wrong type"]),
     ("huge_mlp", {}, 413, ["would build modules of", "--max-adapter-bytes"]),
-    ("prefix_a", {"max_adapter_bytes": 1000}, 413, ["would build modules of", "over this server's limit"]),
+    ("prefix_a", {"max_adapter_bytes": 1000}, 413, ["holds 0.0 MiB of tensors", "over this server's limit"]),
 ])
 def test_oversized_adapters_are_refused_before_loading(tree, model, load_calls, path, options, status, needles):
     with serve(model, adapter_roots=(str(tree["root"]),), **options) as url:
@@ -330,3 +330,25 @@ def test_admin_requests_are_refused_before_their_body_is_read(model):
         answer = _raw_request(url, head, b"")
         assert answer.startswith(b"HTTP/1.1 401"), answer
         assert b"admin token" in answer
+
+
+def test_peft_folders_load_and_are_size_checked_without_reading_their_tensors(tree, model, load_calls):
+    """A PEFT prompt-tuning folder loads over HTTP; with num_virtual_tokens 100000 it is refused from its config."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    base = BertForSequenceClassification.from_pretrained(tree["base"], num_labels=2)
+    pm = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+    pm.save_pretrained(tree["root"] / "peft_prompt")
+    shutil.copytree(tree["root"] / "peft_prompt", tree["root"] / "peft_huge")
+    config = json.loads((tree["root"] / "peft_huge" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING"
+    config["num_virtual_tokens"] = 100_000
+    (tree["root"] / "peft_huge" / "adapter_config.json").write_text(json.dumps(config))
+    with serve(model, adapter_roots=(str(tree["root"]),)) as url:
+        assert_refused(add(url, "peft_huge"), 413, "num_virtual_tokens = 100000")
+        assert adapter_names(url) == ["prefix_a"]
+        assert load_calls == []
+        r = add(url, "peft_prompt")
+        assert r.status_code == 201, r.text
+        assert r.json()["prompt_length"] == 4

@@ -9,6 +9,7 @@ body is read or parsed, so a client without the token learns nothing and costs n
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures at run time.
 import asyncio
+import os
 import threading
 from typing import Annotated, Any
 
@@ -53,6 +54,8 @@ def add_admin_routes(app: FastAPI, model: MultiAdapterModel, cfg: ServeConfig, a
     roots = cfg.adapter_roots
     if roots is None:  # default: where the adapters served from the start live
         roots = default_roots(model.adapter(n).path for n in model.adapter_names)
+    # Resolved once, now: a later change of the working directory must not move the roots.
+    roots = tuple(os.path.realpath(r) for r in roots)
     app.state.adapter_roots = roots
     app.add_middleware(AdminGate, config=cfg)
     # One load at a time, held in the loading thread: the count check and the registration cannot interleave, and

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+from pathlib import Path
 from typing import Any
 
 from ..errors import SoftPromptError
@@ -100,18 +101,40 @@ def module_bytes(method: str, options: dict, info) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _read_config(folder: str) -> dict:
+    """The adapter's config as softprompt reads it, without loading tensors (a PEFT config is converted alone)."""
+    from ..io import read_adapter_config
+
+    try:
+        from ..peft_format import convert_config, is_peft_config
+    except ImportError:  # a softprompt without PEFT folder support: read_adapter_config refuses them anyway
+        return read_adapter_config(folder)
+    file = os.path.join(folder, "adapter_config.json")
+    try:
+        with open(file, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except (ValueError, RecursionError):
+        raw = None  # read_adapter_config raises the usual error with the file name
+    if is_peft_config(raw):
+        return convert_config(raw, Path(file))
+    return read_adapter_config(folder)
+
+
 def check_adapter_size(folder: str, info, *, max_virtual_tokens: int, max_bytes: int) -> None:
     """Refuse an adapter folder whose config or weights exceed the limits, before any tensor exists.
 
     ``info``: the model's :class:`ModelInfo` (its position limit bounds the virtual tokens). Raises TooLargeError
     (413) for a size over a limit, BadAdapterPathError (400) for files that cannot be read or sized.
     """
-    from ..io import read_adapter_config
-
     config_file = os.path.join(folder, "adapter_config.json")
     if os.path.getsize(config_file) > MAX_CONFIG_BYTES:
         raise TooLargeError(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes; a real one is a few kB")
-    meta = read_adapter_config(folder)  # AdapterFormatError (400) for invalid JSON or fields
+    # The header first: reading a PEFT folder's config reads its tensors too, and they must be known to be small.
+    stored = safetensors_bytes(os.path.join(folder, "adapter_model.safetensors"))
+    if stored > max_bytes:
+        raise TooLargeError(f"adapter_model.safetensors holds {_mib(stored)} of tensors, over this server's limit "
+                            f"of {_mib(max_bytes)} (--max-adapter-bytes)")
+    meta = _read_config(folder)  # AdapterFormatError (400) for invalid JSON or fields
     method, options = meta["method"], meta["config"]
     positions = getattr(info, "max_positions", None)
     limit = min(max_virtual_tokens, positions) if positions else max_virtual_tokens
@@ -130,7 +153,3 @@ def check_adapter_size(folder: str, info, *, max_virtual_tokens: int, max_bytes:
     if needed > max_bytes:
         raise TooLargeError(f"adapter config ({method}) would build modules of {_mib(needed)}, over this server's "
                             f"limit of {_mib(max_bytes)} (--max-adapter-bytes)")
-    stored = safetensors_bytes(os.path.join(folder, "adapter_model.safetensors"))
-    if stored > max_bytes:
-        raise TooLargeError(f"adapter_model.safetensors holds {_mib(stored)} of tensors, over this server's limit "
-                            f"of {_mib(max_bytes)} (--max-adapter-bytes)")

@@ -39,8 +39,11 @@ def is_loopback(host: str) -> bool:
 
 
 def startup_warnings(cfg: ServeConfig, host: str) -> list[str]:
-    """Check the admin settings against the listening host: raise ConfigError for an unsafe combination, return
-    one-line warnings for risky ones (the CLI prints them)."""
+    """Check the admin settings against the listening host: raise ConfigError for an unsafe combination or an adapter
+    root that is not a folder, return one-line warnings for risky settings (the CLI prints them)."""
+    for root in cfg.adapter_roots or ():
+        if not os.path.isdir(root):
+            raise ConfigError(f"--adapter-root {root!r} is not a folder; give the folder that holds the adapters")
     if cfg.allow_admin_without_auth and not is_loopback(host):
         raise ConfigError(
             f"--allow-admin-without-auth needs a loopback --host (127.0.0.1, ::1, localhost), got {host!r}: anyone "

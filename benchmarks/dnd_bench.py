@@ -985,8 +985,13 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     from softprompt.dnd.templates import DATASETS, canonical_name
 
     datasets = [canonical_name(d) for d in args.datasets.split(",")] if args.datasets else list(DATASETS)
+    gen = {}
+    for kv in filter(None, (args.gen or "").split(",")):
+        k, _, v = kv.partition("=")
+        gen[k.strip()] = v.strip() if k.strip() == "stats_code" else float(v) if "." in v or "e" in v else int(v)
     study = Study(state, args.model, datasets, configs=args.configs.split(";"), n_eval=args.n_eval,
-                  n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state))
+                  n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state),
+                  generators=args.generators, encoder=args.encoder, gen=gen)
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
     info = {**env_info(), "command": " ".join(["python benchmarks/dnd_bench.py", *args.argv]),
@@ -1061,6 +1066,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float)
     p.add_argument("--export")
     p.add_argument("--restore", help="dnd_cloze_stages.json of an earlier run (state lost)")
+    p.add_argument("--generators", action="store_true", help="also the leave-one-out gen/dnd stages")
+    p.add_argument("--encoder", default="minilm", help="condition encoder: alias or HF folder")
+    p.add_argument("--gen", help="generator overrides, e.g. steps=1000,batch_size=64,lr=1e-3,stats_code=dnd "
+                                 "(softprompt.dnd.study_gen.GEN_DEFAULTS)")
     p.add_argument("--device")
     p = sub.add_parser("cloze-report", help="dnd_cloze.json + dnd.md from exported cloze stages")
     p.add_argument("--stages", required=True)

@@ -5,6 +5,9 @@
 #   .gguf_parts/1/             first half of SmolLM2-135M-Instruct.Q4_1.gguf (split -n 2) + SHA256SUMS
 #   .gguf_parts/2/             second half + the same SHA256SUMS (parts and whole file)
 #   .whl/                      the gguf wheel (pure Python; imports numpy and pyyaml, which the device has)
+#   .dnd_src/src/              a consistent copy of src/ (git archive HEAD; other engineers edit the working tree
+#                              while device calls run), put first on PYTHONPATH there; DND_SRC_OVERLAY="a b" copies
+#                              those working-tree folders of src/softprompt over it (e.g. "tasks" when HEAD lags)
 # .carry/minilm and the GLUE files come from benchmarks/make_carry.sh (run first if .carry/minilm is missing).
 # usage: benchmarks/make_dnd_carry.sh        (from the repo root, venv active; data from $SOFTPROMPT_DATA_DIR
 #                                             or ../shared/data)
@@ -39,9 +42,14 @@ rm -rf .whl && mkdir -p .whl
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 -d .whl gguf
 
-# 4. sizes: each call carries the working tree (~1.6 MB) plus its paths, 64 MiB in all
+# 4. the source snapshot (ignored through .git/info/exclude)
+grep -qx '/.dnd_src/' .git/info/exclude 2>/dev/null || echo '/.dnd_src/' >> .git/info/exclude
+rm -rf .dnd_src && mkdir .dnd_src && git archive HEAD src | tar -x -C .dnd_src
+for d in ${DND_SRC_OVERLAY:-}; do rm -rf ".dnd_src/src/softprompt/$d" && cp -r "src/softprompt/$d" ".dnd_src/src/softprompt/$d"; done
+
+# 5. sizes: each call carries the working tree (~1.6 MB) plus its paths, 64 MiB in all
 mib() { du -sb "$@" | awk '{s+=$1} END {printf "%.1f MiB", s/1048576}'; }
-echo "call A  .carry:                   $(mib .carry)   (keep under ~56 MiB)"
+echo "call A  .carry:                   $(mib .carry)   (keep under ~56 MiB; MiniLM + data)"
 echo "call B  .gguf_parts/1:            $(mib .gguf_parts/1)"
-echo "call C  .gguf_parts/2 + .whl:     $(mib .gguf_parts/2 .whl)"
+echo "call C  .gguf_parts/2 + .whl + .dnd_src: $(mib .gguf_parts/2 .whl .dnd_src)"
 cat .gguf_parts/2/SHA256SUMS

@@ -84,3 +84,23 @@ def test_generate_refuses_existing_out(gen, tmp_path):
     with pytest.raises(SoftPromptError, match="no such file or dataset"):
         generate_main(type("A", (), {"generator": str(gen), "prompts": str(d / "missing.jsonl"),
                                      "out": str(tmp_path / "x")})())
+
+
+def test_generated_adapter_runs_in_dnd_eval(gen, tmp_path, capsys):
+    from test_dnd_harness import _tok
+
+    from softprompt.dnd.cli import eval_main
+
+    folder = tmp_path / "tiny-llama"
+    tiny("llama").save_pretrained(folder)
+    _tok(chat=False).save_pretrained(folder)
+    d = _files(tmp_path)
+    out = tmp_path / "lora"
+    generate_main(type("A", (), {"generator": str(gen), "prompts": str(d / "p.txt"), "out": str(out)})())
+    args = {"model": str(folder), "dataset": "arc_easy", "limit": 4, "device": "cpu", "out": str(tmp_path / "r.json")}
+    bare = eval_main(type("A", (), {**args, "adapter": None})())
+    res = eval_main(type("A", (), {**args, "adapter": str(out)})())
+    assert res["n"] == bare["n"] == 4 and res["chance"] == 0.25 and res["format"] == "cloze"
+    assert json.loads((tmp_path / "r.json").read_text())["acc_norm"] == res["acc_norm"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].split()[-1] == "chance" and lines[-1].split()[-1] == "25.0"

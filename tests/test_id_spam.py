@@ -485,7 +485,7 @@ def test_explain_weights(tokenizer):
 
 def test_explain_rejects_other_methods(tokenizer):
     model = sp.wrap(tiny("bert", "cls"), sp.PromptTuningConfig(num_virtual_tokens=2))
-    with pytest.raises(TypeError, match="ID-SPAM"):
+    with pytest.raises(sp.ConfigError, match="ID-SPAM adapter .* method is 'prompt'"):
         id_spam_explain.explain(model, tokenizer, "the movie")
 
 

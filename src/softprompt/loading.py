@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from . import resources
+from .errors import ConfigError
 from .io import read_adapter_config
 from .model import SoftPromptModel
 
@@ -71,6 +73,25 @@ def load_tokenizer(model_name: str, *, is_decoder: bool | None = None):
     return tok
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Load without transformers' report of the task head it had to create ("classifier MISSING ... Consider
+    training"): the head is ours to train, or it is loaded from the adapter right after. Real warnings of other
+    libraries stay visible."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_base(model_name: str, spec: HeadSpec, *, dtype=torch.float32, head_seed: int = 0, readout: str = "pooler"):
     """``(model, is_decoder)``: the base model with the head for ``spec.kind`` (num_labels from the task).
 
@@ -81,7 +102,13 @@ def load_base(model_name: str, spec: HeadSpec, *, dtype=torch.float32, head_seed
     from transformers import AutoConfig
 
     path = resources.resolve(model_name)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot load model {model_name!r}: it is not an alias ({', '.join(resources.ALIASES)}), not a folder "
+            "with a config.json, and the Hugging Face Hub is offline here; give --model an alias or a model folder"
+        ) from exc
     is_decoder = is_decoder_config(config)
     cls = model_class_for(spec.kind, is_decoder)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -92,7 +119,8 @@ def load_base(model_name: str, spec: HeadSpec, *, dtype=torch.float32, head_seed
     elif spec.kind == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
     torch.manual_seed(head_seed)
-    model = cls.from_pretrained(path, **kwargs)
+    with quiet_loading():
+        model = cls.from_pretrained(path, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = load_tokenizer(model_name).pad_token_id
     apply_readout(model, readout)

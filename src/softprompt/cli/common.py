@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import ConfigError
 from ..methods import METHODS
 
 
@@ -39,9 +40,17 @@ def method_options(args) -> dict:
     if args.layer is not None:
         opts["layer"] = args.layer
     if args.layer_lengths:
-        with open(args.layer_lengths) as f:
-            data = json.load(f)
-        opts["layer_lengths"] = data["layer_lengths"] if isinstance(data, dict) else data
+        try:
+            with open(args.layer_lengths) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--layer-lengths {args.layer_lengths}: not a readable JSON file of per-layer lengths "
+                              f"({' '.join(str(exc).split())[:120]}); write one with `softprompt prune`") from None
+        lengths = data.get("layer_lengths") if isinstance(data, dict) else data
+        if not isinstance(lengths, list):
+            raise ConfigError(f"--layer-lengths {args.layer_lengths}: expected a list of lengths or "
+                              '{"layer_lengths": [...]}; write one with `softprompt prune`')
+        opts["layer_lengths"] = lengths
     for item in args.option or []:
         key, _, value = item.partition("=")
         try:

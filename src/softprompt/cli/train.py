@@ -39,17 +39,35 @@ def cmd_train(args) -> int:
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=method_options(args),
         bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
-        save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, strict=args.strict,
-        label_map=args.label_map,
+        save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, overwrite=args.overwrite,
+        strict=args.strict, label_map=args.label_map,
         fsdp=args.fsdp or "", weight_decay=args.weight_decay,
     )
     try:
         metrics = train(cfg)
+    except KeyboardInterrupt:
+        return _interrupted(cfg, args)
     finally:
         _release_process_group()
     shown = {k: v for k, v in metrics.items() if k != "loss_history"}
     print(json.dumps(shown, indent=2))
     return 0
+
+
+def _interrupted(cfg, args) -> int:
+    """Ctrl-C: say where the last checkpoint is and the exact command that continues the run; exit 130."""
+    import shlex
+    import sys
+
+    from ..train.trainer import last_checkpoint
+
+    found = last_checkpoint(cfg.output)
+    where = f"the last checkpoint is {found}" if found else \
+        "no checkpoint was written yet (--save-steps N makes a run resumable)"
+    argv = [a for a in getattr(args, "argv", None) or ["train"] if a != "--resume"]
+    again = "softprompt " + " ".join(shlex.quote(a) for a in argv) + " --resume"
+    print(f"softprompt train: interrupted; {where}. Continue with: {again}", file=sys.stderr)
+    return 130
 
 
 def cmd_eval(args) -> int:
@@ -119,6 +137,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--output is not empty: replace the adapter files in it (another run's checkpoints are "
+                        "never deleted: use --resume or another --output then)")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed data row")
     p.add_argument("--label-map", type=label_map_arg,
                    help="rename label values of --file before classes are inferred (a JSON object or a .json "

@@ -72,6 +72,24 @@ def _check_type(method: str, name: str, value: Any, annotation: str) -> None:
     raise ConfigError(f"option {name}={value!r} of method {method!r} has the wrong type: expected {annotation}")
 
 
+# Virtual tokens of a model without a position table (no absolute limit) are capped here: far beyond any real use,
+# small enough that a typo cannot ask for terabytes.
+MAX_VIRTUAL_TOKENS = 65536
+
+
+def check_sizes(config: MethodConfig, info: ModelInfo) -> None:
+    """Bound every length option by the model before any table is allocated: a prompt or prefix cannot have more
+    virtual tokens than the model has positions (or :data:`MAX_VIRTUAL_TOKENS` without a position table)."""
+    limit = info.max_positions or MAX_VIRTUAL_TOKENS
+    lengths = {"num_virtual_tokens": getattr(config, "num_virtual_tokens", None)}
+    for i, n in enumerate(getattr(config, "layer_lengths", None) or []):
+        lengths[f"layer_lengths[{i}]"] = n
+    for name, value in lengths.items():
+        if isinstance(value, int) and value > limit:
+            raise ConfigError(f"{name}={value} of method {config.method!r} is more than the {limit} positions of "
+                              f"{info.model_type}; use at most {limit} (typical values are 5-100)")
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds."""
     if not condition:
@@ -101,6 +119,7 @@ class PromptMethod(nn.Module):
     def __init__(self, config: MethodConfig, info: ModelInfo):
         super().__init__()
         config.validate(info)
+        check_sizes(config, info)
         self.config = config
         self.info = info
 

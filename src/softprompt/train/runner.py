@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from .. import tasks
 from ..data import Collator, featurize
@@ -24,7 +25,8 @@ from ..loading import load_base, load_tokenizer
 from ..methods import config_from_dict, default_lr, method_classes
 from ..model import SoftPromptModel
 from .evaluate import labelled, predictions_to_metrics
-from .trainer import AdapterTrainer, ListDataset, LossLogger, last_checkpoint
+from .guards import check_output, check_values, resume_point
+from .trainer import AdapterTrainer, ListDataset, LossLogger, ProgressLines
 
 
 @dataclass
@@ -64,6 +66,7 @@ class TrainConfig:
     save_steps: int | None = None
     eval_steps: int | None = None
     resume: bool = False
+    overwrite: bool = False  # an --output folder that is not empty: replace the adapter files in it
     strict: bool = False
     label_map: dict[str, Any] | None = None  # user files: rename label values before classes are inferred
     logging_steps: int = 50
@@ -148,6 +151,8 @@ def seeded_options(method: str, options: dict, seed: int) -> dict:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one adapter; writes the adapter and ``metrics.json`` into ``cfg.output`` and returns the metrics."""
+    check_values(cfg)
+    check_output(cfg)
     torch.manual_seed(cfg.seed)
     train_recs, spec = task_records(cfg, "train")
     eval_recs, _ = task_records(cfg, "eval")
@@ -182,9 +187,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         data_collator=Collator(tokenizer, spec.kind), callbacks=[logger],
         compute_metrics=lambda ev: predictions_to_metrics(spec, _first(ev.predictions), ev.label_ids),
     )
+    if not _interactive():  # plain flushed lines instead of the Trainer's buffered dicts
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressLines())
     trainer.adapter_metadata = _adapter_metadata(cfg, spec)
     start = time.time()
-    resume = last_checkpoint(cfg.output) if cfg.resume else None
+    resume = resume_point(cfg)
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - start
     eval_metrics = trainer.evaluate()

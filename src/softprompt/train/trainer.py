@@ -4,6 +4,7 @@ frozen base model; plus a sampler that makes runs independent of the number of p
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -113,3 +114,21 @@ def last_checkpoint(output: str) -> str | None:
         if (d / "optimizer.pt").exists() and (d / "scheduler.pt").exists():
             return str(d)
     return None
+
+
+class ProgressLines(TrainerCallback):
+    """One plain, flushed line per logging step, for output that is not a terminal (CI, nohup, a pipe), where the
+    progress bar is off and print's buffering would otherwise hold everything back until the run ends."""
+
+    def __init__(self):
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or not state.is_world_process_zero:
+            return
+        keep = [(k, v) for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm")
+                or (k.startswith("eval_") and not k.endswith(("_runtime", "_per_second")))]
+        if not keep:  # the end-of-training summary: the CLI prints the metrics itself
+            return
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in keep)
+        print(f"step {state.global_step}/{state.max_steps}  {shown}  ({time.time() - self.start:.0f} s)", flush=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import ConfigError
 from .module import IDSPAM
 
 TokenWeights = list[tuple[str, float]]
@@ -36,7 +37,9 @@ def _method(model) -> IDSPAM:
     method = getattr(model, "method", None)
     if not isinstance(method, IDSPAM):
         name = type(method).__name__ if method is not None else type(model).__name__
-        raise TypeError(f"explain() needs a model adapted with ID-SPAM (method 'idspam'), got {name}")
+        method_name = getattr(getattr(model, "method_config", None), "method", name)
+        raise ConfigError(f"explain needs an ID-SPAM adapter (method 'idspam'); this adapter's method is "
+                          f"{method_name!r}, whose prompt does not depend on the input tokens")
     return method
 
 

@@ -47,6 +47,8 @@ class PrefixConfig(MethodConfig):
 
     def validate(self, info: ModelInfo | None = None) -> None:
         require(self.num_virtual_tokens >= 0, f"num_virtual_tokens must be >= 0, got {self.num_virtual_tokens}")
+        require(self.layer_lengths is not None or self.num_virtual_tokens >= 1,
+                "num_virtual_tokens=0 leaves no prefix to train; give at least 1 (or per-layer layer_lengths)")
         require(self.init in PREFIX_INITS, f"init must be one of {PREFIX_INITS}, got {self.init!r}")
         require(self.init != "text" or bool(self.init_text), "init='text' needs init_text='...'")
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")

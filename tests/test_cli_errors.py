@@ -1,0 +1,128 @@
+"""Bad command lines get one line on stderr, the right exit code, and change nothing on disk."""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from softprompt.cli import main
+
+
+def tree_hash(folder) -> str:
+    """A hash of every file's path and bytes under ``folder``."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run(argv, capsys) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+@pytest.fixture
+def train_args(tiny_bert_dir, sentiment_csv):
+    def make(output, *extra):
+        return ["train", "--method", "prefix", "--model", tiny_bert_dir, "--file", sentiment_csv, "--text-column",
+                "sentence", "--label-column", "sentiment", "--output", str(output), "--max-steps", "2",
+                "--batch-size", "8", *extra]
+    return make
+
+
+@pytest.fixture
+def someone_elses_folder(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoint-5" / "adapter_config.json").write_text('{"method": "prompt"}')
+    (out / "README.md").write_text("my notes")
+    (out / "metrics.json").write_text("{}")
+    return out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ((), "holds checkpoints of another run"),
+    (("--overwrite",), "holds checkpoints of another run"),  # --overwrite never deletes another run's checkpoints
+])
+def test_output_with_another_runs_checkpoints_is_refused(train_args, someone_elses_folder, capsys, extra, needle):
+    before = tree_hash(someone_elses_folder)
+    code, err = run(train_args(someone_elses_folder, *extra), capsys)
+    assert code == 2 and needle in err and "--resume" in err
+    assert tree_hash(someone_elses_folder) == before
+
+
+def test_non_empty_output_needs_overwrite(train_args, tmp_path, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+    before = tree_hash(out)
+    code, err = run(train_args(out), capsys)
+    assert code == 2 and "--overwrite" in err and "--resume" in err and "README.md" in err
+    assert tree_hash(out) == before
+    assert run(train_args(out, "--overwrite"), capsys)[0] == 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_resume_names_the_checkpoint_or_says_it_starts_fresh(train_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(train_args(out, "--resume", "--save-steps", "1"), capsys)[0] == 0
+    code = main(train_args(out, "--resume", "--save-steps", "1", "--max-steps", "3"))
+    err = capsys.readouterr().err
+    assert code == 0 and "resuming from" in err and "checkpoint-2" in err
+    before = tree_hash(out)
+    other = train_args(out, "--resume")
+    other[other.index("prefix")] = "ptuning"
+    code, last = run(other, capsys)
+    assert code == 2 and "holds a 'prefix' run" in last and "--method prefix" in last
+    assert tree_hash(out) == before
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--lr", "nan"), "--lr must be a positive finite number"),
+    (("--num-virtual-tokens", "0"), "num_virtual_tokens=0 leaves no prefix"),
+    (("--num-virtual-tokens", "1000000000"), "positions"),
+    (("--batch-size", "0"), "--batch-size must be"),
+])
+def test_bad_values_are_one_line_before_anything_is_written(train_args, tmp_path, capsys, extra, needle):
+    out = tmp_path / "never"
+    code, err = run(train_args(out, *extra), capsys)
+    assert code == 2 and needle in err, err
+    assert not out.exists()
+
+
+def test_output_that_is_a_file_and_layer_lengths_that_are_not_json(train_args, tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    code, err = run(train_args(f), capsys)
+    assert code == 2 and "is a file" in err and f.read_text() == "x"
+    csv = tmp_path / "lengths.csv"
+    csv.write_text("a,b\n1,2\n")
+    code, err = run(train_args(tmp_path / "o", "--layer-lengths", str(csv)), capsys)
+    assert code == 2 and "not a readable JSON file" in err and str(csv) in err
+
+
+def test_unknown_model_is_one_line_and_does_not_wait_for_the_hub(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    args = ["train", "--method", "prefix", "--model", "nosuchmodel-xyz", "--task", "glue/rte", "--output",
+            str(tmp_path / "o")]
+    code, err = run(args, capsys)
+    assert code == 2 and "cannot load model 'nosuchmodel-xyz'" in err
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
+    import softprompt.cli.train as cli_train
+
+    def boom(args):
+        raise RuntimeError("deep\ninside")
+
+    monkeypatch.setattr(cli_train, "cmd_tasks", boom)
+    code, err = run(["tasks"], capsys)
+    assert code == 1
+    assert err == "softprompt tasks: error: RuntimeError: deep inside (run with --debug for the traceback)"
+    with pytest.raises(RuntimeError):
+        main(["--debug", "tasks"])

@@ -99,6 +99,7 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "ci_dnd_minus_base": paired_bootstrap(per_dnd, base[key]),
             "nearest_lora": {"dataset": dnd["nearest"], "acc": round(100 * cross[dnd["nearest"]][d][measure], 2)},
             "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
+            "zoo_mean": round(100 * dnd["zoo_mean"][measure], 2) if "zoo_mean" in dnd else None,
             "in_distribution_recovery": {"dataset": src, "generated": round(statistics.mean(
                 100 * r[measure] for r in rec["draws"]), 2), "own_lora": None}}
 
@@ -154,12 +155,13 @@ def render(res: Mapping[str, Any]) -> str:
         wins = sum(r["ci_dnd_minus_train_mean"][0] > 0 for _, r in rows)
         lines.append(f"DnD beats the training-LoRA mean (interval above 0) on {wins} of {len(rows)} held-out datasets; "
                      f"the paper's claim needs at least 5 of 7.")
-        lines += ["", "| held-out | vs training-LoRA mean | vs base | nearest LoRA | recovery: generated vs own LoRA | "
-                  "generate s |", "|---|---|---|---|---|---|"]
+        lines += ["", "| held-out | vs training-LoRA mean | vs base | nearest LoRA | zoo mean (A,B) | "
+                  "recovery: generated vs own LoRA | generate s |", "|---|---|---|---|---|---|---|"]
         for name, r in rows:
             rec = r["in_distribution_recovery"]
             lines.append(f"| {name} | {verdict(r['ci_dnd_minus_train_mean'])} | {verdict(r['ci_dnd_minus_base'])} | "
-                         f"{_f(r['nearest_lora'])} | {rec['dataset'].split('/')[-1]}: {_f(rec['generated'])} vs "
+                         f"{_f(r['nearest_lora'])} | {_f(r.get('zoo_mean'))} | "
+                         f"{rec['dataset'].split('/')[-1]}: {_f(rec['generated'])} vs "
                          f"{_f(rec['own_lora'])} | {r['generate_seconds']:.3f} |")
     if all(r["dnd_mean"] is None for r in res["datasets"].values()):
         lines.append("No DnD generator has been run on this zoo yet (see `docs/dnd_gpu.md` for the next stages); "

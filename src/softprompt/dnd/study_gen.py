@@ -9,7 +9,9 @@ For a zoo config ``cfg`` and each held-out dataset ``h`` (after ``cross:<cfg>``)
   of ``h`` (the part of h's test split that is not evaluated when at least ``min_pool`` remain, else h's zoo part),
   each scored on h's evaluation subset; in-distribution recovery (the generator fed its first training dataset's
   own prompts, scored there, against that dataset's own LoRA); the nearest-dataset LoRA (the training dataset whose
-  mean prompt embedding is closest in cosine to h's) and generation seconds.
+  mean prompt embedding is closest in cosine to h's); the zoo mean (elementwise mean of A and of B over the
+  generator's training checkpoints: the MSE optimum of an uninformative condition, jerryliang24/Drag-and-Drop-LLMs#4)
+  and generation seconds.
 """
 
 from __future__ import annotations
@@ -119,6 +121,14 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str) -> dict[str, Any]:
     for seed in range(g["recovery_draws"]):
         state, _ = generate(gdir, training_prompts(own, g["pool"]), seed=seed, device=study.device)
         rec_draws.append(_score_state(study, state, template, own, tmp))
+    from .export import read_lora_tensors
+
+    entries = zoo_entries(study, cfg, train)
+    mean: dict = {}
+    for e in entries:
+        for k, v in read_lora_tensors(e["path"]).items():
+            mean[k] = mean.get(k, 0) + v.double() / len(entries)
+    zoo_mean = _score_state(study, {k: v.float() for k, v in mean.items()}, template, holdout, tmp)
     _, enc, _, _ = load_generator(gdir, study.device)
     target = _mean_embedding(enc, prompts)
     sims = {d: float(torch.nn.functional.cosine_similarity(target, _mean_embedding(enc, training_prompts(d, 256)),
@@ -126,4 +136,5 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str) -> dict[str, Any]:
     nearest = max(sims, key=sims.__getitem__)
     return {"draws": draws, "condition_source": source, "n_condition_prompts": len(prompts),
             "recovery": {"dataset": own, "draws": rec_draws}, "similarity": sims, "nearest": nearest,
+            "zoo_mean": zoo_mean,
             "generate_seconds": statistics.mean(d["seconds"] for d in draws)}

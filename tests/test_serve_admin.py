@@ -210,3 +210,30 @@ def test_cli_token_from_the_environment_and_warning_on_all_interfaces(dirs, tmp_
         assert adapter_names(url) == ["prefix_a", "added"]
         warnings = [line for line in server.stderr().splitlines() if "warning" in line]
     assert len(warnings) == 1 and "admin endpoints" in warnings[0] and "0.0.0.0" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("method,path,root_path,gated", [
+    ("POST", "/adapters", "", True), ("DELETE", "/adapters/x", "", True), ("PUT", "/adapters/", "", True),
+    ("POST", "/api/adapters", "/api", True), ("DELETE", "/api/adapters/x", "/api", True),
+    ("GET", "/adapters", "", False), ("HEAD", "/api/adapters", "/api", False), ("POST", "/predict", "", False),
+    ("POST", "/adapters_x", "", False),
+])
+def test_the_gate_covers_every_changing_request_under_adapters(method, path, root_path, gated):
+    """The ASGI gate alone (no app behind it that could refuse as well), also under a mount prefix."""
+    import asyncio
+
+    from softprompt.serve.admin import AdminGate
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": root_path, "headers": []}
+    asyncio.run(AdminGate(app, ServeConfig())(scope, None, send))
+    assert (reached == []) is gated
+    if gated:
+        assert sent[0]["status"] == 403 and b"--admin-token" in sent[1]["body"]

@@ -39,7 +39,10 @@ class AdminGate:
         self.config = config
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and is_admin_request(scope.get("method", ""), scope.get("path", "")):
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a prefix (uvicorn --root-path): match the app's own path
+            path = path[len(root):]
+        if scope["type"] == "http" and is_admin_request(scope.get("method", ""), path):
             auth = dict(scope.get("headers") or []).get(b"authorization")
             try:
                 check_admin(self.config, auth.decode("latin-1") if auth is not None else None)

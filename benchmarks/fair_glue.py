@@ -72,17 +72,19 @@ def load_state(state: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(state.glob("*__*.json"))}
 
 
-def chosen_lr(done: dict, task: str, row: str) -> tuple[float | None, dict[float, float]]:
-    """(the rate with the best carved-dev score, or None while a grid point is missing; every score by rate)."""
+def chosen_lr(done: dict, task: str, row: str) -> tuple[float | None, dict[float, float | None]]:
+    """(the rate with the best carved-dev score, or None while a grid point is missing; every score by rate, None
+    for a rate whose loss diverged)."""
     scores = {}
     for lr in ROWS[row][2]:
         r = done.get(run_name("lr", task, row, lr, LR_SEED))
         if r is not None:
             scores[lr] = r["score"]
-    if len(scores) < len(ROWS[row][2]):
+    finite = {lr: s for lr, s in scores.items() if s is not None}
+    if len(scores) < len(ROWS[row][2]) or not finite:
         return None, scores
-    best = max(scores.values())
-    return min(lr for lr, s in scores.items() if s == best), scores
+    best = max(finite.values())
+    return min(lr for lr, s in finite.items() if s == best), scores
 
 
 def epochs_of(task: str) -> float:
@@ -107,13 +109,22 @@ def run_one(job: dict, model: str, state: Path, bf16: bool, readout: str, scratc
                       batch_size=32, max_length=128, seed=seed, bf16=bf16, lr=lr, method_options=dict(options),
                       readout=readout, carve_dev=CARVE if stage == "lr" else 0.0, logging_steps=10_000)
     spec = tasks.get_task(task)
-    if method in ("lora", "probe"):
-        from fair_glue_report import train_plain
+    from softprompt.errors import NonFiniteLossError
 
-        metrics, preds, labels = train_plain(cfg, method, spec)
-    else:
-        metrics, preds, labels = _train_ours(cfg, spec)
-    shutil.rmtree(scratch / name, ignore_errors=True)  # adapters are not kept: the JSON holds what the tables need
+    try:
+        if method in ("lora", "probe"):
+            from fair_glue_report import train_plain
+
+            metrics, preds, labels = train_plain(cfg, method, spec)
+        else:
+            metrics, preds, labels = _train_ours(cfg, spec)
+    except NonFiniteLossError as exc:  # a result, not a failure: this rate is unusable (never chosen, not retried)
+        out = {"stage": stage, "task": task, "row": row, "method": method, "options": options, "lr": lr,
+               "seed": seed, "readout": readout, "score": None, "diverged": str(exc).split(";")[0]}
+        (state / f"{name}.json").write_text(json.dumps(out))
+        return out
+    finally:
+        shutil.rmtree(scratch / name, ignore_errors=True)  # adapters are not kept: the JSON holds what tables need
     score = tasks.compute_metrics(spec, preds, labels)["main"]
     out = {"stage": stage, "task": task, "row": row, "method": method, "options": options, "lr": lr, "seed": seed,
            "readout": readout, "score": score, "metric": spec.metric, "steps": metrics.get("steps"),
@@ -171,6 +182,7 @@ def cmd_run(args) -> int:
     print(f"readout: {readout}", flush=True)
     lock = threading.Lock()
     running: set[str] = set()
+    failed: set[str] = set()  # runs that crashed in this call: not retried until the next call
     per_step: list[float] = []
 
     def next_job():
@@ -193,7 +205,7 @@ def cmd_run(args) -> int:
                             plan = [(lr, s) for s in args_seeds(args)]
                         for lr, seed in plan:
                             name = run_name(stage, task, row, lr, seed)
-                            if name in done or name in running:
+                            if name in done or name in running or name in failed:
                                 continue
                             running.add(name)
                             return {"stage": stage, "task": task, "row": row, "lr": lr, "seed": seed, "name": name}
@@ -215,8 +227,9 @@ def cmd_run(args) -> int:
             r = json.loads(result.read_text())
             if r.get("steps"):
                 per_step.append(r["train_seconds"] / r["steps"])
-            status = f"ok {r['score']:.4f}"
+            status = f"ok {r['score']:.4f}" if r["score"] is not None else f"ok, {r['diverged']}"
         else:
+            failed.add(job["name"])
             status = "FAILED\n" + proc.stderr[-3000:]
         return f"[{time.time() - start:.0f} s] {job['name']}: {status} ({time.time() - t0:.0f} s)"
 
@@ -230,7 +243,7 @@ def cmd_run(args) -> int:
             line = launch(job)
             with lock:
                 running.discard(job["name"])
-                outcomes.append(" ok " in line)
+                outcomes.append(": ok" in line)
             print(line, flush=True)
             if "not started" in line:
                 return

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fair_glue import CARVE, LR_SEED, ROWS, TASKS, chosen_lr, load_state
+from fair_glue import CARVE, EPOCHS, LR_SEED, ROWS, TASKS, chosen_lr, load_state, run_name
 
 # (a, b): the papers' claims and the spec's ablations, as "a - b".
 PAIRS = [("idspam", "lpt_npg"), ("idspam", "prompt"), ("idspam", "lpt"), ("apt", "prefix"), ("apt", "prefix_half"),
@@ -219,8 +219,11 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
             if scores:
                 grid = ROWS[row][2]
                 lr_selection.setdefault(task, {})[row] = {
-                    "chosen": lr, "carved_scores": {f"{k:g}": round(100 * v, 2) for k, v in scores.items()},
-                    "at_grid_edge": lr in (grid[0], grid[-1]) if lr is not None else None}
+                    "chosen": lr, "carved_scores": {f"{k:g}": None if v is None else round(100 * v, 2)
+                                                    for k, v in scores.items()},
+                    "at_grid_edge": lr in (grid[0], grid[-1]) if lr is not None else None,
+                    "carved_dev_examples": next((done[run_name("lr", task, row, x, LR_SEED)].get("eval_examples")
+                                                 for x in scores if scores[x] is not None), None)}
     runs = seed_runs(done)
     table: dict = {}
     for task, rows in runs.items():
@@ -271,8 +274,9 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
     if data is None:
         return lines + ["`benchmarks/results/fair_glue.json` does not exist yet: run `benchmarks/gpu_fair.sh`.", ""]
     rs = data.get("readout_selection") or {}
+    epochs = " / ".join(f"{t.split('/')[1]} {EPOCHS[t]:g}" for t in TASKS)
     lines += [f"Protocol: `benchmarks/fair_glue.py` (issue 23). Every run: max length 128, batch 32, AdamW, linear "
-              f"decay, 6% warm-up, epochs SST-2 1 / MRPC 10 / RTE 20 / CoLA 5 / CB 30; bf16 on the GPU. Learning "
+              f"decay, 6% warm-up, epochs {epochs}; bf16 on the GPU. Learning "
               f"rates chosen per method and task on a {data['protocol']['carve_dev']:.0%} dev split carved from "
               f"train (seed {data['protocol']['lr_seed']}), never on the reported dev set; then seeds 1-5 at that "
               f"rate, trained on the full train split and scored on the dev set. Seeds vary every initialisation "
@@ -283,7 +287,7 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
               f"Device {data.get('device')}; versions {data.get('versions')}; last run {data.get('date')}; "
               f"command `{data.get('command')}`. Runs so far: {data['runs']['lr']} learning-rate runs, "
               f"{data['runs']['seeds']} seed runs.", ""]
-    tasks = [t for t in TASKS + ["glue/stsb"] if t in data["lr_selection"] or t in data["tasks"]]
+    tasks = TASKS + [t for t in ["glue/stsb"] if t in data["lr_selection"] or t in data["tasks"]]
     lines += ["### Learning rates (carved dev split, seed 1)", "",
               "| task | " + " | ".join(NAMES[r] for r in rows) + " |", "|---|" + "---|" * len(rows)]
     for t in tasks:
@@ -294,13 +298,16 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
                 cells.append("not run")
             elif sel["chosen"] is None:
                 cells.append(f"grid {len(sel['carved_scores'])}/{len(data['protocol']['grids'][r])}: "
-                             + ", ".join(f"{k}: {v:.1f}" for k, v in sel["carved_scores"].items()))
+                             + ", ".join(f"{k}: {_score(v)}" for k, v in sel["carved_scores"].items()))
             else:
                 best = sel["carved_scores"][f"{sel['chosen']:g}"]
                 cells.append(f"**{sel['chosen']:g}** ({best:.1f}){' edge' if sel['at_grid_edge'] else ''}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: chosen rate (its carved-dev score x 100); `edge`: the best rate is at the end of the grid, "
-              "so the grid should be extended for that cell. Incomplete grids list the rates run so far.", "",
+              "so the grid should be extended for that cell. Incomplete grids list the rates run so far. Carved dev "
+              "examples: " + ", ".join(f"{t} {n}" for t in tasks if (n := next((c.get("carved_dev_examples") for c in
+                                       data["lr_selection"].get(t, {}).values()), None))) + " (CB's 25 make "
+              "its choice coarse: one example is 4 points).", "",
               "### Dev scores at the chosen rate (mean ± std over seeds, n)", "",
               "| task | " + " | ".join(NAMES[r] for r in rows) + " |", "|---|" + "---|" * len(rows)]
     for t in tasks:
@@ -318,6 +325,10 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
             lines.append("  Per task: " + "; ".join(f"{c['task']} {c['diff']:+.1f} [{c['ci'][0]:+.1f}, "
                                                    f"{c['ci'][1]:+.1f}]" for c in per_task) + ".")
     return lines + [""]
+
+
+def _score(v: float | None) -> str:
+    return "diverged" if v is None else f"{v:.1f}"
 
 
 def load_json(path: Path) -> dict | None:

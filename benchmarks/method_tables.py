@@ -325,7 +325,9 @@ def sweep_section(rows, plot: str | None) -> list[str]:
             ax.legend()
         fig.tight_layout()
         fig.savefig(plot, dpi=120)
-        lines += [f"![layer sweep]({Path(plot).name})", ""]
+    figure = Path(plot) if plot else ROOT / "results" / "idspam_layer_sweep.png"
+    if figure.exists():  # without --plot, the figure drawn before is kept and still shown
+        lines += [f"![layer sweep]({figure.name})", ""]
     return lines
 
 

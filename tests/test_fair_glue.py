@@ -122,3 +122,13 @@ def test_bootstrap_interval_and_verdicts():
     assert "within noise" in verdict({"task": "mean5", "diff": 1.0, "ci": [-1.0, 3.0]}, "apt", "prefix")
     assert "not measured" in verdict(None, "apt", "prefix")
     assert fair_section(None, ["apt"], [("apt", "prefix")], "T")[0] == "## T"
+
+
+def test_chosen_rate_skips_diverged_rates_and_waits_for_the_grid(monkeypatch):
+    import fair_glue
+
+    monkeypatch.setitem(fair_glue.ROWS, "lpt", ("lpt", {}, [1e-3, 1e-2, 3e-2]))
+    runs = {fair_glue.run_name("lr", "glue/rte", "lpt", lr, 1): {"score": s} for lr, s in ((1e-3, 0.6), (1e-2, 0.6))}
+    assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] is None  # 3e-2 not run yet
+    runs[fair_glue.run_name("lr", "glue/rte", "lpt", 3e-2, 1)] = {"score": None, "diverged": "loss became nan"}
+    assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] == 1e-3  # a tie goes to the smaller rate

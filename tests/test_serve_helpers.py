@@ -34,8 +34,14 @@ class ServerThread:
 
     def __enter__(self) -> str:
         self.thread.start()
-        # A generous guard, not a timing assertion: startup takes well under a second.
-        if not self.ready.wait(timeout=120) or not self.server.started:
+        # Wait for the event; the loop only notices a server thread that died during startup (and bounds the wait
+        # generously: this is a guard, not a timing assertion).
+        for _ in range(1200):
+            if self.ready.wait(timeout=0.1):
+                break
+            if not self.thread.is_alive():
+                break
+        if not self.server.started:
             raise RuntimeError("uvicorn did not start")
         port = self.server.servers[0].sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"

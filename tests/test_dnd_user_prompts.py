@@ -81,6 +81,8 @@ def test_generate_refuses_existing_out(gen, tmp_path):
     assert "\n" not in str(e.value) and not (out / "adapter_model.safetensors").exists()
     generate_main(args(overwrite=True))
     assert (out / "adapter_model.safetensors").exists() and (out / "keep.txt").exists()
+    with pytest.raises(SoftPromptError, match="pass --column NAME"):
+        generate_main(args(prompts=str(d / "p.csv"), overwrite=True))
     with pytest.raises(SoftPromptError, match="no such file or dataset"):
         generate_main(type("A", (), {"generator": str(gen), "prompts": str(d / "missing.jsonl"),
                                      "out": str(tmp_path / "x")})())

@@ -85,7 +85,10 @@ def generate_main(args: argparse.Namespace) -> dict[str, Any]:
     _check_out(args.out, bool(getattr(args, "overwrite", False)))
     cfg = load_generator_config(args.generator)
     if Path(args.prompts).exists():
-        prompts = read_prompts(args.prompts, column=getattr(args, "column", None))
+        try:
+            prompts = read_prompts(args.prompts, column=getattr(args, "column", None))
+        except (ValueError, KeyError) as exc:  # a malformed line or a missing column: one line, not a traceback
+            raise SoftPromptError(f"--prompts {args.prompts}: {exc}") from None
     else:  # a registry dataset name: its unlabeled DnD test prompts (transductive, as DnD)
         from .. import tasks
         from .templates import canonical_name

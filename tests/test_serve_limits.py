@@ -61,7 +61,8 @@ def tree(tmp_path_factory):
     shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "no_weights")
     for name, options in {"huge_tokens": {"num_virtual_tokens": 100_000},
                           "float_tokens": {"num_virtual_tokens": 1e9},
-                          "huge_mlp": {"projection": True, "projection_hidden_size": 10**7}}.items():
+                          "huge_mlp": {"projection": True, "projection_hidden_size": 10**7},
+                          "many_layers": {"layer_lengths": [4] * 1000}, "layer_out": {"layers": [0, 99]}}.items():
         shutil.copytree(root / "prefix_a", root / name)
         edit_config(root / name, **options)
     return {"base": base, "root": root, "outside": outside}
@@ -159,6 +160,8 @@ def test_every_method_loads_through_the_size_checks(tree, model):
     ("huge_tokens", {"max_virtual_tokens": 3}, 413, ["num_virtual_tokens = 100000 is over 3", "--max-virtual-tokens"]),
     ("prefix_a", {"max_virtual_tokens": 3}, 413, ["num_virtual_tokens = 4 is over 3"]),
     ("float_tokens", {}, 400, ["num_virtual_tokens", "wrong type"]),
+    ("many_layers", {}, 400, ["layer_lengths has 1000 entries but the model has 3 layers"]),
+    ("layer_out", {}, 400, ["layers [99] out of range 0..2"]),
     ("huge_mlp", {}, 413, ["would build modules of", "--max-adapter-bytes"]),
     ("prefix_a", {"max_adapter_bytes": 1000}, 413, ["holds 0.0 MiB of tensors", "over this server's limit"]),
 ])

@@ -132,3 +132,18 @@ def test_chosen_rate_skips_diverged_rates_and_waits_for_the_grid(monkeypatch):
     assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] is None  # 3e-2 not run yet
     runs[fair_glue.run_name("lr", "glue/rte", "lpt", 3e-2, 1)] = {"score": None, "diverged": "loss became nan"}
     assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] == 1e-3  # a tie goes to the smaller rate
+
+
+@pytest.mark.parametrize("row", ["linear_probe", "lora"])
+def test_plain_rows_run_on_the_carved_split(row, tiny_glue, tiny_bert_dir):
+    """LoRA and the linear probe go through a plain Trainer with the same carve, readout and seed as the others."""
+    pytest.importorskip("peft")
+    import fair_glue
+
+    state = tiny_glue / "state"
+    state.mkdir()
+    job = {"stage": "lr", "task": "glue/sst2", "row": row, "lr": 1e-2, "seed": 3}
+    out = fair_glue.run_one(job, tiny_bert_dir, state, False, "mean", tiny_glue / "scratch")
+    assert out["eval_examples"] == 12 and out["train_examples"] == 108 and 0 <= out["score"] <= 1
+    assert out["readout"] == "mean" and out["trainable_params"] > 0
+    assert (state / f"{fair_glue.run_name('lr', 'glue/sst2', row, 1e-2, 3)}.json").exists()

@@ -83,6 +83,9 @@ def generate_main(args: argparse.Namespace) -> dict[str, Any]:
     from .generator import generate, load_generator_config, registry_prompts_for
 
     _check_out(args.out, bool(getattr(args, "overwrite", False)))
+    if not (Path(args.generator) / "generator_config.json").exists():
+        raise SoftPromptError(f"--generator {args.generator}: no generator_config.json there (train one with "
+                              "`softprompt dnd train --zoo ZOO --holdout D --out GEN`)")
     cfg = load_generator_config(args.generator)
     if Path(args.prompts).exists():
         try:

@@ -994,7 +994,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
                   generators=args.generators, encoder=args.encoder, gen=gen)
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
-    info = {**env_info(), "command": " ".join(["python benchmarks/dnd_bench.py", *args.argv]),
+    info = {**env_info(), "command": shlex.join(["python benchmarks/dnd_bench.py", *args.argv]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with open(state / "invocations.jsonl", "a") as f:
         f.write(json.dumps(info) + "\n")
@@ -1018,7 +1018,9 @@ def cmd_cloze_report(args: argparse.Namespace) -> int:
     last = inv[-1]
     versions = {k: last[k] for k in ("torch", "transformers", "peft", "python")}
     res = build_results(stages, args.config, args.measure, device=last["device"], versions=versions,
-                        date=last["date"], command=" ; ".join(i["command"] for i in inv))
+                        date=last["date"], command=last["command"])
+    # every call of the state (a call that failed before finishing a stage is listed too)
+    res["invocations"] = [{"date": i["date"], "command": i["command"], "device": i["device"]} for i in inv]
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     Path(args.md).write_text(render(res))
     print(f"wrote {args.json} and {args.md}")

@@ -991,7 +991,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
         gen[k.strip()] = v.strip() if k.strip() == "stats_code" else float(v) if "." in v or "e" in v else int(v)
     study = Study(state, args.model, datasets, configs=args.configs.split(";"), n_eval=args.n_eval,
                   n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state),
-                  generators=args.generators, encoder=args.encoder, gen=gen)
+                  generators=args.generators, encoder=args.encoder, gen=gen, stats_ablation=args.stats_ablation)
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
     info = {**env_info(), "command": shlex.join(["python benchmarks/dnd_bench.py", *args.argv]),
@@ -1070,6 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restore", help="dnd_cloze_stages.json of an earlier run (state lost)")
     p.add_argument("--generators", action="store_true", help="also the leave-one-out gen/dnd stages")
     p.add_argument("--encoder", default="minilm", help="condition encoder: alias or HF folder")
+    p.add_argument("--stats-ablation", action="store_true",
+                   help="also every generator with DnD's scale code (stages gen/dnd:<cfg>+statsdnd:<h>)")
     p.add_argument("--gen", help="generator overrides, e.g. steps=1000,batch_size=64,lr=1e-3,stats_code=dnd "
                                  "(softprompt.dnd.study_gen.GEN_DEFAULTS)")
     p.add_argument("--device")

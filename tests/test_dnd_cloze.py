@@ -122,13 +122,13 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
           "n_eval": 6, "n_dev": 4, "batch_size": 8, "device": "cpu", "log": lambda m: None, "generators": True,
           "encoder": tiny_bert_dir, "gen": {"steps": 4, "batch_size": 2, "width": 4, "n_layers": 2, "kernel": 3,
                                             "chunk": 16, "n_prompts": 4, "max_length": 16, "warmup": 1, "draws": 1,
-                                            "recovery_draws": 1,
-                                            "pool": 20, "min_pool": 8}}
+                                            "recovery_draws": 1, "pool": 20, "min_pool": 8},
+          "stats_ablation": True}
     study = Study(tmp_path / "state", str(folder), **kw)
     assert study.run(time_budget=0) == "stopped before base"  # nothing fits in no time
     assert study.run() == "complete"
     stages = json.loads(study.export(tmp_path / "out").read_text())
-    assert list(stages) == study.stages() and len(stages) == 8 and study.stages()[3].startswith("cross")
+    assert list(stages) == study.stages() and len(stages) == 12 and study.stages()[3].startswith("cross")
     cfg = "r2_lr1e-2_steps3_ckpt2_bs4"
     z = stages[f"zoo:{cfg}:commonsense/arc_easy"]
     assert z["final"]["step"] == 3 and len(z["losses"]) == 2 and z["test"]["n"] == 6
@@ -151,6 +151,12 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     rec = row["in_distribution_recovery"]
     assert rec["dataset"] == WG and rec["own_lora"] == res["datasets"][WG]["own_lora"]
     assert res["zoo_gate"]["n_datasets"] == 2
+    abl = stages[f"dnd:{cfg}+statsdnd:commonsense/arc_easy"]["draws"]
+    assert row["dnd_mean_stats_dnd"] == round(sum(100 * d["acc_norm"] for d in abl) / 2, 2)
+    assert len(row["ci_stats_dnd_minus_relative"]) == 2
+    layouts = [json.loads((tmp_path / "state" / f"gen_{cfg}{t}" / "commonsense__arc_easy" / "generator_config.json")
+                          .read_text())["layout"]["stats_code"] for t in ("", "+statsdnd")]
+    assert layouts == ["relative", "dnd"]
     text = render(res)
     assert "| arc_easy | 6 | 25.0 |" in text and "training-LoRA mean (interval above 0) on" in text
     fresh = Study(tmp_path / "state2", str(folder), **kw)

@@ -68,6 +68,11 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "acc_no
         dnd = stages.get(f"dnd:{config}:{d}")
         if dnd and b and others:
             row.update(_dnd_fields(dnd, others, b, z, cross, d, measure, key))
+        abl = stages.get(f"dnd:{config}+statsdnd:{d}")
+        if abl and dnd and b:  # stats-code ablation: DnD's scale code against the relative code, same examples
+            per = [[statistics.mean(r[key][i] for r in x["draws"]) for i in range(len(b[key]))] for x in (abl, dnd)]
+            row["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[measure] for r in abl["draws"]), 2)
+            row["ci_stats_dnd_minus_relative"] = paired_bootstrap(per[0], per[1])
         for k in ("train_lora_mean", "train_lora_best", "own_lora", "dnd_mean", "dnd_sd", "ci_dnd_minus_train_mean",
                   "ci_dnd_minus_base", "nearest_lora", "generate_seconds", "in_distribution_recovery"):
             row.setdefault(k, None)

@@ -69,7 +69,7 @@ class Study:
                  configs: Sequence[str] = ("r8,lr2e-4,steps250,ckpt50",), n_eval: int = 500,
                  n_dev: int = 500, batch_size: int = 64, device: str | None = None,
                  log: Callable[[str], None] = print, generators: bool = False, encoder: str = "minilm",
-                 gen: dict[str, Any] | None = None) -> None:
+                 gen: dict[str, Any] | None = None, stats_ablation: bool = False) -> None:
         self.state = Path(state)
         (self.state / "stages").mkdir(parents=True, exist_ok=True)
         self.model_path, self.datasets, self.n_eval, self.n_dev = model, list(datasets), n_eval, n_dev
@@ -77,6 +77,7 @@ class Study:
         self.batch_size, self.device, self.log = batch_size, device, log
         self._recs: dict[str, list] = {}
         self.generators, self.encoder, self.gen = generators, encoder, dict(gen or {})
+        self.stats_ablation = stats_ablation
 
     # -------------------------------------------------------------------------------------------- helpers
     def stages(self) -> list[str]:
@@ -86,10 +87,12 @@ class Study:
             out += [f"zoo:{c['name']}:{d}" for d in self.datasets] + [f"cross:{c['name']}"]
             if self.generators:
                 out += [f"{k}:{c['name']}:{d}" for d in self.datasets for k in ("gen", "dnd")]
+            if self.generators and self.stats_ablation:  # the same generators with DnD's scale code
+                out += [f"{k}:{c['name']}+statsdnd:{d}" for d in self.datasets for k in ("gen", "dnd")]
         return out
 
-    def gen_dir(self, cfg: dict[str, Any], holdout: str) -> Path:
-        return self.state / f"gen_{cfg['name']}" / dataset_dirname(holdout)
+    def gen_dir(self, cfg: dict[str, Any], holdout: str, tag: str = "") -> Path:
+        return self.state / f"gen_{cfg['name']}{tag}" / dataset_dirname(holdout)
 
     def path(self, stage: str) -> Path:
         return self.state / "stages" / (stage.replace(":", "__").replace("/", "__") + ".json")
@@ -185,7 +188,8 @@ class Study:
             elif kind == "gen":
                 from .study_gen import run_gen
 
-                res = run_gen(self, cfgs[rest[0]], rest[1], max_seconds=left - 40)
+                name, _, tag = rest[0].partition("+")
+                res = run_gen(self, cfgs[name], rest[1], max_seconds=left - 40, tag=tag)
                 if res is None:
                     if export:
                         self.export(export)
@@ -193,7 +197,8 @@ class Study:
             else:
                 from .study_gen import run_dnd
 
-                res = run_dnd(self, cfgs[rest[0]], rest[1])
+                name, _, tag = rest[0].partition("+")
+                res = run_dnd(self, cfgs[name], rest[1], tag=tag)
             res["seconds"] = round(time.time() - s0, 2)
             self.path(stage).write_text(json.dumps(res) + "\n")
             self.log(f"done {stage} in {res['seconds']:.1f} s")

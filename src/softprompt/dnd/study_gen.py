@@ -60,13 +60,22 @@ def zoo_entries(study: Study, cfg: dict[str, Any], datasets: list[str]) -> list[
     return out
 
 
-def run_gen(study: Study, cfg: dict[str, Any], holdout: str, max_seconds: float) -> dict[str, Any] | None:
+TAGS = {"": {}, "statsdnd": {"stats_code": "dnd"}}  # ablation variants of the generator (stage name suffix +tag)
+
+
+def _options(study: Study, tag: str) -> dict[str, Any]:
+    return {**GEN_DEFAULTS, **study.gen, **TAGS[tag]}
+
+
+def run_gen(study: Study, cfg: dict[str, Any], holdout: str, max_seconds: float,
+            tag: str = "") -> dict[str, Any] | None:
     """Train (or continue) the generator without ``holdout``; None while it is unfinished."""
     from .generator import train_generator
 
-    g = {**GEN_DEFAULTS, **study.gen}
+    g = _options(study, tag)
     train = [d for d in study.datasets if d != holdout]
-    res = train_generator(zoo_entries(study, cfg, train), None, study.gen_dir(cfg, holdout), g["steps"],
+    res = train_generator(zoo_entries(study, cfg, train), None, study.gen_dir(cfg, holdout, tag and "+" + tag),
+                          g["steps"],
                           prompts_for=lambda d: training_prompts(d, g["pool"]), encoder=study.encoder,
                           max_length=g["max_length"], n_prompts=g["n_prompts"], batch_size=g["batch_size"],
                           lr=g["lr"], warmup=g["warmup"], width=g["width"], n_layers=g["n_layers"],
@@ -98,14 +107,14 @@ def _mean_embedding(enc: Any, prompts: list[str]) -> Any:
     return per.mean(0)
 
 
-def run_dnd(study: Study, cfg: dict[str, Any], holdout: str) -> dict[str, Any]:
+def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> dict[str, Any]:
     """Draws from both generator checkpoints on ``holdout``, recovery on a training dataset, nearest LoRA."""
     import torch
 
     from .generator import generate, load_generator
 
-    g = {**GEN_DEFAULTS, **study.gen}
-    gdir = study.gen_dir(cfg, holdout)
+    g = _options(study, tag)
+    gdir = study.gen_dir(cfg, holdout, tag and "+" + tag)
     template = gdir / "template_adapter_config.json"
     prompts, source = condition_pool(study, holdout, g["min_pool"], g["pool"])
     tmp = study.state / "tmp_adapter"

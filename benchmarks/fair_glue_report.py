@@ -26,7 +26,8 @@ def choose_readout(model_name: str, task_list: list[str], out: Path, limit: int 
     import torch
 
     from softprompt import tasks
-    from softprompt.loading import READOUTS, load_base, load_tokenizer
+    from softprompt.loading import load_base, load_tokenizer
+    from softprompt.readout import READOUTS
     from softprompt.train import TrainConfig
     from softprompt.train.runner import task_records
 

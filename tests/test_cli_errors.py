@@ -126,3 +126,13 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
     assert err == "softprompt tasks: error: RuntimeError: deep inside (run with --debug for the traceback)"
     with pytest.raises(RuntimeError):
         main(["--debug", "tasks"])
+
+
+def test_eval_on_a_task_with_other_labels_or_kind_is_refused(train_args, tmp_path, capsys):
+    out = tmp_path / "sentiment"
+    assert main(train_args(out)) == 0
+    capsys.readouterr()
+    code, err = run(["eval", "--adapter", str(out), "--task", "superglue/cb"], capsys)
+    assert code == 2 and "predicts labels ['neg', 'pos']" in err and "superglue/cb has labels" in err
+    code, err = run(["eval", "--adapter", str(out), "--task", "glue/stsb"], capsys)
+    assert code == 2 and "is a classification adapter and glue/stsb is a regression task" in err

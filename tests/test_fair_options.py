@@ -94,3 +94,25 @@ def test_mean_readout_round_trip_is_exact(method, options, tiny_bert_dir, sentim
     saved = sp.load(load_base(tiny_bert_dir, SPEC, readout="mean")[0], out)
     with torch.no_grad():
         assert torch.equal(first, saved(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_mean_readout_follows_the_adapter_into_load_and_serving(tiny_bert_dir, sentiment_csv, tmp_path):
+    """``sp.load`` onto a plain (pooler) base and the multi-adapter model serving it read what training read."""
+    from softprompt.errors import AdapterMismatchError
+    from softprompt.multi import MultiAdapterModel
+    from softprompt.train import TrainConfig, train
+
+    out = tmp_path / "mean"
+    train(TrainConfig(method="prefix", model=tiny_bert_dir, output=str(out), file=sentiment_csv,
+                      text_column="sentence", label_column="sentiment", max_steps=2, batch_size=8, max_length=16,
+                      readout="mean", method_options={"num_virtual_tokens": 2}))
+    reference, tok, _ = load_for_inference(out)
+    ids, mask = ids_and_mask(tok, ["the film was very good", "bad"])
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask).logits
+        plain = sp.load(load_base(tiny_bert_dir, SPEC)[0], out)  # the base reads its pooler until the adapter says
+        assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits, want)
+    served = MultiAdapterModel(tiny_bert_dir, {"m": str(out)})
+    assert torch.equal(served(ids, mask, "m"), want)
+    with pytest.raises(AdapterMismatchError, match="readout 'mean'"):
+        MultiAdapterModel(load_base(tiny_bert_dir, SPEC)[0], {"m": str(out)})

@@ -63,7 +63,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_bert_dir, se
                "sentence", "--label-column", "sentiment", "--batch-size", "16", "--lr", "1e38", "--max-steps", "20",
                "--save-steps", "1", "--num-virtual-tokens", "4", "--max-length", "16", "--output", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 1  # a runtime error (usage errors exit 2)
     assert "loss became nan at step" in err or "loss became inf at step" in err, err[-500:]
     step = int(err.split(" at step ")[1].split(";")[0])
     assert (out / f"checkpoint-{step - 1}" / "adapter_model.safetensors").exists()

@@ -18,6 +18,7 @@ from . import resources
 from .errors import ConfigError
 from .io import read_adapter_config
 from .model import SoftPromptModel
+from .readout import apply_readout
 
 # Model types that are causal decoders even when their config does not say ``is_decoder``.
 DECODER_TYPES = {"llama", "gpt2", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt_neox"}
@@ -96,8 +97,8 @@ def load_base(model_name: str, spec: HeadSpec, *, dtype=torch.float32, head_seed
     """``(model, is_decoder)``: the base model with the head for ``spec.kind`` (num_labels from the task).
 
     The head's random initialisation is drawn right after ``torch.manual_seed(head_seed)``: it is part of the
-    experiment (training passes the run's seed). ``readout`` (see :data:`READOUTS`): what the classification head
-    reads; "mean" swaps the model's pooler for a masked mean of the last hidden states (:func:`apply_readout`).
+    experiment (training passes the run's seed). ``readout`` (``softprompt.readout.READOUTS``): what the
+    classification head reads; "mean" swaps the model's pooler for a masked mean of the last hidden states.
     """
     from transformers import AutoConfig
 
@@ -125,51 +126,6 @@ def load_base(model_name: str, spec: HeadSpec, *, dtype=torch.float32, head_seed
         model.config.pad_token_id = load_tokenizer(model_name).pad_token_id
     apply_readout(model, readout)
     return model, is_decoder
-
-
-# What a sequence-classification head reads. "pooler": the model's own pooler (BERT: tanh(W h_[CLS]), frozen);
-# "mean": the masked mean of the last hidden states over every attended position (input prompts included, insertions
-# removed by the engine before the end). Sentence-embedding models such as all-MiniLM-L6-v2 were trained for mean
-# pooling, and a frozen pooler is a readout that LoRA can adapt but prompt methods cannot.
-READOUTS = ("pooler", "mean")
-
-
-class MeanPoolReadout(torch.nn.Module):
-    """Stands in for a BERT-style pooler: masked mean of the last hidden states. No parameters, so adapters keep
-    only the classifier as their head; the padding mask is the one the backbone was last called with."""
-
-    def __init__(self):
-        super().__init__()
-        self.mask: torch.Tensor | None = None
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        from .pooling import masked_mean
-
-        mask = self.mask if self.mask is not None and self.mask.shape == hidden.shape[:2] else None
-        return masked_mean(hidden, mask)
-
-
-def apply_readout(model: torch.nn.Module, readout: str) -> None:
-    """Make ``model``'s classification head read ``readout`` (in place). "mean" needs a backbone with a ``pooler``
-    (the BERT family); "pooler" leaves the model as it is."""
-    from .errors import ConfigError
-
-    if readout not in READOUTS:
-        raise ConfigError(f"readout must be one of {READOUTS}, got {readout!r}")
-    if readout == "pooler":
-        return
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if backbone is None or not isinstance(getattr(backbone, "pooler", None), torch.nn.Module):
-        raise ConfigError(f"readout='mean' needs a model whose backbone has a pooler (BERT family); "
-                          f"{type(model).__name__} has none: use readout='pooler'")
-    pool = MeanPoolReadout()
-    backbone.pooler = pool
-
-    def keep_mask(module, args, kwargs):
-        # The classification model calls its backbone with attention_mask as a keyword (or second positional).
-        pool.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
-    backbone.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
 def load_for_inference(adapter: str | os.PathLike, base_model: str | None = None):

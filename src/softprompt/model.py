@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
-
-import os
 
 from .engine.compose import Part, compose, insert_prompt
 from .engine.injector import Injector, attach
@@ -21,6 +21,7 @@ from .io import (
     split_adapter_tensors,
 )
 from .methods import MethodConfig, MethodInputs, PromptMethod, config_from_dict, method_classes
+from .readout import ensure_readout
 
 # Randomly initialised task heads of transformers task models: they train with the method and are saved with it.
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
@@ -220,6 +221,8 @@ class SoftPromptModel(nn.Module):
                 f"({exc}); re-save the adapter"
             ) from exc
         heads = config.get("head_modules") or []
+        if heads:
+            ensure_readout(base, str(config.get("readout") or "pooler"), f"adapter {path}")
         model = cls(base, method_cfg, tokenizer=tokenizer, train_head=bool(heads))
         check_base_model(config, model.info, path)
         missing = [h for h in heads if h not in model.head_names]

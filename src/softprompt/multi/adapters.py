@@ -18,6 +18,7 @@ from ..io import (
     split_adapter_tensors,
 )
 from ..methods import PromptMethod, config_from_dict, method_classes
+from ..readout import current_readout
 from .heads import head_like
 from .plan import AdapterShape
 
@@ -115,6 +116,12 @@ def load_adapter_modules(path: str | os.PathLike, name: str, info, base: nn.Modu
         raise AdapterMismatchError(
             f"{where} was trained with a {saved_arch} head but this base model is a {arch}; serve it on a base "
             f"loaded as {saved_arch} (task_kind {meta.get('task_kind')!r})"
+        )
+    want, have = str(meta.get("readout") or "pooler"), current_readout(base)
+    if heads and want != have:
+        raise AdapterMismatchError(
+            f"{where} was trained with readout {want!r} but this base model's head reads {have!r}: adapters that share "
+            f"a base share its readout; serve it on a base loaded with readout={want!r}"
         )
     missing = [h for h in heads if h not in default_heads]
     if missing:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data import Collator
 from ..engine.injector import Injector, attach
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import AdapterMismatchError, ConfigError, UnsupportedModelError
 from ..io import read_adapter_config
 from ..loading import HeadSpec, load_base, load_tokenizer, padding_side
 from ..model import task_head_names
@@ -93,15 +93,20 @@ class MultiAdapterModel(nn.Module):
     # ---- construction ------------------------------------------------------------------------------------------
     @staticmethod
     def _load_base(model_name: str, adapters: dict, dtype, task_kind, tokenizer):
-        kind, labels = task_kind, []
+        kind, labels, readouts = task_kind, [], set()
         for path in adapters.values():  # the head class follows the adapters' task (all must agree)
             meta = read_adapter_config(path)
+            if meta.get("head_modules"):
+                readouts.add(str(meta.get("readout") or "pooler"))
             arch = str((meta.get("base_model") or {}).get("architecture") or "")
             # Adapters saved from a wrapped language model record no task, only the LM architecture.
             kind = kind or meta.get("task_kind") or ("causal_lm" if arch.endswith("ForCausalLM") else None)
             labels = labels or list(meta.get("label_names") or [])
+        if len(readouts) > 1:
+            raise AdapterMismatchError(f"the adapters read their base model differently ({sorted(readouts)}): adapters "
+                                       "that share a base share its readout; serve each readout from its own server")
         spec = HeadSpec(kind or "classification", labels or ["0", "1"])
-        base, _ = load_base(model_name, spec, dtype=dtype)
+        base, _ = load_base(model_name, spec, dtype=dtype, readout=readouts.pop() if readouts else "pooler")
         return base, tokenizer if tokenizer is not None else load_tokenizer(model_name)
 
     @property

@@ -7,6 +7,8 @@ import torch
 
 from .. import tasks
 from ..data import Collator, featurize
+from ..errors import ConfigError
+from ..io import read_adapter_config
 from ..loading import load_for_inference
 from ..postprocess import row_prediction
 
@@ -31,17 +33,36 @@ def evaluate(adapter: str, *, task: str | None = None, file: str | None = None, 
              data_dir: str | None = None, batch_size: int = 128, max_length: int | None = None,
              limit: int | None = None, base_model: str | None = None) -> dict[str, float]:
     """Score a saved adapter on a registry task split or a user's labelled file."""
-    model, tokenizer, meta = load_for_inference(adapter, base_model)
     if file:
+        meta = read_adapter_config(adapter)
         recs, spec = tasks.load_file(file, text_column=text_column, text_pair_column=text_pair_column,
                                      label_column=label_column, label_names=meta.get("label_names"))
     else:
+        meta = read_adapter_config(adapter)
         task = task or meta.get("task")
+        if not task:
+            raise ConfigError(f"{adapter} was not trained on a registry task: give --task NAME or --file F")
         spec = tasks.get_task(task)
+        check_pairing(meta, spec, adapter)
         recs = tasks.load_split(task, split or spec.eval_split, data_dir, limit=limit)
+    model, tokenizer, meta = load_for_inference(adapter, base_model)
     feats = featurize([r for r in recs if labelled(r)], spec, tokenizer, max_length or meta.get("max_length", 128))
     logits, labels = run_batches(model, feats, Collator(tokenizer, spec.kind), batch_size)
     return {f"eval_{k}": v for k, v in predictions_to_metrics(spec, logits, labels).items()}
+
+
+def check_pairing(meta: dict, spec, adapter) -> None:
+    """Refuse to score an adapter on a task whose outputs it does not produce: another task kind (regression vs
+    classification) or another label set (count or names)."""
+    kind = meta.get("task_kind") or "classification"
+    if kind != spec.kind:
+        raise ConfigError(f"{adapter} is a {kind} adapter and {spec.name} is a {spec.kind} task; score it on a "
+                          f"{kind} task")
+    names = [str(n) for n in meta.get("label_names") or []]
+    want = [str(n) for n in spec.label_names or []]
+    if kind in ("classification", "token_classification") and names and want and names != want:
+        raise ConfigError(f"{adapter} predicts labels {names} but {spec.name} has labels {want}; score it on the "
+                          "task it was trained for (or a task with the same labels)")
 
 
 def predict(adapter: str, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 64,

@@ -54,7 +54,7 @@ class TrainConfig:
     train_limit: int | None = None
     eval_limit: int | None = None
     seed: int = 42  # seeds everything: head, method init (unless method_options sets "seed"), data order, dropout
-    readout: str = "pooler"  # what the classification head reads: "pooler" or "mean" (loading.READOUTS)
+    readout: str = "pooler"  # what the classification head reads: "pooler" or "mean" (softprompt.readout.READOUTS)
     carve_dev: float = 0.0  # > 0: hold out this fraction of the train split and evaluate on it (model selection)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06

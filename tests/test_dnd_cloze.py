@@ -160,6 +160,8 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     text = render(res)
     assert "| arc_easy | 6 | 25.0 |" in text and "training-LoRA mean (interval above 0) on" in text
     fresh = Study(tmp_path / "state2", str(folder), **kw)
-    assert fresh.restore(tmp_path / "out" / "dnd_cloze_stages.json") == ["base"]  # zoo weights absent: redone
+    kept = fresh.restore(tmp_path / "out" / "dnd_cloze_stages.json")  # zoo weights absent: zoo + cross redone
+    assert kept == ["base"] + [s for s in study.stages() if s.startswith(("gen:", "dnd:"))]
+    assert [s for s in fresh.stages() if not fresh.done(s)] == [s for s in study.stages() if s[:4] in ("zoo:", "cros")]
     assert math.isclose(fresh.result("base")["datasets"]["commonsense/winogrande"]["test"]["acc"],
                         stages["base"]["datasets"]["commonsense/winogrande"]["test"]["acc"])

@@ -215,7 +215,10 @@ class Study:
         return out / "dnd_cloze_stages.json"
 
     def restore(self, stages_file: str | Path) -> list[str]:
-        """Bring exported stage JSONs into this state; zoo stages whose weights are absent are skipped (rerun)."""
+        """Bring exported stage JSONs into this state. Kept: ``base``, zoo stages whose weights are here, and every
+        finished generator (a ``gen`` stage with its ``dnd`` stage: its draws are scored, nothing needs its weights
+        again; it stays paired with the zoo it was trained on, a GPU rebuild of which differs in rounding only).
+        Redone: zoo stages without weights, ``cross``, and a ``gen`` stage whose ``dnd`` stage is missing."""
         data = json.loads(Path(stages_file).read_text())
         cfgs = {c["name"]: c for c in self.configs}
         kept = []
@@ -224,7 +227,8 @@ class Study:
             if kind == "zoo" and (rest[0] not in cfgs or not (self.zoo_dir(cfgs[rest[0]], rest[1])
                                                                 / res["final"]["path"]).exists()):
                 continue
-            if kind in ("cross", "gen", "dnd"):
+            if kind == "cross" or (kind in ("gen", "dnd") and not {f"gen:{rest[0]}:{rest[1]}",
+                                                                    f"dnd:{rest[0]}:{rest[1]}"} <= data.keys()):
                 continue  # meaningful only with the weights they score; redone
             if not self.done(stage):
                 self.path(stage).write_text(json.dumps(res) + "\n")

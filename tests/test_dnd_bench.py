@@ -82,7 +82,8 @@ def test_resume_across_runs(two_runs):
     # stages of run 1 were not redone
     for name, text in r["stage_files_1"].items():
         assert (r["state"] / "stages" / name).read_text() == text
-    assert r["seconds"] < 60
+    # a guard against a runaway configuration, not a benchmark: ~15 s alone, 95 s seen on 2 cores shared with 4 jobs
+    assert r["seconds"] < 180
 
 
 def test_frozen_config(bench, two_runs):

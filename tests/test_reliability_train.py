@@ -68,3 +68,57 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_bert_dir, se
     step = int(err.split(" at step ")[1].split(";")[0])
     assert (out / f"checkpoint-{step - 1}" / "adapter_model.safetensors").exists()
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a diverged run
+
+
+def _run(tiny_bert_dir, sentiment_csv, output, max_steps, resume=False, save_steps=3):
+    from softprompt.train import TrainConfig, train
+
+    return train(TrainConfig(
+        method="prefix", model=tiny_bert_dir, file=sentiment_csv, text_column="sentence", label_column="sentiment",
+        output=str(output), max_steps=max_steps, save_steps=save_steps, batch_size=16, lr=0.05, max_length=16,
+        seed=0, logging_steps=1, resume=resume, method_options={"num_virtual_tokens": 4}))
+
+
+def test_resume_runs_only_the_remaining_steps_and_uses_the_checkpoint(tiny_bert_dir, sentiment_csv, tmp_path):
+    """The claims behind bit-exact resume, each able to fail: the resumed run trains only steps 4-6 (a restart from
+    scratch would log steps 1-3 too), its adapter equals the straight run's (torch.equal), and a perturbed checkpoint
+    changes the result (so the checkpoint's tensors are really what training continues from)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    straight = tmp_path / "straight"
+    _run(tiny_bert_dir, sentiment_csv, straight, 6)
+    for name, perturb in (("resumed", False), ("perturbed", True)):
+        out = tmp_path / name
+        shutil.copytree(straight / "checkpoint-3", out / "checkpoint-3")
+        if perturb:
+            file = out / "checkpoint-3" / "adapter_model.safetensors"
+            tensors = load_file(file)
+            key = next(k for k in tensors if k.startswith("method."))
+            tensors[key] = tensors[key] + 0.5
+            save_file(tensors, file)
+        metrics = _run(tiny_bert_dir, sentiment_csv, out, 6, resume=True)
+        trained = sorted({h["step"] for h in metrics["loss_history"] if "loss" in h})
+        assert trained == [4, 5, 6], trained
+        a, b = load_file(straight / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        assert same != perturb, name
+
+
+def test_an_incomplete_checkpoint_is_skipped(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    """A checkpoint missing its optimizer state (a process killed while writing it) is passed over for the one
+    before it."""
+    import shutil
+
+    straight = tmp_path / "straight"
+    _run(tiny_bert_dir, sentiment_csv, straight, 6, save_steps=2)  # keeps checkpoint-4 and checkpoint-6
+    out = tmp_path / "out"
+    shutil.copytree(straight / "checkpoint-4", out / "checkpoint-4")
+    shutil.copytree(straight / "checkpoint-6", out / "checkpoint-6")
+    (out / "checkpoint-6" / "optimizer.pt").unlink()
+    capsys.readouterr()
+    metrics = _run(tiny_bert_dir, sentiment_csv, out, 8, resume=True, save_steps=2)
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "checkpoint-4" in err and "checkpoint-6" not in err
+    assert sorted({h["step"] for h in metrics["loss_history"] if "loss" in h}) == [5, 6, 7, 8]

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 
-
 def featurize(records: list[dict], spec, tokenizer, max_length: int) -> list[dict[str, Any]]:
     """Tokenise records of ``spec.kind`` (labels None are kept as -100/absent for prediction)."""
     kind = spec.kind

@@ -51,7 +51,8 @@ def build_model(name: str, adapters: int, prefix_len: int, device: str, dtype: t
 
         def base():
             torch.manual_seed(0)
-            return tf.Qwen2ForCausalLM(cfg).to(dtype)
+            with torch.device(device):  # initialise on the GPU: half a billion random weights are slow on a CPU
+                return tf.Qwen2ForCausalLM(cfg).to(dtype)
     elif name == "tiny":  # CPU smoke test
         cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -63,11 +64,12 @@ def build_model(name: str, adapters: int, prefix_len: int, device: str, dtype: t
         raise SystemExit(f"unknown --model {name!r}: smollm2, qwen0.5b-random or tiny")
     folder = Path(tempfile.mkdtemp(prefix="serve_gen_"))
     paths = {}
+    shared = base().to(device)  # one base: wrapping only adds a method module (and freezes what is frozen anyway)
     for i in range(adapters):
         config = sp.PrefixConfig(num_virtual_tokens=prefix_len, init="random", init_std=0.5, seed=i)
-        sp.wrap(base(), config).save_pretrained(folder / f"a{i}")
+        sp.wrap(shared, config).save_pretrained(folder / f"a{i}")
         paths[f"a{i}"] = str(folder / f"a{i}")
-    model = MultiAdapterModel(base().to(device), paths)
+    model = MultiAdapterModel(shared, paths)
     return model, model.base_model.get_input_embeddings().weight.shape[0]
 
 

@@ -35,7 +35,7 @@ def test_train_eval_predict_on_user_csv(method, extra, tiny_bert_dir, sentiment_
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    assert main(["eval", "--adapter", str(tmp_path), "--task", "glue/sst2"]) == 2
+    assert main(["eval", "--adapter", str(tmp_path), "--task", "glue/sst2"]) == 1  # runtime error (usage: 2)
     assert "adapter_config.json is missing" in capsys.readouterr().err
     with pytest.raises(sp.ConfigError, match="unknown method 'nope'"):
         sp.config_from_dict("nope", {})

@@ -234,10 +234,16 @@ class GenerationEngine:
         out = base(input_ids=last, attention_mask=self._mask, position_ids=positions, past_key_values=self._cache,
                    use_cache=True, **kwargs)
         logits = out.logits[:, -1]
+        # One device-to-host copy per step, not one per row: greedy rows take the argmax on the device, sampled rows
+        # draw on the host from their own generators.
+        greedy = logits.argmax(-1).tolist()
+        sampled = [i for i, r in enumerate(self.rows) if r.request.params.temperature > 0]
+        host = logits[sampled].float().cpu() if sampled else None
         events = []
         for i, row in enumerate(self.rows):
             row.position += 1
-            events.append(self._accept(row, self._sample(logits[i], row.request)))
+            token = self._sample(host[sampled.index(i)], row.request) if i in sampled else greedy[i]
+            events.append(self._accept(row, token))
         return events
 
     # ---- rows ----------------------------------------------------------------------------------------------------

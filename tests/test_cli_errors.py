@@ -136,3 +136,10 @@ def test_eval_on_a_task_with_other_labels_or_kind_is_refused(train_args, tmp_pat
     assert code == 2 and "predicts labels ['neg', 'pos']" in err and "superglue/cb has labels" in err
     code, err = run(["eval", "--adapter", str(out), "--task", "glue/stsb"], capsys)
     assert code == 2 and "is a classification adapter and glue/stsb is a regression task" in err
+
+
+def test_carve_dev_is_checked(train_args, tmp_path, capsys):
+    code, err = run(train_args(tmp_path / "o", "--carve-dev", "1.5"), capsys)
+    assert code == 2 and "--carve-dev must be a fraction" in err
+    code, err = run(train_args(tmp_path / "o", "--carve-dev", "0.1"), capsys)
+    assert code == 2 and "--eval-file" in err and not (tmp_path / "o").exists()

@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
         train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=method_options(args),
         bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
         save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, overwrite=args.overwrite,
-        strict=args.strict, label_map=args.label_map,
+        strict=args.strict, label_map=args.label_map, readout=args.readout, carve_dev=args.carve_dev,
         fsdp=args.fsdp or "", weight_decay=args.weight_decay,
     )
     try:
@@ -137,6 +137,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--readout", choices=("pooler", "mean"), default="pooler",
+                   help="what a classification head reads: the model's pooler, or the masked mean of the last "
+                        "hidden states (saved with the adapter)")
+    p.add_argument("--carve-dev", type=float, default=0.0, metavar="FRACTION",
+                   help="hold out this fraction of the train split and evaluate on it (model selection without the "
+                        "reported dev set)")
     p.add_argument("--overwrite", action="store_true",
                    help="--output is not empty: replace the adapter files in it (another run's checkpoints are "
                         "never deleted: use --resume or another --output then)")

@@ -25,6 +25,11 @@ def check_values(cfg) -> None:
             raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
     if cfg.max_steps <= 0 and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
         raise ConfigError(f"--epochs must be > 0 (or give --max-steps), got {cfg.epochs!r}")
+    if not 0 <= getattr(cfg, "carve_dev", 0.0) < 1:
+        raise ConfigError(f"--carve-dev must be a fraction in [0, 1), got {cfg.carve_dev}")
+    if getattr(cfg, "carve_dev", 0.0) and cfg.file:
+        raise ConfigError("--carve-dev carves a registry task's train split; with --file give the held-out rows as "
+                          "--eval-file")
     if cfg.save_steps is not None and cfg.save_steps < 1:
         raise ConfigError(f"--save-steps must be >= 1, got {cfg.save_steps}")
 

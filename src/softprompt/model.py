@@ -87,14 +87,18 @@ class SoftPromptModel(nn.Module):
         (position, length) of an input-layer prompt (None without one)."""
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, length = ref.shape[0], ref.shape[1]
-        if attention_mask is None:
+        given = attention_mask is not None
+        if not given:
+            # The method and its hooks see every token as real. The model itself gets no mask: a mask of this call's
+            # length would be wrong under a KV cache (it must cover the cached positions too), and without one
+            # transformers builds the right causal mask, cache or not.
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=ref.device)
         self._check_length(length)
         embed = self.base_model.get_input_embeddings()
         contrib = self.method(MethodInputs(input_ids, attention_mask, embed, batch))
         replays = self.base_model.training and torch.is_grad_enabled() and self._checkpointing()
         state = compose([Part(contrib)], batch, attention_mask, replays=replays)
-        inputs: dict = {"attention_mask": attention_mask}
+        inputs: dict = {"attention_mask": attention_mask} if given else {}
         if contrib.input_prompt is not None:
             if inputs_embeds is None:
                 inputs_embeds = embed(input_ids)

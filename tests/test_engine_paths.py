@@ -1,0 +1,60 @@
+"""Every branch of the attention function on the decoding paths that generate() and serving take, compared with a
+plain full forward of the same adapter: unpadded batch-1 decoding (no mask at all), chunked prefill (a cached prefix
+of the sequence, then several new tokens without a mask), and a greedy loop of full forwards."""
+
+import torch
+from conftest import tiny
+
+import softprompt as sp
+
+PROMPT = [5, 17, 33, 8, 60, 41, 9, 77, 12, 3]
+
+
+def adapted(config=None):
+    base = tiny("llama").double().eval()
+    return sp.wrap(base, config or sp.PrefixConfig(num_virtual_tokens=4, init="random", init_std=1.0, seed=3)).eval()
+
+
+def test_unpadded_batch_one_generate_equals_a_greedy_loop_of_full_forwards():
+    """No mask anywhere (the fused prefill with dummy query rows, then single-query decode steps): generate()'s
+    tokens are the argmax of full forwards, and the prefix changes them."""
+    model = adapted()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+        tokens = list(PROMPT)
+        for _ in range(8):
+            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+        bare = tiny("llama").double().eval().generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out == tokens[len(PROMPT):]
+    assert out != bare[0, len(PROMPT):].tolist()
+
+
+def test_chunked_prefill_without_a_mask_equals_the_full_forward():
+    """A cache holding the first 6 tokens, then 4 tokens at once with no attention mask: the causal alignment of the
+    prefix + cached keys must be bottom-right (pitfall P2), giving the full forward's logits."""
+    from transformers import DynamicCache
+
+    model = adapted()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        cache = DynamicCache()
+        first = model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True).logits
+        second = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(first, full[:, :6], rtol=0, atol=1e-10)
+    torch.testing.assert_close(second, full[:, 6:], rtol=0, atol=1e-10)
+
+
+def test_apt_gated_decode_steps_equal_full_forwards():
+    """Gates are computed at prefill and reused by decode steps; with no padding this equals the full forward when
+    the gate pools the first token (the strictly causal choice), whatever the steps that follow."""
+    model = adapted(sp.APTConfig(num_virtual_tokens=3, init="random", init_std=1.0, gate_init_std=1.0,
+                                 gate_pool="first", seed=4))
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+        tokens = list(PROMPT)
+        for _ in range(6):
+            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+    assert out == tokens[len(PROMPT):]

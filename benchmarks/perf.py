@@ -52,9 +52,10 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -422,6 +423,14 @@ def reset_peak(device: torch.device) -> float | None:
     return torch.cuda.memory_allocated(device) / GIB
 
 
+def allocated_gib(device: torch.device) -> float | None:
+    return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def peak_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -581,7 +590,8 @@ class Bench:
         self.shapes: dict[str, Shape] = {}
         self.meta: dict = environment(device, dtype)
         self.meta.update(argv=sys.argv[1:] if args.argv is None else args.argv, time_budget_s=args.time_budget,
-                         steps=args.steps, warmup=args.warmup, virtual_tokens=args.virtual_tokens, tiny=args.tiny)
+                         steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                         virtual_tokens=args.virtual_tokens, tiny=args.tiny)
         self._header_printed = False
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------------
@@ -611,16 +621,31 @@ class Bench:
             del model
         return self.shapes[spec.name]
 
-    def run(self, section: str, base_row: dict, fn: Callable[[], dict], budget_key: str | None = None) -> dict:
-        """Run one case: budget check, errors and OOM recorded as rows, memory freed afterwards."""
+    def run(self, section: str, base_row: dict, fn: Callable[[], dict], budget_key: str | None = None,
+            add: bool = True) -> dict:
+        """Run one case: budget check, errors and OOM recorded as rows, memory freed afterwards (``add``: log the
+        row now; the interleaved training section logs its rows after the last round)."""
         key = budget_key or section
         row = {"section": section, **base_row}
         if not self.budget.allows(key, row["model"]):
             row.update(status="skipped", reason=f"time budget ({self.budget.remaining():.0f} s left, case needs "
                                                 f"~{self.budget.estimate(key, row['model']):.0f} s)")
-            self.add(row)
+            if add:
+                self.add(row)
             return row
         t0 = time.perf_counter()
+        self.attempt(row, fn)
+        cleanup(self.device)
+        row["case_s"] = round(time.perf_counter() - t0, 2)
+        if row["status"] != "skipped":
+            self.budget.record(key, row["model"], row["case_s"])
+        if add:
+            self.add(row)
+        return row
+
+    @staticmethod
+    def attempt(row: dict, fn: Callable[[], dict]) -> dict:
+        """``row.update(fn())``; a refusal, a skip, an OOM or any error becomes the row's status and reason."""
         try:
             row.update(fn())
             row.setdefault("status", "ok")
@@ -630,14 +655,9 @@ class Bench:
             row.update(status="skipped", reason=_short(exc))
         except torch.OutOfMemoryError as exc:
             row.update(status="oom", reason=_short(exc, 160))
-        except Exception as exc:  # noqa: BLE001 - every failure is a result, never the end of the run
+        except Exception as exc:  # every failure is a result, never the end of the run
             oom = "out of memory" in str(exc).lower()
             row.update(status="oom" if oom else "error", reason=f"{type(exc).__name__}: {_short(exc)}")
-        cleanup(self.device)
-        row["case_s"] = round(time.perf_counter() - t0, 2)
-        if row["status"] != "skipped":
-            self.budget.record(key, row["model"], row["case_s"])
-        self.add(row)
         return row
 
     def seq_for(self, spec: ModelSpec, s: int) -> int:
@@ -651,15 +671,13 @@ class Bench:
         return min(s, limit)
 
     # ---- cases -------------------------------------------------------------------------------------------------------
-    def train_case(self, spec: ModelSpec, method: str, b: int, s_req: int, gc_on: bool, steps: int, warmup: int,
-                   profile: bool = False, longseq: bool = False) -> dict:
-        """Forward + backward + AdamW step; median step time, tokens/s, peak memory, MFU."""
+    def train_setup(self, spec: ModelSpec, method: str, b: int, s_req: int, gc_on: bool) -> dict:
+        """Model, batch and AdamW of one training case, and its step (forward + backward + optimizer step)."""
         s = self.seq_for(spec, s_req)
-        shape = self.model_shape(spec)
         base = build_base(spec, self.tiny, self.device, self.dtype)
         model, params, extra = make_method(method, base, spec, gc_on, self.args.virtual_tokens)
         model.train()
-        batch = make_batch(spec, shape, b, s, self.device)
+        batch = make_batch(spec, self.model_shape(spec), b, s, self.device)
         fused = {"fused": True} if self.device.type == "cuda" else {}
         opt = torch.optim.AdamW(params, lr=1e-5, **fused) if params else None
         # --compile: the model's forward (and so its backward) through torch.compile; "reduce-overhead" adds CUDA
@@ -673,36 +691,64 @@ class Bench:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-        before = reset_peak(self.device)
-        times, truncated = time_loop(step, warmup, steps, self.device, self.budget.deadline())
-        peak = peak_gib(self.device)
-        ms = statistics.median(times)
-        tokens = b * s
+        return {"step": step, "model": model, "params": params, "batch": batch, "extra": extra, "opt": opt,
+                "spec": spec, "method": method, "b": b, "s": s, "s_req": s_req}
+
+    def train_row(self, case: dict, rounds: list[list[float]], truncated: bool, before: float | None,
+                  peak: float | None) -> dict:
+        """The row of a training case from its timed steps, one list per round: ``step_ms`` is the median of the
+        round medians (with one round, the median step), so one slow round moves nothing."""
+        spec, method, b, s = case["spec"], case["method"], case["b"], case["s"]
+        shape = self.model_shape(spec)
+        times = sorted(t for r in rounds for t in r)
+        medians = [statistics.median(r) for r in rounds]
+        ms = statistics.median(medians)
         seconds = ms / 1000.0
         peak_rate = self.meta["peak_flops"]
         full = method == "full_ft"
         row: dict = {
-            "batch": b, "seq": s, "tokens_per_s": tokens / seconds, "step_ms": ms,
-            "step_ms_min": min(times), "step_ms_max": max(times), "timed_steps": len(times),
+            "batch": b, "seq": s, "tokens_per_s": b * s / seconds, "step_ms": ms,
+            "step_ms_min": times[0], "step_ms_max": times[-1], "timed_steps": len(times),
+            "rounds": len(rounds), "step_ms_rounds": [round(m, 4) for m in medians],
+            "step_ms_spread": [round(min(medians), 4), round(max(medians), 4)],
+            "step_ms_iqr": [round(times[len(times) // 4], 4), round(times[(3 * len(times)) // 4], 4)],
             "peak_gib": peak, "weights_gib": before,
-            "trainable_params": sum(p.numel() for p in params),
+            "trainable_params": sum(p.numel() for p in case["params"]),
             "model_flops_per_step": model_flops(shape, b, s, "train"),
             "mfu": model_flops(shape, b, s, "train") / seconds / peak_rate,
             "mfu_needed": model_flops(shape, b, s, "train" if full else "needed") / seconds / peak_rate,
         }
         if self.args.compile != "none":
             row["compile"] = self.args.compile
-        if s != s_req:
-            row["note"] = f"seq {s_req}->{s}: {spec.name} has {shape.max_positions} positions"
+        if s != case["s_req"]:
+            row["note"] = f"seq {case['s_req']}->{s}: {spec.name} has {shape.max_positions} positions"
         if truncated:
             row["note"] = (row.get("note", "") + " timing cut short by the time budget").strip()
+        return row
+
+    def add_profile(self, row: dict, case: dict) -> None:
+        """Profiled device time of one step (``device_ms``; None on CPU) and the share of the step the GPU was busy:
+        well below 1 means the step waits on the host (launch-bound)."""
+        row["profile"] = profile_kernels(case["step"], self.device)
+        row["device_ms"] = row["profile"]["device_ms"] if row["profile"] else None
+        if row["device_ms"] is not None:
+            row["device_busy"] = round(row["device_ms"] / row["step_ms"], 3)
+
+    def profiled(self, method: str) -> bool:
+        return self.args.profile_method == "all" or method in self.args.profile_method.split(",")
+
+    def train_case(self, spec: ModelSpec, method: str, b: int, s_req: int, gc_on: bool, steps: int, warmup: int,
+                   profile: bool = False, longseq: bool = False) -> dict:
+        """One method alone: forward + backward + AdamW step; median step time, tokens/s, peak memory, MFU."""
+        case = self.train_setup(spec, method, b, s_req, gc_on)
+        before = reset_peak(self.device)
+        times, truncated = time_loop(case["step"], warmup, steps, self.device, self.budget.deadline())
+        row = self.train_row(case, [times], truncated, before, peak_gib(self.device))
         if profile:
-            row["profile"] = profile_kernels(step, self.device)
-            if row["profile"]:
-                # Share of the step the GPU was busy: well below 1 means the step waits on the CPU (launch-bound).
-                row["device_busy"] = round(row["profile"]["device_ms"] / ms, 3)
+            self.add_profile(row, case)
         if longseq:
-            row["attention"] = profile_kernels(step, self.device, top=5)
+            row["attention"] = profile_kernels(case["step"], self.device, top=5)
+            model, batch, extra = case["model"], case["batch"], case["extra"]
 
             def fwd() -> None:
                 model(**{k: v for k, v in batch.items() if k != "labels"}, **extra)
@@ -711,8 +757,67 @@ class Bench:
             row["flash_only_forward"] = ok
             if why:
                 row["flash_only_reason"] = why
-        del model, params, opt, batch, base
+        case.clear()
         return row
+
+    def train_interleaved(self, spec: ModelSpec, methods: list[str], b: int, s: int) -> None:
+        """Every method at one shape, timed in ``--rounds`` rounds, A B C ... A B C ...: a slow spell of the machine
+        hits every method instead of one. The methods' models stay alive between rounds (built once; round 1 warms
+        up with ``--warmup`` steps, later rounds with one). Peak and weight memory are measured in round 1 minus
+        what the methods built before were holding (they are idle, so their allocation does not change)."""
+        rows: dict[str, dict] = {}
+        live: dict[str, dict] = {}
+        for method in methods:
+            held: dict = {}
+
+            def first(method: str = method, held: dict = held) -> dict:
+                others = allocated_gib(self.device)
+                case = self.train_setup(spec, method, b, s, False)
+                before = reset_peak(self.device)
+                times, truncated = time_loop(case["step"], self.args.warmup, self.args.steps, self.device,
+                                             self.budget.deadline())
+                held.update(case=case, rounds=[times], truncated=truncated, before=_minus(before, others),
+                            peak=_minus(peak_gib(self.device), others))
+                return {}
+
+            rows[method] = self.run("train", _base_row(spec, method, b, s, False), first, add=False)
+            if rows[method]["status"] == "ok":
+                live[method] = held
+            else:
+                held.clear()
+                cleanup(self.device)
+        for _ in range(1, max(1, self.args.rounds)):
+            # Whole rounds only: a round costs about (steps + 1) median steps of every live method.
+            need = sum((self.args.steps + 1) * statistics.median(h["rounds"][0]) for h in live.values()) / 1000.0
+            if not live or (self.budget.seconds and self.budget.remaining() < 1.15 * need + 5.0):
+                for h in live.values():
+                    h["cut"] = True
+                break
+            for method, h in list(live.items()):
+                def more(h: dict = h) -> dict:
+                    times, truncated = time_loop(h["case"]["step"], 1, self.args.steps, self.device,
+                                                 self.budget.deadline())
+                    h["rounds"].append(times)
+                    h["truncated"] |= truncated
+                    return {}
+
+                if self.attempt(rows[method], more)["status"] != "ok":
+                    live.pop(method)["case"].clear()
+                    cleanup(self.device)
+        for method, h in live.items():
+            row = rows[method]
+            self.attempt(row, lambda h=h: self.train_row(h["case"], h["rounds"], h["truncated"], h["before"],
+                                                         h["peak"]))
+            if h.get("cut") and len(h["rounds"]) < self.args.rounds:
+                row["note"] = (row.get("note", "") + f" {len(h['rounds'])} of {self.args.rounds} rounds "
+                               "(time budget)").strip()
+            if row["status"] == "ok" and self.profiled(method):
+                self.attempt(row, lambda h=h, row=row: self.add_profile(row, h["case"]) or {})
+        for h in live.values():
+            h["case"].clear()
+        cleanup(self.device)
+        for method in methods:
+            self.add(rows[method])
 
     def forward_case(self, spec: ModelSpec, method: str, b: int, s_req: int) -> dict:
         """No-grad forward throughput."""
@@ -779,14 +884,9 @@ class Bench:
 
     # ---- sections ----------------------------------------------------------------------------------------------
     def section_train(self, specs: list[ModelSpec], methods: list[str]) -> None:
-        shapes = parse_shapes(self.args.shapes)
         for spec in specs:
-            for si, (b, s) in enumerate(shapes):
-                for method in methods:
-                    profile = method in self.args.profile_method.split(",")
-                    self.run("train", _base_row(spec, method, b, s, False),
-                             lambda: self.train_case(spec, method, b, s, False, self.args.steps, self.args.warmup,
-                                                     profile=profile))
+            for b, s in parse_shapes(self.args.shapes):
+                self.train_interleaved(spec, methods, b, s)
 
     def section_memory(self, specs: list[ModelSpec], methods: list[str]) -> None:
         steps, warmup = max(1, min(self.args.steps, 5)), min(self.args.warmup, 2)
@@ -885,6 +985,7 @@ def targets(rows: list[dict]) -> list[dict]:
                     ratio = a["step_ms"] / b["step_ms"]
                     out.append({"target": f"{method} step time <= {limit}x {ref}", "model": model, "shape": shape,
                                 "value": round(ratio, 3), "met": ratio <= limit})
+            out += _issue18(train, model, shape)
             pre = _find(train, model=model, shape=shape, method="prefix")
             if pre and pre.get("mfu") is not None and (model, shape) == ("qwen1.5b", "4x2048"):
                 out.append({"target": "prefix training MFU >= 35%", "model": model, "shape": shape,
@@ -909,6 +1010,27 @@ def targets(rows: list[dict]) -> list[dict]:
                                                for r in peft_ok)
                 out.append({"target": "prefix+checkpointing fits where PEFT prefix OOMs or uses more", "model": model,
                             "shape": shape, "value": f"ours {gib(ours)}; PEFT {desc}", "met": met})
+    return out
+
+
+def _issue18(train: list[dict], model: str, shape: str) -> list[dict]:
+    """Issue 18's GPU goals on step_ms (the median of interleaved rounds): prefix <= PEFT prefix, prefix <= 1.05x
+    the frozen floor at sequence 2048, APT <= 1.10x prefix, ID-SPAM and LPT <= 1.10x prompt tuning."""
+    out = []
+    checks = [("prefix", "peft_prefix", 1.0), ("apt", "prefix", 1.10), ("idspam", "prompt", 1.10),
+              ("lpt", "prompt", 1.10)]
+    if int(shape.split("x")[1]) >= 2048:
+        checks.append(("prefix", "frozen", 1.05))
+    for method, ref, limit in checks:
+        a, b = _find(train, model=model, shape=shape, method=method), _find(train, model=model, shape=shape,
+                                                                           method=ref)
+        if a and b:
+            ratio = a["step_ms"] / b["step_ms"]
+            out.append({"target": f"issue 18: {method} step <= {limit}x {ref}", "model": model, "shape": shape,
+                        "value": round(ratio, 3), "met": ratio <= limit,
+                        "spread": [round(a["step_ms_spread"][0] / b["step_ms_spread"][1], 3),
+                                   round(a["step_ms_spread"][1] / b["step_ms_spread"][0], 3)]
+                        if "step_ms_spread" in a and "step_ms_spread" in b else None})
     return out
 
 
@@ -956,9 +1078,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per case (default 3; tiny 1)")
     p.add_argument("--virtual-tokens", type=int, default=None,
                    help="prompt/prefix length (default 20; tiny 4); LPT and ID-SPAM use half")
-    p.add_argument("--profile-method", default="prefix,peft_prefix,apt",
-                   help="comma list of methods profiled (CUDA kernels, one step) at every training shape; "
-                        "'none' to skip")
+    p.add_argument("--profile-method", default="all",
+                   help="comma list of methods profiled (CUDA kernels, one step) at every training shape: the row's "
+                        "device_ms and device_busy; 'all' (default) or 'none'")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="train section: interleaved rounds of every method (A B C ... A B C ...), --steps timed steps "
+                        "each; step_ms is the median of the round medians (default 3)")
     p.add_argument("--out", default="perf_results.json", help="JSON output (rewritten after every case)")
     p.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     p.add_argument("--time-budget", type=float, default=0.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +37,7 @@ def perf() -> ModuleType:
 def smoke(perf, tmp_path_factory) -> tuple[dict, dict, Path]:
     out = tmp_path_factory.mktemp("perf") / "perf.json"
     argv = ["--tiny", "--device", "cpu", "--models", "qwen0.5b,roberta-large",
-            "--methods", "prefix,apt,peft_prefix,peft_lora", "--shapes", "2x32,1x48", "--gc-shapes", "1x64",
+            "--methods", "frozen,prefix,apt,peft_prefix,peft_lora", "--shapes", "2x32,1x48", "--gc-shapes", "1x64",
             "--longseq", "64", "--steps", "2", "--warmup", "1", "--out", str(out),
             "--markdown", str(out.with_suffix(".md")), "--quiet"]
     threads = torch.get_num_threads()
@@ -79,8 +80,8 @@ def test_every_section_has_rows_with_fields(smoke):
 def test_training_rows_positive_with_mfu(smoke):
     _, data, _ = smoke
     train = _rows(data, section="train")
-    # 2 models x 2 shapes x 4 methods; RoBERTa's PEFT prefix fails (no KV cache), recorded as a row.
-    assert len(train) == 16
+    # 2 models x 2 shapes x 5 methods; RoBERTa's PEFT prefix fails (no KV cache), recorded as a row.
+    assert len(train) == 20
     for r in train:
         if r["status"] != "ok":
             continue
@@ -99,6 +100,29 @@ def test_training_rows_positive_with_mfu(smoke):
     assert r["mfu_needed"] < r["mfu"]
     r = _rows(data, section="train", model="qwen0.5b", method="peft_lora")[0]
     assert r["status"] == "ok"
+
+
+def test_training_rows_are_medians_of_interleaved_rounds_with_spread_and_device_time(smoke):
+    """Issue 18: every method is timed in 3 interleaved rounds (the default); step_ms is the median of the round
+    medians, with their spread; every method, the frozen floor included, has a device_ms (None on CPU)."""
+    _, data, _ = smoke
+    assert data["meta"]["rounds"] == 3
+    ok = [r for r in _rows(data, section="train") if r["status"] == "ok"]
+    assert {r["method"] for r in ok} >= {"frozen", "prefix", "apt", "peft_prefix", "peft_lora"}
+    for r in ok:
+        assert r["rounds"] == 3 and len(r["step_ms_rounds"]) == 3 and r["timed_steps"] == 6, r
+        lo, hi = r["step_ms_spread"]
+        assert lo == min(r["step_ms_rounds"]) and hi == max(r["step_ms_rounds"])
+        assert r["step_ms"] == pytest.approx(statistics.median(r["step_ms_rounds"]), abs=1e-3)
+        assert r["step_ms_min"] <= lo + 1e-3 and hi <= r["step_ms_max"] + 1e-3
+        assert r["step_ms_iqr"][0] <= r["step_ms_iqr"][1]
+        assert "device_ms" in r and r["device_ms"] is None  # the CUDA profiler's device time; CPU has none
+    # The interleaved section still writes its rows in the order of --methods.
+    methods = [r["method"] for r in _rows(data, section="train", model="qwen0.5b", shape="2x32")]
+    assert methods == ["frozen", "prefix", "apt", "peft_prefix", "peft_lora"]
+    goals = [t for t in data["targets"] if t["target"].startswith("issue 18")]
+    assert any(t["target"] == "issue 18: apt step <= 1.1x prefix" and t["model"] == "qwen0.5b" for t in goals)
+    assert all(t["spread"][0] - 1e-3 <= t["value"] <= t["spread"][1] + 1e-3 for t in goals)
 
 
 def test_memory_section_records_peft_refusal(smoke):

@@ -58,3 +58,29 @@ def test_apt_gated_decode_steps_equal_full_forwards():
         for _ in range(6):
             tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
     assert out == tokens[len(PROMPT):]
+
+
+def test_checkpointing_recomputes_every_block_on_every_step():
+    """Equal gradients cannot show that checkpointing is on; counting block calls can: with checkpointing, each
+    block runs twice per training step (forward, then the recomputation in backward), on the second step too."""
+    from softprompt.engine.injector import attach
+
+    for method in (sp.PrefixConfig(num_virtual_tokens=3), sp.IDSPAMConfig(num_virtual_tokens=2, layer=1)):
+        model = sp.wrap(tiny("llama", "cls", num_labels=2), method)
+        model.gradient_checkpointing_enable()
+        model.train()
+        blocks = attach(model.base_model).blocks
+        calls = [0] * len(blocks)
+        for i, block in enumerate(blocks):
+            # The block's own hooks may sit outside the checkpointed call (transformers >= 5.24); a submodule's run
+            # again with the recomputation.
+            block.self_attn.register_forward_pre_hook(lambda m, a, i=i, c=calls: c.__setitem__(i, c[i] + 1))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        ids = torch.tensor([PROMPT, PROMPT[::-1]])
+        for step in (1, 2):
+            model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            # Layers from ID-SPAM's insertion layer on also run the prompt alone once per step (its key/value
+            # prefixes; again on the replay where transformers checkpoints hooks too): at least twice either way.
+            assert calls[0] == 2 * step and min(calls) >= 2 * step, (type(method).__name__, step, calls)

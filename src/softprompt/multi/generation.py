@@ -172,7 +172,7 @@ class GenerationEngine:
             events.append(self._prefill(request))
             joined = True
         if decoded or joined:
-            self._retire()
+            self._retire(joined)
         return events
 
     def _next_waiting(self) -> _Request | None:
@@ -277,22 +277,27 @@ class GenerationEngine:
             self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
         self.rows.append(row)
 
-    def _retire(self) -> None:
-        """Drop finished rows, trim padding every remaining row shares, and rebuild the decode state."""
+    def _retire(self, joined: bool) -> None:
+        """Drop finished rows, trim padding every remaining row shares, and rebuild the decode state. Host work only
+        when the rows changed: a step where nobody joins or leaves reuses the state (its prefixes do not depend on
+        the growing mask)."""
         keep = [i for i, r in enumerate(self.rows) if r.request.finish_reason is None]
         if not keep:
             self.rows, self._cache, self._mask, self._state = [], None, None, None
             return
-        if len(keep) < len(self.rows):
+        left = len(keep) < len(self.rows)
+        if left:
             index = torch.tensor(keep, device=self._mask.device)
             self._cache.batch_select_indices(index)
             self._mask = self._mask[index]
             self.rows = [self.rows[i] for i in keep]
-        start = int((self._mask.sum(0) > 0).to(torch.int64).argmax())  # first column some row still uses
-        if start:
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-            self._mask = self._mask[:, start:]
+            start = int((self._mask.sum(0) > 0).to(torch.int64).argmax())  # first column some row still uses
+            if start:
+                for layer in self._cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                self._mask = self._mask[:, start:]
+        if not (left or joined):
+            return
         parts = [Part(Contribution(prefixes=r.prefixes), torch.tensor([i], device=self._mask.device))
                  for i, r in enumerate(self.rows) if r.prefixes]
         self._state = compose(parts, len(self.rows), self._mask) if parts else None

@@ -5,9 +5,12 @@ Randomly initialised models with the exact shapes of Qwen2.5-0.5B, Qwen2.5-1.5B 
 RoBERTa-large (``RobertaForSequenceClassification``) are built directly on the device (speed and memory do not depend
 on weight values). Sections (``--sections``, in this order; the budget skips what does not fit):
 
-* ``train``: training steps (forward + backward + AdamW step on the trainable parameters) at ``--shapes``: median of
-  ``--steps`` timed steps after ``--warmup`` warm-up steps (CUDA events), peak memory
-  (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``), tokens/s and model FLOPs utilisation.
+* ``train``: training steps (forward + backward + AdamW step on the trainable parameters) at ``--shapes``. The
+  methods of one shape are timed in ``--rounds`` interleaved rounds (A B C ... A B C ...; issue 18: one run of
+  each method in turn let a slow spell of the machine decide a ratio), ``--steps`` timed steps each (CUDA events)
+  after ``--warmup`` warm-up steps: ``step_ms`` is the median of the round medians, ``step_ms_spread`` their
+  min/max. Peak memory (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, less what the
+  methods built before hold), tokens/s, model FLOPs utilisation, and the profiled device time of one step.
 * ``memory``: the same at ``--gc-shapes`` (default 1x8192) with gradient checkpointing where the method allows it;
   PEFT prefix tuning refuses checkpointing: the refusal is a result row and the case is re-run without it.
 * ``longseq``: our prefix against PEFT's prefix, forward + backward + step at batch 1 and ``--longseq`` lengths, with

@@ -320,13 +320,10 @@ def default_device() -> str:
 def load_model(model: str, adapter: str | None = None, device: str | None = None,
                dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from an alias (``smollm2``) or folder, optionally wrapped by a PEFT adapter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..loading import HeadSpec, load_base, load_tokenizer
 
-    from ..resources import resolve
-
-    path = resolve(model)
-    tok = AutoTokenizer.from_pretrained(path)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    m, _ = load_base(model, HeadSpec("causal_lm"), dtype=dtype or torch.float32)
+    tok = load_tokenizer(model)
     if adapter:
         from peft import PeftModel
 

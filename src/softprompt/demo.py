@@ -13,7 +13,8 @@ def run_demo(output: str = "runs/demo-sst2-prefix", steps: int = 300, data_dir: 
     print(f"[demo] training prefix tuning (20 tokens) on glue/sst2 with MiniLM-L6 for {steps} steps ...", flush=True)
     cfg = TrainConfig(method="prefix", model="minilm", task="glue/sst2", output=output, max_steps=steps,
                       batch_size=32, max_length=64, data_dir=data_dir, logging_steps=100,
-                      method_options={"num_virtual_tokens": 20})
+                      method_options={"num_virtual_tokens": 20},
+                      overwrite=True)  # the demo's own folder: a second `make demo` replaces the first one's adapter
     start = time.time()
     metrics = train(cfg)
     print(f"[demo] trained {metrics['trainable_params']:,} parameters in {metrics['train_seconds']:.0f} s; "

@@ -195,3 +195,18 @@ def test_frozen_floor_backpropagates_to_the_embeddings_in_one_compiled_graph(per
     torch._dynamo.reset()
     explained = torch._dynamo.explain(net)(**batch, **extra)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_rounds_cut_by_the_time_budget_keep_the_first_round(perf, tmp_path, monkeypatch):
+    """When the budget cannot cover another whole round, the rows keep round 1 and say so (no crash, no half
+    round)."""
+    monkeypatch.setattr(perf.Budget, "allows", lambda self, section, model: True)
+    monkeypatch.setattr(perf.Budget, "remaining", lambda self: 0.0)
+    doc = perf.main(["--tiny", "--device", "cpu", "--models", "qwen0.5b", "--methods", "prefix,frozen",
+                     "--sections", "train", "--rounds", "3", "--steps", "2", "--time-budget", "1000",
+                     "--out", str(tmp_path / "cut.json"), "--quiet"])
+    rows = doc["results"]
+    assert [r["method"] for r in rows] == ["prefix", "frozen"]
+    for r in rows:
+        assert r["status"] == "ok" and r["rounds"] == 1 and r["timed_steps"] == 2, r
+        assert "1 of 3 rounds (time budget)" in r["note"]

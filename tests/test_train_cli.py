@@ -162,3 +162,19 @@ def test_compiled_training_saves_an_adapter_that_matches_its_own_evaluation(tiny
     assert main(["eval", "--adapter", str(out), *common]) == 0
     reloaded = json.loads(capsys.readouterr().out)
     assert reloaded["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+
+
+def test_demo_runs_end_to_end_with_stubbed_training(monkeypatch, tmp_path, capsys):
+    """`make demo`'s code path (imports included) without the minutes of real training: train/evaluate/predict
+    are replaced by stubs that return what the real ones return."""
+    import softprompt.train as tr
+    from softprompt.demo import run_demo
+
+    seen = {}
+    monkeypatch.setattr(tr, "train", lambda cfg: seen.update(cfg=cfg) or {
+        "trainable_params": 10, "train_seconds": 1.0, "eval_accuracy": 0.75, "eval_examples": 4})
+    monkeypatch.setattr(tr, "evaluate", lambda out, **kw: {"eval_accuracy": 0.75})
+    monkeypatch.setattr(tr, "predict", lambda out, texts: [{"text": t, "label": "positive"} for t in texts])
+    assert run_demo(output=str(tmp_path / "demo"), steps=3) == 0
+    assert seen["cfg"].overwrite and seen["cfg"].max_steps == 3
+    assert "identical" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import time
 
 def run_demo(output: str = "runs/demo-sst2-prefix", steps: int = 300, data_dir: str | None = None) -> int:
     """Train a 20-token prefix on SST-2, print dev accuracy, save, reload, check the reload, predict."""
-    from .train.runner import TrainConfig, evaluate, predict, train
+    from .train import TrainConfig, evaluate, predict, train
 
     print(f"[demo] training prefix tuning (20 tokens) on glue/sst2 with MiniLM-L6 for {steps} steps ...", flush=True)
     cfg = TrainConfig(method="prefix", model="minilm", task="glue/sst2", output=output, max_steps=steps,

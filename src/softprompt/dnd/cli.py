@@ -164,6 +164,14 @@ def eval_main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(fn) -> Any:
     def run(args: argparse.Namespace) -> int:
+        if getattr(args, "data_dir", None):
+            # The harness reads the registry's datasets wherever it is called from; the flag points it at a folder
+            # the way `softprompt train --data-dir` does, for this process only.
+            import os
+
+            from ..tasks import ENV_VAR
+
+            os.environ[ENV_VAR] = args.data_dir
         fn(args)
         return 0
 
@@ -191,6 +199,7 @@ def add_dnd_parser(sub: Any) -> None:
                       ("train-limit", int), ("dev-limit", int), ("init-seed", int)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--device")
+    p.add_argument("--data-dir", help="benchmark data folder (default: $SOFTPROMPT_DATA_DIR or ../shared/data)")
     p.set_defaults(func=_run(zoo_main))
 
     p = steps.add_parser("train", help="train the hyper-convolutional generator on a zoo, holding out one dataset")
@@ -207,6 +216,7 @@ def add_dnd_parser(sub: Any) -> None:
                    help="registry prompts: raw question + options (default, as the official code) or our template")
     p.add_argument("--prompts", help="folder of <dataset>.jsonl or a JSON mapping (default: the registry's prompts)")
     p.add_argument("--device")
+    p.add_argument("--data-dir", help="benchmark data folder (default: $SOFTPROMPT_DATA_DIR or ../shared/data)")
     p.set_defaults(func=_run(train_main))
 
     p = steps.add_parser("generate", help="prompts -> a standard PEFT LoRA folder, with a sanity report")
@@ -219,6 +229,7 @@ def add_dnd_parser(sub: Any) -> None:
     p.add_argument("--n-prompts", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--zoo")
+    p.add_argument("--data-dir", help="benchmark data folder (default: $SOFTPROMPT_DATA_DIR or ../shared/data)")
     p.set_defaults(func=_run(generate_main))
 
     p = steps.add_parser("eval", help="accuracy of a causal LM with or without a LoRA (cloze acc / acc_norm)")
@@ -232,6 +243,7 @@ def add_dnd_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device")
     p.add_argument("--out")
+    p.add_argument("--data-dir", help="benchmark data folder (default: $SOFTPROMPT_DATA_DIR or ../shared/data)")
     p.set_defaults(func=_run(eval_main))
 
 

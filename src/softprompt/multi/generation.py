@@ -17,6 +17,7 @@ count each row's own tokens, so padding changes nothing.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ class GenerationEngine:
         self._state = None  # the decode steps' InjectionState, rebuilt when rows change
         self._next_id = 0
         self.requests: dict[int, _Request] = {}
+        # transformers 5.24+ names the KV cache argument `cache` (`past_key_values` is deprecated); 5.17 knows only
+        # `past_key_values`.
+        params = inspect.signature(model.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         eos = model.base_model.generation_config.eos_token_id
         self.eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
@@ -214,7 +219,8 @@ class GenerationEngine:
         inputs["position_ids"] = torch.arange(shift, shift + length, device=device)[None]
         cache = DynamicCache()
         kwargs = {STATE_KWARG: state} if state is not None else {}
-        out = base(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        kwargs[self._cache_arg] = cache
+        out = base(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
         token = self._sample(out.logits[0, -1], request)
         dtype = cache.layers[0].keys.dtype
         prefixes = resolved_prefixes(state, dtype, device) if state is not None else {}
@@ -231,7 +237,8 @@ class GenerationEngine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
         positions = torch.tensor([[r.position] for r in self.rows], device=device)
         kwargs = {STATE_KWARG: self._state} if self._state is not None else {}
-        out = base(input_ids=last, attention_mask=self._mask, position_ids=positions, past_key_values=self._cache,
+        kwargs[self._cache_arg] = self._cache
+        out = base(input_ids=last, attention_mask=self._mask, position_ids=positions,
                    use_cache=True, **kwargs)
         logits = out.logits[:, -1]
         # One device-to-host copy per step, not one per row: greedy rows take the argmax on the device, sampled rows

@@ -154,11 +154,19 @@ def build_app(args, config=None):
     from ..errors import ConfigError
     from ..multi import MultiAdapterModel
     from .app import create_app
+    from .limits import safetensors_bytes
 
     config = config or serve_config(args)
     adapters = parse_adapter_specs(args.adapter)
     if len(adapters) > config.max_adapters:
         raise ConfigError(f"{len(adapters)} adapters given, more than --max-adapters {config.max_adapters}")
+    for name, folder in adapters.items():
+        # The same byte cap as adapters added at run time, read from the safetensors header before any tensor
+        # exists (virtual-token counts are bounded by the model when each method is built).
+        file = os.path.join(folder, "adapter_model.safetensors")
+        if os.path.isfile(file) and safetensors_bytes(file) > config.max_adapter_bytes:
+            raise ConfigError(f"adapter {name!r} ({folder}) holds {safetensors_bytes(file):,} bytes of tensors, "
+                              f"over --max-adapter-bytes {config.max_adapter_bytes:,}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = MultiAdapterModel(args.model, adapters, dtype=getattr(torch, args.dtype), device=device,
                               task_kind=args.task_kind)

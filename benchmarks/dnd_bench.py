@@ -932,7 +932,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if old.get("status") == "running":
             old["status"] = "killed before it finished (no end recorded)"
     record = {"id": len(invocations), "start": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join(["python", "benchmarks/dnd_bench.py", *args.argv]), "env": env_info(),
+              "command": portable(shlex.join(["python", "benchmarks/dnd_bench.py", *args.argv])), "env": env_info(),
               "time_budget": args.time_budget, "stages_run": [], "status": "running"}
     write_json(inv_path, invocations + [record])
     bench = Bench(state, cfg, rt)
@@ -994,7 +994,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
                   generators=args.generators, encoder=args.encoder, gen=gen, stats_ablation=args.stats_ablation)
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
-    info = {**env_info(), "command": shlex.join(["python benchmarks/dnd_bench.py", *args.argv]),
+    info = {**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with open(state / "invocations.jsonl", "a") as f:
         f.write(json.dumps(info) + "\n")

@@ -33,6 +33,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/portable.py, also when run from elsewhere
+from portable import portable
+
 TASKS = ["glue/sst2", "glue/mrpc", "glue/rte", "glue/cola", "superglue/cb"]
 EXTRA_TASKS = ["glue/stsb"]  # a regression extension, reported separately (not among the papers' tasks)
 EPOCHS = {"glue/sst2": 1, "glue/rte": 20, "glue/mrpc": 10, "glue/cola": 5, "glue/stsb": 5, "superglue/cb": 30}
@@ -283,7 +286,8 @@ def record_session(state: Path, args) -> None:
              "device": f"{device}; {os.cpu_count()} CPU cores",
              "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version,
                           "python": sys.version.split()[0]},
-             "command": "python benchmarks/fair_glue.py " + " ".join(sys.argv[1:]), "model": args.model_label}
+             "command": portable("python benchmarks/fair_glue.py " + " ".join(sys.argv[1:])),
+             "model": args.model_label}
     path = state / "sessions.json"
     sessions = json.loads(path.read_text()) if path.exists() else []
     path.write_text(json.dumps(sessions + [entry], indent=1))

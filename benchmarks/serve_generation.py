@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/portable.py, also when run from elsewhere
+from portable import portable
+
 MODES = ("mixed", "per_adapter", "bare")
 
 
@@ -151,7 +154,7 @@ def cmd_run(args) -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+        "date": datetime.date.today().isoformat(), "command": portable("python " + " ".join(sys.argv)),
         "slo_ttft_p99_ms": args.slo_ms,
         "setup": {"prompt_len": args.prompt_len, "output_len": args.output_len, "duration_s": args.duration,
                   "max_rows": args.max_rows, "prefix_len": args.prefix_len, "dtype": args.dtype,

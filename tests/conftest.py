@@ -1,9 +1,8 @@
 """Tiny randomly initialised models (shapes only matter for engine tests; quality claims use real models)."""
 
+import csv
 import os
 import warnings
-
-import csv
 
 import pytest
 import torch
@@ -53,6 +52,16 @@ def tiny(kind: str, task: str = "lm", **kw):
     raise ValueError(kind)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: on a busy 2-core machine spinning OpenMP threads made such
+    tests up to 30-100x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def batch():
     torch.manual_seed(1)
@@ -84,7 +93,7 @@ def save_tiny_bert(directory, words: list[str]) -> str:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     """A tiny BERT + a word-level tokenizer over a small vocabulary, saved like any HF model folder."""
-    words = "good great fine bad awful poor movie film the a is was very not".split()
+    words = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "a", "is", "was", "very", "not"]
     return save_tiny_bert(tmp_path_factory.mktemp("tinybert"), words)
 
 

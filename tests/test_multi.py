@@ -16,19 +16,13 @@ from test_multi_helpers import ADAPTERS, make_adapters, make_tiny_base_dir, text
 
 import softprompt as sp
 from softprompt.errors import AdapterMismatchError, ConfigError, SequenceTooLongError
-from softprompt.multi import ENGINE_PREFIX_MASK, MultiAdapterModel, UnknownAdapterError
 from softprompt.loading import HeadSpec, load_base
+from softprompt.multi import ENGINE_PREFIX_MASK, MultiAdapterModel, UnknownAdapterError
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 @pytest.fixture(scope="module")
@@ -221,10 +215,10 @@ def _saved(model_fn, config, path, **meta):
 def test_decoders_and_token_level_heads(family, tmp_path):
     """Causal decoders (left padding, slots in front, last-token pooling) and per-token outputs (slots stripped)."""
     if family == "llama_cls":
-        make = lambda: tiny("llama", task="cls")  # noqa: E731
+        make = lambda: tiny("llama", task="cls")
         pad_left = True
     else:
-        make = lambda: tiny("bert", task="tok")  # noqa: E731
+        make = lambda: tiny("bert", task="tok")
         pad_left = False
     configs = {
         "p2": sp.PromptTuningConfig(num_virtual_tokens=2),
@@ -270,7 +264,7 @@ def test_unsupported_heads_are_refused():
 def test_unpadded_decoder_batch_of_prefix_and_bare_rows(tmp_path):
     """No padding at all (transformers then hands attention no mask): prefixes of two lengths and bare rows on a
     causal decoder. One pass when the engine has a per-row prefix mask, three otherwise; the same numbers."""
-    make = lambda: tiny("llama")  # noqa: E731 - a causal LM: token-level logits, prompt positions stripped
+    make = lambda: tiny("llama")
     dirs = {
         "p3": _saved(make, sp.PrefixConfig(num_virtual_tokens=3), tmp_path / "p3"),
         "p5": _saved(make, sp.PrefixConfig(num_virtual_tokens=5), tmp_path / "p5"),

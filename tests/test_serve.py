@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from test_multi_helpers import make_adapters, make_tiny_base_dir, texts
 from test_serve_helpers import AUTH, TOKEN, ServeProcess, ServerThread
 
@@ -27,12 +26,7 @@ JSON = {"content-type": "application/json"}
 LIMITS = {"max_inputs": 8, "max_text_chars": 200, "max_body_bytes": 20_000}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only contend (see test_multi.py)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 from test_multi_helpers import make_adapters, make_tiny_base_dir
 from test_serve_helpers import (
     AUTH,
@@ -25,13 +24,7 @@ pytest.importorskip("fastapi")
 from softprompt.serve import ServeConfig, create_app
 from softprompt.serve.security import is_loopback, startup_warnings
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 @pytest.fixture(scope="module")

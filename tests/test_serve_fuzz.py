@@ -11,17 +11,14 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_multi_helpers import make_adapters, make_tiny_base_dir
-from test_serve_helpers import TOKEN, ServerThread, edit_config
+from test_serve_helpers import TOKEN, ServerThread, adapter_tree
 
 from softprompt.multi import MultiAdapterModel
 
@@ -40,28 +37,13 @@ def fuzz(n: int):
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve_fuzz")
-    base = make_tiny_base_dir(tmp / "base")
-    root, outside = tmp / "root", tmp / "outside"
-    make_adapters(base, root, names=["prefix_a", "prefix_b", "prompt_cls"])
-    make_adapters(base, outside, names=["prompt_cls"])
-    (root / "link_out").symlink_to(outside / "prompt_cls", target_is_directory=True)
-    (root / "link_in").symlink_to(root / "prompt_cls", target_is_directory=True)
-    (root / "files_out").mkdir()
-    shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "files_out")
-    (root / "files_out" / "adapter_model.safetensors").symlink_to(outside / "prompt_cls" / "adapter_model.safetensors")
-    shutil.copytree(root / "prefix_a", root / "huge_tokens")
-    edit_config(root / "huge_tokens", num_virtual_tokens=100_000)
+    names = ["prefix_a", "prefix_b", "prompt_cls"]
+    base, root, outside = adapter_tree(tmp_path_factory.mktemp("serve_fuzz"), names)
     return base, root.resolve(), outside.resolve()
 
 

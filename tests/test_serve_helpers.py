@@ -116,3 +116,26 @@ def edit_config(folder, **options) -> None:
     meta = json.loads(file.read_text())
     meta["config"].update(options)
     file.write_text(json.dumps(meta))
+
+
+def adapter_tree(tmp, names: list[str] | None = None) -> tuple:
+    """``(base, root, outside)``: a tiny base model, an adapter root holding ``names`` (every test adapter by default)
+    plus hostile entries, and a valid adapter outside the root. Hostile entries: ``link_out`` (a folder symlink that
+    leaves the root), ``link_in`` (one that stays inside: allowed), ``files_out`` (a folder inside whose weights file
+    links outside), ``huge_tokens`` (a prefix config asking for 100,000 virtual tokens)."""
+    import shutil
+
+    from test_multi_helpers import make_adapters, make_tiny_base_dir
+
+    base = make_tiny_base_dir(tmp / "base")
+    root, outside = tmp / "root", tmp / "outside"
+    make_adapters(base, root, **({"names": names} if names else {}))
+    make_adapters(base, outside, names=["prompt_cls"])
+    (root / "link_out").symlink_to(outside / "prompt_cls", target_is_directory=True)
+    (root / "link_in").symlink_to(root / "prompt_cls", target_is_directory=True)
+    (root / "files_out").mkdir()
+    shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "files_out")
+    (root / "files_out" / "adapter_model.safetensors").symlink_to(outside / "prompt_cls" / "adapter_model.safetensors")
+    shutil.copytree(root / "prefix_a", root / "huge_tokens")
+    edit_config(root / "huge_tokens", num_virtual_tokens=100_000)
+    return base, root, outside

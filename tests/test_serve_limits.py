@@ -16,13 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_multi_helpers import ADAPTERS, make_adapters, make_tiny_base_dir
+from test_multi_helpers import ADAPTERS
 from test_serve_helpers import (
     AUTH,
     TOKEN,
     ServeProcess,
     ServerThread,
     adapter_names,
+    adapter_tree,
     assert_refused,
     edit_config,
 )
@@ -34,33 +35,16 @@ pytest.importorskip("fastapi")
 from softprompt.serve import ServeConfig, create_app
 from softprompt.serve.limits import safetensors_bytes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """base/, root/ (every kind of adapter, plus hostile ones) and outside/ (a valid adapter outside the root)."""
-    tmp = tmp_path_factory.mktemp("serve_limits")
-    base = make_tiny_base_dir(tmp / "base")
-    root, outside = tmp / "root", tmp / "outside"
-    make_adapters(base, root)
-    make_adapters(base, outside, names=["prompt_cls"])
-    (root / "link_out").symlink_to(outside / "prompt_cls", target_is_directory=True)  # the folder leaves the root
-    (root / "link_in").symlink_to(root / "prompt_cls", target_is_directory=True)  # stays inside: allowed
-    files_out = root / "files_out"
-    files_out.mkdir()
-    shutil.copy(root / "prompt_cls" / "adapter_config.json", files_out)
-    (files_out / "adapter_model.safetensors").symlink_to(outside / "prompt_cls" / "adapter_model.safetensors")
+    base, root, outside = adapter_tree(tmp_path_factory.mktemp("serve_limits"))
     (root / "no_weights").mkdir()
     shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "no_weights")
-    for name, options in {"huge_tokens": {"num_virtual_tokens": 100_000},
-                          "float_tokens": {"num_virtual_tokens": 1e9},
+    for name, options in {"float_tokens": {"num_virtual_tokens": 1e9},
                           "huge_mlp": {"projection": True, "projection_hidden_size": 10**7},
                           "many_layers": {"layer_lengths": [4] * 1000}, "layer_out": {"layers": [0, 99]}}.items():
         shutil.copytree(root / "prefix_a", root / name)

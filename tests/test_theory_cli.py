@@ -7,20 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from softprompt.theory.cli import add_theory_parser, main
 from softprompt.theory.closed_form import closed_form
 from softprompt.theory.config import preset
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These workloads are tiny; extra OpenMP threads only spin on a shared CPU (30x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,6 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-import torch
 
 from softprompt.errors import ConfigError
 from softprompt.theory import limits
@@ -16,14 +15,7 @@ from softprompt.theory.cli import curves, main
 from softprompt.theory.config import TaskMixture, preset
 from softprompt.theory.montecarlo import monte_carlo
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny workloads: extra OpenMP threads only spin on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 def _tree(folder: Path) -> dict[str, str]:

@@ -14,14 +14,7 @@ from softprompt.theory.montecarlo import reduced_predictor
 from softprompt.theory.sampling import TaskSampler
 from softprompt.theory.train import prefix_grams, train, train_multi
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These workloads are tiny; extra OpenMP threads only spin on a shared CPU (30x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 def small_mixture() -> TaskMixture:

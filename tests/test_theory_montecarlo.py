@@ -16,14 +16,7 @@ from softprompt.theory.config import TaskMixture, preset
 from softprompt.theory.montecarlo import evaluate_paired, monte_carlo, reduced_predictor
 from softprompt.theory.sampling import TaskSampler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These workloads are tiny; extra OpenMP threads only spin on a shared CPU (30x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 DRAWS = 40_000

@@ -27,13 +27,7 @@ DRAWS = 60_000  # per task and n; the whole file runs in about 10 s on one share
 TOL = 4.0  # standard errors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny workloads: extra OpenMP threads only spin on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only contend
 
 
 def _noisy_general() -> TaskMixture:

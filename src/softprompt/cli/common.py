@@ -77,6 +77,14 @@ def label_map_arg(text: str) -> dict:
     return value
 
 
+def add_file_columns(p: argparse.ArgumentParser, file_help: str) -> None:
+    """``--file`` (a user's CSV/TSV/JSONL) and the columns to read from it: text, optional pair, label."""
+    p.add_argument("--file", help=file_help)
+    p.add_argument("--text-column", default="text", help="column of the texts in --file")
+    p.add_argument("--text-pair-column", help="column of the second texts (sentence pairs)")
+    p.add_argument("--label-column", default="label", help="column of the labels in --file")
+
+
 def add_task_flags(p: argparse.ArgumentParser, *, limit: bool = True) -> None:
     """``--task``, ``--split``, ``--data-dir`` (and ``--limit``), for every command that reads a registry task."""
     p.add_argument("--task", help="registry task, e.g. glue/sst2 (see `softprompt tasks`)")

@@ -7,6 +7,7 @@ import json
 
 from .common import (
     add_adapter_flags,
+    add_file_columns,
     add_task_flags,
     label_map_arg,
     method_choices,
@@ -106,11 +107,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help=method_choices())
     p.add_argument("--model", default="minilm", help="alias (minilm, smollm2) or a transformers model path")
     p.add_argument("--task", help="registry task, e.g. glue/sst2 (see `softprompt tasks`)")
-    p.add_argument("--file", help="your own labelled CSV/TSV/JSONL training file")
+    add_file_columns(p, "your own labelled CSV/TSV/JSONL training file")
     p.add_argument("--eval-file", help="your own labelled evaluation file (default: --file)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--text-pair-column")
-    p.add_argument("--label-column", default="label")
     p.add_argument("--output", required=True, help="adapter folder to write")
     p.add_argument("--data-dir", help="benchmark data folder (default: $SOFTPROMPT_DATA_DIR or ../shared/data)")
     p.add_argument("--epochs", type=float, default=3.0)
@@ -162,10 +160,7 @@ def add_train_parsers(sub) -> None:
     p = sub.add_parser("eval", help="score a saved adapter")
     add_adapter_flags(p)
     add_task_flags(p)
-    p.add_argument("--file", help="your own labelled CSV/TSV/JSONL file instead of --task")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--text-pair-column")
-    p.add_argument("--label-column", default="label")
+    add_file_columns(p, "your own labelled CSV/TSV/JSONL file instead of --task")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict with a saved adapter")

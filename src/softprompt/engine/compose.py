@@ -53,7 +53,8 @@ class HookShape:
 
 @dataclass
 class Part:
-    """One contribution and the rows it applies to (``rows`` None = every row of the batch)."""
+    """One contribution and the rows it applies to (``rows`` None = every row of the batch; indices ascending, so a
+    part that names every row names them in batch order)."""
 
     contribution: Contribution
     rows: torch.Tensor | None = None
@@ -119,7 +120,7 @@ def _insertions_and_hooks(g: int, parts: Sequence[Part], state: InjectionState, 
     """Static insertions are stacked now; layer hooks (gates, generated prompts) run on their own rows."""
     inserting = [p for p in parts if p.contribution.insertion is not None]
     hooked = [p for p in parts if p.contribution.layer_hook is not None]
-    spec = next((_insertion_spec(p) for p in parts if _insertion_spec(p) is not None), None)
+    spec = next((s for s in map(_insertion_spec, parts) if s is not None), None)
     if not hooked:
         if inserting:
             state.insertion = _stack_insertion(g, spec, [(p.rows, p.contribution.insertion.vectors)

@@ -152,6 +152,10 @@ class GenerationEngine:
         if bad:
             raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
 
+    def stop_ids(self, params: SamplingParams) -> list[int]:
+        """The token ids that end a request: its own ``stop_token_ids``, else the model's EOS ids."""
+        return params.stop_token_ids if params.stop_token_ids is not None else self.eos_ids
+
     def result(self, request_id: int) -> list[int]:
         """The tokens generated so far for a request (stop strings are cut by the caller, see ``stop_text_at``)."""
         return list(self.requests[request_id].tokens)
@@ -245,11 +249,11 @@ class GenerationEngine:
         # draw on the host from their own generators.
         greedy = logits.argmax(-1).tolist()
         sampled = [i for i, r in enumerate(self.rows) if r.request.params.temperature > 0]
-        host = logits[sampled].float().cpu() if sampled else None
+        host = dict(zip(sampled, logits[sampled].float().cpu())) if sampled else {}
         events = []
         for i, row in enumerate(self.rows):
             row.position += 1
-            token = self._sample(host[sampled.index(i)], row.request) if i in sampled else greedy[i]
+            token = self._sample(host[i], row.request) if i in host else greedy[i]
             events.append(self._accept(row, token))
         return events
 
@@ -258,7 +262,7 @@ class GenerationEngine:
         request = row.request
         request.tokens.append(token)
         params = request.params
-        stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.eos_ids
+        stop_ids = self.stop_ids(params)
         reason = None
         if token in stop_ids:
             reason = "stop"

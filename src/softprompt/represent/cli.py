@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli.common import add_file_columns, texts_from_args
 from .features import KINDS
 
 
@@ -113,7 +114,6 @@ def cmd_probe(args) -> int:
 
 
 def cmd_probe_predict(args) -> int:
-    from ..cli.common import texts_from_args
     from .api import probe_predict
 
     texts = texts_from_args(args, "probe-predict")
@@ -167,11 +167,8 @@ def add_represent_parser(sub) -> None:
     a.add_argument("--task", required=True, help="registry task (glue/sst2) or a name for --file data")
     a.add_argument("--model", default="minilm")
     a.add_argument("--adapter", help="register this already trained prefix adapter instead of training")
-    a.add_argument("--file", help="labelled CSV/JSONL to train on instead of the registry task")
-    a.add_argument("--eval-file")
-    a.add_argument("--text-column", default="text")
-    a.add_argument("--text-pair-column")
-    a.add_argument("--label-column", default="label")
+    add_file_columns(a, "labelled CSV/JSONL to train on instead of the registry task")
+    a.add_argument("--eval-file", help="labelled evaluation file (default: --file)")
     a.add_argument("--num-virtual-tokens", type=int, default=10, help="prefix length m")
     a.add_argument("--epochs", type=float, default=3.0)
     a.add_argument("--max-steps", type=int, default=-1)
@@ -208,12 +205,9 @@ def add_represent_parser(sub) -> None:
     p = sub.add_parser("probe", help="fit a small classifier on cached R(x) for a target task")
     _feature_flags(p)
     p.add_argument("--task", help="registry target task")
-    p.add_argument("--file", help="labelled training file instead of a registry task")
+    add_file_columns(p, "labelled training file instead of a registry task")
     p.add_argument("--eval-file", help="labelled dev file (default: 20%% of --file)")
     p.add_argument("--test-file", help="labelled test file (default: the dev split)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--text-pair-column")
-    p.add_argument("--label-column", default="label")
     p.add_argument("--output", required=True, help="probe folder (probe.safetensors, probe.json, metrics.json)")
     p.add_argument("--classifier", default="logreg", choices=("logreg", "mlp"))
     p.add_argument("--hidden", type=int, default=256)

@@ -52,7 +52,6 @@ class GenerationService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: dict[int, _Pending] = {}
-        self.steps = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,9 +111,7 @@ class GenerationService:
     def _text(self, pending: _Pending, event: TokenEvent) -> tuple[str, bool]:
         done = event.finish_reason is not None
         tokens = pending.tokens
-        stop_ids = pending.params.stop_token_ids if pending.params.stop_token_ids is not None \
-            else self.engine.eos_ids
-        if done and tokens and tokens[-1] in stop_ids:
+        if done and tokens and tokens[-1] in self.engine.stop_ids(pending.params):
             tokens = tokens[:-1]  # the stop token is not part of the text (OpenAI's convention)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if done:
@@ -168,7 +165,6 @@ class GenerationService:
                 self._abort_all()
                 self.engine = engine = GenerationEngine(self.model, max_rows=engine.max_rows)
                 continue
-            self.steps += 1
             for event in events:
                 pending = self._pending.get(event.request_id)
                 if pending is None:

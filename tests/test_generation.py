@@ -84,6 +84,39 @@ def test_every_row_equals_its_adapter_alone(adapters):
     assert not vacuous, f"{vacuous} generate what the bare model does: the comparison would prove nothing"
 
 
+def test_joining_requests_share_prefill_passes_and_stay_exact(adapters):
+    """Requests that arrive together are prefilled in as few passes as their shapes allow: one pass per
+    (prompt length, adapter) for methods with prompts, insertions or gates, and one pass for any mix of bare rows
+    and static prefixes of different lengths (their prefixes stacked and masked row by row). Every row still
+    generates exactly what its adapter's own generate() does alone, and requests of another length do not join."""
+    multi = MultiAdapterModel(tiny_lm(), adapters)
+    engine = GenerationEngine(multi, max_rows=64)
+    passes = []
+    prefill = engine._prefill
+
+    def counted(group):
+        passes.append(sorted(str(r.adapter) for r in group))
+        return prefill(group)
+
+    engine._prefill = counted
+    same_length = [[5, 17, 33, 8], [40, 41, 42, 43], [60, 61, 62, 63]]
+    jobs = []
+    for name in [*CONFIGS, None]:
+        for prompt in same_length:
+            jobs.append((name, prompt, engine.submit(prompt, name, SamplingParams(max_new_tokens=5))))
+    jobs.append(("prefix", PROMPTS[1], engine.submit(PROMPTS[1], "prefix", SamplingParams(max_new_tokens=5))))
+    # Rows that finish at their first token leave their prefill's cache before it joins the batch.
+    done = [(name, engine.submit(same_length[1], name, SamplingParams(max_new_tokens=1))) for name in ("apt", None)]
+    engine.step()
+    static = sorted(["None"] * 4 + ["prefix"] * 3 + ["prefix_short"] * 3)
+    groups = [[n] * (4 if n == "apt" else 3) for n in CONFIGS if not n.startswith("prefix")]
+    assert sorted(passes) == sorted([static, ["prefix"], *groups])
+    assert [engine.result(rid) for _, rid in done] == [alone(adapters.get(n), same_length[1], 1) for n, _ in done]
+    engine.run()
+    for name, prompt, rid in jobs:
+        assert engine.result(rid) == alone(adapters.get(name), prompt, 5), (name, prompt)
+
+
 def test_seeded_sampling_is_independent_of_the_batch(adapters):
     params = SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=123)
     solo = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))

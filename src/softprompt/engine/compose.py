@@ -234,13 +234,14 @@ def insert_row_prompts(emb: torch.Tensor, mask: torch.Tensor, prompts: Sequence[
     return out
 
 
-def resolved_prefixes(state: InjectionState, dtype: torch.dtype, device: torch.device
+def resolved_prefixes(state: InjectionState, dtype: torch.dtype, device: torch.device, rows: int = 1
                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's prefix as attention used it in a finished no-grad forward of one row: cast, gated, and with
-    insertions already turned into prefixes (causal decoders). Decoding steps that reuse it need neither the method
-    nor its hooks, which lets a batch mix rows whose prefixes were made by different methods."""
+    """Every layer's prefix, [rows, H, P, D], as attention used it in a finished no-grad forward of ``rows`` rows:
+    cast, gated, and with insertions already turned into prefixes (causal decoders). Decoding steps that reuse it
+    need neither the method nor its hooks, which lets a batch mix rows whose prefixes were made by different
+    methods."""
     out = {}
     for index, inj in state.layers.items():
         if inj.prefix_length:
-            out[index] = gated_prefix(inj, 1, dtype, device)
+            out[index] = gated_prefix(inj, rows, dtype, device)
     return out

@@ -6,8 +6,10 @@
         for event in engine.step(): ...                    # TokenEvent(request_id, token_id, finish_reason)
 
 Iteration-level batching: requests wait in a queue; before each decoding step, waiting requests are prefilled and
-join the batch, and after it, rows that finished (EOS, a stop string, ``max_new_tokens``) leave. A request is
-prefilled alone, exactly as its adapter's own ``generate()`` prefills it; from then on its adapter is the per-layer
+join the batch, and after it, rows that finished (EOS, a stop string, ``max_new_tokens``) leave. Joining requests
+are prefilled together when their prompts have one length (no padding) and their adapters can share a pass (one
+adapter, or any mix of bare rows and static prefixes); each row computes what its adapter's own ``generate()``
+computes for it alone. From then on a row's adapter is the per-layer
 prefix that prefill produced (gates folded in, generated prompts already turned into prefixes, see
 ``engine.compose.resolved_prefixes``), so rows of any method share one decoding batch and the KV cache holds each
 row's own sequence: its real tokens, plus the virtual tokens of an input-layer prompt (prompt tuning, P-tuning),
@@ -173,66 +175,103 @@ class GenerationEngine:
         decoded = bool(self.rows)
         if decoded:
             events += self._decode()
-        joined = False
-        while len(self.rows) < self.max_rows:
-            request = self._next_waiting()
+        joining: list[_Request] = []
+        while len(self.rows) + len(joining) < self.max_rows:
+            request = self._next_waiting(joining)
             if request is None:
                 break
-            events.append(self._prefill(request))
-            joined = True
-        if decoded or joined:
-            self._retire(joined)
+            joining.append(request)
+        if joining:
+            first: dict[int, TokenEvent] = {}
+            for group in self._prefill_groups(joining):
+                first.update((e.request_id, e) for e in self._prefill(group))
+            events += [first[r.id] for r in joining]
+        if decoded or joining:
+            self._retire(bool(joining))
         return events
 
-    def _next_waiting(self) -> _Request | None:
+    def _next_waiting(self, joining: list[_Request]) -> _Request | None:
         if not self.waiting:
             return None
-        if self.policy == "mixed" or not self.rows:
+        batch = [r.request for r in self.rows] + joining
+        if self.policy == "mixed" or not batch:
             return self.waiting.popleft()
-        current = self.rows[0].request.adapter
+        current = batch[0].adapter
         for i, request in enumerate(self.waiting):
             if request.adapter == current:
                 del self.waiting[i]
                 return request
         return None
 
+    def _prefill_groups(self, joining: list[_Request]) -> list[list[_Request]]:
+        """Requests that can be prefilled in one forward pass: prompts of one length (no padding, so each row
+        computes what it computes alone), and one adapter, except that bare rows and adapters made only of static
+        prefixes (no input prompt, insertion or layer hook) mix freely: their prefixes are stacked row by row."""
+        groups: dict[tuple, list[_Request]] = {}
+        for request in joining:
+            key = (len(request.prompt_ids), None if self._static(request.adapter) else request.adapter)
+            groups.setdefault(key, []).append(request)
+        return list(groups.values())
+
+    def _static(self, adapter: str | None) -> bool:
+        if adapter is None:
+            return True
+        shape = self.model.adapter(adapter).shape
+        return not (shape.prompt or shape.insertion or shape.gate or shape.solo)
+
     def run(self) -> None:
         """Step until every request has finished."""
         while self.busy:
             self.step()
 
-    def _prefill(self, request: _Request) -> TokenEvent:
+    def _prefill(self, group: list[_Request]) -> list[TokenEvent]:
+        """One forward pass over requests of one prompt length (see :meth:`_prefill_groups`); each request's row is
+        computed as its adapter's own ``generate()`` computes it, and the unfinished rows join the batch."""
         model = self.model
         base = model.base_model
         device = model.device
-        ids = torch.tensor([request.prompt_ids], device=device)
+        n = len(group)
+        ids = torch.tensor([r.prompt_ids for r in group], device=device)
         mask = torch.ones_like(ids)
         inputs: dict = {"input_ids": ids, "attention_mask": mask}
-        shift = 0
-        state = None
-        if request.adapter is not None:
-            method = model.adapter(request.adapter).method
-            embed = base.get_input_embeddings()
-            contribution: Contribution = method(MethodInputs(ids, mask, embed, 1))
-            state = compose([Part(contribution)], 1, mask)
-            shift = method.position_shift()
-            if contribution.input_prompt is not None:
+        embed = base.get_input_embeddings()
+        rows_of: dict[str, list[int]] = {}
+        for i, request in enumerate(group):
+            if request.adapter is not None:
+                rows_of.setdefault(request.adapter, []).append(i)
+        parts, shifts = [], [0] * n
+        for name, rows in rows_of.items():
+            method = model.adapter(name).method
+            index = torch.tensor(rows, device=device)
+            contribution: Contribution = method(MethodInputs(ids[index], mask[index], embed, len(rows)))
+            parts.append(Part(contribution, index, method.hook_shape()))
+            for i in rows:
+                shifts[i] = method.position_shift()
+            if contribution.input_prompt is not None:  # one adapter in the group (see _prefill_groups)
                 embeds, mask = insert_prompt(embed(ids), mask, contribution.input_prompt, contribution.prompt_at)
                 inputs = {"inputs_embeds": embeds, "attention_mask": mask}
+        state = compose(parts, n, mask) if parts else None
         length = mask.shape[1]
-        inputs["position_ids"] = torch.arange(shift, shift + length, device=device)[None]
+        positions = torch.arange(length, device=device)[None]
+        inputs["position_ids"] = positions + torch.tensor(shifts, device=device)[:, None]
         cache = DynamicCache()
         kwargs = {STATE_KWARG: state} if state is not None else {}
         kwargs[self._cache_arg] = cache
         out = base(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
-        token = self._sample(out.logits[0, -1], request)
-        dtype = cache.layers[0].keys.dtype
-        prefixes = resolved_prefixes(state, dtype, device) if state is not None else {}
-        row = _Row(request, prefixes, shift + length)
-        event = self._accept(row, token)
-        if event.finish_reason is None:
-            self._join(row, cache, mask)
-        return event
+        tokens = self._next_tokens(out.logits[:, -1], group)
+        prefixes = _row_prefixes(state, n, cache.layers[0].keys.dtype, device)
+        events, joined = [], []
+        for i, request in enumerate(group):
+            row = _Row(request, prefixes[i], shifts[i] + length)
+            events.append(self._accept(row, tokens[i]))
+            if events[-1].finish_reason is None:
+                joined.append(i)
+        if joined:
+            if len(joined) < n:
+                cache.batch_select_indices(torch.tensor(joined, device=device))
+                mask = mask[joined]
+            self._join([_Row(group[i], prefixes[i], shifts[i] + length) for i in joined], cache, mask)
+        return events
 
     def _decode(self) -> list[TokenEvent]:
         base = self.model.base_model
@@ -244,18 +283,20 @@ class GenerationEngine:
         kwargs[self._cache_arg] = self._cache
         out = base(input_ids=last, attention_mask=self._mask, position_ids=positions,
                    use_cache=True, **kwargs)
-        logits = out.logits[:, -1]
-        # One device-to-host copy per step, not one per row: greedy rows take the argmax on the device, sampled rows
-        # draw on the host from their own generators.
-        greedy = logits.argmax(-1).tolist()
-        sampled = [i for i, r in enumerate(self.rows) if r.request.params.temperature > 0]
-        host = dict(zip(sampled, logits[sampled].float().cpu())) if sampled else {}
+        tokens = self._next_tokens(out.logits[:, -1], [r.request for r in self.rows])
         events = []
-        for i, row in enumerate(self.rows):
+        for row, token in zip(self.rows, tokens):
             row.position += 1
-            token = self._sample(host[i], row.request) if i in host else greedy[i]
             events.append(self._accept(row, token))
         return events
+
+    def _next_tokens(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
+        """Each row's next token. One device-to-host copy for the batch, not one per row: greedy rows take the
+        argmax on the device, sampled rows draw on the host from their own generators."""
+        greedy = logits.argmax(-1).tolist()
+        sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
+        host = dict(zip(sampled, logits[sampled].float().cpu())) if sampled else {}
+        return [self._sample(host[i], r) if i in host else greedy[i] for i, r in enumerate(requests)]
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     def _accept(self, row: _Row, token: int) -> TokenEvent:
@@ -276,8 +317,8 @@ class GenerationEngine:
         request.finish_reason = reason
         return TokenEvent(request.id, token, reason)
 
-    def _join(self, row: _Row, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append a prefilled row to the batch: both caches are left-padded to one length and stacked."""
+    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append prefilled rows to the batch: both caches are left-padded to one length and stacked."""
         if self._cache is None:
             self._cache, self._mask = cache, mask
         else:
@@ -286,7 +327,7 @@ class GenerationEngine:
                 mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
                 mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
             self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self.rows.append(row)
+        self.rows.extend(rows)
 
     def _retire(self, joined: bool) -> None:
         """Drop finished rows, trim padding every remaining row shares, and rebuild the decode state. Host work only
@@ -327,6 +368,23 @@ class GenerationEngine:
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=request.generator))
+
+
+def _row_prefixes(state, rows: int, dtype: torch.dtype, device: torch.device
+                  ) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each row's own per-layer prefixes after a prefill of ``rows`` rows: as attention used them (cast, gated,
+    insertions turned into prefixes), cut to the row's own length where rows of different adapters were stacked
+    (``prefix_mask``); a row that saw no prefix in a layer gets none there."""
+    out: list[dict] = [{} for _ in range(rows)]
+    if state is None:
+        return out
+    for index, (key, value) in resolved_prefixes(state, dtype, device, rows).items():
+        visible = state.layers[index].prefix_mask
+        lengths = [key.shape[-2]] * rows if visible is None else visible.expand(rows, -1).sum(-1).tolist()
+        for i, n in enumerate(lengths):
+            if n:
+                out[i][index] = (key[i : i + 1, :, :n], value[i : i + 1, :, :n])
+    return out
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

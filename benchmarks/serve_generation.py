@@ -98,6 +98,8 @@ def run_point(model, vocab: int, mode: str, rate: float, args) -> dict:
     start = time.perf_counter()
     deadline = start + args.duration * args.max_overrun
     sent = 0
+    decode_steps: list[float] = []  # seconds per step in which no request joined (decoding only)
+    prefill_steps: list[float] = []  # steps in which requests joined (their prefill passes + the decode)
     while sent < len(arrivals) or engine.busy:
         now = time.perf_counter() - start
         while sent < len(arrivals) and arrivals[sent] <= now:
@@ -107,9 +109,12 @@ def run_point(model, vocab: int, mode: str, rate: float, args) -> dict:
         if not engine.busy:
             time.sleep(max(0.0, min(0.01, arrivals[sent] - now)) if sent < len(arrivals) else 0)
             continue
+        before = time.perf_counter()
         events = engine.step()
         sync()
         stamp = time.perf_counter() - start
+        joined = any(e.request_id not in times for e in events)
+        (prefill_steps if joined else decode_steps).append(time.perf_counter() - before)
         for e in events:
             times.setdefault(e.request_id, []).append(stamp)
         if time.perf_counter() > deadline:
@@ -129,7 +134,8 @@ def run_point(model, vocab: int, mode: str, rate: float, args) -> dict:
     return {"mode": mode, "adapters": 0 if mode == "bare" else args.adapters, "rate": rate,
             "requests": len(arrivals), "finished": len(finished), "tokens_per_s": tokens / span if span else 0.0,
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
-            "itl_p99_ms": pct(itl, 99)}
+            "itl_p99_ms": pct(itl, 99), "decode_step_p50_ms": pct(decode_steps, 50),
+            "join_step_p50_ms": pct(prefill_steps, 50), "steps": len(decode_steps) + len(prefill_steps)}
 
 
 def goodput(runs: list[dict], slo_ms: float) -> dict:
@@ -186,13 +192,13 @@ def cmd_report(args) -> int:
     lines = [f"Generation serving, {data['device']} ({data['date']}); prompt {data['setup']['prompt_len']} / output "
              f"{data['setup']['output_len']} tokens, {data['setup']['adapters']} prefix adapters; SLO p99 TTFT < "
              f"{data['slo_ttft_p99_ms']:.0f} ms.", "",
-             "| model | mode | rate (req/s) | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | finished |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | mode | rate (req/s) | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | decode step p50 "
+             "(ms) | finished |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "-" if x is None else ("inf" if math.isinf(x) else f"{x:.0f}")
     for r in sorted(data["runs"], key=lambda r: (r["model"], MODES.index(r["mode"]), r["rate"])):
         lines.append(f"| {r['model']} | {r['mode']} | {r['rate']:g} | {r['tokens_per_s']:.0f} | "
                      f"{fmt(r['ttft_p50_ms'])} / {fmt(r['ttft_p99_ms'])} | {fmt(r['itl_p50_ms'])} / "
-                     f"{fmt(r['itl_p99_ms'])} | {r['finished']}/{r['requests']} |")
+                     f"{fmt(r['itl_p99_ms'])} | {fmt(r.get('decode_step_p50_ms'))} | {r['finished']}/{r['requests']} |")
     lines += ["", "| model | goodput mixed | per adapter | bare | mixed / per adapter | mixed / bare |",
               "|---|---|---|---|---|---|"]
     for m, g in data.get("goodput", {}).items():

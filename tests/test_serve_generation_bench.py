@@ -21,7 +21,7 @@ def test_run_and_report_write_the_contract(tmp_path):
     assert {(r["mode"], r["rate"]) for r in data["runs"]} == {(m, r) for m in ("mixed", "per_adapter", "bare")
                                                            for r in (20.0, 40.0)}
     keys = {"model", "mode", "adapters", "rate", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-            "itl_p99_ms"}
+            "itl_p99_ms", "decode_step_p50_ms", "join_step_p50_ms", "steps"}
     for r in data["runs"]:
         assert keys <= set(r) and r["finished"] == r["requests"]
     assert set(data["goodput"]["tiny"]) == {"mixed", "per_adapter", "bare"}

@@ -115,6 +115,10 @@ def test_joining_requests_share_prefill_passes_and_stay_exact(adapters):
     engine.run()
     for name, prompt, rid in jobs:
         assert engine.result(rid) == alone(adapters.get(name), prompt, 5), (name, prompt)
+    # A token budget per pass splits a group (a prompt longer than the budget still runs, alone).
+    small = GenerationEngine(multi, max_rows=64, max_prefill_tokens=9)
+    assert [len(g) for g in small._prefill_groups([small.requests[rid] for rid in [
+        small.submit(p, None) for p in [*same_length, *same_length, [1] * 12]]])] == [2, 2, 2, 1]
 
 
 def test_seeded_sampling_is_independent_of_the_batch(adapters):

@@ -79,12 +79,14 @@ class GenerationEngine:
     """Continuous batching over a :class:`~softprompt.multi.MultiAdapterModel` whose base is a causal LM.
 
     ``max_rows``: rows decoded together (waiting requests join as rows leave).
+    ``max_prefill_tokens``: prompt tokens one prefill pass may hold (a longer single prompt still runs, alone);
+        bounds the activation memory of many requests joining at once.
     ``policy``: "mixed" (any adapter joins any batch) or "per_adapter" (a batch holds one adapter's rows; when it
         drains, the adapter of the oldest waiting request goes next), the schedule a server without per-row
         adapters must follow, kept as the baseline of the serving benchmark.
     """
 
-    def __init__(self, model, *, max_rows: int = 32, policy: str = "mixed"):
+    def __init__(self, model, *, max_rows: int = 32, policy: str = "mixed", max_prefill_tokens: int = 8192):
         if policy not in ("mixed", "per_adapter"):
             raise ConfigError(f"policy must be 'mixed' or 'per_adapter', got {policy!r}")
         self.policy = policy
@@ -93,6 +95,7 @@ class GenerationEngine:
                               "one (load the MultiAdapterModel with task_kind='causal_lm')")
         self.model = model
         self.max_rows = max_rows
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[_Request] = deque()
         self.rows: list[_Row] = []
         self._cache: DynamicCache | None = None
@@ -211,7 +214,11 @@ class GenerationEngine:
         for request in joining:
             key = (len(request.prompt_ids), None if self._static(request.adapter) else request.adapter)
             groups.setdefault(key, []).append(request)
-        return list(groups.values())
+        passes = []
+        for group in groups.values():
+            per_pass = max(1, self.max_prefill_tokens // len(group[0].prompt_ids))
+            passes += [group[i : i + per_pass] for i in range(0, len(group), per_pass)]
+        return passes
 
     def _static(self, adapter: str | None) -> bool:
         if adapter is None:

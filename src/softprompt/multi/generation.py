@@ -31,20 +31,9 @@ from ..engine.compose import Contribution, Part, compose, insert_prompt, resolve
 from ..engine.state import STATE_KWARG
 from ..errors import ConfigError, SequenceTooLongError
 from ..methods import MethodInputs
+from .sampling import SamplingParams, sample_token
 
-
-@dataclass
-class SamplingParams:
-    """How one request decodes. ``temperature`` 0 is greedy; ``seed`` makes sampling reproducible whatever the
-    batch the request shares; ``stop`` strings end the text (excluded from it); ``stop_token_ids`` default to the
-    model's EOS ids."""
-
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None
+__all__ = ["GenerationEngine", "SamplingParams", "TokenEvent"]
 
 
 @dataclass
@@ -303,7 +292,8 @@ class GenerationEngine:
         greedy = logits.argmax(-1).tolist()
         sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
         host = dict(zip(sampled, logits[sampled].float().cpu())) if sampled else {}
-        return [self._sample(host[i], r) if i in host else greedy[i] for i, r in enumerate(requests)]
+        return [sample_token(host[i], r.params, r.generator) if i in host else greedy[i]
+                for i, r in enumerate(requests)]
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     def _accept(self, row: _Row, token: int) -> TokenEvent:
@@ -360,21 +350,6 @@ class GenerationEngine:
         parts = [Part(Contribution(prefixes=r.prefixes), torch.tensor([i], device=self._mask.device))
                  for i, r in enumerate(self.rows) if r.prefixes]
         self._state = compose(parts, len(self.rows), self._mask) if parts else None
-
-    # ---- sampling ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _sample(logits: torch.Tensor, request: _Request) -> int:
-        params = request.params
-        if params.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest set whose mass reaches top_p (the first token always stays).
-            drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=request.generator))
 
 
 def _row_prefixes(state, rows: int, dtype: torch.dtype, device: torch.device

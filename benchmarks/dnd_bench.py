@@ -12,7 +12,10 @@ Subcommands
 ``plan --state DIR``                the stages, which are done, and the time estimates.
 ``cloze --state DIR --model M``     issue 21, cloze format: base scores, the zoo gate per config, cross-dataset LoRA
                                     scores (``softprompt.dnd.study``); ``--export`` writes dnd_cloze_stages.json.
+                                    With ``--generators``: the leave-one-out gen/dnd stages, ``--gen-group K`` side by
+                                    side, none started that cannot finish within ``--session-left`` seconds.
 ``cloze-report --stages JSON``      benchmarks/results/dnd_cloze.json and dnd.md from exported stage results.
+``gen-bench``                       seconds per generator step, 1 or K side by side, on random data (no zoo).
 
 Stages, in order (each persisted as ``state/stages/<name>.json`` when complete; an interrupted stage is redone):
 
@@ -991,7 +994,10 @@ def cmd_cloze(args: argparse.Namespace) -> int:
         gen[k.strip()] = v.strip() if k.strip() == "stats_code" else float(v) if "." in v or "e" in v else int(v)
     study = Study(state, args.model, datasets, configs=args.configs.split(";"), n_eval=args.n_eval,
                   n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state),
-                  generators=args.generators, encoder=args.encoder, gen=gen, stats_ablation=args.stats_ablation)
+                  generators=args.generators, encoder=args.encoder, gen=gen, stats_ablation=args.stats_ablation,
+                  gen_group=args.gen_group, gen_streams=args.gen_streams,
+                  session_left=args.session_left - (time.time() - T_START) if args.session_left else None,
+                  gen_step_seconds=args.gen_step_seconds, zoo_workers=args.zoo_workers)
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
     info = {**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
@@ -1006,6 +1012,23 @@ def cmd_cloze(args: argparse.Namespace) -> int:
             study.export(args.export)
             shutil.copy(state / "invocations.jsonl", Path(args.export) / "dnd_cloze_invocations.jsonl")
         print(f"STATUS: {status}", flush=True)
+    return 0
+
+
+def cmd_gen_bench(args: argparse.Namespace) -> int:
+    """Seconds per generator step, one generator or K side by side (``softprompt.dnd.gen_bench``); JSON to --out."""
+    from softprompt.dnd.gen_bench import bench_steps
+
+    kw = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, (args.shape or "").split(",")))}
+    res = bench_steps(groups=[int(x) for x in args.groups.split(",")], steps=args.steps, streams=not args.no_streams,
+                      cudnn_benchmark=args.cudnn_benchmark, device=args.device, **kw)
+    res.update(env_info())
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "dnd_gen_bench.json").write_text(json.dumps(res, indent=1) + "\n")
+    b = res["best"]
+    print(f"BEST: K={b['group']} streams={b['streams']}: {b['generator_step_seconds']:.3f} s per generator-step "
+          f"(--gen-step-seconds), {res['minutes_per_generator_1000_steps']:.1f} min per 1,000-step generator")
     return 0
 
 
@@ -1075,11 +1098,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen", help="generator overrides, e.g. steps=1000,batch_size=64,lr=1e-3,stats_code=dnd "
                                  "(softprompt.dnd.study_gen.GEN_DEFAULTS)")
     p.add_argument("--device")
+    p.add_argument("--zoo-workers", type=int, default=1,
+                   help="zoo stages of a config trained in this many processes at once on the one GPU")
+    p.add_argument("--gen-group", type=int, default=1, help="generators trained side by side (one process)")
+    p.add_argument("--gen-streams", action="store_true", help="one CUDA stream per generator of a group")
+    p.add_argument("--session-left", type=float,
+                   help="device seconds left in the session at this call's start (run tool status: budget_left_s); "
+                        "a generator that cannot finish, with its dnd stage, before then is not started")
+    p.add_argument("--gen-step-seconds", type=float,
+                   help="seconds per generator step until one is measured here (gen-bench's BEST line)")
+    p = sub.add_parser("gen-bench", help="seconds per generator step, 1 or K generators side by side (no zoo)")
+    p.add_argument("--groups", default="1,2", help="group sizes K to time")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds per K (after 2 warm-up rounds)")
+    p.add_argument("--no-streams", action="store_true", help="skip the one-stream-per-generator variant")
+    p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--shape", help="bench_steps overrides, e.g. batch_size=8,width=32 (default: the real sizes)")
+    p.add_argument("--device")
+    p.add_argument("--out", help="folder for dnd_gen_bench.json")
     p = sub.add_parser("cloze-report", help="dnd_cloze.json + dnd.md from exported cloze stages")
     p.add_argument("--stages", required=True)
     p.add_argument("--invocations", required=True)
     p.add_argument("--config", required=True, help="zoo config name, e.g. r8_lr2e-4_steps250_ckpt50")
-    p.add_argument("--measure", default="acc_norm", choices=("acc", "acc_norm"))
+    p.add_argument("--measure", default="primary", choices=("primary", "acc", "acc_norm"),
+                   help="primary: acc_norm, acc for BoolQ and WinoGrande (softprompt.dnd.cloze.PRIMARY_MEASURE)")
     p.add_argument("--json", default="benchmarks/results/dnd_cloze.json")
     p.add_argument("--md", default="benchmarks/results/dnd.md")
     args = ap.parse_args(argv)
@@ -1088,6 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_cloze(args)
     if args.cmd == "cloze-report":
         return cmd_cloze_report(args)
+    if args.cmd == "gen-bench":
+        return cmd_gen_bench(args)
     if args.cmd == "convert":
         convert(Path(args.gguf), Path(args.out))
         return 0

@@ -30,6 +30,28 @@ from .templates import canonical_name
 QA = ("commonsense/arc_easy", "commonsense/arc_challenge", "commonsense/openbookqa", "commonsense/piqa")
 
 
+# Cloze format version per dataset (1 when absent). Raise a dataset's version whenever its context or answer texts
+# change: stage results made with another version are then stale and redone (``study.Study.fresh``).
+FORMAT_VERSIONS: dict[str, int] = {}
+
+
+def format_version(name: str) -> int:
+    """The current cloze format version of dataset ``name``."""
+    return FORMAT_VERSIONS.get(canonical_name(name), 1)
+
+
+# The reported measure per dataset, as lm-evaluation-harness reports these tasks: acc_norm (log-likelihood per answer
+# byte) where options are texts of different lengths; acc where byte normalisation means nothing: BoolQ's answers
+# are single tokens (dividing by 3 or 4 bytes only reweights the two log-probabilities) and WinoGrande's partial
+# scoring gives every option the same continuation (acc = acc_norm).
+PRIMARY_MEASURE: dict[str, str] = {"superglue/boolq": "acc", "commonsense/winogrande": "acc"}
+
+
+def primary_measure(name: str) -> str:
+    """``acc`` or ``acc_norm``: the measure reported for dataset ``name`` (:data:`PRIMARY_MEASURE`)."""
+    return PRIMARY_MEASURE.get(canonical_name(name), "acc_norm")
+
+
 @dataclass(frozen=True)
 class Cloze:
     """One example in cloze form: option ``j`` is scored as ``continuations[j]`` after ``contexts[j]``."""

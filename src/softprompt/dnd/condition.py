@@ -69,6 +69,23 @@ class ConditionEncoder:
             res = [self._cache[p] for p in prompts]
         return torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
 
+    def warm(self, pools: Mapping[str, Sequence[str]], batch_size: int = 64) -> int:
+        """Encode every prompt of ``pools`` into the cache in a fixed order: each dataset's deduplicated pool in
+        chunks of ``batch_size``, a chunk (re-)encoded whole when any of its prompts is missing. A cached state then
+        depends only on its own dataset's pool, never on which generator asked first or on what else is cached,
+        so generators trained alone or side by side see identical conditions. Returns the prompts encoded."""
+        if self._cache is None:
+            return 0
+        n = 0
+        for prompts in pools.values():
+            uniq = list(dict.fromkeys(prompts))
+            for i in range(0, len(uniq), batch_size):
+                chunk = uniq[i:i + batch_size]
+                if any(p not in self._cache for p in chunk):
+                    self._cache.update(zip(chunk, self._encode_new(chunk, batch_size)))
+                    n += len(chunk)
+        return n
+
     def encode_batch(self, batch: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """B lists of N prompts -> (states [B, N, L, D], mask [B, N, L])."""
         enc = [self.encode(p) for p in batch]

@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from .condition import ConditionEncoder, PromptSampler, PromptSource, prompts_by_dataset
-from .export import ADAPTER_CONFIG, read_lora_tensors, read_zoo
-from .gen_loss import token_weights, warmup_cosine, weighted_mse
+from .export import read_lora_tensors, read_zoo
 from .tokenizer import (
     TokenLayout,
     canonicalize_state,
     detokenize,
     from_grid,
-    grid_mask,
     to_grid,
     tokenize,
 )
@@ -145,28 +140,35 @@ def registry_prompts_for(dataset: str, part: str = "zoo", condition: str = "raw"
 
 
 def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
-                     cache: dict | None = None,
-                     stats_code: str = "relative") -> tuple[TokenLayout, torch.Tensor, list[str]]:
+                     cache: dict | None = None, stats_code: str = "relative",
+                     workers: int | None = None) -> tuple[TokenLayout, torch.Tensor, list[str]]:
     """Tokenise every zoo checkpoint: (layout, grids [M, T, r+2, c+2] float32, dataset of each).
 
     ``cache`` (optional) maps ``(path, chunk, target, stats_code)`` to a checkpoint's grid: hits are not
-    re-tokenised and misses are added, so several generators trained in one process tokenise each checkpoint once."""
-    layout, grids, ds = None, [], []
-    for e in entries:
-        key = (str(e["path"]), chunk, target, stats_code)
-        grid = cache.get(key) if cache is not None else None
-        if grid is None or layout is None:  # the layout comes from the first checkpoint's tensors
-            st = canonicalize_state(read_lora_tensors(e["path"]), target)
-            layout = layout or TokenLayout.from_state_dict(st, chunk, stats_code)
-            if grid is None:
-                grid = to_grid(tokenize(st, layout), stats_code)
-                if cache is not None:
-                    cache[key] = grid
-        grids.append(grid)
-        ds.append(e["dataset"])
-    if layout is None:
+    re-tokenised and misses are added, so several generators trained in one process tokenise each checkpoint once.
+    ``workers`` threads tokenise the misses (default: up to 8 CPU cores); each grid depends on its own checkpoint
+    alone, so the result does not depend on the thread count."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not entries:
         raise ValueError("empty zoo")
-    return layout, torch.stack(grids), ds
+    keys = [(str(e["path"]), chunk, target, stats_code) for e in entries]
+    first = canonicalize_state(read_lora_tensors(entries[0]["path"]), target)
+    layout = TokenLayout.from_state_dict(first, chunk, stats_code)  # from the first checkpoint's tensors
+
+    def grid_of(path: str) -> torch.Tensor:
+        return to_grid(tokenize(canonicalize_state(read_lora_tensors(path), target), layout), stats_code)
+
+    known = dict(cache or {})
+    todo = list(dict.fromkeys(k for k in keys if k not in known))
+    n = workers if workers is not None else min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, n)) as pool:
+        for k, g in zip(todo, pool.map(grid_of, [k[0] for k in todo])):
+            known[k] = g
+            if cache is not None:
+                cache[k] = g
+    return layout, torch.stack([known[k] for k in keys]), [e["dataset"] for e in entries]
 
 
 def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequence[str] | None,
@@ -199,137 +201,68 @@ def train_generator(zoo_dir: str | Path | Sequence[Mapping], holdout: str | Sequ
     says ``complete: False``; calling again with the same arguments continues from there (bit-identical to an
     uninterrupted run on the same device). ``keep_steps``: also save ``generator_step<6 digits>.safetensors`` then
     (earlier generator checkpoints to draw from)."""
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    random.seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    root = zoo_dir if isinstance(zoo_dir, (str, Path)) else None
     entries = read_zoo(zoo_dir)
     held = {holdout} if isinstance(holdout, str) else set(holdout or ())
     held = {h for x in held for h in x.split(",") if h}
     train = [e for e in entries if e["dataset"] not in held]
     if not train:
         raise ValueError(f"no zoo checkpoints left after holding out {sorted(held)}")
+    pool = resolve_pools(zoo_dir, train, prompts, prompts_for, condition)
+    from .gen_train import GeneratorRun, GridBank, train_runs
+
+    bank = GridBank(train, chunk, target, stats_code, dev, cache=grid_cache)
+    enc = _condition_encoder(encoder, max_length, dev)
+    enc.warm(pool)
+    in_shape = (n_prompts, max_length, enc.hidden)
+    chain = [tuple(s) for s in chain] if chain else plan_chain(in_shape, bank.layout.grid_shape, width, n_layers)
+    if tuple(chain[0]) != in_shape or tuple(chain[-1]) != bank.layout.grid_shape:
+        raise ValueError(f"chain {chain[0]}..{chain[-1]} does not map {in_shape} to {bank.layout.grid_shape}")
+    run = GeneratorRun(bank, train, pool, enc, out, steps, chain, n_prompts=n_prompts, batch_size=batch_size, lr=lr,
+                       weight_decay=weight_decay, warmup=warmup, clip=clip, kernel=kernel, cond_noise=cond_noise,
+                       target_noise=target_noise, weighting=weighting, seed=seed, holdout=sorted(held),
+                       keep_steps=keep_steps, config={"target": target, "condition": condition})
+    if verbose:
+        lay = bank.layout
+        print(f"hyper-conv decoder: {run.parameters:,} parameters; chain {chain}; target {lay.n_tokens} tokens "
+              f"{lay.grid_shape[1:]} ({lay.n_params:,} LoRA parameters); from step {run.step}")
+    res = train_runs([run], max_seconds=max_seconds, stop_after=stop_after, t0=t0)[0]
+    if verbose and log_every:
+        for i in range(0, len(res["losses"]), log_every):
+            print(f"step {i:5d}  loss {res['losses'][i]:.5f}")
+    return res
+
+
+def resolve_pools(zoo_dir: str | Path | Sequence[Mapping], train: Sequence[Mapping],
+                  prompts: PromptSource | None = None, prompts_for: Callable[[str], Sequence[str]] | None = None,
+                  condition: str = "raw") -> dict[str, list[str]]:
+    """Condition prompts per training dataset: ``prompts_for``, else ``prompts``, else the entries' ``prompts``
+    JSONL fields (relative to the zoo folder), else the task registry (:func:`registry_prompts_for`)."""
     datasets = list(dict.fromkeys(e["dataset"] for e in train))
     if prompts_for is not None:
-        pool = prompts_by_dataset(prompts_for, datasets)
-    elif prompts is not None:
-        pool = prompts_by_dataset(prompts, datasets)
-    else:
-        src = {}
-        for e in train:
-            if "prompts" in e:
-                p = Path(e["prompts"])
-                src.setdefault(e["dataset"], str(p if p.is_absolute() or root is None else
-                                                 (Path(root) if Path(root).is_dir() else Path(root).parent) / p))
-        if src and len(src) < len(datasets):
-            raise ValueError(f"no prompts for {[d for d in datasets if d not in src]}: pass prompts= or prompts_for=")
-        pool = prompts_by_dataset(src or (lambda d: registry_prompts_for(d, "zoo", condition)), datasets)
+        return prompts_by_dataset(prompts_for, datasets)
+    if prompts is not None:
+        return prompts_by_dataset(prompts, datasets)
+    root = zoo_dir if isinstance(zoo_dir, (str, Path)) else None
+    src = {}
+    for e in train:
+        if "prompts" in e:
+            p = Path(e["prompts"])
+            src.setdefault(e["dataset"], str(p if p.is_absolute() or root is None else
+                                             (Path(root) if Path(root).is_dir() else Path(root).parent) / p))
+    if src and len(src) < len(datasets):
+        raise ValueError(f"no prompts for {[d for d in datasets if d not in src]}: pass prompts= or prompts_for=")
+    return prompts_by_dataset(src or (lambda d: registry_prompts_for(d, "zoo", condition)), datasets)
 
-    layout, grids, ds = load_zoo_tensors(train, chunk, target, cache=grid_cache, stats_code=stats_code)
-    mask = grid_mask(layout)
-    weight = token_weights(grids, ds) if weighting == "std" else torch.ones(grids.shape[1])
+
+def _condition_encoder(encoder: str | ConditionEncoder, max_length: int, dev: torch.device) -> ConditionEncoder:
+    """A loaded encoder (checked against ``max_length``) or a new one (prompt cache on ``dev``)."""
     if isinstance(encoder, ConditionEncoder):
-        enc = encoder
-        if enc.max_length != max_length:
-            raise ValueError(f"encoder max_length {enc.max_length} != max_length {max_length}")
-    else:
-        enc = ConditionEncoder(encoder, max_length=max_length, device=dev)
-    sampler = PromptSampler(pool, n_prompts, seed=seed)
-    in_shape = (n_prompts, max_length, enc.hidden)
-    chain = [tuple(s) for s in chain] if chain else plan_chain(in_shape, layout.grid_shape, width, n_layers)
-    if tuple(chain[0]) != in_shape or tuple(chain[-1]) != layout.grid_shape:
-        raise ValueError(f"chain {chain[0]}..{chain[-1]} does not map {in_shape} to {layout.grid_shape}")
-    model = HyperConvDecoder(chain, kernel).to(dev)
-    n_par = model.count_parameters()
-    if verbose:
-        print(f"hyper-conv decoder: {n_par:,} parameters; chain {chain}; target {layout.n_tokens} tokens "
-              f"{layout.grid_shape[1:]} ({layout.n_params:,} LoRA parameters)")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, steps))
-    gen = torch.Generator().manual_seed(seed)
-    grids_d, mask_d, weight_d = grids.to(dev), mask.to(dev), weight.to(dev)
-    use_bf16 = dev.type == "cuda"
-    losses: list[float] = []
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sig = {"chain": [list(s) for s in chain], "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-           "holdout": sorted(held), "kernel": kernel}
-    resumed = _resume(out / "train_state.pt", sig, model, opt, sched, gen, sampler)
-    start = resumed["step"] if resumed else 0
-    losses = resumed["losses"] if resumed else losses
-    model.train()
-    for step in range(start, steps):
-        if ((stop_after is not None and step - start >= stop_after)
-                or (max_seconds is not None and time.perf_counter() - t0 > max_seconds)):
-            torch.save({"sig": sig, "step": step, "losses": losses, "model": model.state_dict(),
-                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
-                        "sampler": sampler.rng.getstate(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                       out / "train_state.pt")
-            return {"parameters": n_par, "losses": losses, "seconds": time.perf_counter() - t0, "out": str(out),
-                    "complete": False, "step": step}
-        idx = torch.randint(0, grids.shape[0], (batch_size,), generator=gen)
-        cond, _ = enc.encode_batch([sampler.sample(ds[i]) for i in idx.tolist()])
-        cond = cond.to(dev)
-        y = grids_d[idx.to(dev)]
-        if cond_noise:
-            cond = cond + cond_noise * torch.randn_like(cond)
-        if target_noise:
-            y = y + target_noise * torch.randn_like(y)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pred = model(cond)
-        loss = weighted_mse(pred.float(), y, mask_d, weight_d)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if verbose and log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss {losses[-1]:.5f}  lr {sched.get_last_lr()[0]:.2e}")
-        if step + 1 in keep_steps:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(out / f"generator_step{step + 1:06d}.safetensors"))
-
-    (out / "train_state.pt").unlink(missing_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(out / "generator.safetensors"))
-    shutil.copy(Path(train[0]["path"]) / ADAPTER_CONFIG, out / "template_adapter_config.json")
-    seconds = time.perf_counter() - t0
-    cfg = {"chain": [list(s) for s in chain], "kernel": kernel, "layout": layout.to_json(), "encoder": enc.name,
-           "max_length": max_length, "n_prompts": n_prompts, "target": target, "holdout": sorted(held),
-           "train_datasets": datasets, "zoo_entries": train, "parameters": n_par, "steps": steps,
-           "batch_size": batch_size, "lr": lr, "seed": seed, "condition": condition}
-    with open(out / "generator_config.json", "w") as f:
-        json.dump(cfg, f, indent=1, default=str)
-    summary = {"parameters": n_par, "losses": losses, "seconds": seconds, "out": str(out), "complete": True,
-               "step": steps}
-    with open(out / "train_log.json", "w") as f:
-        json.dump(summary, f)
-    return summary
-
-
-def _resume(path: Path, sig: dict, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
-            gen: torch.Generator, sampler: PromptSampler) -> dict | None:
-    """Load an interrupted training's state into the fresh objects; None when there is none."""
-    if not path.exists():
-        return None
-    st = torch.load(path, map_location="cpu", weights_only=False)
-    if st["sig"] != sig:
-        raise ValueError(f"{path} belongs to another training ({st['sig']} != {sig}): delete it or use another out")
-    model.load_state_dict(st["model"])
-    opt.load_state_dict(st["opt"])
-    sched.load_state_dict(st["sched"])
-    gen.set_state(st["gen"])
-    sampler.rng.setstate(st["sampler"])
-    torch.set_rng_state(st["torch"])
-    if st["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    return {"step": st["step"], "losses": st["losses"]}
+        if encoder.max_length != max_length:
+            raise ValueError(f"encoder max_length {encoder.max_length} != max_length {max_length}")
+        return encoder
+    return ConditionEncoder(encoder, max_length=max_length, device=dev, cache_device=dev)
 
 
 def load_generator_config(generator_dir: str | Path) -> dict:

@@ -35,43 +35,51 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else round(100 * x, 2)
 
 
-def build_results(stages: Mapping[str, Any], config: str, measure: str = "acc_norm", *,
+def build_results(stages: Mapping[str, Any], config: str, measure: str = "primary", *,
                   device: str, versions: Mapping[str, str], date: str, command: str,
                   datasets: Sequence[str] = DATASETS) -> dict[str, Any]:
     """The ``dnd_cloze.json`` object from the stage results of one zoo config (see the issue's schema).
 
-    Fields not measured yet (the DnD rows before the generator stages) are ``None``; ``zoo_gate`` summarises
-    own LoRA − base on the evaluation subsets."""
-    key = "correct_norm" if measure == "acc_norm" else "correct"
-    base = stages.get("base", {}).get("datasets", {})
+    ``measure``: ``primary`` (each dataset's :func:`.cloze.primary_measure`: acc_norm, acc where the options are
+    single tokens or share their continuation), ``acc`` or ``acc_norm``. Fields not measured yet (the DnD rows
+    before the generator stages) are ``None``; ``zoo_gate`` summarises own LoRA − base on the evaluation subsets.
+    Each row names the cloze ``format`` version its stages were made with and the current one."""
+    from .cloze import format_version, primary_measure
+
+    base_stage = stages.get("base", {})
+    base = base_stage.get("datasets", {})
     cross = stages.get(f"cross:{config}", {}).get("lora_on", {})
     out: dict[str, Any] = {}
     gains = []
+    measures = {d: primary_measure(d) if measure == "primary" else measure for d in datasets}
     for d in datasets:
+        m = measures[d]
+        key = "correct_norm" if m == "acc_norm" else "correct"
         b = base.get(d, {}).get("test")
         z = stages.get(f"zoo:{config}:{d}")
-        row: dict[str, Any] = {"chance": _pct(b["chance"]) if b else None, "majority": _pct(b["majority"]) if b
-                               else None, "n": b["n"] if b else None, "base": _pct(b[measure]) if b else None,
-                               "base_other_measure": _pct(b["acc" if measure == "acc_norm" else "acc_norm"])
-                               if b else None}
+        row: dict[str, Any] = {"measure": m, "chance": _pct(b["chance"]) if b else None,
+                               "majority": _pct(b["majority"]) if b else None, "n": b["n"] if b else None,
+                               "base": _pct(b[m]) if b else None,
+                               "base_other_measure": _pct(b["acc" if m == "acc_norm" else "acc_norm"]) if b else None,
+                               "format": base_stage.get("formats", {}).get(d, 1), "format_current": format_version(d)}
         if z:
-            row["own_lora"] = _pct(z["test"][measure])
-            row["own_lora_dev"], row["base_dev"] = _pct(z["dev"][measure]), _pct(base[d]["dev"][measure])
+            row["own_lora"] = _pct(z["test"][m])
+            row["own_lora_dev"], row["base_dev"] = _pct(z["dev"][m]), _pct(base[d]["dev"][m])
             row["ci_own_minus_base"] = paired_bootstrap(z["test"][key], b[key])
             gains.append(row["own_lora"] - row["base"])
         others = {s: cross[s][d] for s in cross if d in cross[s]}
         if others:
-            accs = {s: 100 * r[measure] for s, r in others.items()}
+            accs = {s: 100 * r[m] for s, r in others.items()}
             best = max(accs, key=accs.__getitem__)
             row["train_lora_mean"] = round(statistics.mean(accs.values()), 2)
             row["train_lora_best"] = {"dataset": best, "acc": round(accs[best], 2)}
         dnd = stages.get(f"dnd:{config}:{d}")
         if dnd and b and others:
-            row.update(_dnd_fields(dnd, others, b, z, cross, d, measure, key))
+            row.update(_dnd_fields(dnd, others, b, z, cross, d, m, key))
         abl = stages.get(f"dnd:{config}+statsdnd:{d}")
         if abl and dnd and b:  # stats-code ablation: DnD's scale code against the relative code, same examples
             per = [[statistics.mean(r[key][i] for r in x["draws"]) for i in range(len(b[key]))] for x in (abl, dnd)]
-            row["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[measure] for r in abl["draws"]), 2)
+            row["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[m] for r in abl["draws"]), 2)
             row["ci_stats_dnd_minus_relative"] = paired_bootstrap(per[0], per[1])
         for k in ("train_lora_mean", "train_lora_best", "own_lora", "dnd_mean", "dnd_sd", "ci_dnd_minus_train_mean",
                   "ci_dnd_minus_base", "nearest_lora", "generate_seconds", "in_distribution_recovery"):
@@ -86,7 +94,7 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "acc_no
         gate = {"mean_gain": round(statistics.mean(gains), 2), "datasets_gaining_3": sum(g >= 3 for g in gains),
                 "n_datasets": len(gains), "passes": statistics.mean(gains) >= 3 and sum(g >= 3 for g in gains) >= 5}
     return {"device": device, "versions": dict(versions), "date": date, "command": command, "measure": measure,
-            "zoo_config": config, "zoo_gate": gate, "datasets": out}
+            "measures": measures, "zoo_config": config, "zoo_gate": gate, "datasets": out}
 
 
 def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping[str, Any], own: Any,
@@ -122,6 +130,10 @@ def _f(x: Any) -> str:
 def render(res: Mapping[str, Any]) -> str:
     """Markdown report of a ``dnd_cloze.json`` object."""
     m = res["measure"]
+    per = res.get("measures") or {d: m for d in res["datasets"]}
+    if m == "primary":
+        odd = sorted({d.split("/")[-1] for d, x in per.items() if x != "acc_norm"})
+        m = "acc_norm" + (f"; acc for {', '.join(odd)}" if odd else "")
     lines = [f"# Drag-and-Drop on SmolLM2-135M-Instruct: cloze scoring ({m})", "",
              f"Generated from `benchmarks/results/dnd_cloze.json` by `python benchmarks/dnd_bench.py cloze-report`. "
              f"Device: {res['device']}; date: {res['date']}; versions: "
@@ -129,7 +141,10 @@ def render(res: Mapping[str, Any]) -> str:
              f"Command: `{res['command']}`", "",
              (f"Zoo config `{res['zoo_config']}`. Accuracies in percent on each dataset's evaluation subset "
              "(sha256-ranked ≤500 examples of the DnD test part); intervals are 95% paired bootstrap intervals "
-             "over examples (2,000 resamples). `other` is the other measure (acc when the table is acc_norm)."), "",
+             "over examples (2,000 resamples). `other` is the other measure (acc where the table shows acc_norm). "
+             "acc where a dataset's options are single tokens (BoolQ: byte normalisation would only reweight the two "
+             "log-probabilities) or share their continuation (WinoGrande, partial scoring: acc = acc_norm), as "
+             "lm-evaluation-harness reports them; acc_norm elsewhere."), "",
              ("| dataset | n | chance | majority | base | base (other) | own LoRA | own − base 95% CI | base dev | "
              "own dev | train-LoRA mean | best train LoRA | DnD mean ± sd | DnD − train mean | DnD − base |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -145,8 +160,19 @@ def render(res: Mapping[str, Any]) -> str:
              and r["base"] > r["chance"]]
     below = [d.split("/")[-1] for d, r in res["datasets"].items() if r["base"] is not None and r["chance"] is not None
              and r["base"] <= r["chance"]]
-    lines.append(f"Base above chance ({m}) on {len(above)} of {len(above) + len(below)} datasets"
+    lines.append(f"Base above chance (reported measure) on {len(above)} of {len(above) + len(below)} datasets"
                  + (f"; not above chance: {', '.join(below)}." if below else "."))
+    maj = [d.split("/")[-1] for d, r in res["datasets"].items() if r["base"] is not None and r.get("majority")
+           is not None and r["majority"] > r["chance"] + 5 and r["base"] <= r["majority"]]
+    if maj:
+        lines.append(f"Chance is 1/(number of options). Where the gold labels are unbalanced ({', '.join(maj)}), the "
+                     "base model is not above the majority-class rate (always answering the frequent label); its "
+                     "adapters are compared with it on the same examples.")
+    stale = [f"{d.split('/')[-1]} (format v{r['format']}, current v{r['format_current']})"
+             for d, r in res["datasets"].items() if r.get("format", 1) != r.get("format_current", 1)]
+    if stale:
+        lines.append(f"Stale: these stages predate the current cloze format of {', '.join(stale)}; the next run "
+                     "redoes them (see `softprompt.dnd.cloze.FORMAT_VERSIONS`).")
     g = res.get("zoo_gate")
     if g:
         verdict = "passes" if g["passes"] else "fails"

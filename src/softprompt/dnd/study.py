@@ -9,7 +9,15 @@ A *state* folder holds one JSON per finished stage (``stages/<name>.json``) plus
 * ``cross:<cfg>``: every final LoRA of ``cfg`` scored on every other dataset's evaluation subset (the
   training-LoRA mean / best of leave-one-out);
 * with ``generators=True``, per held-out dataset: ``gen:<cfg>:<h>`` and ``dnd:<cfg>:<h>`` (:mod:`.study_gen`). A
-  ``gen`` stage may span calls: it starts when 120 s are left and trains until the budget is spent.
+  ``gen`` stage may span calls: it starts when 120 s are left and trains until the budget is spent. ``gen_group``
+  generators train side by side in one process (:mod:`.gen_train`); with ``session_left`` (device seconds left in
+  the session) a generator is started only if it and its ``dnd`` stage can finish before the session ends (a
+  generator cut by the session's end loses its training state with the machine).
+
+A stage result records the cloze format version (:data:`.cloze.FORMAT_VERSIONS`) of every dataset it depends on
+(a zoo stage: its dataset; every other stage: all datasets), and ``gen``/``dnd`` results their generator options;
+a result made with other versions or options is *stale*: not done, not exported, not restored, and redone.
+With ``zoo_workers`` > 1 the zoo stages of a config run in that many processes at once (:mod:`.study_zoo`).
 
 A stage starts only if its estimate (the longest finished stage of its kind, else a prior) fits in the time budget,
 so a 10-minute device call stops cleanly; a rerun skips finished stages. Stage JSONs are small: they travel back in
@@ -29,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cloze import evaluate_cloze
+from .cloze import evaluate_cloze, format_version
 from .harness import _rank, dnd_records
 from .templates import DATASETS
 from .zoo import build_zoo, dataset_dirname
@@ -69,7 +77,14 @@ class Study:
                  configs: Sequence[str] = ("r8,lr2e-4,steps250,ckpt50",), n_eval: int = 500,
                  n_dev: int = 500, batch_size: int = 64, device: str | None = None,
                  log: Callable[[str], None] = print, generators: bool = False, encoder: str = "minilm",
-                 gen: dict[str, Any] | None = None, stats_ablation: bool = False) -> None:
+                 gen: dict[str, Any] | None = None, stats_ablation: bool = False, gen_group: int = 1,
+                 gen_streams: bool = False, session_left: float | None = None,
+                 gen_step_seconds: float | None = None, zoo_workers: int = 1) -> None:
+        # what a zoo worker process needs to rebuild this study (softprompt.dnd.study_zoo)
+        self.init_kwargs = {"state": str(state), "model": model, "datasets": list(datasets),
+                            "configs": list(configs), "n_eval": n_eval, "n_dev": n_dev, "batch_size": batch_size,
+                            "device": device}
+        self.zoo_workers = max(1, zoo_workers)
         self.state = Path(state)
         (self.state / "stages").mkdir(parents=True, exist_ok=True)
         self.model_path, self.datasets, self.n_eval, self.n_dev = model, list(datasets), n_eval, n_dev
@@ -78,6 +93,8 @@ class Study:
         self._recs: dict[str, list] = {}
         self.generators, self.encoder, self.gen = generators, encoder, dict(gen or {})
         self.stats_ablation = stats_ablation
+        self.gen_group, self.gen_streams = max(1, gen_group), gen_streams
+        self.session_left, self.gen_step_prior = session_left, gen_step_seconds
 
     # -------------------------------------------------------------------------------------------- helpers
     def stages(self) -> list[str]:
@@ -97,8 +114,31 @@ class Study:
     def path(self, stage: str) -> Path:
         return self.state / "stages" / (stage.replace(":", "__").replace("/", "__") + ".json")
 
+    def deps(self, stage: str) -> list[str]:
+        """Datasets whose cloze format a stage's result depends on: a zoo stage its own dataset; ``base``,
+        ``cross``, ``gen`` and ``dnd`` every dataset of the study (a generator learns the other datasets' zoos)."""
+        kind, *rest = stage.split(":")
+        return [rest[1]] if kind == "zoo" else list(self.datasets)
+
+    def formats(self, stage: str) -> dict[str, int]:
+        """``{dataset: cloze format version}`` of a stage's dependencies now (:data:`.cloze.FORMAT_VERSIONS`)."""
+        return {d: format_version(d) for d in self.deps(stage)}
+
+    def fresh(self, stage: str, res: dict[str, Any]) -> bool:
+        """Whether a stage result was made with today's cloze formats (a result without ``formats`` predates them:
+        v1 everywhere) and, for ``gen``/``dnd`` stages, with today's generator options (:func:`.study_gen.stale`)."""
+        rec = res.get("formats", {})
+        if not all(rec.get(d, 1) == v for d, v in self.formats(stage).items()):
+            return False
+        if stage.startswith(("gen:", "dnd:")):
+            from .study_gen import stale
+
+            return not stale(self, stage, res)
+        return True
+
     def done(self, stage: str) -> bool:
-        return self.path(stage).exists()
+        """Finished, with the current cloze formats (a stale result is redone and overwritten)."""
+        return self.path(stage).exists() and self.fresh(stage, self.result(stage))
 
     def result(self, stage: str) -> dict[str, Any]:
         return json.loads(self.path(stage).read_text())
@@ -181,30 +221,90 @@ class Study:
             kind, *rest = stage.split(":")
             if kind == "base":
                 res = self.run_base()
+            elif kind == "zoo" and self.zoo_workers > 1:
+                from .study_zoo import run_zoos_parallel
+
+                todo = [s for s in self.stages() if s.startswith(f"zoo:{rest[0]}:") and not self.done(s)]
+                self.log(f"zoo stages {', '.join(todo)} in {self.zoo_workers} processes")
+                run_zoos_parallel(self, todo, left - 20, self.zoo_workers)
+                if export:
+                    self.export(export)
+                if not all(self.done(s) for s in todo):
+                    return f"stopped during {stage}"
+                continue
             elif kind == "zoo":
                 res = self.run_zoo(cfgs[rest[0]], rest[1])
             elif kind == "cross":
                 res = self.run_cross(cfgs[rest[0]])
             elif kind == "gen":
-                from .study_gen import run_gen
-
-                name, _, tag = rest[0].partition("+")
-                res = run_gen(self, cfgs[name], rest[1], max_seconds=left - 40, tag=tag)
-                if res is None:
-                    if export:
-                        self.export(export)
-                    return f"stopped during {stage}"
+                status = self._run_gens(stage, cfgs, t0, time_budget, export)
+                if status:
+                    return status
+                continue
             else:
                 from .study_gen import run_dnd
 
                 name, _, tag = rest[0].partition("+")
                 res = run_dnd(self, cfgs[name], rest[1], tag=tag)
             res["seconds"] = round(time.time() - s0, 2)
+            res["formats"] = self.formats(stage)
             self.path(stage).write_text(json.dumps(res) + "\n")
             self.log(f"done {stage} in {res['seconds']:.1f} s")
             if export:
                 self.export(export)
         return "complete"
+
+    def gen_plan(self, stage: str, t0: float) -> list[str]:
+        """Held-out datasets whose generators train together from ``stage`` on: the next ``gen_group`` pending
+        generators of the stage's config, cut to those that can still finish, with their ``dnd`` stages, within
+        ``session_left`` (seconds of device time the session had at ``t0``; a generator cut by the session's end
+        restarts from zero next session). Empty when not even one fits."""
+        from .study_gen import gen_step_seconds, steps_left
+
+        head = stage.rsplit(":", 1)[0] + ":"
+        group = [s.rsplit(":", 1)[1] for s in self.stages() if s.startswith(head) and not self.done(s)]
+        group = group[:self.gen_group]
+        if self.session_left is None:
+            return group
+        name, _, tag = head.split(":")[1].partition("+")
+        cfg = next(c for c in self.configs if c["name"] == name)
+        per_step = gen_step_seconds(self, self.gen_step_prior)
+        left = self.session_left - (time.time() - t0)
+        while group:
+            train = sum(steps_left(self, cfg, h, tag) for h in group) * per_step
+            need = 1.1 * (train + len(group) * self.estimate("dnd")) + 60 * (1 + int(train // 540))
+            if need <= left:
+                break
+            self.log(f"session: {len(group)} generator(s) need ~{need:.0f} s ({per_step:.2f} s per generator "
+                     f"step), {left:.0f} s left")
+            group = group[:-1]
+        return group
+
+    def _run_gens(self, stage: str, cfgs: dict[str, dict[str, Any]], t0: float, time_budget: float,
+                  export: str | Path | None) -> str | None:
+        """Train the generator group that starts at ``stage`` (see :meth:`gen_plan`); writes the finished ``gen``
+        stages; returns a stop status, or None when every generator of the group finished in this call."""
+        from .study_gen import run_gen_group
+
+        group = self.gen_plan(stage, t0)
+        if not group:
+            self.log(f"stop before {stage}: no generator can finish within this session's device time")
+            return f"stopped before {stage} (session)"
+        cfg_tag = stage.split(":")[1]
+        name, _, tag = cfg_tag.partition("+")
+        left = time_budget - (time.time() - t0)
+        self.log(f"generators {', '.join(group)} ({cfg_tag}) side by side, {left - 40:.0f} s in this call")
+        res = run_gen_group(self, cfgs[name], group, max_seconds=left - 40, tag=tag)
+        for h, r in res.items():
+            if r is not None:
+                r["seconds"], r["formats"] = round(r["share_seconds"], 2), self.formats(f"gen:{cfg_tag}:{h}")
+                self.path(f"gen:{cfg_tag}:{h}").write_text(json.dumps(r) + "\n")
+                self.log(f"done gen:{cfg_tag}:{h} ({r['train_seconds']:.1f} s of group training)")
+        if export:
+            self.export(export)
+        if any(r is None for r in res.values()):
+            return f"stopped during {stage}"
+        return None
 
     def export(self, out: str | Path) -> Path:
         """Every finished stage JSON in one file ``out/dnd_cloze_stages.json`` (small; no weights)."""
@@ -219,7 +319,9 @@ class Study:
         finished generator (a ``gen`` stage with its ``dnd`` stage: its draws are scored, nothing needs its weights
         again; it stays paired with the zoo it was trained on, a GPU rebuild of which differs in rounding only).
         Redone: zoo stages without weights, ``cross``, and a ``gen`` stage whose ``dnd`` stage is missing."""
-        data = json.loads(Path(stages_file).read_text())
+        raw = json.loads(Path(stages_file).read_text())
+        # a result made with an older cloze format (or generator options) of what it depends on is redone
+        data = {s: r for s, r in raw.items() if s in self.stages() and self.fresh(s, r)}
         cfgs = {c["name"]: c for c in self.configs}
         kept = []
         for stage, res in data.items():

@@ -81,27 +81,89 @@ def _encoder(study: Study, g: dict[str, Any]) -> Any:
     return study._enc
 
 
-def run_gen(study: Study, cfg: dict[str, Any], holdout: str, max_seconds: float,
-            tag: str = "") -> dict[str, Any] | None:
-    """Train (or continue) the generator without ``holdout``; None while it is unfinished."""
-    from .generator import train_generator
+def run_gen_group(study: Study, cfg: dict[str, Any], holdouts: list[str], max_seconds: float,
+                  tag: str = "") -> dict[str, dict[str, Any] | None]:
+    """Train (or continue) the generators without each of ``holdouts`` side by side (:func:`.gen_train.train_group`:
+    one grid bank, one encoder cache); per holdout its stage result, or None while it is unfinished."""
+    from .gen_train import GROUP_DEFAULTS, train_group
 
     g = _options(study, tag)
-    train = [d for d in study.datasets if d != holdout]
-    res = train_generator(zoo_entries(study, cfg, train), None, study.gen_dir(cfg, holdout, tag and "+" + tag),
-                          g["steps"],
-                          prompts_for=lambda d: training_prompts(d, g["pool"]), encoder=_encoder(study, g),
-                          max_length=g["max_length"], n_prompts=g["n_prompts"], batch_size=g["batch_size"],
-                          lr=g["lr"], warmup=g["warmup"], width=g["width"], n_layers=g["n_layers"],
-                          kernel=g["kernel"], chunk=g["chunk"], stats_code=g["stats_code"], device=study.device,
-                          verbose=False, max_seconds=max_seconds, keep_steps=(g["steps"] // 2,))
-    if not res["complete"]:
-        study.log(f"generator {holdout}: step {res['step']}/{g['steps']}, continues in the next call")
-        return None
-    losses = res["losses"]
-    return {"parameters": res["parameters"], "loss_first": losses[0], "loss_last": losses[-1],
-            "loss_curve": losses[:: max(1, len(losses) // 50)], "train_seconds": res["seconds"],
-            "train_datasets": train, "config": g}
+    outs = [study.gen_dir(cfg, h, tag and "+" + tag) for h in holdouts]
+    res = train_group(zoo_entries(study, cfg, study.datasets), holdouts, outs,
+                      lambda d: training_prompts(d, g["pool"]), _encoder(study, g),
+                      opts={k: g[k] for k in GROUP_DEFAULTS if k in g}, keep_steps=(g["steps"] // 2,),
+                      max_seconds=max_seconds, streams=study.gen_streams)
+    out: dict[str, dict[str, Any] | None] = {}
+    for h, r in zip(holdouts, res):
+        if not r["complete"]:
+            study.log(f"generator {h}: step {r['step']}/{g['steps']}, continues in the next call")
+            out[h] = None
+            continue
+        losses = r["losses"]
+        out[h] = {"parameters": r["parameters"], "loss_first": losses[0], "loss_last": losses[-1],
+                  "loss_curve": losses[:: max(1, len(losses) // 50)], "train_seconds": r["seconds"],
+                  "share_seconds": r["share_seconds"], "group": list(holdouts),
+                  "train_datasets": [d for d in study.datasets if d != h], "config": g}
+    return out
+
+
+def run_gen(study: Study, cfg: dict[str, Any], holdout: str, max_seconds: float,
+            tag: str = "") -> dict[str, Any] | None:
+    """One generator (a group of one): its stage result, or None while it is unfinished."""
+    return run_gen_group(study, cfg, [holdout], max_seconds, tag)[holdout]
+
+
+def stale(study: Study, stage: str, res: dict[str, Any]) -> bool:
+    """Whether a ``gen``/``dnd`` stage result was made with other generator options than the study's now: for a
+    ``gen`` stage the training options (:data:`.gen_train.GROUP_DEFAULTS` keys and ``pool``), for a ``dnd`` stage
+    all of them. Results that do not record their options are taken as current."""
+    from .gen_train import GROUP_DEFAULTS
+
+    if "config" not in res:
+        return False
+    g = _options(study, stage.split(":")[1].partition("+")[2])
+    keys = (set(GROUP_DEFAULTS) | {"pool"}) if stage.startswith("gen:") else set(g) | set(res["config"])
+    return any(res["config"].get(k) != g.get(k) for k in keys)
+
+
+def gen_step_seconds(study: Study, prior: float | None = None) -> float:
+    """Seconds one generator step costs (device time per generator-step, a run's share of its group): the largest
+    measured over finished ``gen`` stages and unfinished runs' ``train_progress.json``, else ``prior``, else
+    :data:`PRIOR_STEP_SECONDS`."""
+    import json
+
+    seen = []
+    for s in study.stages():
+        kind, *rest = s.split(":")
+        if kind != "gen":
+            continue
+        if study.done(s):
+            r = study.result(s)
+            if "share_seconds" in r:
+                seen.append(r["share_seconds"] / r["config"]["steps"])
+            continue
+        name, _, tag = rest[0].partition("+")
+        cfg = next(c for c in study.configs if c["name"] == name)
+        prog = study.gen_dir(cfg, rest[1], tag and "+" + tag) / "train_progress.json"
+        if prog.exists():
+            p = json.loads(prog.read_text())
+            if p["step"] >= 5:  # the first steps include warm-up (kernel selection)
+                seen.append(p["share"] / p["step"])
+    if seen:
+        return max(seen)
+    return prior if prior is not None else PRIOR_STEP_SECONDS
+
+
+PRIOR_STEP_SECONDS = 0.6  # ~74 TFLOP per step at ~120 TFLOP/s (the effective rate of the 2026-11-25 H100 run)
+
+
+def steps_left(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> int:
+    """Generator steps still to train for ``holdout`` (from its ``train_progress.json``, if any)."""
+    import json
+
+    total = _options(study, tag)["steps"]
+    prog = study.gen_dir(cfg, holdout, tag and "+" + tag) / "train_progress.json"
+    return total - (json.loads(prog.read_text())["step"] if prog.exists() else 0)
 
 
 def _score_state(study: Study, state: dict, template: Any, dataset: str, tmp: Any) -> dict[str, Any]:
@@ -159,5 +221,5 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
     nearest = max(sims, key=sims.__getitem__)
     return {"draws": draws, "condition_source": source, "n_condition_prompts": len(prompts),
             "recovery": {"dataset": own, "draws": rec_draws}, "similarity": sims, "nearest": nearest,
-            "zoo_mean": zoo_mean,
+            "zoo_mean": zoo_mean, "config": g,
             "generate_seconds": statistics.mean(d["seconds"] for d in draws)}

@@ -1,0 +1,57 @@
+"""Zoo stages of the cloze study in parallel processes on one GPU (issue 21: the zoo is rebuilt every session).
+
+A zoo stage (250 LoRA steps of SmolLM2-135M at batch 32, 50 saves, dev and test scoring) is bound by kernel
+launches and host work, not by the GPU: on the H200 of 2026-12-04 its steps took ~130 ms for ~1.5 TFLOP (ARC-sized
+batches), about 12 TFLOP/s. ``workers`` spawned processes (each its own CUDA context and CPU core) train that many
+datasets at once and fill the GPU's idle time. Each process runs exactly the sequential stage's code
+(:meth:`.study.Study.run_zoo`, same seeds), so a stage's result does not depend on the worker count (GPU rounding
+aside). The speed-up on the GPU is an estimate until measured (``docs/dnd_gpu.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from typing import Any
+
+Study = Any  # a softprompt.dnd.study.Study (not imported: study imports this module)
+
+
+def _zoo_job(kwargs: dict[str, Any], stage: str) -> str:
+    """Worker: run one zoo stage of a study rebuilt from its constructor arguments; writes the stage JSON."""
+    from .study import Study as _Study
+
+    st = _Study(**kwargs, log=lambda m: print(f"[{stage}] {m}", flush=True))
+    _, name, dataset = stage.split(":")
+    cfg = next(c for c in st.configs if c["name"] == name)
+    s0 = time.time()
+    res = st.run_zoo(cfg, dataset)
+    res["seconds"] = round(time.time() - s0, 2)
+    res["formats"] = st.formats(stage)
+    st.path(stage).write_text(json.dumps(res) + "\n")
+    return stage
+
+
+def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: int) -> list[str]:
+    """Run ``stages`` (zoo stages of ``study``) in ``workers`` spawned processes, at most ``seconds``: at the
+    deadline the pool is terminated (stages not written then are redone by a later call). A worker's exception is
+    raised here. Returns the stages that finished."""
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
+    t_end = time.time() + seconds
+    pool = ctx.Pool(max(1, workers), maxtasksperchild=1)  # a fresh process (and GPU memory) per stage
+    try:
+        jobs = [pool.apply_async(_zoo_job, (study.init_kwargs, s)) for s in stages]
+        for j in jobs:
+            try:
+                j.get(timeout=max(0.0, t_end - time.time()))
+            except multiprocessing.TimeoutError:
+                study.log(f"zoo workers: deadline reached; {sum(not study.done(s) for s in stages)} stage(s) left")
+                break
+    finally:
+        pool.terminate()
+        pool.join()
+    return [s for s in stages if study.done(s)]
+
+
+__all__ = ["run_zoos_parallel"]

@@ -1,0 +1,140 @@
+"""Leave-one-out generators trained side by side (``gen_train.train_group``): each equals the same generator trained
+alone, resumes from its own state under any grouping, and the study only starts what can finish in the session."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_dnd_generator import KW, zoo  # noqa: F401  (zoo: the module fixture)
+
+from softprompt.dnd.condition import ConditionEncoder, prompts_by_dataset
+from softprompt.dnd.export import read_zoo
+from softprompt.dnd.gen_train import train_group
+from softprompt.dnd.generator import train_generator
+
+OPTS = {"steps": 6, **{k: KW[k] for k in ("n_prompts", "max_length", "batch_size", "width", "n_layers", "kernel",
+                                          "chunk", "lr", "warmup")}}
+HELD = ["pos", "neg"]
+
+
+def _weights(d):
+    return load_file(str(d / "generator.safetensors"))
+
+
+def _same(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _group(zoo, enc, outs, held=HELD, **kw):  # noqa: F811
+    pools = prompts_by_dataset(zoo, ["pos", "neg"])
+    return train_group(read_zoo(zoo), held, outs, pools.__getitem__, enc, opts=OPTS, keep_steps=(3,), **kw)
+
+
+def test_group_equals_solo_and_resumes_under_any_grouping(zoo, tiny_bert_dir, tmp_path):  # noqa: F811
+    solo = {h: train_generator(zoo, h, tmp_path / "solo" / h, steps=6, prompts=zoo, encoder=tiny_bert_dir,
+                               keep_steps=(3,), **KW) for h in HELD}
+    enc = ConditionEncoder(tiny_bert_dir, max_length=OPTS["max_length"])
+    both = _group(zoo, enc, [tmp_path / "g" / h for h in HELD])
+    for h, r in zip(HELD, both):
+        assert r["complete"] and r["losses"] == solo[h]["losses"] and _same(tmp_path / "g" / h, tmp_path / "solo" / h)
+        assert r["share_seconds"] == pytest.approx(r["seconds"] / 2)  # two runs in every round
+        cfg = json.loads((tmp_path / "g" / h / "generator_config.json").read_text())
+        assert cfg["holdout"] == [h] and cfg["train_datasets"] == [d for d in HELD if d != h]
+    assert solo["pos"]["losses"] != solo["neg"]["losses"]  # they did learn different zoos
+    # 2 rounds side by side, then 'neg' alone for 1 step, then both to the end (a fresh encoder each call)
+    outs = [tmp_path / "s" / h for h in HELD]
+    part = _group(zoo, ConditionEncoder(tiny_bert_dir, max_length=OPTS["max_length"]), outs, stop_after=2)
+    assert [r["step"] for r in part] == [2, 2] and not any(r["complete"] for r in part)
+    prog = json.loads((outs[0] / "train_progress.json").read_text())
+    assert prog["step"] == 2 and prog["steps"] == 6 and prog["share"] > 0
+    one = _group(zoo, ConditionEncoder(tiny_bert_dir, max_length=OPTS["max_length"]), outs[1:], held=["neg"],
+                 stop_after=1)
+    assert one[0]["step"] == 3 and (outs[1] / "generator_step000003.safetensors").exists()
+    done = _group(zoo, enc, outs)
+    for h, r in zip(HELD, done):
+        assert r["complete"] and r["losses"] == solo[h]["losses"] and _same(tmp_path / "s" / h, tmp_path / "solo" / h)
+        assert not (tmp_path / "s" / h / "train_state.pt").exists()
+        assert not (tmp_path / "s" / h / "train_progress.json").exists()
+    kept = [load_file(str(d / "generator_step000003.safetensors")) for d in (outs[1], tmp_path / "solo" / "neg")]
+    assert all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])
+    t = _group(zoo, enc, [tmp_path / "t" / h for h in HELD], max_seconds=0)  # no time: nothing trains
+    assert [r["step"] for r in t] == [0, 0]
+
+
+def test_encoder_warm_is_order_independent(tiny_bert_dir):
+    pools = {"a": ["the movie was good", "a bad film", "not a fine movie"], "b": ["the film was awful", "a good"]}
+    one = ConditionEncoder(tiny_bert_dir, max_length=8)
+    one.encode(["a bad film"])  # cached first from another batch
+    assert one.warm(pools, batch_size=2) == 5  # both chunks of 'a' hold a missing prompt: re-encoded whole
+    two = ConditionEncoder(tiny_bert_dir, max_length=8)
+    two.warm({"b": pools["b"]}, batch_size=2)
+    two.warm({"a": pools["a"]}, batch_size=2)
+    assert two.warm(pools, batch_size=2) == 0
+    for p in pools["a"] + pools["b"]:
+        assert torch.equal(one.encode([p])[0], two.encode([p])[0])
+
+
+def _fake_study(tmp_path, mark=True, **kw):
+    from softprompt.dnd.study import Study
+
+    ds = ["commonsense/arc_easy", "commonsense/piqa", "commonsense/winogrande"]
+    st = Study(tmp_path / "state", "unused", ds, configs=["r2,lr1e-2,steps3,ckpt2"], generators=True,
+               log=lambda m: None, gen={"steps": 100}, **kw)
+    for s in st.stages() if mark else ():
+        if s.startswith(("base", "zoo:", "cross:")):
+            st.path(s).write_text(json.dumps({"seconds": 1.0, "formats": st.formats(s),
+                                              "final": {"path": "step_000003"}}) + "\n")
+    return st
+
+
+def test_session_plan_starts_only_what_can_finish(tmp_path):
+    st = _fake_study(tmp_path, gen_group=3, session_left=600.0, gen_step_seconds=1.0)
+    first = next(s for s in st.stages() if s.startswith("gen:"))
+    # 100 steps x 1 s per generator + ~180 s per dnd stage (prior) + 60 s per call: 1 fits in 600 s, 2 do not
+    assert st.gen_plan(first, t0=__import__("time").time()) == ["commonsense/arc_easy"]
+    st.session_left = 5000.0
+    assert st.gen_plan(first, t0=__import__("time").time()) == ["commonsense/arc_easy", "commonsense/piqa",
+                                                                 "commonsense/winogrande"]
+    st.session_left = 100.0
+    assert st.gen_plan(first, t0=__import__("time").time()) == []
+    assert st.run(time_budget=1000) == f"stopped before {first} (session)"
+    # a half-trained generator needs only its remaining steps; a measured step time replaces the prior
+    cfg = st.configs[0]
+    d = st.gen_dir(cfg, "commonsense/arc_easy")
+    d.mkdir(parents=True)
+    (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 9.0, "share": 9.0}))
+    st.session_left = 300.0
+    assert st.gen_plan(first, t0=__import__("time").time()) == ["commonsense/arc_easy"]
+    st.session_left, st.gen_group = None, 2  # no session limit: the next two pending generators
+    assert st.gen_plan(first, t0=0.0) == ["commonsense/arc_easy", "commonsense/piqa"]
+
+
+def test_stale_formats_and_generator_options_are_redone(tmp_path, monkeypatch):
+    from softprompt.dnd import cloze
+    from softprompt.dnd.study_gen import _options
+
+    st = _fake_study(tmp_path)
+    for s in st.stages():
+        if s.startswith(("gen:", "dnd:")):
+            st.path(s).write_text(json.dumps({"seconds": 1.0, "formats": st.formats(s),
+                                              "config": _options(st, "")}) + "\n")
+    assert all(st.done(s) for s in st.stages())
+    out = st.export(tmp_path / "out")
+    zoo_a = "zoo:r2_lr1e-2_steps3_ckpt2:commonsense/arc_easy"
+    st.path(zoo_a).write_text(json.dumps({"seconds": 1.0}) + "\n")  # no formats recorded: made before versions
+    assert st.done(zoo_a)  # ... read as v1, which arc_easy still is
+    monkeypatch.setitem(cloze.FORMAT_VERSIONS, "commonsense/piqa", 2)
+    pending = [s for s in st.stages() if not st.done(s)]
+    assert pending == [s for s in st.stages() if not s.startswith("zoo:") or s.endswith("piqa")]
+    assert "base" not in json.loads(st.export(tmp_path / "out2").read_text())  # stale results are not exported
+    fresh = _fake_study(tmp_path / "b", mark=False)  # a new state restoring the export made before the change
+    assert fresh.restore(out) == []  # base, gen and dnd all depend on piqa's format; zoo/cross need weights
+    monkeypatch.setitem(cloze.FORMAT_VERSIONS, "commonsense/piqa", 1)
+    assert all(st.done(s) for s in st.stages())
+    gen = next(s for s in st.stages() if s.startswith("gen:"))
+    st.gen = {"steps": 100, "draws": 3}  # draws: only the dnd stages are stale
+    assert st.done(gen) and not st.done(gen.replace("gen:", "dnd:", 1))
+    st.gen = {"steps": 100, "lr": 5e-4}  # a training option: the generator is stale too
+    assert not st.done(gen)

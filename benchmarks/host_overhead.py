@@ -1,31 +1,19 @@
 #!/usr/bin/env python
-"""Host time of one layer call, per method, ours against PEFT's and the bare model (issue 18, part 1). CPU only.
+"""Host time of one layer call, per method, ours against PEFT's and the bare model (issue 18). CPU only.
 
 Tiny models (hidden 32, 24 layers, batch 2 x 16 tokens, fp32, one thread) make the arithmetic negligible, so what is
 timed is the host work a real GPU step also pays per layer: Python, module calls, autograd bookkeeping, op dispatch.
-
-Variants: the bare frozen model, ours (prompt, ptuning, prefix, apt, lpt = static late prompt, lpt_npg = LPT's
-instance-dependent generator, idspam) and PEFT's (prompt, ptuning = PromptEncoder MLP, prefix), on a causal decoder
-(Qwen2ForCausalLM) and an encoder (RobertaForSequenceClassification). Two modes: ``train`` = forward + backward
-(``loss.backward()``, no optimizer step: its cost is per parameter tensor, not per layer) and ``forward`` = no-grad
-forward in eval mode. The bare model's train step gets its input gradient from a trainable zero scalar added to the
-embedding output, so that backward runs through every layer as it does for every method (as perf.py's ``frozen``).
-
-Every variant is also built at ``--short-layers`` depth. A straight line through the two depths splits a step time T
-into a per-forward part F (embeddings, head, loss, the method's once-per-forward work) and a per-layer slope. The
-reported host time of one layer call is
-
-    us_per_layer(variant) = (T_variant(L) - F_bare) / L
-
-i.e. everything the variant adds over the bare model's embeddings/head/loss, spread over its L layer calls (a
-method's once-per-forward work is charged to the layers it serves). ``slope_us`` (marginal cost of one more layer)
-and ``fixed_us`` (F) are stored too. Times are thread CPU time (``time.thread_time_ns``; robust to other processes
-on a shared machine, which only deschedule us) by default, wall time with ``--clock wall``. Robustness: warm-up,
-then ``--rounds`` rounds; each round runs every variant in turn (A B C ... A B C ..., the start rotated each round),
-``--reps`` steps at a time; a variant's T is the median of all its steps, its spread the min/max of its round medians.
+Every variant (bare; ours: prompt, ptuning, prefix, apt, lpt, lpt_npg, idspam; PEFT's prompt, ptuning, prefix) runs
+on a Qwen2 decoder and a RoBERTa encoder at two depths, in ``train`` (forward + backward) and ``forward`` (no grad)
+mode, interleaved over ``--rounds`` rounds; the line through the two depths gives ``us_per_layer`` (FORMULA below).
+Method and reading: docs/performance.md, "Host cost per layer call".
 
     python benchmarks/host_overhead.py --out benchmarks/results/host_overhead.json
     python benchmarks/host_overhead.py --quick --out /tmp/host.json        # smoke settings, a few seconds
+    python benchmarks/host_overhead.py --baseline 66dae24 --out ...         # before/after, interleaved in one run
+
+``--baseline REF`` adds ``before:<method>`` variants: the package at git ``REF``, imported beside the working tree's,
+so that a change is judged against its predecessor within one run, round by round (``before_after``).
 """
 
 from __future__ import annotations
@@ -34,11 +22,16 @@ import argparse
 import copy
 import datetime as _dt
 import gc
+import importlib
+import io
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -57,6 +50,12 @@ PEFT = ("prompt", "ptuning", "prefix")  # the methods PEFT has
 MODES = ("train", "forward")
 MODELS = ("decoder", "encoder")
 HEADLINE = "decoder/train"  # the case whose numbers fill methods[name].ours_us/peft_us/bare_us
+FORMULA = ("us_per_layer = (T_variant(L) - F_bare) / L; F_bare = T_bare(L) - L * (T_bare(L) - T_bare(S)) / (L - S); "
+           "T = median step time (all rounds), S = --short-layers. slope_us = (T(L) - T(S)) / (L - S), fixed_us = "
+           "T(L) - L * slope_us. train = forward + loss.backward(), no optimizer step; forward = no-grad, eval mode.")
+NOTE = ("Host-side CPU numbers on tiny models (one torch thread), not GPU times. The 2 cores are shared with other "
+        "processes: thread CPU time ignores descheduling but not cache contention, so compare variants within one run "
+        "(they are interleaved), not across runs.")
 
 
 def build_base(kind: str, layers: int) -> nn.Module:
@@ -93,8 +92,8 @@ def adapt(kind: str, variant: str, base: nn.Module, tokens: int) -> tuple[nn.Mod
             p.requires_grad_(name.startswith("classifier.") or name == "_bench_anchor")
         return base, extra
     owner, method = variant.split(":")
-    if owner == "ours":
-        import softprompt as sp
+    if owner in ("ours", "before"):
+        sp = importlib.import_module("softprompt" if owner == "ours" else BASELINE)
 
         cfg = {"prompt": lambda: sp.PromptTuningConfig(num_virtual_tokens=tokens),
                "ptuning": lambda: sp.PTuningConfig(num_virtual_tokens=tokens, encoder="mlp"),
@@ -142,10 +141,31 @@ def make_steps(model: nn.Module, extra: dict, batch: dict) -> dict[str, Callable
     return {"train": train, "forward": forward}
 
 
-def variants(methods: list[str]) -> list[str]:
+BASELINE = "softprompt_baseline"
+
+
+def load_baseline(ref: str) -> None:
+    """Make the package as it was at git ``ref`` importable as ``softprompt_baseline`` (a temporary folder on
+    ``sys.path``). Its imports are relative; only the attention function's registered name must differ, since
+    transformers looks attention functions up by name when a layer runs."""
+    root = Path(tempfile.mkdtemp(prefix="host_baseline_"))
+    tar = subprocess.run(["git", "-C", str(_SRC.parent), "archive", ref, "src/softprompt"], check=True,
+                         capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(root, filter="data")  # a snapshot: other engineers edit the working tree meanwhile
+    (root / "src" / "softprompt").rename(root / BASELINE)
+    attn = root / BASELINE / "engine" / "attention.py"
+    attn.write_text(attn.read_text().replace('ATTN_NAME = "softprompt"', f'ATTN_NAME = "{BASELINE}"'))
+    sys.path.insert(0, str(root))
+    sys.modules.pop(BASELINE, None)
+
+
+def variants(methods: list[str], baseline: bool = False) -> list[str]:
+    """bare, then per method ours (before, with a baseline) and PEFT's where PEFT has the method."""
     out = ["bare"]
     for m in methods:
         out.append(f"ours:{m}")
+        out += [f"before:{m}"] * baseline
         if m in PEFT:
             out.append(f"peft:{m}")
     return out
@@ -160,7 +180,7 @@ def measure(args: argparse.Namespace) -> tuple[dict, list[str]]:
         batch = make_batch(kind, args.batch, args.seq)
         for layers in (args.layers, args.short_layers):
             base = build_base(kind, layers)
-            for variant in variants(args.methods):
+            for variant in variants(args.methods, bool(args.baseline)):
                 try:
                     model, extra = adapt(kind, variant, copy.deepcopy(base), args.virtual_tokens)
                     steps = make_steps(model, extra, batch)
@@ -180,14 +200,15 @@ def measure(args: argparse.Namespace) -> tuple[dict, list[str]]:
     for r in range(args.rounds):
         shift = r % len(cases)
         for key, fn in cases[shift:] + cases[:shift]:  # rotate, so no variant always follows the same neighbour
-            times = []
-            for _ in range(args.reps):
-                t0 = clock()
-                fn()
-                times.append((clock() - t0) / 1000.0)
-            samples[key].append(times)
+            samples[key].append([_timed(fn, clock) for _ in range(args.reps)])
     gc.unfreeze()
     return samples, failures
+
+
+def _timed(fn: Callable[[], None], clock: Callable[[], int]) -> float:
+    t0 = clock()
+    fn()
+    return (clock() - t0) / 1000.0
 
 
 def summarise(samples: dict, args: argparse.Namespace) -> dict:
@@ -203,7 +224,7 @@ def summarise(samples: dict, args: argparse.Namespace) -> dict:
             # F_bare: the bare model's embeddings + head + loss, from the line through the two depths.
             tb_l, tb_s = _median(bare_long), _median(bare_short)
             f_bare = tb_l - L * (tb_l - tb_s) / (L - S)
-            for variant in variants(args.methods):
+            for variant in variants(args.methods, bool(args.baseline)):
                 long, short = samples.get((kind, L, variant, mode)), samples.get((kind, S, variant, mode))
                 if not long or not short:
                     continue
@@ -234,14 +255,14 @@ def headline(cases: dict, methods: list[str]) -> dict:
     for m in methods:
         entry: dict = {}
         for name, case in cases.items():
-            ours, peft, bare = case.get(f"ours:{m}"), case.get(f"peft:{m}"), case.get("bare")
+            ours, peft, bare, before = (case.get(k) for k in (f"ours:{m}", f"peft:{m}", "bare", f"before:{m}"))
             row = {"ours_us": ours and ours["us_per_layer"], "peft_us": peft and peft["us_per_layer"],
-                   "bare_us": bare and bare["us_per_layer"],
+                   "bare_us": bare and bare["us_per_layer"], "before_us": before and before["us_per_layer"],
                    "ours_spread_us": ours and ours["us_per_layer_rounds_min_max"],
                    "peft_spread_us": peft and peft["us_per_layer_rounds_min_max"],
                    "ours_slope_us": ours and ours["slope_us"], "peft_slope_us": peft and peft["slope_us"]}
             if name == HEADLINE:
-                entry.update({k: row[k] for k in ("ours_us", "peft_us", "bare_us")})
+                entry.update({k: row[k] for k in ("ours_us", "peft_us", "bare_us", "before_us")})
             entry.setdefault("cases", {})[name] = row
         out[m] = entry
     return out
@@ -255,18 +276,25 @@ def goals(cases: dict) -> list[dict]:
         checks = [("ours prefix <= PEFT prefix", prefix, case.get("peft:prefix"), 1.0)]
         checks += [(f"ours {m} <= 1.5x ours prefix", case.get(f"ours:{m}"), prefix, 1.5)
                    for m in ("apt", "idspam", "lpt", "lpt_npg")]
-        for goal, a, b, limit in checks:
-            if a and b:
-                ratio = a["us_per_layer"] / b["us_per_layer"]
-                # Paired by round: both variants ran minutes apart at most within a round, so a slow spell of the
-                # shared machine cancels in the ratio; the spread of these ratios says how firm the verdict is.
-                paired = sorted(x / y for x, y in zip(a["us_per_layer_rounds"], b["us_per_layer_rounds"]))
-                out.append({"goal": goal, "case": name, "ratio": round(ratio, 3), "limit": limit,
-                            "met": ratio <= limit, "headline": name == HEADLINE,
-                            "round_ratios_min_median_max": [round(paired[0], 3), round(statistics.median(paired), 3),
-                                                            round(paired[-1], 3)],
-                            "rounds_met": f"{sum(x <= limit for x in paired)}/{len(paired)}"})
+        out += [_compare(goal, name, a, b, limit) for goal, a, b, limit in checks if a and b]
     return out
+
+
+def before_after(cases: dict, methods: list[str]) -> list[dict]:
+    """With ``--baseline``: each method's host time per layer call now against the baseline's, per case."""
+    return [_compare(f"ours {m} <= before {m}", name, case[f"ours:{m}"], case[f"before:{m}"], 1.0)
+            for name, case in cases.items() for m in methods if f"ours:{m}" in case and f"before:{m}" in case]
+
+
+def _compare(goal: str, case: str, a: dict, b: dict, limit: float) -> dict:
+    ratio = a["us_per_layer"] / b["us_per_layer"]
+    # Paired by round: both variants ran minutes apart at most within a round, so a slow spell of the shared
+    # machine cancels in the ratio; the spread of these ratios says how firm the verdict is.
+    paired = sorted(x / y for x, y in zip(a["us_per_layer_rounds"], b["us_per_layer_rounds"]))
+    spread = [round(paired[0], 3), round(statistics.median(paired), 3), round(paired[-1], 3)]
+    return {"goal": goal, "case": case, "ratio": round(ratio, 3), "limit": limit, "met": ratio <= limit,
+            "headline": case == HEADLINE, "round_ratios_min_median_max": spread,
+            "rounds_met": f"{sum(x <= limit for x in paired)}/{len(paired)}"}
 
 
 def environment() -> tuple[str, dict]:
@@ -284,21 +312,21 @@ def environment() -> tuple[str, dict]:
 
 
 def table(cases: dict, methods: list[str]) -> str:
-    """Markdown: per case, us per layer call (and slope) of ours, PEFT's and the bare model."""
-    lines = ["| case | method | ours us/layer | PEFT us/layer | bare us/layer | ours / PEFT | ours / our prefix |",
-             "|---|---|---|---|---|---|---|"]
-    for name, case in cases.items():
-        bare, prefix = case.get("bare"), case.get("ours:prefix")
+    """Markdown: per case and method, us per layer call (min-max of rounds) of ours, before, PEFT's, bare."""
+    def fmt(v: dict | None) -> str:
+        lo, hi = (0, 0) if v is None else v["us_per_layer_rounds_min_max"]
+        return "-" if v is None else f"{v['us_per_layer']:.0f} ({lo:.0f}-{hi:.0f})"
+
+    def ratio(a: dict | None, b: dict | None) -> str:
+        return f"{a['us_per_layer'] / b['us_per_layer']:.2f}x" if a and b else "-"
+
+    lines = ["| case | method | ours us/layer | before | PEFT | bare | ours / PEFT | ours / our prefix |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, c in cases.items():
         for m in methods:
-            ours, peft = case.get(f"ours:{m}"), case.get(f"peft:{m}")
-
-            def fmt(v: dict | None) -> str:
-                lo, hi = (v or {}).get("us_per_layer_rounds_min_max", (0, 0))
-                return "-" if v is None else f"{v['us_per_layer']:.0f} ({lo:.0f}-{hi:.0f})"
-
-            vs_peft = f"{ours['us_per_layer'] / peft['us_per_layer']:.2f}x" if ours and peft else "-"
-            vs_pre = f"{ours['us_per_layer'] / prefix['us_per_layer']:.2f}x" if ours and prefix else "-"
-            lines.append(f"| {name} | {m} | {fmt(ours)} | {fmt(peft)} | {fmt(bare)} | {vs_peft} | {vs_pre} |")
+            ours, peft = c.get(f"ours:{m}"), c.get(f"peft:{m}")
+            lines.append(f"| {name} | {m} | {fmt(ours)} | {fmt(c.get(f'before:{m}'))} | {fmt(peft)} | "
+                         f"{fmt(c.get('bare'))} | {ratio(ours, peft)} | {ratio(ours, c.get('ours:prefix'))} |")
     return "\n".join(lines)
 
 
@@ -318,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls of every variant before the rounds")
     p.add_argument("--clock", choices=("thread", "wall"), default="thread")
     p.add_argument("--quick", action="store_true", help="smoke settings: 4/2 layers, 2 rounds, 2 reps, 1 warm-up")
+    p.add_argument("--baseline", metavar="GIT_REF", help="also time the package as it was at this commit (before:*)")
     p.add_argument("--out", default=None, help="JSON output")
     return p
 
@@ -335,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.layers > args.short_layers >= 1:
         raise SystemExit("need --layers > --short-layers >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.baseline:
+        load_baseline(args.baseline)
     import transformers
 
     threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
@@ -355,28 +386,24 @@ def main(argv: list[str] | None = None) -> dict:
         "headline_case": HEADLINE,
         "cases": cases,
         "goals": goals(cases),
+        "before_after": before_after(cases, args.methods),
         "failures": failures,
-        "formula": "us_per_layer = (T_variant(L) - F_bare) / L; F_bare = T_bare(L) - L * (T_bare(L) - "
-                   "T_bare(S)) / (L - S); T = median step time (all rounds), S = --short-layers. slope_us = "
-                   "(T(L) - T(S)) / (L - S), fixed_us = T(L) - L * slope_us. train = forward + loss.backward(), "
-                   "no optimizer step; forward = no-grad, eval mode.",
+        "formula": FORMULA,
         "settings": {k: getattr(args, k) for k in ("models", "methods", "modes", "layers", "short_layers", "batch",
-                                                     "seq", "virtual_tokens", "rounds", "reps", "warmup", "clock")},
+                                                     "seq", "virtual_tokens", "rounds", "reps", "warmup", "clock",
+                                                     "baseline")},
         "models": {"decoder": "Qwen2ForCausalLM, hidden 32, intermediate 64, 4 heads / 2 KV heads, vocab 128, fp32",
                    "encoder": "RobertaForSequenceClassification (2 labels), hidden 32, intermediate 64, 4 heads, "
                               "vocab 128, dropout 0.1, fp32"},
         "machine": machine,
-        "note": "Host-side CPU numbers on tiny models (one torch thread, thread CPU time by default), not GPU times. "
-                "This machine's 2 cores are shared with another engineer's processes: thread CPU time is not "
-                "inflated by being descheduled, but cache and memory-bandwidth contention remain, so compare "
-                "variants within one run (they are interleaved) rather than across runs.",
+        "note": NOTE,
         "versions": versions,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     print(table(cases, args.methods))
-    for g in doc["goals"]:
+    for g in doc["goals"] + doc["before_after"]:
         lo, mid, hi = g["round_ratios_min_median_max"]
         print(f"  [{'met' if g['met'] else 'NOT met'}] {g['case']}: {g['goal']}: {g['ratio']}x (per round "
               f"{lo}-{hi}, median {mid}; met in {g['rounds_met']} rounds)")

@@ -9,9 +9,15 @@ routed so that fused kernels stay usable:
 * no mask and a single query, or bidirectional attention with no padding: plain concatenation, no mask.
 * a mask is present (padding, chunked prefill): P always-visible columns are prepended to it (pitfalls P1-P3 of
   the injection spec: never hand SDPA ``mask=None`` with kv_len > q_len and ``is_causal``, as it crops the keys).
+
+Host cost per layer call matters at small shapes (steps wait on the host): what every layer would rebuild identically
+(the dummy query rows, the mask grown by the prefix columns) is built once per forward and reused (``_reuse``), and
+prefixes that ``compose`` already cast and expanded pass through without an op.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -48,9 +54,14 @@ def gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: to
     return inj.cache[1]
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Compared here rather than left to .to(): the common case (already cast, see compose) then costs no op call.
+    return t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
+
+
 def _compute_gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: torch.device):
-    pk = inj.key.to(device=device, dtype=dtype)
-    pv = inj.value.to(device=device, dtype=dtype)
+    pk = _cast(inj.key, dtype, device)
+    pv = _cast(inj.value, dtype, device)
     if inj.gate is not None:
         g = inj.gate.to(device=device, dtype=dtype)
         g = g.reshape(g.shape[0], -1 if g.dim() > 2 else 1, g.shape[-1])[..., None]  # [B, H|1, P, 1]
@@ -58,6 +69,22 @@ def _compute_gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, d
         if not inj.gate_values_only:
             pk = pk * g
     return _expand_batch(pk, batch), _expand_batch(pv, batch)
+
+
+def _reuse(state: InjectionState, kind: str, sources: tuple, rest: tuple, make: Callable[[], torch.Tensor]
+           ) -> torch.Tensor:
+    """``make()``, built once per forward and shared by every layer that asks with the same ``sources`` (tensors or
+    None, compared by identity) and ``rest`` (plain values). One slot per ``kind``: a different source replaces it,
+    so a state that lives on (generate()'s decoding steps) holds one copy, not one per step.
+
+    A compiled forward builds it in place: the graph is traced once (and inductor shares equal subexpressions), while a
+    tensor stored on the state would become an extra graph output that CUDA graphs overwrite on their next replay."""
+    if torch.compiler.is_compiling():
+        return make()
+    slot = state.scratch.get(kind)
+    if slot is None or slot[1] != rest or any(a is not b for a, b in zip(slot[0], sources)):
+        slot = state.scratch[kind] = (sources, rest, make())
+    return slot[2]
 
 
 def _grow_mask_for_insertion(mask: torch.Tensor | None, t: int, at: int) -> torch.Tensor | None:
@@ -77,6 +104,19 @@ def _prepend_visible_columns(mask: torch.Tensor, p: int) -> torch.Tensor:
     visible = True if mask.dtype == torch.bool else 0.0
     cols = mask.new_full((*mask.shape[:-1], p), visible)
     return torch.cat([cols, mask], dim=-1)
+
+
+def _prefix_mask(mask: torch.Tensor | None, prefix_mask: torch.Tensor | None, p: int, batch: int, q_len: int,
+                 real_kv: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """The mask of the P + real_kv key columns. Without a mask from the model (rows that hide some prefix columns;
+    causal chunked prefill, where q_len != real kv), the base pattern is built first: bottom-right causal (P2) or
+    all visible."""
+    if mask is None:
+        qi = torch.arange(q_len, device=device)[:, None]
+        kj = torch.arange(real_kv, device=device)[None, :]
+        mask = (kj <= qi + (real_kv - q_len)) if causal else (kj >= 0)
+        mask = mask.expand(q_len, real_kv)[None, None]
+    return _prepend_prefix_columns(mask, prefix_mask, p, batch)
 
 
 def _prepend_prefix_columns(mask: torch.Tensor, prefix_mask: torch.Tensor | None, p: int, batch: int) -> torch.Tensor:
@@ -115,7 +155,8 @@ def softprompt_attention(
     if inj is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if inj.inserted:
-        attention_mask = _grow_mask_for_insertion(attention_mask, inj.inserted, inj.insert_at)
+        t, at, mask = inj.inserted, inj.insert_at, attention_mask
+        attention_mask = _reuse(state, "grown", (mask,), (t, at), lambda: _grow_mask_for_insertion(mask, t, at))
     p = inj.prefix_length
     if p == 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -130,32 +171,22 @@ def softprompt_attention(
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal
     real_kv = key.shape[2] - p
-
-    if inj.prefix_mask is not None and attention_mask is None:
-        # Hiding prefix columns from some rows needs a materialised mask (the fused no-mask paths cannot do it).
-        qi = torch.arange(q_len, device=query.device)[:, None]
-        kj = torch.arange(real_kv, device=query.device)[None, :]
-        attention_mask = (kj <= qi + (real_kv - q_len)) if causal else (kj >= 0)
-        attention_mask = attention_mask.expand(q_len, real_kv)[None, None]
-    if attention_mask is None and causal and q_len > 1 and q_len == real_kv:
-        # Fused path: dummy query rows for the prefix turn top-left causal alignment into the wanted pattern.
-        dummy = query.new_zeros((batch, query.shape[1], p, query.shape[3]))
-        out, weights = sdpa_attention_forward(
-            module, torch.cat([dummy, query], dim=2), key, value, None, is_causal=True, **kwargs
-        )
-        return out[:, p:], weights
-    if attention_mask is None and (q_len == 1 or not causal):
-        return sdpa_attention_forward(module, query, key, value, None, is_causal=False, **kwargs)
-    if attention_mask is None:
-        # Causal with q_len != real kv (chunked prefill without a mask): build the bottom-right causal mask (P2).
-        offset = real_kv - q_len
-        qi = torch.arange(q_len, device=query.device)[:, None]
-        kj = torch.arange(real_kv, device=query.device)[None, :]
-        attention_mask = (kj <= qi + offset)[None, None]
-    return sdpa_attention_forward(
-        module, query, key, value, _prepend_prefix_columns(attention_mask, inj.prefix_mask, p, batch),
-        is_causal=False, **kwargs
-    )
+    hidden = inj.prefix_mask  # rows hiding prefix columns need a materialised mask (the fused paths cannot do it)
+    if attention_mask is None and hidden is None:
+        if causal and q_len > 1 and q_len == real_kv:
+            # Fused path: dummy query rows for the prefix turn top-left causal alignment into the wanted pattern.
+            shape = (batch, query.shape[1], p, query.shape[3])
+            dummy = _reuse(state, "dummy", (), (shape, query.dtype, query.device), lambda: query.new_zeros(shape))
+            out, weights = sdpa_attention_forward(
+                module, torch.cat([dummy, query], dim=2), key, value, None, is_causal=True, **kwargs
+            )
+            return out[:, p:], weights
+        if q_len == 1 or not causal:
+            return sdpa_attention_forward(module, query, key, value, None, is_causal=False, **kwargs)
+    mask, device = attention_mask, query.device
+    mask = _reuse(state, "mask", (mask, hidden), (p, batch, q_len, real_kv, causal, device),
+                  lambda: _prefix_mask(mask, hidden, p, batch, q_len, real_kv, causal, device))
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
 
 
 def register() -> None:

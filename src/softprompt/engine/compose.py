@@ -5,9 +5,10 @@ multi-adapter model (each adapter's contribution on its own rows), and the prefi
 per row). A new ``Contribution`` field is therefore taught to this file only.
 
 A contribution's tensors carry a batch dimension of 1 (shared by its rows) or of its own row count. With one part
-covering the whole batch, the contribution passes through unchanged (no copies); with several, prefixes are stacked
-row by row (padded and hidden by ``prefix_mask`` when lengths differ), insertions stacked, gates merged, and layer
-hooks run on their own rows.
+covering the whole batch, the contribution passes through unchanged, except that prefixes of one shape are cast and
+expanded to the batch for all layers in one operation (``_batched``); with several, prefixes are stacked row by row
+(padded and hidden by ``prefix_mask`` when lengths differ), insertions stacked, gates merged, and layer hooks run on
+their own rows. Per-forward work done here is work that the attention function does not repeat in every layer call.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def compose(parts: Sequence[Part], batch: int, attention_mask: torch.Tensor | No
     state = InjectionState(attention_mask=attention_mask, replays=replays)
     if len(parts) == 1 and (parts[0].rows is None or len(parts[0].rows) == batch):
         only = parts[0].contribution  # one method for every row: its tensors are used as they are
-        for i, (k, v) in only.prefixes.items():
+        for i, (k, v) in _batched(only.prefixes, batch).items():
             state.layers[i] = LayerInjection(key=k, value=v)
         state.insertion, state.layer_hook = only.insertion, only.layer_hook
         return state
@@ -81,9 +82,31 @@ def compose(parts: Sequence[Part], batch: int, attention_mask: torch.Tensor | No
     return state
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype attention will see for prefixes like ``t``: autocast's when it is on for ``t``'s device, else
+    ``t``'s own (attention casts whatever still differs, e.g. fp32 prefixes of a model loaded in bf16)."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
+def _batched(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int
+             ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Shared prefixes ([1, H, P, D], one shape for every layer) cast and expanded to ``batch`` rows for all layers
+    at once: one stack, one cast and one expand (one autograd node each, whose backward sums the batch once) instead
+    of a cast and an expand per key and value in every layer call. Other prefixes pass through unchanged."""
+    tables = [t for kv in prefixes.values() for t in kv]
+    first = tables[0] if tables else None
+    if first is None or first.shape[0] != 1 or any(t.shape != first.shape for t in tables):
+        return prefixes
+    flat = torch.stack(tables).to(compute_dtype(first)).expand(-1, batch, -1, -1, -1).unbind(0)
+    return {i: (flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(prefixes)}
+
+
 def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: InjectionState) -> None:
     """Per-layer key/value prefixes, one row per example (padded and masked when lengths differ)."""
     layers = sorted({i for p in parts for i in p.contribution.prefixes})
+    if not layers or _stack_all_layers(g, parts, layers, covered, state):
+        return
     pick, pick_of = None, None  # row -> part index, shared by the layers
     for layer in layers:
         present = [p for p in parts if layer in p.contribution.prefixes]
@@ -114,6 +137,34 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
         if not uniform:
             inj.prefix_mask = visible
         state.layers[layer] = inj
+
+
+def _stack_all_layers(g: int, parts: Sequence[Part], layers: list[int], covered: bool, state: InjectionState
+                      ) -> bool:
+    """The regular case, every layer at once: each part has prefixes in every layer of ``layers``, all of one shape.
+    One buffer [G, 2L, H, P_max, D] takes each part's stacked tables with one write per part, and one visibility
+    mask (None when every row sees every column) serves every layer, so attention builds its mask once per forward.
+    Returns False (nothing done) for other cases, which go layer by layer."""
+    stacks = []
+    for p in parts:
+        tables = [t for i in layers if i in p.contribution.prefixes for t in p.contribution.prefixes[i]]
+        if len(tables) != 2 * len(layers) or any(t.shape != tables[0].shape for t in tables):
+            return False
+        stacks.append(torch.stack(tables, dim=1))  # [1 or rows, 2L, H, P, D]
+    lengths = [s.shape[-2] for s in stacks]
+    s0 = stacks[0]
+    buf = s0.new_zeros(g, s0.shape[1], s0.shape[2], max(lengths), s0.shape[4])
+    for p, s in zip(parts, stacks):
+        buf[p.rows, :, :, : s.shape[-2]] = s.expand(len(p.rows), *s.shape[1:])
+    visible = None
+    if not covered or len(set(lengths)) > 1:
+        visible = torch.zeros(g, max(lengths), dtype=torch.bool, device=buf.device)
+        for p, n in zip(parts, lengths):
+            visible[p.rows, :n] = True
+    flat = buf.unbind(1)
+    for j, i in enumerate(layers):
+        state.layers[i] = LayerInjection(key=flat[2 * j], value=flat[2 * j + 1], prefix_mask=visible)
+    return True
 
 
 def _insertions_and_hooks(g: int, parts: Sequence[Part], state: InjectionState, mask: torch.Tensor | None) -> None:

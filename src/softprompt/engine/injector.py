@@ -1,5 +1,5 @@
 """Attach the engine to a Hugging Face model: activate the attention function, find the self-attention layers with a
-probe forward, and install the layer hooks (gates, mid-network insertion).
+probe forward, and wrap the layers for the layer hooks (gates, mid-network insertion).
 
 Nothing model-specific is hard-coded: layers are found by watching which modules call the attention function, and
 shapes are read from the keys those modules actually produce (never sniffed from weights, which ZeRO-3 partitions).
@@ -81,7 +81,7 @@ class Injector:
             raise UnsupportedModelError(f"{cls} cannot use a custom attention function: {exc}") from exc
         self.attention_modules: list[nn.Module] = []
         self.blocks: list[nn.Module] = []
-        self._hooks: list = []
+        self._originals: list = []  # each block's own instance ``forward`` before wrapping (None: the class's)
         self.info = self._probe()
         self._install_hooks()
         object.__setattr__(model, _INJECTOR_ATTR, self)
@@ -134,51 +134,53 @@ class Injector:
             num_kv_heads=int(hkv), head_dim=int(d), is_causal=causal, max_positions=max_pos, has_rotary=has_rotary,
         )
 
-    # ---- hooks -----------------------------------------------------------------------------------------------
+    # ---- layer wrappers ------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
+        """Wrap each block's ``forward`` (an instance attribute; :meth:`detach` restores the block) rather than
+        register module hooks: a module with hooks takes nn.Module's slow call path, about 13 us of host time per layer
+        call on CPU, paid on every forward by every method, also those that need no hook (prefix, prompt tuning).
+        The wrapper is one Python frame that calls the block straight away when the forward's state has neither a
+        layer hook nor an insertion. Where it runs is where module hooks ran: inside the activation checkpoint under
+        transformers 5.17 (which checkpoints ``__call__``), outside it from 5.24 (which checkpoints ``forward``)."""
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
-        self._hooks.append(self.blocks[-1].register_forward_hook(self._post_last_block, with_kwargs=True))
+            self._originals.append(block.__dict__.get("forward"))
+            block.forward = _LayerCall(self, i, block.forward, i == last)
 
-    def _make_pre_hook(self, index: int):
-        def hook(module, args, kwargs):
-            state: InjectionState | None = kwargs.get(STATE_KWARG)
-            if state is None:
-                return None
-            in_args = len(args) > 0
-            hidden = args[0] if in_args else kwargs["hidden_states"]
-            if state.layer_hook is not None:
-                state.layer_hook(index, hidden, state)
-            ins = state.insertion
-            if ins is not None and index > ins.layer and self.info.has_rotary and not self.info.is_causal:
-                # Layers after the insertion in a rotary encoder: their cos/sin must cover the inserted rows too.
-                return args, _grow_rotary(kwargs, ins, type(self.model).__name__)
-            if ins is None or ins.layer != index or (ins.consumed and not state.replays):
-                return None
-            if self.info.is_causal:
-                # Causal decoders: the inserted tokens become key/value prefixes of layers index..L-1.
-                for j, (k, v) in self.insertion_to_prefix(ins.vectors.to(hidden.dtype), index).items():
-                    state.layer(j).key, state.layer(j).value = k, v
-                ins.consumed = True
-                return None
-            if self.info.has_rotary:
-                kwargs = _grow_rotary(kwargs, ins, type(self.model).__name__)
-            s = ins.vectors.to(hidden.dtype)
-            s = s.expand(hidden.shape[0], *s.shape[1:]) if s.shape[0] == 1 else s
-            hidden = torch.cat([hidden[:, : ins.at], s, hidden[:, ins.at :]], dim=1)
-            for j in range(index, len(self.blocks)):
-                state.layer(j).inserted, state.layer(j).insert_at = s.shape[1], ins.at
-            if in_args:
-                return (hidden, *args[1:]), kwargs
-            kwargs["hidden_states"] = hidden
+    def _before_layer(self, index: int, state: InjectionState, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Run the method's layer hook and insert vectors before layer ``index``: the block's (args, kwargs)."""
+        in_args = len(args) > 0
+        hidden = args[0] if in_args else kwargs["hidden_states"]
+        if state.layer_hook is not None:
+            state.layer_hook(index, hidden, state)
+        ins = state.insertion
+        if ins is not None and index > ins.layer and self.info.has_rotary and not self.info.is_causal:
+            # Layers after the insertion in a rotary encoder: their cos/sin must cover the inserted rows too.
+            return args, _grow_rotary(kwargs, ins, type(self.model).__name__)
+        if ins is None or ins.layer != index or (ins.consumed and not state.replays):
             return args, kwargs
+        if self.info.is_causal:
+            # Causal decoders: the inserted tokens become key/value prefixes of layers index..L-1.
+            for j, (k, v) in self.insertion_to_prefix(ins.vectors.to(hidden.dtype), index).items():
+                state.layer(j).key, state.layer(j).value = k, v
+            ins.consumed = True
+            return args, kwargs
+        if self.info.has_rotary:
+            kwargs = _grow_rotary(kwargs, ins, type(self.model).__name__)
+        s = ins.vectors.to(hidden.dtype)
+        s = s.expand(hidden.shape[0], *s.shape[1:]) if s.shape[0] == 1 else s
+        hidden = torch.cat([hidden[:, : ins.at], s, hidden[:, ins.at :]], dim=1)
+        for j in range(index, len(self.blocks)):
+            state.layer(j).inserted, state.layer(j).insert_at = s.shape[1], ins.at
+        if in_args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
 
-        return hook
-
-    def _post_last_block(self, module, args, kwargs, output):
-        state: InjectionState | None = kwargs.get(STATE_KWARG)
-        if state is None or state.insertion is None or state.insertion.consumed:
-            return None
+    def _after_last_layer(self, state: InjectionState, output):
+        """Drop the inserted positions from the last block's output (encoders; decoders turned them into prefixes)."""
+        if state.insertion is None or state.insertion.consumed:
+            return output
         ins = state.insertion
         t = ins.vectors.shape[1]
 
@@ -189,14 +191,18 @@ class Injector:
             return strip(output)
         if isinstance(output, tuple):
             return (strip(output[0]), *output[1:])
-        output[0] = strip(output[0])  # ModelOutput-like
+        first = next(iter(output.keys()))  # a ModelOutput (no int keys for writing): its first field
+        output[first] = strip(output[first])
         return output
 
     def detach(self) -> None:
-        """Remove hooks (the attention implementation stays registered; it is a no-op without a state)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        """Unwrap the layers (the attention implementation stays registered; it is a no-op without a state)."""
+        for block, original in zip(self.blocks, self._originals):
+            if original is None:
+                del block.forward
+            else:
+                block.forward = original
+        self._originals.clear()
 
     # ---- decoder insertion ------------------------------------------------------------------------------------
     def insertion_to_prefix(self, vectors: torch.Tensor, layer: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -234,6 +240,22 @@ class Injector:
                 if flag:
                     b.gradient_checkpointing = flag
         return {i: capture[i] for i in range(layer, len(self.blocks))}
+
+
+class _LayerCall:
+    """A block's ``forward`` as the engine wraps it (see ``Injector._install_hooks``). An object rather than a closure,
+    so that ``copy.deepcopy`` of a wrapped model gives the copy's blocks wrappers that call the copy's own forward."""
+
+    def __init__(self, injector: Injector, index: int, forward, last: bool):
+        self.injector, self.index, self.forward, self.last = injector, index, forward, last
+
+    def __call__(self, *args, **kwargs):
+        state: InjectionState | None = kwargs.get(STATE_KWARG)
+        if state is None or (state.layer_hook is None and state.insertion is None):
+            return self.forward(*args, **kwargs)
+        args, kwargs = self.injector._before_layer(self.index, state, args, kwargs)
+        out = self.forward(*args, **kwargs)
+        return self.injector._after_last_layer(state, out) if self.last else out
 
 
 def _grow_rotary(kwargs: dict, ins: Insertion, arch: str) -> dict:

@@ -82,6 +82,10 @@ class InjectionState:
     # then run again on the replay, identically, instead of reusing their first result: the replay has to save the
     # same tensors as the first run.
     replays: bool = False
+    # Tensors that every layer of this forward would otherwise rebuild identically (the dummy query rows of the fused
+    # causal path, a padding mask grown by the prefix columns): built by the first layer that needs them, one slot
+    # per kind, replaced when what they derive from changes (attention.py: _reuse).
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     def needs_insertion(self) -> bool:
         """Whether a hook that generates the inserted prompt must (re)generate it now: not yet made in this forward,

@@ -13,15 +13,22 @@ from .adapters import LoadedAdapter
 from .heads import route_heads
 
 
+def row_indices(groups: list[list[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Index tensors of several row lists on ``device``, from one host-to-device copy (views of one tensor)."""
+    flat = torch.tensor([i for rows in groups for i in rows], dtype=torch.long).to(device, non_blocking=True)
+    return flat.split([len(rows) for rows in groups])
+
+
 def run_rows(model: nn.Module, idx: torch.Tensor, names: list, ids: torch.Tensor, mask: torch.Tensor,
-             token_types: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+             token_types: torch.Tensor | None, trim_mask: torch.Tensor | None = None
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One planned group of ``model`` (a :class:`~softprompt.multi.MultiAdapterModel`): (row indices, logits)
     pairs. The group is split further only if padding its rows to the longest prompt would exceed the model's
-    position limit."""
+    position limit. ``trim_mask``: the same rows' mask where reading it costs no device sync (a host copy), if any."""
     limit = model.info.max_positions
     entries = [None if n is None else model.adapter(n) for n in names]
     extra = [0 if e is None else e.shape.extra_positions for e in entries]
-    lo, hi = trim_bounds(mask)
+    lo, hi = trim_bounds(mask if trim_mask is None else trim_mask)
     needed = (hi - lo) + max(extra)
     if limit is None or needed <= limit or len(set(extra)) == 1:
         # A single extra length that does not fit is the caller's fault: raise with the numbers.
@@ -35,9 +42,9 @@ def run_rows(model: nn.Module, idx: torch.Tensor, names: list, ids: torch.Tensor
         return [(idx, untrim(out, lo, hi, ids.shape[1]))]
     # Rows padded by slots would pass the limit: run each prompt length on its own (each fits alone).
     result = []
-    for e in sorted(set(extra)):
-        sel = [i for i, x in enumerate(extra) if x == e]
-        s = torch.tensor(sel, device=idx.device)
+    lengths = sorted(set(extra))
+    selections = [[i for i, x in enumerate(extra) if x == e] for e in lengths]
+    for sel, s in zip(selections, row_indices(selections, idx.device)):
         result.extend(run_rows(model, idx[s], [names[i] for i in sel], ids[s], mask[s],
                                token_types[s] if token_types is not None else None))
     return result
@@ -54,7 +61,7 @@ def run_group(model: nn.Module, entries: list[LoadedAdapter | None], ids: torch.
     order: dict[str | None, list[int]] = {}
     for i, e in enumerate(entries):
         order.setdefault(None if e is None else e.name, []).append(i)
-    rows = {name: torch.tensor(r, device=device) for name, r in order.items()}
+    rows = dict(zip(order, row_indices(list(order.values()), device)))
     parts = []
     for name, sub in rows.items():
         if name is not None:
@@ -93,11 +100,11 @@ def run_group(model: nn.Module, entries: list[LoadedAdapter | None], ids: torch.
 
 
 def trim_bounds(mask: torch.Tensor) -> tuple[int, int]:
-    """Column range [lo, hi) outside which every row is padding (at least one column)."""
-    cols = mask.any(0).nonzero()
-    if len(cols) == 0:
-        return 0, mask.shape[1]
-    return int(cols[0]), int(cols[-1]) + 1
+    """Column range [lo, hi) outside which every row is padding (at least one column). One read of three numbers
+    (a single device sync for a device mask)."""
+    cols = mask.any(0).to(torch.uint8)
+    found, lo, back = torch.stack([cols.max(), cols.argmax(), cols.flip(0).argmax()]).tolist()
+    return (lo, cols.shape[0] - back) if found else (0, cols.shape[0])
 
 
 def untrim(logits: torch.Tensor, lo: int, hi: int, length: int) -> torch.Tensor:

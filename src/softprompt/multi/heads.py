@@ -74,9 +74,10 @@ def route_heads(routers: dict[str, RoutedHead], rows: dict, heads_of) -> None:
         router.routes = [(head, torch.cat(parts) if len(parts) > 1 else parts[0]) for head, parts in by_head.values()]
 
 
-def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> torch.Tensor:
-    """Put the outputs of each pass back in batch order, padding label columns with -inf."""
-    if len(parts) == 1 and torch.equal(parts[0][0], torch.arange(batch, device=parts[0][0].device)):
+def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], batch: int, in_order: bool = False) -> torch.Tensor:
+    """Put the outputs of each pass back in batch order, padding label columns with -inf. ``in_order``: the caller
+    knows (on the host) that a single part holds rows 0..batch-1 in order; then its output is returned as it is."""
+    if len(parts) == 1 and in_order:
         return parts[0][1]
     first = parts[0][1]
     width = max(p.shape[-1] for _, p in parts)

@@ -24,7 +24,7 @@ from .adapters import (
     UnknownAdapterError,
     load_adapter_modules,
 )
-from .batch import run_rows
+from .batch import row_indices, run_rows
 from .heads import RoutedHead, scatter_rows
 from .plan import adapter_shape, group_key, plan_rows
 
@@ -200,20 +200,23 @@ class MultiAdapterModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         device = self.device
+        # Padding is trimmed from a copy on the host when the caller's mask is there (tokenised text): no device sync.
+        host_mask = attention_mask if attention_mask.device.type == "cpu" else None
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if token_type_ids is not None:
             token_type_ids = token_type_ids.to(device)
         with self._lock:
             groups = self.plan(names)
-            outs = []
-            for rows in groups:
-                idx = torch.tensor(rows, device=device)
-                tt = token_type_ids[idx] if token_type_ids is not None else None
-                outs.extend(run_rows(self, idx, [names[i] for i in rows], input_ids[idx], attention_mask[idx], tt))
+            in_order = len(groups) == 1 and groups[0] == list(range(batch))
+            outs, tensors = [], (input_ids, attention_mask, token_type_ids)
+            for rows, idx in zip(groups, row_indices(groups, device)):
+                ids, mask, tt = tensors if in_order else [None if t is None else t[idx] for t in tensors]
+                trim = None if host_mask is None else host_mask[rows]
+                outs.extend(run_rows(self, idx, [names[i] for i in rows], ids, mask, tt, trim))
             self.stats.forward_calls += 1
             self.stats.rows += batch
             self.stats.last_groups = groups
-        return scatter_rows(outs, batch)
+        return scatter_rows(outs, batch, in_order)
 
     def all_adapters(
         self,

@@ -16,6 +16,7 @@ Subcommands
                                     side, none started that cannot finish within ``--session-left`` seconds.
 ``cloze-report --stages JSON``      benchmarks/results/dnd_cloze.json and dnd.md from exported stage results.
 ``gen-bench``                       seconds per generator step, 1 or K side by side, on random data (no zoo).
+``boolq-probe``                     BoolQ base skill (AUC, balanced accuracy) per faithful cloze format, zoo part.
 
 Stages, in order (each persisted as ``state/stages/<name>.json`` when complete; an interrupted stage is redone):
 
@@ -983,6 +984,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     from softprompt.dnd.study import Study
 
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
     state = Path(args.state)
     state.mkdir(parents=True, exist_ok=True)
     from softprompt.dnd.templates import DATASETS, canonical_name
@@ -1020,15 +1022,45 @@ def cmd_gen_bench(args: argparse.Namespace) -> int:
     from softprompt.dnd.gen_bench import bench_steps
 
     kw = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, (args.shape or "").split(",")))}
-    res = bench_steps(groups=[int(x) for x in args.groups.split(",")], steps=args.steps, streams=not args.no_streams,
-                      cudnn_benchmark=args.cudnn_benchmark, device=args.device, **kw)
-    res.update(env_info())
+    runs = []
+    for mode in args.cudnn.split(","):
+        res = bench_steps(groups=[int(x) for x in args.groups.split(",")], steps=args.steps,
+                          streams=not args.no_streams, cudnn_benchmark=mode == "on", device=args.device, **kw)
+        runs.append(res)
+    best = min(runs, key=lambda r: r["best"]["generator_step_seconds"])
+    out = {**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": runs}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "dnd_gen_bench.json").write_text(json.dumps(res, indent=1) + "\n")
-    b = res["best"]
-    print(f"BEST: K={b['group']} streams={b['streams']}: {b['generator_step_seconds']:.3f} s per generator-step "
-          f"(--gen-step-seconds), {res['minutes_per_generator_1000_steps']:.1f} min per 1,000-step generator")
+        (Path(args.out) / "dnd_gen_bench.json").write_text(json.dumps(out, indent=1) + "\n")
+    b = best["best"]
+    print(f"BEST: K={b['group']} streams={b['streams']} cudnn_benchmark={best['cudnn_benchmark']}: "
+          f"{b['generator_step_seconds']:.3f} s per generator-step (--gen-step-seconds), "
+          f"{best['minutes_per_generator_1000_steps']:.1f} min per 1,000-step generator")
+    return 0
+
+
+def cmd_boolq_probe(args: argparse.Namespace) -> int:
+    """BoolQ: base-model skill under each faithful cloze format, on zoo-part examples (softprompt.dnd.format_probe)."""
+    import torch
+
+    from softprompt.dnd.format_probe import probe_boolq, probe_records
+    from softprompt.dnd.harness import load_model
+    from softprompt.resources import resolve
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, tok = load_model(str(resolve(args.model)), None, args.device)
+    res = probe_boolq(model, tok, probe_records(args.n), args.batch_size, progress=print)
+    res.update({**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "examples": "sha256-ranked first n of the BoolQ DnD zoo part (key superglue/boolq|format-probe)"})
+    print(f"n={res['n']}, gold yes-rate {res['yes_rate_gold']}%")
+    for name, r in res["formats"].items():
+        print(f"{name:20s} acc {r['acc']:5.1f}  acc_norm {r['acc_norm']:5.1f}  yes {r['yes_rate']:5.1f}%  balanced "
+              f"{r['balanced_acc']:5.1f}  AUC {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "dnd_boolq_probe.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 
@@ -1040,8 +1072,13 @@ def cmd_cloze_report(args: argparse.Namespace) -> int:
     inv = [json.loads(x) for x in Path(args.invocations).read_text().splitlines() if x.strip()]
     last = inv[-1]
     versions = {k: last[k] for k in ("torch", "transformers", "peft", "python")}
+    from softprompt.dnd.study import eval_records
+    from softprompt.dnd.templates import DATASETS
+
+    n = {d: r["test"]["n"] for d, r in stages.get("base", {}).get("datasets", {}).items()}
+    golds = {d: [int(r["label"]) for r in eval_records(d, n[d])] for d in DATASETS if d in n}  # binary rows
     res = build_results(stages, args.config, args.measure, device=last["device"], versions=versions,
-                        date=last["date"], command=last["command"])
+                        date=last["date"], command=last["command"], golds=golds)
     # every call of the state (a call that failed before finishing a stage is listed too)
     res["invocations"] = [{"date": i["date"], "command": i["command"], "device": i["device"]} for i in inv]
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
@@ -1102,6 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="zoo stages of a config trained in this many processes at once on the one GPU")
     p.add_argument("--gen-group", type=int, default=1, help="generators trained side by side (one process)")
     p.add_argument("--gen-streams", action="store_true", help="one CUDA stream per generator of a group")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning for the generator convolutions")
     p.add_argument("--session-left", type=float,
                    help="device seconds left in the session at this call's start (run tool status: budget_left_s); "
                         "a generator that cannot finish, with its dnd stage, before then is not started")
@@ -1111,10 +1149,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", default="1,2", help="group sizes K to time")
     p.add_argument("--steps", type=int, default=5, help="timed rounds per K (after 2 warm-up rounds)")
     p.add_argument("--no-streams", action="store_true", help="skip the one-stream-per-generator variant")
-    p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--cudnn", default="off", help="cuDNN autotuning: off, on, or off,on (both timed)")
     p.add_argument("--shape", help="bench_steps overrides, e.g. batch_size=8,width=32 (default: the real sizes)")
     p.add_argument("--device")
     p.add_argument("--out", help="folder for dnd_gen_bench.json")
+    p = sub.add_parser("boolq-probe", help="BoolQ base-model skill per faithful cloze format (zoo-part examples)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--n", type=int, default=400, help="zoo-part examples (sha256-ranked)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="folder for dnd_boolq_probe.json")
     p = sub.add_parser("cloze-report", help="dnd_cloze.json + dnd.md from exported cloze stages")
     p.add_argument("--stages", required=True)
     p.add_argument("--invocations", required=True)
@@ -1131,6 +1175,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_cloze_report(args)
     if args.cmd == "gen-bench":
         return cmd_gen_bench(args)
+    if args.cmd == "boolq-probe":
+        return cmd_boolq_probe(args)
     if args.cmd == "convert":
         convert(Path(args.gguf), Path(args.out))
         return 0

@@ -37,8 +37,14 @@ def _pct(x: float | None) -> float | None:
 
 def build_results(stages: Mapping[str, Any], config: str, measure: str = "primary", *,
                   device: str, versions: Mapping[str, str], date: str, command: str,
-                  datasets: Sequence[str] = DATASETS) -> dict[str, Any]:
+                  datasets: Sequence[str] = DATASETS,
+                  golds: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
     """The ``dnd_cloze.json`` object from the stage results of one zoo config (see the issue's schema).
+
+    A dataset is a ``valid_target`` when the base model beats both chance (1/options) and the majority-class rate
+    (always answering the most frequent gold option): below either, held-out accuracies there measure answer bias,
+    not the task. With ``golds`` (gold option of each evaluated example), two-option datasets also get balanced
+    accuracies (mean recall over the two answers; 50 for any constant answer) and the rate of option 1 ("yes").
 
     ``measure``: ``primary`` (each dataset's :func:`.cloze.primary_measure`: acc_norm, acc where the options are
     single tokens or share their continuation), ``acc`` or ``acc_norm``. Fields not measured yet (the DnD rows
@@ -62,11 +68,17 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
                                "base": _pct(b[m]) if b else None,
                                "base_other_measure": _pct(b["acc" if m == "acc_norm" else "acc_norm"]) if b else None,
                                "format": base_stage.get("formats", {}).get(d, 1), "format_current": format_version(d)}
+        if b:
+            row["valid_target"] = row["base"] > row["chance"] and row["base"] > row["majority"]
         if z:
             row["own_lora"] = _pct(z["test"][m])
             row["own_lora_dev"], row["base_dev"] = _pct(z["dev"][m]), _pct(base[d]["dev"][m])
             row["ci_own_minus_base"] = paired_bootstrap(z["test"][key], b[key])
-            gains.append(row["own_lora"] - row["base"])
+            gains.append((d, row["own_lora"] - row["base"]))
+        if b and golds and d in golds and row["chance"] == 50.0 and row["majority"] > row["chance"] + 5:
+            row["binary"] = {"base": _binary(b[key], golds[d])}
+            if z:
+                row["binary"]["own_lora"] = _binary(z["test"][key], golds[d])
         others = {s: cross[s][d] for s in cross if d in cross[s]}
         if others:
             accs = {s: 100 * r[m] for s, r in others.items()}
@@ -91,10 +103,21 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
             rec["own_lora"] = out[rec["dataset"]]["own_lora"]
     gate = None
     if gains:
-        gate = {"mean_gain": round(statistics.mean(gains), 2), "datasets_gaining_3": sum(g >= 3 for g in gains),
-                "n_datasets": len(gains), "passes": statistics.mean(gains) >= 3 and sum(g >= 3 for g in gains) >= 5}
+        g = [x for _, x in gains]
+        v = [x for d, x in gains if out[d].get("valid_target")]
+        gate = {"mean_gain": round(statistics.mean(g), 2), "datasets_gaining_3": sum(x >= 3 for x in g),
+                "n_datasets": len(g), "passes": statistics.mean(g) >= 3 and sum(x >= 3 for x in g) >= 5,
+                "valid_targets": {"n_datasets": len(v), "mean_gain": round(statistics.mean(v), 2) if v else None,
+                                  "datasets_gaining_3": sum(x >= 3 for x in v)}}
     return {"device": device, "versions": dict(versions), "date": date, "command": command, "measure": measure,
             "measures": measures, "zoo_config": config, "zoo_gate": gate, "datasets": out}
+
+
+def _binary(correct: Sequence[int], gold: Sequence[int]) -> dict[str, float]:
+    """Balanced accuracy and rate of option 1 (percent) of a two-option dataset from per-example correctness."""
+    pred = [g if c else 1 - g for c, g in zip(correct, gold, strict=True)]
+    rec = [statistics.mean(p == k for p, g in zip(pred, gold) if g == k) for k in (0, 1) if k in gold]
+    return {"balanced_acc": round(100 * statistics.mean(rec), 2), "option1_rate": round(100 * statistics.mean(pred), 2)}
 
 
 def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping[str, Any], own: Any,
@@ -162,12 +185,20 @@ def render(res: Mapping[str, Any]) -> str:
              and r["base"] <= r["chance"]]
     lines.append(f"Base above chance (reported measure) on {len(above)} of {len(above) + len(below)} datasets"
                  + (f"; not above chance: {', '.join(below)}." if below else "."))
-    maj = [d.split("/")[-1] for d, r in res["datasets"].items() if r["base"] is not None and r.get("majority")
-           is not None and r["majority"] > r["chance"] + 5 and r["base"] <= r["majority"]]
-    if maj:
-        lines.append(f"Chance is 1/(number of options). Where the gold labels are unbalanced ({', '.join(maj)}), the "
-                     "base model is not above the majority-class rate (always answering the frequent label); its "
-                     "adapters are compared with it on the same examples.")
+    bad = [(d.split("/")[-1], r) for d, r in res["datasets"].items() if r.get("valid_target") is False]
+    if bad:
+        lines.append("Not a valid held-out target (base not above both chance and the majority-class rate, i.e. "
+                     "always answering the most frequent gold option): " + "; ".join(
+                         f"{n} (base {r['base']:.1f} {r['measure']}, chance {r['chance']:.1f}, majority "
+                         f"{r['majority']:.1f})" for n, r in bad) + ". Accuracies there measure answer bias, not the "
+                     "task; its rows are shown but not counted below.")
+    for d, r in res["datasets"].items():
+        if r.get("binary"):
+            parts = [f"{ {'own_lora': 'own LoRA'}.get(k, k)} {v['balanced_acc']:.1f} (answers option 1 on "
+                     f"{v['option1_rate']:.1f}%)" for k, v in r["binary"].items()]
+            lines.append(f"{d.split('/')[-1]}, balanced accuracy ({r['measure']}; 50 for any constant answer; option 1 "
+                         "is BoolQ's 'yes'): "
+                         + ", ".join(parts) + ".")
     stale = [f"{d.split('/')[-1]} (format v{r['format']}, current v{r['format_current']})"
              for d, r in res["datasets"].items() if r.get("format", 1) != r.get("format_current", 1)]
     if stale:
@@ -178,14 +209,20 @@ def render(res: Mapping[str, Any]) -> str:
         verdict = "passes" if g["passes"] else "fails"
         lines.append(f"Zoo gate (own LoRA ≥ base + 3 on average and on ≥5 of 7): mean gain {g['mean_gain']:+.1f} "
                      f"points, {g['datasets_gaining_3']} of {g['n_datasets']} datasets gain ≥3: the gate {verdict}.")
+        v = g.get("valid_targets")
+        if v and v["n_datasets"] < g["n_datasets"] and v["mean_gain"] is not None:
+            lines.append(f"On the {v['n_datasets']} valid targets only: mean gain {v['mean_gain']:+.1f} points, "
+                         f"{v['datasets_gaining_3']} of {v['n_datasets']} gain ≥3.")
     rows = [(d.split("/")[-1], r) for d, r in res["datasets"].items() if r["dnd_mean"] is not None]
     if rows:
         def verdict(ci: list[float]) -> str:
             return "wins" if ci[0] > 0 else "loses" if ci[1] < 0 else "no difference"
 
         wins = sum(r["ci_dnd_minus_train_mean"][0] > 0 for _, r in rows)
-        lines.append(f"DnD beats the training-LoRA mean (interval above 0) on {wins} of {len(rows)} held-out datasets; "
-                     f"the paper's claim needs at least 5 of 7.")
+        valid = [r for _, r in rows if r.get("valid_target") is not False]
+        vwins = sum(r["ci_dnd_minus_train_mean"][0] > 0 for r in valid)
+        lines.append(f"DnD beats the training-LoRA mean (interval above 0) on {wins} of {len(rows)} held-out datasets "
+                     f"({vwins} of {len(valid)} valid targets); the paper's claim needs at least 5 of 7.")
         lines += ["", "| held-out | vs training-LoRA mean | vs base | nearest LoRA | zoo mean (A,B) | "
                   "recovery: generated vs own LoRA | generate s |", "|---|---|---|---|---|---|---|"]
         for name, r in rows:

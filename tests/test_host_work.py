@@ -31,7 +31,7 @@ def _ids(batch=2, n=7, pad_from=None):
     return ids, mask
 
 
-# ---- layer wrappers instead of module hooks -------------------------------------------------------------------------
+# ---- layer wrappers instead of module hooks ------------------------------------------------------------------------
 def test_layers_carry_no_module_hooks_and_detach_restores_their_forward():
     base = tiny("llama")
     own = base.model.layers[1].forward  # an instance forward that was there before (accelerate patches them so)
@@ -74,7 +74,7 @@ def test_a_layer_without_a_state_is_called_as_it_is():
     assert layer.forward.last is False and model.base_model.model.layers[-1].forward.last is True
 
 
-# ---- prefixes cast and expanded once per forward ----------------------------------------------------------------------
+# ---- prefixes cast and expanded once per forward ---------------------------------------------------------------------
 def _tables(n_layers=3, p=4, batch=1, heads=2, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {i: (torch.randn(batch, heads, p, dim, generator=g), torch.randn(batch, heads, p, dim, generator=g))
@@ -118,7 +118,7 @@ def test_prefixes_take_autocasts_dtype_once_and_attention_casts_what_still_diffe
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
-# ---- masks and dummy query rows built once per forward ----------------------------------------------------------------
+# ---- masks and dummy query rows built once per forward ---------------------------------------------------------------
 def _run(model, ids, mask):
     inputs, state, _ = model.build_state(ids, mask, None)
     return model.base_model(**inputs, **{STATE_KWARG: state}), state
@@ -249,7 +249,7 @@ def test_hidden_states_by_keyword_and_every_output_form_of_the_last_layer():
     assert injector._after_last_layer(InjectionState(), grown) is grown
 
 
-# ---- several parts: every layer's prefix in one buffer ----------------------------------------------------------------
+# ---- several parts: every layer's prefix in one buffer ---------------------------------------------------------------
 def _expected(parts, g, width):
     """Row r, layer i: its part's table in the first P columns, zeros after; visible [G, width]."""
     key = {i: torch.zeros(g, 2, width, 8) for i in range(3)}
@@ -300,7 +300,7 @@ def test_parts_without_prefixes_stack_nothing():
     assert compose.compose([a, Part(Contribution(input_prompt=embeds), torch.tensor([1]))], 2).layers == {}
 
 
-# ---- the multi-adapter path: one index copy, one read of the trim bounds, no sync to scatter --------------------------
+# ---- the multi-adapter path: one index copy, one read of the trim bounds, no sync to scatter -------------------------
 def test_row_indices_come_from_one_copy():
     first, second = row_indices([[2, 0], [1]], torch.device("cpu"))
     assert first.tolist() == [2, 0] and second.tolist() == [1]
@@ -340,3 +340,17 @@ def test_multi_rows_trim_from_the_device_mask_when_no_host_copy_exists(tmp_path)
 def test_state_scratch_is_per_forward():
     assert InjectionState().scratch == {} and InjectionState().scratch is not InjectionState().scratch
     assert LayerInjection().prefix_length == 0
+
+
+@pytest.mark.parametrize("config", [sp.PrefixConfig(num_virtual_tokens=3), sp.APTConfig(num_virtual_tokens=3)],
+                         ids=lambda c: c.method)
+def test_one_graph_under_autocast_with_and_without_a_mask(config):
+    """compose's autocast cast and the per-forward reuse (bypassed while compiling) keep the step one graph."""
+    model = sp.wrap(tiny("qwen2"), config).train()
+    ids, mask = _ids(pad_from=4)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for kwargs in ({"attention_mask": mask}, {}):
+            explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids, **kwargs)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()

@@ -39,7 +39,8 @@ def cmd_train(args) -> int:
         eval_split=args.eval_split, epochs=args.epochs, max_steps=args.max_steps,
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=method_options(args),
-        bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+        bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing,
+        compile=None if args.compile == "off" else args.compile,
         save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, overwrite=args.overwrite,
         strict=args.strict, label_map=args.label_map, readout=args.readout, carve_dev=args.carve_dev,
         fsdp=args.fsdp or "", weight_decay=args.weight_decay,
@@ -129,9 +130,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
-                   help="run the training forward through torch.compile (mode; default 'default'; "
-                        "'reduce-overhead' adds CUDA graphs for small, launch-bound steps)")
+    p.add_argument("--compile", nargs="?", const="default", default="auto",
+                   choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                   help="run the training forward through torch.compile. auto (the default): on CUDA, CUDA graphs "
+                        "(reduce-overhead) with batches padded to a few lengths when the planned steps pay for "
+                        "compiling, else eager; on CPU eager; the decision is printed. off: eager. A mode (bare "
+                        "--compile: 'default') compiles always")
     p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")

@@ -24,6 +24,7 @@ from ..io import atomic_write_json
 from ..loading import load_base, load_tokenizer
 from ..methods import config_from_dict, default_lr, method_classes
 from ..model import SoftPromptModel
+from .bucketing import BucketCollator, decide_compile, length_buckets, planned_steps
 from .evaluate import labelled, predictions_to_metrics
 from .guards import check_output, check_values, resume_point
 from .trainer import AdapterTrainer, ListDataset, LossLogger, ProgressLines
@@ -62,7 +63,10 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
-    compile: str | None = None  # torch.compile mode for the training forward (e.g. "default", "reduce-overhead")
+    # torch.compile mode of the training forward ("default", "reduce-overhead", ...), "auto" (CUDA graphs when the
+    # planned steps pay for compiling, eager on CPU; the CLI's default) or None (eager)
+    compile: str | None = None
+    length_buckets: int = 4  # compiled runs pad each batch to one of this many lengths (0: to its longest row)
     save_steps: int | None = None
     eval_steps: int | None = None
     resume: bool = False
@@ -160,6 +164,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_feats = featurize([r for r in train_recs if labelled(r)], spec, tokenizer, cfg.max_length)
     eval_feats = featurize([r for r in eval_recs if labelled(r)], spec, tokenizer, cfg.max_length)
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method)
+    compile_mode, collator = compiled_collation(cfg, model, Collator(tokenizer, spec.kind), train_feats)
     if cfg.fsdp and not torch.cuda.is_available():
         import warnings
 
@@ -175,16 +180,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         report_to=cfg.report_to, remove_unused_columns=False, dataloader_num_workers=cfg.dataloader_workers,
         disable_tqdm=not _interactive(), fsdp=cfg.fsdp, use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
-        # Every method's forward traces into one graph (tests/test_engine.py); padding to the batch's longest row
-        # gives a few distinct lengths, which torch.compile handles by recompiling once and then going dynamic.
-        torch_compile=cfg.compile is not None, torch_compile_mode=cfg.compile,
+        # Every method's forward traces into one graph (tests/test_engine.py); compiled runs pad to a few lengths.
+        torch_compile=compile_mode is not None, torch_compile_mode=compile_mode,
+        # Its per-step isnan/isinf test reads the loss back (a host sync every step, which undoes what CUDA graphs
+        # gain); AdapterTrainer checks finiteness on the device and reads the result at logging and saving instead.
+        logging_nan_inf_filter=False,
     )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     logger = LossLogger()
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=ListDataset(train_feats), eval_dataset=ListDataset(eval_feats),
-        data_collator=Collator(tokenizer, spec.kind), callbacks=[logger],
+        data_collator=collator, callbacks=[logger],
         compute_metrics=lambda ev: predictions_to_metrics(spec, _first(ev.predictions), ev.label_ids),
     )
     if not _interactive():  # plain flushed lines instead of the Trainer's buffered dicts
@@ -194,6 +201,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     start = time.time()
     resume = resume_point(cfg)
     trainer.train(resume_from_checkpoint=resume)
+    trainer.check_finite()
     train_seconds = time.time() - start
     eval_metrics = trainer.evaluate()
     method_params, head_params, _ = model.num_parameters_summary()
@@ -206,6 +214,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "method_seed": getattr(model.method_config, "seed", None), "readout": cfg.readout,
         "carve_dev": cfg.carve_dev,
         "train_examples": len(train_feats), "eval_examples": len(eval_feats), "steps": trainer.state.global_step,
+        "compile": compile_mode, "length_buckets": list(getattr(collator, "buckets", ())),
         "loss_history": logger.history[-20:],
     }
     if cfg.task:
@@ -217,6 +226,37 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.save_pretrained(cfg.output, **trainer.adapter_metadata)
         atomic_write_json(Path(cfg.output) / "metrics.json", metrics)
     return metrics
+
+
+def compiled_collation(cfg: TrainConfig, model: SoftPromptModel, collator: Collator, feats: list[dict]
+                       ) -> tuple[str | None, Any]:
+    """The torch.compile mode of this run (``--compile auto`` resolved and its decision printed in one line) and
+    the collator: compiled runs pad each batch to one of ``cfg.length_buckets`` lengths, so graphs are reused."""
+    if cfg.compile is None:
+        return None, collator
+    lengths = [max(map(len, f["input_ids"])) if f["input_ids"] and isinstance(f["input_ids"][0], list)
+               else len(f["input_ids"]) for f in feats]
+    limit = model.info.max_positions
+    cap = None if limit is None else limit - model.method.insertion_length() - model.method.position_shift()
+    buckets = length_buckets(lengths, cfg.batch_size, cfg.length_buckets, cap=cap, seed=cfg.seed) \
+        if cfg.length_buckets and lengths else ()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = planned_steps(len(feats), cfg.batch_size, cfg.epochs, cfg.max_steps, world)
+    mode, reason = decide_compile(cfg.compile, steps, max(len(buckets), 1), torch.cuda.is_available())
+    if cfg.compile == "auto" and int(os.environ.get("RANK", "0")) == 0:
+        print(f"softprompt train: {reason}", flush=True)
+    if mode is None or not buckets:
+        return mode, collator
+    return mode, BucketCollator(collator, buckets, left=model.info.is_causal and _runs_on_embeddings(model))
+
+
+def _runs_on_embeddings(model: SoftPromptModel) -> bool:
+    """Whether the method puts a prompt in front of the input embeddings (the base model then gets no token ids)."""
+    from ..methods import MethodInputs
+
+    ids = torch.ones(1, 2, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        return model.method(MethodInputs(ids, ids, model.base_model.get_input_embeddings(), 1)).input_prompt is not None
 
 
 def _adapter_metadata(cfg: TrainConfig, spec) -> dict:

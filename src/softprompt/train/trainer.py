@@ -57,6 +57,7 @@ class AdapterTrainer(Trainer):
         return EpochShuffleSampler(len(dataset), self.args.data_seed or self.args.seed)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        self.check_finite()  # never save what a non-finite step produced
         output_dir = output_dir or self.args.output_dir
         unwrapped = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
         unwrapped.save_pretrained(output_dir, **getattr(self, "adapter_metadata", {}))
@@ -70,12 +71,30 @@ class AdapterTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint is kept "
-                f"in {self.args.output_dir}. Lower the learning rate (--lr) or use bf16 instead of fp16."
-            )
+        # The first step whose loss is not finite (step, loss), kept on the device: reading it back every step would
+        # make the host wait for every step (no overlap, and CUDA graphs lose what they gain). It is read where the
+        # Trainer reads anyway (logging) and before anything is saved.
+        value = loss.detach().float().sum()
+        step, first = getattr(self, "_first_bad", None) or (torch.zeros((), dtype=torch.long, device=loss.device),
+                                                           torch.zeros((), device=loss.device))
+        new = ~torch.isfinite(value) & (step == 0)
+        self._first_bad = (torch.where(new, self.state.global_step + 1, step), torch.where(new, value, first))
         return loss
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if some step's loss was not finite (one read of two device scalars)."""
+        if getattr(self, "_first_bad", None) is None:
+            return
+        step, value = torch.stack([t.double() for t in self._first_bad]).tolist()
+        if step:
+            raise NonFiniteLossError(
+                f"loss became {value} at step {int(step)}; the last good checkpoint is kept in {self.args.output_dir}. "
+                "Lower the learning rate (--lr) or use bf16 instead of fp16."
+            )
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        self.check_finite()
+        super().log(logs, *args, **kwargs)
 
 
 def load_adapter_weights(model, folder: str) -> None:

@@ -1,0 +1,103 @@
+"""Length bucketing and the ``--compile auto`` decision: what makes compiled training steps (CUDA graphs) pay off.
+
+A compiled step is specialised to its input shape. Padding every batch to its own longest row gives dozens of
+lengths, so graphs are re-recorded or dropped; padding to one of a few lengths (``length_buckets``) lets each graph be
+reused for thousands of steps. A bucketed batch gives the loss of the unbucketed one: the extra columns are padding
+tokens with attention mask 0 and label -100, added after the last column (see ``BucketCollator``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Cost model of ``--compile auto`` (to be calibrated on the GPU by benchmarks/train_compiled.py): compiling one
+# length bucket's training step takes about COMPILE_S_PER_SHAPE seconds, and a compiled step saves about
+# SAVED_S_PER_STEP of host time against eager (small models and short sequences are host-bound: issue 18). Compiling
+# pays off once the planned steps save more than it costs.
+COMPILE_S_PER_SHAPE = 20.0
+SAVED_S_PER_STEP = 0.005
+AUTO_MODE = "reduce-overhead"  # CUDA graphs: what removes the per-step host cost
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, count: int = 4, multiple: int = 8,
+                   cap: int | None = None, seed: int = 0) -> tuple[int, ...]:
+    """``count`` (or fewer) padded lengths for batches of ``batch_size`` rows drawn from examples of ``lengths``.
+
+    The buckets are quantiles (1/count, 2/count, ...) of the longest row of a random batch, estimated from 256 seeded
+    draws, rounded up to a ``multiple`` (tensor-core friendly); the largest is the longest example, so that every
+    batch fits. ``cap`` (the model's position limit left after the method's own positions) bounds every bucket,
+    never below the longest example."""
+    if not lengths:
+        raise ValueError("length_buckets needs the lengths of at least one example")
+    longest = max(lengths)
+    cap = max(longest, cap if cap is not None else longest + multiple)
+    rng = random.Random(seed)
+    k = min(batch_size, len(lengths))
+    draws = sorted(max(rng.sample(list(lengths), k)) for _ in range(256))
+    picks = [draws[math.ceil(q * len(draws) / count) - 1] for q in range(1, count)] + [longest]
+    return tuple(sorted({min(cap, -(-x // multiple) * multiple) for x in picks}))
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``length`` (``length`` itself when none does)."""
+    i = bisect.bisect_left(buckets, length)
+    return buckets[i] if i < len(buckets) else length
+
+
+@dataclass
+class BucketCollator:
+    """Wraps a collator: each batch is padded further, to the smallest bucket that holds it.
+
+    Columns are added at the end, whatever side the collator pads: real tokens keep their positions (more left
+    padding would shift a decoder's absolute positions, and prefix keys, which carry no position, would notice),
+    under causal attention no real token sees a later column, and a decoder's last-token head skips pad ids. The
+    exception is ``left=True``, for decoders that run on embeddings (an input prompt): their head reads the last
+    column as it is. ``input_ids`` get the pad id, ``labels`` of token-level tasks -100, every other per-token
+    tensor (attention mask, token types) 0."""
+
+    collator: Any
+    buckets: tuple[int, ...]
+    left: bool = False
+
+    def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(feats)
+        ids = batch["input_ids"]
+        length = ids.shape[-1]
+        extra = bucket_for(length, self.buckets) - length
+        if extra <= 0:
+            return batch
+        fills = {"input_ids": self.collator.tokenizer.pad_token_id or 0, "labels": -100}
+        for key, t in batch.items():
+            if t.dim() == ids.dim() and t.shape[-1] == length:
+                batch[key] = torch.nn.functional.pad(t, (extra, 0) if self.left else (0, extra),
+                                                     value=fills.get(key, 0))
+        return batch
+
+
+def planned_steps(examples: int, batch_size: int, epochs: float, max_steps: int, world_size: int = 1) -> int:
+    """Optimizer steps the Trainer will take (``max_steps`` when given, else whole epochs of global batches)."""
+    if max_steps > 0:
+        return max_steps
+    return math.ceil(epochs * math.ceil(examples / (batch_size * world_size)))  # the Trainer's own count
+
+
+def decide_compile(mode: str | None, steps: int, buckets: int, cuda: bool) -> tuple[str | None, str]:
+    """(torch.compile mode or None for eager, the one-line reason). ``mode`` "auto" compiles on CUDA when the
+    planned ``steps`` save more than compiling ``buckets`` shapes costs (module constants); other modes are kept."""
+    if mode != "auto":
+        return mode, f"compile {mode}" if mode else "eager"
+    if not cuda:
+        return None, "compile auto: eager (no CUDA device; compiled CPU steps do not pay off)"
+    needed = math.ceil(buckets * COMPILE_S_PER_SHAPE / SAVED_S_PER_STEP)
+    if steps >= needed:
+        return AUTO_MODE, (f"compile auto: {AUTO_MODE} ({steps} planned steps >= {needed}, the steps that pay for "
+                           f"compiling {buckets} length bucket(s))")
+    return None, (f"compile auto: eager ({steps} planned steps < {needed}, the steps that would pay for compiling "
+                  f"{buckets} length bucket(s))")

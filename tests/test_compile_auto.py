@@ -1,0 +1,116 @@
+"""``softprompt train --compile auto`` (the default): CUDA graphs when the planned steps pay for compiling, eager on
+CPU, the decision printed in one line; compiled runs pad batches to a few lengths; no host sync per step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny
+
+import softprompt as sp
+from softprompt.cli import main
+from softprompt.data import Collator
+from softprompt.errors import NonFiniteLossError
+from softprompt.train import TrainConfig
+from softprompt.train import bucketing as bk
+from softprompt.train.runner import compiled_collation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_planned_steps_count_as_the_trainer_does():
+    assert bk.planned_steps(1000, 32, 3.0, 50) == 50
+    assert bk.planned_steps(1000, 32, 3.0, -1) == 96  # 32 batches per epoch (the last one short)
+    assert bk.planned_steps(1000, 32, 0.5, -1) == 16
+    assert bk.planned_steps(1000, 32, 1.0, -1, world_size=2) == 16
+
+
+def test_the_auto_decision():
+    needed = bk.planned_steps(0, 1, 1, int(4 * bk.COMPILE_S_PER_SHAPE / bk.SAVED_S_PER_STEP))
+    assert bk.decide_compile("auto", needed, 4, cuda=True)[0] == bk.AUTO_MODE
+    mode, reason = bk.decide_compile("auto", needed - 1, 4, cuda=True)
+    assert mode is None and f"{needed - 1} planned steps < {needed}" in reason and "\n" not in reason
+    assert bk.decide_compile("auto", 10**9, 1, cuda=False) == (
+        None, "compile auto: eager (no CUDA device; compiled CPU steps do not pay off)")
+    assert bk.decide_compile("default", 1, 4, cuda=False) == ("default", "compile default")
+    assert bk.decide_compile(None, 10**9, 4, cuda=True) == (None, "eager")
+
+
+class _Tok:
+    pad_token_id, padding_side = 0, "right"
+
+
+def _feats(n=200):
+    return [{"input_ids": [5] * (4 + i % 20), "attention_mask": [1] * (4 + i % 20), "labels": i % 2} for i in range(n)]
+
+
+def test_compiled_runs_pad_to_buckets_and_eager_runs_do_not(monkeypatch, capsys):
+    model = sp.wrap(tiny("bert", task="cls"), sp.PrefixConfig(num_virtual_tokens=2))
+    collator = Collator(_Tok(), "classification")
+    cfg = TrainConfig(method="prefix", model="x", output="y", batch_size=8, max_steps=5)
+    assert compiled_collation(cfg, model, collator, _feats()) == (None, collator)  # compile None: nothing printed
+    cfg.compile = "auto"
+    assert compiled_collation(cfg, model, collator, _feats()) == (None, collator)
+    assert capsys.readouterr().out == "softprompt train: compile auto: eager (no CUDA device; compiled CPU steps " \
+                                      "do not pay off)\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg.max_steps = 10**6
+    mode, bucketed = compiled_collation(cfg, model, collator, _feats())
+    assert mode == "reduce-overhead" and bucketed.collator is collator and not bucketed.left
+    assert bucketed.buckets[-1] == 24 and len(bucketed.buckets) <= cfg.length_buckets
+    assert capsys.readouterr().out.startswith("softprompt train: compile auto: reduce-overhead (1000000 planned")
+    cfg.length_buckets = 0  # compiled, padded to each batch's longest row
+    assert compiled_collation(cfg, model, collator, _feats()) == ("reduce-overhead", collator)
+    # A decoder whose method prepends an input prompt pads in front (its head reads the last column).
+    cfg.length_buckets, cfg.compile = 4, "default"
+    decoder = sp.wrap(tiny("llama", task="cls"), sp.PromptTuningConfig(num_virtual_tokens=2))
+    assert compiled_collation(cfg, decoder, collator, _feats())[1].left
+    assert not compiled_collation(cfg, sp.wrap(tiny("llama", task="cls"), sp.PrefixConfig(num_virtual_tokens=2)),
+                                  collator, _feats())[1].left
+    # Multiple choice: the longest choice of an example is its length; the position limit left after the method's
+    # own positions caps the buckets (130 - 4 prompt tokens: 126, not 128).
+    mc = [{"input_ids": [[5] * 3, [5] * 126], "attention_mask": [[1] * 3, [1] * 126], "labels": 0}]
+    assert compiled_collation(cfg, model, collator, mc)[1].buckets == (128,)
+    short = sp.wrap(tiny("bert", task="cls", max_position_embeddings=130), sp.PromptTuningConfig(num_virtual_tokens=4))
+    assert compiled_collation(cfg, short, collator, mc)[1].buckets == (126,)
+
+
+def test_cli_default_is_auto_and_prints_its_decision(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
+    common = ["train", "--method", "prefix", "--model", tiny_bert_dir, "--file", sentiment_csv, "--text-column",
+              "sentence", "--label-column", "sentiment", "--max-steps", "2", "--batch-size", "16",
+              "--num-virtual-tokens", "2", "--max-length", "16"]
+    assert main([*common, "--output", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("softprompt train: compile auto: eager (no CUDA device") == 1
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["compile"] is None and metrics["length_buckets"] == []
+    assert main([*common, "--output", str(tmp_path / "b"), "--compile", "off"]) == 0
+    assert "compile auto" not in capsys.readouterr().out
+
+
+def test_a_non_finite_loss_stops_training_without_a_per_step_sync(monkeypatch, tiny_bert_dir, sentiment_csv,
+                                                                   tmp_path):
+    """The loss is checked on the device every step and read at logging and before saving: the run stops at the
+    first logging step after the bad one, names the bad step, and saves nothing."""
+    from transformers import Trainer
+
+    from softprompt.train import train
+
+    real = Trainer.training_step
+    calls = []
+
+    def step(self, *args, **kwargs):
+        loss = real(self, *args, **kwargs)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    cfg = TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / "nan"), file=sentiment_csv,
+                      text_column="sentence", label_column="sentiment", max_steps=6, batch_size=16, logging_steps=3,
+                      method_options={"num_virtual_tokens": 2}, max_length=16)
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 2;"):
+        train(cfg)
+    assert len(calls) == 3  # stopped at the logging step after the bad one
+    assert not (tmp_path / "nan" / "adapter_model.safetensors").exists()

@@ -114,3 +114,39 @@ def test_a_non_finite_loss_stops_training_without_a_per_step_sync(monkeypatch, t
         train(cfg)
     assert len(calls) == 3  # stopped at the logging step after the bad one
     assert not (tmp_path / "nan" / "adapter_model.safetensors").exists()
+
+
+def test_train_compiled_benchmark_records_runs_and_resumes(tmp_path, tiny_bert_dir, monkeypatch):
+    """benchmarks/train_compiled.py on CPU with a tiny model and a tiny SST-2: the JSON has the documented fields,
+    a second invocation skips the finished run, and a run that the time budget cannot hold is not started."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_compiled as tc
+
+    root = tmp_path / "data" / "glue" / "SST-2"
+    root.mkdir(parents=True)
+    for split, n in (("train", 48), ("dev", 16)):
+        rows = [f"the film was very {['bad', 'good'][i % 2]}\t{i % 2}" for i in range(n)]
+        (root / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "tc.json"
+    common = ["--out", str(out), "--minilm", tiny_bert_dir, "--data-dir", str(tmp_path / "data"), "--runs",
+              "minilm:sst2:prefix", "--steps", "sst2=2", "--batch-size", "8", "--max-length", "16",
+              "--scratch", str(tmp_path / "scratch")]
+    argv = [*common, "--modes", "eager"]
+    doc = tc.main(argv)
+    (run,) = doc["runs"]
+    assert run["status"] == "ok", run
+    assert {"model", "task", "method", "mode", "steps", "wall_s", "accuracy"} <= set(run)
+    assert (run["model"], run["task"], run["mode"], run["steps"], run["steps_done"]) == ("minilm", "sst2", "eager",
+                                                                                         2, 2)
+    assert 0 <= run["accuracy"] <= 1 and run["wall_s"] > 0 and "$SCRATCH" in run["command"]
+    assert {"device", "versions", "date", "command", "summary"} <= set(json.loads(out.read_text()))
+    assert tc.main(argv)["runs"] == [run]  # finished: skipped
+    budget = tc.main([*common, "--modes", "compiled", "--time-budget", "1"])
+    assert [r["mode"] for r in budget["runs"]] == ["eager"]  # the compiled run would not fit: not started
+    eager = {**run, "wall_s": 30.0, "accuracy": 0.9}
+    summary = tc.summarise([eager, {**eager, "mode": "compiled", "wall_s": 15.0, "accuracy": 0.903}])
+    assert summary[0]["compiled_over_eager"] == 0.5 and summary[0]["goal_met"] is True
+    assert summary[0]["accuracy_diff_points"] == 0.3

@@ -1056,8 +1056,9 @@ def cmd_boolq_probe(args: argparse.Namespace) -> int:
                 "examples": "sha256-ranked first n of the BoolQ DnD zoo part (key superglue/boolq|format-probe)"})
     print(f"n={res['n']}, gold yes-rate {res['yes_rate_gold']}%")
     for name, r in res["formats"].items():
-        print(f"{name:20s} acc {r['acc']:5.1f}  acc_norm {r['acc_norm']:5.1f}  yes {r['yes_rate']:5.1f}%  balanced "
-              f"{r['balanced_acc']:5.1f}  AUC {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]")
+        print(f"{name:26s} acc {r['acc']:5.1f}  acc_norm {r['acc_norm']:5.1f}  yes {r['yes_rate']:5.1f}%  balanced "
+              f"{r['balanced_acc']:5.1f}  AUC {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]  "
+              f"calibrated: acc {r['acc_cal']:5.1f} yes {r['yes_rate_cal']:5.1f}% balanced {r['balanced_acc_cal']:5.1f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "dnd_boolq_probe.json").write_text(json.dumps(res, indent=1) + "\n")

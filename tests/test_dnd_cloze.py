@@ -24,8 +24,11 @@ def test_templates_and_conditions():
     a = C.cloze_example("arc_easy", ARC)
     assert a.contexts == ("Question: which is the sky\nAnswer:",) * 3
     assert a.continuations == (" blue", " red green", " sky is blue and green") and a.gold == 0
-    b = C.cloze_example("boolq", BOOLQ)
-    assert b.contexts[0] == "the sky is blue\nQuestion: is the sky blue?\nAnswer:"
+    b = C.cloze_example("boolq", BOOLQ)  # format v2: two train32 demonstrations, then lm-eval's zero-shot block
+    demos = C.boolq_demos()
+    assert b.contexts[0] == demos + "the sky is blue\nQuestion: is the sky blue?\nAnswer:"
+    assert demos.startswith("The Princess and the Goblin (film) -- ") and demos.endswith("Answer: yes\n\n")
+    assert demos.count("\nAnswer: no\n\n") == 1 and demos.count("\nAnswer: yes\n\n") == 1
     assert b.continuations == (" no", " yes")
     assert b.continuations[b.gold] == " yes"
     w = C.cloze_example("winogrande", WINO)  # partial scoring: the option sits in the context
@@ -160,8 +163,24 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     text = render(res)
     assert "| arc_easy | 6 | 25.0 |" in text and "training-LoRA mean (interval above 0) on" in text
     fresh = Study(tmp_path / "state2", str(folder), **kw)
-    kept = fresh.restore(tmp_path / "out" / "dnd_cloze_stages.json")  # zoo weights absent: zoo + cross redone
-    assert kept == ["base"] + [s for s in study.stages() if s.startswith(("gen:", "dnd:"))]
-    assert [s for s in fresh.stages() if not fresh.done(s)] == [s for s in study.stages() if s[:4] in ("zoo:", "cros")]
+    kept = fresh.restore(tmp_path / "out" / "dnd_cloze_stages.json")  # every result; the zoo weights are absent
+    assert kept == study.stages()
+    assert [s for s in fresh.stages() if not fresh.done(s)] == [s for s in study.stages() if s.startswith("zoo:")]
     assert math.isclose(fresh.result("base")["datasets"]["commonsense/winogrande"]["test"]["acc"],
                         stages["base"]["datasets"]["commonsense/winogrande"]["test"]["acc"])
+    cross = fresh.path(f"cross:{cfg}").read_text()
+    assert fresh.run() == "complete"  # rebuilds the zoo weights; same losses, so the recorded scores stay
+    for d in ("commonsense/arc_easy", WG):
+        r = fresh.result(f"zoo:{cfg}:{d}")
+        assert r["rebuilds"][0]["loss_max_rel_diff"] == 0.0 and r["test"] == stages[f"zoo:{cfg}:{d}"]["test"]
+    assert fresh.path(f"cross:{cfg}").read_text() == cross
+    other = Study(tmp_path / "state3", str(folder), **kw)  # a record the rebuild does not reproduce
+    data = json.loads((tmp_path / "out" / "dnd_cloze_stages.json").read_text())
+    data[f"zoo:{cfg}:{WG}"]["losses"][0] *= 1.5
+    (tmp_path / "tampered.json").write_text(json.dumps(data))
+    other.restore(tmp_path / "tampered.json")
+    assert other.run() == "complete"
+    r = other.result(f"zoo:{cfg}:{WG}")
+    assert "rebuilds" not in r and r["losses"] == stages[f"zoo:{cfg}:{WG}"]["losses"]  # scored anew
+    assert "rebuilds" in other.result(f"zoo:{cfg}:commonsense/arc_easy")
+    assert other.path(f"cross:{cfg}").read_text() != cross  # dropped by the mismatch and measured again

@@ -129,9 +129,9 @@ def eval_main(args: argparse.Namespace) -> dict[str, Any]:
     """``softprompt dnd eval``: accuracy of a causal LM, with or without a LoRA, on one dataset.
 
     Reads ``model``, ``adapter`` (or None), ``dataset``, ``split`` (default ``dnd:test``), ``limit``; optional
-    ``format`` (``cloze``, the default: acc and acc_norm; ``letter``: the lettered prompt), ``batch_size``,
-    ``measures`` (letter format: comma list of loglik,gen), ``device``, ``out`` (JSON file). Prints a table with
-    the chance level and returns the result dict."""
+    ``format`` (``cloze``, the default: acc and acc_norm, and acc_cal for BoolQ; ``letter``: the lettered prompt),
+    ``batch_size``, ``measures`` (letter format: comma list of loglik,gen), ``device``, ``out`` (JSON file). Prints a
+    table with the chance level and returns the result dict."""
     from .harness import evaluate, load_model
     from .templates import canonical_name
 
@@ -144,7 +144,7 @@ def eval_main(args: argparse.Namespace) -> dict[str, Any]:
         from .cloze import evaluate_cloze
 
         res = evaluate_cloze(model, tok, dataset, split, limit=getattr(args, "limit", None), batch_size=bs)
-        keys = ("acc", "acc_norm")
+        keys = tuple(k for k in ("acc", "acc_norm", "acc_cal") if k in res)
     elif fmt == "letter":
         measures = _names(getattr(args, "measures", None)) or ["loglik", "gen"]
         res = evaluate(model, tok, dataset, split, limit=getattr(args, "limit", None), batch_size=bs,

@@ -7,16 +7,23 @@ measured. Per dataset (``cloze_example``):
 * HellaSwag: the context (light clean-up of WikiHow tags) + ``" <ending>"``;
 * WinoGrande, *partial* scoring: the context is the sentence up to the blank with the option substituted, the
   continuation is the rest of the sentence (identical for both options), so only the option changes what follows;
-* BoolQ: ``"<passage>\\nQuestion: <question>?\\nAnswer:"`` + ``" no"`` / ``" yes"`` (option index = label).
+* BoolQ (format v2): two fixed demonstrations, then ``"<passage>\\nQuestion: <question>?\\nAnswer:"`` +
+  ``" no"`` / ``" yes"`` (option index = label); each block is lm-evaluation-harness's zero-shot BoolQ prompt (v1,
+  used until 2026-12-04), the demonstrations are the train32 examples with the shortest passage of each label, "no"
+  first, each followed by its answer and a blank line (:func:`boolq_demos`).
 
 Two accuracies: ``acc`` (argmax of the summed log-probability of the continuation tokens) and ``acc_norm`` (argmax
-of that sum divided by the continuation's length in UTF-8 bytes). Context and continuation are tokenized apart and
-concatenated (no chat template, the tokenizer's own special tokens on the context), so a score is exactly
-``sum_t log p(cont_t | context, cont_<t)`` of that token sequence.
+of that sum divided by the continuation's length in UTF-8 bytes). Datasets with content-free inputs
+(:func:`calibration_items`: BoolQ) also get ``acc_cal``, contextual calibration (Zhao et al. 2021, "Calibrate
+before use"): each option's score minus its mean score on the content-free inputs (the same prompt with "N/A", ""
+and "[MASK]" as passage and question), so a model's standing preference for one answer does not count as reading.
+Context and continuation are tokenized apart and concatenated (no chat template, the tokenizer's own special tokens
+on the context), so a score is exactly ``sum_t log p(cont_t | context, cont_<t)`` of that token sequence.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +39,7 @@ QA = ("commonsense/arc_easy", "commonsense/arc_challenge", "commonsense/openbook
 
 # Cloze format version per dataset (1 when absent). Raise a dataset's version whenever its context or answer texts
 # change: stage results made with another version are then stale and redone (``study.Study.fresh``).
-FORMAT_VERSIONS: dict[str, int] = {}
+FORMAT_VERSIONS: dict[str, int] = {"superglue/boolq": 2}  # BoolQ v2: two demonstrations (v1: zero-shot)
 
 
 def format_version(name: str) -> int:
@@ -40,16 +47,41 @@ def format_version(name: str) -> int:
     return FORMAT_VERSIONS.get(canonical_name(name), 1)
 
 
-# The reported measure per dataset, as lm-evaluation-harness reports these tasks: acc_norm (log-likelihood per answer
-# byte) where options are texts of different lengths; acc where byte normalisation means nothing: BoolQ's answers
-# are single tokens (dividing by 3 or 4 bytes only reweights the two log-probabilities) and WinoGrande's partial
-# scoring gives every option the same continuation (acc = acc_norm).
-PRIMARY_MEASURE: dict[str, str] = {"superglue/boolq": "acc", "commonsense/winogrande": "acc"}
+# The reported measure per dataset: acc_norm (log-likelihood per answer byte) where options are texts of different
+# lengths, as lm-evaluation-harness reports them; acc for WinoGrande, whose partial scoring gives every option the
+# same continuation (acc = acc_norm); acc_cal for BoolQ, whose single-token answers make byte normalisation a mere
+# reweighting of two log-probabilities and whose accuracy otherwise measures how often a model says "yes"
+# (docs/dnd_gpu.md, "BoolQ: measure, chance and format").
+PRIMARY_MEASURE: dict[str, str] = {"superglue/boolq": "acc_cal", "commonsense/winogrande": "acc"}
+CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 def primary_measure(name: str) -> str:
-    """``acc`` or ``acc_norm``: the measure reported for dataset ``name`` (:data:`PRIMARY_MEASURE`)."""
+    """``acc``, ``acc_norm`` or ``acc_cal``: the measure reported for dataset ``name`` (:data:`PRIMARY_MEASURE`)."""
     return PRIMARY_MEASURE.get(canonical_name(name), "acc_norm")
+
+
+def _boolq_block(passage: str, question: str) -> str:
+    return f"{passage.strip()}\nQuestion: {question.strip().rstrip('?')}?\nAnswer:"
+
+
+@functools.cache
+def boolq_demos() -> str:
+    """BoolQ's two demonstrations (format v2): of FewGLUE's train32, the example with the shortest passage of each
+    label ("no" first), each as its prompt block + answer + a blank line."""
+    from .. import tasks
+
+    recs = sorted(tasks.load_split("superglue/boolq", "train32"), key=lambda r: (len(str(r["text"])), str(r["idx"])))
+    demos = [next(r for r in recs if int(r["label"]) == k) for k in (0, 1)]
+    return "".join(_boolq_block(str(r["text"]), str(r["text_pair"])) + (" yes" if int(r["label"]) else " no")
+                   + "\n\n" for r in demos)
+
+
+def calibration_items(name: str) -> list[Cloze]:
+    """Content-free items of dataset ``name`` for ``acc_cal`` (empty: the dataset has none)."""
+    if canonical_name(name) != "superglue/boolq":
+        return []
+    return [Cloze((boolq_demos() + _boolq_block(x, x),) * 2, (" no", " yes"), -1) for x in CONTENT_FREE]
 
 
 @dataclass(frozen=True)
@@ -74,8 +106,7 @@ def cloze_example(name: str, record: Mapping[str, Any]) -> Cloze:
     label = record.get("label")
     gold = int(label) if label is not None else -1
     if name == "superglue/boolq":
-        q = str(record["text_pair"]).strip().rstrip("?")
-        ctx = f"{str(record['text']).strip()}\nQuestion: {q}?\nAnswer:"
+        ctx = boolq_demos() + _boolq_block(str(record["text"]), str(record["text_pair"]))
         return Cloze((ctx, ctx), (" no", " yes"), gold)
     choices = [str(c).strip() for c in record["choices"]]
     text = str(record["text"]).strip()
@@ -148,33 +179,44 @@ def continuation_logliks(model: Any, tokenizer: Any, pairs: Sequence[tuple[Seque
 
 def score_items(model: Any, tokenizer: Any, items: Sequence[Cloze], batch_size: int = 32,
                 max_context_tokens: int | None = 1024, progress: bool = False,
-                return_details: bool = False) -> dict[str, Any]:
+                return_details: bool = False, calibration: Sequence[Cloze] = ()) -> dict[str, Any]:
     """``{"acc", "acc_norm", "n", "chance", "majority"}`` over ``items`` (fractions); with ``return_details``
     also ``correct`` / ``correct_norm`` (0/1 per example, for paired bootstraps) and ``scores``.
 
-    ``chance`` is the mean of 1/(number of options); ``majority`` the share of the most frequent gold index."""
+    ``chance`` is the mean of 1/(number of options); ``majority`` the share of the most frequent gold index. With
+    ``calibration`` (content-free items with the items' options): ``acc_cal`` (argmax of score minus the option's
+    mean content-free score), ``calibration`` (those means) and, with details, ``correct_cal``."""
     pairs, owner = [], []
-    for i, it in enumerate(items):
+    for i, it in enumerate([*items, *calibration]):
         for p in encode_cloze(tokenizer, it, max_context_tokens):
             pairs.append(p)
             owner.append(i)
     flat = continuation_logliks(model, tokenizer, pairs, batch_size, progress)
-    per: list[list[float]] = [[] for _ in items]
+    per: list[list[float]] = [[] for _ in range(len(items) + len(calibration))]
     for i, s in zip(owner, flat):
         per[i].append(s)
-    correct, correct_norm = [], []
+    per, cal_scores = per[:len(items)], per[len(items):]
+    offset = [sum(c[j] for c in cal_scores) / len(cal_scores) for j in range(len(cal_scores[0]))] if calibration \
+        else None
+    correct, correct_norm, correct_cal = [], [], []
     for it, sc in zip(items, per):
         nb = [max(len(c.encode("utf-8")), 1) for c in it.continuations]
         correct.append(int(max(range(len(sc)), key=sc.__getitem__) == it.gold))
         correct_norm.append(int(max(range(len(sc)), key=lambda j: sc[j] / nb[j]) == it.gold))
+        if offset is not None:
+            correct_cal.append(int(max(range(len(sc)), key=lambda j: sc[j] - offset[j]) == it.gold))
     n = len(items)
     golds = [it.gold for it in items]
     res: dict[str, Any] = {
         "n": n, "acc": sum(correct) / max(n, 1), "acc_norm": sum(correct_norm) / max(n, 1),
         "chance": sum(1 / len(it.continuations) for it in items) / max(n, 1),
         "majority": max((golds.count(g) for g in set(golds)), default=0) / max(n, 1)}
+    if offset is not None:
+        res.update(acc_cal=sum(correct_cal) / max(n, 1), calibration=offset)
     if return_details:
         res.update(correct=correct, correct_norm=correct_norm, scores=per)
+        if offset is not None:
+            res["correct_cal"] = correct_cal
     return res
 
 
@@ -182,12 +224,14 @@ def evaluate_cloze(model: Any, tokenizer: Any, dataset: str, split: str = "dnd:t
                    batch_size: int = 32, records: Sequence[Mapping[str, Any]] | None = None,
                    max_context_tokens: int | None = 1024, progress: bool = False,
                    return_details: bool = False) -> dict[str, Any]:
-    """Cloze accuracies of a causal LM (plain or ``PeftModel``) on ``dataset``/``split`` (or on ``records``)."""
+    """Cloze accuracies of a causal LM (plain or ``PeftModel``) on ``dataset``/``split`` (or on ``records``),
+    ``acc_cal`` too where the dataset has content-free inputs (:func:`calibration_items`)."""
     recs = list(records) if records is not None else load_records(dataset, split)
     if limit is not None:
         recs = recs[:limit]
     items = [cloze_example(dataset, r) for r in recs]
-    return score_items(model, tokenizer, items, batch_size, max_context_tokens, progress, return_details)
+    return score_items(model, tokenizer, items, batch_size, max_context_tokens, progress, return_details,
+                       calibration_items(dataset))
 
 
 def training_pairs(tokenizer: Any, items: Sequence[Cloze], max_length: int = 512

@@ -1,14 +1,17 @@
 """Does any faithful zero-shot cloze format give a model BoolQ skill? (issue 21; chosen on examples never evaluated)
 
 For each published context (lm-evaluation-harness: ``"<passage>\\nQuestion: <question>?\\nAnswer:"``; HELM /
-lighteval ``boolq_helm``: ``"Passage: <passage>\\nQuestion: <Question>?\\nAnswer:"``) and answer pair (yes/no,
-Yes/No, true/false, True/False: single tokens for SmolLM2), the next-token log-probabilities of both answers give:
+lighteval ``boolq_helm``: ``"Passage: <passage>\\nQuestion: <Question>?\\nAnswer:"``; and lm-eval's block after
+the two demonstrations of :func:`.cloze.boolq_demos`, BoolQ's format v2) and answer pair (yes/no, Yes/No, true/false,
+True/False: single tokens for SmolLM2), the next-token log-probabilities of both answers give:
 
 * ``acc`` and ``acc_norm`` (per answer byte) as the harness would score them, and the rate of "yes" answers;
 * ``auc``: the probability that a yes-question gets a larger log p(yes) − log p(no) than a no-question, with a 95%
   bootstrap interval. It does not depend on the decision threshold, so it separates reading skill (auc > 0.5) from
   answer bias (which only moves accuracy between the no-rate and the yes-rate of the gold labels);
-* ``balanced_acc`` at the harness's threshold (mean recall of both answers; 50 for any constant answer).
+* ``balanced_acc`` at the harness's threshold (mean recall of both answers; 50 for any constant answer);
+* ``acc_cal``, ``yes_rate_cal``, ``balanced_acc_cal``: the same after contextual calibration (the threshold moved by
+  the mean yes-minus-no score of the context with "N/A", "" and "[MASK]" as passage and question).
 
 Examples: the sha256-ranked first ``n`` records (key ``superglue/boolq|format-probe``) of BoolQ's DnD ``zoo`` part,
 which is never evaluated.
@@ -24,9 +27,17 @@ import torch
 
 from .harness import _rank, dnd_records, left_pad, pad_id
 
+
+def _two_shot(p: str, q: str) -> str:
+    from .cloze import boolq_demos
+
+    return boolq_demos() + f"{p}\nQuestion: {q}?\nAnswer:"
+
+
 CONTEXTS = {
     "lm-eval": lambda p, q: f"{p}\nQuestion: {q}?\nAnswer:",
     "helm": lambda p, q: f"Passage: {p}\nQuestion: {q[:1].upper() + q[1:]}?\nAnswer:",
+    "2-shot lm-eval": _two_shot,
 }
 ANSWERS = {"yes/no": (" yes", " no"), "Yes/No": (" Yes", " No"), "true/false": (" true", " false"),
            "True/False": (" True", " False")}
@@ -65,11 +76,15 @@ def next_token_logprobs(model: Any, tok: Any, texts: Sequence[str], token_ids: S
     return out
 
 
-def _summary(lp: list[list[float]], label: list[int], yes: str, no: str, n_boot: int = 1000) -> dict[str, Any]:
+def _balanced(pred: Sequence[bool], label: Sequence[int]) -> float:
+    return 50 * sum(sum(p == bool(k) for p, y in zip(pred, label) if y == k) / max(1, label.count(k)) for k in (0, 1))
+
+
+def _summary(lp: list[list[float]], label: list[int], yes: str, no: str, n_boot: int = 1000,
+             cal: float | None = None) -> dict[str, Any]:
     d = [a - b for a, b in lp]
     pred = [x > 0 for x in d]
     pred_norm = [a / len(yes.encode()) > b / len(no.encode()) for a, b in lp]
-    rec = [sum(p == bool(k) for p, y in zip(pred, label) if y == k) / max(1, label.count(k)) for k in (0, 1)]
     rng = random.Random(0)
     boots = []
     for _ in range(n_boot):
@@ -77,11 +92,17 @@ def _summary(lp: list[list[float]], label: list[int], yes: str, no: str, n_boot:
         boots.append(auc([d[i] for i in idx], [label[i] for i in idx]))
     boots.sort()
     n = len(label)
-    return {"acc": round(100 * sum(p == bool(y) for p, y in zip(pred, label)) / n, 2),
-            "acc_norm": round(100 * sum(p == bool(y) for p, y in zip(pred_norm, label)) / n, 2),
-            "yes_rate": round(100 * sum(pred) / n, 2), "balanced_acc": round(50 * sum(rec), 2),
-            "auc": round(auc(d, label), 4),
-            "auc_ci": [round(boots[int(0.025 * n_boot)], 4), round(boots[int(0.975 * n_boot) - 1], 4)]}
+    out = {"acc": round(100 * sum(p == bool(y) for p, y in zip(pred, label)) / n, 2),
+           "acc_norm": round(100 * sum(p == bool(y) for p, y in zip(pred_norm, label)) / n, 2),
+           "yes_rate": round(100 * sum(pred) / n, 2), "balanced_acc": round(_balanced(pred, label), 2),
+           "auc": round(auc(d, label), 4),
+           "auc_ci": [round(boots[int(0.025 * n_boot)], 4), round(boots[int(0.975 * n_boot) - 1], 4)]}
+    if cal is not None:
+        pc = [x > cal for x in d]
+        out.update(acc_cal=round(100 * sum(p == bool(y) for p, y in zip(pc, label)) / n, 2),
+                   yes_rate_cal=round(100 * sum(pc) / n, 2), balanced_acc_cal=round(_balanced(pc, label), 2),
+                   calibration=round(cal, 4))
+    return out
 
 
 def probe_boolq(model: Any, tok: Any, records: Sequence[dict[str, Any]], batch_size: int = 16,
@@ -95,12 +116,17 @@ def probe_boolq(model: Any, tok: Any, records: Sequence[dict[str, Any]], batch_s
         raise ValueError(f"answers must be single tokens for this probe: {dict(zip(words, ids))}")
     res: dict[str, Any] = {"n": len(records), "yes_rate_gold": round(100 * sum(label) / max(1, len(label)), 2),
                            "formats": {}}
+    from .cloze import CONTENT_FREE
+
     for name, ctx in CONTEXTS.items():
         texts = [ctx(str(r["text"]).strip(), str(r["text_pair"]).strip().rstrip("?")) for r in records]
         lp = next_token_logprobs(model, tok, texts, [i[0] for i in ids], batch_size)
+        cf = next_token_logprobs(model, tok, [ctx(x, x) for x in CONTENT_FREE], [i[0] for i in ids], batch_size)
         for k, (yes, no) in enumerate(ANSWERS.values()):
             pair = list(ANSWERS)[k]
-            res["formats"][f"{name} {pair}"] = _summary([[x[2 * k], x[2 * k + 1]] for x in lp], label, yes, no)
+            cal = sum(c[2 * k] - c[2 * k + 1] for c in cf) / len(cf)
+            res["formats"][f"{name} {pair}"] = _summary([[x[2 * k], x[2 * k + 1]] for x in lp], label, yes, no,
+                                                        cal=cal)
         if progress:
             progress(f"{name}: done")
     return res

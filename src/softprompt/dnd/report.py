@@ -31,6 +31,9 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
     return [round(100 * lo, 2), round(100 * hi, 2)]
 
 
+KEYS = {"acc": "correct", "acc_norm": "correct_norm", "acc_cal": "correct_cal"}  # per-example lists of a measure
+
+
 def _pct(x: float | None) -> float | None:
     return None if x is None else round(100 * x, 2)
 
@@ -59,14 +62,16 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
     gains = []
     measures = {d: primary_measure(d) if measure == "primary" else measure for d in datasets}
     for d in datasets:
-        m = measures[d]
-        key = "correct_norm" if m == "acc_norm" else "correct"
         b = base.get(d, {}).get("test")
+        if b and measures[d] not in b:
+            measures[d] = "acc"  # stages of an older format of d lack this measure (the row is marked stale)
+        m = measures[d]
+        key = KEYS[m]
         z = stages.get(f"zoo:{config}:{d}")
         row: dict[str, Any] = {"measure": m, "chance": _pct(b["chance"]) if b else None,
                                "majority": _pct(b["majority"]) if b else None, "n": b["n"] if b else None,
                                "base": _pct(b[m]) if b else None,
-                               "base_other_measure": _pct(b["acc" if m == "acc_norm" else "acc_norm"]) if b else None,
+                               "base_other_measure": _pct(b["acc_norm" if m == "acc" else "acc"]) if b else None,
                                "format": base_stage.get("formats", {}).get(d, 1), "format_current": format_version(d)}
         if b:
             row["valid_target"] = row["base"] > row["chance"] and row["base"] > row["majority"]
@@ -155,8 +160,8 @@ def render(res: Mapping[str, Any]) -> str:
     m = res["measure"]
     per = res.get("measures") or {d: m for d in res["datasets"]}
     if m == "primary":
-        odd = sorted({d.split("/")[-1] for d, x in per.items() if x != "acc_norm"})
-        m = "acc_norm" + (f"; acc for {', '.join(odd)}" if odd else "")
+        odd = {x: sorted(d.split("/")[-1] for d, y in per.items() if y == x) for x in ("acc", "acc_cal")}
+        m = "acc_norm" + "".join(f"; {x} for {', '.join(v)}" for x, v in odd.items() if v)
     lines = [f"# Drag-and-Drop on SmolLM2-135M-Instruct: cloze scoring ({m})", "",
              f"Generated from `benchmarks/results/dnd_cloze.json` by `python benchmarks/dnd_bench.py cloze-report`. "
              f"Device: {res['device']}; date: {res['date']}; versions: "
@@ -164,10 +169,11 @@ def render(res: Mapping[str, Any]) -> str:
              f"Command: `{res['command']}`", "",
              (f"Zoo config `{res['zoo_config']}`. Accuracies in percent on each dataset's evaluation subset "
              "(sha256-ranked ≤500 examples of the DnD test part); intervals are 95% paired bootstrap intervals "
-             "over examples (2,000 resamples). `other` is the other measure (acc where the table shows acc_norm). "
-             "acc where a dataset's options are single tokens (BoolQ: byte normalisation would only reweight the two "
-             "log-probabilities) or share their continuation (WinoGrande, partial scoring: acc = acc_norm), as "
-             "lm-evaluation-harness reports them; acc_norm elsewhere."), "",
+             "over examples (2,000 resamples). `other` is the other measure (acc where the table shows acc_norm or "
+             "acc_cal, acc_norm where it shows acc). acc_norm as lm-evaluation-harness reports these tasks; acc for "
+             "WinoGrande (partial scoring: both options share their continuation, acc = acc_norm); acc_cal for "
+             "BoolQ (two demonstrations, contextually calibrated: each answer's log-probability minus its mean on "
+             "content-free inputs; see docs/dnd_gpu.md)."), "",
              ("| dataset | n | chance | majority | base | base (other) | own LoRA | own − base 95% CI | base dev | "
              "own dev | train-LoRA mean | best train LoRA | DnD mean ± sd | DnD − train mean | DnD − base |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

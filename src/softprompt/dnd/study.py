@@ -42,7 +42,9 @@ from .harness import _rank, dnd_records
 from .templates import DATASETS
 from .zoo import build_zoo, dataset_dirname
 
-PRIORS = {"base": 60.0, "zoo": 90.0, "cross": 120.0, "gen": 120.0, "dnd": 180.0}
+PRIORS = {"base": 60.0, "zoo": 90.0, "cross": 120.0, "gen": 120.0, "dnd": 90.0}  # s, until measured
+ZOO_MAX_LENGTH = 1024  # tokens per zoo training example: BoolQ v2's demonstrations + passage fit uncut
+REBUILD_TOLERANCE = 0.01  # a rebuilt zoo keeps its recorded scores if every kept step's loss is this close
 
 
 def eval_records(dataset: str, n_eval: int = 500) -> list[dict[str, Any]]:
@@ -136,16 +138,27 @@ class Study:
             return not stale(self, stage, res)
         return True
 
-    def done(self, stage: str) -> bool:
-        """Finished, with the current cloze formats (a stale result is redone and overwritten)."""
+    def recorded(self, stage: str) -> bool:
+        """A result exists, made with the current formats/options (a stale result is redone and overwritten)."""
         return self.path(stage).exists() and self.fresh(stage, self.result(stage))
+
+    def done(self, stage: str) -> bool:
+        """Recorded, and for a zoo stage its weights are here too (restored zoo records are rebuilt, see
+        :meth:`run_zoo`)."""
+        if not self.recorded(stage):
+            return False
+        if stage.startswith("zoo:"):
+            _, name, d = stage.split(":")
+            cfg = next((c for c in self.configs if c["name"] == name), None)
+            return cfg is not None and (self.zoo_dir(cfg, d) / self.result(stage)["final"]["path"]).exists()
+        return True
 
     def result(self, stage: str) -> dict[str, Any]:
         return json.loads(self.path(stage).read_text())
 
     def estimate(self, stage: str) -> float:
         kind = stage.split(":")[0]
-        seen = [self.result(s)["seconds"] for s in self.stages() if s.startswith(kind) and self.done(s)]
+        seen = [self.result(s)["seconds"] for s in self.stages() if s.startswith(kind) and self.recorded(s)]
         return max(seen) if seen else PRIORS[kind]
 
     def records(self, dataset: str) -> list[dict[str, Any]]:
@@ -175,8 +188,14 @@ class Study:
         return self.state / f"zoo_{cfg['name']}" / dataset_dirname(dataset)
 
     def run_zoo(self, cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+        """Train one dataset's zoo and score its final checkpoint. A *rebuild* (a recorded result whose weights are
+        gone with a lost machine) keeps the recorded scores when every kept step's training loss matches the
+        record within ``REBUILD_TOLERANCE`` (relative), and appends the check to ``rebuilds``; otherwise it is
+        scored anew and the config's ``cross`` stage, which scored the old weights, is dropped."""
         import torch
 
+        stage = f"zoo:{cfg['name']}:{dataset}"
+        old = self.result(stage) if self.recorded(stage) else None
         model, tok = self._load()
         out = self.zoo_dir(cfg, dataset)
         if out.exists():
@@ -185,13 +204,21 @@ class Study:
         man = build_zoo(self.model_path, [dataset], rank=cfg["rank"], warmup_steps=warm,
                         checkpoints=cfg["checkpoints"], out=out, lr=cfg["lr"], batch_size=cfg["batch_size"],
                         checkpoint_every=cfg["checkpoint_every"], min_lr_ratio=cfg["min_lr_ratio"],
-                        dev_limit=0, model=model, tokenizer=tok, progress=False, device=self.device)
+                        dev_limit=0, model=model, tokenizer=tok, progress=False, device=self.device,
+                        max_length=ZOO_MAX_LENGTH)
         final = man["checkpoints"][-1]
+        losses = [c["train_loss"] for c in man["checkpoints"]]
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if old is not None and len(old["losses"]) == len(losses):
+            diff = max(abs(a - b) / max(abs(b), 1e-8) for a, b in zip(losses, old["losses"]))
+            check = {"loss_max_rel_diff": diff, "train_seconds": man["datasets"][dataset]["train_seconds"]}
+            self.log(f"rebuilt {stage}: kept-step losses within {diff:.2e} (relative) of the record")
+            if diff <= REBUILD_TOLERANCE and old["final"]["path"] == final["path"]:
+                return {**old, "rebuilds": [*old.get("rebuilds", []), check]}
+            self.path(f"cross:{cfg['name']}").unlink(missing_ok=True)
         pm, tok = self._load(str(out / final["path"]))
-        return {"final": final, "train_seconds": man["datasets"][dataset]["train_seconds"],
-                "losses": [c["train_loss"] for c in man["checkpoints"]],
+        return {"final": final, "train_seconds": man["datasets"][dataset]["train_seconds"], "losses": losses,
                 "dev": self._score(pm, tok, dataset, dnd_records(dataset, "dev")[:self.n_dev]),
                 "test": self._score(pm, tok, dataset)}
 
@@ -310,29 +337,27 @@ class Study:
         """Every finished stage JSON in one file ``out/dnd_cloze_stages.json`` (small; no weights)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        data = {s: self.result(s) for s in self.stages() if self.done(s)}
+        data = {s: self.result(s) for s in self.stages() if self.recorded(s)}
         (out / "dnd_cloze_stages.json").write_text(json.dumps(data) + "\n")
         return out / "dnd_cloze_stages.json"
 
     def restore(self, stages_file: str | Path) -> list[str]:
-        """Bring exported stage JSONs into this state. Kept: ``base``, zoo stages whose weights are here, and every
-        finished generator (a ``gen`` stage with its ``dnd`` stage: its draws are scored, nothing needs its weights
-        again; it stays paired with the zoo it was trained on, a GPU rebuild of which differs in rounding only).
-        Redone: zoo stages without weights, ``cross``, and a ``gen`` stage whose ``dnd`` stage is missing."""
+        """Bring exported stage JSONs into this state (a lost machine's state); returns the stages written.
+
+        Kept: ``base``; every zoo stage as a *record* (its weights are rebuilt by :meth:`run_zoo`, which keeps the
+        recorded scores when the rebuild reproduces the recorded losses); ``cross`` (it scored the recorded
+        weights, dropped if a rebuild does not reproduce them); every finished generator (a ``gen`` stage with its
+        ``dnd`` stage: its draws are scored, nothing needs its weights again; it stays paired with the zoo it was
+        trained on). Dropped: stale results (older cloze formats or generator options) and a ``gen`` stage whose
+        ``dnd`` stage is missing (its weights are lost, so it is trained again)."""
         raw = json.loads(Path(stages_file).read_text())
-        # a result made with an older cloze format (or generator options) of what it depends on is redone
         data = {s: r for s, r in raw.items() if s in self.stages() and self.fresh(s, r)}
-        cfgs = {c["name"]: c for c in self.configs}
         kept = []
         for stage, res in data.items():
             kind, *rest = stage.split(":")
-            if kind == "zoo" and (rest[0] not in cfgs or not (self.zoo_dir(cfgs[rest[0]], rest[1])
-                                                                / res["final"]["path"]).exists()):
+            if kind in ("gen", "dnd") and not {f"gen:{rest[0]}:{rest[1]}", f"dnd:{rest[0]}:{rest[1]}"} <= data.keys():
                 continue
-            if kind == "cross" or (kind in ("gen", "dnd") and not {f"gen:{rest[0]}:{rest[1]}",
-                                                                    f"dnd:{rest[0]}:{rest[1]}"} <= data.keys()):
-                continue  # meaningful only with the weights they score; redone
-            if not self.done(stage):
+            if not self.recorded(stage):
                 self.path(stage).write_text(json.dumps(res) + "\n")
                 kept.append(stage)
         return kept

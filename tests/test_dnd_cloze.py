@@ -153,6 +153,7 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     assert row["zoo_mean"] == round(100 * dnd["zoo_mean"]["acc_norm"], 2)
     rec = row["in_distribution_recovery"]
     assert rec["dataset"] == WG and rec["own_lora"] == res["datasets"][WG]["own_lora"]
+    assert rec["measure"] == "acc" and row["measure"] == "acc_norm"  # recovery in its own dataset's measure
     assert res["zoo_gate"]["n_datasets"] == 2
     abl = stages[f"dnd:{cfg}+statsdnd:commonsense/arc_easy"]["draws"]
     assert row["dnd_mean_stats_dnd"] == round(sum(100 * d["acc_norm"] for d in abl) / 2, 2)

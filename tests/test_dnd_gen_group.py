@@ -145,3 +145,17 @@ def test_stale_formats_and_generator_options_are_redone(tmp_path, monkeypatch):
     assert st.done(gen) and not st.done(gen.replace("gen:", "dnd:", 1))
     st.gen = {"steps": 100, "lr": 5e-4}  # a training option: the generator is stale too
     assert not st.done(gen)
+
+
+def test_gen_bench_command(tmp_path, capsys):
+    from test_dnd_bench import _load_bench
+
+    shape = "n_prompts=2,max_length=4,hidden=8,width=2,n_layers=2,kernel=3,batch_size=2,cache_prompts=8"
+    assert _load_bench().main(["gen-bench", "--shape", shape, "--steps", "1", "--groups", "1,2", "--device", "cpu",
+                               "--cudnn", "off,on", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "dnd_gen_bench.json").read_text())
+    assert [r["cudnn_benchmark"] for r in res["runs"]] == [False, True] and "command" in res
+    rows = res["runs"][0]["rows"]
+    assert [r["group"] for r in rows] == [1, 2] and not any(r["streams"] for r in rows)  # no CUDA streams on CPU
+    assert rows[1]["generator_step_seconds"] == pytest.approx(rows[1]["round_seconds"] / 2, rel=1e-3)
+    assert res["runs"][0]["step_tflop"] > 0 and "BEST: K=" in capsys.readouterr().out

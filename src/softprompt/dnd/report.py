@@ -92,7 +92,9 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
             row["train_lora_best"] = {"dataset": best, "acc": round(accs[best], 2)}
         dnd = stages.get(f"dnd:{config}:{d}")
         if dnd and b and others:
-            row.update(_dnd_fields(dnd, others, b, z, cross, d, m, key))
+            rec_src = dnd["recovery"]["dataset"]
+            rec_m = measures.get(rec_src) or (primary_measure(rec_src) if measure == "primary" else measure)
+            row.update(_dnd_fields(dnd, others, b, z, cross, d, m, key, rec_m))
         abl = stages.get(f"dnd:{config}+statsdnd:{d}")
         if abl and dnd and b:  # stats-code ablation: DnD's scale code against the relative code, same examples
             per = [[statistics.mean(r[key][i] for r in x["draws"]) for i in range(len(b[key]))] for x in (abl, dnd)]
@@ -126,8 +128,9 @@ def _binary(correct: Sequence[int], gold: Sequence[int]) -> dict[str, float]:
 
 
 def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping[str, Any], own: Any,
-                cross: Mapping[str, Any], d: str, measure: str, key: str) -> dict[str, Any]:
-    """DnD mean/sd over draws, paired intervals against the training-LoRA mean and the base, nearest LoRA, recovery."""
+                cross: Mapping[str, Any], d: str, measure: str, key: str, rec_measure: str) -> dict[str, Any]:
+    """DnD mean/sd over draws, paired intervals against the training-LoRA mean and the base, nearest LoRA, recovery
+    (scored on the recovery dataset, in that dataset's measure ``rec_measure``)."""
     accs = [100 * r[measure] for r in dnd["draws"]]
     n = len(base[key])
     per_dnd = [statistics.mean(r[key][i] for r in dnd["draws"]) for i in range(n)]
@@ -141,8 +144,8 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "nearest_lora": {"dataset": dnd["nearest"], "acc": round(100 * cross[dnd["nearest"]][d][measure], 2)},
             "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
             "zoo_mean": round(100 * dnd["zoo_mean"][measure], 2) if "zoo_mean" in dnd else None,
-            "in_distribution_recovery": {"dataset": src, "generated": round(statistics.mean(
-                100 * r[measure] for r in rec["draws"]), 2), "own_lora": None}}
+            "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
+                100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
 
 
 def _f(x: Any) -> str:

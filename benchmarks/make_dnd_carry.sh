@@ -10,7 +10,7 @@
 #                              those working-tree folders of src/softprompt over it (e.g. "tasks" when HEAD lags)
 # .carry/minilm and the GLUE files come from benchmarks/make_carry.sh (run first if .carry/minilm is missing).
 # usage: benchmarks/make_dnd_carry.sh        (from the repo root, venv active; data from $SOFTPROMPT_DATA_DIR
-#                                             or ../shared/data)
+#                                             or ../shared/data; commit first: .dnd_src is HEAD's src)
 set -euo pipefail
 DATA=${SOFTPROMPT_DATA_DIR:-../shared/data}
 [ -d .carry/minilm ] || benchmarks/make_carry.sh
@@ -49,7 +49,7 @@ for d in ${DND_SRC_OVERLAY:-}; do rm -rf ".dnd_src/src/softprompt/$d" && cp -r "
 
 # 5. sizes: each call carries the working tree (~1.6 MB) plus its paths, 64 MiB in all
 mib() { du -sb "$@" | awk '{s+=$1} END {printf "%.1f MiB", s/1048576}'; }
-echo "call A  .carry:                   $(mib .carry)   (keep under ~56 MiB; MiniLM + data)"
+echo "call A  .carry + .dnd_src:         $(mib .carry .dnd_src)   (keep under ~62 MiB; MiniLM + data + src for gen-bench)"
 echo "call B  .gguf_parts/1:            $(mib .gguf_parts/1)"
 echo "call C  .gguf_parts/2 + .whl + .dnd_src: $(mib .gguf_parts/2 .whl .dnd_src)"
 cat .gguf_parts/2/SHA256SUMS

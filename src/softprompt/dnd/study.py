@@ -314,6 +314,9 @@ class Study:
         from .study_gen import run_gen_group
 
         group = self.gen_plan(stage, t0)
+        if len(group) > 1 and self.session_left is None:
+            self.log(f"warning: {len(group)} generators side by side without a session limit (--session-left): "
+                     "all of them restart if the session ends before they finish")
         if not group:
             self.log(f"stop before {stage}: no generator can finish within this session's device time")
             return f"stopped before {stage} (session)"

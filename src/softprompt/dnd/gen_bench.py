@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .gen_loss import weighted_mse
-from .generator import HyperConvDecoder, chain_parameters, plan_chain
+from .hyperconv import HyperConvDecoder, chain_parameters, plan_chain
 
 
 def step_flops(chain: Sequence[tuple[int, int, int]], kernel: int, batch_size: int) -> float:

@@ -27,6 +27,7 @@ import torch
 from .condition import ConditionEncoder, PromptSampler
 from .export import ADAPTER_CONFIG
 from .gen_loss import token_weights, warmup_cosine, weighted_mse
+from .hyperconv import HyperConvDecoder, load_zoo_tensors, plan_chain
 from .tokenizer import grid_mask
 
 STATE_VERSION = 2  # train_state.pt layout: per-run noise generator (1: global torch RNG)
@@ -38,8 +39,6 @@ class GridBank:
 
     def __init__(self, entries: Sequence[Mapping], chunk: int, target: str, stats_code: str,
                  device: torch.device | str, cache: dict | None = None) -> None:
-        from .generator import load_zoo_tensors
-
         self.entries = [dict(e) for e in entries]
         self.layout, self.grids, self.datasets = load_zoo_tensors(self.entries, chunk, target, cache, stats_code)
         self.device = torch.device(device)
@@ -68,8 +67,6 @@ class GeneratorRun:
                  kernel: int, cond_noise: float, target_noise: float, weighting: str, seed: int,
                  holdout: Sequence[str], keep_steps: Sequence[int] = (), config: Mapping[str, Any] | None = None
                  ) -> None:
-        from .generator import HyperConvDecoder
-
         self.bank, self.enc, self.out, self.steps = bank, encoder, Path(out), steps
         self.entries = [dict(e) for e in entries]
         self.ds = [e["dataset"] for e in self.entries]
@@ -252,8 +249,6 @@ def train_group(entries: Sequence[Mapping], holdouts: Sequence[str], outs: Seque
     is not ``holdouts[i]`` and writes to ``outs[i]``. One :class:`GridBank` over all entries and one warmed encoder
     cache serve every run. ``opts`` overrides :data:`GROUP_DEFAULTS`. Returns one :meth:`GeneratorRun.summary` per
     holdout (``complete`` False for a run that continues in a later call, from its ``train_state.pt``)."""
-    from .generator import plan_chain
-
     t0 = time.perf_counter() if t0 is None else t0
     o = {**GROUP_DEFAULTS, **(opts or {})}
     if encoder.max_length != o["max_length"]:

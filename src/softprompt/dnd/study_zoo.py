@@ -18,11 +18,10 @@ from typing import Any
 Study = Any  # a softprompt.dnd.study.Study (not imported: study imports this module)
 
 
-def _zoo_job(kwargs: dict[str, Any], stage: str) -> str:
-    """Worker: run one zoo stage of a study rebuilt from its constructor arguments; writes the stage JSON."""
-    from .study import Study as _Study
-
-    st = _Study(**kwargs, log=lambda m: print(f"[{stage}] {m}", flush=True))
+def _zoo_job(study_class: type, kwargs: dict[str, Any], stage: str) -> str:
+    """Worker: run one zoo stage of a study rebuilt from its class and constructor arguments (the class travels by
+    reference, so this module never imports :mod:`.study`); writes the stage JSON."""
+    st = study_class(**kwargs, log=lambda m: print(f"[{stage}] {m}", flush=True))
     _, name, dataset = stage.split(":")
     cfg = next(c for c in st.configs if c["name"] == name)
     s0 = time.time()
@@ -41,7 +40,7 @@ def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: 
     t_end = time.time() + seconds
     pool = ctx.Pool(max(1, workers), maxtasksperchild=1)  # a fresh process (and GPU memory) per stage
     try:
-        jobs = [pool.apply_async(_zoo_job, (study.init_kwargs, s)) for s in stages]
+        jobs = [pool.apply_async(_zoo_job, (type(study), study.init_kwargs, s)) for s in stages]
         for j in jobs:
             try:
                 j.get(timeout=max(0.0, t_end - time.time()))

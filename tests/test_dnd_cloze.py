@@ -180,8 +180,12 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     data[f"zoo:{cfg}:{WG}"]["losses"][0] *= 1.5
     (tmp_path / "tampered.json").write_text(json.dumps(data))
     other.restore(tmp_path / "tampered.json")
+    restored = json.loads(other.path(f"cross:{cfg}").read_text())
+    other.path(f"cross:{cfg}").write_text(json.dumps({**restored, "restored_marker": True}) + "\n")
     assert other.run() == "complete"
     r = other.result(f"zoo:{cfg}:{WG}")
     assert "rebuilds" not in r and r["losses"] == stages[f"zoo:{cfg}:{WG}"]["losses"]  # scored anew
     assert "rebuilds" in other.result(f"zoo:{cfg}:commonsense/arc_easy")
-    assert other.path(f"cross:{cfg}").read_text() != cross  # dropped by the mismatch and measured again
+    # Dropped by the mismatch and measured again (its scores may well be equal, so look for the restored record's
+    # marker rather than comparing texts, whose only difference could be the timing field).
+    assert "restored_marker" not in json.loads(other.path(f"cross:{cfg}").read_text())

@@ -15,18 +15,24 @@ def adapted(config=None):
     return sp.wrap(base, config or sp.PrefixConfig(num_virtual_tokens=4, init="random", init_std=1.0, seed=3)).eval()
 
 
+def generate_and_greedy_loop(model, steps: int) -> tuple[list[int], list[int]]:
+    """(generate()'s new tokens for the unpadded PROMPT, the same count from a greedy loop of full forwards)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=steps, do_sample=False, pad_token_id=0)
+        tokens = list(PROMPT)
+        for _ in range(steps):
+            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+    return out[0, len(PROMPT):].tolist(), tokens[len(PROMPT):]
+
+
 def test_unpadded_batch_one_generate_equals_a_greedy_loop_of_full_forwards():
     """No mask anywhere (the fused prefill with dummy query rows, then single-query decode steps): generate()'s
     tokens are the argmax of full forwards, and the prefix changes them."""
-    model = adapted()
-    ids = torch.tensor([PROMPT])
+    out, loop = generate_and_greedy_loop(adapted(), 8)
+    assert out == loop
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
-        tokens = list(PROMPT)
-        for _ in range(8):
-            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
-        bare = tiny("llama").double().eval().generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert out == tokens[len(PROMPT):]
+        bare = tiny("llama").double().eval().generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
+                                                      pad_token_id=0)
     assert out != bare[0, len(PROMPT):].tolist()
 
 
@@ -51,13 +57,8 @@ def test_apt_gated_decode_steps_equal_full_forwards():
     the gate pools the first token (the strictly causal choice), whatever the steps that follow."""
     model = adapted(sp.APTConfig(num_virtual_tokens=3, init="random", init_std=1.0, gate_init_std=1.0,
                                  gate_pool="first", seed=4))
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
-        tokens = list(PROMPT)
-        for _ in range(6):
-            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
-    assert out == tokens[len(PROMPT):]
+    out, loop = generate_and_greedy_loop(model, 6)
+    assert out == loop
 
 
 def test_checkpointing_recomputes_every_block_on_every_step():

@@ -256,17 +256,14 @@ class GenerationEngine:
         out = base(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
         tokens = self._next_tokens(out.logits[:, -1], group)
         prefixes = _row_prefixes(state, n, cache.layers[0].keys.dtype, device)
-        events, joined = [], []
-        for i, request in enumerate(group):
-            row = _Row(request, prefixes[i], shifts[i] + length)
-            events.append(self._accept(row, tokens[i]))
-            if events[-1].finish_reason is None:
-                joined.append(i)
+        rows = [_Row(request, prefixes[i], shifts[i] + length) for i, request in enumerate(group)]
+        events = [self._accept(row, token) for row, token in zip(rows, tokens)]
+        joined = [i for i, e in enumerate(events) if e.finish_reason is None]
         if joined:
             if len(joined) < n:
                 cache.batch_select_indices(torch.tensor(joined, device=device))
                 mask = mask[joined]
-            self._join([_Row(group[i], prefixes[i], shifts[i] + length) for i in joined], cache, mask)
+            self._join([rows[i] for i in joined], cache, mask)
         return events
 
     def _decode(self) -> list[TokenEvent]:

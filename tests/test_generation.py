@@ -28,7 +28,11 @@ PROMPTS = [[5, 17, 33, 8], [40, 41, 42, 43, 44, 45, 46], [9], [60, 61, 62]]
 
 
 def tiny_lm():
-    return tiny("llama").double().eval()
+    # Positions must matter, or a row decoded at a wrong position would pass: weights large enough that attention is
+    # far from uniform (at the default init std of 0.02 every score is ~0), and a fast rotary base (theta 10, not
+    # 10,000) so that every rotary pair turns within a few positions.
+    return tiny("llama", initializer_range=0.3,
+                rope_parameters={"rope_type": "default", "rope_theta": 10.0}).double().eval()
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +91,8 @@ def test_every_row_equals_its_adapter_alone(adapters):
 def test_joining_requests_share_prefill_passes_and_stay_exact(adapters):
     """Requests that arrive together are prefilled in as few passes as their shapes allow: one pass per
     (prompt length, adapter) for methods with prompts, insertions or gates, and one pass for any mix of bare rows
-    and static prefixes of different lengths (their prefixes stacked and masked row by row). Every row still
-    generates exactly what its adapter's own generate() does alone, and requests of another length do not join."""
+    and static prefixes, whatever their prompt lengths (shorter prompts left-padded, prefixes stacked and masked row
+    by row). Every row still generates exactly what its adapter's own generate() does alone."""
     multi = MultiAdapterModel(tiny_lm(), adapters)
     engine = GenerationEngine(multi, max_rows=64)
     passes = []
@@ -104,21 +108,35 @@ def test_joining_requests_share_prefill_passes_and_stay_exact(adapters):
     for name in [*CONFIGS, None]:
         for prompt in same_length:
             jobs.append((name, prompt, engine.submit(prompt, name, SamplingParams(max_new_tokens=5))))
-    jobs.append(("prefix", PROMPTS[1], engine.submit(PROMPTS[1], "prefix", SamplingParams(max_new_tokens=5))))
+    # Other lengths: a longer prefix row and a shorter bare row join the static pass, padded.
+    for name, prompt in (("prefix", PROMPTS[1]), (None, PROMPTS[3]), ("ptuning", PROMPTS[1])):
+        jobs.append((name, prompt, engine.submit(prompt, name, SamplingParams(max_new_tokens=5))))
     # Rows that finish at their first token leave their prefill's cache before it joins the batch.
     done = [(name, engine.submit(same_length[1], name, SamplingParams(max_new_tokens=1))) for name in ("apt", None)]
     engine.step()
-    static = sorted(["None"] * 4 + ["prefix"] * 3 + ["prefix_short"] * 3)
+    static = sorted(["None"] * 5 + ["prefix"] * 4 + ["prefix_short"] * 3)
     groups = [[n] * (4 if n == "apt" else 3) for n in CONFIGS if not n.startswith("prefix")]
-    assert sorted(passes) == sorted([static, ["prefix"], *groups])
+    assert sorted(passes) == sorted([static, ["ptuning"], *groups])
     assert [engine.result(rid) for _, rid in done] == [alone(adapters.get(n), same_length[1], 1) for n, _ in done]
     engine.run()
     for name, prompt, rid in jobs:
         assert engine.result(rid) == alone(adapters.get(name), prompt, 5), (name, prompt)
-    # A token budget per pass splits a group (a prompt longer than the budget still runs, alone).
-    small = GenerationEngine(multi, max_rows=64, max_prefill_tokens=9)
-    assert [len(g) for g in small._prefill_groups([small.requests[rid] for rid in [
-        small.submit(p, None) for p in [*same_length, *same_length, [1] * 12]]])] == [2, 2, 2, 1]
+
+
+def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):
+    """A pass holds at most ``max_prefill_tokens`` tokens counting padding (a longer prompt still runs, alone), and
+    at most ``max_prefill_padding`` of them padding; with 0, each prompt length prefills on its own."""
+    multi = MultiAdapterModel(tiny_lm(), adapters)
+
+    def lengths(engine, prompt_lengths):
+        requests = [engine.requests[engine.submit([1] * n, None)] for n in prompt_lengths]
+        return [[len(r.prompt_ids) for r in group] for group in engine._prefill_groups(requests)]
+
+    assert lengths(GenerationEngine(multi, max_prefill_tokens=9), [4] * 6 + [12]) == [[12], [4, 4], [4, 4], [4, 4]]
+    assert lengths(GenerationEngine(multi), [8, 1, 8, 1, 1]) == [[8, 8, 1, 1], [1]]  # 21 of 40 would be padding
+    assert lengths(GenerationEngine(multi, max_prefill_padding=0), [8, 1, 8, 1, 1]) == [[8, 8], [1, 1, 1]]
+    with pytest.raises(ConfigError, match="max_prefill_padding"):
+        GenerationEngine(multi, max_prefill_padding=1)
 
 
 def test_seeded_sampling_is_independent_of_the_batch(adapters):

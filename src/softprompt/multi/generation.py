@@ -7,9 +7,9 @@
 
 Iteration-level batching: requests wait in a queue; before each decoding step, waiting requests are prefilled and
 join the batch, and after it, rows that finished (EOS, a stop string, ``max_new_tokens``) leave. Joining requests
-are prefilled together when their prompts have one length (no padding) and their adapters can share a pass (one
-adapter, or any mix of bare rows and static prefixes); each row computes what its adapter's own ``generate()``
-computes for it alone. From then on a row's adapter is the per-layer
+share prefill passes where their adapters allow: any mix of bare rows and static prefixes in one pass, whatever
+their prompt lengths (left-padded, within a padding cap), other adapters per (adapter, prompt length); each row
+computes what its adapter's own ``generate()`` computes for it alone. From then on a row's adapter is the per-layer
 prefix that prefill produced (gates folded in, generated prompts already turned into prefixes, see
 ``engine.compose.resolved_prefixes``), so rows of any method share one decoding batch and the KV cache holds each
 row's own sequence: its real tokens, plus the virtual tokens of an input-layer prompt (prompt tuning, P-tuning),
@@ -68,14 +68,17 @@ class GenerationEngine:
     """Continuous batching over a :class:`~softprompt.multi.MultiAdapterModel` whose base is a causal LM.
 
     ``max_rows``: rows decoded together (waiting requests join as rows leave).
-    ``max_prefill_tokens``: prompt tokens one prefill pass may hold (a longer single prompt still runs, alone);
-        bounds the activation memory of many requests joining at once.
+    ``max_prefill_tokens``: tokens one prefill pass may hold, padding included (a longer single prompt still runs,
+        alone); bounds the activation memory of many requests joining at once.
+    ``max_prefill_padding``: the largest share of a pass's tokens that may be padding when prompts of different
+        lengths share a pass (bare rows and static prefixes); 0 prefills each length on its own.
     ``policy``: "mixed" (any adapter joins any batch) or "per_adapter" (a batch holds one adapter's rows; when it
         drains, the adapter of the oldest waiting request goes next), the schedule a server without per-row
         adapters must follow, kept as the baseline of the serving benchmark.
     """
 
-    def __init__(self, model, *, max_rows: int = 32, policy: str = "mixed", max_prefill_tokens: int = 8192):
+    def __init__(self, model, *, max_rows: int = 32, policy: str = "mixed", max_prefill_tokens: int = 8192,
+                 max_prefill_padding: float = 0.5):
         if policy not in ("mixed", "per_adapter"):
             raise ConfigError(f"policy must be 'mixed' or 'per_adapter', got {policy!r}")
         self.policy = policy
@@ -85,6 +88,9 @@ class GenerationEngine:
         self.model = model
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
+        if not 0 <= max_prefill_padding < 1:
+            raise ConfigError(f"max_prefill_padding is a fraction in [0, 1), got {max_prefill_padding}")
+        self.max_prefill_padding = max_prefill_padding
         self.waiting: deque[_Request] = deque()
         self.rows: list[_Row] = []
         self._cache: DynamicCache | None = None
@@ -196,18 +202,34 @@ class GenerationEngine:
         return None
 
     def _prefill_groups(self, joining: list[_Request]) -> list[list[_Request]]:
-        """Requests that can be prefilled in one forward pass: prompts of one length (no padding, so each row
-        computes what it computes alone), and one adapter, except that bare rows and adapters made only of static
-        prefixes (no input prompt, insertion or layer hook) mix freely: their prefixes are stacked row by row."""
+        """Requests that can be prefilled in one forward pass. Bare rows and adapters made only of static prefixes
+        (no input prompt, insertion or layer hook) mix freely and may differ in length: shorter prompts are
+        left-padded (masked, positions counting each row's own tokens) and prefixes stacked row by row. Other
+        adapters prefill per (adapter, prompt length), unpadded. A pass holds at most ``max_prefill_tokens`` tokens
+        counting padding, of which at most ``max_prefill_padding`` may be padding."""
+        static: list[_Request] = []
         groups: dict[tuple, list[_Request]] = {}
         for request in joining:
-            key = (len(request.prompt_ids), None if self._static(request.adapter) else request.adapter)
-            groups.setdefault(key, []).append(request)
+            if self._static(request.adapter):
+                static.append(request)
+            else:
+                groups.setdefault((len(request.prompt_ids), request.adapter), []).append(request)
         passes = []
         for group in groups.values():
             per_pass = max(1, self.max_prefill_tokens // len(group[0].prompt_ids))
             passes += [group[i : i + per_pass] for i in range(0, len(group), per_pass)]
-        return passes
+        current: list[_Request] = []
+        real = 0
+        for request in sorted(static, key=lambda r: -len(r.prompt_ids)):  # longest first: it sets the pass width
+            n = len(request.prompt_ids)
+            width = len(current[0].prompt_ids) if current else n
+            padded = width * (len(current) + 1)
+            if current and (padded > self.max_prefill_tokens or padded - real - n > self.max_prefill_padding * padded):
+                passes.append(current)
+                current, real = [], 0
+            current.append(request)
+            real += n
+        return passes + ([current] if current else [])
 
     def _static(self, adapter: str | None) -> bool:
         if adapter is None:
@@ -221,14 +243,16 @@ class GenerationEngine:
             self.step()
 
     def _prefill(self, group: list[_Request]) -> list[TokenEvent]:
-        """One forward pass over requests of one prompt length (see :meth:`_prefill_groups`); each request's row is
-        computed as its adapter's own ``generate()`` computes it, and the unfinished rows join the batch."""
+        """One forward pass over a group of :meth:`_prefill_groups`; each request's row is computed as its adapter's
+        own ``generate()`` computes it, and the unfinished rows join the batch."""
         model = self.model
         base = model.base_model
         device = model.device
         n = len(group)
-        ids = torch.tensor([r.prompt_ids for r in group], device=device)
-        mask = torch.ones_like(ids)
+        width = max(len(r.prompt_ids) for r in group)
+        pads = [width - len(r.prompt_ids) for r in group]  # left padding: every row's last token in the last column
+        ids = torch.tensor([[0] * pad + r.prompt_ids for pad, r in zip(pads, group)], device=device)
+        mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], device=device)
         inputs: dict = {"input_ids": ids, "attention_mask": mask}
         embed = base.get_input_embeddings()
         rows_of: dict[str, list[int]] = {}
@@ -248,15 +272,16 @@ class GenerationEngine:
                 inputs = {"inputs_embeds": embeds, "attention_mask": mask}
         state = compose(parts, n, mask) if parts else None
         length = mask.shape[1]
-        positions = torch.arange(length, device=device)[None]
-        inputs["position_ids"] = positions + torch.tensor(shifts, device=device)[:, None]
+        # Positions count each row's own tokens (padding, which nothing attends to, gets 0).
+        own = (torch.arange(length, device=device)[None] - torch.tensor(pads, device=device)[:, None]).clamp(min=0)
+        inputs["position_ids"] = own + torch.tensor(shifts, device=device)[:, None]
         cache = DynamicCache()
         kwargs = {STATE_KWARG: state} if state is not None else {}
         kwargs[self._cache_arg] = cache
         out = base(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
         tokens = self._next_tokens(out.logits[:, -1], group)
         prefixes = _row_prefixes(state, n, cache.layers[0].keys.dtype, device)
-        rows = [_Row(request, prefixes[i], shifts[i] + length) for i, request in enumerate(group)]
+        rows = [_Row(request, prefixes[i], shifts[i] + length - pads[i]) for i, request in enumerate(group)]
         events = [self._accept(row, token) for row, token in zip(rows, tokens)]
         joined = [i for i, e in enumerate(events) if e.finish_reason is None]
         if joined:

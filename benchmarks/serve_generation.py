@@ -76,17 +76,37 @@ def build_model(name: str, adapters: int, prefix_len: int, device: str, dtype: t
     return model, model.base_model.get_input_embeddings().weight.shape[0]
 
 
+def prompt_lengths(spec: str) -> tuple[int, int]:
+    """``--prompt-len``: "128" (every prompt) or "64:192" (uniform over the range, inclusive)."""
+    lo, _, hi = str(spec).partition(":")
+    try:
+        lo_n, hi_n = int(lo), int(hi or lo)
+    except ValueError:
+        raise SystemExit(f"--prompt-len must be N or LO:HI, got {spec!r}") from None
+    if not 1 <= lo_n <= hi_n:
+        raise SystemExit(f"--prompt-len needs 1 <= LO <= HI, got {spec!r}")
+    return lo_n, hi_n
+
+
+def _as_given(spec: str) -> int | str:
+    lo, hi = prompt_lengths(spec)
+    return lo if lo == hi else f"{lo}:{hi}"
+
+
 def run_point(model, vocab: int, mode: str, rate: float, args) -> dict:
     """One open-loop run; returns the point's metrics."""
     from softprompt.multi.generation import GenerationEngine, SamplingParams
 
-    engine = GenerationEngine(model, max_rows=args.max_rows, policy="per_adapter" if mode == "per_adapter" else "mixed")
+    engine = GenerationEngine(model, max_rows=args.max_rows, policy="per_adapter" if mode == "per_adapter" else "mixed",
+                              max_prefill_padding=args.max_prefill_padding)
     rng = np.random.default_rng(args.seed)
     gaps = rng.exponential(1.0 / rate, size=int(rate * args.duration * 3) + 10)
     arrivals = np.cumsum(gaps)
     arrivals = arrivals[arrivals < args.duration]
     names = [None if mode == "bare" else f"a{int(k)}" for k in rng.integers(0, args.adapters, len(arrivals))]
-    prompts = rng.integers(10, vocab - 10, size=(len(arrivals), args.prompt_len)).tolist()
+    lo, hi = prompt_lengths(args.prompt_len)
+    sizes = rng.integers(lo, hi + 1, size=len(arrivals))  # one length for all unless a LO:HI range is given
+    prompts = [rng.integers(10, vocab - 10, size=int(n)).tolist() for n in sizes]
     params = SamplingParams(max_new_tokens=args.output_len, stop_token_ids=[])
     # Warm-up: one request per adapter kind, untimed (kernels, allocator).
     for name in dict.fromkeys(names[: args.adapters * 2]):
@@ -162,8 +182,9 @@ def cmd_run(args) -> int:
                      "python": platform.python_version()},
         "date": datetime.date.today().isoformat(), "command": portable("python " + " ".join(sys.argv)),
         "slo_ttft_p99_ms": args.slo_ms,
-        "setup": {"prompt_len": args.prompt_len, "output_len": args.output_len, "duration_s": args.duration,
-                  "max_rows": args.max_rows, "prefix_len": args.prefix_len, "dtype": args.dtype,
+        "setup": {"prompt_len": _as_given(args.prompt_len), "output_len": args.output_len, "duration_s": args.duration,
+                  "max_rows": args.max_rows,
+                  "max_prefill_padding": args.max_prefill_padding, "prefix_len": args.prefix_len, "dtype": args.dtype,
                   "adapters": args.adapters, "arrivals": "Poisson, open loop, uniform over adapters"},
     })
     budget_end = time.time() + args.time_budget
@@ -240,11 +261,13 @@ def main(argv=None) -> int:
     r.add_argument("--rates", default="1,2,4,8,16,32,64")
     r.add_argument("--adapters", type=int, default=8)
     r.add_argument("--prefix-len", type=int, default=16)
-    r.add_argument("--prompt-len", type=int, default=128)
+    r.add_argument("--prompt-len", default="128", help="tokens per prompt: N, or LO:HI (uniform per request)")
     r.add_argument("--output-len", type=int, default=64)
     r.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per point")
     r.add_argument("--max-overrun", type=float, default=3.0, help="stop a point after this many x duration")
     r.add_argument("--max-rows", type=int, default=64)
+    r.add_argument("--max-prefill-padding", type=float, default=0.5,
+                   help="share of a prefill pass that may be padding (0: each prompt length prefills on its own)")
     r.add_argument("--slo-ms", type=float, default=500.0)
     r.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     r.add_argument("--device")

@@ -166,6 +166,37 @@ def test_additive_float_mask_hides_shorter_prefixes_like_a_2d_mask():
     torch.testing.assert_close(with_float, with_2d, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("with_other", [False, True], ids=["alone", "beside-another-part"])
+def test_a_contribution_s_own_prefix_mask_hides_columns_row_by_row(with_other):
+    """A contribution whose rows see different numbers of its prefix columns (``prefix_mask``, as a decoding batch's
+    stacked prefixes do): covering the batch alone, its masks become the layers' masks as they are; beside another
+    part they are merged into the batch's mask. Each row equals the row alone with only the columns it sees."""
+    base = _model("llama")
+    rows = 3 if with_other else 2
+    ids, mask = _batch("llama", rows)
+    own = {0: _tables(2, 4, 40), 2: _tables(2, 4, 41)}
+    seen = torch.tensor([[True] * 4, [True, True, False, False]])
+    other = {0: _tables(1, 3, 42), 2: _tables(1, 3, 43)}
+    parts = [Part(Contribution(prefixes=own, prefix_mask={0: seen, 2: seen}), torch.tensor([0, 1]))]
+    if with_other:
+        parts.append(Part(Contribution(prefixes=other), torch.tensor([2])))
+    state = compose(parts, rows, mask)
+    if with_other:
+        assert state.layers[0].prefix_mask.tolist() == [[True] * 4, [True, True, False, False], [True] * 3 + [False]]
+    else:
+        assert state.layers[0].prefix_mask is seen and state.layers[2].prefix_mask is seen
+
+    def alone(r):
+        if r == 2:
+            return InjectionState(layers={i: LayerInjection(k, v) for i, (k, v) in other.items()})
+        n = 4 if r == 0 else 2
+        return InjectionState(layers={i: LayerInjection(k[r:r + 1, :, :n], v[r:r + 1, :, :n])
+                                      for i, (k, v) in own.items()})
+
+    with torch.no_grad():
+        _check_rows(base, ids, mask, _run(base, ids, mask, state), alone)
+
+
 def test_resolved_prefixes_replay_a_finished_forward_without_hooks():
     """After a no-grad forward, ``resolved_prefixes`` gives each layer's prefix as attention used it: the gate
     applied, an insertion turned into prefixes, zero-length layers left out. A state made of those plain prefixes

@@ -13,7 +13,7 @@ import serve_generation
 def test_run_and_report_write_the_contract(tmp_path):
     out = tmp_path / "serve_generation.json"
     args = ["run", "--model", "tiny", "--rates", "20,40", "--duration", "0.3", "--output-len", "3", "--prompt-len",
-            "6", "--adapters", "2", "--prefix-len", "2", "--max-rows", "4", "--dtype", "float32",
+            "3:8", "--adapters", "2", "--prefix-len", "2", "--max-rows", "4", "--dtype", "float32",
             "--max-overrun", "1e6", "--out", str(out)]
     assert serve_generation.main(args) == 0
     data = json.loads(out.read_text())
@@ -25,6 +25,7 @@ def test_run_and_report_write_the_contract(tmp_path):
     for r in data["runs"]:
         assert keys <= set(r) and r["finished"] == r["requests"]
     assert set(data["goodput"]["tiny"]) == {"mixed", "per_adapter", "bare"}
+    assert data["setup"]["prompt_len"] == "3:8" and data["setup"]["max_prefill_padding"] == 0.5
     assert serve_generation.main(args) == 0  # resumes: nothing left to run, nothing duplicated
     assert len(json.loads(out.read_text())["runs"]) == 6
     md = tmp_path / "table.md"

@@ -28,6 +28,8 @@ class Contribution:
 
     input_prompt: [B or 1, t, hidden] vectors placed in front of the token embeddings (position ``prompt_at``).
     prefixes: layer index -> (key, value), each [B or 1, H_kv, P, D].
+    prefix_mask: layer index -> [B or 1, P] bool, True where a row sees that prefix column (absent: every column);
+        lets rows of one contribution carry prefixes of different lengths, or none (a decoding batch's rows).
     insertion: vectors inserted into the hidden states before one layer.
     layer_hook: called with each layer's input hidden states (gates, prompts generated inside the forward).
     """
@@ -35,6 +37,7 @@ class Contribution:
     input_prompt: torch.Tensor | None = None
     prompt_at: int = 0
     prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    prefix_mask: dict[int, torch.Tensor] = field(default_factory=dict)
     insertion: Insertion | None = None
     layer_hook: LayerHook | None = None
 
@@ -73,7 +76,7 @@ def compose(parts: Sequence[Part], batch: int, attention_mask: torch.Tensor | No
     if len(parts) == 1 and (parts[0].rows is None or len(parts[0].rows) == batch):
         only = parts[0].contribution  # one method for every row: its tensors are used as they are
         for i, (k, v) in _batched(only.prefixes, batch).items():
-            state.layers[i] = LayerInjection(key=k, value=v)
+            state.layers[i] = LayerInjection(key=k, value=v, prefix_mask=only.prefix_mask.get(i))
         state.insertion, state.layer_hook = only.insertion, only.layer_hook
         return state
     covered = sum(len(p.rows) for p in parts) == batch
@@ -113,7 +116,8 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
         tables = [p.contribution.prefixes[layer] for p in present]
         lengths = [k.shape[-2] for k, _ in tables]
         width = max(lengths)
-        uniform = covered and len(present) == len(parts) and len(set(lengths)) == 1
+        masks = [p.contribution.prefix_mask.get(layer) for p in present]
+        uniform = covered and len(present) == len(parts) and len(set(lengths)) == 1 and masks.count(None) == len(masks)
         if uniform and all(k.shape[0] == 1 and v.shape[0] == 1 for k, v in tables):
             # The common case (static tables of one length): stack the tables and pick one per row, two kernels
             # per layer whatever the number of parts.
@@ -129,10 +133,10 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
         key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3])
         value = key.clone()
         visible = torch.zeros(g, width, dtype=torch.bool, device=key.device)
-        for p, (k, v), n in zip(present, tables, lengths):
+        for p, (k, v), n, own in zip(present, tables, lengths, masks):
             key[p.rows, :, :n] = k.expand(len(p.rows), *k.shape[1:])
             value[p.rows, :, :n] = v.expand(len(p.rows), *v.shape[1:])
-            visible[p.rows, :n] = True
+            visible[p.rows, :n] = True if own is None else own.to(device=key.device, dtype=torch.bool)
         inj = LayerInjection(key=key, value=value)
         if not uniform:
             inj.prefix_mask = visible
@@ -147,6 +151,8 @@ def _stack_all_layers(g: int, parts: Sequence[Part], layers: list[int], covered:
     Returns False (nothing done) for other cases, which go layer by layer."""
     stacks = []
     for p in parts:
+        if p.contribution.prefix_mask:
+            return False
         tables = [t for i in layers if i in p.contribution.prefixes for t in p.contribution.prefixes[i]]
         if len(tables) != 2 * len(layers) or any(t.shape != tables[0].shape for t in tables):
             return False

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..engine.compose import Contribution, Part, compose, insert_prompt, resolved_prefixes
+from ..engine.compose import Contribution, Part, compose, insert_prompt
 from ..engine.state import STATE_KWARG
 from ..errors import ConfigError, SequenceTooLongError
 from ..methods import MethodInputs
+from .batch_prefixes import BatchPrefixes, concat
 from .sampling import SamplingParams, sample_token
 
 __all__ = ["GenerationEngine", "SamplingParams", "TokenEvent"]
@@ -60,7 +61,6 @@ class _Request:
 @dataclass
 class _Row:
     request: _Request
-    prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]]  # the adapter, as its prefill resolved it
     position: int  # position id of the row's next token
 
 
@@ -95,6 +95,7 @@ class GenerationEngine:
         self.rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, T] 1 = a position of the row's own sequence
+        self._prefixes: BatchPrefixes | None = None  # the rows' adapters, as their prefill resolved them
         self._state = None  # the decode steps' InjectionState, rebuilt when rows change
         self._next_id = 0
         self.requests: dict[int, _Request] = {}
@@ -280,15 +281,17 @@ class GenerationEngine:
         kwargs[self._cache_arg] = cache
         out = base(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
         tokens = self._next_tokens(out.logits[:, -1], group)
-        prefixes = _row_prefixes(state, n, cache.layers[0].keys.dtype, device)
-        rows = [_Row(request, prefixes[i], shifts[i] + length - pads[i]) for i, request in enumerate(group)]
+        block = BatchPrefixes.from_state(state, n, cache.layers[0].keys.dtype, device)
+        rows = [_Row(request, shifts[i] + length - pads[i]) for i, request in enumerate(group)]
         events = [self._accept(row, token) for row, token in zip(rows, tokens)]
         joined = [i for i, e in enumerate(events) if e.finish_reason is None]
         if joined:
             if len(joined) < n:
-                cache.batch_select_indices(torch.tensor(joined, device=device))
-                mask = mask[joined]
-            self._join([rows[i] for i in joined], cache, mask)
+                index = torch.tensor(joined, device=device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                block = None if block is None else block.select(index)
+            self._join([rows[i] for i in joined], cache, mask, block)
         return events
 
     def _decode(self) -> list[TokenEvent]:
@@ -336,8 +339,10 @@ class GenerationEngine:
         request.finish_reason = reason
         return TokenEvent(request.id, token, reason)
 
-    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append prefilled rows to the batch: both caches are left-padded to one length and stacked."""
+    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, block: BatchPrefixes | None) -> None:
+        """Append prefilled rows to the batch: both caches are left-padded to one length and stacked, and the rows'
+        prefixes are appended to the batch's."""
+        self._prefixes = concat(self._prefixes, len(self.rows), block, len(rows))
         if self._cache is None:
             self._cache, self._mask = cache, mask
         else:
@@ -354,13 +359,14 @@ class GenerationEngine:
         the growing mask)."""
         keep = [i for i, r in enumerate(self.rows) if r.request.finish_reason is None]
         if not keep:
-            self.rows, self._cache, self._mask, self._state = [], None, None, None
+            self.rows, self._cache, self._mask, self._state, self._prefixes = [], None, None, None, None
             return
         left = len(keep) < len(self.rows)
         if left:
             index = torch.tensor(keep, device=self._mask.device)
             self._cache.batch_select_indices(index)
             self._mask = self._mask[index]
+            self._prefixes = None if self._prefixes is None else self._prefixes.select(index)
             self.rows = [self.rows[i] for i in keep]
             start = int((self._mask.sum(0) > 0).to(torch.int64).argmax())  # first column some row still uses
             if start:
@@ -369,26 +375,8 @@ class GenerationEngine:
                 self._mask = self._mask[:, start:]
         if not (left or joined):
             return
-        parts = [Part(Contribution(prefixes=r.prefixes), torch.tensor([i], device=self._mask.device))
-                 for i, r in enumerate(self.rows) if r.prefixes]
-        self._state = compose(parts, len(self.rows), self._mask) if parts else None
-
-
-def _row_prefixes(state, rows: int, dtype: torch.dtype, device: torch.device
-                  ) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Each row's own per-layer prefixes after a prefill of ``rows`` rows: as attention used them (cast, gated,
-    insertions turned into prefixes), cut to the row's own length where rows of different adapters were stacked
-    (``prefix_mask``); a row that saw no prefix in a layer gets none there."""
-    out: list[dict] = [{} for _ in range(rows)]
-    if state is None:
-        return out
-    for index, (key, value) in resolved_prefixes(state, dtype, device, rows).items():
-        visible = state.layers[index].prefix_mask
-        lengths = [key.shape[-2]] * rows if visible is None else visible.expand(rows, -1).sum(-1).tolist()
-        for i, n in enumerate(lengths):
-            if n:
-                out[i][index] = (key[i : i + 1, :, :n], value[i : i + 1, :, :n])
-    return out
+        prefixes = self._prefixes
+        self._state = None if prefixes is None else compose([Part(prefixes.contribution())], len(self.rows), self._mask)
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -86,7 +86,7 @@ class PrefixTuning(PromptMethod):
         scale = float(self.config.scale)
         if scale != 1.0:  # skipped at 1.0 so that the default stays bit-identical to PEFT (tests/test_parity_peft)
             tables = {i: t * scale for i, t in tables.items()}
-        return Contribution(prefixes={i: (t[0][None], t[1][None]) for i, t in tables.items()})
+        return Contribution(prefixes={i: (t[:1], t[1:]) for i, t in tables.items()})  # [1, H, P, D]: 1 op each
 
     # ---- saving: projected tables always, the MLP too for resuming ---------------------------------------------
     def export_state_dict(self) -> dict[str, torch.Tensor]:

@@ -89,12 +89,12 @@ def test_every_row_equals_its_adapter_alone(adapters):
 
 
 def test_joining_requests_share_prefill_passes_and_stay_exact(adapters):
-    """Requests that arrive together are prefilled in as few passes as their shapes allow: one pass per
-    (prompt length, adapter) for methods with prompts, insertions or gates, and one pass for any mix of bare rows
-    and static prefixes, whatever their prompt lengths (shorter prompts left-padded, prefixes stacked and masked row
-    by row). Every row still generates exactly what its adapter's own generate() does alone."""
+    """Requests that arrive together are prefilled in as few passes as their adapters allow, whatever their prompt
+    lengths: bare rows, prompts, prefixes and gates in one pass (shorter prompts left-padded, input prompts placed
+    row by row, prefixes stacked and masked), insertions of one shape in another. Every row still generates exactly
+    what its adapter's own generate() does alone."""
     multi = MultiAdapterModel(tiny_lm(), adapters)
-    engine = GenerationEngine(multi, max_rows=64)
+    engine = GenerationEngine(multi, max_rows=64, max_prefill_padding=0.9)  # the cap is tested below
     passes = []
     prefill = engine._prefill
 
@@ -108,15 +108,14 @@ def test_joining_requests_share_prefill_passes_and_stay_exact(adapters):
     for name in [*CONFIGS, None]:
         for prompt in same_length:
             jobs.append((name, prompt, engine.submit(prompt, name, SamplingParams(max_new_tokens=5))))
-    # Other lengths: a longer prefix row and a shorter bare row join the static pass, padded.
-    for name, prompt in (("prefix", PROMPTS[1]), (None, PROMPTS[3]), ("ptuning", PROMPTS[1])):
+    # Other lengths join the same passes, padded.
+    for name, prompt in (("prefix", PROMPTS[1]), (None, PROMPTS[3]), ("ptuning", PROMPTS[1]), ("lpt", PROMPTS[2])):
         jobs.append((name, prompt, engine.submit(prompt, name, SamplingParams(max_new_tokens=5))))
     # Rows that finish at their first token leave their prefill's cache before it joins the batch.
     done = [(name, engine.submit(same_length[1], name, SamplingParams(max_new_tokens=1))) for name in ("apt", None)]
     engine.step()
-    static = sorted(["None"] * 5 + ["prefix"] * 4 + ["prefix_short"] * 3)
-    groups = [[n] * (4 if n == "apt" else 3) for n in CONFIGS if not n.startswith("prefix")]
-    assert sorted(passes) == sorted([static, ["ptuning"], *groups])
+    flat = sorted(["None"] * 5 + ["apt"] * 4 + ["prefix"] * 4 + ["prefix_short"] * 3 + ["prompt"] * 3 + ["ptuning"] * 4)
+    assert sorted(passes) == sorted([flat, ["idspam"] * 3 + ["lpt"] * 4, ["lpt_npg"] * 3])
     assert [engine.result(rid) for _, rid in done] == [alone(adapters.get(n), same_length[1], 1) for n, _ in done]
     engine.run()
     for name, prompt, rid in jobs:

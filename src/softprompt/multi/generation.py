@@ -7,9 +7,10 @@
 
 Iteration-level batching: requests wait in a queue; before each decoding step, waiting requests are prefilled and
 join the batch, and after it, rows that finished (EOS, a stop string, ``max_new_tokens``) leave. Joining requests
-share prefill passes where their adapters allow: any mix of bare rows and static prefixes in one pass, whatever
-their prompt lengths (left-padded, within a padding cap), other adapters per (adapter, prompt length); each row
-computes what its adapter's own ``generate()`` computes for it alone. From then on a row's adapter is the per-layer
+share prefill passes whatever their prompt lengths (left-padded, within a padding cap) wherever their adapters can
+share a pass (``multi.plan``, as for classification: bare rows, prompts, prefixes and gates together, insertions of
+one shape together); each row computes what its adapter's own ``generate()`` computes for it alone. From then on a
+row's adapter is the per-layer
 prefix that prefill produced (gates folded in, generated prompts already turned into prefixes, see
 ``engine.compose.resolved_prefixes``), so rows of any method share one decoding batch and the KV cache holds each
 row's own sequence: its real tokens, plus the virtual tokens of an input-layer prompt (prompt tuning, P-tuning),
@@ -27,11 +28,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..engine.compose import Contribution, Part, compose, insert_prompt
+from ..engine.compose import Contribution, Part, compose, insert_row_prompts
 from ..engine.state import STATE_KWARG
 from ..errors import ConfigError, SequenceTooLongError
 from ..methods import MethodInputs
 from .batch_prefixes import BatchPrefixes, concat
+from .plan import group_key, plan_rows
 from .sampling import SamplingParams, sample_token
 
 __all__ = ["GenerationEngine", "SamplingParams", "TokenEvent"]
@@ -71,7 +73,7 @@ class GenerationEngine:
     ``max_prefill_tokens``: tokens one prefill pass may hold, padding included (a longer single prompt still runs,
         alone); bounds the activation memory of many requests joining at once.
     ``max_prefill_padding``: the largest share of a pass's tokens that may be padding when prompts of different
-        lengths share a pass (bare rows and static prefixes); 0 prefills each length on its own.
+        lengths share a pass; 0 prefills each length on its own.
     ``policy``: "mixed" (any adapter joins any batch) or "per_adapter" (a batch holds one adapter's rows; when it
         drains, the adapter of the oldest waiting request goes next), the schedule a server without per-row
         adapters must follow, kept as the baseline of the serving benchmark.
@@ -203,40 +205,43 @@ class GenerationEngine:
         return None
 
     def _prefill_groups(self, joining: list[_Request]) -> list[list[_Request]]:
-        """Requests that can be prefilled in one forward pass. Bare rows and adapters made only of static prefixes
-        (no input prompt, insertion or layer hook) mix freely and may differ in length: shorter prompts are
-        left-padded (masked, positions counting each row's own tokens) and prefixes stacked row by row. Other
-        adapters prefill per (adapter, prompt length), unpadded. A pass holds at most ``max_prefill_tokens`` tokens
-        counting padding, of which at most ``max_prefill_padding`` may be padding."""
-        static: list[_Request] = []
-        groups: dict[tuple, list[_Request]] = {}
+        """Requests that can be prefilled in one forward pass, whatever their prompt lengths: rows whose adapters can
+        share a pass (``multi.plan``: bare rows, prompts, prefixes and gates mix; insertions of one shape mix) are
+        left-padded to one width (masked; positions count each row's own tokens), prompts placed per row and prefixes
+        stacked row by row. Adapters with a layer hook nobody described prefill per (adapter, prompt length),
+        unpadded. A pass holds at most ``max_prefill_tokens`` tokens counting padding, of which at most
+        ``max_prefill_padding`` may be padding; longer prompts go first."""
+        keys = []
         for request in joining:
-            if self._static(request.adapter):
-                static.append(request)
-            else:
-                groups.setdefault((len(request.prompt_ids), request.adapter), []).append(request)
+            shape = None if request.adapter is None else self.model.adapter(request.adapter).shape
+            key = group_key(request.adapter, shape, self.model.info.num_layers)
+            keys.append(key + (len(request.prompt_ids),) if key[0] == "solo" else key)
         passes = []
-        for group in groups.values():
-            per_pass = max(1, self.max_prefill_tokens // len(group[0].prompt_ids))
-            passes += [group[i : i + per_pass] for i in range(0, len(group), per_pass)]
-        current: list[_Request] = []
-        real = 0
-        for request in sorted(static, key=lambda r: -len(r.prompt_ids)):  # longest first: it sets the pass width
-            n = len(request.prompt_ids)
-            width = len(current[0].prompt_ids) if current else n
-            padded = width * (len(current) + 1)
-            if current and (padded > self.max_prefill_tokens or padded - real - n > self.max_prefill_padding * padded):
-                passes.append(current)
-                current, real = [], 0
-            current.append(request)
-            real += n
-        return passes + ([current] if current else [])
+        for rows in plan_rows(keys):
+            current: list[_Request] = []
+            real = 0
+            for request in sorted((joining[i] for i in rows), key=lambda r: -self._own_length(r)):
+                n = self._own_length(request)
+                padded = self._width(current + [request]) * (len(current) + 1)
+                if current and (padded > self.max_prefill_tokens
+                                or padded - real - n > self.max_prefill_padding * padded):
+                    passes.append(current)
+                    current, real = [], 0
+                current.append(request)
+                real += n
+            passes.append(current)
+        return passes
 
-    def _static(self, adapter: str | None) -> bool:
-        if adapter is None:
-            return True
-        shape = self.model.adapter(adapter).shape
-        return not (shape.prompt or shape.insertion or shape.gate or shape.solo)
+    def _prompt_length(self, request: _Request) -> int:
+        return 0 if request.adapter is None else self.model.adapter(request.adapter).shape.prompt
+
+    def _own_length(self, request: _Request) -> int:
+        """Columns of the row's own sequence in a prefill pass: its tokens and its adapter's input prompt."""
+        return len(request.prompt_ids) + self._prompt_length(request)
+
+    def _width(self, group: list[_Request]) -> int:
+        """Columns of a prefill pass (``insert_row_prompts``: the longest prompt plus the longest input prompt)."""
+        return max(len(r.prompt_ids) for r in group) + max(self._prompt_length(r) for r in group)
 
     def run(self) -> None:
         """Step until every request has finished."""
@@ -268,21 +273,22 @@ class GenerationEngine:
             parts.append(Part(contribution, index, method.hook_shape()))
             for i in rows:
                 shifts[i] = method.position_shift()
-            if contribution.input_prompt is not None:  # one adapter in the group (see _prefill_groups)
-                embeds, mask = insert_prompt(embed(ids), mask, contribution.input_prompt, contribution.prompt_at)
-                inputs = {"inputs_embeds": embeds, "attention_mask": mask}
+        prompts = [(p.rows, p.contribution.input_prompt, p.contribution.prompt_at) for p in parts
+                   if p.contribution.input_prompt is not None]
+        if prompts:  # slots for shorter prompts join the left padding; each prompt stays next to its row's tokens
+            inputs = insert_row_prompts(embed(ids), mask, prompts, causal=True)
+            del inputs["keep"]
+            mask = inputs["attention_mask"]
         state = compose(parts, n, mask) if parts else None
-        length = mask.shape[1]
-        # Positions count each row's own tokens (padding, which nothing attends to, gets 0).
-        own = (torch.arange(length, device=device)[None] - torch.tensor(pads, device=device)[:, None]).clamp(min=0)
-        inputs["position_ids"] = own + torch.tensor(shifts, device=device)[:, None]
+        # Positions count each row's own tokens (padding and slots, which nothing attends to, get 0).
+        inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0) + torch.tensor(shifts, device=device)[:, None]
         cache = DynamicCache()
         kwargs = {STATE_KWARG: state} if state is not None else {}
         kwargs[self._cache_arg] = cache
         out = base(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
         tokens = self._next_tokens(out.logits[:, -1], group)
         block = BatchPrefixes.from_state(state, n, cache.layers[0].keys.dtype, device)
-        rows = [_Row(request, shifts[i] + length - pads[i]) for i, request in enumerate(group)]
+        rows = [_Row(request, shifts[i] + self._own_length(request)) for i, request in enumerate(group)]
         events = [self._accept(row, token) for row, token in zip(rows, tokens)]
         joined = [i for i, e in enumerate(events) if e.finish_reason is None]
         if joined:

@@ -183,6 +183,7 @@ def test_a_contribution_s_own_prefix_mask_hides_columns_row_by_row(with_other):
     state = compose(parts, rows, mask)
     if with_other:
         assert state.layers[0].prefix_mask.tolist() == [[True] * 4, [True, True, False, False], [True] * 3 + [False]]
+        assert state.layers[2].prefix_mask is state.layers[0].prefix_mask  # equal visibility: one mask, built once
     else:
         assert state.layers[0].prefix_mask is seen and state.layers[2].prefix_mask is seen
 

@@ -122,6 +122,22 @@ def test_joining_requests_share_prefill_passes_and_stay_exact(adapters):
         assert engine.result(rid) == alone(adapters.get(name), prompt, 5), (name, prompt)
 
 
+def test_decoding_state_masks_prefix_columns_only_where_needed(adapters):
+    """Rows of one prefix length decode with no prefix mask (attention's unmasked path); when a bare row joins, the
+    rows' visibility is one mask tensor shared by every layer (attention builds it once per step, not per layer)."""
+    multi = MultiAdapterModel(tiny_lm(), adapters)
+    engine = GenerationEngine(multi)
+    for prompt in PROMPTS[:3]:
+        engine.submit(prompt, "prefix", SamplingParams(max_new_tokens=6))
+    engine.step()
+    layers = engine._state.layers
+    assert layers and all(inj.prefix_mask is None for inj in layers.values())
+    engine.submit(PROMPTS[3], None, SamplingParams(max_new_tokens=3))
+    engine.step()
+    masks = {id(inj.prefix_mask) for inj in engine._state.layers.values()}
+    assert len(masks) == 1 and engine._state.layers[0].prefix_mask.tolist() == [[True] * 5] * 3 + [[False] * 5]
+
+
 def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):
     """A pass holds at most ``max_prefill_tokens`` tokens counting padding (a longer prompt still runs, alone), and
     at most ``max_prefill_padding`` of them padding; with 0, each prompt length prefills on its own."""

@@ -111,6 +111,7 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
     if not layers or _stack_all_layers(g, parts, layers, covered, state):
         return
     pick, pick_of = None, None  # row -> part index, shared by the layers
+    visibility: dict[tuple, torch.Tensor] = {}  # layers whose rows see the same columns share one mask tensor
     for layer in layers:
         present = [p for p in parts if layer in p.contribution.prefixes]
         tables = [p.contribution.prefixes[layer] for p in present]
@@ -132,14 +133,20 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
         k0 = tables[0][0]
         key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3])
         value = key.clone()
-        visible = torch.zeros(g, width, dtype=torch.bool, device=key.device)
-        for p, (k, v), n, own in zip(present, tables, lengths, masks):
+        for p, (k, v), n in zip(present, tables, lengths):
             key[p.rows, :, :n] = k.expand(len(p.rows), *k.shape[1:])
             value[p.rows, :, :n] = v.expand(len(p.rows), *v.shape[1:])
-            visible[p.rows, :n] = True if own is None else own.to(device=key.device, dtype=torch.bool)
         inj = LayerInjection(key=key, value=value)
         if not uniform:
-            inj.prefix_mask = visible
+            # Attention builds its mask once per distinct mask tensor in a forward (and in every decoding step that
+            # reuses the state): equal visibility must be one tensor, not one per layer.
+            signature = (width, *((id(p), n, id(own)) for p, n, own in zip(present, lengths, masks)))
+            if signature not in visibility:
+                visible = torch.zeros(g, width, dtype=torch.bool, device=key.device)
+                for p, n, own in zip(present, lengths, masks):
+                    visible[p.rows, :n] = True if own is None else own.to(device=key.device, dtype=torch.bool)
+                visibility[signature] = visible
+            inj.prefix_mask = visibility[signature]
         state.layers[layer] = inj
 
 

@@ -89,6 +89,8 @@ class BatchPrefixes:
 def concat(first: BatchPrefixes | None, first_rows: int, second: BatchPrefixes | None, second_rows: int
            ) -> BatchPrefixes | None:
     """Rows of ``second`` after rows of ``first`` (either may be None: rows without prefixes)."""
+    if first_rows == 0 or second_rows == 0:  # an empty batch takes the rows' own tables (and masks: often None)
+        return second if first_rows == 0 else first
     if first is None and second is None:
         return None
     blocks = [(b, n) for b, n in ((first, first_rows), (second, second_rows))]

@@ -130,12 +130,14 @@ def test_decoding_state_masks_prefix_columns_only_where_needed(adapters):
     for prompt in PROMPTS[:3]:
         engine.submit(prompt, "prefix", SamplingParams(max_new_tokens=6))
     engine.step()
-    layers = engine._state.layers
+    engine.step()  # the decode state is built by the first decoding step after rows changed
+    layers = engine.batch._state.layers
     assert layers and all(inj.prefix_mask is None for inj in layers.values())
     engine.submit(PROMPTS[3], None, SamplingParams(max_new_tokens=3))
     engine.step()
-    masks = {id(inj.prefix_mask) for inj in engine._state.layers.values()}
-    assert len(masks) == 1 and engine._state.layers[0].prefix_mask.tolist() == [[True] * 5] * 3 + [[False] * 5]
+    engine.step()
+    masks = {id(inj.prefix_mask) for inj in engine.batch._state.layers.values()}
+    assert len(masks) == 1 and engine.batch._state.layers[0].prefix_mask.tolist() == [[True] * 5] * 3 + [[False] * 5]
 
 
 def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):

@@ -32,7 +32,8 @@ from ..engine.compose import Contribution, Part, compose, insert_row_prompts
 from ..engine.state import STATE_KWARG
 from ..errors import ConfigError, SequenceTooLongError
 from ..methods import MethodInputs
-from .batch_prefixes import BatchPrefixes, concat
+from .batch_prefixes import BatchPrefixes
+from .decode_batch import DynamicBatch
 from .plan import group_key, plan_rows
 from .sampling import SamplingParams, sample_token
 
@@ -95,16 +96,13 @@ class GenerationEngine:
         self.max_prefill_padding = max_prefill_padding
         self.waiting: deque[_Request] = deque()
         self.rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [B, T] 1 = a position of the row's own sequence
-        self._prefixes: BatchPrefixes | None = None  # the rows' adapters, as their prefill resolved them
-        self._state = None  # the decode steps' InjectionState, rebuilt when rows change
         self._next_id = 0
         self.requests: dict[int, _Request] = {}
         # transformers 5.24+ names the KV cache argument `cache` (`past_key_values` is deprecated); 5.17 knows only
         # `past_key_values`.
         params = inspect.signature(model.base_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.batch = DynamicBatch(model, self._cache_arg)  # the rows' caches, masks and prefixes
         eos = model.base_model.generation_config.eos_token_id
         self.eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
@@ -188,7 +186,7 @@ class GenerationEngine:
                 first.update((e.request_id, e) for e in self._prefill(group))
             events += [first[r.id] for r in joining]
         if decoded or joining:
-            self._retire(bool(joining))
+            self._retire()
         return events
 
     def _next_waiting(self, joining: list[_Request]) -> _Request | None:
@@ -297,20 +295,16 @@ class GenerationEngine:
                 cache.batch_select_indices(index)
                 mask = mask[index]
                 block = None if block is None else block.select(index)
-            self._join([rows[i] for i in joined], cache, mask, block)
+            self.batch.join(cache, mask, block)
+            self.rows.extend(rows[i] for i in joined)
         return events
 
     def _decode(self) -> list[TokenEvent]:
-        base = self.model.base_model
         device = self.model.device
         last = torch.tensor([[r.request.tokens[-1]] for r in self.rows], device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
         positions = torch.tensor([[r.position] for r in self.rows], device=device)
-        kwargs = {STATE_KWARG: self._state} if self._state is not None else {}
-        kwargs[self._cache_arg] = self._cache
-        out = base(input_ids=last, attention_mask=self._mask, position_ids=positions,
-                   use_cache=True, **kwargs)
-        tokens = self._next_tokens(out.logits[:, -1], [r.request for r in self.rows])
+        logits = self.batch.forward(last, positions)
+        tokens = self._next_tokens(logits, [r.request for r in self.rows])
         events = []
         for row, token in zip(self.rows, tokens):
             row.position += 1
@@ -345,50 +339,9 @@ class GenerationEngine:
         request.finish_reason = reason
         return TokenEvent(request.id, token, reason)
 
-    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, block: BatchPrefixes | None) -> None:
-        """Append prefilled rows to the batch: both caches are left-padded to one length and stacked, and the rows'
-        prefixes are appended to the batch's."""
-        self._prefixes = concat(self._prefixes, len(self.rows), block, len(rows))
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
-        else:
-            width = max(self._mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self.rows.extend(rows)
-
-    def _retire(self, joined: bool) -> None:
-        """Drop finished rows, trim padding every remaining row shares, and rebuild the decode state. Host work only
-        when the rows changed: a step where nobody joins or leaves reuses the state (its prefixes do not depend on
-        the growing mask)."""
+    def _retire(self) -> None:
+        """Drop the rows that finished (the batch keeps the others' caches and prefixes)."""
         keep = [i for i, r in enumerate(self.rows) if r.request.finish_reason is None]
-        if not keep:
-            self.rows, self._cache, self._mask, self._state, self._prefixes = [], None, None, None, None
-            return
-        left = len(keep) < len(self.rows)
-        if left:
-            index = torch.tensor(keep, device=self._mask.device)
-            self._cache.batch_select_indices(index)
-            self._mask = self._mask[index]
-            self._prefixes = None if self._prefixes is None else self._prefixes.select(index)
+        if len(keep) < len(self.rows):
+            self.batch.keep(keep)
             self.rows = [self.rows[i] for i in keep]
-            start = int((self._mask.sum(0) > 0).to(torch.int64).argmax())  # first column some row still uses
-            if start:
-                for layer in self._cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-                self._mask = self._mask[:, start:]
-        if not (left or joined):
-            return
-        prefixes = self._prefixes
-        self._state = None if prefixes is None else compose([Part(prefixes.contribution())], len(self.rows), self._mask)
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -98,7 +98,8 @@ def run_point(model, vocab: int, mode: str, rate: float, args) -> dict:
     from softprompt.multi.generation import GenerationEngine, SamplingParams
 
     engine = GenerationEngine(model, max_rows=args.max_rows, policy="per_adapter" if mode == "per_adapter" else "mixed",
-                              max_prefill_padding=args.max_prefill_padding)
+                              max_prefill_padding=args.max_prefill_padding, decoding=args.decoding,
+                              max_context=args.max_context)
     rng = np.random.default_rng(args.seed)
     gaps = rng.exponential(1.0 / rate, size=int(rate * args.duration * 3) + 10)
     arrivals = np.cumsum(gaps)
@@ -184,7 +185,8 @@ def cmd_run(args) -> int:
         "slo_ttft_p99_ms": args.slo_ms,
         "setup": {"prompt_len": _as_given(args.prompt_len), "output_len": args.output_len, "duration_s": args.duration,
                   "max_rows": args.max_rows,
-                  "max_prefill_padding": args.max_prefill_padding, "prefix_len": args.prefix_len, "dtype": args.dtype,
+                  "max_prefill_padding": args.max_prefill_padding, "decoding": args.decoding,
+                  "max_context": args.max_context, "prefix_len": args.prefix_len, "dtype": args.dtype,
                   "adapters": args.adapters, "arrivals": "Poisson, open loop, uniform over adapters"},
     })
     budget_end = time.time() + args.time_budget
@@ -266,6 +268,9 @@ def main(argv=None) -> int:
     r.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per point")
     r.add_argument("--max-overrun", type=float, default=3.0, help="stop a point after this many x duration")
     r.add_argument("--max-rows", type=int, default=64)
+    r.add_argument("--decoding", default="dynamic", choices=["dynamic", "static", "cuda_graphs"],
+                   help="GenerationEngine decoding: a growing cache, or fixed buffers (eager / replayed CUDA graphs)")
+    r.add_argument("--max-context", type=int, default=2048, help="columns of the fixed buffers (static decoding)")
     r.add_argument("--max-prefill-padding", type=float, default=0.5,
                    help="share of a prefill pass that may be padding (0: each prompt length prefills on its own)")
     r.add_argument("--slo-ms", type=float, default=500.0)

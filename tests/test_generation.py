@@ -62,9 +62,17 @@ def alone(path, prompt, max_new_tokens):
     return out[0, len(prompt):].tolist()
 
 
-def test_every_row_equals_its_adapter_alone(adapters):
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_every_row_equals_its_adapter_alone(adapters, decoding):
+    """Every method's rows, joining and leaving, equal their adapter alone; with fixed decoding buffers too (the
+    layout CUDA graphs replay), whose small capacity forces the batch to cut unused columns while rows decode."""
     multi = MultiAdapterModel(tiny_lm(), adapters)
-    engine = GenerationEngine(multi, max_rows=4)  # fewer rows than requests: rows leave and others join
+    # Fewer rows than requests: rows leave and others join.
+    engine = GenerationEngine(multi, max_rows=4, decoding=decoding, max_context=24)
+    cuts = []
+    if decoding == "static":
+        cut = engine.batch._cut_unused_columns
+        engine.batch._cut_unused_columns = lambda: (cuts.append(engine.batch.col), cut())
     jobs = []
     names = [*CONFIGS, None]
     for i, name in enumerate(names):
@@ -78,6 +86,7 @@ def test_every_row_equals_its_adapter_alone(adapters):
         after = {r.request.id for r in engine.rows}
         joined_while_decoding |= bool(before & after) and bool(after - before)
     assert joined_while_decoding  # a request joined rows that were mid-decode (iteration-level batching)
+    assert bool(cuts) == (decoding == "static")
     bare = {tuple(p): alone(None, p, 9) for p in PROMPTS}
     changed = {}
     for name, prompt, max_new, rid in jobs:
@@ -88,13 +97,14 @@ def test_every_row_equals_its_adapter_alone(adapters):
     assert not vacuous, f"{vacuous} generate what the bare model does: the comparison would prove nothing"
 
 
-def test_joining_requests_share_prefill_passes_and_stay_exact(adapters):
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_joining_requests_share_prefill_passes_and_stay_exact(adapters, decoding):
     """Requests that arrive together are prefilled in as few passes as their adapters allow, whatever their prompt
     lengths: bare rows, prompts, prefixes and gates in one pass (shorter prompts left-padded, input prompts placed
     row by row, prefixes stacked and masked), insertions of one shape in another. Every row still generates exactly
     what its adapter's own generate() does alone."""
     multi = MultiAdapterModel(tiny_lm(), adapters)
-    engine = GenerationEngine(multi, max_rows=64, max_prefill_padding=0.9)  # the cap is tested below
+    engine = GenerationEngine(multi, max_rows=64, max_prefill_padding=0.9, decoding=decoding)  # cap: tested below
     passes = []
     prefill = engine._prefill
 
@@ -138,6 +148,47 @@ def test_decoding_state_masks_prefix_columns_only_where_needed(adapters):
     engine.step()
     masks = {id(inj.prefix_mask) for inj in engine.batch._state.layers.values()}
     assert len(masks) == 1 and engine.batch._state.layers[0].prefix_mask.tolist() == [[True] * 5] * 3 + [[False] * 5]
+
+
+# Ops that read a device value on the host: each is a device sync, which a CUDA graph cannot capture.
+HOST_READS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
+              "aten.equal.default", "aten.item.default"}
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_a_static_decoding_step_reads_nothing_back_to_the_host(adapters, decoding):
+    """What a CUDA graph needs, checked on the CPU: the forward of a decoding step with fixed buffers dispatches no
+    op that reads a device value on the host (the dynamic step does: transformers builds its mask from the 2D one),
+    and it runs at a fixed shape whatever the number of live rows (the bucket)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in HOST_READS:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), max_rows=8, decoding=decoding, max_context=32)
+    for name, prompt in zip(["prefix", "apt", "lpt", "prompt", None], PROMPTS + [PROMPTS[0]]):
+        engine.submit(prompt, name, SamplingParams(max_new_tokens=8))
+    engine.step()
+    batch = engine.batch
+    last = torch.tensor([[r.request.tokens[-1]] for r in engine.rows])
+    positions = torch.tensor([[r.position] for r in engine.rows])
+    with torch.inference_mode(), HostReads() as reads:
+        if decoding == "static":
+            batch._ids[: batch.rows], batch._positions[: batch.rows] = last, positions
+            logits = batch._run(8, batch.capacity)  # the graph's shapes: the whole bucket, every column
+        else:
+            logits = batch.forward(last, positions)
+    if decoding == "static":
+        assert reads.seen == [] and logits.shape[0] == 8
+    else:
+        assert reads.seen  # the check can see a host read
 
 
 def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):

@@ -26,6 +26,11 @@ def test_run_and_report_write_the_contract(tmp_path):
         assert keys <= set(r) and r["finished"] == r["requests"]
     assert set(data["goodput"]["tiny"]) == {"mixed", "per_adapter", "bare"}
     assert data["setup"]["prompt_len"] == "3:8" and data["setup"]["max_prefill_padding"] == 0.5
+    assert data["setup"]["decoding"] == "dynamic"
+    static = tmp_path / "static.json"  # fixed decoding buffers (CUDA graphs on a GPU; eager here)
+    assert serve_generation.main([*args[:-1], str(static), "--modes", "mixed", "--decoding", "static",
+                                  "--max-context", "64"]) == 0
+    assert all(r["finished"] == r["requests"] for r in json.loads(static.read_text())["runs"])
     assert serve_generation.main(args) == 0  # resumes: nothing left to run, nothing duplicated
     assert len(json.loads(out.read_text())["runs"]) == 6
     md = tmp_path / "table.md"

@@ -36,6 +36,7 @@ from .batch_prefixes import BatchPrefixes
 from .decode_batch import DynamicBatch
 from .plan import group_key, plan_rows
 from .sampling import SamplingParams, sample_token
+from .static_batch import StaticBatch
 
 __all__ = ["GenerationEngine", "SamplingParams", "TokenEvent"]
 
@@ -75,13 +76,16 @@ class GenerationEngine:
         alone); bounds the activation memory of many requests joining at once.
     ``max_prefill_padding``: the largest share of a pass's tokens that may be padding when prompts of different
         lengths share a pass; 0 prefills each length on its own.
+    ``decoding``: "dynamic" (a cache that grows by one column per step), or fixed-shape buffers of ``max_context``
+        columns: "static" (eager), "cuda_graphs" (each step replays a CUDA graph captured once per batch-size bucket;
+        eager off CUDA). Not measured on a GPU yet: "dynamic" stays the default until it is.
     ``policy``: "mixed" (any adapter joins any batch) or "per_adapter" (a batch holds one adapter's rows; when it
         drains, the adapter of the oldest waiting request goes next), the schedule a server without per-row
         adapters must follow, kept as the baseline of the serving benchmark.
     """
 
     def __init__(self, model, *, max_rows: int = 32, policy: str = "mixed", max_prefill_tokens: int = 8192,
-                 max_prefill_padding: float = 0.5):
+                 max_prefill_padding: float = 0.5, decoding: str = "dynamic", max_context: int = 2048):
         if policy not in ("mixed", "per_adapter"):
             raise ConfigError(f"policy must be 'mixed' or 'per_adapter', got {policy!r}")
         self.policy = policy
@@ -102,7 +106,12 @@ class GenerationEngine:
         # `past_key_values`.
         params = inspect.signature(model.base_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.batch = DynamicBatch(model, self._cache_arg)  # the rows' caches, masks and prefixes
+        if decoding not in ("dynamic", "static", "cuda_graphs"):
+            raise ConfigError(f"decoding must be 'dynamic', 'static' or 'cuda_graphs', got {decoding!r}")
+        # The rows' caches, masks and prefixes: grown step by step, or fixed buffers a CUDA graph can replay.
+        self.max_context = None if decoding == "dynamic" else max_context
+        self.batch = (DynamicBatch(model, self._cache_arg) if decoding == "dynamic" else
+                      StaticBatch(model, self._cache_arg, max_rows, max_context, cuda_graphs=decoding == "cuda_graphs"))
         eos = model.base_model.generation_config.eos_token_id
         self.eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
@@ -139,6 +148,11 @@ class GenerationEngine:
             extra = entry.shape.prompt + entry.method.position_shift()
         limit = self.model.info.max_positions
         needed = len(prompt_ids) + extra + params.max_new_tokens
+        if self.max_context is not None and needed > self.max_context:
+            raise SequenceTooLongError(
+                f"{len(prompt_ids)} prompt tokens + {extra} adapter positions + max_new_tokens "
+                f"{params.max_new_tokens} = {needed} exceeds the engine's max_context of {self.max_context} (its "
+                f"fixed decoding buffers); lower max_tokens to at most {self.max_context - len(prompt_ids) - extra}")
         if limit is not None and needed > limit:
             raise SequenceTooLongError(
                 f"{len(prompt_ids)} prompt tokens + {extra} adapter positions + max_new_tokens "

@@ -1,0 +1,217 @@
+"""Fixed-shape decoding buffers, so that a decoding step can be captured as a CUDA graph and replayed.
+
+An eager decoding step of a small model is host-bound: the GPU waits while Python and the launch queue issue a few
+thousand kernels (about 100 ms per step for a 0.5B model on an H200, ``benchmarks/results/serve_generation.md``). A
+replayed CUDA graph issues them in one call, but every tensor it touches must keep its shape and address from step
+to step. So here, unlike :class:`~softprompt.multi.decode_batch.DynamicBatch`:
+
+* every layer's keys and values live in one buffer [R, H, T, D] (R = ``max_rows``, T = ``capacity`` columns); rows
+  are left-padded so that every row writes its next token at one shared column ``col`` (a device scalar the graph
+  reads), and attention reads all T columns under a [R, T] mask;
+* the rows' prefixes live in [R, 2L, H, P, D] and their per-layer visibility in [R, L, P] (all layers, so that the
+  state's shape does not depend on which adapters are in the batch);
+* a step runs the rows in the smallest bucket (1, 2, 4, ... ``max_rows``) that holds them; rows past the live ones
+  compute finite garbage that nobody reads.
+
+Rows join by copying their prefill cache into free rows, leave by moving the remaining rows to the front, and when
+``col`` reaches T the columns that no live row uses are cut from the front (a copy inside the same buffers, so the
+graphs stay valid). Without CUDA (or with ``cuda_graphs=False``) the same buffers run eagerly, reading only the
+columns written so far: that is how the CPU tests check the layout against each adapter's own ``generate()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from ..engine.state import STATE_KWARG, InjectionState, LayerInjection
+from ..errors import SequenceTooLongError
+from .batch_prefixes import BatchPrefixes
+
+
+class _BufferCache:
+    """The two methods a transformers decoder calls on its cache: ``update`` writes the step's key/value at the
+    shared column and returns the layer's buffers as attention reads them; ``get_seq_length`` is only asked for when
+    position ids are missing (never: the batch passes them)."""
+
+    def __init__(self, batch: StaticBatch, rows: int, columns: int):
+        self.batch, self.rows, self.columns = batch, rows, columns
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        b, t = self.rows, self.columns
+        keys, values = self.batch._keys[layer_idx][:b], self.batch._values[layer_idx][:b]
+        keys.index_copy_(2, self.batch._col, key_states)
+        values.index_copy_(2, self.batch._col, value_states)
+        return keys[:, :, :t], values[:, :, :t]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.batch.col
+
+
+class StaticBatch:
+    """Decoding rows in preallocated buffers (see the module doc); ``cuda_graphs`` replays one graph per bucket."""
+
+    def __init__(self, model, cache_arg: str, max_rows: int, capacity: int, cuda_graphs: bool):
+        self.model = model
+        self.cache_arg = cache_arg
+        self.max_rows, self.capacity = max_rows, capacity
+        self.graphs = cuda_graphs and model.device.type == "cuda"
+        self.rows = 0
+        self.col = 0  # the column the next decoding step writes (every live row's last token is at col - 1)
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._mask: torch.Tensor | None = None  # [R, T] bool: the row's own columns
+        self._table: torch.Tensor | None = None  # [R, 2L, H, P, D] prefixes (P = 0 until an adapter joins)
+        self._visible: torch.Tensor | None = None  # [R, L, P] bool
+        self._states: dict[int, InjectionState | None] = {}
+        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    # ---- buffers -----------------------------------------------------------------------------------------------
+    def _allocate(self, cache: DynamicCache) -> None:
+        k0 = cache.layers[0].keys
+        r, t, device = self.max_rows, self.capacity, k0.device
+        self._keys = [k0.new_zeros(r, layer.keys.shape[1], t, layer.keys.shape[3]) for layer in cache.layers]
+        self._values = [k.clone() for k in self._keys]
+        self._mask = torch.zeros(r, t, dtype=torch.bool, device=device)
+        self._ids = torch.zeros(r, 1, dtype=torch.long, device=device)
+        self._positions = torch.zeros(r, 1, dtype=torch.long, device=device)
+        self._col = torch.zeros(1, dtype=torch.long, device=device)
+        layers = len(cache.layers)
+        self._table = k0.new_zeros(r, 2 * layers, k0.shape[1], 0, k0.shape[3])
+        self._visible = torch.zeros(r, layers, 0, dtype=torch.bool, device=device)
+
+    def _widen_prefixes(self, width: int) -> None:
+        """Room for prefixes of ``width`` columns: new buffers (the rows' prefixes copied), new states and graphs."""
+        old, seen = self._table, self._visible
+        self._table = old.new_zeros(*old.shape[:3], width, old.shape[4])
+        self._table[..., : old.shape[3], :] = old
+        self._visible = seen.new_zeros(*seen.shape[:2], width)
+        self._visible[..., : seen.shape[2]] = seen
+        self._states.clear()
+        self._captured.clear()
+
+    # ---- rows join and leave -----------------------------------------------------------------------------------
+    def join(self, cache: DynamicCache, mask: torch.Tensor, block: BatchPrefixes | None) -> None:
+        """Copy prefilled rows (their cache, [k, S] mask and prefixes) into the free rows, right-aligned at ``col``."""
+        if self._mask is None:
+            self._allocate(cache)
+        k, width = mask.shape
+        n = self.rows
+        if self.col < width:  # the new rows are longer than the batch so far: move the live rows right
+            self._move_columns(0, self.col, width - self.col)
+        elif self.col >= self.capacity:
+            self._cut_unused_columns()
+        start, end = self.col - width, self.col
+        for mine, theirs in zip(self._keys + self._values, [layer.keys for layer in cache.layers] +
+                                [layer.values for layer in cache.layers]):
+            mine[n : n + k, :, start:end] = theirs
+        self._mask[n : n + k] = False
+        self._mask[n : n + k, start:end] = mask.bool()
+        self._visible[n : n + k] = False
+        if block is not None:
+            if block.width > self._table.shape[3]:
+                self._widen_prefixes(block.width)
+            where = [2 * i + kv for i in block.layers for kv in (0, 1)]
+            self._table[n : n + k, where, :, : block.width] = block.table
+            for i, seen in zip(block.layers, block.masks):
+                self._visible[n : n + k, i, : block.width] = True if seen is None else seen
+        self.rows += k
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep these rows (ascending), moved to the front of the buffers."""
+        self.rows = len(keep)
+        if not keep:
+            self.col = 0
+            return
+        if keep == list(range(len(keep))):
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        m = len(keep)
+        for buf in (*self._keys, *self._values, self._mask, self._table, self._visible):
+            buf[:m] = buf[index]
+
+    def _move_columns(self, start: int, end: int, by: int) -> None:
+        """Move the live rows' columns [start, end) by ``by`` (negative: left); the vacated columns are hidden."""
+        if end + by > self.capacity:
+            raise SequenceTooLongError(
+                f"the decoding batch needs {end + by} columns but its static capacity is {self.capacity}; create the "
+                f"GenerationEngine with a larger max_context")
+        n = self.rows
+        for buf in (*self._keys, *self._values):
+            buf[:n, :, start + by : end + by] = buf[:n, :, start:end].clone()
+        self._mask[:n, start + by : end + by] = self._mask[:n, start:end].clone()
+        if by > 0:
+            self._mask[:n, start : start + by] = False
+        else:
+            self._mask[:n, end + by : end] = False
+        self.col += by
+
+    def _cut_unused_columns(self) -> None:
+        first = int(self._mask[: self.rows, : self.col].any(0).to(torch.int64).argmax())  # first column in use
+        if first == 0:
+            raise SequenceTooLongError(
+                f"a row of the decoding batch would pass its static capacity of {self.capacity} columns; create the "
+                "GenerationEngine with a larger max_context")
+        self._move_columns(first, self.col, -first)
+
+    # ---- one decoding step -------------------------------------------------------------------------------------
+    def forward(self, last: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, V] of each row's next token, from its last token and its position ([rows, 1] each)."""
+        n = self.rows
+        if self.col >= self.capacity:
+            self._cut_unused_columns()
+        self._ids[:n] = last
+        self._positions[:n] = positions
+        bucket = self._bucket(n) if self.graphs else n
+        # Rows past the live ones see their own current column, so that no attention row is fully masked (NaN).
+        self._mask[:bucket, self.col] = True
+        self._col.fill_(self.col)
+        if self.graphs:
+            logits = self._replay(bucket)
+        else:
+            logits = self._run(bucket, self.col + 1)
+        self.col += 1
+        return logits[:n]
+
+    def _bucket(self, n: int) -> int:
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, self.max_rows)
+
+    def _state(self, b: int) -> InjectionState | None:
+        """The prefixes of the first ``b`` rows, as views of the buffers (one state per bucket, reused)."""
+        if b not in self._states:
+            table, seen = self._table, self._visible
+            self._states[b] = None if table.shape[3] == 0 else InjectionState(layers={
+                i: LayerInjection(key=table[:b, 2 * i], value=table[:b, 2 * i + 1], prefix_mask=seen[:b, i])
+                for i in range(seen.shape[1])})
+        return self._states[b]
+
+    def _run(self, b: int, columns: int) -> torch.Tensor:
+        kwargs = {self.cache_arg: _BufferCache(self, b, columns)}
+        state = self._state(b)
+        if state is not None:
+            kwargs[STATE_KWARG] = state
+        out = self.model.base_model(input_ids=self._ids[:b], attention_mask=self._mask[:b, None, None, :columns],
+                                    position_ids=self._positions[:b], use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1]
+
+    def _replay(self, b: int) -> torch.Tensor:
+        """Replay bucket ``b``'s graph, capturing it first (after one warm-up run on a side stream, which computes
+        this step's values; the replay writes the same values again)."""
+        if b not in self._captured:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._run(b, self.capacity)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._run(b, self.capacity)
+            self._pool = graph.pool()
+            self._captured[b] = (graph, logits)
+        graph, logits = self._captured[b]
+        graph.replay()
+        return logits

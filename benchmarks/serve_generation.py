@@ -254,6 +254,42 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Fixed buffers and CUDA graphs against the default decoding, on one seeded set of greedy requests (8 prefix
+    adapters and bare rows, varied prompt lengths, rows joining and leaving): how many rows give the same tokens, and
+    the median decoding-step time of each. Run it on the GPU before trusting ``--decoding cuda_graphs`` numbers."""
+    from softprompt.multi.generation import GenerationEngine, SamplingParams
+
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, vocab = build_model(args.model, args.adapters, args.prefix_len, device, dtype)
+    rng = np.random.default_rng(args.seed)
+    jobs = [(rng.integers(10, vocab - 10, int(rng.integers(8, 96))).tolist(),
+             None if k % 3 == 0 else f"a{int(rng.integers(0, args.adapters))}", int(rng.integers(4, 32)))
+            for k in range(args.requests)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    results, steps = {}, {}
+    for decoding in ("dynamic", args.decoding):
+        engine = GenerationEngine(model, max_rows=args.max_rows, decoding=decoding, max_context=args.max_context)
+        ids = [engine.submit(p, a, SamplingParams(max_new_tokens=n, stop_token_ids=[])) for p, a, n in jobs]
+        times = []
+        while engine.busy:
+            waiting = len(engine.waiting)
+            start = time.perf_counter()
+            engine.step()
+            sync()
+            if len(engine.waiting) == waiting:  # nobody joined: a decoding-only step
+                times.append(time.perf_counter() - start)
+        results[decoding] = [engine.result(i) for i in ids]
+        steps[decoding] = float(np.median(times)) * 1000 if times else None
+    same = sum(a == b for a, b in zip(results["dynamic"], results[args.decoding]))
+    first = sum(a[:1] == b[:1] for a, b in zip(results["dynamic"], results[args.decoding]))
+    print(json.dumps({"model": args.model, "dtype": args.dtype, "device": device, "decoding": args.decoding,
+                      "requests": len(jobs), "identical_rows": same, "identical_first_tokens": first,
+                      "decode_step_p50_ms": steps}), flush=True)
+    return 0 if same == len(jobs) or args.dtype != "float32" else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -280,6 +316,18 @@ def main(argv=None) -> int:
     r.add_argument("--time-budget", type=float, default=1e9, help="seconds; stop cleanly before starting a point")
     r.add_argument("--out", default="benchmarks/results/serve_generation.json")
     r.set_defaults(func=cmd_run)
+    c = sub.add_parser("check", help="fixed buffers / CUDA graphs against the default decoding (tokens, step time)")
+    c.add_argument("--model", default="smollm2")
+    c.add_argument("--decoding", default="cuda_graphs", choices=["static", "cuda_graphs"])
+    c.add_argument("--requests", type=int, default=48)
+    c.add_argument("--adapters", type=int, default=8)
+    c.add_argument("--prefix-len", type=int, default=16)
+    c.add_argument("--max-rows", type=int, default=16)
+    c.add_argument("--max-context", type=int, default=256)
+    c.add_argument("--dtype", default="float32", help="float32: rows must agree exactly (exit 1 otherwise)")
+    c.add_argument("--device")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_check)
     s = sub.add_parser("report")
     s.add_argument("--results", default="benchmarks/results/serve_generation.json")
     s.add_argument("--markdown")

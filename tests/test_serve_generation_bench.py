@@ -37,3 +37,12 @@ def test_run_and_report_write_the_contract(tmp_path):
     assert serve_generation.main(["report", "--results", str(out), "--markdown", str(md),
                                   "--plot", str(tmp_path / "p.png")]) == 0
     assert "goodput mixed" in md.read_text() and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_check_compares_fixed_buffers_with_the_default_decoding(capsys):
+    """``check`` exits 0 only when every float32 row of the fixed-buffer decoding equals the default decoding's."""
+    args = ["check", "--model", "tiny", "--decoding", "static", "--requests", "8", "--max-rows", "3",
+            "--max-context", "160", "--adapters", "2", "--prefix-len", "2"]
+    assert serve_generation.main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["identical_rows"] == out["requests"] == 8

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..engine.state import STATE_KWARG, InjectionState, LayerInjection
+from ..engine.compose import Contribution, Part, compose
+from ..engine.state import STATE_KWARG, InjectionState
 from ..errors import SequenceTooLongError
 from .batch_prefixes import BatchPrefixes
 
@@ -184,9 +185,9 @@ class StaticBatch:
         """The prefixes of the first ``b`` rows, as views of the buffers (one state per bucket, reused)."""
         if b not in self._states:
             table, seen = self._table, self._visible
-            self._states[b] = None if table.shape[3] == 0 else InjectionState(layers={
-                i: LayerInjection(key=table[:b, 2 * i], value=table[:b, 2 * i + 1], prefix_mask=seen[:b, i])
-                for i in range(seen.shape[1])})
+            rows = Contribution(prefixes={i: (table[:b, 2 * i], table[:b, 2 * i + 1]) for i in range(seen.shape[1])},
+                                prefix_mask={i: seen[:b, i] for i in range(seen.shape[1])})
+            self._states[b] = None if table.shape[3] == 0 else compose([Part(rows)], b)
         return self._states[b]
 
     def _run(self, b: int, columns: int) -> torch.Tensor:

@@ -248,6 +248,12 @@ def test_bad_requests_are_refused_before_anything_runs(adapters):
     with pytest.raises(KeyError, match="unknown adapter"):
         engine.submit([1, 2], "nope")
     assert not engine.busy
+    fixed = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="static", max_context=20)
+    with pytest.raises(SequenceTooLongError, match="max_context of 20 .*at most 12"):
+        fixed.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=13))  # 4 + 4 virtual + 13 = 21 columns
+    fixed.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=12))  # 20 columns fit
+    with pytest.raises(ConfigError, match="decoding must be"):
+        GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="graphs")
 
 
 def test_every_row_equals_its_adapter_alone_on_smollm2(tmp_path):

@@ -99,10 +99,10 @@ class StaticBatch:
             self._allocate(cache)
         k, width = mask.shape
         n = self.rows
+        if self.col >= self.capacity:
+            self._cut_unused_columns()
         if self.col < width:  # the new rows are longer than the batch so far: move the live rows right
             self._move_columns(0, self.col, width - self.col)
-        elif self.col >= self.capacity:
-            self._cut_unused_columns()
         start, end = self.col - width, self.col
         for mine, theirs in zip(self._keys + self._values, [layer.keys for layer in cache.layers] +
                                 [layer.values for layer in cache.layers]):

@@ -25,10 +25,15 @@ CONFIGS = [
 def test_generate_same_tokens_with_and_without_cache(kind, config, batch):
     ids, mask = batch
     model = sp.wrap(tiny(kind), config).eval()
-    a = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    b = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    # The scores of every step too: at the default init a tiny model's attention is nearly uniform, and cached decode
+    # steps that lost the prefix still gave GPT-2 the uncached tokens (their scores moved by ~1e-2).
+    scores = {True: [], False: []}
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    a, b = (model.generate(ids, use_cache=cache, logits_processor=[lambda _, s, r=scores[cache]: r.append(s) or s],
+                           **kw) for cache in (True, False))
     assert a.shape == (3, ids.shape[1] + 6)
     assert torch.equal(a, b)
+    torch.testing.assert_close(torch.stack(scores[True]), torch.stack(scores[False]), rtol=0, atol=1e-5)
     assert torch.equal(a[:, : ids.shape[1]], ids)
 
 

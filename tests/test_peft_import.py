@@ -26,14 +26,14 @@ ENCODER = {
 }
 
 
-def peft_folder(base, config, path, seed):
+def peft_folder(base, config, path, seed, std=0.5):
     """A PEFT model with non-trivial prompt values (and a changed head), saved by PEFT itself."""
     torch.manual_seed(seed)
     pm = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if p.requires_grad:  # the prompt encoder, and the head copy of modules_to_save
-                p.normal_(0, 0.5 if "prompt_encoder" in name else 0.2)
+                p.normal_(0, std if "prompt_encoder" in name else 0.2)
     pm.eval()
     pm.save_pretrained(path)
     return pm
@@ -93,8 +93,13 @@ def test_generation_from_a_peft_folder_equals_peft_greedy(name, tmp_path):
     reference: the greedy loop of its forward is what the adapter means.)"""
     from softprompt.multi.generation import GenerationEngine, SamplingParams
 
-    base = tiny("llama").double().eval()
-    pm = peft_folder(base, DECODER[name], tmp_path, seed=5)
+    # Positions must matter, or a row decoded at a wrong position (or without PEFT's shift of the real tokens by P)
+    # would give the same tokens: weights large enough that attention is far from uniform (at the default init std
+    # of 0.02 every score is ~0) and a fast rotary base, so that every rotary pair turns within a few positions.
+    base = tiny("llama", initializer_range=0.3, rope_parameters={"rope_type": "default", "rope_theta": 10.0})
+    base = base.double().eval()
+    # Prompt values of std 1 (0.5 is weak beside these weights: decoding without the prefix went unnoticed).
+    pm = peft_folder(base, DECODER[name], tmp_path, seed=5, std=1.0)
     prompt = [5, 17, 33, 8, 60]
     tokens = list(prompt)
     with torch.no_grad():

@@ -90,3 +90,19 @@ def test_checkpointing_recomputes_every_block_on_every_step():
             # Layers from ID-SPAM's insertion layer on also run the prompt alone once per step (its key/value
             # prefixes; again on the replay where transformers checkpoints hooks too): at least twice either way.
             assert calls[0] == 2 * step and min(calls) >= 2 * step, (type(method).__name__, step, calls)
+
+
+def test_prompt_generate_returns_the_prompt_and_new_tokens_in_every_output_form():
+    """Input-layer prompts generate from embeddings, for which transformers returns only the new tokens: the
+    prompt ids are put back in front for a plain tensor, for ``return_dict_in_generate`` (its ``sequences``) and
+    for several rows per example (beams with ``num_return_sequences``), each row after its own example's ids."""
+    model = adapted(sp.PromptTuningConfig(num_virtual_tokens=3, init="random", init_range=1.0, seed=2), **SHARP)
+    ids = torch.tensor([PROMPT[:6], PROMPT[4:]])
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        rich = model.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
+        beams = model.generate(ids, num_beams=2, num_return_sequences=2, **kw)
+    assert plain.shape == (2, 10) and torch.equal(plain[:, :6], ids)
+    assert torch.equal(rich.sequences, plain) and len(rich.scores) == 4
+    assert beams.shape == (4, 10) and torch.equal(beams[:, :6], ids.repeat_interleave(2, dim=0))

@@ -172,7 +172,13 @@ class SoftPromptModel(nn.Module):
         finally:
             del base._validate_model_kwargs
         if "inputs_embeds" in inputs:  # transformers returns only the new tokens when given embeddings
-            out = torch.cat([input_ids, out], dim=1)
+            tokens = out if isinstance(out, torch.Tensor) else out.sequences  # return_dict_in_generate=True
+            # Beams / num_return_sequences give each example several rows, in example order.
+            prompt = input_ids.to(tokens.device).repeat_interleave(tokens.shape[0] // input_ids.shape[0], dim=0)
+            tokens = torch.cat([prompt, tokens], dim=1)
+            if isinstance(out, torch.Tensor):
+                return tokens
+            out.sequences = tokens
         return out
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:

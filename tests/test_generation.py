@@ -205,6 +205,14 @@ def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):
     assert lengths(GenerationEngine(multi, max_prefill_padding=0), [8, 1, 8, 1, 1]) == [[8, 8], [1, 1, 1]]
     with pytest.raises(ConfigError, match="max_prefill_padding"):
         GenerationEngine(multi, max_prefill_padding=1)
+    # Fixed decoding buffers of 20 columns: 12 + 4 and 2 + 17 fit alone, but padded to 12 the second needs 29.
+    fixed = GenerationEngine(multi, decoding="static", max_context=20, max_prefill_padding=0.9)
+    long, short = ([1] * 12, SamplingParams(max_new_tokens=4)), ([2] * 2, SamplingParams(max_new_tokens=17))
+    ids = [fixed.submit(p, None, params) for p, params in (long, short)]
+    assert [[len(r.prompt_ids) for r in g] for g in fixed._prefill_groups([fixed.requests[i] for i in ids])] == [
+        [12], [2]]
+    fixed.run()
+    assert [len(fixed.result(i)) for i in ids] == [4, 17]
 
 
 def test_seeded_sampling_is_independent_of_the_batch(adapters):

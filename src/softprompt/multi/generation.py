@@ -222,7 +222,8 @@ class GenerationEngine:
         left-padded to one width (masked; positions count each row's own tokens), prompts placed per row and prefixes
         stacked row by row. Adapters with a layer hook nobody described prefill per (adapter, prompt length),
         unpadded. A pass holds at most ``max_prefill_tokens`` tokens counting padding, of which at most
-        ``max_prefill_padding`` may be padding; longer prompts go first."""
+        ``max_prefill_padding`` may be padding; longer prompts go first. With fixed decoding buffers, every row's
+        padded prompt plus its new tokens fits ``max_context``."""
         keys = []
         for request in joining:
             shape = None if request.adapter is None else self.model.adapter(request.adapter).shape
@@ -234,8 +235,11 @@ class GenerationEngine:
             real = 0
             for request in sorted((joining[i] for i in rows), key=lambda r: -self._own_length(r)):
                 n = self._own_length(request)
-                padded = self._width(current + [request]) * (len(current) + 1)
-                if current and (padded > self.max_prefill_tokens
+                group = current + [request]
+                padded = self._width(group) * len(group)
+                # Fixed decoding buffers: a row padded to the pass's width must still fit its new tokens.
+                span = self._width(group) + max(r.params.max_new_tokens for r in group)
+                if current and (padded > self.max_prefill_tokens or span > (self.max_context or span)
                                 or padded - real - n > self.max_prefill_padding * padded):
                     passes.append(current)
                     current, real = [], 0

@@ -19,6 +19,13 @@ def tiny(kind: str, task: str = "lm", **kw):
 
     torch.manual_seed(0)
     common = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+    if kind in ("llama", "qwen2", "qwen3", "mistral", "gpt2"):
+        # Positions and attention patterns must matter, or a test could pass with a position or mask bug: at the
+        # default init (std 0.02) every attention score is ~0 and attention is nearly uniform, so weights of std 0.3
+        # and (rotary families) a fast rotary base, with which every rotary pair turns within a few positions.
+        kw.setdefault("initializer_range", 0.3)
+        if kind != "gpt2":
+            kw.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 10.0})
     if kind == "llama":
         cfg = tf.LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, **kw)
         return (tf.LlamaForSequenceClassification if task == "cls" else tf.LlamaForCausalLM)(cfg)

@@ -25,15 +25,16 @@ CONFIGS = [
 def test_generate_same_tokens_with_and_without_cache(kind, config, batch):
     ids, mask = batch
     model = sp.wrap(tiny(kind), config).eval()
-    # The scores of every step too: at the default init a tiny model's attention is nearly uniform, and cached decode
-    # steps that lost the prefix still gave GPT-2 the uncached tokens (their scores moved by ~1e-2).
+    # The scores of every step too: cached decode steps that lost the prefix once gave GPT-2 the uncached tokens (with
+    # the nearly uniform attention of a default-init tiny model, their scores moved by ~1e-2). Logits of the sharp
+    # tiny models are ~10x larger than at the default init: float32 differences of ~2e-5 are rounding.
     scores = {True: [], False: []}
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     a, b = (model.generate(ids, use_cache=cache, logits_processor=[lambda _, s, r=scores[cache]: r.append(s) or s],
                            **kw) for cache in (True, False))
     assert a.shape == (3, ids.shape[1] + 6)
     assert torch.equal(a, b)
-    torch.testing.assert_close(torch.stack(scores[True]), torch.stack(scores[False]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.stack(scores[True]), torch.stack(scores[False]), rtol=0, atol=1e-4)
     assert torch.equal(a[:, : ids.shape[1]], ids)
     if not isinstance(config, (sp.PromptTuningConfig, sp.PTuningConfig)):
         return
@@ -45,7 +46,7 @@ def test_generate_same_tokens_with_and_without_cache(kind, config, batch):
             tokens = ids[r][mask[r].bool()].tolist()
             for step in range(6):
                 logits = model(input_ids=torch.tensor([tokens])).logits[0, -1]
-                torch.testing.assert_close(logits, scores[True][step][r], rtol=0, atol=1e-5)
+                torch.testing.assert_close(logits, scores[True][step][r], rtol=0, atol=1e-4)
                 tokens.append(int(logits.argmax()))
             assert tokens[-6:] == a[r, ids.shape[1]:].tolist(), (kind, r)
 
@@ -185,7 +186,7 @@ def test_no_grad_prefix_cache_follows_the_state(batch):
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     torch.testing.assert_close(gated, expected, atol=0, rtol=0)
     assert not torch.allclose(gated, first)
-    torch.testing.assert_close(one, expected[:1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(one, expected[:1], atol=1e-5, rtol=1e-5)
 
 
 def test_zero_length_prefix_is_the_base_model(batch):
@@ -337,7 +338,9 @@ def test_decoder_insertion_equals_full_sequence_through_late_layers():
 
 def test_bf16_autocast_runs_and_is_close(batch):
     ids, mask = batch
-    model = sp.wrap(tiny("llama"), sp.PrefixConfig(num_virtual_tokens=4)).eval()
+    # Default init here: the claim is about bf16 rounding, which the sharp tiny models' peaked softmax amplifies
+    # (8% of the largest logit against 0.4% at the default init).
+    model = sp.wrap(tiny("llama", initializer_range=0.02), sp.PrefixConfig(num_virtual_tokens=4)).eval()
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -165,11 +165,16 @@ class StaticBatch:
         self._ids[:n] = last
         self._positions[:n] = positions
         bucket = self._bucket(n) if self.graphs else n
-        # Rows past the live ones see their own current column, so that no attention row is fully masked (NaN).
-        self._mask[:bucket, self.col] = True
+        # Rows past the live ones see their own current column, so that no attention row is fully masked: a NaN
+        # written into a buffer would reach live rows later through masked columns (0 weight x NaN = NaN).
+        self._mask[: self.max_rows if self.graphs else bucket, self.col] = True
         self._col.fill_(self.col)
         if self.graphs:
-            logits = self._replay(bucket)
+            if not self._captured:  # every bucket at once, so that no later step of a running server stalls
+                for b in sorted({self._bucket(k) for k in range(1, self.max_rows + 1)}):
+                    self._capture(b)
+            graph, logits = self._captured[bucket]
+            graph.replay()
         else:
             logits = self._run(bucket, self.col + 1)
         self.col += 1
@@ -199,20 +204,16 @@ class StaticBatch:
                                     position_ids=self._positions[:b], use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1]
 
-    def _replay(self, b: int) -> torch.Tensor:
-        """Replay bucket ``b``'s graph, capturing it first (after one warm-up run on a side stream, which computes
-        this step's values; the replay writes the same values again)."""
-        if b not in self._captured:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._run(b, self.capacity)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._run(b, self.capacity)
-            self._pool = graph.pool()
-            self._captured[b] = (graph, logits)
-        graph, logits = self._captured[b]
-        graph.replay()
-        return logits
+    def _capture(self, b: int) -> None:
+        """Capture bucket ``b``'s step after one warm-up run on a side stream. Both compute this step's values for
+        the live rows (the later replay writes the same keys and values again) and finite garbage for the others."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run(b, self.capacity)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._run(b, self.capacity)
+        self._pool = graph.pool()
+        self._captured[b] = (graph, logits)

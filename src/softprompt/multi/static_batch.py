@@ -64,6 +64,9 @@ class StaticBatch:
         self._mask: torch.Tensor | None = None  # [R, T] bool: the row's own columns
         self._table: torch.Tensor | None = None  # [R, 2L, H, P, D] prefixes (P = 0 until an adapter joins)
         self._visible: torch.Tensor | None = None  # [R, L, P] bool
+        self._ids: torch.Tensor | None = None  # [R, 1] each row's last token, [R, 1] its position, [1] the column
+        self._positions: torch.Tensor | None = None
+        self._col: torch.Tensor | None = None  # ``col`` on the device: the graphs read it, so it cannot be a number
         self._states: dict[int, InjectionState | None] = {}
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None

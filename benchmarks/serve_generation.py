@@ -1,11 +1,11 @@
 """Generation serving under open-loop Poisson load: mixed-adapter batches vs one adapter per batch vs the bare model.
 
 For each model, mode and arrival rate, requests arrive at Poisson times for ``--duration`` seconds, each naming one
-of ``--adapters`` prefix adapters uniformly (mode ``bare``: no adapter), with a fixed prompt and output length (EOS
-ignored, so every request decodes exactly ``--output-len`` tokens). The engine (``softprompt.multi.generation``) runs
-in this process, so the numbers measure scheduling and decoding, not HTTP. Per point: generated tokens/s and the
-p50/p99 of time to first token (TTFT) and inter-token latency (ITL). Goodput: the highest rate whose p99 TTFT stays
-under ``--slo-ms`` with every request finished.
+of ``--adapters`` prefix (or, ``--method prompt``, prompt-tuning) adapters uniformly (mode ``bare``: no adapter),
+with a fixed prompt and output length (EOS ignored, so every request decodes exactly ``--output-len`` tokens). The
+engine (``softprompt.multi.generation``) runs in this process, so the numbers measure scheduling and decoding, not
+HTTP. Per point: generated tokens/s and the p50/p99 of time to first token (TTFT) and inter-token latency (ITL).
+Goodput: the highest rate whose p99 TTFT stays under ``--slo-ms`` with every request finished.
 
     python benchmarks/serve_generation.py run --model smollm2 --rates 1,2,4,8,16,32
     python benchmarks/serve_generation.py report --plot benchmarks/results/serve_generation.png
@@ -35,8 +35,9 @@ from portable import portable
 MODES = ("mixed", "per_adapter", "bare")
 
 
-def build_model(name: str, adapters: int, prefix_len: int, device: str, dtype: torch.dtype):
-    """(MultiAdapterModel, vocab size): the base model with ``adapters`` random prefix adapters."""
+def build_model(name: str, adapters: int, prefix_len: int, device: str, dtype: torch.dtype, method: str = "prefix"):
+    """(MultiAdapterModel, vocab size): the base model with ``adapters`` random adapters of ``method`` ("prefix":
+    deep prefixes; "prompt": prompt tuning, the adapters vLLM served until 2025), ``prefix_len`` virtual tokens."""
     import transformers as tf
 
     import softprompt as sp
@@ -69,7 +70,9 @@ def build_model(name: str, adapters: int, prefix_len: int, device: str, dtype: t
     paths = {}
     shared = base().to(device)  # one base: wrapping only adds a method module (and freezes what is frozen anyway)
     for i in range(adapters):
-        config = sp.PrefixConfig(num_virtual_tokens=prefix_len, init="random", init_std=0.5, seed=i)
+        config = (sp.PrefixConfig(num_virtual_tokens=prefix_len, init="random", init_std=0.5, seed=i)
+                  if method == "prefix" else
+                  sp.PromptTuningConfig(num_virtual_tokens=prefix_len, init="random", init_range=0.5, seed=i))
         sp.wrap(shared, config).save_pretrained(folder / f"a{i}")
         paths[f"a{i}"] = str(folder / f"a{i}")
     model = MultiAdapterModel(shared, paths)
@@ -186,12 +189,13 @@ def cmd_run(args) -> int:
         "setup": {"prompt_len": _as_given(args.prompt_len), "output_len": args.output_len, "duration_s": args.duration,
                   "max_rows": args.max_rows,
                   "max_prefill_padding": args.max_prefill_padding, "decoding": args.decoding,
-                  "max_context": args.max_context, "prefix_len": args.prefix_len, "dtype": args.dtype,
+                  "max_context": args.max_context, "prefix_len": args.prefix_len, "method": args.method,
+                  "dtype": args.dtype,
                   "adapters": args.adapters, "arrivals": "Poisson, open loop, uniform over adapters"},
     })
     budget_end = time.time() + args.time_budget
     for model_name in args.model.split(","):
-        model, vocab = build_model(model_name, args.adapters, args.prefix_len, device, dtype)
+        model, vocab = build_model(model_name, args.adapters, args.prefix_len, device, dtype, args.method)
         for mode in args.modes.split(","):
             for rate in [float(r) for r in args.rates.split(",")]:
                 if any(r["model"] == model_name and r["mode"] == mode and r["rate"] == rate for r in data["runs"]):
@@ -212,9 +216,10 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     data = json.loads(Path(args.results).read_text())
-    lines = [f"Generation serving, {data['device']} ({data['date']}); prompt {data['setup']['prompt_len']} / output "
-             f"{data['setup']['output_len']} tokens, {data['setup']['adapters']} prefix adapters; SLO p99 TTFT < "
-             f"{data['slo_ttft_p99_ms']:.0f} ms.", "",
+    setup = data["setup"]
+    lines = [f"Generation serving, {data['device']} ({data['date']}); prompt {setup['prompt_len']} / output "
+             f"{setup['output_len']} tokens, {setup['adapters']} {setup.get('method', 'prefix')} adapters; SLO p99 "
+             f"TTFT < {data['slo_ttft_p99_ms']:.0f} ms.", "",
              "| model | mode | rate (req/s) | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | decode step p50 "
              "(ms) | finished |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "-" if x is None else ("inf" if math.isinf(x) else f"{x:.0f}")
@@ -262,7 +267,7 @@ def cmd_check(args) -> int:
 
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, vocab = build_model(args.model, args.adapters, args.prefix_len, device, dtype)
+    model, vocab = build_model(args.model, args.adapters, args.prefix_len, device, dtype, args.method)
     rng = np.random.default_rng(args.seed)
     jobs = [(rng.integers(10, vocab - 10, int(rng.integers(8, 96))).tolist(),
              None if k % 3 == 0 else f"a{int(rng.integers(0, args.adapters))}", int(rng.integers(4, 32)))
@@ -298,7 +303,8 @@ def main(argv=None) -> int:
     r.add_argument("--modes", default=",".join(MODES))
     r.add_argument("--rates", default="1,2,4,8,16,32,64")
     r.add_argument("--adapters", type=int, default=8)
-    r.add_argument("--prefix-len", type=int, default=16)
+    r.add_argument("--prefix-len", type=int, default=16, help="virtual tokens per adapter")
+    r.add_argument("--method", default="prefix", choices=["prefix", "prompt"], help="the adapters' method")
     r.add_argument("--prompt-len", default="128", help="tokens per prompt: N, or LO:HI (uniform per request)")
     r.add_argument("--output-len", type=int, default=64)
     r.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per point")
@@ -322,6 +328,7 @@ def main(argv=None) -> int:
     c.add_argument("--requests", type=int, default=48)
     c.add_argument("--adapters", type=int, default=8)
     c.add_argument("--prefix-len", type=int, default=16)
+    c.add_argument("--method", default="prefix", choices=["prefix", "prompt"])
     c.add_argument("--max-rows", type=int, default=16)
     c.add_argument("--max-context", type=int, default=256)
     c.add_argument("--dtype", default="float32", help="float32: rows must agree exactly (exit 1 otherwise)")

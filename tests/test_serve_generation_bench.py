@@ -29,7 +29,8 @@ def test_run_and_report_write_the_contract(tmp_path):
     assert data["setup"]["decoding"] == "dynamic"
     static = tmp_path / "static.json"  # fixed decoding buffers (CUDA graphs on a GPU; eager here)
     assert serve_generation.main([*args[:-1], str(static), "--modes", "mixed", "--decoding", "static",
-                                  "--max-context", "64"]) == 0
+                                  "--max-context", "64", "--method", "prompt"]) == 0  # prompt tuning, fixed buffers
+    assert json.loads(static.read_text())["setup"]["method"] == "prompt"
     assert all(r["finished"] == r["requests"] for r in json.loads(static.read_text())["runs"])
     assert serve_generation.main(args) == 0  # resumes: nothing left to run, nothing duplicated
     assert len(json.loads(out.read_text())["runs"]) == 6

@@ -118,7 +118,7 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
         lengths = [k.shape[-2] for k, _ in tables]
         width = max(lengths)
         masks = [p.contribution.prefix_mask.get(layer) for p in present]
-        uniform = covered and len(present) == len(parts) and len(set(lengths)) == 1 and masks.count(None) == len(masks)
+        uniform = covered and len(present) == len(parts) and len(set(lengths)) == 1 and all(m is None for m in masks)
         if uniform and all(k.shape[0] == 1 and v.shape[0] == 1 for k, v in tables):
             # The common case (static tables of one length): stack the tables and pick one per row, two kernels
             # per layer whatever the number of parts.

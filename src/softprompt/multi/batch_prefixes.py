@@ -93,7 +93,7 @@ def concat(first: BatchPrefixes | None, first_rows: int, second: BatchPrefixes |
         return second if first_rows == 0 else first
     if first is None and second is None:
         return None
-    blocks = [(b, n) for b, n in ((first, first_rows), (second, second_rows))]
+    blocks = [(first, first_rows), (second, second_rows)]
     layers = tuple(sorted({i for b, _ in blocks if b is not None for i in b.layers}))
     width = max(b.width for b, _ in blocks if b is not None)
     like = (first or second).table
@@ -102,7 +102,7 @@ def concat(first: BatchPrefixes | None, first_rows: int, second: BatchPrefixes |
         if block is not None and block.layers == layers and block.width == width:
             tables.append(block.table)
         else:
-            table = like.new_zeros(n, 2 * len(layers), *like.shape[2:3], width, like.shape[4])
+            table = like.new_zeros(n, 2 * len(layers), like.shape[2], width, like.shape[4])
             if block is not None:
                 where = [2 * layers.index(i) + kv for i in block.layers for kv in (0, 1)]
                 table[:, where, :, : block.width] = block.table

@@ -30,7 +30,8 @@ class DynamicBatch:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, T] 1 = a position of the row's own sequence
         self._prefixes: BatchPrefixes | None = None  # the rows' adapters, as their prefill resolved them
-        self._state = None  # the decode steps' InjectionState (None: no prefixes; False: to rebuild)
+        self._state = None  # the decode steps' InjectionState (None: no prefixes)
+        self._stale = False  # rows changed since the state was built
 
     def join(self, cache: DynamicCache, mask: torch.Tensor, block: BatchPrefixes | None) -> None:
         """Append prefilled rows (their cache, [k, S] mask and prefixes): both caches are left-padded to one length
@@ -46,7 +47,7 @@ class DynamicBatch:
                 mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
             self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
         self.rows += k
-        self._state = False  # rebuilt by the next forward (several groups may join before it)
+        self._stale = True  # rebuilt by the next forward (several groups may join before it)
 
     def keep(self, keep: list[int]) -> None:
         """Keep these rows (ascending), drop the others, and trim the padding every remaining row shares."""
@@ -63,14 +64,14 @@ class DynamicBatch:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
             self._mask = self._mask[:, start:]
-        self._state = False
-
+        self._stale = True
 
     def forward(self, last: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [rows, V] of each row's next token, from its last token and its position ([rows, 1] each)."""
-        if self._state is False:  # rows changed; the prefixes do not depend on the mask, so steps between reuse it
+        if self._stale:  # the prefixes do not depend on the growing mask: steps where no row changes reuse the state
             prefixes = self._prefixes
             self._state = None if prefixes is None else compose([Part(prefixes.contribution())], self.rows, self._mask)
+            self._stale = False
         self._mask = torch.cat([self._mask, self._mask.new_ones(self.rows, 1)], dim=1)
         kwargs = {STATE_KWARG: self._state} if self._state is not None else {}
         kwargs[self.cache_arg] = self._cache

@@ -303,3 +303,14 @@ def test_every_row_equals_its_adapter_alone_on_smollm2(tmp_path):
         with torch.no_grad():
             want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False)
         assert engine.result(rid) == want[0, len(ids):].tolist(), name
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_a_lone_row_decodes_with_its_own_prefix_after_another_lone_row(adapters, decoding):
+    """Requests that each decode alone, one after another: the one-row decoding state must follow the row that is
+    there now (a state kept from an earlier row would decode the new row with the old row's prefix)."""
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), max_rows=4, decoding=decoding, max_context=24)
+    for name in ("prefix", "apt", "prefix", None, "prefix_short"):
+        rid = engine.submit(PROMPTS[0], name, SamplingParams(max_new_tokens=6))
+        engine.run()
+        assert engine.result(rid) == alone(adapters.get(name), PROMPTS[0], 6), name

@@ -101,7 +101,12 @@ def _batched(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int
     first = tables[0] if tables else None
     if first is None or first.shape[0] != 1 or any(t.shape != first.shape for t in tables):
         return prefixes
-    flat = torch.stack(tables).to(compute_dtype(first)).expand(-1, batch, -1, -1, -1).unbind(0)
+    dtype = compute_dtype(first)
+    if batch == 1 and all(t.dtype == dtype for t in tables):
+        # Nothing to cast or expand: the tensors stay what they are. A caller that keeps one state over buffers it
+        # rewrites between forwards (the fixed decoding buffers of multi.static_batch) needs views to stay views.
+        return prefixes
+    flat = torch.stack(tables).to(dtype).expand(-1, batch, -1, -1, -1).unbind(0)
     return {i: (flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(prefixes)}
 
 

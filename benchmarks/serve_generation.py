@@ -261,8 +261,10 @@ def cmd_report(args) -> int:
 
 def cmd_check(args) -> int:
     """Fixed buffers and CUDA graphs against the default decoding, on one seeded set of greedy requests (8 prefix
-    adapters and bare rows, varied prompt lengths, rows joining and leaving): how many rows give the same tokens, and
-    the median decoding-step time of each. Run it on the GPU before trusting ``--decoding cuda_graphs`` numbers."""
+    adapters and bare rows, varied prompt lengths, rows joining and leaving; requests arrive at seeded steps, in
+    bursts and alone, with gaps in which the batch empties so that rows also decode alone one after another): how
+    many rows give the same tokens, and the median decoding-step time of each. Run it on the GPU before trusting
+    ``--decoding cuda_graphs`` numbers."""
     from softprompt.multi.generation import GenerationEngine, SamplingParams
 
     dtype = getattr(torch, args.dtype)
@@ -272,13 +274,23 @@ def cmd_check(args) -> int:
     jobs = [(rng.integers(10, vocab - 10, int(rng.integers(8, 96))).tolist(),
              None if k % 3 == 0 else f"a{int(rng.integers(0, args.adapters))}", int(rng.integers(4, 32)))
             for k in range(args.requests)]
+    # Arrival step of each request: half of them in one burst at step 0, the rest with gaps of 0-40 steps (a gap
+    # longer than any request's 31 new tokens empties the batch).
+    half = len(jobs) // 2
+    arrive = [0] * half + np.cumsum(rng.choice([0, 1, 4, 40], size=len(jobs) - half)).tolist()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results, steps = {}, {}
     for decoding in ("dynamic", args.decoding):
         engine = GenerationEngine(model, max_rows=args.max_rows, decoding=decoding, max_context=args.max_context)
-        ids = [engine.submit(p, a, SamplingParams(max_new_tokens=n, stop_token_ids=[])) for p, a, n in jobs]
+        ids, step = [], 0
         times = []
-        while engine.busy:
+        while len(ids) < len(jobs) or engine.busy:
+            if not engine.busy:
+                step = max(step, arrive[len(ids)])
+            while len(ids) < len(jobs) and arrive[len(ids)] <= step:
+                p, a, n = jobs[len(ids)]
+                ids.append(engine.submit(p, a, SamplingParams(max_new_tokens=n, stop_token_ids=[])))
+            step += 1
             waiting = len(engine.waiting)
             start = time.perf_counter()
             engine.step()

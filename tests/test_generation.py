@@ -150,6 +150,34 @@ def test_decoding_state_masks_prefix_columns_only_where_needed(adapters):
     assert len(masks) == 1 and engine.batch._state.layers[0].prefix_mask.tolist() == [[True] * 5] * 3 + [[False] * 5]
 
 
+def test_fixed_buffers_share_one_visibility_across_layers_until_a_row_differs_by_layer(adapters):
+    """Fixed decoding buffers: while every row sees the same prefix columns in every layer (prefix rows, bare rows),
+    every layer gets one visibility tensor (attention builds its mask once per step); once a row whose layers differ
+    joins (a late prompt: a prefix from layer 1 on), visibility becomes per layer, and every row stays exact."""
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="static", max_context=32)
+    jobs = [(name, prompt, engine.submit(prompt, name, SamplingParams(max_new_tokens=8)))
+            for name, prompt in (("prefix", PROMPTS[0]), (None, PROMPTS[1]), ("prefix_short", PROMPTS[3]))]
+    short = engine.submit(PROMPTS[2], "prefix", SamplingParams(max_new_tokens=2))  # leaves after one decoding step
+    for _ in range(3):
+        engine.step()
+    assert engine.result(short) == alone(adapters["prefix"], PROMPTS[2], 2) and 4 in engine.batch._states
+    state = engine.batch._states[engine.batch.rows]
+    assert len({id(inj.prefix_mask) for inj in state.layers.values()}) == 1
+    seen = {"prefix": 5, None: 0, "prefix_short": 2}
+    want = [[True] * seen[r.request.adapter] + [False] * (5 - seen[r.request.adapter]) for r in engine.rows]
+    assert state.layers[0].prefix_mask.tolist() == want
+    jobs.append(("lpt", PROMPTS[2], engine.submit(PROMPTS[2], "lpt", SamplingParams(max_new_tokens=4))))
+    engine.step()
+    engine.step()
+    state = engine.batch._states[4]
+    assert engine.rows[3].request.adapter == "lpt"
+    assert [state.layers[i].prefix_mask[3].any().item() for i in sorted(state.layers)] == [
+        i >= 1 for i in sorted(state.layers)]  # LatePromptConfig(layer=1): a prefix from layer 1 on
+    engine.run()
+    for name, prompt, rid in jobs:
+        assert engine.result(rid) == alone(adapters.get(name), prompt, 8 if name != "lpt" else 4), name
+
+
 # Ops that read a device value on the host: each is a device sync, which a CUDA graph cannot capture.
 HOST_READS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
               "aten.equal.default", "aten.item.default"}

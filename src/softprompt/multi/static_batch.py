@@ -64,6 +64,10 @@ class StaticBatch:
         self._mask: torch.Tensor | None = None  # [R, T] bool: the row's own columns
         self._table: torch.Tensor | None = None  # [R, 2L, H, P, D] prefixes (P = 0 until an adapter joins)
         self._visible: torch.Tensor | None = None  # [R, L, P] bool
+        # True while every row sees the same prefix columns in every layer (adapters with a prefix in all layers,
+        # bare rows): the state then hands every layer one visibility tensor, so attention builds its mask once per
+        # step instead of once per layer. Cleared for good by the first row whose layers differ.
+        self._same_in_every_layer = True
         self._ids: torch.Tensor | None = None  # [R, 1] each row's last token, [R, 1] its position, [1] the column
         self._positions: torch.Tensor | None = None
         self._col: torch.Tensor | None = None  # ``col`` on the device: the graphs read it, so it cannot be a number
@@ -118,8 +122,17 @@ class StaticBatch:
                 self._widen_prefixes(block.width)
             where = [2 * i + kv for i in block.layers for kv in (0, 1)]
             self._table[n : n + k, where, :, : block.width] = block.table
-            for i, seen in zip(block.layers, block.masks):
-                self._visible[n : n + k, i, : block.width] = True if seen is None else seen
+            every_layer = block.layers == tuple(range(self._visible.shape[1]))
+            if every_layer and len({id(seen) for seen in block.masks}) == 1:  # one write for all layers
+                seen = block.masks[0]
+                self._visible[n : n + k, :, : block.width] = True if seen is None else seen[:, None]
+            else:
+                if self._same_in_every_layer:  # the states' shared visibility no longer holds
+                    self._same_in_every_layer = False
+                    self._states.clear()
+                    self._captured.clear()
+                for i, seen in zip(block.layers, block.masks):
+                    self._visible[n : n + k, i, : block.width] = True if seen is None else seen
         self.rows += k
 
     def keep(self, keep: list[int]) -> None:
@@ -193,8 +206,10 @@ class StaticBatch:
         """The prefixes of the first ``b`` rows, as views of the buffers (one state per bucket, reused)."""
         if b not in self._states:
             table, seen = self._table, self._visible
-            rows = Contribution(prefixes={i: (table[:b, 2 * i], table[:b, 2 * i + 1]) for i in range(seen.shape[1])},
-                                prefix_mask={i: seen[:b, i] for i in range(seen.shape[1])})
+            shared = seen[:b, 0] if self._same_in_every_layer else None
+            layers = range(seen.shape[1])
+            rows = Contribution(prefixes={i: (table[:b, 2 * i], table[:b, 2 * i + 1]) for i in layers},
+                                prefix_mask={i: seen[:b, i] if shared is None else shared for i in layers})
             self._states[b] = None if table.shape[3] == 0 else compose([Part(rows)], b)
         return self._states[b]
 

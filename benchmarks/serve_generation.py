@@ -163,14 +163,21 @@ def run_point(model, vocab: int, mode: str, rate: float, args) -> dict:
 
 
 def goodput(runs: list[dict], slo_ms: float) -> dict:
-    """model -> mode -> the highest rate with p99 TTFT under the SLO and every request finished (0 if none)."""
+    """model -> mode -> the highest rate with p99 TTFT under the SLO and every request finished (0 if none; None for
+    a mode that was not run)."""
     out: dict = {}
     for r in runs:
         ok = r["finished"] == r["requests"] and r["ttft_p99_ms"] is not None and r["ttft_p99_ms"] <= slo_ms
-        best = out.setdefault(r["model"], {m: 0.0 for m in MODES})
-        if ok:
-            best[r["mode"]] = max(best[r["mode"]], r["rate"])
+        best = out.setdefault(r["model"], {m: None for m in MODES})
+        best[r["mode"]] = max(best[r["mode"]] or 0.0, r["rate"] if ok else 0.0)
     return out
+
+
+def first_failure(runs: list[dict], model: str, mode: str, slo_ms: float, above: float) -> float | None:
+    """The lowest measured rate above ``above`` that misses the SLO: the goodput lies between the two."""
+    rates = [r["rate"] for r in runs if r["model"] == model and r["mode"] == mode and r["rate"] > above
+             and not (r["finished"] == r["requests"] and r["ttft_p99_ms"] is not None and r["ttft_p99_ms"] <= slo_ms)]
+    return min(rates, default=None)
 
 
 def cmd_run(args) -> int:
@@ -227,11 +234,26 @@ def cmd_report(args) -> int:
         lines.append(f"| {r['model']} | {r['mode']} | {r['rate']:g} | {r['tokens_per_s']:.0f} | "
                      f"{fmt(r['ttft_p50_ms'])} / {fmt(r['ttft_p99_ms'])} | {fmt(r['itl_p50_ms'])} / "
                      f"{fmt(r['itl_p99_ms'])} | {fmt(r.get('decode_step_p50_ms'))} | {r['finished']}/{r['requests']} |")
-    lines += ["", "| model | goodput mixed | per adapter | bare | mixed / per adapter | mixed / bare |",
+    lines += ["", "Goodput (req/s): the highest measured rate that meets the SLO; in brackets, the next measured rate, "
+              "which misses it (none: no measured rate above it misses it).", "",
+              "| model | goodput mixed | per adapter | bare | mixed / per adapter | mixed / bare |",
               "|---|---|---|---|---|---|"]
-    for m, g in data.get("goodput", {}).items():
-        ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
-        lines.append(f"| {m} | {g['mixed']:g} | {g['per_adapter']:g} | {g['bare']:g} | "
+    goodputs = goodput(data["runs"], data["slo_ttft_p99_ms"])  # from the runs, whatever the file's own summary says
+
+    def cell(model: str, mode: str) -> str:
+        g = goodputs[model][mode]
+        if g is None:
+            return "not run"
+        fail = first_failure(data["runs"], model, mode, data["slo_ttft_p99_ms"], g)
+        return f"{g:g} (<{fail:g})" if fail is not None else f"{g:g} (none)"
+
+    def ratio(a: float | None, b: float | None) -> str:
+        if a is None or b is None:
+            return "-"
+        return f"{a / b:.2f}x" if b else ("inf (0 req/s)" if a else "-")
+
+    for m, g in goodputs.items():
+        lines.append(f"| {m} | {cell(m, 'mixed')} | {cell(m, 'per_adapter')} | {cell(m, 'bare')} | "
                      f"{ratio(g['mixed'], g['per_adapter'])} | {ratio(g['mixed'], g['bare'])} |")
     text = "\n".join(lines) + "\n"
     print(text)

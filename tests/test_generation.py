@@ -2,6 +2,7 @@
 ``generate()`` run alone, for every method, with rows joining and leaving between steps."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -176,6 +177,39 @@ def test_fixed_buffers_share_one_visibility_across_layers_until_a_row_differs_by
     engine.run()
     for name, prompt, rid in jobs:
         assert engine.result(rid) == alone(adapters.get(name), prompt, 8 if name != "lpt" else 4), name
+
+
+def test_the_engine_copies_host_values_to_the_device_once_per_pass(adapters):
+    """A copy from pageable host memory to the GPU waits for the device to finish its queue. The engine makes one
+    such copy per prefill pass (token ids, mask, position shifts and every adapter's row indices together) and one
+    per decoding step (last tokens and positions), not one per adapter or per tensor. Counted on the CPU as tensors
+    built from Python values (``aten.lift_fresh``) in the engine's own code."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import softprompt.multi.generation as generation
+
+    class Made(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.lift_fresh.default:
+                frame = sys._getframe(1)
+                while frame is not None and "torch" in frame.f_code.co_filename.split("softprompt")[-1]:
+                    frame = frame.f_back
+                if frame is not None and frame.f_code.co_filename == generation.__file__:
+                    self.where.append(frame.f_code.co_name)
+            return func(*args, **(kwargs or {}))
+
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), max_rows=8)
+    for name in ("prefix", "apt", "prompt", "prefix_short", None):
+        engine.submit(PROMPTS[0], name, SamplingParams(max_new_tokens=4))
+    made = Made()
+    with made:
+        engine.step()  # one prefill pass of five rows and four adapters
+        engine.step()  # one decoding step
+    assert made.where == ["_prefill", "_decode"]
 
 
 # Ops that read a device value on the host: each is a device sync, which a CUDA graph cannot capture.

@@ -273,22 +273,28 @@ class GenerationEngine:
         n = len(group)
         width = max(len(r.prompt_ids) for r in group)
         pads = [width - len(r.prompt_ids) for r in group]  # left padding: every row's last token in the last column
-        ids = torch.tensor([[0] * pad + r.prompt_ids for pad, r in zip(pads, group)], device=device)
-        mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], device=device)
-        inputs: dict = {"input_ids": ids, "attention_mask": mask}
-        embed = base.get_input_embeddings()
         rows_of: dict[str, list[int]] = {}
         for i, request in enumerate(group):
             if request.adapter is not None:
                 rows_of.setdefault(request.adapter, []).append(i)
-        parts, shifts = [], [0] * n
+        methods = {name: model.adapter(name).method for name in rows_of}
+        shifts = [0 if r.adapter is None else methods[r.adapter].position_shift() for r in group]
+        # Everything the host made goes to the device in one copy (a copy from pageable host memory waits for the
+        # device to catch up: one wait per pass, not one per adapter): token ids, mask, shifts and row indices.
+        flat = [t for pad, r in zip(pads, group) for t in [0] * pad + r.prompt_ids]
+        flat += [m for pad in pads for m in [0] * pad + [1] * (width - pad)]
+        flat += shifts + [i for rows in rows_of.values() for i in rows]
+        values = torch.tensor(flat, device=device)
+        ids, mask = values[: n * width].view(n, width), values[n * width : 2 * n * width].view(n, width)
+        shift = values[2 * n * width : 2 * n * width + n]
+        inputs: dict = {"input_ids": ids, "attention_mask": mask}
+        embed = base.get_input_embeddings()
+        parts, start = [], 2 * n * width + n
         for name, rows in rows_of.items():
-            method = model.adapter(name).method
-            index = torch.tensor(rows, device=device)
-            contribution: Contribution = method(MethodInputs(ids[index], mask[index], embed, len(rows)))
-            parts.append(Part(contribution, index, method.hook_shape()))
-            for i in rows:
-                shifts[i] = method.position_shift()
+            index = values[start : start + len(rows)]
+            start += len(rows)
+            contribution: Contribution = methods[name](MethodInputs(ids[index], mask[index], embed, len(rows)))
+            parts.append(Part(contribution, index, methods[name].hook_shape()))
         prompts = [(p.rows, p.contribution.input_prompt, p.contribution.prompt_at) for p in parts
                    if p.contribution.input_prompt is not None]
         if prompts:  # slots for shorter prompts join the left padding; each prompt stays next to its row's tokens
@@ -297,7 +303,7 @@ class GenerationEngine:
             mask = inputs["attention_mask"]
         state = compose(parts, n, mask) if parts else None
         # Positions count each row's own tokens (padding and slots, which nothing attends to, get 0).
-        inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0) + torch.tensor(shifts, device=device)[:, None]
+        inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0) + shift[:, None]
         cache = DynamicCache()
         kwargs = {STATE_KWARG: state} if state is not None else {}
         kwargs[self._cache_arg] = cache
@@ -319,9 +325,10 @@ class GenerationEngine:
 
     def _decode(self) -> list[TokenEvent]:
         device = self.model.device
-        last = torch.tensor([[r.request.tokens[-1]] for r in self.rows], device=device)
-        positions = torch.tensor([[r.position] for r in self.rows], device=device)
-        logits = self.batch.forward(last, positions)
+        # One host-to-device copy for both (each copy from pageable memory waits for the device).
+        values = torch.tensor([[r.request.tokens[-1] for r in self.rows], [r.position for r in self.rows]],
+                              device=device)
+        logits = self.batch.forward(values[0, :, None], values[1, :, None])
         tokens = self._next_tokens(logits, [r.request for r in self.rows])
         events = []
         for row, token in zip(self.rows, tokens):

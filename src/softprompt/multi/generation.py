@@ -279,12 +279,12 @@ class GenerationEngine:
                 rows_of.setdefault(request.adapter, []).append(i)
         methods = {name: model.adapter(name).method for name in rows_of}
         shifts = [0 if r.adapter is None else methods[r.adapter].position_shift() for r in group]
-        # Everything the host made goes to the device in one copy (a copy from pageable host memory waits for the
-        # device to catch up: one wait per pass, not one per adapter): token ids, mask, shifts and row indices.
+        # Everything the host made goes to the device in one copy: token ids, mask, shifts and row indices (a
+        # blocking copy waits for the device to finish its queue; this one does not wait, see multi.batch).
         flat = [t for pad, r in zip(pads, group) for t in [0] * pad + r.prompt_ids]
         flat += [m for pad in pads for m in [0] * pad + [1] * (width - pad)]
         flat += shifts + [i for rows in rows_of.values() for i in rows]
-        values = torch.tensor(flat, device=device)
+        values = torch.tensor(flat).to(device, non_blocking=True)
         ids, mask = values[: n * width].view(n, width), values[n * width : 2 * n * width].view(n, width)
         shift = values[2 * n * width : 2 * n * width + n]
         inputs: dict = {"input_ids": ids, "attention_mask": mask}
@@ -325,9 +325,9 @@ class GenerationEngine:
 
     def _decode(self) -> list[TokenEvent]:
         device = self.model.device
-        # One host-to-device copy for both (each copy from pageable memory waits for the device).
-        values = torch.tensor([[r.request.tokens[-1] for r in self.rows], [r.position for r in self.rows]],
-                              device=device)
+        # One host-to-device copy for both, which does not wait for the device's queue (see _prefill).
+        values = torch.tensor([[r.request.tokens[-1] for r in self.rows], [r.position for r in self.rows]]
+                              ).to(device, non_blocking=True)
         logits = self.batch.forward(values[0, :, None], values[1, :, None])
         tokens = self._next_tokens(logits, [r.request for r in self.rows])
         events = []

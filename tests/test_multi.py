@@ -284,3 +284,50 @@ def test_unpadded_decoder_batch_of_prefix_and_bare_rows(tmp_path):
         with torch.no_grad():
             ref = refs[name](input_ids=ids[i][None]).logits[0]
         torch.testing.assert_close(out[i], ref, **TOL, msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")
+
+
+def test_a_frozen_adapter_that_reads_no_inputs_is_computed_once(multi, reference):
+    """Prompt tables and static prefixes (``reads_inputs = False``) are the same in every pass of a frozen adapter:
+    the model computes them once, and again only when the parameters move to new storage; methods that read their
+    inputs (ID-SPAM) run in every pass. Rows stay equal to each adapter alone either way."""
+    names = ["prefix_a", "idspam", "prompt_front", "prefix_a"]
+    calls: list[str] = []
+    for name in set(names):
+        multi.adapter(name)._fixed = None  # as just loaded (earlier tests of this module used the adapters)
+        method = multi.adapter(name).method
+        method.forward = lambda inputs, m=method, n=name: (calls.append(n), type(m).forward(m, inputs))[1]
+    try:
+        for seed in (0, 1):
+            check_rows_equal_alone(multi, reference, names, seed=seed)
+        assert sorted(calls) == ["idspam", "idspam", "prefix_a", "prompt_front"]
+        for p in multi.adapter("prefix_a").method.parameters():
+            p.data = p.data.clone()  # new storage (as after a move to another device or dtype)
+        check_rows_equal_alone(multi, reference, names, seed=2)
+        assert calls.count("prefix_a") == 2 and calls.count("prompt_front") == 1
+    finally:
+        for name in set(names):
+            del multi.adapter(name).method.forward
+
+
+def test_methods_that_declare_they_read_no_inputs_give_one_contribution_for_any_inputs(multi):
+    """What ``reads_inputs = False`` promises, checked on every such adapter: other tokens, another batch size, same
+    contribution (the cache above would otherwise serve one input's contribution to another)."""
+    from softprompt.methods import MethodInputs
+
+    embed = multi.base_model.get_input_embeddings()
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(5, 90, (2, 6), generator=gen)
+    b = torch.randint(5, 90, (3, 9), generator=gen)
+    checked = []
+    for name in multi.adapter_names:
+        method = multi.adapter(name).method
+        if method.reads_inputs:
+            continue
+        with torch.no_grad():
+            one = method(MethodInputs(a, torch.ones_like(a), embed, 2))
+            two = method(MethodInputs(b, torch.ones_like(b), embed, 3))
+        tensors = lambda c: [c.input_prompt] + [t for kv in c.prefixes.values() for t in kv]
+        assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(tensors(one), tensors(two))), name
+        assert one.prompt_at == two.prompt_at and one.insertion is None and one.layer_hook is None
+        checked.append(method.config.method)
+    assert {"prompt", "ptuning", "prefix"} <= set(checked)

@@ -115,6 +115,9 @@ class PromptMethod(nn.Module):
     """Base class of method modules. ``forward(inputs) -> Contribution``."""
 
     config: MethodConfig
+    # False when forward reads only the method's own parameters, never the inputs (prompt tables, static prefixes):
+    # outside training, a frozen adapter's contribution is then the same in every pass (multi computes it once).
+    reads_inputs: bool = True
 
     def __init__(self, config: MethodConfig, info: ModelInfo):
         super().__init__()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.compose import Contribution
 from ..errors import AdapterMismatchError, SoftPromptError
 from ..io import (
     check_base_model,
@@ -17,7 +18,7 @@ from ..io import (
     read_adapter_tensors,
     split_adapter_tensors,
 )
-from ..methods import PromptMethod, config_from_dict, method_classes
+from ..methods import MethodInputs, PromptMethod, config_from_dict, method_classes
 from ..readout import current_readout
 from .heads import head_like
 from .plan import AdapterShape
@@ -49,10 +50,26 @@ class LoadedAdapter:
     modules: AdapterModules
     shape: AdapterShape
     key: str  # registration key of ``modules`` (adapter names may contain characters nn.Module names cannot)
+    _fixed: tuple | None = field(default=None, repr=False, compare=False)  # (parameter storage, contribution)
 
     @property
     def method(self) -> PromptMethod:
         return self.modules.method
+
+    def contribution(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, embed: nn.Module
+                     ) -> Contribution:
+        """The method's contribution to a pass, for the rows ``rows`` of ``ids``/``mask``. Adapters are frozen, so
+        outside training a method that does not read its inputs (``reads_inputs``) gives the same contribution in
+        every pass: it is computed once (a static prefix is 2 slices per layer, host time in every serving step)
+        and again only if the parameters move to new storage (another device or dtype)."""
+        method = self.method
+        if method.reads_inputs or method.training or torch.is_grad_enabled():
+            return method(MethodInputs(ids[rows], mask[rows], embed, len(rows)))
+        first = next(method.parameters(), None)
+        storage = None if first is None else (first.device, first.dtype, first.data_ptr())
+        if self._fixed is None or self._fixed[0] != storage:
+            self._fixed = (storage, method(MethodInputs(ids[rows], mask[rows], embed, len(rows))))
+        return self._fixed[1]
 
     @property
     def method_name(self) -> str:

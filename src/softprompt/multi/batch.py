@@ -8,7 +8,6 @@ from torch import nn
 from ..engine.compose import Part, compose, insert_row_prompts
 from ..engine.state import STATE_KWARG
 from ..errors import SequenceTooLongError
-from ..methods import MethodInputs
 from .adapters import LoadedAdapter
 from .heads import route_heads
 
@@ -66,7 +65,7 @@ def run_group(model: nn.Module, entries: list[LoadedAdapter | None], ids: torch.
     for name, sub in rows.items():
         if name is not None:
             entry = model.adapter(name)
-            contribution = entry.method(MethodInputs(ids[sub], mask[sub], embed, len(sub)))
+            contribution = entry.contribution(ids, mask, sub, embed)
             parts.append(Part(contribution, sub, entry.method.hook_shape()))
     inputs: dict = {"attention_mask": mask}
     if token_types is not None:

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..engine.compose import Contribution, Part, compose, insert_row_prompts
+from ..engine.compose import Part, compose, insert_row_prompts
 from ..engine.state import STATE_KWARG
 from ..errors import ConfigError, SequenceTooLongError
-from ..methods import MethodInputs
 from .batch_prefixes import BatchPrefixes
 from .decode_batch import DynamicBatch
 from .plan import group_key, plan_rows
@@ -293,7 +292,7 @@ class GenerationEngine:
         for name, rows in rows_of.items():
             index = values[start : start + len(rows)]
             start += len(rows)
-            contribution: Contribution = methods[name](MethodInputs(ids[index], mask[index], embed, len(rows)))
+            contribution = model.adapter(name).contribution(ids, mask, index, embed)
             parts.append(Part(contribution, index, methods[name].hook_shape()))
         prompts = [(p.rows, p.contribution.input_prompt, p.contribution.prompt_at) for p in parts
                    if p.contribution.input_prompt is not None]

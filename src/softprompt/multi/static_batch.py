@@ -120,9 +120,10 @@ class StaticBatch:
         if block is not None:
             if block.width > self._table.shape[3]:
                 self._widen_prefixes(block.width)
-            where = [2 * i + kv for i in block.layers for kv in (0, 1)]
-            self._table[n : n + k, where, :, : block.width] = block.table
             every_layer = block.layers == tuple(range(self._visible.shape[1]))
+            # All layers: a slice. A list index would be copied to the device first (a blocking copy).
+            where = slice(None) if every_layer else [2 * i + kv for i in block.layers for kv in (0, 1)]
+            self._table[n : n + k, where, :, : block.width] = block.table
             if every_layer and len({id(seen) for seen in block.masks}) == 1:  # one write for all layers
                 seen = block.masks[0]
                 self._visible[n : n + k, :, : block.width] = True if seen is None else seen[:, None]

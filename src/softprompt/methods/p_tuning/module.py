@@ -18,6 +18,8 @@ from .config import PTuningConfig
 class PTuning(PromptMethod):
     """Free embeddings -> encoder -> prompt [t, hidden]."""
 
+    reads_inputs = False
+
     def __init__(self, config: PTuningConfig, info: ModelInfo):
         super().__init__(config, info)
         d = info.hidden_size

@@ -19,6 +19,8 @@ from .config import PrefixConfig
 class PrefixTuning(PromptMethod):
     """Per-layer key/value tables ``tables[i]`` of shape [2, H_kv, P_i, D], or an MLP that produces them."""
 
+    reads_inputs = False
+
     def __init__(self, config: PrefixConfig, info: ModelInfo):
         super().__init__(config, info)
         self.lengths = config.lengths(info.num_layers)

@@ -36,6 +36,8 @@ def init_prompt_table(table: torch.Tensor, config, embed: nn.Module, tokenizer=N
 class PromptTuning(PromptMethod):
     """Holds the prompt table [t, hidden]."""
 
+    reads_inputs = False
+
     def __init__(self, config: PromptTuningConfig, info: ModelInfo):
         super().__init__(config, info)
         self.prompt = nn.Parameter(torch.zeros(config.num_virtual_tokens, info.hidden_size))

@@ -13,6 +13,7 @@ only in whether a request names its adapter); steps after the first ``--warmup``
 
     python benchmarks/serve_churn_ops.py                 # about 1 minute
     python benchmarks/serve_churn_ops.py --steps 60 --warmup 20 --layers 4   # smoke settings
+    python benchmarks/serve_churn_ops.py --decoding static   # the fixed buffers of CUDA-graph decoding
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def run(model, mode: str, args: argparse.Namespace) -> dict:
     from softprompt.multi.generation import GenerationEngine, SamplingParams
 
     rng = np.random.default_rng(args.seed)
-    engine = GenerationEngine(model, max_rows=args.max_rows)
+    engine = GenerationEngine(model, max_rows=args.max_rows, decoding=args.decoding, max_context=args.max_context)
     ops = ms = rows = 0.0
     for step in range(args.steps):
         for _ in range(2):
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--warmup", type=int, default=40, help="steps before counting (the batch fills up)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decoding", default="dynamic", choices=["dynamic", "static"],
+                   help="a growing cache, or the fixed buffers that CUDA graphs replay (run eagerly here)")
+    p.add_argument("--max-context", type=int, default=256, help="columns of the fixed buffers (static)")
     p.add_argument("--out", help="write the numbers as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -117,6 +117,23 @@ def test_two_adapters_in_flight_at_once(folders, url):
         assert r.choices[0].text == offline(folders, name, ids, 8)
 
 
+def test_fixed_decoding_buffers_serve_the_same_text_and_refuse_what_does_not_fit(folders):
+    """``ServeConfig(decoding="static")``: the decoding batch CUDA graphs replay, run eagerly here. Same text as the
+    offline generation; a request whose prompt + adapter positions + max_tokens pass ``max_context`` gets a 400
+    naming max_tokens, before anything runs."""
+    model = MultiAdapterModel(lm(), folders[1], tokenizer=tokenizer())
+    ids = tokenizer()(PROMPT)["input_ids"]
+    with ServerThread(create_app(model, ServeConfig(max_batch_size=4, decoding="static", max_context=16))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        for name in ("a", "b"):
+            r = client.completions.create(model=name, prompt=PROMPT, max_tokens=6, temperature=0)
+            assert r.choices[0].text == offline(folders, name, ids, 6)
+        # "b" prompts with 3 virtual tokens: 5 + 3 + 9 = 17 columns > 16
+        r = httpx.post(f"{url}/v1/completions", json={"model": "b", "prompt": PROMPT, "max_tokens": 9}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        assert "max_context of 16" in r.json()["error"]["message"]
+
+
 def test_models_lists_the_base_and_every_adapter(url):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     ids = [m.id for m in client.models.list().data]
@@ -157,7 +174,7 @@ def test_cli_serves_softprompt_and_peft_folders(folders, tmp_path):
     pm = get_peft_model(lm(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     pm.save_pretrained(tmp_path / "peft")
     args = ["--model", base, "--dtype", "float32", "--adapter", f"a={paths['a']}", "--adapter",
-            f"p={tmp_path / 'peft'}"]
+            f"p={tmp_path / 'peft'}", "--decoding", "static", "--max-context", "64"]
     with ServeProcess(args, tmp_path) as address:
         models = httpx.get(f"{address}/v1/models", timeout=60).json()["data"]
         assert [m["id"] for m in models][1:] == ["a", "p"]
@@ -165,3 +182,18 @@ def test_cli_serves_softprompt_and_peft_folders(folders, tmp_path):
                                                            "temperature": 0}, timeout=120)
         assert r.status_code == 200, r.text
         assert json.loads(r.text)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_fixed_decoding_buffers_that_cannot_fit_are_one_line(folders):
+    """Fixed decoding buffers larger than the free memory are refused at startup in one line that gives the size
+    and the fix, before any buffer exists (``--max-context`` beyond the model's positions is cut to them: no request
+    can use more)."""
+    from test_serve_helpers import run_serve
+
+    limit = lm().config.max_position_embeddings
+    result = run_serve(["--model", folders[0], "--task-kind", "causal_lm", "--dtype", "float32", "--decoding",
+                        "cuda_graphs", "--max-context", str(10**9), "--max-batch-size", str(10**12)])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-500:]
+    assert len(lines) == 1 and f"fixed decoding buffers of {10**12} rows x {limit} columns need" in lines[0], lines
+    assert "lower max_context" in lines[0]

@@ -77,7 +77,8 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> F
                              mixed=cfg.mixed, max_queue_rows=cfg.max_queue_rows)
     PredictRequest, PredictAllRequest, AddAdapterRequest, _ = request_models(cfg)
     # A language model also serves text generation (OpenAI's API), its requests sharing decoding batches.
-    generation = GenerationService(model, max_rows=cfg.max_batch_size) if _generates(model) else None
+    generation = (GenerationService(model, max_rows=cfg.max_batch_size, decoding=cfg.decoding,
+                                    max_context=cfg.max_context) if _generates(model) else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -114,6 +114,12 @@ def add_serve_parser(sub) -> None:
                        help="largest adapter loaded at run time (its tensors, and the modules its config builds)")
     admin.add_argument("--max-virtual-tokens", type=positive_int, default=1024,
                        help="longest prompt/prefix of an adapter loaded at run time (the model's limit applies too)")
+    gen = p.add_argument_group("text generation (/v1, causal language models)")
+    gen.add_argument("--decoding", choices=("dynamic", "static", "cuda_graphs"), default="dynamic",
+                     help="decoding batch: a growing KV cache, fixed buffers, or fixed buffers replayed as CUDA graphs "
+                          "(fastest for small models on a GPU)")
+    gen.add_argument("--max-context", type=positive_int, default=2048,
+                     help="columns per row of the fixed buffers: prompt + adapter positions + max_tokens must fit")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--task-kind", help="head class of the base when no adapter is given (default classification)")
@@ -144,6 +150,7 @@ def serve_config(args):
         allow_admin_without_auth=args.allow_admin_without_auth,
         adapter_roots=tuple(args.adapter_root) if args.adapter_root else None, max_adapters=args.max_adapters,
         max_adapter_bytes=args.max_adapter_bytes, max_virtual_tokens=args.max_virtual_tokens,
+        decoding=args.decoding, max_context=args.max_context,
     )
 
 

@@ -43,9 +43,11 @@ class _Pending:
 class GenerationService:
     """Owns the engine and its thread. ``stream()`` yields text deltas; ``complete()`` returns the whole text."""
 
-    def __init__(self, model, *, max_rows: int = 32):
+    def __init__(self, model, *, max_rows: int = 32, decoding: str = "dynamic", max_context: int = 2048):
         self.model = model
-        self.engine = GenerationEngine(model, max_rows=max_rows)
+        # Kept to rebuild the engine after a failed step.
+        self._engine_args = {"max_rows": max_rows, "decoding": decoding, "max_context": max_context}
+        self.engine = GenerationEngine(model, **self._engine_args)
         self.tokenizer = model.tokenizer
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -163,7 +165,7 @@ class GenerationService:
                 log.exception("generation step failed; %d running requests end with finish_reason 'abort'",
                               len(self._pending))
                 self._abort_all()
-                self.engine = engine = GenerationEngine(self.model, max_rows=engine.max_rows)
+                self.engine = engine = GenerationEngine(self.model, **self._engine_args)
                 continue
             for event in events:
                 pending = self._pending.get(event.request_id)

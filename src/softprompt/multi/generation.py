@@ -35,7 +35,7 @@ from .batch_prefixes import BatchPrefixes
 from .decode_batch import DynamicBatch
 from .plan import group_key, plan_rows
 from .sampling import SamplingParams, sample_token
-from .static_batch import StaticBatch
+from .static_batch import StaticBatch, check_buffer_size
 
 __all__ = ["GenerationEngine", "SamplingParams", "TokenEvent"]
 
@@ -111,7 +111,7 @@ class GenerationEngine:
         if decoding != "dynamic":
             # No request can use more columns than the model has positions (``check``): no buffer needs them.
             max_context = min(max_context, model.info.max_positions or max_context)
-            _check_buffer_size(model, max_rows, max_context)
+            check_buffer_size(model, max_rows, max_context)
         self.max_context = None if decoding == "dynamic" else max_context
         self.batch = (DynamicBatch(model, self._cache_arg) if decoding == "dynamic" else
                       StaticBatch(model, self._cache_arg, max_rows, max_context, cuda_graphs=decoding == "cuda_graphs"))
@@ -373,25 +373,4 @@ class GenerationEngine:
         if len(keep) < len(self.rows):
             self.batch.keep(keep)
             self.rows = [self.rows[i] for i in keep]
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _check_buffer_size(model, rows: int, columns: int) -> None:
-    """Fixed decoding buffers (keys and values of every layer, ``rows`` x ``columns``) must fit the memory that is
-    free now: checked before anything is allocated, with the numbers and the fix in the message."""
-    info = model.info
-    if columns < 1:
-        raise ConfigError(f"max_context must be at least 1, got {columns}")
-    itemsize = next(model.base_model.parameters()).element_size()
-    need = 2 * info.num_layers * rows * info.num_kv_heads * columns * info.head_dim * itemsize
-    free = _free_bytes(model.device)
-    if need > free:
-        raise ConfigError(f"fixed decoding buffers of {rows} rows x {columns} columns need {need / 2**30:.1f} GiB, "
-                          f"more than the {free / 2**30:.1f} GiB free on {model.device}; lower max_context (or the "
-                          "rows decoded together)")
 

@@ -275,14 +275,23 @@ def cmd_report(args) -> int:
         FigureCanvasAgg(fig)
         for k, m in enumerate(models):
             ax = fig.add_subplot(1, len(models), k + 1)
+            runs = [r for r in data["runs"] if r["model"] == m]
+            top = max((r["ttft_p99_ms"] for r in runs if r["ttft_p99_ms"] is not None), default=1000.0) * 2
             for mode in MODES:
-                pts = sorted((r["rate"], r["ttft_p99_ms"]) for r in data["runs"]
-                             if r["model"] == m and r["mode"] == mode and r["ttft_p99_ms"] is not None)
-                if pts:
-                    ax.plot(*zip(*pts), "-o", ms=3, label=mode)
+                pts = sorted((r["rate"], r["ttft_p99_ms"]) for r in runs if r["mode"] == mode)
+                if not pts:
+                    continue
+                line = ax.plot([x for x, y in pts if y is not None], [y for x, y in pts if y is not None], "-o",
+                               ms=3, label=mode)[0]
+                lost = [x for x, y in pts if y is None]  # requests left unfinished: p99 TTFT unbounded
+                if lost:
+                    ax.plot(lost, [top] * len(lost), "x", color=line.get_color(), ms=6)
             ax.axhline(data["slo_ttft_p99_ms"], color="grey", ls=":", lw=1)
             ax.set(xscale="log", yscale="log", xlabel="requests/s", ylabel="p99 TTFT (ms)", title=m)
-            ax.legend(fontsize=8)
+            rates = sorted({r["rate"] for r in runs})
+            ax.set_xticks(rates, [f"{x:g}" for x in rates])
+            ax.minorticks_off()
+            ax.legend(fontsize=8, title="x: requests unfinished", title_fontsize=7)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
     return 0

@@ -63,8 +63,10 @@ def _compute_gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, d
     pk = _cast(inj.key, dtype, device)
     pv = _cast(inj.value, dtype, device)
     if inj.gate is not None:
-        g = inj.gate.to(device=device, dtype=dtype)
-        g = g.reshape(g.shape[0], -1 if g.dim() > 2 else 1, g.shape[-1])[..., None]  # [B, H|1, P, 1]
+        g = _cast(inj.gate, dtype, device)
+        # Straight to [B, H|1, P, 1] in one reshape (a view of a contiguous gate): one op and one backward node per
+        # layer call, where a reshape and an unsqueeze cost two of each.
+        g = g.reshape(g.shape[0], -1 if g.dim() > 2 else 1, g.shape[-1], 1)
         pv = pv * g
         if not inj.gate_values_only:
             pk = pk * g

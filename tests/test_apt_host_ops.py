@@ -1,0 +1,123 @@
+"""APT's host work per layer call (issue 18, part 2): the gate reaches attention's shape in one reshape, APT's gate
+pooling skips casts that would do nothing, and ``benchmarks/apt_host_ops.py`` (aten ops per layer call) runs.
+
+Every check of a cut compares against the computation it replaced, bit for bit (outputs and gradients)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import softprompt as sp
+from softprompt.engine import attention
+from softprompt.engine.state import LayerInjection
+from softprompt.pooling import pool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _old_gated_prefix(key, value, gate, values_only, dtype):
+    """The gate application before the cut: cast, reshape to [B, H|1, P], then a trailing unsqueeze."""
+    g = gate.to(dtype=dtype)
+    g = g.reshape(g.shape[0], -1 if g.dim() > 2 else 1, g.shape[-1])[..., None]
+    return (key if values_only else key * g), value * g
+
+
+def _leaves(seed, gate_shape, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    key, value = (torch.randn(2, 3, 4, 5, generator=gen, dtype=dtype).requires_grad_() for _ in range(2))
+    gate = torch.rand(*gate_shape, generator=gen).requires_grad_()
+    return key, value, gate
+
+
+@pytest.mark.parametrize("gate_shape", [(2, 4), (2, 3, 4)], ids=["per-row", "per-head"])
+@pytest.mark.parametrize("values_only", [False, True])
+def test_gate_is_one_reshape_and_equal_to_the_computation_it_replaced(gate_shape, values_only):
+    key, value, gate = _leaves(0, gate_shape)
+    inj = LayerInjection(key=key, value=value, gate=gate, gate_values_only=values_only)
+    counter = _Ops()
+    with counter:
+        pk, pv = attention._compute_gated_prefix(inj, 2, torch.float32, key.device)
+    products = ["aten.mul.Tensor"] * (1 if values_only else 2)
+    assert counter.ops == ["aten.view.default", *products]  # was a view and an unsqueeze
+    rk, rv, rg = _leaves(0, gate_shape)
+    want_k, want_v = _old_gated_prefix(rk, rv, rg, values_only, torch.float32)
+    assert torch.equal(pk, want_k) and torch.equal(pv, want_v)
+    ((pk * 1.5).sum() + (pv ** 2).sum()).backward()
+    ((want_k * 1.5).sum() + (want_v ** 2).sum()).backward()
+    for got, want in ((key, rk), (value, rv), (gate, rg)):
+        assert torch.equal(got.grad, want.grad)
+
+
+def test_a_gate_of_another_dtype_is_still_cast_first():
+    key, value, gate = _leaves(1, (2, 4), dtype=torch.bfloat16)
+    inj = LayerInjection(key=key, value=value, gate=gate)
+    pk, pv = attention._compute_gated_prefix(inj, 2, torch.bfloat16, key.device)
+    want_k, want_v = _old_gated_prefix(key, value, gate, False, torch.bfloat16)
+    assert pk.dtype == torch.bfloat16 and torch.equal(pk, want_k) and torch.equal(pv, want_v)
+
+
+def test_apt_gate_pooling_dispatches_no_cast_when_dtypes_match():
+    """The pooled hidden states go to the gate's linear as they are when already in its dtype (no ``_to_copy``); a
+    bf16 model's hidden states are still cast to the method's float32 where they were before: before pooling without
+    shared pool weights, after the pooling product with them."""
+    model = sp.wrap(tiny("llama"), sp.APTConfig(num_virtual_tokens=3)).eval()
+    method = model.method
+    hidden = torch.randn(2, 5, model.info.hidden_size)
+    weights = torch.full((2, 1, 5), 0.2)
+    counter = _Ops()
+    with torch.no_grad(), counter:
+        alpha, lam = method.compute_gate(0, hidden, None, pool_weights=weights)
+    assert not any("_to_copy" in op for op in counter.ops), counter.ops
+    lin = method.gate_proj["0"]
+    with torch.no_grad():
+        assert torch.equal(alpha, torch.sigmoid(lin(torch.bmm(weights, hidden).squeeze(1).to(lin.weight.dtype))))
+        low = hidden.to(torch.bfloat16)
+        mask = torch.ones(2, 5, dtype=torch.long)
+        got, _ = method.compute_gate(0, low, mask)
+        assert torch.equal(got, torch.sigmoid(lin(pool(low.to(torch.float32), mask, "mean"))))
+        got, _ = method.compute_gate(0, low, None, pool_weights=weights.to(torch.bfloat16))
+        want = torch.sigmoid(lin(torch.bmm(weights.to(torch.bfloat16), low).squeeze(1).to(torch.float32)))
+        assert torch.equal(got, want)
+    assert lam is method.gate_lambda["0"]
+
+
+def test_apt_host_ops_script_runs_at_tiny_settings(tmp_path, capsys):
+    """Smoke run: counts come back per case and variant; nothing about time is measured or asserted."""
+    spec = importlib.util.spec_from_file_location("softprompt_bench_apt_ops", ROOT / "benchmarks" / "apt_host_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "ops.json"
+    threads = torch.get_num_threads()
+    cases = module.main(["--layers", "2", "--short-layers", "1", "--seq", "4", "--tokens", "2", "--models", "decoder",
+                         "--breakdown", "--json", str(out)])
+    assert torch.get_num_threads() == threads
+    assert json.loads(out.read_text()) == json.loads(json.dumps(cases))
+    assert set(cases) == {"decoder/train", "decoder/forward"}
+    for case in cases.values():
+        assert set(case) == set(module.VARIANTS)
+        bare, prefix, apt = (case[v]["per_layer"] for v in module.VARIANTS)
+        assert 0 < bare < prefix < apt
+        assert all(sum(case[v]["by_op"].values()) == case[v]["per_layer"] for v in module.VARIANTS)
+    printed = capsys.readouterr().out
+    assert "| decoder/train |" in printed and "decoder/forward: " in printed
+    with pytest.raises(SystemExit):
+        module.main(["--layers", "2", "--short-layers", "2"])

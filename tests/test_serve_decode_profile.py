@@ -6,13 +6,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import serve_decode_profile  # noqa: E402
+import serve_decode_profile
 
 
 def test_profiles_mixed_and_bare_decoding_steps(tmp_path):
     out = tmp_path / "profile.json"
-    results = serve_decode_profile.main(["--model", "tiny", "--rows", "2", "--steps", "2", "--profile-steps", "1", "--top", "100",
-                                         "--out", str(out)])
+    results = serve_decode_profile.main(["--model", "tiny", "--rows", "2", "--steps", "2", "--profile-steps", "1",
+                                         "--top", "100", "--out", str(out)])
     assert [(r["mode"], r["rows"]) for r in results] == [("mixed", 2), ("bare", 2)]
     for r in results:
         assert len(r["step_ms_all"]) == 2 and r["top_cpu"] and r["self_cpu_ms_per_step"] > 0

@@ -282,20 +282,13 @@ class GenerationEngine:
                 rows_of.setdefault(request.adapter, []).append(i)
         methods = {name: model.adapter(name).method for name in rows_of}
         shifts = [0 if r.adapter is None else methods[r.adapter].position_shift() for r in group]
-        # Everything the host made goes to the device in one copy: token ids, mask, shifts and row indices (a
-        # blocking copy waits for the device to finish its queue; this one does not wait, see multi.batch).
-        flat = [t for pad, r in zip(pads, group) for t in [0] * pad + r.prompt_ids]
-        flat += [m for pad in pads for m in [0] * pad + [1] * (width - pad)]
-        flat += shifts + [i for rows in rows_of.values() for i in rows]
-        values = torch.tensor(flat).to(device, non_blocking=True)
-        ids, mask = values[: n * width].view(n, width), values[n * width : 2 * n * width].view(n, width)
-        shift = values[2 * n * width : 2 * n * width + n]
+        ids, mask, shift, *indices = _to_device(
+            device, [[0] * pad + r.prompt_ids for pad, r in zip(pads, group)],
+            [[0] * pad + [1] * (width - pad) for pad in pads], shifts, *rows_of.values())
         inputs: dict = {"input_ids": ids, "attention_mask": mask}
         embed = base.get_input_embeddings()
-        parts, start = [], 2 * n * width + n
-        for name, rows in rows_of.items():
-            index = values[start : start + len(rows)]
-            start += len(rows)
+        parts = []
+        for name, index in zip(rows_of, indices):
             contribution = model.adapter(name).contribution(ids, mask, index, embed)
             parts.append(Part(contribution, index, methods[name].hook_shape()))
         prompts = [(p.rows, p.contribution.input_prompt, p.contribution.prompt_at) for p in parts
@@ -328,10 +321,9 @@ class GenerationEngine:
 
     def _decode(self) -> list[TokenEvent]:
         device = self.model.device
-        # One host-to-device copy for both, which does not wait for the device's queue (see _prefill).
-        values = torch.tensor([[r.request.tokens[-1] for r in self.rows], [r.position for r in self.rows]]
-                              ).to(device, non_blocking=True)
-        logits = self.batch.forward(values[0, :, None], values[1, :, None])
+        last, positions = _to_device(device, [[r.request.tokens[-1]] for r in self.rows],
+                                     [[r.position] for r in self.rows])
+        logits = self.batch.forward(last, positions)
         tokens = self._next_tokens(logits, [r.request for r in self.rows])
         events = []
         for row, token in zip(self.rows, tokens):
@@ -373,4 +365,15 @@ class GenerationEngine:
         if len(keep) < len(self.rows):
             self.batch.keep(keep)
             self.rows = [self.rows[i] for i in keep]
+
+
+def _to_device(device: torch.device, *values: list) -> list[torch.Tensor]:
+    """Integer lists (flat, or rows of one length) as tensors on ``device``, from one non-blocking host-to-device
+    copy. A blocking copy waits until the device has finished its queue, so one per tensor made the host wait for
+    the previous step's work several times per step."""
+    shapes = [(len(v), len(v[0])) if v and isinstance(v[0], list) else (len(v),) for v in values]
+    flat = [x for v, shape in zip(values, shapes) for x in (v if len(shape) == 1 else (y for row in v for y in row))]
+    sizes = [shape[0] * (shape[1] if len(shape) == 2 else 1) for shape in shapes]
+    packed = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+    return [t.view(shape) for t, shape in zip(packed.split(sizes), shapes)]
 

@@ -60,7 +60,7 @@ class LoadedAdapter:
                      ) -> Contribution:
         """The method's contribution to a pass, for the rows ``rows`` of ``ids``/``mask``. Adapters are frozen, so
         outside training a method that does not read its inputs (``reads_inputs``) gives the same contribution in
-        every pass: it is computed once (a static prefix is 2 slices per layer, host time in every serving step)
+        every pass: it is computed once (building it costs ops in every layer, host time in every serving step)
         and again only if the parameters move to new storage (another device or dtype)."""
         method = self.method
         if method.reads_inputs or method.training or torch.is_grad_enabled():

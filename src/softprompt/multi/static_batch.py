@@ -243,6 +243,13 @@ class StaticBatch:
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what can be allocated without swapping, page cache included (free pages alone undercount it)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -259,4 +266,3 @@ def check_buffer_size(model, rows: int, columns: int) -> None:
         raise ConfigError(f"fixed decoding buffers of {rows} rows x {columns} columns need {need / 2**30:.1f} GiB, "
                           f"more than the {free / 2**30:.1f} GiB free on {model.device}; lower max_context (or the "
                           "rows decoded together)")
-

@@ -21,14 +21,13 @@ columns written so far: that is how the CPU tests check the layout against each 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers import DynamicCache
 
 from ..engine.compose import Contribution, Part, compose
 from ..engine.state import STATE_KWARG, InjectionState
 from ..errors import ConfigError, SequenceTooLongError
+from ..memory import free_bytes
 from .batch_prefixes import BatchPrefixes
 
 
@@ -240,19 +239,6 @@ class StaticBatch:
         self._captured[b] = (graph, logits)
 
 
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:  # Linux: what can be allocated without swapping, page cache included (free pages alone undercount it)
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_buffer_size(model, rows: int, columns: int) -> None:
     """Fixed decoding buffers (keys and values of every layer, ``rows`` x ``columns``) must fit the memory that is
     free now: checked before anything is allocated, with the numbers and the fix in the message."""
@@ -261,8 +247,8 @@ def check_buffer_size(model, rows: int, columns: int) -> None:
         raise ConfigError(f"max_context must be at least 1, got {columns}")
     itemsize = next(model.base_model.parameters()).element_size()
     need = 2 * info.num_layers * rows * info.num_kv_heads * columns * info.head_dim * itemsize
-    free = _free_bytes(model.device)
-    if need > free:
+    free = free_bytes(model.device)
+    if free is not None and need > free:
         raise ConfigError(f"fixed decoding buffers of {rows} rows x {columns} columns need {need / 2**30:.1f} GiB, "
                           f"more than the {free / 2**30:.1f} GiB free on {model.device}; lower max_context (or the "
                           "rows decoded together)")

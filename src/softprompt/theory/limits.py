@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..memory import available_host_memory
 
 __all__ = [
     "ENV_VAR",
@@ -65,20 +66,6 @@ def _parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _available_host_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:  # other POSIX systems: physical memory (no notion of "available")
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def memory_limit(device: str = "cpu") -> Limit:
     """The memory a theory computation on ``device`` may use: see the module docstring."""
     env = os.environ.get(ENV_VAR)
@@ -90,7 +77,7 @@ def memory_limit(device: str = "cpu") -> Limit:
         if torch.cuda.is_available():
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             return Limit(int(0.8 * free), f"80% of the free memory of {device}; {ENV_VAR} overrides it")
-    avail = _available_host_memory()
+    avail = available_host_memory()
     if avail is None:  # unknown platform: a cap that any machine running these experiments has
         return Limit(4 * 2**30, f"a fixed cap (available memory unknown); {ENV_VAR} overrides it")
     return Limit(avail // 2, f"half of the available memory; {ENV_VAR} overrides it")

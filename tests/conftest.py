@@ -1,8 +1,11 @@
 """Tiny randomly initialised models (shapes only matter for engine tests; quality claims use real models)."""
 
 import csv
+import importlib.util
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,4 +124,14 @@ def sentiment_csv(tmp_path_factory):
         w.writerows(rows)
     return str(path)
 
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package), registered in ``sys.modules``
+    (dataclasses defined in it need that)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"softprompt_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 

@@ -5,22 +5,17 @@ Every check of a cut compares against the computation it replaced, bit for bit (
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import load_benchmark, tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import softprompt as sp
 from softprompt.engine import attention
 from softprompt.engine.state import LayerInjection
 from softprompt.pooling import pool
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Ops(TorchDispatchMode):
@@ -101,10 +96,7 @@ def test_apt_gate_pooling_dispatches_no_cast_when_dtypes_match():
 
 def test_apt_host_ops_script_runs_at_tiny_settings(tmp_path, capsys):
     """Smoke run: counts come back per case and variant; nothing about time is measured or asserted."""
-    spec = importlib.util.spec_from_file_location("softprompt_bench_apt_ops", ROOT / "benchmarks" / "apt_host_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("apt_host_ops")
     out = tmp_path / "ops.json"
     threads = torch.get_num_threads()
     cases = module.main(["--layers", "2", "--short-layers", "1", "--seq", "4", "--tokens", "2", "--models", "decoder",

@@ -3,19 +3,16 @@
 One run is stopped by its time budget after the zoo stages and a second run finishes the same state; the JSON and
 markdown are checked against numbers recomputed from the stage files."""
 
-import importlib.util
 import json
 import statistics
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import load_benchmark, tiny
 from test_dnd_harness import _tok
 
-ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["commonsense/arc_easy", "superglue/boolq", "commonsense/winogrande"]
 CONFIG = ["--datasets", "arc_easy,boolq,winogrande", "--eval-n", "6", "--min-pool", "200", "--heldout-pool", "40",
           "--train-pool", "16", "--warmup-steps", "2", "--checkpoints", "3", "--zoo-batch", "2", "--max-length", "48",
@@ -28,10 +25,7 @@ RUNTIME = ["--device", "cpu", "--eval-batch", "8"]
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("dnd_bench", ROOT / "benchmarks" / "dnd_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("dnd_bench")
 
 
 @pytest.fixture(scope="module")

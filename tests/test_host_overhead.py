@@ -3,21 +3,14 @@ and every number is a positive time. No timing is asserted: on shared CPUs timin
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def test_host_overhead_quick_run_writes_the_documented_json(tmp_path):
-    spec = importlib.util.spec_from_file_location("softprompt_bench_host", ROOT / "benchmarks" / "host_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("host_overhead")
     out = tmp_path / "host.json"
     threads = torch.get_num_threads()
     doc = module.main(["--quick", "--out", str(out)])

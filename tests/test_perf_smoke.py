@@ -6,26 +6,19 @@ The GPU run (real shapes, bf16) is not part of the tests: see docs/performance.m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def load_perf() -> ModuleType:
     """Import benchmarks/perf.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("softprompt_bench_perf", ROOT / "benchmarks" / "perf.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("perf")
 
 
 @pytest.fixture(scope="module")

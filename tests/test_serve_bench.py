@@ -1,18 +1,10 @@
 """benchmarks/serve_bench.py's engine modes send the rows they claim to: checked with a model that records calls."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def _serve_bench():
-    spec = importlib.util.spec_from_file_location("softprompt_bench_serve", ROOT / "benchmarks" / "serve_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_bench")
 
 
 class _Recorder:

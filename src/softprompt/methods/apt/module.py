@@ -114,14 +114,13 @@ class APT(PromptMethod):
         lin = self.gate_proj[str(index)]
         dt = lin.weight.dtype
         if pool_weights is not None:
-            pooled = torch.bmm(pool_weights, hidden).squeeze(1)
+            pooled = torch.bmm(pool_weights, hidden).squeeze(1).to(dt)
         else:
             if mask is not None and mask.shape[0] != hidden.shape[0]:
                 # generate() with beams/num_return_sequences repeats each example; the mask was built before that.
                 mask = mask.repeat_interleave(hidden.shape[0] // mask.shape[0], dim=0)
-            pooled = pool(hidden if hidden.dtype == dt else hidden.to(dt), mask, self.config.gate_pool)
-        # Casts are skipped, not left to .to(), when the dtypes already match: the common case, on the hot path.
-        alpha = torch.sigmoid(lin(pooled if pooled.dtype == dt else pooled.to(dt)))
+            pooled = pool(hidden.to(dt), mask, self.config.gate_pool)
+        alpha = torch.sigmoid(lin(pooled))
         return alpha, self.gate_lambda[str(index)]
 
     def _gate_hook(self, index: int, hidden: torch.Tensor, state: InjectionState) -> None:

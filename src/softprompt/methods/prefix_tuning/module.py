@@ -128,4 +128,3 @@ def key_value_pairs(tables: dict[int, torch.Tensor]) -> dict[int, tuple[torch.Te
         return {i: (t[:1], t[1:]) for i, t in tables.items()}
     flat = torch.stack(list(tables.values())).flatten(0, 1).unsqueeze(1).unbind(0)  # 2L x [1, H, P, D]
     return {i: (flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(tables)}
-

@@ -285,7 +285,9 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
               f"Readout (one for all methods): **{data.get('readout')}**; {rs.get('protocol', 'not chosen yet')}. "
               + ("Carved-dev scores " + "; ".join(f"{t}: pooler {s['pooler']:.1f}, mean {s['mean']:.1f}"
                                                   for t, s in rs.get("scores", {}).items()) + "." if rs else ""), "",
-              f"Device {data.get('device')}; versions {data.get('versions')}; last run {data.get('date')}; "
+              f"Devices (the calls ran on these; see fair_glue_status.md): "
+              f"{' and '.join(sorted({x['device'] for x in data.get('sessions', []) if x.get('device')})) or 'none'}; "
+              f"versions {data.get('versions')}; last run {data.get('date')}; "
               f"command `{data.get('command')}`. Runs so far: {data['runs']['lr']} learning-rate runs, "
               f"{data['runs']['seeds']} seed runs.", ""]
     tasks = TASKS + [t for t in ["glue/stsb"] if t in data["lr_selection"] or t in data["tasks"]]

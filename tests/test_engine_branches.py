@@ -134,6 +134,39 @@ def test_per_forward_tensors_are_built_once_and_never_kept_while_compiling(monke
     assert fresh.scratch == {}
 
 
+def test_every_attention_call_runs_without_cudnn_and_restores_the_flag(monkeypatch):
+    """cuDNN's SDPA backend is off during each call of the attention function (it builds a host-side plan for every
+    new shape: 2.6 ms per layer call when decoding on an H100) and the caller's setting is back afterwards, whether
+    it was on or off; while compiling, no flag is written (a write would break the graph)."""
+    seen = []
+
+    def spy(module, query, key, value, mask, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return query, None
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    q = torch.zeros(1, 2, 3, 8)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for setting in (True, False):
+            torch.backends.cuda.enable_cudnn_sdp(setting)
+            attention._sdpa(_layer(True), q, q, q, None)
+            assert torch.backends.cuda.cudnn_sdp_enabled() is setting
+        assert seen == [False, False]
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        attention._sdpa(_layer(True), q, q, q, None)
+        assert seen[-1] is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    # The full attention function goes through it on the prefix path.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    inj = LayerInjection(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
+    state = InjectionState(layers={0: inj}, calls={})
+    attention.softprompt_attention(_layer(True), q, q, q, None, softprompt_state=state)
+    assert seen[-1] is False
+
+
 def test_key_padding_masks_of_one_query_row_grow_like_the_2d_mask():
     """A mask the caller builds as [B, 1, 1, N] (one row broadcast over the queries; bool, or additive float) grows
     by visible columns for the inserted prompt, giving the same logits as the plain 2D padding mask."""

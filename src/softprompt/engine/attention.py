@@ -13,6 +13,11 @@ routed so that fused kernels stay usable:
 Host cost per layer call matters at small shapes (steps wait on the host): what every layer would rebuild identically
 (the dummy query rows, the mask grown by the prefix columns) is built once per forward and reused (``_reuse``), and
 prefixes that ``compose`` already cast and expanded pass through without an op.
+
+Every call runs with cuDNN's SDPA backend switched off (``_sdpa``): cuDNN builds an execution plan on the host for
+each new shape, and decoding changes the key length every step. On an H100 (torch 2.11) that plan cost 62.7 ms of a
+67 ms eager decoding step of a 24-layer model (2.6 ms per layer call); with flash / memory-efficient kernels the step
+took 22 ms, for about 5% more device time (``benchmarks/results/serve_generation.md``, session 9).
 """
 
 from __future__ import annotations
@@ -148,20 +153,20 @@ def softprompt_attention(
     state: InjectionState | None = kwargs.pop(STATE_KWARG, None)
     index = getattr(module, _LAYER_ATTR, None)
     if state is None or index is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, **kwargs)
     if state.calls is not None:
         state.calls[index] = state.calls.get(index, 0) + 1
     if state.capture is not None:
         state.capture[index] = (key, value)
     inj = state.layers.get(index)
     if inj is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, **kwargs)
     if inj.inserted:
         t, at, mask = inj.inserted, inj.insert_at, attention_mask
         attention_mask = _reuse(state, "grown", (mask,), (t, at), lambda: _grow_mask_for_insertion(mask, t, at))
     p = inj.prefix_length
     if p == 0:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, **kwargs)
 
     batch, _, q_len, _ = query.shape
     pk, pv = gated_prefix(inj, batch, key.dtype, key.device)
@@ -179,16 +184,33 @@ def softprompt_attention(
             # Fused path: dummy query rows for the prefix turn top-left causal alignment into the wanted pattern.
             shape = (batch, query.shape[1], p, query.shape[3])
             dummy = _reuse(state, "dummy", (), (shape, query.dtype, query.device), lambda: query.new_zeros(shape))
-            out, weights = sdpa_attention_forward(
+            out, weights = _sdpa(
                 module, torch.cat([dummy, query], dim=2), key, value, None, is_causal=True, **kwargs
             )
             return out[:, p:], weights
         if q_len == 1 or not causal:
-            return sdpa_attention_forward(module, query, key, value, None, is_causal=False, **kwargs)
+            return _sdpa(module, query, key, value, None, is_causal=False, **kwargs)
     mask, device = attention_mask, query.device
     mask = _reuse(state, "mask", (mask, hidden), (p, batch, q_len, real_kv, causal, device),
                   lambda: _prefix_mask(mask, hidden, p, batch, q_len, real_kv, causal, device))
-    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+    return _sdpa(module, query, key, value, mask, is_causal=False, **kwargs)
+
+
+def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+          mask: torch.Tensor | None, **kwargs):
+    """The stock SDPA function with cuDNN's backend off for the call (why: module docstring).
+
+    Two flag writes cost well under a microsecond. While compiling, the traced graph fixes its kernels once (a flag
+    write there would break the graph), so the call goes through unchanged.
+    """
+    if torch.compiler.is_compiling():
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 def register() -> None:

@@ -255,6 +255,50 @@ def test_a_static_decoding_step_reads_nothing_back_to_the_host(adapters, decodin
         assert reads.seen  # the check can see a host read
 
 
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_fixed_buffers_give_attention_prefix_and_cache_without_a_copy(adapters, decoding):
+    """With fixed buffers each row's prefix sits right before its cache, so a decoding step concatenates no keys or
+    values: on a GPU such a `cat` copies every row's whole cache in every layer of every step. The dynamic cache
+    still concatenates (which shows that the check sees it); tokens stay exact (test_every_row_equals_...)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Cats(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim", 0)
+            if func is torch.ops.aten.cat.default and out.dim() == 4 and dim in (2, -2):  # along the sequence
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    model = MultiAdapterModel(tiny_lm(), adapters)
+    engine = GenerationEngine(model, max_rows=4, decoding=decoding, max_context=32)
+    for name, prompt in zip(["prefix", "apt", None], PROMPTS):
+        engine.submit(prompt, name, SamplingParams(max_new_tokens=8))
+    engine.step()
+    with torch.inference_mode(), Cats() as cats:
+        engine.step()  # one decoding step
+    keys_of_layers = [s for s in cats.shapes if s[1] == model.info.num_kv_heads and s[3] == model.info.head_dim]
+    assert (keys_of_layers == []) == (decoding == "static")
+
+
+def test_fixed_buffers_refuse_layers_of_different_shapes_in_one_line():
+    """One buffer holds every layer's keys and values, so a model whose layers differ in key/value heads or head
+    size gets a one-line error naming the way out (the dynamic cache), before anything is allocated."""
+    from types import SimpleNamespace
+
+    from softprompt.multi.static_batch import StaticBatch
+
+    layers = [SimpleNamespace(keys=torch.zeros(1, 2, 3, 8)), SimpleNamespace(keys=torch.zeros(1, 1, 3, 8))]
+    batch = StaticBatch(model=None, cache_arg="cache", max_rows=2, capacity=8, cuda_graphs=False)
+    with pytest.raises(ConfigError, match="same key/value heads and head size in every layer.*decoding='dynamic'"):
+        batch.join(SimpleNamespace(layers=layers), torch.ones(1, 3, dtype=torch.bool), None)
+    assert batch._kv is None and batch.rows == 0
+
+
 def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):
     """A pass holds at most ``max_prefill_tokens`` tokens counting padding (a longer prompt still runs, alone), and
     at most ``max_prefill_padding`` of them padding; with 0, each prompt length prefills on its own."""

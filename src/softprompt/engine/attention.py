@@ -78,6 +78,23 @@ def _compute_gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, d
     return _expand_batch(pk, batch), _expand_batch(pv, batch)
 
 
+def _prepend(prefix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``cat([prefix, t], dim=2)``, as a view without a copy when ``prefix`` ends where ``t`` begins in one buffer.
+
+    The fixed decoding buffers (``multi.static_batch``) keep each row's prefix right before its cache, so a decoding
+    step reads both without copying every row's whole cache in every layer. The checks are cheap and the first one
+    fails for any other pair (a prefix and a cache of different lengths have different strides). Not while compiling:
+    fake tensors have no addresses.
+    """
+    if (prefix.stride() == t.stride() and prefix.shape[:2] == t.shape[:2] and prefix.shape[3] == t.shape[3]
+            and not torch.compiler.is_compiling() and prefix.dtype == t.dtype
+            and prefix.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            and prefix.storage_offset() + prefix.shape[2] * prefix.stride(2) == t.storage_offset()):
+        shape = (*t.shape[:2], prefix.shape[2] + t.shape[2], t.shape[3])
+        return t.as_strided(shape, t.stride(), prefix.storage_offset())
+    return torch.cat([prefix, t], dim=2)
+
+
 def _reuse(state: InjectionState, kind: str, sources: tuple, rest: tuple, make: Callable[[], torch.Tensor]
            ) -> torch.Tensor:
     """``make()``, built once per forward and shared by every layer that asks with the same ``sources`` (tensors or
@@ -170,8 +187,7 @@ def softprompt_attention(
 
     batch, _, q_len, _ = query.shape
     pk, pv = gated_prefix(inj, batch, key.dtype, key.device)
-    key = torch.cat([pk, key], dim=2)
-    value = torch.cat([pv, value], dim=2)
+    key, value = _prepend(pk, key), _prepend(pv, value)
     if kwargs.get("position_bias") is not None:  # T5-style additive bias: prefix columns get 0
         pb = kwargs["position_bias"]
         kwargs["position_bias"] = torch.cat([pb.new_zeros((*pb.shape[:-1], p)), pb], dim=-1)

@@ -5,10 +5,13 @@ thousand kernels (about 100 ms per step for a 0.5B model on an H200, ``benchmark
 replayed CUDA graph issues them in one call, but every tensor it touches must keep its shape and address from step
 to step. So here, unlike :class:`~softprompt.multi.decode_batch.DynamicBatch`:
 
-* every layer's keys and values live in one buffer [R, H, T, D] (R = ``max_rows``, T = ``capacity`` columns); rows
-  are left-padded so that every row writes its next token at one shared column ``col`` (a device scalar the graph
-  reads), and attention reads all T columns under a [R, T] mask;
-* the rows' prefixes live in [R, 2L, H, P, D] and their per-layer visibility in [R, L, P] (all layers, so that the
+* all layers' keys and values live in one buffer [2L, R, H, P + T, D] (R = ``max_rows``, P prefix columns, T =
+  ``capacity`` cache columns). The cache holds real tokens only: columns P.. are what the model's cache returns.
+  Rows are left-padded so that every row writes its next token at one shared column ``col`` (a device scalar the
+  graph reads), and attention reads all T columns under a [R, T] mask;
+* each row's prefix sits in the P columns right before its cache, so attention reads [prefix; cache] as one view of
+  the buffer instead of concatenating them in every layer of every step (a copy of every row's whole cache: the
+  engine's ``_prepend`` sees that they are adjacent); per-layer visibility is [R, L, P] (all layers, so that the
   state's shape does not depend on which adapters are in the batch);
 * a step runs the rows in the smallest bucket (1, 2, 4, ... ``max_rows``) that holds them; rows past the live ones
   compute finite garbage that nobody reads.
@@ -60,10 +63,10 @@ class StaticBatch:
         self.graphs = cuda_graphs and model.device.type == "cuda"
         self.rows = 0
         self.col = 0  # the column the next decoding step writes (every live row's last token is at col - 1)
-        self._keys: list[torch.Tensor] = []
+        self._kv: torch.Tensor | None = None  # [2L, R, H, P + T, D]: layer i's keys at 2i, values at 2i + 1
+        self._keys: list[torch.Tensor] = []  # views of the cache columns of _kv, per layer
         self._values: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None  # [R, T] bool: the row's own columns
-        self._table: torch.Tensor | None = None  # [R, 2L, H, P, D] prefixes (P = 0 until an adapter joins)
         self._visible: torch.Tensor | None = None  # [R, L, P] bool
         # True while every row sees the same prefix columns in every layer (adapters with a prefix in all layers,
         # bare rows): the state then hands every layer one visibility tensor, so attention builds its mask once per
@@ -80,21 +83,35 @@ class StaticBatch:
     def _allocate(self, cache: DynamicCache) -> None:
         k0 = cache.layers[0].keys
         r, t, device = self.max_rows, self.capacity, k0.device
-        self._keys = [k0.new_zeros(r, layer.keys.shape[1], t, layer.keys.shape[3]) for layer in cache.layers]
-        self._values = [k.clone() for k in self._keys]
+        if any(layer.keys.shape[1::2] != k0.shape[1::2] for layer in cache.layers):
+            raise ConfigError("fixed decoding buffers need the same key/value heads and head size in every layer; "
+                              "this model's layers differ: use decoding='dynamic'")
+        self._kv = k0.new_zeros(2 * len(cache.layers), r, k0.shape[1], t, k0.shape[3])
+        self._cache_views()
         self._mask = torch.zeros(r, t, dtype=torch.bool, device=device)
         self._ids = torch.zeros(r, 1, dtype=torch.long, device=device)
         self._positions = torch.zeros(r, 1, dtype=torch.long, device=device)
         self._col = torch.zeros(1, dtype=torch.long, device=device)
-        layers = len(cache.layers)
-        self._table = k0.new_zeros(r, 2 * layers, k0.shape[1], 0, k0.shape[3])
-        self._visible = torch.zeros(r, layers, 0, dtype=torch.bool, device=device)
+        self._visible = torch.zeros(r, len(cache.layers), 0, dtype=torch.bool, device=device)
+
+    @property
+    def _width(self) -> int:
+        """P, the prefix columns in front of every row's cache."""
+        return self._kv.shape[3] - self.capacity
+
+    def _cache_views(self) -> None:
+        p = self._width
+        self._keys = [self._kv[i, :, :, p:] for i in range(0, len(self._kv), 2)]
+        self._values = [self._kv[i, :, :, p:] for i in range(1, len(self._kv), 2)]
 
     def _widen_prefixes(self, width: int) -> None:
-        """Room for prefixes of ``width`` columns: new buffers (the rows' prefixes copied), new states and graphs."""
-        old, seen = self._table, self._visible
-        self._table = old.new_zeros(*old.shape[:3], width, old.shape[4])
-        self._table[..., : old.shape[3], :] = old
+        """Room for prefixes of ``width`` columns: a new buffer (the rows' prefixes and caches copied; for a moment
+        both buffers are held), new states and graphs. Happens once per wider adapter than any before."""
+        old, seen, p = self._kv, self._visible, self._width
+        self._kv = old.new_zeros(*old.shape[:3], width + self.capacity, old.shape[4])
+        self._kv[..., :p, :] = old[..., :p, :]
+        self._kv[..., width:, :] = old[..., p:, :]
+        self._cache_views()
         self._visible = seen.new_zeros(*seen.shape[:2], width)
         self._visible[..., : seen.shape[2]] = seen
         self._states.clear()
@@ -119,12 +136,12 @@ class StaticBatch:
         self._mask[n : n + k, start:end] = mask.bool()
         self._visible[n : n + k] = False
         if block is not None:
-            if block.width > self._table.shape[3]:
+            if block.width > self._width:
                 self._widen_prefixes(block.width)
             every_layer = block.layers == tuple(range(self._visible.shape[1]))
             # All layers: a slice. A list index would be copied to the device first (a blocking copy).
             where = slice(None) if every_layer else [2 * i + kv for i in block.layers for kv in (0, 1)]
-            self._table[n : n + k, where, :, : block.width] = block.table
+            self._kv[where, n : n + k, :, : block.width] = block.table.transpose(0, 1)
             if every_layer and len({id(seen) for seen in block.masks}) == 1:  # one write for all layers
                 seen = block.masks[0]
                 self._visible[n : n + k, :, : block.width] = True if seen is None else seen[:, None]
@@ -147,7 +164,8 @@ class StaticBatch:
             return
         index = torch.tensor(keep, device=self._mask.device)
         m = len(keep)
-        for buf in (*self._keys, *self._values, self._mask, self._table, self._visible):
+        self._kv[:, :m] = self._kv[:, index]  # prefixes and caches of every layer in one copy
+        for buf in (self._mask, self._visible):
             buf[:m] = buf[index]
 
     def _move_columns(self, start: int, end: int, by: int) -> None:
@@ -207,12 +225,12 @@ class StaticBatch:
     def _state(self, b: int) -> InjectionState | None:
         """The prefixes of the first ``b`` rows, as views of the buffers (one state per bucket, reused)."""
         if b not in self._states:
-            table, seen = self._table, self._visible
+            kv, seen, p = self._kv, self._visible, self._width
             shared = seen[:b, 0] if self._same_in_every_layer else None
             layers = range(seen.shape[1])
-            rows = Contribution(prefixes={i: (table[:b, 2 * i], table[:b, 2 * i + 1]) for i in layers},
+            rows = Contribution(prefixes={i: (kv[2 * i, :b, :, :p], kv[2 * i + 1, :b, :, :p]) for i in layers},
                                 prefix_mask={i: seen[:b, i] if shared is None else shared for i in layers})
-            self._states[b] = None if table.shape[3] == 0 else compose([Part(rows)], b)
+            self._states[b] = None if p == 0 else compose([Part(rows)], b)
         return self._states[b]
 
     def _run(self, b: int, columns: int) -> torch.Tensor:

@@ -37,12 +37,32 @@ PY
   du -sh .carry_fair; exit 0
 fi
 BUDGET=${1:?usage: $0 BUDGET_S | carry}
+# REPLICATE="ROW=LR;ROW=LR" (with ROWS and TASKS naming the same rows and tasks): rerun those finished learning-rate
+# runs into a scratch state and print each score beside the committed one (e.g. after a change of kernels: the
+# engine's attention runs without cuDNN since 5da9bff, and earlier runs may have used it). Nothing committed changes.
 SCRATCH=${SCRATCH:-/tmp/fair}
 mkdir -p "$SCRATCH"
 tar xJf .carry_fair/qdata.tar.xz -C "$SCRATCH"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src SOFTPROMPT_DATA_DIR=$SCRATCH/qdata
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The scheduler stops starting runs at BUDGET; the outer timeout is a backstop that still leaves time to pack.
+if [ -n "${REPLICATE:-}" ]; then
+  REP=$SCRATCH/replica; mkdir -p "$REP"; cp benchmarks/results/fair_glue_runs/readout.json "$REP/"
+  timeout $((BUDGET + 90)) python benchmarks/fair_glue.py run --model "$PWD/.carry_fair/minilm" --state "$REP" \
+    --scratch "$SCRATCH/adapters" --parallel "${PARALLEL:-15}" --bf16 --time-budget "$BUDGET" --stages lr \
+    --rows "$ROWS" --tasks "$TASKS" --grid-override "$REPLICATE" 2>&1 | tail -n 5
+  python - "$REP" <<'PY' | tee "${OUT:-/tmp}/replicate.txt"
+import json, sys
+from pathlib import Path
+for new in sorted(Path(sys.argv[1]).glob("lr__*.json")):
+    old = Path("benchmarks/results/fair_glue_runs") / new.name
+    a = json.loads(old.read_text())["score"] if old.exists() else None
+    b = json.loads(new.read_text())["score"]
+    diff = "n/a" if a is None or b is None else f"{100 * (b - a):+.2f} points"
+    print(f"{new.stem}: committed {a}, rerun {b}, {diff}")
+PY
+  exit 0
+fi
 timeout $((BUDGET + 90)) python benchmarks/fair_glue.py run --model "$PWD/.carry_fair/minilm" \
   --model-label "all-MiniLM-L6-v2 (.carry_fair/minilm, fp16 copy loaded in float32)" \
   --state benchmarks/results/fair_glue_runs --scratch "$SCRATCH/adapters" --parallel "${PARALLEL:-15}" --bf16 \

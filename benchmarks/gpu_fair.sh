@@ -39,7 +39,7 @@ fi
 BUDGET=${1:?usage: $0 BUDGET_S | carry}
 # REPLICATE="ROW=LR;ROW=LR" (with ROWS and TASKS naming the same rows and tasks): rerun those finished learning-rate
 # runs into a scratch state and print each score beside the committed one (e.g. after a change of kernels: the
-# engine's attention runs without cuDNN since 5da9bff, and earlier runs may have used it). Nothing committed changes.
+# engine scores without cuDNN attention since session 9, and earlier runs may have used it). Nothing committed changes.
 SCRATCH=${SCRATCH:-/tmp/fair}
 mkdir -p "$SCRATCH"
 tar xJf .carry_fair/qdata.tar.xz -C "$SCRATCH"

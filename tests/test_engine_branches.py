@@ -134,10 +134,11 @@ def test_per_forward_tensors_are_built_once_and_never_kept_while_compiling(monke
     assert fresh.scratch == {}
 
 
-def test_every_attention_call_runs_without_cudnn_and_restores_the_flag(monkeypatch):
-    """cuDNN's SDPA backend is off during each call of the attention function (it builds a host-side plan for every
-    new shape: 2.6 ms per layer call when decoding on an H100) and the caller's setting is back afterwards, whether
-    it was on or off; while compiling, no flag is written (a write would break the graph)."""
+def test_inference_attention_calls_run_without_cudnn_and_restore_the_flag(monkeypatch):
+    """Without gradients (decoding, serving, evaluation), cuDNN's SDPA backend is off during each call of the
+    attention function (it builds a host-side plan for every new shape: 2.6 ms per layer call when decoding on an
+    H100) and the caller's setting is back afterwards, whether it was on or off; while compiling, and in training
+    (shapes repeat, plans are reused), no flag is written."""
     seen = []
 
     def spy(module, query, key, value, mask, **kwargs):
@@ -148,23 +149,26 @@ def test_every_attention_call_runs_without_cudnn_and_restores_the_flag(monkeypat
     q = torch.zeros(1, 2, 3, 8)
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
-        for setting in (True, False):
-            torch.backends.cuda.enable_cudnn_sdp(setting)
-            attention._sdpa(_layer(True), q, q, q, None)
-            assert torch.backends.cuda.cudnn_sdp_enabled() is setting
-        assert seen == [False, False]
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        attention._sdpa(_layer(True), q, q, q, None)
+        with torch.no_grad():
+            for setting in (True, False):
+                torch.backends.cuda.enable_cudnn_sdp(setting)
+                attention._sdpa(_layer(True), q, q, q, None)
+                assert torch.backends.cuda.cudnn_sdp_enabled() is setting
+            assert seen == [False, False]
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            # The full attention function goes through it on the prefix path.
+            inj = LayerInjection(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
+            state = InjectionState(layers={0: inj}, calls={})
+            attention.softprompt_attention(_layer(True), q, q, q, None, softprompt_state=state)
+            assert seen[-1] is False
+        attention._sdpa(_layer(True), q, q, q, None)  # training: torch's own choice
         assert seen[-1] is True
+        with torch.no_grad():
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+            attention._sdpa(_layer(True), q, q, q, None)
+            assert seen[-1] is True
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
-    # The full attention function goes through it on the prefix path.
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    inj = LayerInjection(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
-    state = InjectionState(layers={0: inj}, calls={})
-    attention.softprompt_attention(_layer(True), q, q, q, None, softprompt_state=state)
-    assert seen[-1] is False
 
 
 def test_prepend_views_adjacent_prefix_and_keys_and_concatenates_anything_else(monkeypatch):

@@ -1,0 +1,88 @@
+"""The stand-alone measuring and reporting subcommands of ``benchmarks/dnd_bench.py`` (split out of it,
+unchanged) that read neither a ``run`` state nor the process clock: ``gen-bench`` (seconds per generator step),
+``boolq-probe`` (BoolQ base skill per cloze format) and ``cloze-report`` (dnd_cloze.json and dnd.md from the
+exported stages of the ``cloze`` study). ``dnd_bench.main`` parses their options and calls them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dnd_bench_common import env_info
+from portable import portable
+
+
+def cmd_gen_bench(args: argparse.Namespace) -> int:
+    """Seconds per generator step, one generator or K side by side (``softprompt.dnd.gen_bench``); JSON to --out."""
+    from softprompt.dnd.gen_bench import bench_steps
+
+    kw = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, (args.shape or "").split(",")))}
+    runs = []
+    for mode in args.cudnn.split(","):
+        res = bench_steps(groups=[int(x) for x in args.groups.split(",")], steps=args.steps,
+                          streams=not args.no_streams, cudnn_benchmark=mode == "on", device=args.device, **kw)
+        runs.append(res)
+    best = min(runs, key=lambda r: r["best"]["generator_step_seconds"])
+    out = {**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": runs}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "dnd_gen_bench.json").write_text(json.dumps(out, indent=1) + "\n")
+    b = best["best"]
+    print(f"BEST: K={b['group']} streams={b['streams']} cudnn_benchmark={best['cudnn_benchmark']}: "
+          f"{b['generator_step_seconds']:.3f} s per generator-step (--gen-step-seconds), "
+          f"{best['minutes_per_generator_1000_steps']:.1f} min per 1,000-step generator")
+    return 0
+
+
+def cmd_boolq_probe(args: argparse.Namespace) -> int:
+    """BoolQ: base-model skill under each faithful cloze format, on zoo-part examples (softprompt.dnd.format_probe)."""
+    import torch
+
+    from softprompt.dnd.format_probe import probe_boolq, probe_records
+    from softprompt.dnd.harness import load_model
+    from softprompt.resources import resolve
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, tok = load_model(str(resolve(args.model)), None, args.device)
+    res = probe_boolq(model, tok, probe_records(args.n), args.batch_size, progress=print)
+    res.update({**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "examples": "sha256-ranked first n of the BoolQ DnD zoo part (key superglue/boolq|format-probe)"})
+    print(f"n={res['n']}, gold yes-rate {res['yes_rate_gold']}%")
+    for name, r in res["formats"].items():
+        print(f"{name:26s} acc {r['acc']:5.1f}  acc_norm {r['acc_norm']:5.1f}  yes {r['yes_rate']:5.1f}%  balanced "
+              f"{r['balanced_acc']:5.1f}  AUC {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]  "
+              f"calibrated: acc {r['acc_cal']:5.1f} yes {r['yes_rate_cal']:5.1f}% "
+              f"balanced {r['balanced_acc_cal']:5.1f}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "dnd_boolq_probe.json").write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+def cmd_cloze_report(args: argparse.Namespace) -> int:
+    """dnd_cloze.json + dnd.md from exported stage results and the invocation record of the run."""
+    from softprompt.dnd.report import build_results, render
+
+    stages = json.loads(Path(args.stages).read_text())
+    inv = [json.loads(x) for x in Path(args.invocations).read_text().splitlines() if x.strip()]
+    last = inv[-1]
+    versions = {k: last[k] for k in ("torch", "transformers", "peft", "python")}
+    from softprompt.dnd.study import eval_records
+    from softprompt.dnd.templates import DATASETS
+
+    n = {d: r["test"]["n"] for d, r in stages.get("base", {}).get("datasets", {}).items()}
+    golds = {d: [int(r["label"]) for r in eval_records(d, n[d])] for d in DATASETS if d in n}  # binary rows
+    res = build_results(stages, args.config, args.measure, device=last["device"], versions=versions,
+                        date=last["date"], command=last["command"], golds=golds)
+    # every call of the state (a call that failed before finishing a stage is listed too)
+    res["invocations"] = [{"date": i["date"], "command": i["command"], "device": i["device"]} for i in inv]
+    Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    Path(args.md).write_text(render(res))
+    print(f"wrote {args.json} and {args.md}")
+    return 0

@@ -138,7 +138,7 @@ class Bench:
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
         procs = []
         for task in todo:
-            cmd = [sys.executable, "-m", "softprompt.cli", "bank", "add", "--bank", str(bank.path), "--task", task,
+            cmd = [sys.executable, "-m", "softprompt", "bank", "add", "--bank", str(bank.path), "--task", task,
                    "--model", self.args.model, "--num-virtual-tokens", str(c["m"]), "--max-steps",
                    str(c["prefix_steps"]), "--batch-size", str(c["prefix_bs"]), "--lr", str(c["prefix_lr"]),
                    "--max-length", str(c["max_length"]), "--seed", str(seed)]

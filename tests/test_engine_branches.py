@@ -134,11 +134,23 @@ def test_per_forward_tensors_are_built_once_and_never_kept_while_compiling(monke
     assert fresh.scratch == {}
 
 
-def test_inference_attention_calls_run_without_cudnn_and_restore_the_flag(monkeypatch):
-    """Without gradients (decoding, serving, evaluation), cuDNN's SDPA backend is off during each call of the
-    attention function (it builds a host-side plan for every new shape: 2.6 ms per layer call when decoding on an
-    H100) and the caller's setting is back afterwards, whether it was on or off; while compiling, and in training
-    (shapes repeat, plans are reused), no flag is written."""
+def test_inference_attention_calls_on_cuda_run_without_cudnn_and_restore_the_flag(monkeypatch):
+    """cuDNN's SDPA backend is off during each call of the attention function where torch could pick it and build a
+    host-side plan for a new shape (2.6 ms per layer call when decoding on an H100): CUDA tensors without gradients
+    (decoding, serving, evaluation). The caller's setting is back afterwards, whether it was on or off. CPU calls,
+    training (shapes repeat, plans are reused) and compiling write no flag."""
+    q = torch.zeros(1, 2, 3, 8)
+    with torch.no_grad():
+        assert not attention._cudnn_could_plan(q)  # CPU
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        assert attention._cudnn_could_plan(q)
+        with torch.enable_grad():
+            assert not attention._cudnn_could_plan(q)  # training
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert not attention._cudnn_could_plan(q)
+    monkeypatch.undo()
+
     seen = []
 
     def spy(module, query, key, value, mask, **kwargs):
@@ -146,27 +158,23 @@ def test_inference_attention_calls_run_without_cudnn_and_restore_the_flag(monkey
         return query, None
 
     monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
-    q = torch.zeros(1, 2, 3, 8)
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
-        with torch.no_grad():
-            for setting in (True, False):
-                torch.backends.cuda.enable_cudnn_sdp(setting)
-                attention._sdpa(_layer(True), q, q, q, None)
-                assert torch.backends.cuda.cudnn_sdp_enabled() is setting
-            assert seen == [False, False]
-            torch.backends.cuda.enable_cudnn_sdp(True)
-            # The full attention function goes through it on the prefix path.
-            inj = LayerInjection(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
-            state = InjectionState(layers={0: inj}, calls={})
-            attention.softprompt_attention(_layer(True), q, q, q, None, softprompt_state=state)
-            assert seen[-1] is False
-        attention._sdpa(_layer(True), q, q, q, None)  # training: torch's own choice
-        assert seen[-1] is True
-        with torch.no_grad():
-            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        attention._sdpa(_layer(True), q, q, q, None)  # CPU: untouched
+        assert seen == [True]
+        monkeypatch.setattr(attention, "_cudnn_could_plan", lambda query: True)
+        for setting in (True, False):
+            torch.backends.cuda.enable_cudnn_sdp(setting)
             attention._sdpa(_layer(True), q, q, q, None)
-            assert seen[-1] is True
+            assert torch.backends.cuda.cudnn_sdp_enabled() is setting
+        assert seen == [True, False, False]
+        # The full attention function goes through it on the prefix path.
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        inj = LayerInjection(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
+        state = InjectionState(layers={0: inj}, calls={})
+        attention.softprompt_attention(_layer(True), q, q, q, None, softprompt_state=state)
+        assert seen[-1] is False
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
 

@@ -214,15 +214,18 @@ def softprompt_attention(
     return _sdpa(module, query, key, value, mask, is_causal=False, **kwargs)
 
 
+def _cudnn_could_plan(query: torch.Tensor) -> bool:
+    """Whether torch might pick cuDNN's SDPA for this call and build it a plan: a CUDA tensor, no gradient recorded
+    (training keeps torch's choice, see the module docstring), and not compiling (a flag write there would break the
+    graph, which fixes its kernels once anyway)."""
+    return query.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
           mask: torch.Tensor | None, **kwargs):
-    """The stock SDPA function, with cuDNN's backend off for the call when no gradient is recorded (why: module
-    docstring).
-
-    Two flag writes cost well under a microsecond. While compiling, the traced graph fixes its kernels once (a flag
-    write there would break the graph), so the call goes through unchanged.
-    """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """The stock SDPA function, with cuDNN's backend off for the call where it could build a plan (why: module
+    docstring). Two flag writes cost well under a microsecond; CPU calls make none."""
+    if not _cudnn_could_plan(query):
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     enabled = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(False)

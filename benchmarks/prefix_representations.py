@@ -18,7 +18,8 @@ Three experiments, one script:
 Every unit of work (one prefix, one multi-task run, one set of probes) writes a small JSON under ``--work`` and is
 skipped when rerun, so the full budget can be spread over several time-limited calls. Large files (feature caches,
 multi-task encoders) live under ``<work>/scratch`` and are disposable; ``--export DIR`` copies everything else.
-The report goes into a section of ``--report`` (one section per budget) plus ``prefix_representations_<budget>.png``.
+The report goes into a section of ``--report`` (one section per budget) plus ``prefix_representations_<budget>.png``
+beside it (a smoke run writes both into its ``--work`` folder).
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, help="concurrent `bank add` processes (default: the budget's)")
     p.add_argument("--stages", default="bank,update,main,throughput,report")
     p.add_argument("--time-limit", type=float, help="stop starting new units after this many seconds (resumable)")
-    p.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "prefix_representations.md"))
+    p.add_argument("--report", help="markdown file with one section per budget (default: "
+                   "benchmarks/results/prefix_representations.md; for --budget smoke, report.md in --work, so that "
+                   "a smoke run leaves the committed results alone)")
     p.add_argument("--export", help="write results + trained banks (no scratch) to this .tar.gz at exit")
     p.add_argument("--keep-encoders", action="store_true", help="keep multi-task encoders under scratch")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -112,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(files)} files, {size / 2**20:.1f} MiB -> {args.make_data_carry}")
         return 0
     args.work = args.work or str(ROOT / "runs" / f"prefrep-{args.budget}")
+    if args.report is None:
+        args.report = str(Path(args.work) / "report.md" if args.budget == "smoke"
+                          else ROOT / "benchmarks" / "results" / "prefix_representations.md")
     args.command_line = "python benchmarks/prefix_representations.py " + " ".join(argv if argv is not None
                                                                                     else sys.argv[1:])
     if args.threads:

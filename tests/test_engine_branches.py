@@ -182,20 +182,24 @@ def test_inference_attention_calls_on_cuda_run_without_cudnn_and_restore_the_fla
 def test_prepend_views_adjacent_prefix_and_keys_and_concatenates_anything_else(monkeypatch):
     """A prefix that ends where the keys begin in one buffer ([B, H, P + T, D], as the fixed decoding buffers keep
     them) is read as one view, with the values torch.cat gives; any other pair (another buffer, a gap, a different
-    layout) is concatenated; while compiling, always concatenated (fake tensors have no addresses)."""
+    layout, tensors recording gradients) is concatenated; while compiling, always concatenated (fake tensors have no
+    addresses)."""
     buf = _randn(2, 3, 5 + 7, 4, seed=3)
     prefix, keys = buf[:, :, :5], buf[:, :, 5:9]
     joined = attention._prepend(prefix, keys)
     assert torch.equal(joined, torch.cat([prefix, keys], dim=2))
     assert joined.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # a view of the buffer
     assert joined.data_ptr() == buf.data_ptr()
+    grad = buf.clone().requires_grad_()
     pairs = [(buf[:, :, :4], keys),  # a gap of one column
              (prefix, buf.clone()[:, :, 5:9]),  # the same layout in another buffer
-             (prefix.clone(), keys)]  # another layout
+             (prefix.clone(), keys),  # another layout
+             (grad[:, :, :5], grad[:, :, 5:9])]  # adjacent, but recording gradients
     for first, rest in pairs:
         out = attention._prepend(first, rest)
         assert torch.equal(out, torch.cat([first, rest], dim=2))
-        assert out.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+        assert out.untyped_storage().data_ptr() not in (first.untyped_storage().data_ptr(),
+                                                        rest.untyped_storage().data_ptr())  # a new tensor
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     compiled = attention._prepend(prefix, keys)
     assert torch.equal(compiled, joined) and compiled.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()

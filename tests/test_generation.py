@@ -299,6 +299,22 @@ def test_fixed_buffers_refuse_layers_of_different_shapes_in_one_line():
     assert batch._kv is None and batch.rows == 0
 
 
+def test_fixed_buffer_size_check_counts_the_widest_loaded_prefix(adapters, monkeypatch):
+    """The buffers hold the widest loaded prefix (5 columns: "prefix") in front of every row's cache, so the memory
+    check at construction counts those columns too: with room for the cache columns only, it refuses in one line
+    that names them; with room for both, it passes."""
+    from softprompt.multi import static_batch
+
+    model = MultiAdapterModel(tiny_lm(), adapters)
+    info, rows, columns = model.info, 4, 24
+    per_column = 2 * info.num_layers * rows * info.num_kv_heads * info.head_dim * 8  # float64
+    monkeypatch.setattr(static_batch, "free_bytes", lambda device: per_column * columns)
+    with pytest.raises(ConfigError, match=f"{rows} rows x {columns} columns \\(\\+ 5 prefix columns\\) need"):
+        GenerationEngine(model, max_rows=rows, decoding="static", max_context=columns)
+    monkeypatch.setattr(static_batch, "free_bytes", lambda device: per_column * (columns + 5))
+    GenerationEngine(model, max_rows=rows, decoding="static", max_context=columns)
+
+
 def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):
     """A pass holds at most ``max_prefill_tokens`` tokens counting padding (a longer prompt still runs, alone), and
     at most ``max_prefill_padding`` of them padding; with 0, each prompt length prefills on its own."""

@@ -111,7 +111,8 @@ class GenerationEngine:
         if decoding != "dynamic":
             # No request can use more columns than the model has positions (``check``): no buffer needs them.
             max_context = min(max_context, model.info.max_positions or max_context)
-            check_buffer_size(model, max_rows, max_context)
+            widest = max((max(model.adapter(n).shape.prefix, default=0) for n in model.adapter_names), default=0)
+            check_buffer_size(model, max_rows, max_context, widest)
         self.max_context = None if decoding == "dynamic" else max_context
         self.batch = (DynamicBatch(model, self._cache_arg) if decoding == "dynamic" else
                       StaticBatch(model, self._cache_arg, max_rows, max_context, cuda_graphs=decoding == "cuda_graphs"))

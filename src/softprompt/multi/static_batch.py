@@ -257,16 +257,19 @@ class StaticBatch:
         self._captured[b] = (graph, logits)
 
 
-def check_buffer_size(model, rows: int, columns: int) -> None:
-    """Fixed decoding buffers (keys and values of every layer, ``rows`` x ``columns``) must fit the memory that is
-    free now: checked before anything is allocated, with the numbers and the fix in the message."""
+def check_buffer_size(model, rows: int, columns: int, prefix_columns: int = 0) -> None:
+    """Fixed decoding buffers (keys and values of every layer, ``rows`` x (``columns`` + the loaded adapters' widest
+    prefix)) must fit the memory that is free now: checked before anything is allocated, with the numbers and the
+    fix in the message. (An adapter with a wider prefix, added later, widens the buffers when its first row joins.)"""
     info = model.info
     if columns < 1:
         raise ConfigError(f"max_context must be at least 1, got {columns}")
     itemsize = next(model.base_model.parameters()).element_size()
-    need = 2 * info.num_layers * rows * info.num_kv_heads * columns * info.head_dim * itemsize
+    need = 2 * info.num_layers * rows * info.num_kv_heads * (columns + prefix_columns) * info.head_dim * itemsize
     free = free_bytes(model.device)
     if free is not None and need > free:
-        raise ConfigError(f"fixed decoding buffers of {rows} rows x {columns} columns need {need / 2**30:.1f} GiB, "
+        prefix = f" (+ {prefix_columns} prefix columns)" if prefix_columns else ""
+        raise ConfigError(f"fixed decoding buffers of {rows} rows x {columns} columns{prefix} need "
+                          f"{need / 2**30:.1f} GiB, "
                           f"more than the {free / 2**30:.1f} GiB free on {model.device}; lower max_context (or the "
                           "rows decoded together)")

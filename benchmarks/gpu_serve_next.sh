@@ -36,4 +36,10 @@ if [ "$SECONDS" -lt 520 ]; then
     --rows "${PROFILE_ROWS:-16,64}" --decoding "${PROFILE_DECODING:-cuda_graphs}" \
     --out "$OUT/decode_profile.json" 2>&1 | grep --line-buffered -v Loading
 fi
+# 4. A step in which 4 requests join 32 decoding rows (prefill, copy into the buffers, decoding), mixed against bare:
+#    at saturation such steps took 31 ms mixed against 26 ms bare (H100, session 9), the tokens/s gap's main suspect.
+if [ "$SECONDS" -lt 560 ]; then
+  timeout $((590 - SECONDS)) python3 benchmarks/serve_decode_profile.py --model "$MODEL" --rows 32 --join 4 \
+    --decoding cuda_graphs --steps 10 --profile-steps 3 --out "$OUT/join_profile.json" 2>&1 | grep --line-buffered -v Loading
+fi
 ls -la "$OUT"

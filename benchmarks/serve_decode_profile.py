@@ -10,6 +10,7 @@ can stall (synchronisations, allocations, copies) and the ops that cost most.
 
     python benchmarks/serve_decode_profile.py --model smollm2 --rows 2,16 --out $OUT/decode_profile.json
     python benchmarks/serve_decode_profile.py --model tiny --rows 2 --steps 3 --profile-steps 2   # CPU smoke
+    python benchmarks/serve_decode_profile.py --model qwen0.5b-random --rows 32 --join 4 --decoding cuda_graphs  # joins
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def decoding_engine(model, vocab: int, mode: str, rows: int, args):
     """An engine whose ``rows`` requests (one adapter each, cycling; none when bare) have all joined."""
     from softprompt.multi.generation import GenerationEngine, SamplingParams
 
-    engine = GenerationEngine(model, max_rows=max(rows, 1), decoding=args.decoding, max_context=args.max_context)
+    engine = GenerationEngine(model, max_rows=max(rows + 2 * args.join, 1), decoding=args.decoding,
+                              max_context=args.max_context)
     rng = np.random.default_rng(args.seed)
     params = SamplingParams(max_new_tokens=args.steps + args.profile_steps + 8, stop_token_ids=[])
     for i in range(rows):
@@ -50,11 +52,24 @@ def decoding_engine(model, vocab: int, mode: str, rows: int, args):
     return engine
 
 
+def joiners(engine, vocab: int, mode: str, args, rng) -> None:
+    """``--join`` new requests before a step: each decodes one token after its prefill and leaves, so every step
+    prefills, copies ``--join`` rows into the batch and decodes, as a serving step at saturation does."""
+    from softprompt.multi.generation import SamplingParams
+
+    params = SamplingParams(max_new_tokens=2, stop_token_ids=[])
+    for i in range(args.join):
+        prompt = rng.integers(10, vocab - 10, size=args.prompt_len).tolist()
+        engine.submit(prompt, None if mode == "bare" else f"a{(i + 3) % args.adapters}", params)
+
+
 def measure(model, vocab: int, mode: str, rows: int, args) -> dict:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     engine = decoding_engine(model, vocab, mode, rows, args)
+    rng = np.random.default_rng(args.seed + 1)
     times = []
     for _ in range(args.steps):
+        joiners(engine, vocab, mode, args, rng)
         start = time.perf_counter()
         engine.step()
         sync()
@@ -64,6 +79,7 @@ def measure(model, vocab: int, mode: str, rows: int, args) -> dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.profile_steps):
+            joiners(engine, vocab, mode, args, rng)
             engine.step()
             sync()
     events = prof.key_averages()
@@ -75,7 +91,7 @@ def measure(model, vocab: int, mode: str, rows: int, args) -> dict:
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
     top_device = sorted(events, key=device_us, reverse=True)[: args.top]
     return {
-        "mode": mode, "rows": rows, "step_ms_p50": statistics.median(times), "step_ms_all": times,
+        "mode": mode, "rows": rows, "join": args.join, "step_ms_p50": statistics.median(times), "step_ms_all": times,
         "self_cpu_ms_per_step": sum(e.self_cpu_time_total for e in events) / 1000 / n,
         "device_ms_per_step": sum(device_us(e) for e in events) / 1000 / n,
         "stalls_per_step": {e.key: e.count / n for e in events if any(s in e.key for s in STALLS)},
@@ -95,6 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--decoding", default="dynamic", choices=["dynamic", "static", "cuda_graphs"])
     p.add_argument("--max-context", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed decoding steps")
+    p.add_argument("--join", type=int, default=0, help="requests that join before every step (0: decoding only; "
+                   "each decodes one token and leaves)")
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
@@ -108,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for mode in args.modes.split(","):
             r = measure(model, vocab, mode, rows, args)
             results.append(r)
-            print(f"{mode:5s} rows {rows:3d}: step p50 {r['step_ms_p50']:7.2f} ms, self CPU "
+            print(f"{mode:5s} rows {rows:3d} join {args.join}: step p50 {r['step_ms_p50']:7.2f} ms, self CPU "
                   f"{r['self_cpu_ms_per_step']:7.2f} ms, device {r['device_ms_per_step']:7.2f} ms per step; "
                   f"stalls {r['stalls_per_step']}", flush=True)
             for name, count, ms in r["top_cpu"][:6]:

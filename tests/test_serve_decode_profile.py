@@ -21,3 +21,16 @@ def test_profiles_mixed_and_bare_decoding_steps(tmp_path):
     # The mixed step really decodes prefix rows: its profile holds the prefix concatenation bare rows do not have.
     cats = {r["mode"]: next((c for name, c, _ in r["top_cpu"] if name == "aten::cat"), 0) for r in results}
     assert cats["mixed"] > cats["bare"]
+
+
+def test_join_steps_prefill_joining_requests_before_decoding(tmp_path):
+    """With ``--join``, every profiled step prefills the joining requests and then decodes: two embedding lookups
+    per step instead of one, in both modes."""
+    runs = {}
+    for join in (0, 2):
+        results = serve_decode_profile.main(["--model", "tiny", "--rows", "2", "--steps", "3", "--profile-steps", "2",
+                                             "--top", "1000", "--join", str(join), "--decoding", "static"])
+        runs[join] = {r["mode"]: r for r in results}
+    for mode in ("mixed", "bare"):
+        lookups = {j: next(c for name, c, _ in runs[j][mode]["top_cpu"] if name == "aten::embedding") for j in runs}
+        assert lookups == {0: 1, 2: 2} and runs[2][mode]["join"] == 2

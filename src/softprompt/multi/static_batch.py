@@ -164,8 +164,9 @@ class StaticBatch:
             return
         index = torch.tensor(keep, device=self._mask.device)
         m = len(keep)
-        self._kv[:, :m] = self._kv[:, index]  # prefixes and caches of every layer in one copy
-        for buf in (self._mask, self._visible):
+        # Layer by layer (each with its prefix columns): one copy of all layers at once would hold a second buffer
+        # of the whole cache for a moment, memory the size check at startup does not count.
+        for buf in (*self._kv, self._mask, self._visible):
             buf[:m] = buf[index]
 
     def _move_columns(self, start: int, end: int, by: int) -> None:

@@ -84,14 +84,14 @@ def _prepend(prefix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``cat([prefix, t], dim=2)``, as a view without a copy when ``prefix`` ends where ``t`` begins in one buffer.
 
     The fixed decoding buffers (``multi.static_batch``) keep each row's prefix right before its cache, so a decoding
-    step reads both without copying every row's whole cache in every layer. The checks are cheap and the first one
-    fails for any other pair (a prefix and a cache of different lengths have different strides). Not while compiling
-    (fake tensors have no addresses), and not for tensors that record gradients (a view reaching outside ``t`` would
-    not route the prefix's gradient).
+    step reads both without copying every row's whole cache in every layer. Not while compiling (fake tensors have no
+    addresses; checked first, so that no stride is compared and guarded), and not for tensors that record gradients
+    (a view reaching outside ``t`` would not route the prefix's gradient). The checks are cheap, and the stride check
+    fails for almost any other pair (a prefix and a cache of different lengths have different strides).
     """
-    if (prefix.stride() == t.stride() and prefix.shape[:2] == t.shape[:2] and prefix.shape[3] == t.shape[3]
-            and not (prefix.requires_grad or t.requires_grad)
-            and not torch.compiler.is_compiling() and prefix.dtype == t.dtype
+    if (not torch.compiler.is_compiling() and prefix.stride() == t.stride() and prefix.shape[:2] == t.shape[:2]
+            and prefix.shape[3] == t.shape[3] and not (prefix.requires_grad or t.requires_grad)
+            and prefix.dtype == t.dtype
             and prefix.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
             and prefix.storage_offset() + prefix.shape[2] * prefix.stride(2) == t.storage_offset()):
         shape = (*t.shape[:2], prefix.shape[2] + t.shape[2], t.shape[3])

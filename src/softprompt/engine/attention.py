@@ -14,12 +14,12 @@ Host cost per layer call matters at small shapes (steps wait on the host): what 
 (the dummy query rows, the mask grown by the prefix columns) is built once per forward and reused (``_reuse``), and
 prefixes that ``compose`` already cast and expanded pass through without an op.
 
-Inference calls run with cuDNN's SDPA backend switched off (``_sdpa``): cuDNN builds an execution plan on the host
-for each new shape, and decoding changes the key length every step. On an H100 (torch 2.11) that plan cost 62.7 ms of
-a 67 ms eager decoding step of a 24-layer model (2.6 ms per layer call); with flash / memory-efficient kernels the
-step took 22 ms, for about 5% more device time (``benchmarks/results/serve_generation.md``, session 9). Training
-keeps torch's choice: its shapes repeat (length buckets), so cuDNN's plans are built once, and training steps compare
-with PEFT's on the same kernels.
+Inference calls on CUDA run with cuDNN's SDPA backend switched off (``_sdpa``): cuDNN builds an execution plan on
+the host for each new shape, and decoding changes the key length every step. On an H100 (torch 2.11) that plan cost
+62.7 ms of a 67 ms eager decoding step of a 24-layer model (2.6 ms per layer call); with flash / memory-efficient
+kernels the step took 22 ms, for about 5% more device time (``benchmarks/results/serve_generation.md``, session 9).
+Training keeps torch's choice: its shapes repeat (length buckets), so cuDNN's plans are built once, and training
+steps compare with PEFT's on the same kernels.
 """
 
 from __future__ import annotations

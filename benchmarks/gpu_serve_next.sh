@@ -19,6 +19,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="$HERE/../src${PYTHONPATH:+:$PYTHONPATH}"
 cd "$HERE/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# 0. One decoding attention call on grouped heads under a mask, transformers 5.17's key/value copy per query head
+#    against the engine's packed call (a few seconds).
+timeout 60 python3 benchmarks/gqa_decode_attention.py --out "$OUT/gqa_decode_attention.json" 2>&1 | tail -8
 # 1. Graphs against the dynamic cache: float32 rows must agree exactly (exit 1 otherwise: then the sweep still runs,
 #    but its numbers are not to be trusted).
 timeout 90 python3 benchmarks/serve_generation.py check --model "$MODEL" --decoding cuda_graphs --dtype float32 \

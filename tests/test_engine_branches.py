@@ -179,6 +179,66 @@ def test_inference_attention_calls_on_cuda_run_without_cudnn_and_restore_the_fla
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+def _gqa_layer(groups: int) -> nn.Module:
+    module = _layer(True)
+    module.num_key_value_groups = groups
+    return module
+
+
+def _repeating_stock(module, query, key, value, mask, dropout=0.0, scaling=None, **kwargs):
+    """What transformers up to 5.23 does for a masked call on grouped heads: every key/value head copied once per
+    query head it serves, then SDPA (output [B, q, H, D])."""
+    key, value = (t.repeat_interleave(module.num_key_value_groups, dim=1) for t in (key, value))
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_single_masked_queries_on_grouped_heads_attend_on_the_key_value_heads(monkeypatch):
+    """A decoding step under a mask (padded rows) on GQA heads: each group's query heads attend as query rows of
+    their own key/value head, so no key/value head is copied per query head (58 MB per layer per step at 64 rows x
+    256 columns of a Qwen2.5-0.5B layer). The outputs equal the copying computation in float64 for bool, additive
+    and per-head masks; several query rows, no mask, ungrouped heads and compiling keep the stock function."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        seen.append((tuple(query.shape), key.shape[1]))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", _repeating_stock)  # the copying transformers
+    q, k, v = _randn(3, 6, 1, 8, seed=1), _randn(3, 2, 9, 8, seed=2), _randn(3, 2, 9, 8, seed=3)
+    allowed = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    allowed[0, ..., :4] = False
+    allowed[2, ..., 6:] = False
+    additive = torch.zeros(3, 1, 1, 9, dtype=F64).masked_fill(~allowed, torch.finfo(F64).min)
+    per_head = allowed.expand(3, 6, 1, 9).clone()
+    per_head[1, 4:, :, :2] = False  # the second key/value head's query heads hide two columns of row 1
+    layer = _gqa_layer(3)
+    masks = (allowed, additive, per_head)
+    wanted = [_repeating_stock(layer, q, k, v, mask, scaling=0.3)[0] for mask in masks]
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        for mask, want in zip(masks, wanted):
+            out, _ = attention._sdpa(layer, q, k, v, mask, scaling=0.3, dropout=0.0)
+            assert out.shape == want.shape == (3, 1, 6, 8) and out.is_contiguous()
+            torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+        assert seen == [((3, 2, 3, 8), 2)] * 3  # the query heads of a group as rows; two key/value heads
+        seen.clear()
+        q2 = _randn(3, 6, 2, 8, seed=4)
+        k6, v6 = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+        stock = [(q2, k, v, allowed.expand(3, 1, 2, 9), layer),  # two query rows
+                 (q, k, v, None, layer),  # no mask: SDPA's own GQA support keeps its fused kernels
+                 (q, k6, v6, allowed, _gqa_layer(1))]  # ungrouped heads
+        for query, key, value, mask, module in stock:
+            attention._sdpa(module, query, key, value, mask)
+        assert [heads for _, heads in seen] == [6, 6, 6]
+        seen.clear()
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        attention._sdpa(layer, q, k, v, allowed)
+        assert seen == [((3, 6, 1, 8), 6)]
+
+
 def test_prepend_views_adjacent_prefix_and_keys_and_concatenates_anything_else(monkeypatch):
     """A prefix that ends where the keys begin in one buffer ([B, H, P + T, D], as the fixed decoding buffers keep
     them) is read as one view, with the values torch.cat gives; any other pair (another buffer, a gap, a different

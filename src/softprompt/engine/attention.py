@@ -14,6 +14,9 @@ Host cost per layer call matters at small shapes (steps wait on the host): what 
 (the dummy query rows, the mask grown by the prefix columns) is built once per forward and reused (``_reuse``), and
 prefixes that ``compose`` already cast and expanded pass through without an op.
 
+A single query row under a mask on grouped key/value heads (every decoding step of a padded batch) runs on the
+key/value heads themselves, without the copy per query head that transformers up to 5.23 makes (``_attend``).
+
 Inference calls on CUDA run with cuDNN's SDPA backend switched off (``_sdpa``): cuDNN builds an execution plan on
 the host for each new shape, and decoding changes the key length every step. On an H100 (torch 2.11) that plan cost
 62.7 ms of a 67 ms eager decoding step of a 24-layer model (2.6 ms per layer call); with flash / memory-efficient
@@ -225,16 +228,43 @@ def _cudnn_could_plan(query: torch.Tensor) -> bool:
 
 def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
           mask: torch.Tensor | None, **kwargs):
-    """The stock SDPA function, with cuDNN's backend off for the call where it could build a plan (why: module
-    docstring). Two flag writes cost well under a microsecond; CPU calls make none."""
+    """The stock SDPA function (single masked queries on grouped heads: ``_attend``), with cuDNN's backend off for
+    the call where it could build a plan (why: module docstring). Two flag writes cost well under a microsecond; CPU
+    calls make none."""
     if not _cudnn_could_plan(query):
-        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+        return _attend(module, query, key, value, mask, **kwargs)
     enabled = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:
-        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+        return _attend(module, query, key, value, mask, **kwargs)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            mask: torch.Tensor | None, **kwargs):
+    """Stock SDPA, except for one query row under a mask with grouped key/value heads (GQA: decoding steps of
+    padded batches, the serving engine's every step).
+
+    For such a call transformers up to 5.23 copies every key/value head once per query head it serves (``repeat_kv``)
+    before SDPA, since SDPA's own GQA support falls back to the math kernel under a mask: at 64 rows x 256 columns
+    of a Qwen2.5-0.5B layer (14 query heads, 2 key/value heads) that writes and reads 58 MB per layer per step.
+    Instead, the query heads of one group become the query rows of their key/value head ([B, H, 1, D] -> [B, H_kv,
+    G, D], a view): the same dot products, no copy. transformers 5.24+ does the same (``pack_gqa``); this gives every
+    supported version that path. Not while compiling (transformers skips it there too, so compiled graphs keep their
+    shapes), and not with T5-style position biases (no GQA model has them)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (groups == 1 or query.shape[2] != 1 or mask is None or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions") or torch.compiler.is_compiling()):
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    b, heads, _, d = query.shape
+    if mask.shape[1] != 1:  # per-head masks follow their heads: [B, H, 1, K] -> [B, H_kv, G, K]
+        mask = mask.reshape(mask.shape[0], heads // groups, groups, mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, heads // groups, groups, d), key, value, attn_mask=mask,
+        dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"))
+    # [B, H_kv, G, Dv] -> [B, 1, H, Dv]: the layout the stock function returns (contiguous: the moved axis has size 1)
+    return out.reshape(out.shape[0], heads, 1, out.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def register() -> None:

@@ -160,14 +160,16 @@ class StaticBatch:
         if not keep:
             self.col = 0
             return
-        if keep == list(range(len(keep))):
+        first = next((i for i, row in enumerate(keep) if row != i), None)  # rows before it stay where they are
+        if first is None:
             return
-        index = torch.tensor(keep, device=self._mask.device)
+        # A non-blocking copy: a blocking one would wait for all the work queued on the device.
+        index = torch.tensor(keep[first:]).to(self._mask.device, non_blocking=True)
         m = len(keep)
         # Layer by layer (each with its prefix columns): one copy of all layers at once would hold a second buffer
         # of the whole cache for a moment, memory the size check at startup does not count.
         for buf in (*self._kv, self._mask, self._visible):
-            buf[:m] = buf[index]
+            buf[first:m] = buf[index]
 
     def _move_columns(self, start: int, end: int, by: int) -> None:
         """Move the live rows' columns [start, end) by ``by`` (negative: left); the vacated columns are hidden."""

@@ -315,6 +315,36 @@ def test_fixed_buffer_size_check_counts_the_widest_loaded_prefix(adapters, monke
     GenerationEngine(model, max_rows=rows, decoding="static", max_context=columns)
 
 
+def test_a_wider_adapter_loaded_later_is_checked_before_its_request_is_queued(adapters, monkeypatch):
+    """An adapter added after the engine started, with a wider prefix (5 columns) than those the buffers were sized
+    for (2: "prefix_short"), widens the fixed buffers when its first row joins. Its first request checks that
+    allocation against the free memory: refused in one line that names the adapter, both widths and the way out,
+    nothing queued; with room, accepted, and checked only once."""
+    from softprompt.multi import static_batch
+
+    model = MultiAdapterModel(tiny_lm(), {"prefix_short": adapters["prefix_short"]})
+    info, rows, columns = model.info, 4, 24
+    per_column = 2 * info.num_layers * rows * info.num_kv_heads * info.head_dim * 8  # float64
+    free = {"bytes": per_column * (columns + 2)}
+    monkeypatch.setattr(static_batch, "free_bytes", lambda device: free["bytes"])
+    engine = GenerationEngine(model, max_rows=rows, decoding="static", max_context=columns)
+    model.add_adapter("prefix", adapters["prefix"])
+    with pytest.raises(ConfigError, match="adapter 'prefix' has 5 prefix columns, more than the 2 .*widening them "
+                                          "does not fit: .*\(\+ 5 prefix columns\) need.*start the engine with"):
+        engine.submit([5, 6, 7], "prefix", SamplingParams(max_new_tokens=4))
+    assert not engine.waiting
+    engine.submit([5, 6, 7], "prefix_short", SamplingParams(max_new_tokens=4))  # fits as before
+    free["bytes"] = per_column * (columns + 5)
+    engine.submit([5, 6, 7], "prefix", SamplingParams(max_new_tokens=4))
+    free["bytes"] = 0  # counted once: the next request of that width is not checked again
+    engine.submit([8, 9], "prefix", SamplingParams(max_new_tokens=4))
+    assert len(engine.waiting) == 3
+    free["bytes"] = per_column * 10**3
+    engine.run()
+    for request, prompt in zip(engine.requests.values(), ([5, 6, 7], [5, 6, 7], [8, 9])):
+        assert request.tokens == alone(adapters[request.adapter], prompt, 4)
+
+
 def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):
     """A pass holds at most ``max_prefill_tokens`` tokens counting padding (a longer prompt still runs, alone), and
     at most ``max_prefill_padding`` of them padding; with 0, each prompt length prefills on its own."""

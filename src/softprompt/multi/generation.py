@@ -113,6 +113,7 @@ class GenerationEngine:
             max_context = min(max_context, model.info.max_positions or max_context)
             widest = max((max(model.adapter(n).shape.prefix, default=0) for n in model.adapter_names), default=0)
             check_buffer_size(model, max_rows, max_context, widest)
+        self._checked_prefix = widest if decoding != "dynamic" else 0  # prefix columns the size check counted
         self.max_context = None if decoding == "dynamic" else max_context
         self.batch = (DynamicBatch(model, self._cache_arg) if decoding == "dynamic" else
                       StaticBatch(model, self._cache_arg, max_rows, max_context, cuda_graphs=decoding == "cuda_graphs"))
@@ -150,6 +151,7 @@ class GenerationEngine:
         if adapter is not None:
             entry = self.model.adapter(adapter)
             extra = entry.shape.prompt + entry.method.position_shift()
+            self._check_prefix_room(adapter, max(entry.shape.prefix, default=0))
         limit = self.model.info.max_positions
         needed = len(prompt_ids) + extra + params.max_new_tokens
         if self.max_context is not None and needed > self.max_context:
@@ -170,6 +172,20 @@ class GenerationEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+
+    def _check_prefix_room(self, adapter: str, width: int) -> None:
+        """An adapter loaded after the engine started may have a wider prefix than the fixed buffers were checked for:
+        its first row widens them (a new buffer, the old one held while rows are copied over), so that allocation is
+        checked against the free memory now, before the request is queued."""
+        if self.max_context is None or width <= self._checked_prefix:
+            return
+        try:
+            check_buffer_size(self.model, self.max_rows, self.max_context, width)
+        except ConfigError as exc:
+            raise ConfigError(f"adapter {adapter!r} has {width} prefix columns, more than the {self._checked_prefix} "
+                              f"the fixed decoding buffers were sized for, and widening them does not fit: {exc}; or "
+                              "start the engine with this adapter loaded") from None
+        self._checked_prefix = width
 
     def stop_ids(self, params: SamplingParams) -> list[int]:
         """The token ids that end a request: its own ``stop_token_ids``, else the model's EOS ids."""

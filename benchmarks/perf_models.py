@@ -47,29 +47,29 @@ class ModelSpec:
 
 
 # Shapes of the public configs (config.json of Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, FacebookAI/roberta-large).
+_QWEN = dict(rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+             use_sliding_window=False, attention_dropout=0.0)  # fields both Qwen2.5 sizes share
+_QWEN_PUBLIC = dict(_QWEN, vocab_size=151936, bos_token_id=151643, eos_token_id=151643)
+_QWEN_TINY = dict(_QWEN, vocab_size=512, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+
+
+def _qwen(name: str, layers: int, hidden: int, intermediate: int, heads: int, positions: int,
+          tiny: tuple[int, int, int, int]) -> ModelSpec:
+    """A Qwen2.5 shape (2 key/value heads, as both sizes have) and its tiny variant (layers, hidden, intermediate,
+    heads)."""
+    t_layers, t_hidden, t_intermediate, t_heads = tiny
+    return ModelSpec(
+        name, "qwen2",
+        dict(_QWEN_PUBLIC, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+             num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=positions),
+        dict(_QWEN_TINY, hidden_size=t_hidden, intermediate_size=t_intermediate, num_hidden_layers=t_layers,
+             num_attention_heads=t_heads, num_key_value_heads=2),
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
-    "qwen0.5b": ModelSpec(
-        "qwen0.5b", "qwen2",
-        dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-             num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-             tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False, attention_dropout=0.0,
-             bos_token_id=151643, eos_token_id=151643),
-        dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1000000.0, rms_norm_eps=1e-6,
-             tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False, attention_dropout=0.0,
-             bos_token_id=1, eos_token_id=2),
-    ),
-    "qwen1.5b": ModelSpec(
-        "qwen1.5b", "qwen2",
-        dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-             num_key_value_heads=2, max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
-             tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False, attention_dropout=0.0,
-             bos_token_id=151643, eos_token_id=151643),
-        dict(vocab_size=512, hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=6,
-             num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1000000.0, rms_norm_eps=1e-6,
-             tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False, attention_dropout=0.0,
-             bos_token_id=1, eos_token_id=2),
-    ),
+    "qwen0.5b": _qwen("qwen0.5b", 24, 896, 4864, 14, 32768, tiny=(2, 64, 128, 4)),
+    "qwen1.5b": _qwen("qwen1.5b", 28, 1536, 8960, 12, 131072, tiny=(3, 96, 192, 6)),
     "roberta-large": ModelSpec(
         "roberta-large", "roberta",
         dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,

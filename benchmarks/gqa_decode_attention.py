@@ -52,11 +52,19 @@ class _Layer(torch.nn.Module):
 
 
 def _copy(layer, query, key, value, mask):
+    """The engine's call before the change: cuDNN's SDPA off on CUDA as ``_sdpa`` switches it (so that both variants
+    choose among the same kernels), keys and values repeated per query head."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     g = layer.num_key_value_groups
-    out = torch.nn.functional.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g),
-                                                           attn_mask=mask)
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    if query.is_cuda:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g),
+                                                               attn_mask=mask)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
     return out.transpose(1, 2).contiguous()
 
 

@@ -85,6 +85,16 @@ def _inputs(heads: int, kv_heads: int, rows: int, columns: int, device, dtype):
     return query, key, value, mask.to(device)
 
 
+def _kernels(fn, args) -> list[str]:
+    """The CUDA kernels one call launches (which SDPA backend ran, and whether a copy kernel did)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    return sorted({e.key[:80] for e in prof.key_averages() if e.device_type.name == "CUDA"})
+
+
 def _time(fn, args, calls: int, device) -> float:
     """Microseconds per call."""
     if device.type == "cuda":
@@ -152,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                        times["copy"]],
                             "packed_rounds_us": [round(t, 1) for t in times["packed"]],
                             "copied_mb_per_call": round(copied / 1e6, 1), "max_abs_diff": diff}
+                    if device.type == "cuda":
+                        case["kernels"] = {n: _kernels(f, (layer, *inputs)) for n, f in
+                                           (("copy", _copy), ("packed", _packed))}
                     cases.append(case)
                     print(f"{model:9s} rows {rows:3d} columns {PREFIX + columns:5d}: copy {copy_us:9.1f} us, packed "
                           f"{packed_us:9.1f} us, {copy_us / packed_us:5.2f}x (copy writes {copied / 1e6:.1f} MB; "

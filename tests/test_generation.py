@@ -63,15 +63,20 @@ def alone(path, prompt, max_new_tokens):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+@pytest.mark.parametrize("decoding", ["dynamic", "static", "static_all_columns"])
 def test_every_row_equals_its_adapter_alone(adapters, decoding):
     """Every method's rows, joining and leaving, equal their adapter alone; with fixed decoding buffers too (the
-    layout CUDA graphs replay), whose small capacity forces the batch to cut unused columns while rows decode."""
+    layout CUDA graphs replay), whose small capacity forces the batch to cut unused columns while rows decode.
+    "static_all_columns" runs every step over all the buffers' columns, as a captured graph does (eagerly, the
+    steps read only the columns written so far): columns a row no longer uses must be hidden from it."""
     multi = MultiAdapterModel(tiny_lm(), adapters)
     # Fewer rows than requests: rows leave and others join.
-    engine = GenerationEngine(multi, max_rows=4, decoding=decoding, max_context=24)
+    engine = GenerationEngine(multi, max_rows=4, decoding=decoding.removesuffix("_all_columns"), max_context=24)
+    if decoding == "static_all_columns":
+        run = engine.batch._run
+        engine.batch._run = lambda b, columns: run(b, engine.batch.capacity)
     cuts = []
-    if decoding == "static":
+    if decoding != "dynamic":
         cut = engine.batch._cut_unused_columns
         engine.batch._cut_unused_columns = lambda: (cuts.append(engine.batch.col), cut())
     jobs = []
@@ -87,7 +92,7 @@ def test_every_row_equals_its_adapter_alone(adapters, decoding):
         after = {r.request.id for r in engine.rows}
         joined_while_decoding |= bool(before & after) and bool(after - before)
     assert joined_while_decoding  # a request joined rows that were mid-decode (iteration-level batching)
-    assert bool(cuts) == (decoding == "static")
+    assert bool(cuts) == (decoding != "dynamic")
     bare = {tuple(p): alone(None, p, 9) for p in PROMPTS}
     changed = {}
     for name, prompt, max_new, rid in jobs:
@@ -330,7 +335,7 @@ def test_a_wider_adapter_loaded_later_is_checked_before_its_request_is_queued(ad
     engine = GenerationEngine(model, max_rows=rows, decoding="static", max_context=columns)
     model.add_adapter("prefix", adapters["prefix"])
     with pytest.raises(ConfigError, match="adapter 'prefix' has 5 prefix columns, more than the 2 .*widening them "
-                                          "does not fit: .*\(\+ 5 prefix columns\) need.*start the engine with"):
+                                          r"does not fit: .*\(\+ 5 prefix columns\) need.*start the engine with"):
         engine.submit([5, 6, 7], "prefix", SamplingParams(max_new_tokens=4))
     assert not engine.waiting
     engine.submit([5, 6, 7], "prefix_short", SamplingParams(max_new_tokens=4))  # fits as before
@@ -370,11 +375,16 @@ def test_prefill_passes_respect_the_token_budget_and_the_padding_cap(adapters):
 
 
 def test_seeded_sampling_is_independent_of_the_batch(adapters):
+    """A seeded request draws the same tokens alone and in a batch of greedy and other sampled rows (before and
+    after it), and another seed draws others."""
     params = SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=123)
     solo = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
     rid = solo.submit(PROMPTS[0], "apt", params)
     solo.run()
-    crowd = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), max_rows=3)
+    crowd = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), max_rows=4)
+    # A greedy row with the longest prompt goes first in the shared prefill (and the decoding batch): the seeded
+    # row draws from its own logits, not from those of the row at its index among the sampled rows.
+    crowd.submit(PROMPTS[1] + [3], None, SamplingParams(max_new_tokens=6))
     crowd.submit(PROMPTS[1], "prefix", SamplingParams(max_new_tokens=5, temperature=1.0, seed=1))
     crowd.submit(PROMPTS[2], None, SamplingParams(max_new_tokens=2))
     other = crowd.submit(PROMPTS[0], "apt", params)
@@ -400,6 +410,9 @@ def test_stop_token_ends_a_row(adapters):
 
 
 def test_bad_requests_are_refused_before_anything_runs(adapters):
+    """Each bad request gets a one-line error at submit, and nothing is queued: empty prompt, no new tokens, too
+    long for the model or the fixed buffers, unknown adapter, token ids outside the vocabulary, sampling values out
+    of range."""
     engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
     with pytest.raises(ConfigError, match="empty"):
         engine.submit([], "prefix")
@@ -409,7 +422,15 @@ def test_bad_requests_are_refused_before_anything_runs(adapters):
         engine.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=200))  # 128 positions, 4 virtual tokens
     with pytest.raises(KeyError, match="unknown adapter"):
         engine.submit([1, 2], "nope")
+    with pytest.raises(ConfigError, match=r"token ids \[100\] are outside the vocabulary \(0..99\)"):
+        engine.submit([1, 99, 100], "prefix")
+    with pytest.raises(ConfigError, match=r"token ids \[-1\]"):
+        engine.submit([-1, 2], None)
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-0.5), dict(temperature=101)):
+        with pytest.raises(ConfigError, match="temperature must be in \\[0, 100\\] and top_p in \\(0, 1\\]"):
+            engine.submit([1, 2], "prefix", SamplingParams(**bad))
     assert not engine.busy
+    engine.submit([1, 99], "prefix", SamplingParams(temperature=100, top_p=1.0))  # the bounds themselves pass
     fixed = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="static", max_context=20)
     with pytest.raises(SequenceTooLongError, match="max_context of 20 .*at most 12"):
         fixed.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=13))  # 4 + 4 virtual + 13 = 21 columns
@@ -468,3 +489,144 @@ def test_a_lone_row_decodes_with_its_own_prefix_after_another_lone_row(adapters,
         rid = engine.submit(PROMPTS[0], name, SamplingParams(max_new_tokens=6))
         engine.run()
         assert engine.result(rid) == alone(adapters.get(name), PROMPTS[0], 6), name
+
+
+def test_sampling_draws_from_the_tempered_distribution_cut_to_its_top_p_mass():
+    """``sample_token`` on one row's logits, 4000 draws from one seeded generator: with top_p, exactly the smallest
+    set of tokens whose mass reaches top_p can come out (a boundary case: 0.5 + 0.25 reaches 0.75 exactly, so the
+    third token is out), at their renormalised probabilities, by token id (the logits are not in sorted order);
+    temperature 0.5 squares the probabilities before renormalising."""
+    from softprompt.multi.sampling import sample_token
+
+    probs = torch.tensor([0.125, 0.5, 0.0625, 0.25, 0.0625])  # powers of two: softmax(log p) gives them exactly
+    logits = probs.log()
+
+    def shares(params, draws=4000):
+        gen = torch.Generator().manual_seed(0)
+        counts = torch.bincount(torch.tensor([sample_token(logits, params, gen) for _ in range(draws)]), minlength=5)
+        return counts / draws
+
+    nucleus = shares(SamplingParams(temperature=1.0, top_p=0.75))
+    assert nucleus.nonzero().flatten().tolist() == [1, 3]
+    assert abs(nucleus[1].item() - 2 / 3) < 0.03
+    tempered = shares(SamplingParams(temperature=0.5))
+    want = probs**2 / (probs**2).sum()
+    assert tempered.nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    assert (tempered - want).abs().max().item() < 0.03, (tempered.tolist(), want.tolist())
+    assert sample_token(logits, SamplingParams(temperature=0.0), None) == 1  # greedy: the argmax
+
+
+class _AngleTokenizer:
+    """Decodes token t as "<t>" (stop strings need a tokenizer; the tiny model has none)."""
+
+    padding_side = "left"
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{t}>" for t in ids)
+
+
+def test_a_stop_string_ends_a_row_and_marks_the_first_match(adapters):
+    """A stop string found in the decoded text ends the row with "stop" at that token; when several stop strings
+    are found at once, ``stop_text_at`` is where the earliest one starts (the caller cuts the text there). A row
+    whose stop strings never appear runs to max_new_tokens."""
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters, tokenizer=_AngleTokenizer()))
+    first = alone(adapters["apt"], PROMPTS[0], 5)
+    assert len(first) == 5 and first[0] != first[1]
+    a, b = first[:2]
+    rid = engine.submit(PROMPTS[0], "apt", SamplingParams(max_new_tokens=5, stop=[f"<{b}>", f"<{a}><{b}>"]))
+    free = engine.submit(PROMPTS[0], "apt", SamplingParams(max_new_tokens=5, stop=["<no such token>"]))
+    events = []
+    while engine.busy:
+        events += engine.step()
+    assert engine.result(rid) == [a, b]
+    assert engine.requests[rid].stop_text_at == 0 and engine.requests[rid].finish_reason == "stop"
+    assert [e.finish_reason for e in events if e.request_id == rid] == [None, "stop"]
+    assert engine.result(free) == first and engine.requests[free].finish_reason == "length"
+
+
+def test_the_per_adapter_policy_decodes_one_adapter_at_a_time(adapters):
+    """``policy="per_adapter"``: a decoding batch only ever holds rows of one adapter (or only bare rows); while it
+    drains, requests of its adapter join it, and when it is empty the adapter of the oldest waiting request goes
+    next. Every row still equals its adapter alone."""
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), max_rows=4, policy="per_adapter")
+    order = [("prefix", PROMPTS[0], 3), ("apt", PROMPTS[1], 4), (None, PROMPTS[2], 3), ("prefix", PROMPTS[3], 6),
+             ("apt", PROMPTS[0], 2)]
+    jobs = [(name, prompt, n, engine.submit(prompt, name, SamplingParams(max_new_tokens=n)))
+            for name, prompt, n in order]
+    batches = []
+    while engine.busy:
+        engine.step()
+        adapters_now = {r.request.adapter for r in engine.rows}
+        assert len(adapters_now) <= 1, adapters_now
+        if adapters_now and (not batches or batches[-1] != next(iter(adapters_now))):
+            batches.append(next(iter(adapters_now)))
+    assert batches == ["prefix", "apt", None]
+    for name, prompt, n, rid in jobs:
+        assert engine.result(rid) == alone(adapters.get(name), prompt, n), name
+    with pytest.raises(ConfigError, match="policy must be"):
+        GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), policy="fair")
+
+
+def test_fixed_buffers_are_no_wider_than_the_model_has_positions(adapters):
+    """No request can use more columns than the model has positions (128 here), so fixed decoding buffers asked for
+    a larger ``max_context`` are sized to the positions (and their memory check counts those)."""
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="static", max_context=10**7)
+    assert engine.max_context == 128 and engine.batch.capacity == 128
+
+
+def test_a_prefill_pass_counts_the_longest_prompt_plus_the_longest_input_prompt(adapters):
+    """A pass's width is the longest prompt plus the longest input-layer prompt (``insert_row_prompts``), even when
+    no single row is that long: a bare 8-token row and a 4-token row of a 4-token prompt adapter are 8 columns each
+    but 12 columns together, so a budget of 20 tokens prefills them apart and one of 24 together."""
+    multi = MultiAdapterModel(tiny_lm(), adapters)
+    for budget, want in ((20, [[None], ["prompt"]]), (24, [[None, "prompt"]])):
+        engine = GenerationEngine(multi, max_prefill_tokens=budget, max_prefill_padding=0.9)
+        requests = [engine.requests[engine.submit(p, name)] for p, name in (([1] * 8, None), ([2] * 4, "prompt"))]
+        assert [[r.adapter for r in g] for g in engine._prefill_groups(requests)] == want, budget
+
+
+def test_a_longer_and_wider_row_joining_a_fixed_batch_keeps_the_live_rows_exact(adapters):
+    """Fixed decoding buffers: a row whose prompt is longer than the columns used so far moves the live rows right
+    (the columns they leave are hidden from them), and a prefix wider than any so far widens the buffers (the live
+    rows keep their prefix and its visibility). The live row and the new one both equal their adapter alone."""
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), max_rows=4, decoding="static", max_context=24)
+    short = engine.submit(PROMPTS[2], "prefix_short", SamplingParams(max_new_tokens=8))  # 1 token, 2 prefix columns
+    engine.step()
+    engine.step()
+    assert (engine.batch.col, engine.batch._width) == (2, 2)
+    long = engine.submit(PROMPTS[1], "prefix", SamplingParams(max_new_tokens=6))  # 7 tokens, 5 prefix columns
+    engine.step()
+    assert (engine.batch.col, engine.batch._width) == (7, 5)  # a decoding step (col 3), then moved right by 4
+    engine.run()
+    assert engine.result(short) == alone(adapters["prefix_short"], PROMPTS[2], 8)
+    assert engine.result(long) == alone(adapters["prefix"], PROMPTS[1], 6)
+
+
+@pytest.fixture(scope="module")
+def layered_adapters(tmp_path_factory):
+    """Prefixes whose length differs by layer: in every layer ([6, 2, 3]), and with a layer left out ([3, 0, 4])."""
+    root = tmp_path_factory.mktemp("gen_layered")
+    paths = {}
+    for seed, (name, lengths) in enumerate((("layers", [6, 2, 3]), ("gaps", [3, 0, 4]))):
+        config = sp.PrefixConfig(layer_lengths=lengths, init="random", init_std=1.0, seed=20 + seed)
+        sp.wrap(tiny_lm(), config).save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_prefixes_of_other_lengths_in_other_layers_decode_exactly(adapters, layered_adapters, decoding):
+    """Rows whose prefix length differs by layer share prefill and decoding with prefixes of one length and bare
+    rows: each layer's table is as wide as its widest row and each row sees, in each layer, only its own columns.
+    Every row equals its adapter alone, and the layered adapters change what is generated."""
+    paths = {**layered_adapters, "prefix": adapters["prefix"]}
+    engine = GenerationEngine(MultiAdapterModel(tiny_lm(), paths), max_rows=4, decoding=decoding, max_context=24)
+    jobs = [(name, prompt, engine.submit(prompt, name, SamplingParams(max_new_tokens=6)))
+            for name, prompt in (("layers", PROMPTS[0]), ("prefix", PROMPTS[1]), (None, PROMPTS[3]),
+                                 ("gaps", PROMPTS[2]), ("layers", PROMPTS[3]), ("gaps", PROMPTS[0]))]
+    engine.run()
+    for name, prompt, rid in jobs:
+        want = alone(paths.get(name), prompt, 6)
+        assert engine.result(rid) == want, (name, prompt)
+        if name in layered_adapters:
+            assert want != alone(None, prompt, 6), name

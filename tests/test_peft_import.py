@@ -112,3 +112,82 @@ def test_generation_from_a_peft_folder_equals_peft_greedy(name, tmp_path):
     engine.run()
     assert engine.result(rid) == tokens[len(prompt):]
     assert engine.result(none) != tokens[len(prompt):]  # the adapter changes the output
+
+
+def _edited(tmp_path, name, **changes):
+    """A decoder PEFT folder of ``name`` saved by PEFT, with fields of its adapter_config.json changed."""
+    folder = tmp_path / name
+    peft_folder(tiny("llama").double().eval(), DECODER[name], folder, seed=6)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("prefix", {"num_transformer_submodules": 2}, "PEFT adapters of encoder-decoder models .* are not supported"),
+    ("prefix", {"num_virtual_tokens": 0}, "PEFT field 'num_virtual_tokens' is 0, expected a positive integer"),
+    ("prefix", {"num_layers": True}, "PEFT field 'num_layers' is True, expected a positive integer"),
+    ("prefix", {"token_dim": "16"}, "PEFT field 'token_dim' is '16', expected a positive integer"),
+    ("prefix", {"num_attention_heads": 3}, "token_dim 16 is not a multiple of num_attention_heads 3"),
+    ("prefix", {"num_virtual_tokens": 6}, r"prompt_embeddings has shape \(5, 96\), expected \(6, 96\) for this PEFT "),
+    ("prefix", {"num_layers": 2}, r"prompt_embeddings has shape \(5, 96\), expected \(5, 64\)"),
+    ("prompt", {"num_virtual_tokens": 3}, r"prompt_embeddings has shape \(4, 32\), expected \(3, 32\)"),
+    ("prompt", {"token_dim": 16}, r"prompt_embeddings has shape \(4, 32\), expected \(4, 16\)"),
+])
+def test_peft_fields_that_do_not_describe_the_saved_tensors_are_refused_in_one_line(name, changes, message, tmp_path):
+    """A PEFT config softprompt cannot read as PEFT meant it (encoder-decoder, a count that is not a positive
+    integer, key/value heads that do not divide the token size, a table whose shape the config does not give) is
+    refused with one line naming the file and the values, instead of being reshaped into other numbers."""
+    folder = _edited(tmp_path, name, **changes)
+    with pytest.raises(AdapterFormatError, match=message) as caught:
+        sp.load(tiny("llama"), folder)
+    assert "\n" not in str(caught.value) and str(folder / "adapter_config.json") in str(caught.value)
+
+
+def test_a_peft_folder_reads_as_the_equivalent_softprompt_config(tmp_path):
+    """What the converted configs say, field by field: PEFT's prefix table becomes prefix tuning with PEFT's
+    position numbering on the key/value shape PEFT stored; a sequence-classification prompt becomes a front prompt
+    whose saved head gives the label count (its output rows) and makes it a classifier even without a task type."""
+    from softprompt.io import read_adapter_config
+
+    prefix = read_adapter_config(_edited(tmp_path, "prefix"))
+    assert (prefix["method"], prefix["config"], prefix["task_kind"], prefix["head_modules"]) == (
+        "prefix", {"num_virtual_tokens": 5, "init": "random", "shift_positions": True}, "causal_lm", [])
+    assert {k: prefix["base_model"][k] for k in ("architecture", "num_layers", "num_kv_heads", "head_dim")} == {
+        "architecture": "ForCausalLM", "num_layers": 3, "num_kv_heads": 2, "head_dim": 8}
+    base = tiny("bert", pad_token_id=0).double().eval()  # a head of 3 labels: weight [3, 32]
+    peft_folder(base, ENCODER["prompt"], tmp_path / "cls", seed=7)
+    prompt = read_adapter_config(tmp_path / "cls")
+    assert (prompt["method"], prompt["config"], prompt["base_model"]["hidden_size"]) == (
+        "prompt", {"num_virtual_tokens": 4, "init": "random", "position": "front"}, 32)
+    assert (prompt["head_modules"], prompt["num_labels"], prompt["task_kind"]) == (["classifier"], 3, "classification")
+    config = json.loads((tmp_path / "cls" / "adapter_config.json").read_text())
+    del config["task_type"]
+    (tmp_path / "cls" / "adapter_config.json").write_text(json.dumps(config))
+    assert read_adapter_config(tmp_path / "cls")["task_kind"] == "classification"
+
+
+class _Canary:
+    """Unpickling it writes a file: proof that something unpickled the adapter."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_peft_folder_with_only_pickled_weights_is_refused_without_unpickling(tmp_path):
+    """Older PEFT versions save ``adapter_model.bin`` (a pickle). Loading reads safetensors only: such a folder is
+    refused in one line, and the pickle is never opened (its canary would create a file)."""
+    folder = _edited(tmp_path, "prompt")
+    (folder / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    torch.save({"prompt_embeddings": _Canary(marker)}, folder / "adapter_model.bin")
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.safetensors is missing") as caught:
+        sp.load(tiny("llama"), folder)
+    assert "\n" not in str(caught.value) and not marker.exists()
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.safetensors is missing"):
+        MultiAdapterModel(tiny("llama"), {"peft": str(folder)})
+    assert not marker.exists()

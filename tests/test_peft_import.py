@@ -10,7 +10,7 @@ from conftest import tiny
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 import softprompt as sp
-from softprompt.errors import AdapterFormatError
+from softprompt.errors import AdapterFormatError, SequenceTooLongError
 from softprompt.multi import MultiAdapterModel
 
 DECODER = {
@@ -107,6 +107,12 @@ def test_generation_from_a_peft_folder_equals_peft_greedy(name, tmp_path):
             x = torch.tensor([tokens])
             tokens.append(int(pm(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
     engine = GenerationEngine(MultiAdapterModel(copy.deepcopy(base), {"peft": str(tmp_path)}))
+    # The real tokens follow PEFT's 5 prefix positions (prefix tuning) or its 4 prompt tokens: both count against
+    # the model's 128 positions, so the longest request allowed is 5 + 118 or 5 + 119 tokens.
+    most = 128 - len(prompt) - (5 if name == "prefix" else 4)
+    with pytest.raises(SequenceTooLongError, match=f"lower max_tokens to at most {most}$"):
+        engine.submit(prompt, "peft", SamplingParams(max_new_tokens=most + 1))
+    engine.check(prompt, "peft", SamplingParams(max_new_tokens=most))
     rid = engine.submit(prompt, "peft", SamplingParams(max_new_tokens=6))
     none = engine.submit(prompt, None, SamplingParams(max_new_tokens=6))
     engine.run()

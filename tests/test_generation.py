@@ -398,6 +398,7 @@ def test_seeded_sampling_is_independent_of_the_batch(adapters):
 
 
 def test_stop_token_ends_a_row(adapters):
+    """A request's own stop token ends its row with "stop" on that token; ``forget`` drops its record."""
     engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
     first = alone(adapters["apt"], PROMPTS[0], 5)
     assert first[2] not in first[:2]
@@ -407,12 +408,16 @@ def test_stop_token_ends_a_row(adapters):
         events += engine.step()
     assert engine.result(rid) == first[:3]
     assert events[-1].finish_reason == "stop"
+    engine.forget(rid)  # a finished request's record goes when the caller has read it
+    assert rid not in engine.requests
+    with pytest.raises(KeyError):
+        engine.result(rid)
 
 
 def test_bad_requests_are_refused_before_anything_runs(adapters):
     """Each bad request gets a one-line error at submit, and nothing is queued: empty prompt, no new tokens, too
     long for the model or the fixed buffers, unknown adapter, token ids outside the vocabulary, sampling values out
-    of range."""
+    of range. Engines that cannot generate are refused at construction (no buffer columns, no language model)."""
     engine = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters))
     with pytest.raises(ConfigError, match="empty"):
         engine.submit([], "prefix")
@@ -437,6 +442,10 @@ def test_bad_requests_are_refused_before_anything_runs(adapters):
     fixed.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=12))  # 20 columns fit
     with pytest.raises(ConfigError, match="decoding must be"):
         GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="graphs")
+    with pytest.raises(ConfigError, match="max_context must be at least 1, got 0"):
+        GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="static", max_context=0)
+    with pytest.raises(ConfigError, match="generation needs a causal language model; LlamaForSequenceClassification"):
+        GenerationEngine(MultiAdapterModel(tiny("llama", task="cls"), {}))
 
 
 def test_every_row_equals_its_adapter_alone_on_smollm2(tmp_path):

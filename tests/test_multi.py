@@ -331,3 +331,18 @@ def test_methods_that_declare_they_read_no_inputs_give_one_contribution_for_any_
         assert one.prompt_at == two.prompt_at and one.insertion is None and one.layer_hook is None
         checked.append(method.config.method)
     assert {"prompt", "ptuning", "prefix"} <= set(checked)
+
+
+def test_encode_truncates_each_row_to_its_own_adapters_limit(base_dir, adapter_dirs, fresh_base):
+    """``encode`` truncates every row to its own adapter's ``max_length`` (the bare model's: 128), and never past
+    the model's 64 positions less those the adapter adds (prompt_cls: 5 prompt tokens, lpt: 2 inserted vectors):
+    rows of one batch get different lengths."""
+    from softprompt.loading import load_tokenizer
+
+    names = ("prefix_a", "prompt_cls", "lpt")
+    model = MultiAdapterModel(fresh_base(), {n: adapter_dirs[n] for n in names}, tokenizer=load_tokenizer(base_dir))
+    model.adapter("prefix_a").meta["max_length"] = 5
+    model.adapter("prompt_cls").meta["max_length"] = 100
+    assert model.adapter("lpt").max_length == 12  # as saved
+    batch = model.encode([" ".join(["good"] * 80)] * 4, [*names, None])
+    assert batch["attention_mask"].sum(1).tolist() == [5, 59, 12, 64]

@@ -129,7 +129,9 @@ def test_joining_requests_share_prefill_passes_and_stay_exact(adapters, decoding
         jobs.append((name, prompt, engine.submit(prompt, name, SamplingParams(max_new_tokens=5))))
     # Rows that finish at their first token leave their prefill's cache before it joins the batch.
     done = [(name, engine.submit(same_length[1], name, SamplingParams(max_new_tokens=1))) for name in ("apt", None)]
-    engine.step()
+    events = engine.step()
+    # One first token per request, in the order the requests were submitted (not the order of the passes).
+    assert [e.request_id for e in events] == list(range(len(jobs) + len(done)))
     flat = sorted(["None"] * 5 + ["apt"] * 4 + ["prefix"] * 4 + ["prefix_short"] * 3 + ["prompt"] * 3 + ["ptuning"] * 4)
     assert sorted(passes) == sorted([flat, ["idspam"] * 3 + ["lpt"] * 4, ["lpt_npg"] * 3])
     assert [engine.result(rid) for _, rid in done] == [alone(adapters.get(n), same_length[1], 1) for n, _ in done]

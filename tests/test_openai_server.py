@@ -140,22 +140,33 @@ def test_models_lists_the_base_and_every_adapter(url):
     assert ids[1:] == ["a", "b"] and len(ids) == 3
 
 
-@pytest.mark.parametrize("body, status, needle", [
-    ({"model": "nope", "prompt": "w5"}, 404, "does not exist"),
-    ({"model": "a", "prompt": "w5", "max_tokens": 500}, 400, "context"),
-    ({"model": "a", "prompt": ""}, 400, "empty"),
-    ({"model": "a", "prompt": "w5", "max_tokens": "many"}, 400, "must be int"),
-    ({"model": "a", "prompt": "w5", "temperature": 9}, 400, "temperature"),
-    ({"model": "a", "prompt": ["w5", "w6"]}, 400, "one request each"),
-    ({"prompt": "w5"}, 400, "'model' is required"),
-    ({"model": "a", "prompt": [5, 10_000]}, 400, "outside the vocabulary"),
+@pytest.mark.parametrize("body, status, needle, param", [
+    ({"model": "nope", "prompt": "w5"}, 404, "does not exist", "model"),
+    ({"model": "a", "prompt": "w5", "max_tokens": 500}, 400, "context", "max_tokens"),
+    ({"model": "a", "prompt": ""}, 400, "empty", "prompt"),
+    ({"model": "a", "prompt": "w5", "max_tokens": "many"}, 400, "must be int", "max_tokens"),
+    ({"model": "a", "prompt": "w5", "max_tokens": True}, 400, "'max_tokens' must be int, got bool", "max_tokens"),
+    ({"model": "a", "prompt": "w5", "max_tokens": 0}, 400, "'max_tokens' must be >= 1, got 0", "max_tokens"),
+    ({"model": "a", "prompt": "w5", "temperature": 9}, 400, "temperature", "temperature"),
+    ({"model": "a", "prompt": "w5", "top_p": 0}, 400, "'top_p' must be in (0, 1]", "top_p"),
+    ({"model": "a", "prompt": "w5", "top_p": 1.5}, 400, "'top_p' must be in (0, 1]", "top_p"),
+    ({"model": "a", "prompt": "w5", "n": 2}, 400, "only n=1 is supported", "n"),
+    ({"model": "a", "prompt": "w5", "logprobs": 1}, 400, "logprobs and best_of are not supported", "logprobs"),
+    ({"model": "a", "prompt": "w5", "best_of": 2}, 400, "logprobs and best_of are not supported", "logprobs"),
+    ({"model": "a", "prompt": "w5", "stop": ["w6", "w7", "w8", "w9", "w10"]}, 400, "at most 4 non-empty", "stop"),
+    ({"model": "a", "prompt": "w5", "stop": [""]}, 400, "at most 4 non-empty strings", "stop"),
+    ({"model": "a", "prompt": ["w5", "w6"]}, 400, "one request each", "prompt"),
+    ({"prompt": "w5"}, 400, "'model' is required", "model"),
+    ({"model": "a", "prompt": [5, 10_000]}, 400, "outside the vocabulary", None),
 ])
-def test_bad_requests_get_openai_errors(url, body, status, needle):
+def test_bad_requests_get_openai_errors(url, body, status, needle, param):
+    """Each client mistake is a 4xx in OpenAI's error format, one line, naming the offending field in ``param``."""
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert needle in error["message"] and "\n" not in error["message"]
+    assert needle in error["message"] and "\n" not in error["message"], error
     assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
 
 
 def test_not_json_and_wrong_messages(url):
@@ -197,3 +208,149 @@ def test_fixed_decoding_buffers_that_cannot_fit_are_one_line(folders):
     assert result.returncode == 1, result.stderr[-500:]
     assert len(lines) == 1 and f"fixed decoding buffers of {10**12} rows x {limit} columns need" in lines[0], lines
     assert "lower max_context" in lines[0]
+
+
+def offline_tokens(folders, name, ids, max_tokens):
+    """The token ids the adapter's own greedy generate() produces, through the first EOS (which counts as a
+    completion token, as on the server)."""
+    model = sp.load(lm(), folders[1][name]) if name in ADAPTERS else lm()
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                         pad_token_id=0)[0, len(ids):].tolist()
+    return out[: out.index(2) + 1] if 2 in out else out
+
+
+def sse(response) -> list[str]:
+    """The ``data:`` payloads of a server-sent event stream, in order (every event is one data line)."""
+    events = [e for e in response.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), response.text
+    return [e.removeprefix("data: ") for e in events]
+
+
+def test_usage_counts_every_token_exactly(folders, url):
+    """usage: prompt_tokens is the prompt's length, completion_tokens the number of generated tokens (the same in the
+    final chunk of a stream with include_usage), total_tokens their sum."""
+    ids = tokenizer()(PROMPT)["input_ids"]
+    for name, max_tokens in (("a", 6), ("b", 12)):
+        generated = len(offline_tokens(folders, name, ids, max_tokens))
+        want = {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
+        body = {"model": name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"] == want
+        r = httpx.post(f"{url}/v1/completions", json={**body, "stream": True,
+                                                       "stream_options": {"include_usage": True}}, timeout=60)
+        (usage,) = [json.loads(d)["usage"] for d in sse(r)[:-1] if "usage" in json.loads(d)]
+        assert usage == want
+
+
+def test_streams_end_with_one_done_after_the_finish_reason(url):
+    """A stream is JSON chunks, the last choice chunk carrying the finish reason, then exactly one ``[DONE]``, last;
+    a chat stream opens with the assistant role."""
+    for path, body in (("completions", {"prompt": PROMPT}), ("chat/completions",
+                                                            {"messages": [{"role": "user", "content": "w40"}]})):
+        r = httpx.post(f"{url}/v1/{path}", json={"model": "a", "max_tokens": 4, "temperature": 0, "stream": True,
+                                                  **body}, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+        data = sse(r)
+        assert data[-1] == "[DONE]" and data.count("[DONE]") == 1, data
+        chunks = [json.loads(d) for d in data[:-1]]
+        reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+        assert reasons[-1] == "length" and set(reasons[:-1]) == {None}, reasons
+        if path == "chat/completions":
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_stop_strings_end_the_text_before_them_streamed_or_not(folders, url):
+    """A stop string (here two tokens long, so its first token alone could be a false start) ends the completion with
+    finish_reason "stop"; the text ends just before it, and a stream never releases a part of it."""
+    ids = tokenizer()(PROMPT)["input_ids"]
+    full = offline(folders, "a", ids, 8)
+    stop = " ".join(full.split()[1:3])  # the 2nd and 3rd words
+    want = full[: full.find(stop)]
+    assert len(stop.split()) == 2 and want and want != full
+    for stop_field in (stop, ["zzz", stop]):
+        body = {"model": "a", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stop": stop_field}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        choice = r.json()["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (want, "stop"), r.text
+        chunks = [json.loads(d) for d in sse(httpx.post(f"{url}/v1/completions", json={**body, "stream": True},
+                                                        timeout=60))[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                                   "stop": ["zzz"]}, timeout=60)
+    assert r.json()["choices"][0]["text"] == full  # a stop string that never occurs cuts nothing
+
+
+def test_a_full_generation_queue_is_503_retry_later_in_openai_format(folders):
+    """With --max-queue-rows 1 and one request held inside its decoding step, the next gets 503, OpenAI's error JSON
+    and Retry-After; once the first finishes, requests are accepted again (event-based: the model lock is held)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = MultiAdapterModel(lm(), folders[1], tokenizer=tokenizer())
+    inside, release = threading.Event(), threading.Event()
+    real = model._lock
+
+    class HeldLock:
+        """The model lock; the generation thread's first step waits inside it until released."""
+
+        def __enter__(self):
+            if threading.current_thread().name == "softprompt-generate" and not release.is_set():
+                inside.set()
+                release.wait(timeout=60)
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    model._lock = HeldLock()
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    with ServerThread(create_app(model, ServeConfig(max_queue_rows=1))) as address, ThreadPoolExecutor(1) as pool:
+        try:
+            first = pool.submit(httpx.post, f"{address}/v1/completions", json=body, timeout=60)
+            assert inside.wait(timeout=60)
+            r = httpx.post(f"{address}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
+            error = r.json()["error"]
+            assert (error["code"], error["type"]) == ("overloaded", "server_error"), error
+            assert "retry later" in error["message"]
+            release.set()
+            assert first.result().status_code == 200
+            assert httpx.post(f"{address}/v1/completions", json=body, timeout=60).status_code == 200
+        finally:
+            release.set()  # before the pool waits for the first request
+
+
+def test_a_failed_decoding_step_is_503_and_the_server_keeps_serving(folders):
+    """A decoding step that fails (here: the first time the generation thread takes the model lock) ends the running
+    request: 503 "retry" in OpenAI's format, or an error event then ``[DONE]`` in a stream; the next request works."""
+    import threading
+
+    model = MultiAdapterModel(lm(), folders[1], tokenizer=tokenizer())
+    real, failures = model._lock, [2]
+
+    class FailingLock:
+        """The model lock; the generation thread's first two steps fail inside it."""
+
+        def __enter__(self):
+            if threading.current_thread().name == "softprompt-generate" and failures[0] > 0:
+                failures[0] -= 1
+                raise RuntimeError("simulated failure of a decoding step")
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    model._lock = FailingLock()
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    with ServerThread(create_app(model, ServeConfig())) as address:
+        r = httpx.post(f"{address}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "aborted" and "retry" in r.json()["error"]["message"]
+        data = sse(httpx.post(f"{address}/v1/completions", json={**body, "stream": True}, timeout=60))
+        assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["type"] == "server_error", data
+        r = httpx.post(f"{address}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
+

@@ -354,3 +354,15 @@ def test_a_failed_decoding_step_is_503_and_the_server_keeps_serving(folders):
         r = httpx.post(f"{address}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
 
+
+def test_a_seed_out_of_range_is_a_400_not_a_503(url):
+    """A sampling seed the random generator cannot take (outside -2**63 .. 2**64 - 1) is the client's mistake: 400
+    naming ``seed``, not a 503 "interrupted, retry" that no retry can fix. Seeds in the range work."""
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 2, "temperature": 0.7}
+    for seed in (2**64, -(2**63) - 1, 10**30):
+        r = httpx.post(f"{url}/v1/completions", json={**body, "seed": seed}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "seed" and "'seed' must be" in r.json()["error"]["message"]
+    for seed in (0, -1, 2**64 - 1):
+        r = httpx.post(f"{url}/v1/completions", json={**body, "seed": seed}, timeout=60)
+        assert r.status_code == 200, r.text

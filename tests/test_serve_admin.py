@@ -230,3 +230,20 @@ def test_the_gate_covers_every_changing_request_under_adapters(method, path, roo
     assert (reached == []) is gated
     if gated:
         assert sent[0]["status"] == 403 and b"--admin-token" in sent[1]["body"]
+        # The body was not read: the connection must close, or its bytes would be read as the next request.
+        assert (b"connection", b"close") in sent[0]["headers"]
+
+
+@pytest.mark.parametrize("options,status", [({}, 403), ({"admin_token": TOKEN}, 401)])
+def test_the_routes_refuse_by_themselves_without_the_gate(model, options, status):
+    """The admin routes check permission again (defence in depth): with the ASGI gate taken out of the app, a request
+    without the token is still refused with the same status, and nothing changes."""
+    from softprompt.serve.admin import AdminGate
+
+    app = create_app(model, ServeConfig(**options))
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not AdminGate]  # before the stack is built
+    with ServerThread(app) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
+            assert_refused(httpx.post(f"{url}/adapters", json=ADD, headers=headers, timeout=30), status, "admin")
+            assert_refused(httpx.delete(f"{url}/adapters/prefix_a", headers=headers, timeout=30), status, "admin")
+        assert adapter_names(url) == ["prefix_a"]

@@ -172,6 +172,21 @@ def test_bad_requests_get_4xx_with_a_message(server, case, status, needle):
     assert needle.lower() in json.dumps(detail).lower()
 
 
+def test_the_body_limit_holds_for_chunked_bodies_and_admits_exactly_the_limit(server):
+    """--max-body-bytes (20,000 here) counts the bytes read, so a chunked body without Content-Length is refused as
+    well; a body of exactly 20,000 bytes is read and answered, one byte more is 413."""
+    url, _ = server
+    r = httpx.post(f"{url}/predict", content=(b"a" * 10_000 for _ in range(3)), headers=JSON, timeout=30)
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413 and "over 20000 bytes" in r.json()["detail"], r.text
+    body = json.dumps({"adapter": "prefix_a", "inputs": ["a film"]}).encode()
+    body += b" " * (20_000 - len(body))
+    r = httpx.post(f"{url}/predict", content=body, headers=JSON, timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{url}/predict", content=body + b" ", headers=JSON, timeout=30)
+    assert r.status_code == 413 and "over 20000 bytes" in r.json()["detail"], r.text
+
+
 def test_other_bad_calls(server):
     url, _ = server
     assert httpx.get(f"{url}/predict").status_code == 405

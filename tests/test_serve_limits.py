@@ -40,16 +40,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op thre
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """base/, root/ (every kind of adapter, plus hostile ones) and outside/ (a valid adapter outside the root)."""
+    """base/, root/ (every kind of adapter, plus hostile ones), outside/ (a valid adapter outside the root) and
+    root_sibling/ (one beside the root whose name starts with the root's: outside it all the same)."""
     base, root, outside = adapter_tree(tmp_path_factory.mktemp("serve_limits"))
+    sibling = root.parent / f"{root.name}_sibling"
+    shutil.copytree(root / "prompt_cls", sibling / "prompt_cls")
     (root / "no_weights").mkdir()
     shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "no_weights")
+    (root / "dir_weights").mkdir()  # adapter_model.safetensors is a folder, not a file
+    shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "dir_weights")
+    (root / "dir_weights" / "adapter_model.safetensors").mkdir()
+    shutil.copytree(root / "prefix_a", root / "big_config")  # a valid config padded with spaces to over 1 MiB
+    text = (root / "big_config" / "adapter_config.json").read_text()
+    (root / "big_config" / "adapter_config.json").write_text(text + " " * 2**20)
     for name, options in {"float_tokens": {"num_virtual_tokens": 1e9},
                           "huge_mlp": {"projection": True, "projection_hidden_size": 10**7},
                           "many_layers": {"layer_lengths": [4] * 1000}, "layer_out": {"layers": [0, 99]}}.items():
         shutil.copytree(root / "prefix_a", root / name)
         edit_config(root / name, **options)
-    return {"base": base, "root": root, "outside": outside}
+    return {"base": base, "root": root, "outside": outside, "sibling": sibling}
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +103,19 @@ def add(url, path, name="added"):
     ("{outside}/prompt_cls", 403, ["leads outside the adapter root"]),
     ("prompt_cls/../../outside/prompt_cls", 403, ["leads outside"]),
     ("/etc", 403, ["leads outside"]),
-    ("link_out", 403, ["leads outside"]),
+    ("link_out", 403, ["adapter path 'link_out' leads outside"]),  # the folder itself, before its files
+    ("../root_sibling/prompt_cls", 403, ["leads outside the adapter root"]),
+    ("{sibling}/prompt_cls", 403, ["leads outside the adapter root"]),
     ("files_out", 403, ["adapter_model.safetensors", "symlink that leads outside"]),
     ("no_weights", 400, ["adapter_model.safetensors is missing"]),
+    ("dir_weights", 400, ["adapter_model.safetensors is missing", "not a regular file"]),
     ("no_such_folder", 400, ["does not exist under the adapter root", "relative paths are taken relative to"]),
     ("prompt_cls/adapter_config.json", 400, ["does not exist"]),
     ("prompt_cls\x00", 400, ["NUL"]),
 ])
 def test_paths_outside_the_root_or_unusable_are_refused(tree, model, load_calls, path, status, needles):
     with serve(model, adapter_roots=(str(tree["root"]),)) as url:
-        r = add(url, path.format(outside=tree["outside"]))
+        r = add(url, path.format(outside=tree["outside"], sibling=tree["sibling"]))
         assert_refused(r, status, *needles)
         assert adapter_names(url) == ["prefix_a"]
     assert load_calls == []
@@ -148,6 +160,7 @@ def test_every_method_loads_through_the_size_checks(tree, model):
     ("layer_out", {}, 400, ["layers [99] out of range 0..2"]),
     ("huge_mlp", {}, 413, ["would build modules of", "--max-adapter-bytes"]),
     ("prefix_a", {"max_adapter_bytes": 1000}, 413, ["holds 0.0 MiB of tensors", "over this server's limit"]),
+    ("big_config", {}, 413, ["adapter_config.json is over 1048576 bytes"]),
 ])
 def test_oversized_adapters_are_refused_before_loading(tree, model, load_calls, path, options, status, needles):
     with serve(model, adapter_roots=(str(tree["root"]),), **options) as url:
@@ -307,7 +320,7 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(
                 b"Content-Length: 100\r\n\r\n")
         answer = _raw_request(url, head, b'{"adapter": ')  # 12 of 100 bytes, then silence
         assert answer.startswith(b"HTTP/1.1 408"), answer
-        assert b"--body-timeout" in answer
+        assert b"--body-timeout" in answer and b"\r\nconnection: close\r\n" in answer.lower()
 
 
 def test_admin_requests_are_refused_before_their_body_is_read(model):
@@ -316,7 +329,7 @@ def test_admin_requests_are_refused_before_their_body_is_read(model):
         head = b"POST /adapters HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
         answer = _raw_request(url, head, b"")
         assert answer.startswith(b"HTTP/1.1 401"), answer
-        assert b"admin token" in answer
+        assert b"admin token" in answer and b"\r\nconnection: close\r\n" in answer.lower()
 
 
 def test_peft_folders_load_and_are_size_checked_without_reading_their_tensors(tree, model, load_calls):
@@ -339,3 +352,122 @@ def test_peft_folders_load_and_are_size_checked_without_reading_their_tensors(tr
         r = add(url, "peft_prompt")
         assert r.status_code == 201, r.text
         assert r.json()["prompt_length"] == 4
+
+
+def test_limits_admit_an_adapter_exactly_at_them(tree, model):
+    """--max-virtual-tokens and --max-adapter-bytes are the largest values allowed: prefix_a (4 virtual tokens) loads
+    with both limits exactly at its size, and one token or one byte less refuses it."""
+    from softprompt.serve.limits import _read_config, module_bytes
+
+    folder = tree["root"] / "prefix_a"
+    meta = _read_config(str(folder))
+    size = max(safetensors_bytes(str(folder / "adapter_model.safetensors")),
+               module_bytes(meta["method"], meta["config"], model.info))
+    with serve(model, adapter_roots=(str(tree["root"]),), max_virtual_tokens=4, max_adapter_bytes=size) as url:
+        assert add(url, "prefix_a", name="exact").status_code == 201
+        assert httpx.delete(f"{url}/adapters/exact", headers=AUTH, timeout=30).status_code == 200
+    with serve(model, adapter_roots=(str(tree["root"]),), max_virtual_tokens=3) as url:
+        assert_refused(add(url, "prefix_a", name="exact"), 413, "num_virtual_tokens = 4 is over 3")
+    with serve(model, adapter_roots=(str(tree["root"]),), max_adapter_bytes=size - 1) as url:
+        assert_refused(add(url, "prefix_a", name="exact"), 413, "--max-adapter-bytes")
+        assert adapter_names(url) == ["prefix_a"]
+
+
+def test_a_declared_body_over_the_limit_is_413_before_it_is_read(model):
+    """A Content-Length over --max-body-bytes is answered 413 at once, the connection closed: the test never sends
+    the body, and the body timeout is long."""
+    with serve(model, max_body_bytes=1000, body_timeout_s=300) as url:
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1001\r\n\r\n"
+        answer = _raw_request(url, head, b"")
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        assert b"over 1000 bytes" in answer and b"\r\nconnection: close\r\n" in answer.lower()
+
+
+def test_rows_of_an_adapter_removed_while_queued_get_404(tree, model):
+    """DELETE /adapters/NAME while a request for NAME waits in the queue: that request gets 404, the running batch
+    finishes (event-based: the first batch is held inside the model while the second request is queued)."""
+    with serve(model, adapter_roots=(str(tree["root"]),), max_batch_size=1) as url:
+        assert add(url, "prompt_cls").status_code == 201
+        inside, release = threading.Event(), threading.Event()
+        real = model.predict
+
+        def held(*args):
+            inside.set()
+            release.wait(timeout=60)
+            return real(*args)
+
+        model.predict = held
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]},
+                                    timeout=60)
+                assert inside.wait(timeout=60)
+                second = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "added", "inputs": ["a"]},
+                                     timeout=60)
+                for _ in range(10_000):
+                    if httpx.get(f"{url}/health", timeout=30).json()["queued_rows"] == 1:
+                        break
+                else:
+                    raise AssertionError("the second request was never queued")
+                assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
+                release.set()
+                assert first.result().status_code == 200
+                assert_refused(second.result(), 404, "unknown adapter 'added'")
+        finally:
+            release.set()
+            del model.predict
+
+
+def test_a_failing_request_does_not_fail_the_others_in_its_batch():
+    """Failure isolation in the batcher: two requests share one batch, the model fails on one of them; only that
+    request gets the error, the other its predictions."""
+    import asyncio
+
+    from softprompt.serve import DynamicBatcher
+
+    class Model:
+        def __contains__(self, name):
+            return True
+
+        def predict(self, texts, adapters, pairs):
+            if "boom" in texts:
+                raise ValueError("the model failed on 'boom'")
+            return [{"label": t} for t in texts]
+
+    async def main():
+        batcher = DynamicBatcher(Model(), max_batch_size=4, max_wait_ms=1000)
+        await batcher.start()
+        try:
+            # Both requests are queued before the batching task runs again: their 4 rows fill one batch.
+            good = asyncio.create_task(batcher.submit(["x", "x"], ["a", "b"]))
+            bad = asyncio.create_task(batcher.submit(["y", "y"], ["c", "boom"]))
+            return await asyncio.gather(good, bad, return_exceptions=True), batcher.stats.batches
+        finally:
+            await batcher.stop()
+
+    (good, bad), batches = asyncio.run(main())
+    assert good == [{"label": "a"}, {"label": "b"}]
+    assert isinstance(bad, ValueError) and str(bad) == "the model failed on 'boom'"
+    assert batches == 1
+
+
+def test_the_body_timeout_covers_the_whole_body_not_each_chunk(model):
+    """A client that trickles its body one byte every 0.1 s (each gap well under the 0.5 s limit) still gets 408 once
+    0.5 s have passed since the request head. The trickle would take 10 s: the 408 cannot come from a slow machine
+    (a gap over 0.5 s only makes a per-chunk limit answer 408 as well), and no duration is asserted."""
+    import select
+
+    with serve(model, body_timeout_s=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n")
+            for _ in range(100):
+                if select.select([s], [], [], 0.1)[0]:  # the server answered
+                    break
+                s.sendall(b" ")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"--body-timeout" in answer and b"\r\nconnection: close\r\n" in answer.lower()

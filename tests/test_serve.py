@@ -187,6 +187,31 @@ def test_the_body_limit_holds_for_chunked_bodies_and_admits_exactly_the_limit(se
     assert r.status_code == 413 and "over 20000 bytes" in r.json()["detail"], r.text
 
 
+def test_non_finite_model_outputs_are_answered_as_valid_json(server):
+    """JSON has no NaN or infinity: a prediction whose score is NaN is answered 200 with score null, and an infinite
+    entry of ``scores`` as 0.0 (the schema's scores are numbers), never a 500 from the JSON encoder."""
+    url, app = server
+    batcher = app.state.batcher
+    real = batcher.model
+
+    class NonFinite:
+        def __contains__(self, name):
+            return name in real
+
+        def predict(self, *args):
+            rows = real.predict(*args)
+            return [{**r, "score": float("nan"), "scores": {k: float("inf") for k in r["scores"]}} for r in rows]
+
+    batcher.model = NonFinite()
+    try:
+        r = httpx.post(f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a film"]}, timeout=30)
+    finally:
+        batcher.model = real
+    assert r.status_code == 200, r.text
+    (prediction,) = r.json()["predictions"]
+    assert prediction["score"] is None and set(prediction["scores"].values()) == {0.0}, prediction
+
+
 def test_other_bad_calls(server):
     url, _ = server
     assert httpx.get(f"{url}/predict").status_code == 405

@@ -113,9 +113,10 @@ def test_allow_admin_without_auth_needs_no_token(model):
 def test_the_config_never_shows_the_token():
     cfg = ServeConfig(admin_token=TOKEN)
     assert TOKEN not in repr(cfg) and cfg.admin_enabled
-    for bad in ("short", " " + TOKEN, TOKEN + "\n", TOKEN + "\u00e9"):
+    for bad in ("short", "x" * 15, " " + TOKEN, TOKEN + "\n", TOKEN + "\u00e9"):
         with pytest.raises(ConfigError, match="at least 16 visible ASCII characters"):
             ServeConfig(admin_token=bad)
+    assert ServeConfig(admin_token="x" * 16).admin_enabled  # 16 is enough
 
 
 @pytest.mark.parametrize("host,loopback", [
@@ -145,6 +146,16 @@ def _serve_args(argv):
     parser = argparse.ArgumentParser(prog="softprompt")
     add_serve_parser(parser.add_subparsers())
     return parser.parse_args(["serve", *argv])
+
+
+def test_no_admin_keeps_admin_off_even_with_the_token_in_the_environment(monkeypatch):
+    """--no-admin wins over SOFTPROMPT_ADMIN_TOKEN (a token left in the environment must not turn admin on)."""
+    from softprompt.serve.cli import serve_config
+
+    monkeypatch.setenv("SOFTPROMPT_ADMIN_TOKEN", TOKEN)
+    assert serve_config(_serve_args([])).admin_token == TOKEN
+    cfg = serve_config(_serve_args(["--no-admin"]))
+    assert cfg.admin_token is None and not cfg.admin_enabled
 
 
 @pytest.mark.parametrize("args,env,needle", [

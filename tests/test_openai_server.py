@@ -366,3 +366,35 @@ def test_a_seed_out_of_range_is_a_400_not_a_503(url):
     for seed in (0, -1, 2**64 - 1):
         r = httpx.post(f"{url}/v1/completions", json={**body, "seed": seed}, timeout=60)
         assert r.status_code == 200, r.text
+
+
+def test_a_body_over_the_limit_is_413_in_openai_format_under_v1_only(folders):
+    """A body larger than --max-body-bytes is refused before it is parsed, declared (Content-Length) or streamed in
+    chunks: under /v1 with OpenAI's error JSON, which its clients parse, and FastAPI's {"detail": ...} elsewhere;
+    the official client raises its own error type with the message. A body exactly at the limit is read."""
+    model = MultiAdapterModel(lm(), folders[1], tokenizer=tokenizer())
+    small = {"model": "a", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    limit = len(json.dumps(small).encode())
+    with ServerThread(create_app(model, ServeConfig(max_body_bytes=limit))) as address:
+        big = json.dumps({**small, "prompt": PROMPT + " w5" * 50}).encode()
+
+        def chunked():
+            yield big[:40]
+            yield big[40:]
+
+        for content in (big, chunked()):
+            r = httpx.post(f"{address}/v1/completions", content=content, timeout=60,
+                           headers={"content-type": "application/json"})
+            assert r.status_code == 413 and r.headers["connection"] == "close"
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "request_too_large"
+            assert f"request body over {limit} bytes" in error["message"] and "--max-body-bytes" in error["message"]
+        r = httpx.post(f"{address}/predict", content=big, timeout=60, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and set(r.json()) == {"detail"}
+        r = httpx.post(f"{address}/v1/completions", content=json.dumps(small).encode(), timeout=60,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+        client = openai.OpenAI(base_url=f"{address}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError, match="--max-body-bytes") as info:
+            client.completions.create(model="a", prompt=PROMPT + " w5" * 50, max_tokens=1)
+        assert info.value.status_code == 413

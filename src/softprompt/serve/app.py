@@ -60,7 +60,8 @@ def _split(inputs: list) -> tuple[list[str], list[str | None]]:
 
 
 def _clean(row: dict) -> dict:
-    """A model prediction as JSON-safe fields (non-finite numbers become null: JSON has no NaN)."""
+    """A model prediction as JSON-safe fields (JSON has no NaN): a non-finite ``score`` becomes null, and a
+    non-finite entry of ``scores``, a table of probabilities (floats by schema), becomes 0.0."""
     def num(x):
         return x if x is None or math.isfinite(x) else None
 

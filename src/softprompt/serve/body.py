@@ -15,6 +15,18 @@ async def send_json(send, status: int, obj: dict, headers: dict[str, str] | None
     await send({"type": "http.response.body", "body": data})
 
 
+def error_body(scope, message: str, code: str) -> dict:
+    """An error body in the format of the API the request addressed: OpenAI's error JSON under ``/v1`` (what its
+    clients parse), FastAPI's ``{"detail": ...}`` elsewhere."""
+    path = scope.get("path") or ""
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root):]
+    if path == "/v1" or path.startswith("/v1/"):
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return {"detail": message}
+
+
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes (413) or not complete within ``timeout`` seconds (408).
 
@@ -33,13 +45,14 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        too_big = {"detail": f"request body over {self.limit} bytes (this server's --max-body-bytes); send fewer "
-                             "or shorter inputs per request"}
+        too_big = error_body(scope, f"request body over {self.limit} bytes (this server's --max-body-bytes); send "
+                                    "fewer or shorter inputs per request", "request_too_large")
         if declared is not None:
             try:
                 over = int(declared) > self.limit
             except ValueError:
-                return await send_json(send, 400, {"detail": "invalid Content-Length header"})
+                return await send_json(send, 400, error_body(scope, "invalid Content-Length header",
+                                                             "invalid_content_length"))
             if over:
                 return await send_json(send, 413, too_big, {"connection": "close"})
         loop = asyncio.get_running_loop()
@@ -50,9 +63,9 @@ class BodyLimit:
                 message = await asyncio.wait_for(receive(), timeout=max(deadline - loop.time(), 0.0))
             except asyncio.TimeoutError:
                 # 408 and close: the rest of the body may still come, and it must not be read as a next request.
-                return await send_json(send, 408, {
-                    "detail": f"request body not received within {self.timeout:g} s (this server's --body-timeout); "
-                              "send the whole body at once"}, {"connection": "close"})
+                return await send_json(send, 408, error_body(
+                    scope, f"request body not received within {self.timeout:g} s (this server's --body-timeout); "
+                           "send the whole body at once", "request_timeout"), {"connection": "close"})
             if message["type"] == "http.disconnect":
                 return None
             chunks.append(message.get("body", b""))

@@ -137,7 +137,7 @@ def build_model(cfg: TrainConfig, spec):
     base, is_decoder = load_base(cfg.model, spec, head_seed=cfg.seed, readout=cfg.readout)
     tokenizer = load_tokenizer(cfg.model, is_decoder=is_decoder)
     method_cfg = config_from_dict(cfg.method, seeded_options(cfg.method, cfg.method_options, cfg.seed))
-    # Methods without a seed option draw their init from the global RNG (P-tuning's encoder): seed it too.
+    # Methods without a seed option would draw their init from the global RNG: seed it too.
     torch.manual_seed(cfg.seed)
     model = SoftPromptModel(base, method_cfg, tokenizer=tokenizer)
     return model, tokenizer

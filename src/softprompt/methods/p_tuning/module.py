@@ -25,12 +25,16 @@ class PTuning(PromptMethod):
         d = info.hidden_size
         h = config.encoder_hidden_size or d
         self.embedding = nn.Parameter(torch.zeros(config.num_virtual_tokens, d))
-        if config.encoder == "lstm":
-            self.lstm = nn.LSTM(d, h, num_layers=config.encoder_num_layers, bidirectional=True, batch_first=True)
-            self.mlp = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
-        else:
-            self.lstm = None
-            self.mlp = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
+        # Seeded by config.seed (not the global RNG), as every other method's init: an explicit method seed then fixes
+        # the encoder too, and wrapping leaves the caller's RNG untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            if config.encoder == "lstm":
+                self.lstm = nn.LSTM(d, h, num_layers=config.encoder_num_layers, bidirectional=True, batch_first=True)
+                self.mlp = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
+            else:
+                self.lstm = None
+                self.mlp = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
 
     def init_from_model(self, embed: nn.Module, tokenizer=None, capture=None) -> None:
         init_prompt_table(self.embedding.data, self.config, embed, tokenizer)

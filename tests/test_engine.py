@@ -372,13 +372,89 @@ def test_encoder_families_train_all_methods(kind):
         assert all(p.grad is None for p in backbone_of(model.base_model).parameters())  # the base stays frozen
 
 
-def test_token_classification_with_input_prompt_keeps_length():
-    model = sp.wrap(tiny("bert", task="tok"), sp.PromptTuningConfig(num_virtual_tokens=4, position="after_cls"))
+@pytest.mark.parametrize("position", ["front", "after_cls"])
+def test_token_classification_with_input_prompt_equals_hand_insertion(position):
+    """An input-layer prompt of t vectors at ``at`` (0 for "front", 1 for "after_cls"): the logits and loss equal the
+    base model run by hand on [E[:at]; prompt; E[at:]] with the mask grown by t ones at ``at`` and token type 0
+    there, the t prompt rows cut from the logits and no label on them. Right padding on row 1."""
+    torch.manual_seed(0)
+    model = sp.wrap(tiny("bert", task="tok", initializer_range=0.3, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0),
+                    sp.PromptTuningConfig(num_virtual_tokens=4, position=position, init="random")).eval()
+    torch.manual_seed(1)
     ids = torch.randint(3, 100, (2, 6))
-    labels = torch.randint(0, 3, (2, 6))
-    out = model(input_ids=ids, labels=labels, token_type_ids=torch.zeros_like(ids))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    labels = torch.randint(0, 3, (2, 6)).masked_fill(mask == 0, -100)
+    types = torch.ones_like(ids)
+    at, t = (0 if position == "front" else 1), 4
+    base = model.base_model
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, token_type_ids=types)
+        e = base.get_input_embeddings()(ids)
+        p = model.method.prompt[None].expand(2, -1, -1)
+        grow = lambda x, fill: torch.cat([x[:, :at], fill, x[:, at:]], 1)
+        hidden = base.bert(inputs_embeds=grow(e, p), attention_mask=grow(mask, torch.ones(2, t, dtype=mask.dtype)),
+                           token_type_ids=grow(types, torch.zeros(2, t, dtype=types.dtype))).last_hidden_state
+        logits = base.classifier(hidden)
+        logits = torch.cat([logits[:, :at], logits[:, at + t:]], 1)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1), ignore_index=-100)
     assert out.logits.shape == (2, 6, 3)
-    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.loss, loss, rtol=0, atol=1e-6)
+    # The position matters (absolute positions): the other position gives other logits.
+    other = sp.wrap(base, sp.PromptTuningConfig(num_virtual_tokens=4, init="random",
+                                                position="after_cls" if position == "front" else "front")).eval()
+    with torch.no_grad():
+        other.method.prompt.copy_(model.method.prompt)
+        assert (other(input_ids=ids, attention_mask=mask).logits - out.logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_npg_prompt_equals_float64_generator_of_the_layer_input(kind):
+    """LPT's neural prompt generator at layer m: S = view(W_up relu(W_down pool(h_{m-1}) + b_down) + b_up, [t, d])
+    with pool = position 0 (encoders) or the mean over real tokens (decoders), recomputed in float64 from the hidden
+    states entering layer m, which is the only layer that generates."""
+    base = tiny(kind).eval()
+    model = sp.wrap(base, sp.LatePromptConfig(num_virtual_tokens=3, layer=1, generator="npg", bottleneck=8)).eval()
+    torch.manual_seed(5)
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    if kind == "llama":
+        mask[1, :2] = 0  # left padding: the mean must skip it
+    else:
+        mask[1, 4:] = 0
+    seen = {}
+    block = model.injector.blocks[1]
+
+    def record(module, args, kwargs):
+        seen.setdefault("h", (args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    h = seen["h"].double()
+    real = mask.bool()
+    if kind == "llama":
+        pooled = torch.stack([h[b][real[b]].mean(0) for b in range(2)])
+    else:
+        pooled = h[:, 0]
+    sd = {k: v.double() for k, v in model.method.state_dict().items()}
+    ref = torch.relu(pooled @ sd["down.weight"].T + sd["down.bias"]) @ sd["up.weight"].T + sd["up.bias"]
+    ref = ref.view(2, 3, model.info.hidden_size)
+    with torch.no_grad():
+        _, state, _ = model.build_state(ids, mask, None)
+        for index in (0, 2):
+            state.layer_hook(index, seen["h"], state)
+            assert state.insertion is None  # only layer m generates
+        state.layer_hook(1, seen["h"], state)
+    got = state.insertion
+    assert got.layer == 1 and got.at == (0 if kind == "llama" else 1)
+    assert (got.vectors.double() - ref).abs().max().item() < 1e-5
+    assert not torch.allclose(got.vectors[0], got.vectors[1])  # input-dependent
 
 
 def _tiny_modernbert(**kw):

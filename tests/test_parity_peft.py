@@ -7,10 +7,9 @@ import torch
 from conftest import tiny
 from peft import PrefixTuningConfig, get_peft_model
 
+import softprompt as sp
 from softprompt.engine.injector import attach
 from softprompt.engine.state import InjectionState, LayerInjection
-
-import softprompt as sp
 
 
 def peft_and_tables(base, p):
@@ -81,3 +80,29 @@ def test_shift_positions_reproduces_peft_without_explicit_positions(kind, batch)
     assert (out - ref)[mask.bool()].abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="shift_positions"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_projection_prefix_logits_equal_peft(batch):
+    """The reparameterisation MLP (Embedding(P, d) -> Linear(d, h) -> Tanh -> Linear(h, L*2*H*D)) with PEFT's weights
+    gives PEFT's prefix_projection logits: same activation and the same [P, L, 2, H, D] layout of its output. GPT-2
+    (PEFT's projection output is sized by the hidden size, which differs from H_kv * D on grouped-query models)."""
+    ids, mask = batch
+    base = tiny("gpt2").eval()
+    p, h = 4, 16
+    pm = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p,
+                                                                 prefix_projection=True, encoder_hidden_size=h))
+    enc = pm.prompt_encoder["default"]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in (enc.embedding.weight, *enc.transform.parameters()):
+            t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
+    pm.eval()
+    model = sp.wrap(copy.deepcopy(base), sp.PrefixConfig(num_virtual_tokens=p, projection=True,
+                                                         projection_hidden_size=h, shift_positions=True)).eval()
+    with torch.no_grad():
+        model.method.wte.weight.copy_(enc.embedding.weight)
+        model.method.mlp.load_state_dict(enc.transform.state_dict())
+        ref = pm(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert (out - ref)[mask.bool()].abs().max().item() <= 1e-5
+    assert (ref - base(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max().item() > 1e-2

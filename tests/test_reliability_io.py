@@ -78,6 +78,33 @@ def test_adapter_for_another_base_model_is_refused_naming_both(saved):
         sp.load(tiny("gpt2"), path)
 
 
+@pytest.mark.parametrize("field", ["model_type", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"])
+def test_each_recorded_base_model_shape_is_checked(saved, field):
+    """Every shape field of ``base_model`` is compared on load: an adapter whose record differs from the model in any
+    one of them is refused in one line naming that field and both values."""
+    _, path = saved
+    config = json.loads((path / CONFIG_NAME).read_text())
+    value = config["base_model"][field]
+    config["base_model"][field] = "other" if isinstance(value, str) else value + 1
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(sp.AdapterMismatchError) as err:
+        sp.load(tiny("llama"), path)
+    assert f"{field}: adapter {config['base_model'][field]!r} vs model {value!r}" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_loaded_adapter_is_frozen_for_inference_unless_trainable(saved, trainable):
+    """``sp.load`` gives an eval-mode model whose method parameters do not train; ``is_trainable=True`` keeps them
+    trainable. The base model stays frozen either way."""
+    _, path = saved
+    loaded = sp.load(tiny("llama"), path, is_trainable=trainable)
+    method = list(loaded.method.parameters())
+    assert method and all(p.requires_grad == trainable for p in method)
+    assert loaded.training is trainable
+    assert not any(p.requires_grad for p in loaded.base_model.parameters())
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "garbage"])
 def test_missing_or_corrupt_weights(saved, damage):
     _, path = saved

@@ -29,6 +29,9 @@ def test_macro_f1_and_mcc_multiclass():
     # confusion rows (true) [1,1,0],[0,2,0],[1,0,1]: c=4 s=6 t=[2,2,2] q=[2,3,1]
     # cov = 4*6 - (4+6+2) = 12 ; s^2 - q.q = 36-14 = 22 ; s^2 - t.t = 36-12 = 24
     assert M.matthews_corrcoef(p, y) == pytest.approx(12 / math.sqrt(22 * 24), abs=1e-12)
+    # A class that is only predicted counts by default: c2 has tp0 fp1 fn0 -> F1 0 ; c0 2/3 ; c1 1.
+    assert M.macro_f1([0, 2, 1, 1], [0, 0, 1, 1]) == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert M.macro_f1([0, 2, 1, 1], [0, 0, 1, 1], classes=[0, 1]) == pytest.approx((2 / 3 + 1) / 2)
 
 
 def test_mcc_binary_matches_textbook_formula():
@@ -40,6 +43,16 @@ def test_mcc_binary_matches_textbook_formula():
     assert M.matthews_corrcoef([1, 1, 1], [0, 1, 0]) == 0.0  # constant prediction
     assert M.matthews_corrcoef([0, 1, 0, 1], [0, 1, 0, 1]) == pytest.approx(1.0)
     assert M.matthews_corrcoef([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+
+
+def test_mcc_with_unequal_true_and_predicted_margins():
+    """The cases above have as many predicted as true examples per class (t == q), where swapping the two margins
+    in the denominator changes nothing; here they differ (true counts 5/3, predicted 4/4)."""
+    y = [1, 1, 1, 0, 0, 0, 0, 0]
+    p = [1, 1, 0, 1, 1, 0, 0, 0]
+    tp, tn, fp, fn = 2, 3, 2, 1
+    ref = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert M.matthews_corrcoef(p, y) == pytest.approx(ref, abs=1e-12) == pytest.approx(4 / math.sqrt(240))
 
 
 def test_pearson_spearman_hand_values():
@@ -117,6 +130,8 @@ def test_compute_metrics_classification_variants():
     assert mrc["exact_match"] == pytest.approx(2 / 3) and mrc["main"] == mrc["f1"] == pytest.approx(0.8)
     stsb = T.compute_metrics("glue/stsb", [1, 2, 3, 4, 5], [2.0, 4.0, 5.0, 4.0, 5.0])
     assert stsb["main"] == pytest.approx(6 / math.sqrt(60)) and stsb["spearman"] == pytest.approx(7 / math.sqrt(90))
+    assert stsb["pearson_spearman_mean"] == pytest.approx((6 / math.sqrt(60) + 7 / math.sqrt(90)) / 2)
+    assert stsb["mse"] == pytest.approx((1 + 4 + 4 + 0 + 0) / 5)  # errors -1, -2, -2, 0, 0
     mc = T.compute_metrics("commonsense/arc_easy", np.array([[0.1, 0.5, -np.inf], [3.0, 0.0, 1.0]]), [1, 2])
     assert mc["accuracy"] == 0.5 and mc["main"] == 0.5
     with pytest.raises(ValueError, match="unlabeled"):
@@ -124,4 +139,7 @@ def test_compute_metrics_classification_variants():
 
 
 def test_exact_match_by_group():
+    """A group counts only if every member is right, wherever the wrong one sits in it."""
     assert M.exact_match_by_group([1, 0, 1], [1, 1, 1], ["q1", "q1", "q2"]) == 0.5
+    assert M.exact_match_by_group([0, 1, 1], [1, 1, 1], ["q1", "q1", "q2"]) == 0.5  # first member wrong
+    assert M.exact_match_by_group([1, 0, 1, 1], [1, 1, 1, 1], ["a", "b", "a", "b"]) == 0.5  # interleaved groups

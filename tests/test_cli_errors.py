@@ -86,6 +86,14 @@ def test_resume_names_the_checkpoint_or_says_it_starts_fresh(train_args, tmp_pat
     (("--num-virtual-tokens", "0"), "num_virtual_tokens=0 leaves no prefix"),
     (("--num-virtual-tokens", "1000000000"), "positions"),
     (("--batch-size", "0"), "--batch-size must be"),
+    # The bounds themselves: a rate of 0 trains nothing, a carve of 1 leaves nothing to train on.
+    (("--lr", "0"), "--lr must be a positive finite number"),
+    (("--lr", "-0.001"), "--lr must be a positive finite number"),
+    (("--carve-dev", "1"), "--carve-dev must be a fraction in [0, 1)"),
+    (("--carve-dev", "-0.1"), "--carve-dev must be a fraction in [0, 1)"),
+    (("--save-steps", "0"), "--save-steps must be >= 1"),
+    (("--max-steps", "-1", "--epochs", "0"), "--epochs must be > 0"),
+    (("--max-steps", "-1", "--epochs", "inf"), "--epochs must be > 0"),
 ])
 def test_bad_values_are_one_line_before_anything_is_written(train_args, tmp_path, capsys, extra, needle):
     out = tmp_path / "never"
@@ -136,6 +144,9 @@ def test_eval_on_a_task_with_other_labels_or_kind_is_refused(train_args, tmp_pat
     assert code == 2 and "predicts labels ['neg', 'pos']" in err and "superglue/cb has labels" in err
     code, err = run(["eval", "--adapter", str(out), "--task", "glue/stsb"], capsys)
     assert code == 2 and "is a classification adapter and glue/stsb is a regression task" in err
+    # As many labels, other names: ids would be read as the wrong classes.
+    code, err = run(["eval", "--adapter", str(out), "--task", "glue/sst2"], capsys)
+    assert code == 2 and "predicts labels ['neg', 'pos'] but glue/sst2 has labels ['negative', 'positive']" in err
 
 
 def test_carve_dev_is_checked(train_args, tmp_path, capsys):

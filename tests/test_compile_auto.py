@@ -75,6 +75,26 @@ def test_compiled_runs_pad_to_buckets_and_eager_runs_do_not(monkeypatch, capsys)
     assert compiled_collation(cfg, model, collator, mc)[1].buckets == (128,)
     short = sp.wrap(tiny("bert", task="cls", max_position_embeddings=130), sp.PromptTuningConfig(num_virtual_tokens=4))
     assert compiled_collation(cfg, short, collator, mc)[1].buckets == (126,)
+    # Prefix numbering shifts the real tokens' positions by the prefix length: that is taken off the cap too.
+    shifted = sp.wrap(tiny("bert", task="cls", max_position_embeddings=130),
+                      sp.PrefixConfig(num_virtual_tokens=4, shift_positions=True))
+    assert shifted.method.insertion_length() == 0 and shifted.method.position_shift() == 4
+    assert compiled_collation(cfg, shifted, collator, mc)[1].buckets == (126,)
+
+
+def test_the_auto_decision_counts_every_bucket(monkeypatch, capsys):
+    """Compiling costs one graph per length bucket: steps that would pay for one bucket do not pay for several."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = sp.wrap(tiny("bert", task="cls"), sp.PrefixConfig(num_virtual_tokens=2))
+    collator = Collator(_Tok(), "classification")
+    one = int(bk.COMPILE_S_PER_SHAPE / bk.SAVED_S_PER_STEP)
+    cfg = TrainConfig(method="prefix", model="x", output="y", batch_size=1, max_steps=10**6, compile="auto")
+    buckets = compiled_collation(cfg, model, collator, _feats())[1].buckets
+    assert len(buckets) > 1, buckets
+    cfg.max_steps = one
+    assert compiled_collation(cfg, model, collator, _feats()) == (None, collator)
+    assert f"({one} planned steps < {len(buckets) * one}, the steps that would pay for compiling {len(buckets)} " \
+           "length bucket(s))" in capsys.readouterr().out
 
 
 def test_cli_default_is_auto_and_prints_its_decision(tiny_bert_dir, sentiment_csv, tmp_path, capsys):
@@ -93,7 +113,7 @@ def test_cli_default_is_auto_and_prints_its_decision(tiny_bert_dir, sentiment_cs
 def test_a_non_finite_loss_stops_training_without_a_per_step_sync(monkeypatch, tiny_bert_dir, sentiment_csv,
                                                                    tmp_path):
     """The loss is checked on the device every step and read at logging and before saving: the run stops at the
-    first logging step after the bad one, names the bad step, and saves nothing."""
+    first logging step after the bad one, names the first bad step (not a later one), and saves nothing."""
     from transformers import Trainer
 
     from softprompt.train import train
@@ -104,7 +124,7 @@ def test_a_non_finite_loss_stops_training_without_a_per_step_sync(monkeypatch, t
     def step(self, *args, **kwargs):
         loss = real(self, *args, **kwargs)
         calls.append(1)
-        return loss * float("nan") if len(calls) == 2 else loss
+        return loss * float("nan") if len(calls) >= 2 else loss  # every step from the second on
 
     monkeypatch.setattr(Trainer, "training_step", step)
     cfg = TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / "nan"), file=sentiment_csv,

@@ -151,3 +151,30 @@ def test_ptuning_mlp_encoder_equals_float64_formula():
     assert got.shape == (1, 4, model.info.hidden_size)
     assert (got[0].double() - ref).abs().max().item() < 1e-6
     assert (ref < 0).any()  # the last layer has no activation
+
+
+def test_data_order_follows_the_seed_and_the_epoch(tiny_bert_dir, sentiment_csv, tmp_path, monkeypatch):
+    """The training order is a function of (run seed, epoch): one seed twice gives one order, another seed or the next
+    epoch another; the Trainer's sampler is built from the run's ``--seed``."""
+    from softprompt.train import train, trainer
+
+    def order(seed: int, epoch: int = 0) -> list[int]:
+        sampler = trainer.EpochShuffleSampler(50, seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(1) == order(1) and sorted(order(1)) == list(range(50))
+    assert order(1) != order(2) and order(1, 0) != order(1, 1)
+
+    seen = []
+
+    class Recording(trainer.EpochShuffleSampler):
+        def __init__(self, n, seed):
+            seen.append((n, seed))
+            super().__init__(n, seed)
+
+    monkeypatch.setattr(trainer, "EpochShuffleSampler", Recording)
+    train(TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / "run"), file=sentiment_csv,
+                      text_column="sentence", label_column="sentiment", max_steps=1, batch_size=8, max_length=16,
+                      seed=7, method_options={"num_virtual_tokens": 2}))
+    assert seen and {s for _, s in seen} == {7}

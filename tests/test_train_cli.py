@@ -178,3 +178,67 @@ def test_demo_runs_end_to_end_with_stubbed_training(monkeypatch, tmp_path, capsy
     assert run_demo(output=str(tmp_path / "demo"), steps=3) == 0
     assert seen["cfg"].overwrite and seen["cfg"].max_steps == 3
     assert "identical" in capsys.readouterr().out
+
+
+@pytest.fixture
+def tiny_sst2(tmp_path):
+    """glue/SST-2 train (120 rows) and dev (40 rows), every text naming its split and row."""
+    root = tmp_path / "data" / "glue" / "SST-2"
+    root.mkdir(parents=True)
+    for split, n in (("train", 120), ("dev", 40)):
+        rows = [f"{split} row {i}\t{i % 2}" for i in range(n)]
+        (root / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return str(tmp_path / "data")
+
+
+def _texts(cfg, role):
+    from softprompt.train.runner import task_records
+
+    return [r["text"] for r in task_records(cfg, role)[0]]
+
+
+def test_carved_dev_is_one_fixed_held_out_part_of_train(tiny_sst2):
+    """--carve-dev F: the eval rows are round(F * n) rows of the *train* split (never the dev split), disjoint from
+    the rows trained on and together all of train; the same carve for every seed and method. Limits subsample inside
+    each part, so they never move a held-out row into training."""
+    from softprompt.train import TrainConfig
+
+    def cfg(**kw):
+        return TrainConfig(**{"method": "prefix", "model": "x", "output": "y", "task": "glue/sst2",
+                              "data_dir": tiny_sst2, "carve_dev": 0.1, **kw})
+
+    train, held = _texts(cfg(), "train"), _texts(cfg(), "eval")
+    assert len(held) == 12 and len(train) == 108
+    assert not set(train) & set(held) and sorted(train + held) == sorted(f"train row {i}" for i in range(120))
+    for seed, method in ((1, "prefix"), (2, "lpt"), (3, "prompt")):
+        assert _texts(cfg(seed=seed, method=method), "train") == train
+        assert _texts(cfg(seed=seed, method=method), "eval") == held
+    limited = cfg(train_limit=20, eval_limit=5)
+    assert len(_texts(limited, "train")) == 20 and set(_texts(limited, "train")) <= set(train)
+    assert len(_texts(limited, "eval")) == 5 and set(_texts(limited, "eval")) <= set(held)
+
+
+def test_train_limit_is_a_seeded_subsample_not_the_first_rows(tiny_sst2):
+    """Files are often sorted by label or source: --train-limit N takes N rows drawn with the run's seed."""
+    from softprompt.train import TrainConfig
+
+    cfg = TrainConfig(method="prefix", model="x", output="y", task="glue/sst2", data_dir=tiny_sst2, train_limit=10,
+                      seed=0)
+    rows = _texts(cfg, "train")
+    assert len(rows) == 10 and len(set(rows)) == 10 and rows == _texts(cfg, "train")
+    assert rows != [f"train row {i}" for i in range(10)] and set(rows) <= {f"train row {i}" for i in range(120)}
+    cfg.seed = 1
+    assert _texts(cfg, "train") != rows
+
+
+def test_eval_file_labels_are_read_against_the_training_labels(tmp_path):
+    """--eval-file's labels get the training file's ids, even where the eval file holds only some of the classes."""
+    from softprompt.train import TrainConfig
+    from softprompt.train.runner import task_records
+
+    train, held = tmp_path / "train.csv", tmp_path / "eval.csv"
+    train.write_text("text,label\na,pos\nb,neg\nc,pos\n")
+    held.write_text("text,label\nd,pos\ne,pos\n")
+    cfg = TrainConfig(method="prefix", model="x", output="y", file=str(train), eval_file=str(held))
+    recs, spec = task_records(cfg, "eval")
+    assert spec.label_names == ["neg", "pos"] and [(r["text"], r["label"]) for r in recs] == [("d", 1), ("e", 1)]

@@ -78,6 +78,10 @@ def test_csv_strict_fails_on_first_malformed_row(tmp_path):
     (2, "odd one,maybe", "not in label_names"),
     (2, ",neg", "empty value in column 'text'"),
     (2, "x,", "missing label"),
+    (2, "x,2", "label '2' not in label_names"),  # an id is read only inside 0..len(label_names)-1
+    (2, "x,-1", "label '-1' not in label_names"),
+    # An unquoted comma in the text: a column too many, never a silent split into text and label.
+    (2, "awful, really awful,neg", "expected 2 columns, found 3"),
 ])
 def test_csv_strict_names_each_kind(tmp_path, line, row, problem):
     f = tmp_path / "one.csv"

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from softprompt import tasks as T
-from softprompt.tasks.errors import MalformedRowWarning, MissingColumnError
+from softprompt.tasks.errors import MalformedRowError, MalformedRowWarning, MissingColumnError
 
 
 def _w(path, text, mode="w"):
@@ -157,6 +157,14 @@ def test_user_missing_column(tmp_path):
     assert "'sentence'" in msg and "'review'" in msg and "'sentiment'" in msg and isinstance(ei.value, ValueError)
     with pytest.raises(MissingColumnError, match="label_column 'label'"):
         T.load_file(p, text_column="review", label_column="label")
+    # A file of only a header is checked too: the misspelt column is the problem to name, not the missing rows.
+    h = _w(tmp_path / "header.csv", "review,sentiment\n")
+    with pytest.raises(MissingColumnError, match="text_column 'sentence'"):
+        T.load_file(h, text_column="sentence", label_column="sentiment")
+    # Without a label set, a row with an extra field is malformed (else its 2nd field would become a class).
+    extra = _w(tmp_path / "extra.csv", "review,sentiment\ngood,pos\nbad, so bad,neg\nfine,pos\nawful,neg\n")
+    with pytest.raises(MalformedRowError, match="line 3: expected 2 columns, found 3"):
+        T.load_file(extra, text_column="review", label_column="sentiment", strict=True)
 
 
 def test_user_jsonl_regression_and_ints(tmp_path):

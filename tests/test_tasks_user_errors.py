@@ -93,6 +93,12 @@ def test_label_map_resolves_a_mixed_column(tmp_path) -> None:
     recs, _ = tasks.load_file(f, label_column="label", label_names=["neg", "pos"],
                               label_map={"1.0": "pos", "True": "pos", "False": "neg"})
     assert [r["label"] for r in recs] == [1, 1, 1, 1, 0, 0, 0, 1]
+    # JSON values are matched as the docstring spells them: true is "True", 1.0 is "1.0", 0 is "0".
+    j = _write(tmp_path / "m.jsonl", "\n".join(json.dumps({"text": t, "label": v}) for t, v in
+                                              (("a", True), ("b", 1.0), ("c", 0), ("d", False))) + "\n")
+    recs, spec = tasks.load_file(j, label_column="label", label_map={"True": "pos", "1.0": "pos", "0": "neg",
+                                                                      "False": "neg"})
+    assert spec.label_names == ["neg", "pos"] and [r["label"] for r in recs] == [1, 1, 0, 0]
     # A map that leaves the column mixed is refused again, listing what is left.
     with pytest.raises(LabelError, match=r"mixes numbers and text .*'pos' \(1\)"):
         tasks.load_file(f, label_column="label", label_map={"True": "1", "False": "0"})

@@ -52,6 +52,10 @@ def test_added_columns_are_padding_after_the_last_column(side):
     """Also for left-padding (decoder) collators: real tokens keep their positions."""
     feats = _feats([[5, 6, 7], [8, 9]], token_type_ids=[[0, 1, 1], [0, 0]], labels=[[1, 2, 3], [4, 5]])
     plain = Collator(_Tok(side), "token_classification")(feats)
+    # The collator's own padding: token labels -100 (ignored by the loss), mask 0, on the tokenizer's side.
+    pad = (lambda row, n, fill: [fill] * n + row) if side == "left" else (lambda row, n, fill: row + [fill] * n)
+    assert plain["labels"].tolist() == [[1, 2, 3], pad([4, 5], 1, -100)]
+    assert plain["attention_mask"].tolist() == [[1, 1, 1], pad([1, 1], 1, 0)]
     batch = BucketCollator(Collator(_Tok(side), "token_classification"), (8, 16))(feats)
     assert batch["input_ids"].shape == (2, 8)
     for key, fill in (("input_ids", 0), ("attention_mask", 0), ("token_type_ids", 0), ("labels", -100)):

@@ -242,3 +242,30 @@ def test_eval_file_labels_are_read_against_the_training_labels(tmp_path):
     cfg = TrainConfig(method="prefix", model="x", output="y", file=str(train), eval_file=str(held))
     recs, spec = task_records(cfg, "eval")
     assert spec.label_names == ["neg", "pos"] and [(r["text"], r["label"]) for r in recs] == [("d", 1), ("e", 1)]
+
+
+def test_token_batches_of_different_widths_are_scored_without_their_padding():
+    """run_batches pads token logits and labels to a common width; the label padding is -100, so the padded columns
+    are no tokens (a 0 would be scored as tag 0 and raise token accuracy with right guesses on padding)."""
+    import types
+
+    import torch
+
+    from softprompt import tasks
+    from softprompt.data import Collator
+    from softprompt.train.evaluate import predictions_to_metrics, run_batches
+
+    class Model(torch.nn.Module):  # predicts tag 0 ("O") everywhere
+        device = torch.device("cpu")
+
+        def forward(self, input_ids, attention_mask, **_):
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(
+                torch.zeros_like(input_ids), 9).float())
+
+    feats = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4, "labels": [0, 1, 0, 0]},
+             {"input_ids": [5, 6], "attention_mask": [1] * 2, "labels": [1, 2]}]
+    collate = Collator(types.SimpleNamespace(pad_token_id=0), "token_classification")
+    logits, labels = run_batches(Model(), feats, collate, 1)  # one example per batch: widths 4 and 2
+    assert logits.shape == (2, 4, 9) and labels.tolist() == [[0, 1, 0, 0], [1, 2, -100, -100]]
+    spec = tasks.get_task("conll2003")
+    assert predictions_to_metrics(spec, logits, labels)["accuracy"] == pytest.approx(3 / 6)

@@ -79,6 +79,32 @@ def test_resume_names_the_checkpoint_or_says_it_starts_fresh(train_args, tmp_pat
     code, last = run(other, capsys)
     assert code == 2 and "holds a 'prefix' run" in last and "--method prefix" in last
     assert tree_hash(out) == before
+    # A run killed before its end has no adapter at the top: the method is read from its newest checkpoint.
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "README.md"):
+        (out / name).unlink(missing_ok=True)
+    before = tree_hash(out)
+    code, last = run(other, capsys)
+    assert code == 2 and "holds a 'prefix' run" in last and "--method prefix" in last
+    assert tree_hash(out) == before
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_command_that_continues(train_args, tmp_path, monkeypatch, capsys):
+    """Interrupted: exit 130, one line naming the last checkpoint and the same command with one --resume."""
+    import softprompt.train as tr
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "train", interrupted)
+    monkeypatch.setattr("softprompt.train.trainer.last_checkpoint", lambda out: f"{out}/checkpoint-1")
+    out = tmp_path / "run"
+    argv = train_args(out, "--resume", "--save-steps", "1")
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the last checkpoint is {out}/checkpoint-1" in err[0]
+    again = err[0].split("Continue with: ")[1]
+    assert again.startswith("softprompt train ") and again.count("--resume") == 1 and again.endswith(" --resume")
+    assert str(out) in again and "--save-steps 1" in again
 
 
 @pytest.mark.parametrize("extra, needle", [

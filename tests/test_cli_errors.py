@@ -139,10 +139,12 @@ def test_output_that_is_a_file_and_layer_lengths_that_are_not_json(train_args, t
     assert code == 2 and "not a readable JSON file" in err and str(csv) in err
 
 
-def test_unknown_model_is_one_line_and_does_not_wait_for_the_hub(tmp_path, capsys, monkeypatch):
+def test_unknown_model_is_one_line_and_does_not_wait_for_the_hub(sentiment_csv, tmp_path, capsys, monkeypatch):
+    """A user file, not a registry task: the data is read before the model, and must be found wherever the tests run
+    (a checkout without ../shared/data failed here on the data, not on the model)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    args = ["train", "--method", "prefix", "--model", "nosuchmodel-xyz", "--task", "glue/rte", "--output",
-            str(tmp_path / "o")]
+    args = ["train", "--method", "prefix", "--model", "nosuchmodel-xyz", "--file", sentiment_csv, "--text-column",
+            "sentence", "--label-column", "sentiment", "--output", str(tmp_path / "o")]
     code, err = run(args, capsys)
     assert code == 2 and "cannot load model 'nosuchmodel-xyz'" in err
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -269,3 +269,24 @@ def test_token_batches_of_different_widths_are_scored_without_their_padding():
     assert logits.shape == (2, 4, 9) and labels.tolist() == [[0, 1, 0, 0], [1, 2, -100, -100]]
     spec = tasks.get_task("conll2003")
     assert predictions_to_metrics(spec, logits, labels)["accuracy"] == pytest.approx(3 / 6)
+
+
+def test_a_word_split_into_pieces_is_labelled_once():
+    """Token classification: the first piece of each word carries its tag; later pieces and special tokens are -100
+    (else a word of 3 pieces would count 3 times in the loss)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from softprompt import tasks
+    from softprompt.data import featurize
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "film", "##s", "par", "##i"])}
+    tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+    (f,) = featurize([{"tokens": ["good", "films", "paris"], "tags": [0, 3, 5]}], tasks.get_task("conll2003"), tok, 16)
+    assert tok.convert_ids_to_tokens(f["input_ids"]) == ["[CLS]", "good", "film", "##s", "par", "##i", "##s", "[SEP]"]
+    assert f["labels"] == [-100, 0, 3, -100, 5, -100, -100, -100]
+    assert f["word_ids"] == [-1, 0, 1, 1, 2, 2, 2, -1]

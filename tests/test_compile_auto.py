@@ -170,3 +170,27 @@ def test_train_compiled_benchmark_records_runs_and_resumes(tmp_path, tiny_bert_d
     summary = tc.summarise([eager, {**eager, "mode": "compiled", "wall_s": 15.0, "accuracy": 0.903}])
     assert summary[0]["compiled_over_eager"] == 0.5 and summary[0]["goal_met"] is True
     assert summary[0]["accuracy_diff_points"] == 0.3
+
+
+def test_a_non_finite_loss_at_the_last_step_is_caught_before_the_adapter_is_saved(monkeypatch, tiny_bert_dir,
+                                                                                   sentiment_csv, tmp_path):
+    """The last step is neither a logging nor a saving step here: the check after training still stops the run."""
+    from transformers import Trainer
+
+    from softprompt.train import train
+
+    real = Trainer.training_step
+    calls = []
+
+    def step(self, *args, **kwargs):
+        loss = real(self, *args, **kwargs)
+        calls.append(1)
+        return loss * float("inf") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    cfg = TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / "inf"), file=sentiment_csv,
+                      text_column="sentence", label_column="sentiment", max_steps=5, batch_size=16, logging_steps=3,
+                      method_options={"num_virtual_tokens": 2}, max_length=16)
+    with pytest.raises(NonFiniteLossError, match="loss became inf at step 5;"):
+        train(cfg)
+    assert len(calls) == 5 and not (tmp_path / "inf" / "adapter_model.safetensors").exists()

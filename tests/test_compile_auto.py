@@ -110,23 +110,29 @@ def test_cli_default_is_auto_and_prints_its_decision(tiny_bert_dir, sentiment_cs
     assert "compile auto" not in capsys.readouterr().out
 
 
-def test_a_non_finite_loss_stops_training_without_a_per_step_sync(monkeypatch, tiny_bert_dir, sentiment_csv,
-                                                                   tmp_path):
-    """The loss is checked on the device every step and read at logging and before saving: the run stops at the
-    first logging step after the bad one, names the first bad step (not a later one), and saves nothing."""
+def _spoil_steps(monkeypatch, factor) -> list[int]:
+    """Multiply the loss of training step n (1-based) by ``factor(n)``; returns the list that counts the steps."""
     from transformers import Trainer
 
-    from softprompt.train import train
-
     real = Trainer.training_step
-    calls = []
+    calls: list[int] = []
 
     def step(self, *args, **kwargs):
         loss = real(self, *args, **kwargs)
         calls.append(1)
-        return loss * float("nan") if len(calls) >= 2 else loss  # every step from the second on
+        return loss * factor(len(calls))
 
     monkeypatch.setattr(Trainer, "training_step", step)
+    return calls
+
+
+def test_a_non_finite_loss_stops_training_without_a_per_step_sync(monkeypatch, tiny_bert_dir, sentiment_csv,
+                                                                   tmp_path):
+    """The loss is checked on the device every step and read at logging and before saving: the run stops at the
+    first logging step after the bad one, names the first bad step (not a later one), and saves nothing."""
+    from softprompt.train import train
+
+    calls = _spoil_steps(monkeypatch, lambda n: float("nan") if n >= 2 else 1.0)  # every step from the second on
     cfg = TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / "nan"), file=sentiment_csv,
                       text_column="sentence", label_column="sentiment", max_steps=6, batch_size=16, logging_steps=3,
                       method_options={"num_virtual_tokens": 2}, max_length=16)
@@ -175,19 +181,9 @@ def test_train_compiled_benchmark_records_runs_and_resumes(tmp_path, tiny_bert_d
 def test_a_non_finite_loss_at_the_last_step_is_caught_before_the_adapter_is_saved(monkeypatch, tiny_bert_dir,
                                                                                    sentiment_csv, tmp_path):
     """The last step is neither a logging nor a saving step here: the check after training still stops the run."""
-    from transformers import Trainer
-
     from softprompt.train import train
 
-    real = Trainer.training_step
-    calls = []
-
-    def step(self, *args, **kwargs):
-        loss = real(self, *args, **kwargs)
-        calls.append(1)
-        return loss * float("inf") if len(calls) == 5 else loss
-
-    monkeypatch.setattr(Trainer, "training_step", step)
+    calls = _spoil_steps(monkeypatch, lambda n: float("inf") if n == 5 else 1.0)
     cfg = TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / "inf"), file=sentiment_csv,
                       text_column="sentence", label_column="sentiment", max_steps=5, batch_size=16, logging_steps=3,
                       method_options={"num_virtual_tokens": 2}, max_length=16)

@@ -4,6 +4,7 @@ is checked for its status, its one-line message and that the adapter list did no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -268,39 +269,49 @@ def test_predict_all_that_can_never_fit_the_queue_is_413_not_503(tree, model):
         assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
 
 
+@contextlib.contextmanager
+def _held_first_batch(model):
+    """The batcher calls ``model.predict`` in its own thread: the first batch stays inside it until ``release`` is set
+    (``inside`` says it got there), so that later requests queue behind it. Released and restored on exit."""
+    inside, release = threading.Event(), threading.Event()
+    real = model.predict
+
+    def held(*args):
+        inside.set()
+        release.wait(timeout=60)
+        return real(*args)
+
+    model.predict = held
+    try:
+        yield inside, release
+    finally:
+        release.set()
+        del model.predict
+
+
+def _wait_until_queued(url: str, rows: int) -> None:
+    for _ in range(10_000):
+        if httpx.get(f"{url}/health", timeout=30).json()["queued_rows"] == rows:
+            return
+    raise AssertionError(f"{rows} rows were never queued")
+
+
 def test_a_full_queue_is_503_retry_later(model):
     """The 503 stays for what a retry can fix: the queue is full now (the model is held inside a batch)."""
     with serve(model, max_queue_rows=4, max_batch_size=1) as url:
-        inside, release = threading.Event(), threading.Event()
-        real = model.predict
-
-        def held(*args):
-            inside.set()
-            release.wait(timeout=60)
-            return real(*args)
-
-        model.predict = held  # the batcher calls model.predict in its thread: the first batch stays inside
-
-        try:
+        with _held_first_batch(model) as (inside, release):
             with ThreadPoolExecutor(2) as pool:
                 first = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]},
                                     timeout=60)
                 assert inside.wait(timeout=60)
                 second = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a",
                                                                          "inputs": ["a"] * 4}, timeout=60)
-                for _ in range(10_000):  # until the second request's 4 rows wait behind the held batch
-                    if httpx.get(f"{url}/health", timeout=30).json()["queued_rows"] == 4:
-                        break
-                else:
-                    raise AssertionError("the second request was never queued")
+                _wait_until_queued(url, 4)  # the second request's 4 rows wait behind the held batch
                 r = httpx.post(f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]}, timeout=30)
                 assert_refused(r, 503, "retry later")
                 assert r.headers["retry-after"] == "1"
                 release.set()
                 assert first.result().status_code == 200 and second.result().status_code == 200
-        finally:
-            release.set()
-            del model.predict
 
 
 def _raw_request(url: str, head: bytes, body: bytes) -> bytes:
@@ -388,34 +399,18 @@ def test_rows_of_an_adapter_removed_while_queued_get_404(tree, model):
     finishes (event-based: the first batch is held inside the model while the second request is queued)."""
     with serve(model, adapter_roots=(str(tree["root"]),), max_batch_size=1) as url:
         assert add(url, "prompt_cls").status_code == 201
-        inside, release = threading.Event(), threading.Event()
-        real = model.predict
-
-        def held(*args):
-            inside.set()
-            release.wait(timeout=60)
-            return real(*args)
-
-        model.predict = held
-        try:
+        with _held_first_batch(model) as (inside, release):
             with ThreadPoolExecutor(2) as pool:
                 first = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]},
                                     timeout=60)
                 assert inside.wait(timeout=60)
                 second = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "added", "inputs": ["a"]},
                                      timeout=60)
-                for _ in range(10_000):
-                    if httpx.get(f"{url}/health", timeout=30).json()["queued_rows"] == 1:
-                        break
-                else:
-                    raise AssertionError("the second request was never queued")
+                _wait_until_queued(url, 1)
                 assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
                 release.set()
                 assert first.result().status_code == 200
                 assert_refused(second.result(), 404, "unknown adapter 'added'")
-        finally:
-            release.set()
-            del model.predict
 
 
 def test_a_failing_request_does_not_fail_the_others_in_its_batch():

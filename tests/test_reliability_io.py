@@ -194,3 +194,26 @@ def test_killed_save_leaves_old_or_new_file_never_half(tmp_path):
 
     x = load_file(target)["x"]  # the old file, complete: the half-written new one never took its name
     torch.testing.assert_close(x, torch.zeros(10))
+
+
+OPTION_CASES = [
+    sp.PromptTuningConfig(num_virtual_tokens=3, init="random", init_range=0.3, position="after_cls", seed=7),
+    sp.PrefixConfig(num_virtual_tokens=2, layers=[1], init="random", init_std=0.3, dropout=0.1, shift_positions=True,
+                    scale=0.5, seed=7),
+    sp.LatePromptConfig(num_virtual_tokens=2, layer=1, dropout=0.1, init_std=0.3, seed=7),
+    sp.APTConfig(num_virtual_tokens=2, init="random", init_std=0.3, gate_pool="last", gate_target="v",
+                 lambda_init=1.5, gate_init="zeros", gate_init_std=0.1, gate_bias=False, seed=7),
+]
+
+
+@pytest.mark.parametrize("config", OPTION_CASES, ids=[c.method for c in OPTION_CASES])
+def test_every_option_round_trips_through_the_adapter_json(tmp_path, config):
+    """Every option of the method config is written to adapter_config.json (also those that only shape the init or
+    the output, e.g. position, init_std, scale) and comes back on load: loaded config == saved config."""
+    defaults = type(config)().to_dict()
+    changed = {k for k, v in config.to_dict().items() if v != defaults[k]}
+    assert changed >= {"seed"} and len(changed) >= 4  # the case exercises non-default values
+    model = sp.wrap(tiny("bert", "cls"), config)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["config"] == config.to_dict()
+    assert sp.load(tiny("bert", "cls"), tmp_path).method_config == config

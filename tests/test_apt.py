@@ -464,3 +464,16 @@ def test_deepcopy_and_state_cache_isolated():
         b = last_hidden(model, input_ids=ids[:, :4], attention_mask=mask[:, :4])
         c = last_hidden(copy.deepcopy(model), input_ids=ids, attention_mask=mask)
     assert (a[:, :4] - b).abs().max() > 1e-2 and torch.equal(a, c)
+
+
+def test_gate_init_std_scales_the_normal_gate_init_exactly():
+    """gate_init='normal' draws W_i ~ N(0, 1) * gate_init_std from a generator seeded with seed + 1 (independent of
+    the prefix tables), one [P, d] draw per prefixed layer in layer order; the bias starts at 0."""
+    p, seed = 3, 4
+    model = sp.wrap(bert(), APTConfig(num_virtual_tokens=p, gate_init_std=0.37, seed=seed))
+    d = model.info.hidden_size
+    gen = torch.Generator().manual_seed(seed + 1)
+    for i in sorted(model.method.gate_proj, key=int):
+        want = torch.randn(p, d, generator=gen) * 0.37
+        assert torch.equal(model.method.gate_proj[i].weight.detach(), want)
+        assert torch.equal(model.method.gate_proj[i].bias.detach(), torch.zeros(p))

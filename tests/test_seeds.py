@@ -178,3 +178,20 @@ def test_data_order_follows_the_seed_and_the_epoch(tiny_bert_dir, sentiment_csv,
                       text_column="sentence", label_column="sentiment", max_steps=1, batch_size=8, max_length=16,
                       seed=7, method_options={"num_virtual_tokens": 2}))
     assert seen and {s for _, s in seen} == {7}
+
+
+def test_random_prompt_inits_are_the_documented_draws_of_the_seed():
+    """init='random' of prompt tuning is uniform in [-init_range, init_range] (both signs, the option's own range),
+    and LPT's static prompt is N(0, 1) * init_std: exactly the draws of a generator seeded with the method's seed."""
+    t, seed = 6, 5
+    model = sp.wrap(tiny("bert", "cls"), sp.PromptTuningConfig(num_virtual_tokens=t, init="random", init_range=0.3,
+                                                                 seed=seed))
+    d = model.info.hidden_size
+    want = torch.empty(t, d).uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(seed))
+    got = model.method.prompt.detach()
+    assert torch.equal(got, want)
+    assert got.min() < -0.15 and got.max() > 0.15 and got.abs().max() <= 0.3
+    lpt = sp.wrap(tiny("llama"), sp.LatePromptConfig(num_virtual_tokens=3, init_std=0.7, seed=seed))
+    d = lpt.info.hidden_size
+    want = torch.randn(3, d, generator=torch.Generator().manual_seed(seed)) * 0.7
+    assert torch.equal(lpt.method.prompt.detach(), want)

@@ -436,8 +436,13 @@ def test_bad_requests_are_refused_before_anything_runs(adapters):
     for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-0.5), dict(temperature=101)):
         with pytest.raises(ConfigError, match="temperature must be in \\[0, 100\\] and top_p in \\(0, 1\\]"):
             engine.submit([1, 2], "prefix", SamplingParams(**bad))
+    for seed in (2**64, -(2**63) - 1):  # beyond what torch.Generator takes: refused here, not in the decoding loop
+        with pytest.raises(ConfigError, match="seed must be between -2\\*\\*63 and 2\\*\\*64 - 1"):
+            engine.submit([1, 2], "prefix", SamplingParams(temperature=0.5, seed=seed))
     assert not engine.busy
     engine.submit([1, 99], "prefix", SamplingParams(temperature=100, top_p=1.0))  # the bounds themselves pass
+    engine.submit([1, 99], "prefix", SamplingParams(temperature=0.5, seed=2**64 - 1))
+    engine.submit([1, 99], "prefix", SamplingParams(temperature=0.5, seed=-(2**63)))
     fixed = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="static", max_context=20)
     with pytest.raises(SequenceTooLongError, match="max_context of 20 .*at most 12"):
         fixed.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=13))  # 4 + 4 virtual + 13 = 21 columns

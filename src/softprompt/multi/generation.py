@@ -168,6 +168,8 @@ class GenerationEngine:
         if not 0 <= params.temperature <= 100 or not 0 < params.top_p <= 1:
             raise ConfigError(f"temperature must be in [0, 100] and top_p in (0, 1], got {params.temperature} and "
                               f"{params.top_p}")
+        if params.seed is not None and not -(2**63) <= params.seed < 2**64:  # what torch.Generator takes
+            raise ConfigError(f"seed must be between -2**63 and 2**64 - 1, got {params.seed}")
         vocab = self.model.base_model.get_input_embeddings().weight.shape[0]
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:

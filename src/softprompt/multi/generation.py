@@ -108,12 +108,13 @@ class GenerationEngine:
         if decoding not in ("dynamic", "static", "cuda_graphs"):
             raise ConfigError(f"decoding must be 'dynamic', 'static' or 'cuda_graphs', got {decoding!r}")
         # The rows' caches, masks and prefixes: grown step by step, or fixed buffers a CUDA graph can replay.
+        self._checked_prefix = 0
         if decoding != "dynamic":
             # No request can use more columns than the model has positions (``check``): no buffer needs them.
             max_context = min(max_context, model.info.max_positions or max_context)
             widest = max((max(model.adapter(n).shape.prefix, default=0) for n in model.adapter_names), default=0)
             check_buffer_size(model, max_rows, max_context, widest)
-        self._checked_prefix = widest if decoding != "dynamic" else 0  # prefix columns the size check counted
+            self._checked_prefix = widest  # prefix columns the size check counted (see _check_prefix_room)
         self.max_context = None if decoding == "dynamic" else max_context
         self.batch = (DynamicBatch(model, self._cache_arg) if decoding == "dynamic" else
                       StaticBatch(model, self._cache_arg, max_rows, max_context, cuda_graphs=decoding == "cuda_graphs"))

@@ -56,8 +56,6 @@ def sampling_params(body: dict, context: int | None) -> SamplingParams:
     temperature = float(_field(body, "temperature", (int, float), 1.0))
     top_p = float(_field(body, "top_p", (int, float), 1.0))
     seed = _field(body, "seed", (int,), None)
-    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
-        raise OpenAIError(400, "'seed' must be between -2**63 and 2**64 - 1", "seed")
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
@@ -107,7 +105,9 @@ def add_openai_routes(app: FastAPI, model, service: GenerationService, *, max_pe
         try:
             service.check(ids, adapter, params)
         except SoftPromptError as exc:
-            raise OpenAIError(400, str(exc), "max_tokens" if "max_tokens" in str(exc) else None) from None
+            # The engine's one-line errors name the field they refuse (a seed out of range: GenerationEngine.check).
+            param = next((p for p in ("max_tokens", "seed") if p in str(exc)), None)
+            raise OpenAIError(400, str(exc), param) from None
 
     async def run(request: Request, chat: bool):
         try:

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from portable import portable
+
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if (_SRC / "softprompt").is_dir() and str(_SRC) not in sys.path:  # the checkout's package wins
     sys.path.insert(0, str(_SRC))
@@ -178,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
               "dtype": str(dtype).replace("torch.", ""),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
-              "date": _dt.date.today().isoformat(), "command": "python benchmarks/gqa_decode_attention.py " +
-              " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": _dt.date.today().isoformat(), "command": portable("python benchmarks/gqa_decode_attention.py " +
+                                  " ".join(argv if argv is not None else sys.argv[1:])),
               "timing": ("median over rounds of the mean time per call: CUDA events around `calls` calls" if
                          device.type == "cuda" else "median over rounds of thread CPU time per call, one thread"),
               "variants": {"copy": "repeat_kv, then SDPA: the path of transformers 5.17-5.23 under a mask",

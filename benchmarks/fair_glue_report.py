@@ -148,8 +148,18 @@ def train_plain(cfg, method: str, spec):
 # ---- scores on bootstrap resamples --------------------------------------------------------------------------
 def resampled(metric: str, preds: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """[k, B] metric of each of k prediction rows on each of B resamples ``idx`` [B, n] of the examples."""
-    p, y = preds[:, idx], labels[idx][None]
-    n = idx.shape[1]
+    return _metric(metric, preds[:, idx], labels[idx][None], preds, labels)
+
+
+def permuted(metric: str, preds: np.ndarray, labels: np.ndarray, perms: np.ndarray) -> np.ndarray:
+    """[k, B] metric of each of k prediction rows, shuffled across examples by each of B permutations ``perms``
+    [B, n], against the labels in order: scores of predictions that keep their label mix but know nothing of the
+    example (the null distribution of a chance check)."""
+    return _metric(metric, preds[:, perms], labels[None, None], preds, labels)
+
+
+def _metric(metric: str, p: np.ndarray, y: np.ndarray, preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    n = p.shape[-1]
     if metric == "pearson":
         pc, yc = p - p.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
         den = np.sqrt((pc ** 2).sum(-1) * (yc ** 2).sum(-1))
@@ -207,6 +217,26 @@ def bootstrap(runs: dict, task_list: list[str], a: str, b: str, n_boot: int, see
     return round(point, 2), [round(float(lo), 2), round(float(hi), 2)]
 
 
+def chance_check(rs: list[dict], n_perm: int, seed: int = 0) -> dict:
+    """Is a row's seed mean above chance on its task? The null: each seed's dev predictions shuffled across the
+    examples (the same permutation for every seed), scored and averaged over the seeds; ``chance_hi`` is the null's
+    97.5th percentile (points). Also ``majority``: the score of always predicting the most frequent dev label
+    (classification only)."""
+    labels = np.asarray(rs[0]["labels"])
+    preds = np.asarray([r["predictions"] for r in rs])
+    perms = np.argsort(np.random.default_rng(seed).random((n_perm, len(labels))), axis=1)
+    null = 100 * permuted(rs[0]["metric"], preds, labels, perms).mean(0)
+    hi = float(np.percentile(null, 97.5))
+    mean = 100 * statistics.mean(r["score"] for r in rs)
+    out = {"chance_hi": round(hi, 2), "above_chance": bool(mean > hi)}
+    if rs[0]["metric"] != "pearson":
+        values, counts = np.unique(labels, return_counts=True)
+        constant = np.full((1, len(labels)), values[counts.argmax()])
+        out["majority"] = round(100 * float(resampled(rs[0]["metric"], constant, labels,
+                                                      np.arange(len(labels))[None])[0, 0]), 2)
+    return out
+
+
 def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
     """``fair_glue.json`` from the state folder (numbers in points: metric x 100)."""
     done = load_state(state)
@@ -235,6 +265,9 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
                 "mean": round(statistics.mean(vals), 2),
                 "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else None,
                 "trainable_params": rs[0]["trainable_params"], "metric": rs[0]["metric"]}
+    for task, rows in runs.items():
+        for row, rs in rows.items():
+            table[task][row].update(chance_check(rs, n_perm=n_boot))
     comparisons = []
     for a, b in PAIRS:
         both = [t for t in TASKS if a in runs.get(t, {}) and b in runs.get(t, {})]
@@ -317,17 +350,32 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
         cells = []
         for r in rows:
             c = data["tasks"].get(t, {}).get(r)
-            cells.append(f"{c['mean']:.1f} ± {c['std'] or 0:.1f} ({len(c['scores'])})" if c else "pending")
+            mark = " †" if c and c.get("above_chance") is False else ""
+            cells.append(f"{c['mean']:.1f} ± {c['std'] or 0:.1f} ({len(c['scores'])}){mark}" if c else "pending")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines += ["", "### Comparisons (paired bootstrap over dev examples, seeds resampled; 95% intervals)", ""]
+    majority = {t: next((c["majority"] for c in data["tasks"].get(t, {}).values() if "majority" in c), None)
+                for t in tasks}
+    lines += ["", "†: at chance, the seed mean is not above the 97.5th percentile of the same predictions shuffled "
+              "across the dev examples (a permutation null; a claim resting on that cell says nothing about the "
+              "method). Majority-class scores: " + ", ".join(f"{t} {m:.1f}" for t, m in majority.items()
+                                                             if m is not None) + ".",
+              "", "### Comparisons (paired bootstrap over dev examples, seeds resampled; 95% intervals)", ""]
     by_key = {(c["a"], c["b"], c["task"]): c for c in data["comparisons"]}
     for a, b in pairs:
         lines.append("* " + verdict(by_key.get((a, b, "mean5")), a, b))
         per_task = [c for (x, y, t), c in by_key.items() if (x, y) == (a, b) and t != "mean5"]
         if per_task:
             lines.append("  Per task: " + "; ".join(f"{c['task']} {c['diff']:+.1f} [{c['ci'][0]:+.1f}, "
-                                                   f"{c['ci'][1]:+.1f}]" for c in per_task) + ".")
+                                                   f"{c['ci'][1]:+.1f}]{_chance_note(data, c['task'], a, b)}"
+                                                   for c in per_task) + ".")
     return lines + [""]
+
+
+def _chance_note(data: dict, task: str, a: str, b: str) -> str:
+    """" (both at chance)" when neither row beats the permutation null on ``task``: their difference is noise."""
+    rows = data["tasks"].get(task, {})
+    at_chance = [rows.get(r, {}).get("above_chance") is False for r in (a, b)]
+    return " (both at chance)" if all(at_chance) else ""
 
 
 def _score(v: float | None) -> str:

@@ -124,6 +124,48 @@ def test_bootstrap_interval_and_verdicts():
     assert fair_section(None, ["apt"], [("apt", "prefix")], "T")[0] == "## T"
 
 
+def test_chance_check_separates_informed_from_label_mix_predictions():
+    """Predictions right on 80% of the examples are above chance; predictions that only copy the label mix (the
+    labels shuffled) and constant predictions are not; the permutation scores equal a direct loop; the majority
+    score is the constant predictor's metric."""
+    from fair_glue_report import chance_check, permuted
+
+    from softprompt import tasks
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+
+    def runs(make, metric="accuracy"):
+        out = []
+        for s in range(5):
+            pred = make()
+            spec = tasks.get_task({"accuracy": "glue/sst2", "matthews_correlation": "glue/cola"}[metric])
+            out.append({"seed": s, "metric": metric, "score": tasks.compute_metrics(spec, pred, y)["main"],
+                        "predictions": pred.tolist(), "labels": y.tolist()})
+        return out
+
+    informed = runs(lambda: np.where(rng.random(300) < 0.8, y, 1 - y))
+    mix = runs(lambda: rng.permutation(y))
+    constant = runs(lambda: np.ones(300, dtype=int))
+    for metric in ("accuracy", "matthews_correlation"):
+        for rs in (informed, mix, constant):
+            for r in rs:
+                r["metric"] = metric
+                spec = tasks.get_task({"accuracy": "glue/sst2", "matthews_correlation": "glue/cola"}[metric])
+                r["score"] = tasks.compute_metrics(spec, np.asarray(r["predictions"]), y)["main"]
+        assert chance_check(informed, 400)["above_chance"] is True
+        assert chance_check(mix, 400)["above_chance"] is False
+        assert chance_check(constant, 400)["above_chance"] is False
+        majority = 100 * max((y == 1).mean(), (y == 0).mean()) if metric == "accuracy" else 0.0  # MCC: 0
+        assert chance_check(constant, 10)["majority"] == round(majority, 2)
+    preds = np.asarray([r["predictions"] for r in informed])
+    perms = np.stack([rng.permutation(300) for _ in range(7)])
+    got = permuted("matthews_correlation", preds, y, perms)
+    spec = tasks.get_task("glue/cola")
+    want = [[tasks.compute_metrics(spec, row[perm], y)["main"] for perm in perms] for row in preds]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
 def test_chosen_rate_skips_diverged_rates_and_waits_for_the_grid(monkeypatch):
     import fair_glue
 

@@ -209,11 +209,14 @@ class StaticBatch:
         self._mask[: self.max_rows if self.graphs else bucket, self.col] = True
         self._col.fill_(self.col)
         if self.graphs:
-            if not self._captured:  # every bucket at once, so that no later step of a running server stalls
-                for b in sorted({self._bucket(k) for k in range(1, self.max_rows + 1)}):
-                    self._capture(b)
-            graph, logits = self._captured[bucket]
-            graph.replay()
+            # The model's device, not the calling thread's current one: a server steps the engine in a worker thread,
+            # whose current device is cuda:0 whatever the model's, and side streams and captures follow it.
+            with torch.cuda.device(self.model.device):
+                if not self._captured:  # every bucket at once, so that no later step of a running server stalls
+                    for b in sorted({self._bucket(k) for k in range(1, self.max_rows + 1)}):
+                        self._capture(b)
+                graph, logits = self._captured[bucket]
+                graph.replay()
         else:
             logits = self._run(bucket, self.col + 1)
         self.col += 1

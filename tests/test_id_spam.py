@@ -248,6 +248,21 @@ def test_dropout_sites(site, padded):
     assert torch.equal(module.generate_prompt(e, mask), module.generate_prompt(e, mask))
 
 
+def test_generator_site_drops_the_pooled_vector_and_the_bottleneck(padded):
+    """dropout_site="generator": S = up(drop(relu(down(drop(A))))), written out with the same random stream; S itself
+    is not dropped (the spec's alternative site)."""
+    _, mask = padded
+    module = IDSPAM(IDSPAMConfig(dropout=0.5, dropout_site="generator", up_activation="none"), info(16))
+    e = torch.randn(3, 9, 16)
+    module.train()
+    torch.manual_seed(0)
+    got = module.generate_prompt(e, mask)
+    torch.manual_seed(0)
+    h = module.drop(torch.relu(module.down(module.drop(module.pool(e, mask)))))
+    want = module.up(h).view(3, module.config.num_virtual_tokens, 16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---- encoders: manual reference -----------------------------------------------------------------------------------
 def encoder_reference(base, kind, ids, mask, prompt, m, at):
     """embeddings -> layers < m -> insert after position ``at`` -> layers >= m -> drop inserted rows -> head."""

@@ -47,3 +47,19 @@ def test_check_compares_fixed_buffers_with_the_default_decoding(capsys):
     assert serve_generation.main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["identical_rows"] == out["requests"] == 8
+
+
+def test_service_check_agrees_and_catches_a_service_that_drops_adapters(capsys, monkeypatch):
+    """benchmarks/serve_service_check.py: the service (worker thread, fixed buffers) returns the offline tokens for
+    every request; a service that ignored the request's adapter fails the check (exit 1)."""
+    import serve_service_check
+
+    from softprompt.serve.generation import GenerationService
+
+    args = ["--model", "tiny", "--decoding", "static", "--device", "cpu", "--requests", "12", "--adapters", "3"]
+    assert serve_service_check.main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["identical_rows"] == 12
+    complete = GenerationService.complete
+    monkeypatch.setattr(GenerationService, "complete", lambda self, p, a, params: complete(self, p, None, params))
+    assert serve_service_check.main(args) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["identical_rows"] < 12

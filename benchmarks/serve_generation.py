@@ -297,21 +297,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def check_jobs(rng, vocab: int, requests: int, adapters: int) -> list[tuple[list[int], str | None, int]]:
+    """Seeded greedy requests (prompt ids, adapter or None for every third, new tokens) of the exactness checks."""
+    return [(rng.integers(10, vocab - 10, int(rng.integers(8, 96))).tolist(),
+             None if k % 3 == 0 else f"a{int(rng.integers(0, adapters))}", int(rng.integers(4, 32)))
+            for k in range(requests)]
+
+
 def cmd_check(args) -> int:
-    """Fixed buffers and CUDA graphs against the default decoding, on one seeded set of greedy requests (8 prefix
-    adapters and bare rows, varied prompt lengths, rows joining and leaving; requests arrive at seeded steps, in
-    bursts and alone, with gaps in which the batch empties so that rows also decode alone one after another): how
-    many rows give the same tokens, and the median decoding-step time of each. Run it on the GPU before trusting
-    ``--decoding cuda_graphs`` numbers."""
+    """Fixed buffers / CUDA graphs against the default decoding on :func:`check_jobs`, arriving at seeded steps in
+    bursts and alone (gaps empty the batch, so rows also decode alone): rows with the same tokens, and the median
+    decoding-step time of each. Run it on the GPU before trusting ``--decoding cuda_graphs`` numbers."""
     from softprompt.multi.generation import GenerationEngine, SamplingParams
 
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab = build_model(args.model, args.adapters, args.prefix_len, device, dtype, args.method)
     rng = np.random.default_rng(args.seed)
-    jobs = [(rng.integers(10, vocab - 10, int(rng.integers(8, 96))).tolist(),
-             None if k % 3 == 0 else f"a{int(rng.integers(0, args.adapters))}", int(rng.integers(4, 32)))
-            for k in range(args.requests)]
+    jobs = check_jobs(rng, vocab, args.requests, args.adapters)
     # Arrival step of each request: half of them in one burst at step 0, the rest with gaps of 0-40 steps (a gap
     # longer than any request's 31 new tokens empties the batch).
     half = len(jobs) // 2
@@ -376,11 +379,9 @@ def main(argv=None) -> int:
     c.add_argument("--model", default="smollm2")
     c.add_argument("--decoding", default="cuda_graphs", choices=["static", "cuda_graphs"])
     c.add_argument("--requests", type=int, default=48)
-    c.add_argument("--adapters", type=int, default=8)
-    c.add_argument("--prefix-len", type=int, default=16)
+    for flag, default in (("--adapters", 8), ("--prefix-len", 16), ("--max-rows", 16), ("--max-context", 256)):
+        c.add_argument(flag, type=int, default=default)
     c.add_argument("--method", default="prefix", choices=["prefix", "prompt"])
-    c.add_argument("--max-rows", type=int, default=16)
-    c.add_argument("--max-context", type=int, default=256)
     c.add_argument("--dtype", default="float32", help="float32: rows must agree exactly (exit 1 otherwise)")
     c.add_argument("--device")
     c.add_argument("--seed", type=int, default=0)

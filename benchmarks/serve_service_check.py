@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_generation import build_model
+from serve_generation import build_model, check_jobs
 
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if (_SRC / "softprompt").is_dir() and str(_SRC) not in sys.path:  # the checkout's package wins
@@ -85,9 +85,7 @@ def main(argv=None) -> int:
     if getattr(model, "tokenizer", None) is None:
         model.tokenizer = TokenIds()
     rng = np.random.default_rng(args.seed)
-    jobs = [(rng.integers(10, vocab - 10, int(rng.integers(8, 96))).tolist(),
-             None if k % 3 == 0 else f"a{int(rng.integers(0, args.adapters))}", int(rng.integers(4, 32)))
-            for k in range(args.requests)]
+    jobs = check_jobs(rng, vocab, args.requests, args.adapters)
     # Half arrive together, the rest spread over about a second, with pauses long enough to empty the batch.
     half = len(jobs) // 2
     delays = [0.0] * half + np.cumsum(rng.choice([0.0, 0.01, 0.05, 0.3], size=len(jobs) - half)).tolist()

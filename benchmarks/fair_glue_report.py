@@ -277,6 +277,12 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
         if len(both) == len(TASKS):
             diff, ci = bootstrap(runs, TASKS, a, b, n_boot)
             comparisons.append({"a": a, "b": b, "task": "mean5", "diff": diff, "ci": ci})
+            # The same mean without the tasks on which both rows are at chance (their difference is noise).
+            informative = [t for t in TASKS if table[t][a]["above_chance"] or table[t][b]["above_chance"]]
+            if informative and len(informative) < len(TASKS):
+                diff, ci = bootstrap(runs, informative, a, b, n_boot)
+                comparisons.append({"a": a, "b": b, "task": "mean_above_chance", "tasks": informative,
+                                    "diff": diff, "ci": ci})
     last = sessions[-1] if sessions else {}
     data = {"device": last.get("device"), "versions": last.get("versions"), "date": last.get("date"),
             "command": last.get("command"), "sessions": sessions,
@@ -363,7 +369,11 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
     by_key = {(c["a"], c["b"], c["task"]): c for c in data["comparisons"]}
     for a, b in pairs:
         lines.append("* " + verdict(by_key.get((a, b, "mean5")), a, b))
-        per_task = [c for (x, y, t), c in by_key.items() if (x, y) == (a, b) and t != "mean5"]
+        if (a, b, "mean_above_chance") in by_key:
+            c = by_key[(a, b, "mean_above_chance")]
+            lines.append(f"  Without the tasks where both are at chance ({', '.join(c['tasks'])}): "
+                         + verdict(c, a, b))
+        per_task = [c for (x, y, t), c in by_key.items() if (x, y) == (a, b) and not t.startswith("mean")]
         if per_task:
             lines.append("  Per task: " + "; ".join(f"{c['task']} {c['diff']:+.1f} [{c['ci'][0]:+.1f}, "
                                                    f"{c['ci'][1]:+.1f}]{_chance_note(data, c['task'], a, b)}"

@@ -189,3 +189,31 @@ def test_plain_rows_run_on_the_carved_split(row, tiny_glue, tiny_bert_dir):
     assert out["eval_examples"] == 12 and out["train_examples"] == 108 and 0 <= out["score"] <= 1
     assert out["readout"] == "mean" and out["trainable_params"] > 0
     assert (state / f"{fair_glue.run_name('lr', 'glue/sst2', row, 1e-2, 3)}.json").exists()
+
+
+def test_mean_without_tasks_at_chance_for_both_rows(tmp_path):
+    """Five tasks, on one of which both rows predict at random: fair_glue.json has the five-task mean and the mean
+    over the other four, the markdown says which tasks it keeps, and the at-chance task is flagged."""
+    import fair_glue
+    from fair_glue_report import fair_section, write_json
+
+    rng = np.random.default_rng(5)
+    for task in fair_glue.TASKS:
+        y = rng.integers(0, 2, 120)
+        for row, right in (("apt", 0.85), ("prefix", 0.75)):
+            for seed in range(1, 4):
+                pred = rng.integers(0, 2, 120) if task == "glue/rte" else np.where(rng.random(120) < right, y, 1 - y)
+                run = {"stage": "seeds", "task": task, "row": row, "lr": 0.01, "seed": seed, "metric": "accuracy",
+                       "score": float((pred == y).mean()), "predictions": pred.tolist(), "labels": y.tolist(),
+                       "trainable_params": 1}
+                (tmp_path / f"{fair_glue.run_name('seeds', task, row, 0.01, seed)}.json").write_text(json.dumps(run))
+    data = write_json(tmp_path, tmp_path / "fair.json", n_boot=200)
+    assert data["tasks"]["glue/rte"]["apt"]["above_chance"] is False
+    assert all(data["tasks"][t]["apt"]["above_chance"] for t in fair_glue.TASKS if t != "glue/rte")
+    by = {c["task"]: c for c in data["comparisons"] if (c["a"], c["b"]) == ("apt", "prefix")}
+    assert set(by) == {*fair_glue.TASKS, "mean5", "mean_above_chance"}
+    assert by["mean_above_chance"]["tasks"] == [t for t in fair_glue.TASKS if t != "glue/rte"]
+    assert by["mean_above_chance"]["ci"][0] > 0  # 85% against 75% right on four tasks
+    text = "\n".join(fair_section(data, ["apt", "prefix"], [("apt", "prefix")], "Fair"))
+    assert "Without the tasks where both are at chance (glue/sst2, glue/mrpc, glue/cola, superglue/cb)" in text
+    assert "glue/rte" in text and "(both at chance)" in text

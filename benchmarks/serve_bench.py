@@ -39,7 +39,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 WORDS = ("the a film movie plot actors story was is very not quite rather good great bad awful dull brilliant "
          "funny slow moving performance direction script scenes ending music visual charming tedious surprising "
          "predictable original clever cast camera work humour pace long short memorable forgettable").split()
@@ -254,7 +253,7 @@ def drive(url: str, texts: list[str], names: list[str], args) -> dict:
     seconds = end - start
     after = httpx.get(f"{url}/stats", timeout=30).json()
     latencies.sort()
-    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000  # noqa: E731
+    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000
     batches = after["batcher"]["batches"] - before["batcher"]["batches"]
     rows = after["batcher"]["rows"] - before["batcher"]["rows"]
     return {"requests_per_s": len(requests) / seconds, "texts_per_s": len(texts) / seconds, "seconds": seconds,

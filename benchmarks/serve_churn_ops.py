@@ -48,9 +48,8 @@ class _CountOps(TorchDispatchMode):
 
 def build(layers: int, adapters: int):
     """(MultiAdapterModel with ``adapters`` prefix adapters of 16 tokens, vocab size) on a tiny Llama."""
-    import transformers as tf
-
     import serve_generation
+    import transformers as tf
 
     config = tf.LlamaConfig
 

@@ -136,7 +136,7 @@ def test_trainable_parameter_count_formula(bias):
     L, d, h, D = info.num_layers, info.hidden_size, info.num_kv_heads, info.head_dim
     prefix = L * 2 * h * p * D
     gates = L * (d * p + 1) + (L * p if bias else 0)  # spec section 1: L*(d*l + 1) [+ L*l bias]
-    method, head, _ = model.num_parameters_summary()
+    method, _head, _ = model.num_parameters_summary()
     assert method == prefix + gates
     assert model.method.num_gate_parameters() == gates
     # Per-layer lengths (0 = no prefix, no gate there).
@@ -195,7 +195,7 @@ def test_gated_attention_equals_float64_hand_computation(target):
     h = store["h"].double()
     B, N, _ = h.shape
     H, D = model.info.num_heads, model.info.head_dim
-    split = lambda x: x.view(B, N, H, D).transpose(1, 2)  # noqa: E731
+    split = lambda x: x.view(B, N, H, D).transpose(1, 2)
     with torch.no_grad():
         q, k, v = split(att.query(h)), split(att.key(h)), split(att.value(h))
         table = model.method.tables[str(layer)].double()  # [2, H, P, D]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import baselines  # noqa: E402
+import baselines
 
 
 def test_suites_cover_the_issue_tables():

@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny
 
 import softprompt as sp
 from softprompt.errors import ConfigError, SequenceTooLongError
 from softprompt.multi import MultiAdapterModel
 from softprompt.multi.generation import GenerationEngine, SamplingParams
-
-from conftest import tiny
 
 # Every method, initialised strongly enough that it changes what the tiny model generates.
 CONFIGS = {
@@ -301,7 +300,7 @@ def test_fixed_buffers_refuse_layers_of_different_shapes_in_one_line():
 
     layers = [SimpleNamespace(keys=torch.zeros(1, 2, 3, 8)), SimpleNamespace(keys=torch.zeros(1, 1, 3, 8))]
     batch = StaticBatch(model=None, cache_arg="cache", max_rows=2, capacity=8, cuda_graphs=False)
-    with pytest.raises(ConfigError, match="same key/value heads and head size in every layer.*decoding='dynamic'"):
+    with pytest.raises(ConfigError, match=r"same key/value heads and head size in every layer.*decoding='dynamic'"):
         batch.join(SimpleNamespace(layers=layers), torch.ones(1, 3, dtype=torch.bool), None)
     assert batch._kv is None and batch.rows == 0
 
@@ -444,7 +443,7 @@ def test_bad_requests_are_refused_before_anything_runs(adapters):
     engine.submit([1, 99], "prefix", SamplingParams(temperature=0.5, seed=2**64 - 1))
     engine.submit([1, 99], "prefix", SamplingParams(temperature=0.5, seed=-(2**63)))
     fixed = GenerationEngine(MultiAdapterModel(tiny_lm(), adapters), decoding="static", max_context=20)
-    with pytest.raises(SequenceTooLongError, match="max_context of 20 .*at most 12"):
+    with pytest.raises(SequenceTooLongError, match=r"max_context of 20 .*at most 12"):
         fixed.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=13))  # 4 + 4 virtual + 13 = 21 columns
     fixed.submit([3] * 4, "prompt", SamplingParams(max_new_tokens=12))  # 20 columns fit
     with pytest.raises(ConfigError, match="decoding must be"):

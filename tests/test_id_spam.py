@@ -15,8 +15,8 @@ import softprompt as sp
 from softprompt.engine.injector import ModelInfo
 from softprompt.errors import ConfigError, SequenceTooLongError
 from softprompt.methods import config_from_dict
-from softprompt.methods.id_spam import explain as id_spam_explain
 from softprompt.methods.id_spam import IDSPAM, IDSPAMConfig, id_spam_parameter_count
+from softprompt.methods.id_spam import explain as id_spam_explain
 
 ENCODERS = ("bert", "roberta")
 DECODERS = ("llama", "gpt2")
@@ -106,7 +106,7 @@ def test_registry_and_validation():
                 {"embed_source": "x"}, {"position": "end"}, {"dropout_site": "x"}, {"layer": -1}):
         with pytest.raises(ConfigError):
             IDSPAMConfig(**bad)
-    with pytest.raises(ConfigError, match="layer must be in 0..2"):
+    with pytest.raises(ConfigError, match=r"layer must be in 0\.\.2"):
         sp.wrap(tiny("bert", "cls"), IDSPAMConfig(layer=3))
     assert IDSPAM(IDSPAMConfig(), info(64, layers=12)).layer == 6  # default: the middle layer
 
@@ -500,7 +500,7 @@ def test_explain_weights(tokenizer):
 
 def test_explain_rejects_other_methods(tokenizer):
     model = sp.wrap(tiny("bert", "cls"), sp.PromptTuningConfig(num_virtual_tokens=2))
-    with pytest.raises(sp.ConfigError, match="ID-SPAM adapter .* method is 'prompt'"):
+    with pytest.raises(sp.ConfigError, match=r"ID-SPAM adapter .* method is 'prompt'"):
         id_spam_explain.explain(model, tokenizer, "the movie")
 
 
@@ -512,5 +512,5 @@ def test_html_and_png_writers(tokenizer, tmp_path):
     assert page.count('class="tok"') == len(pairs)
     png = id_spam_explain.write(pairs, tmp_path / "tokens.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
-    with pytest.raises(ValueError, match="html or .png"):
+    with pytest.raises(ValueError, match=r"html or \.png"):
         id_spam_explain.write(pairs, tmp_path / "tokens.txt")

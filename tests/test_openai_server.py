@@ -58,7 +58,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(folders):
-    base, paths = folders
+    _, paths = folders
     model = MultiAdapterModel(lm(), paths, tokenizer=tokenizer())
     with ServerThread(create_app(model, ServeConfig(max_batch_size=4))) as address:
         yield address

@@ -157,7 +157,7 @@ def test_invalid_configs_name_the_field():
         sp.PromptTuningConfig(num_virtual_tokens=0)
     with pytest.raises(sp.ConfigError, match="layer_lengths has 2 entries but the model has 3 layers"):
         sp.wrap(tiny("llama"), sp.PrefixConfig(layer_lengths=[1, 2]))
-    with pytest.raises(sp.ConfigError, match="layer must be in 0..2"):
+    with pytest.raises(sp.ConfigError, match=r"layer must be in 0\.\.2"):
         sp.wrap(tiny("llama"), sp.LatePromptConfig(layer=7))
 
 

@@ -15,7 +15,7 @@ from softprompt.represent import FeatureSpec, PrefixBank, Representer
 from softprompt.represent.encoder import PrefixEncoder, pool_features
 from softprompt.represent.probe import ProbeConfig, TaskInfo, fit_probe, score
 
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "a", "is", "was", "very", "not", "plot", "actor"]
+WORDS = "good great fine bad awful poor movie film the a is was very not plot actor".split()
 
 
 @pytest.fixture(scope="module")

@@ -298,20 +298,19 @@ def _wait_until_queued(url: str, rows: int) -> None:
 
 def test_a_full_queue_is_503_retry_later(model):
     """The 503 stays for what a retry can fix: the queue is full now (the model is held inside a batch)."""
-    with serve(model, max_queue_rows=4, max_batch_size=1) as url:
-        with _held_first_batch(model) as (inside, release):
-            with ThreadPoolExecutor(2) as pool:
-                first = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]},
-                                    timeout=60)
-                assert inside.wait(timeout=60)
-                second = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a",
-                                                                         "inputs": ["a"] * 4}, timeout=60)
-                _wait_until_queued(url, 4)  # the second request's 4 rows wait behind the held batch
-                r = httpx.post(f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]}, timeout=30)
-                assert_refused(r, 503, "retry later")
-                assert r.headers["retry-after"] == "1"
-                release.set()
-                assert first.result().status_code == 200 and second.result().status_code == 200
+    with (serve(model, max_queue_rows=4, max_batch_size=1) as url, _held_first_batch(model) as (inside, release),
+          ThreadPoolExecutor(2) as pool):
+        first = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]},
+                            timeout=60)
+        assert inside.wait(timeout=60)
+        second = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a",
+                                                                 "inputs": ["a"] * 4}, timeout=60)
+        _wait_until_queued(url, 4)  # the second request's 4 rows wait behind the held batch
+        r = httpx.post(f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]}, timeout=30)
+        assert_refused(r, 503, "retry later")
+        assert r.headers["retry-after"] == "1"
+        release.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
 
 
 def _raw_request(url: str, head: bytes, body: bytes) -> bytes:
@@ -399,18 +398,17 @@ def test_rows_of_an_adapter_removed_while_queued_get_404(tree, model):
     finishes (event-based: the first batch is held inside the model while the second request is queued)."""
     with serve(model, adapter_roots=(str(tree["root"]),), max_batch_size=1) as url:
         assert add(url, "prompt_cls").status_code == 201
-        with _held_first_batch(model) as (inside, release):
-            with ThreadPoolExecutor(2) as pool:
-                first = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]},
-                                    timeout=60)
-                assert inside.wait(timeout=60)
-                second = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "added", "inputs": ["a"]},
-                                     timeout=60)
-                _wait_until_queued(url, 1)
-                assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
-                release.set()
-                assert first.result().status_code == 200
-                assert_refused(second.result(), 404, "unknown adapter 'added'")
+        with _held_first_batch(model) as (inside, release), ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "prefix_a", "inputs": ["a"]},
+                                timeout=60)
+            assert inside.wait(timeout=60)
+            second = pool.submit(httpx.post, f"{url}/predict", json={"adapter": "added", "inputs": ["a"]},
+                                 timeout=60)
+            _wait_until_queued(url, 1)
+            assert httpx.delete(f"{url}/adapters/added", headers=AUTH, timeout=30).status_code == 200
+            release.set()
+            assert first.result().status_code == 200
+            assert_refused(second.result(), 404, "unknown adapter 'added'")
 
 
 def test_a_failing_request_does_not_fail_the_others_in_its_batch():

@@ -80,7 +80,7 @@ def test_registry_names_and_specs():
             assert sp is None or sp in s.splits
         assert s.test_split not in s.unlabeled_splits and s.eval_split not in s.unlabeled_splits
         assert callable(s.reader) and s.description
-        for u in s.unlabeled_splits:
+        if s.unlabeled_splits:
             assert "unlabeled" in s.description
         for d in s.derived_splits:
             assert d in s.splits
@@ -246,7 +246,8 @@ def test_label_distributions_match_readme():
 @needs_data
 def test_glue_first_rows_exact():
     cola = _load("glue/cola", "train")[0]
-    assert cola["text"] == "Our friends won't buy this analysis, let alone the next one we propose." and cola["label"] == 1
+    assert cola["text"] == "Our friends won't buy this analysis, let alone the next one we propose."
+    assert cola["label"] == 1
     mrpc = _load("glue/mrpc", "train")[0]  # BOM stripped, header recognised
     assert mrpc["label"] == 1 and mrpc["text"].startswith("Amrozi accused his brother")
     assert mrpc["text_pair"].startswith("Referring to him as only")

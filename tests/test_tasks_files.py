@@ -75,7 +75,8 @@ def test_jsonl_malformed(tmp_path):
 
 def test_multirc_bad_passage_skipped_whole(tmp_path):
     ok = {"idx": 0, "passage": {"text": "T", "questions": [
-        {"question": "Q", "idx": 0, "answers": [{"text": "a", "idx": 0, "label": 1}, {"text": "b", "idx": 1, "label": 0}]}]}}
+        {"question": "Q", "idx": 0,
+         "answers": [{"text": "a", "idx": 0, "label": 1}, {"text": "b", "idx": 1, "label": 0}]}]}}
     bad = {"idx": 1, "passage": {"text": "T", "questions": [
         {"question": "Q", "idx": 1, "answers": [{"text": "a", "idx": 2, "label": 1}, {"text": "b", "idx": 3}]}]}}
     _w(tmp_path / "superglue/MultiRC/val.jsonl", json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
@@ -121,7 +122,8 @@ def test_json_array_items_and_piqa_labels(tmp_path):
 
 
 def test_agnews_csv_malformed(tmp_path):
-    _w(tmp_path / "agnews/test.csv", 'Class Index,Title,Description\n3,"T, with comma","multi\nline"\n5,x,y\n1,a\n2,b,c\n')
+    _w(tmp_path / "agnews/test.csv",
+       'Class Index,Title,Description\n3,"T, with comma","multi\nline"\n5,x,y\n1,a\n2,b,c\n')
     recs, msgs = _load_warn("agnews", "full", data_dir=tmp_path)
     assert [(r["text"], r["label"]) for r in recs] == [("T, with comma multi\nline", 2), ("b c", 1)]
     assert "2 malformed" in str(msgs[0].message) and "line 4" in str(msgs[0].message)
@@ -185,7 +187,8 @@ def test_user_jsonl_regression_and_ints(tmp_path):
 
 
 def test_user_malformed_rows_and_strict(tmp_path):
-    p = _w(tmp_path / "m.jsonl", '{"t": "a", "y": "x"}\n{"t": "", "y": "x"}\nnot json\n{"t": "b"}\n{"t": "c", "y": "z"}\n')
+    p = _w(tmp_path / "m.jsonl",
+           '{"t": "a", "y": "x"}\n{"t": "", "y": "x"}\nnot json\n{"t": "b"}\n{"t": "c", "y": "z"}\n')
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         recs, spec = T.load_file(p, text_column="t", label_column="y")

@@ -312,4 +312,5 @@ def test_config_roundtrip_and_resolution(tmp_path) -> None:
         resolve_config(str(tmp_path / "missing.json"))
     # Preset round trip through to_dict keeps the compact scalar form.
     assert preset("zero_cov_12").to_dict()["cs"] == [1.0, 2.0]
-    assert TaskMixture.from_dict(preset("isotropic_covariance_zero_mean").to_dict()).covs[0][9, 9] == pytest.approx(2.0**-9)
+    covs = TaskMixture.from_dict(preset("isotropic_covariance_zero_mean").to_dict()).covs
+    assert covs[0][9, 9] == pytest.approx(2.0**-9)

@@ -27,7 +27,8 @@ def test_gram_forward_equals_token_forward() -> None:
     batch = TaskSampler(mix, seed=1).sample(1, 6, 7)
     Z, zq = tokens(batch)
     for heads in (False, True):
-        model = LinearAttn(10, 2, runs=3, prompt_len=2, heads=heads, generator=torch.Generator().manual_seed(0)).double()
+        gen = torch.Generator().manual_seed(0)
+        model = LinearAttn(10, 2, runs=3, prompt_len=2, heads=heads, generator=gen).double()
         for use_prompt in (False, True):
             a = model(1, Z, zq, use_prompt=use_prompt)
             b = model.forward_tokens(1, Z, zq, use_prompt=use_prompt)
@@ -129,7 +130,8 @@ def test_training_approaches_closed_form(regime: str, steps: int, lr: float, bat
 def test_fine_tuning_improves_on_its_pretrained_model() -> None:
     mix = small_mixture()
     ns = [4, 8]
-    res = train_multi(mix, "ft", ns, steps=600, pretrain_steps=800, lr=1e-2, batch=512, runs=2, eval_batches=4, eval_batch=2048, seed=2)
+    res = train_multi(mix, "ft", ns, steps=600, pretrain_steps=800, lr=1e-2, batch=512, runs=2, eval_batches=4,
+                      eval_batch=2048, seed=2)
     for n in ns:
         ft, pt = res[n], res[n].pretrain
         assert pt is not None and pt.regime == "pt"

@@ -138,12 +138,19 @@ def run_one(job: dict, model: str, state: Path, bf16: bool, readout: str, scratc
            "train_seconds": metrics.get("train_seconds"), "trainable_params": metrics.get("trainable_params"),
            "method_seed": metrics.get("method_seed"), "train_examples": metrics.get("train_examples"),
            "eval_examples": len(labels), "eval_split": metrics.get("eval_split"),
-           "trainer_eval_main": metrics.get(f"eval_{spec.metric}")}
+           "trainer_eval_main": metrics.get(f"eval_{spec.metric}"), "device": _device_name()}
     if stage == "seeds":
         out["predictions"] = preds.tolist()
         out["labels"] = labels.tolist()
     (state / f"{name}.json").write_text(json.dumps(out))
     return out
+
+
+def _device_name() -> str:
+    """The card a run trained on (runs of one state folder come from several machines)."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _train_ours(cfg, spec):

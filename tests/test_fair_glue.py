@@ -58,6 +58,7 @@ def test_pipeline_resumes_and_reports(tiny_glue, tiny_bert_dir, monkeypatch):
     chosen = max(lr_runs, key=lambda r: (r["score"], -r["lr"]))["lr"]
     assert all(r["lr"] == chosen for r in seeds)
     assert seeds[0]["method_seed"] == 1 and seeds[1]["method_seed"] == 2
+    assert all(r["device"] == "cpu" for r in seeds)  # each run names its card (runs come from several machines)
     # The report: the schema of issue 23.
     import fair_glue_report
 

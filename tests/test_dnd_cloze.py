@@ -3,6 +3,7 @@ bootstrap intervals and the resumable study + report on a tiny random Llama save
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,9 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     cfg = "r2_lr1e-2_steps3_ckpt2_bs4"
     z = stages[f"zoo:{cfg}:commonsense/arc_easy"]
     assert z["final"]["step"] == 3 and len(z["losses"]) == 2 and z["test"]["n"] == 6
+    assert [c["step"] for c in z["curve"]] == [3] and z["curve"][0]["path"] == z["final"]["path"]  # no warm-up step
+    ltm = stages[f"dnd:{cfg}:commonsense/arc_easy"]["lora_to_match"]  # saved at this size: only the final one
+    assert ltm["measure"] == "acc_norm" and ltm["scored"] == [] and ltm["step"] in (0, 3, None)
     res = build_results(stages, cfg, device="cpu", versions={"torch": torch.__version__}, date="d", command="c",
                         datasets=["commonsense/arc_easy", "commonsense/winogrande"])
     row = res["datasets"]["commonsense/arc_easy"]
@@ -163,6 +167,10 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     assert layouts == ["relative", "dnd"]
     text = render(res)
     assert "| arc_easy | 6 | 25.0 |" in text and "training-LoRA mean (interval above 0) on" in text
+    cost_row = row["lora_to_match"]
+    assert cost_row["target"] == round(100 * ltm["target"], 2) and cost_row["step"] == ltm["step"]
+    cost = text.split("| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |")[1]
+    assert f"| arc_easy | {row['generate_seconds']:.3f} | " in cost
     fresh = Study(tmp_path / "state2", str(folder), **kw)
     kept = fresh.restore(tmp_path / "out" / "dnd_cloze_stages.json")  # every result; the zoo weights are absent
     assert kept == study.stages()
@@ -174,6 +182,7 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     for d in ("commonsense/arc_easy", WG):
         r = fresh.result(f"zoo:{cfg}:{d}")
         assert r["rebuilds"][0]["loss_max_rel_diff"] == 0.0 and r["test"] == stages[f"zoo:{cfg}:{d}"]["test"]
+        assert [c["step"] for c in r["curve"]] == [3]  # this machine's seconds, even when the scores are kept
     assert fresh.path(f"cross:{cfg}").read_text() == cross
     other = Study(tmp_path / "state3", str(folder), **kw)  # a record the rebuild does not reproduce
     data = json.loads((tmp_path / "out" / "dnd_cloze_stages.json").read_text())
@@ -189,3 +198,41 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     # Dropped by the mismatch and measured again (its scores may well be equal, so look for the restored record's
     # marker rather than comparing texts, whose only difference could be the timing field).
     assert "restored_marker" not in json.loads(other.path(f"cross:{cfg}").read_text())
+
+
+def test_lora_to_match_bisects_the_saved_steps():
+    """Cost to match DnD: 0 when the base already scores the target, None past the final LoRA, else the first saved
+    step at or above the target found by bisection (scoring at most ceil(log2(len)) steps; the final one is known)."""
+    from types import SimpleNamespace
+
+    from softprompt.dnd.study_gen import lora_to_match
+
+    steps = [10, 25, 50, 100, 150, 200, 250]
+    acc = dict(zip(steps, [0.30, 0.32, 0.36, 0.41, 0.44, 0.46, 0.47]))
+    curve = [{"step": s, "path": f"d/step_{s}", "train_seconds": s / 10} for s in steps]
+    results = {"zoo:c:commonsense/piqa": {"curve": curve, "test": {"acc_norm": 0.47}},
+               "base": {"datasets": {"commonsense/piqa": {"test": {"acc_norm": 0.28}}}}}
+    scored = []
+
+    def score(pm, tok, dataset):
+        scored.append(pm)
+        return {"acc_norm": acc[pm]}
+
+    study = SimpleNamespace(result=results.__getitem__, zoo_dir=lambda cfg, d: Path("/zoo"),
+                            _load=lambda path: (int(Path(path).name.split("_")[1]), None), _score=score)
+    cfg = {"name": "c"}
+
+    def run(target):
+        scored.clear()
+        return lora_to_match(study, cfg, "commonsense/piqa", [{"acc_norm": target - 0.01}, {"acc_norm": target + 0.01}])
+
+    r = run(0.40)
+    assert (r["step"], r["train_seconds"], r["measure"]) == (100, 10.0, "acc_norm") and len(scored) <= 3
+    assert scored == [50, 150, 100] and [x["step"] for x in r["scored"]] == scored
+    assert run(0.465)["step"] == 250 and run(0.30)["step"] == 10
+    r = run(0.25)  # the base model reaches it
+    assert (r["step"], r["train_seconds"]) == (0, 0.0) and scored == []
+    none = run(0.50)
+    assert none["step"] is None and none["final_step"] == 250 and none["final_train_seconds"] == 25.0
+    results["zoo:c:commonsense/piqa"] = {"test": {"acc_norm": 0.47}}  # recorded before curves existed
+    assert run(0.40) is None

@@ -101,7 +101,7 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
             row["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[m] for r in abl["draws"]), 2)
             row["ci_stats_dnd_minus_relative"] = paired_bootstrap(per[0], per[1])
         for k in ("train_lora_mean", "train_lora_best", "own_lora", "dnd_mean", "dnd_sd", "ci_dnd_minus_train_mean",
-                  "ci_dnd_minus_base", "nearest_lora", "generate_seconds", "in_distribution_recovery"):
+                  "ci_dnd_minus_base", "nearest_lora", "generate_seconds", "in_distribution_recovery", "lora_to_match"):
             row.setdefault(k, None)
         out[d] = row
     for row in out.values():
@@ -144,8 +144,34 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "nearest_lora": {"dataset": dnd["nearest"], "acc": round(100 * cross[dnd["nearest"]][d][measure], 2)},
             "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
             "zoo_mean": round(100 * dnd["zoo_mean"][measure], 2) if "zoo_mean" in dnd else None,
+            "lora_to_match": _to_match(dnd.get("lora_to_match")),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
                 100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
+
+
+def _to_match(t: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``study_gen.lora_to_match`` in percent (None for a stage recorded before it existed)."""
+    if t is None:
+        return None
+    out = {k: t[k] for k in ("measure", "step", "train_seconds") if k in t}
+    out.update({k: round(100 * t[k], 2) for k in ("target", "base", "own_lora")})
+    out["scored"] = [{"step": x["step"], "score": round(100 * x[t["measure"]], 2)} for x in t["scored"]]
+    if t.get("final_step") is not None:
+        out.update(final_step=t["final_step"], final_train_seconds=t["final_train_seconds"])
+    return out
+
+
+def _cost_cell(r: Mapping[str, Any]) -> str:
+    t = r.get("lora_to_match")
+    if t is None:
+        return "– | –"
+    if t["step"] == 0:
+        return "0 (the base already scores DnD's mean) | –"
+    if t["step"] is None:
+        return (f"not reached: the final LoRA (step {t['final_step']}, {t['final_train_seconds']:.1f} s) scores "
+                f"{t['own_lora']:.1f} < {t['target']:.1f} | –")
+    return (f"step {t['step']}, {t['train_seconds']:.1f} s | "
+            f"{t['train_seconds'] / r['generate_seconds']:.0f}x")
 
 
 def _f(x: Any) -> str:
@@ -240,6 +266,13 @@ def render(res: Mapping[str, Any]) -> str:
                          f"{_f(r['nearest_lora'])} | {_f(r.get('zoo_mean'))} | "
                          f"{rec['dataset'].split('/')[-1]}: {_f(rec['generated'])} vs "
                          f"{_f(rec['own_lora'])} | {r['generate_seconds']:.3f} |")
+    if rows:
+        lines += ["", "Cost: seconds to generate one adapter (the generator loaded) against the optimiser seconds the "
+                  "held-out dataset's own LoRA trained (batch 32, one GPU) until it scored DnD's mean in the "
+                  "dataset's primary measure (bisection over saved steps, assuming accuracy rises with training; "
+                  "the stage lists the steps it scored).", "",
+                  "| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |", "|---|---|---|---|"]
+        lines += [f"| {name} | {r['generate_seconds']:.3f} | {_cost_cell(r)} |" for name, r in rows]
     if all(r["dnd_mean"] is None for r in res["datasets"].values()):
         lines.append("No DnD generator has been run on this zoo yet (see `docs/dnd_gpu.md` for the next stages); "
                      "the DnD columns are empty, not zero.")

@@ -42,7 +42,10 @@ from .harness import _rank, dnd_records
 from .templates import DATASETS
 from .zoo import build_zoo, dataset_dirname
 
-PRIORS = {"base": 60.0, "zoo": 90.0, "cross": 120.0, "gen": 120.0, "dnd": 90.0}  # s, until measured
+PRIORS = {"base": 60.0, "zoo": 90.0, "cross": 120.0, "gen": 120.0, "dnd": 120.0}  # s, until measured
+# Warm-up steps of each zoo LoRA also saved (with their optimiser seconds): the cost table's "LoRA training to match
+# DnD" bisects them (``study_gen.lora_to_match``).
+ZOO_CURVE_STEPS = (10, 25, 50, 100, 150, 200)
 ZOO_MAX_LENGTH = 1024  # tokens per zoo training example: BoolQ v2's demonstrations + passage fit uncut
 REBUILD_TOLERANCE = 0.01  # a rebuilt zoo keeps its recorded scores if every kept step's loss is this close
 
@@ -205,9 +208,13 @@ class Study:
                         checkpoints=cfg["checkpoints"], out=out, lr=cfg["lr"], batch_size=cfg["batch_size"],
                         checkpoint_every=cfg["checkpoint_every"], min_lr_ratio=cfg["min_lr_ratio"],
                         dev_limit=0, model=model, tokenizer=tok, progress=False, device=self.device,
-                        max_length=ZOO_MAX_LENGTH)
+                        max_length=ZOO_MAX_LENGTH, curve_steps=[s for s in ZOO_CURVE_STEPS if s <= warm])
         final = man["checkpoints"][-1]
         losses = [c["train_loss"] for c in man["checkpoints"]]
+        # This machine's optimiser seconds to each saved step, the final one last (a kept record's seconds came from
+        # another machine, so a rebuild brings its own).
+        curve = [{k: c[k] for k in ("step", "path", "train_seconds")} for c in man["datasets"][dataset]["curve"]]
+        curve.append({"step": final["step"], "path": final["path"], "train_seconds": final["train_seconds"]})
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         if old is not None and len(old["losses"]) == len(losses):
@@ -215,10 +222,11 @@ class Study:
             check = {"loss_max_rel_diff": diff, "train_seconds": man["datasets"][dataset]["train_seconds"]}
             self.log(f"rebuilt {stage}: kept-step losses within {diff:.2e} (relative) of the record")
             if diff <= REBUILD_TOLERANCE and old["final"]["path"] == final["path"]:
-                return {**old, "rebuilds": [*old.get("rebuilds", []), check]}
+                return {**old, "curve": curve, "rebuilds": [*old.get("rebuilds", []), check]}
             self.path(f"cross:{cfg['name']}").unlink(missing_ok=True)
         pm, tok = self._load(str(out / final["path"]))
         return {"final": final, "train_seconds": man["datasets"][dataset]["train_seconds"], "losses": losses,
+                "curve": curve,
                 "dev": self._score(pm, tok, dataset, dnd_records(dataset, "dev")[:self.n_dev]),
                 "test": self._score(pm, tok, dataset)}
 

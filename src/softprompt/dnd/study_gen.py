@@ -11,7 +11,8 @@ For a zoo config ``cfg`` and each held-out dataset ``h`` (after ``cross:<cfg>``)
   own prompts, scored there, against that dataset's own LoRA); the nearest-dataset LoRA (the training dataset whose
   mean prompt embedding is closest in cosine to h's); the zoo mean (elementwise mean of A and of B over the
   generator's training checkpoints: the MSE optimum of an uninformative condition, jerryliang24/Drag-and-Drop-LLMs#4)
-  and generation seconds.
+  and generation seconds; and the cost to match: the optimiser seconds h's own LoRA trained until it scored as
+  well as DnD's mean (:func:`lora_to_match`).
 """
 
 from __future__ import annotations
@@ -220,6 +221,39 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
                                                             dim=0)) for d in train}
     nearest = max(sims, key=sims.__getitem__)
     return {"draws": draws, "condition_source": source, "n_condition_prompts": len(prompts),
+            "lora_to_match": None if tag else lora_to_match(study, cfg, holdout, draws),  # ablations: no cost row
             "recovery": {"dataset": own, "draws": rec_draws}, "similarity": sims, "nearest": nearest,
             "zoo_mean": zoo_mean, "config": g,
             "generate_seconds": statistics.mean(d["seconds"] for d in draws)}
+
+
+def lora_to_match(study: Study, cfg: dict[str, Any], holdout: str, draws: list[dict[str, Any]],
+                  measure: str | None = None) -> dict[str, Any] | None:
+    """Optimiser seconds (and steps) of ``holdout``'s own zoo LoRA until it scores DnD's mean in ``measure`` (the
+    dataset's primary measure): 0 when the base model already does, None when not even the final LoRA does. Between
+    the two, a bisection over the saved steps (``zoo`` stage ``curve``; up to 3 scorings of the evaluation subset)
+    finds a step that reaches the target right after one that does not; it assumes accuracy rises with training
+    (``scored`` lists what was scored, to show where it did not). None for a zoo stage recorded without a curve."""
+    from .cloze import primary_measure
+
+    zoo = study.result(f"zoo:{cfg['name']}:{holdout}")
+    curve = zoo.get("curve")
+    if not curve:
+        return None
+    m = measure or primary_measure(holdout)
+    target = statistics.mean(d[m] for d in draws)
+    base = study.result("base")["datasets"][holdout]["test"][m]
+    out: dict[str, Any] = {"measure": m, "target": target, "base": base, "own_lora": zoo["test"][m], "scored": []}
+    if target <= base:
+        return {**out, "step": 0, "train_seconds": 0.0}
+    if target > zoo["test"][m]:
+        return {**out, "step": None, "train_seconds": None, "final_step": curve[-1]["step"],
+                "final_train_seconds": curve[-1]["train_seconds"]}
+    lo, hi = -1, len(curve) - 1  # curve[lo] (the base at -1) is below the target, curve[hi] reaches it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        pm, tok = study._load(str(study.zoo_dir(cfg, holdout) / curve[mid]["path"]))
+        score = study._score(pm, tok, holdout)[m]
+        out["scored"].append({"step": curve[mid]["step"], m: score})
+        lo, hi = (lo, mid) if score >= target else (mid, hi)
+    return {**out, "step": curve[hi]["step"], "train_seconds": curve[hi]["train_seconds"]}

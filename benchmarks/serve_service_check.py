@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_generation import build_model, check_jobs
-
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if (_SRC / "softprompt").is_dir() and str(_SRC) not in sys.path:  # the checkout's package wins
     sys.path.insert(0, str(_SRC))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_generation import build_model, check_jobs  # noqa: E402 (after the path set-up)
 
 
 class TokenIds:

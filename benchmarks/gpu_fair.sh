@@ -15,7 +15,7 @@
 # left: benchmarks/results/fair_glue_status.md):
 #   ROWS=idspam,lpt,lpt_npg,prompt,prefix,apt,prefix_half STAGES=lr,seeds bash benchmarks/gpu_fair.sh 450
 # then here: rm -rf benchmarks/results/fair_glue_runs && tar xzf <files_at>/fair_state.tgz -C benchmarks/results && \
-#   python benchmarks/fair_glue.py report && python benchmarks/method_tables.py all
+#   python benchmarks/fair_glue.py report && python benchmarks/method_tables.py all && python benchmarks/fair_readme.py
 # and commit benchmarks/results/fair_glue_runs, fair_glue.json and the regenerated tables.
 set -u
 if [ "${1:-}" = carry ]; then  # build .carry_fair here (needs ../shared/data and the venv)

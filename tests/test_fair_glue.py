@@ -192,11 +192,9 @@ def test_plain_rows_run_on_the_carved_split(row, tiny_glue, tiny_bert_dir):
     assert (state / f"{fair_glue.run_name('lr', 'glue/sst2', row, 1e-2, 3)}.json").exists()
 
 
-def test_mean_without_tasks_at_chance_for_both_rows(tmp_path):
-    """Five tasks, on one of which both rows predict at random: fair_glue.json has the five-task mean and the mean
-    over the other four, the markdown says which tasks it keeps, and the at-chance task is flagged."""
+def _five_task_state(tmp_path):
+    """Seed runs of APT (85% right) and prefix tuning (75%) on the five tasks; on RTE both predict at random."""
     import fair_glue
-    from fair_glue_report import fair_section, write_json
 
     rng = np.random.default_rng(5)
     for task in fair_glue.TASKS:
@@ -208,6 +206,15 @@ def test_mean_without_tasks_at_chance_for_both_rows(tmp_path):
                        "score": float((pred == y).mean()), "predictions": pred.tolist(), "labels": y.tolist(),
                        "trainable_params": 1}
                 (tmp_path / f"{fair_glue.run_name('seeds', task, row, 0.01, seed)}.json").write_text(json.dumps(run))
+
+
+def test_mean_without_tasks_at_chance_for_both_rows(tmp_path):
+    """Five tasks, on one of which both rows predict at random: fair_glue.json has the five-task mean and the mean
+    over the other four, the markdown says which tasks it keeps, and the at-chance task is flagged."""
+    import fair_glue
+    from fair_glue_report import fair_section, write_json
+
+    _five_task_state(tmp_path)
     data = write_json(tmp_path, tmp_path / "fair.json", n_boot=200)
     assert data["tasks"]["glue/rte"]["apt"]["above_chance"] is False
     assert all(data["tasks"][t]["apt"]["above_chance"] for t in fair_glue.TASKS if t != "glue/rte")
@@ -218,3 +225,25 @@ def test_mean_without_tasks_at_chance_for_both_rows(tmp_path):
     text = "\n".join(fair_section(data, ["apt", "prefix"], [("apt", "prefix")], "Fair"))
     assert "Without the tasks where both are at chance (glue/sst2, glue/mrpc, glue/cola, superglue/cb)" in text
     assert "glue/rte" in text and "(both at chance)" in text
+
+
+def test_readme_block_is_generated_between_its_markers(tmp_path):
+    """benchmarks/fair_readme.py rewrites only the marked block: seed means with the chance mark, and each claim's
+    five-task interval beside the one without at-chance tasks; a README without markers is left alone."""
+    from fair_glue_report import write_json
+    from fair_readme import BEGIN, END, update
+
+    _five_task_state(tmp_path)
+    data = write_json(tmp_path, tmp_path / "fair.json", n_boot=200)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# before\n\n{BEGIN}\nold text\n{END}\n\nafter\n")
+    assert update(readme, data)
+    text = readme.read_text()
+    assert text.startswith("# before\n\n" + BEGIN + "\n") and text.endswith(END + "\n\nafter\n")
+    assert "old text" not in text and "| APT | " in text and " † |" in text  # RTE at chance
+    line = next(x for x in text.splitlines() if x.startswith("* APT − prefix tuning"))
+    assert "mean of the five tasks" in line and "without tasks where both are at chance (SST-2, MRPC, CoLA, CB)" in line
+    assert update(readme, data) and readme.read_text() == text  # idempotent
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    assert not update(bare, data) and bare.read_text() == "no markers\n"

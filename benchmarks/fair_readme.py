@@ -1,0 +1,99 @@
+"""The README's fair-protocol block (issue 23), generated from ``benchmarks/results/fair_glue.json``, so that the
+README's numbers are the JSON's: one table of seed means per method and task, and the interval of each of the papers'
+claims. It rewrites what lies between the two marker lines of ``README.md`` and nothing else.
+
+    python benchmarks/fair_glue.py report && python benchmarks/fair_readme.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fair_glue import ALL_ROWS, TASKS
+from fair_glue_report import NAMES, load_json
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- fair-protocol:begin (benchmarks/fair_readme.py) -->", "<!-- fair-protocol:end -->"
+CLAIMS = [("idspam", "lpt_npg"), ("idspam", "prompt"), ("apt", "prefix"), ("apt", "prefix_half")]
+SHORT = {"glue/sst2": "SST-2", "glue/mrpc": "MRPC", "glue/rte": "RTE", "glue/cola": "CoLA", "superglue/cb": "CB"}
+
+
+def _interval(c: dict) -> str:
+    lo, hi = c["ci"]
+    word = "above" if lo > 0 else "below" if hi < 0 else "within noise"
+    return f"{c['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], {word}"
+
+
+def _both_at_chance(data: dict, task: str, a: str, b: str) -> str:
+    rows = data["tasks"].get(task, {})
+    return " (both at chance)" if all(rows.get(r, {}).get("above_chance") is False for r in (a, b)) else ""
+
+
+def block(data: dict) -> list[str]:
+    """The block's lines (without the markers)."""
+    tasks = [t for t in TASKS if t in data["tasks"]]
+    rows = [r for r in ALL_ROWS if any(r in data["tasks"][t] for t in tasks)]
+    runs = data["runs"]
+    lines = [f"**Fair protocol (issue 23; {runs['seeds']} seed runs so far, 5 seeds per cell at the learning rate "
+             "chosen on a split carved from train; [fair_glue.json](benchmarks/results/fair_glue.json), tables and "
+             "protocol in [apt.md](benchmarks/results/apt.md) and [idspam.md](benchmarks/results/idspam.md)).** Dev "
+             "scores, mean ± std over seeds; † at chance (not above the same predictions shuffled across examples):",
+             "", "| method | " + " | ".join(SHORT[t] for t in tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for r in rows:
+        cells = []
+        for t in tasks:
+            c = data["tasks"][t].get(r)
+            cells.append("–" if c is None else
+                         f"{c['mean']:.1f} ± {c['std'] or 0:.1f}{' †' if c.get('above_chance') is False else ''}")
+        lines.append(f"| {NAMES[r]} | " + " | ".join(cells) + " |")
+    lines += ["", "The papers' claims as differences (points, 95% paired bootstrap interval over dev examples and "
+              "seeds; *above* / *below* when the interval excludes 0):", ""]
+    by_key = {(c["a"], c["b"], c["task"]): c for c in data["comparisons"]}
+    for a, b in CLAIMS:
+        head = f"* {NAMES[a]} − {NAMES[b]}: "
+        if (a, b, "mean5") in by_key:
+            parts = [f"mean of the five tasks {_interval(by_key[(a, b, 'mean5')])}"]
+            if (a, b, "mean_above_chance") in by_key:
+                c = by_key[(a, b, "mean_above_chance")]
+                kept = ", ".join(SHORT[t] for t in c["tasks"])
+                parts.append(f"without tasks where both are at chance ({kept}) {_interval(c)}")
+            lines.append(head + "; ".join(parts) + ".")
+            continue
+        per = [f"{SHORT[t]} {_interval(by_key[(a, b, t)])}{_both_at_chance(data, t, a, b)}" for t in tasks
+               if (a, b, t) in by_key]
+        lines.append(head + ("; ".join(per) + " (the five-task mean once every task has its seeds)." if per
+                             else "not measured yet."))
+    return lines
+
+
+def update(readme: Path, data: dict) -> bool:
+    """Rewrite the block between the markers; False (and nothing written) when the markers are missing."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + BEGIN + "\n" + "\n".join(block(data)) + "\n" + END + tail)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "fair_glue.json"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = p.parse_args(argv)
+    data = load_json(Path(args.results))
+    if data is None:
+        raise SystemExit(f"{args.results} does not exist: run `python benchmarks/fair_glue.py report` first")
+    if not update(Path(args.readme), data):
+        raise SystemExit(f"{args.readme} has no fair-protocol markers ({BEGIN} ... {END}): add them where the "
+                         "block goes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

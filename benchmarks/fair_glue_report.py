@@ -264,10 +264,8 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
                 "lr": rs[0]["lr"], "scores": [round(v, 2) for v in vals], "seeds": [r["seed"] for r in rs],
                 "mean": round(statistics.mean(vals), 2),
                 "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else None,
-                "trainable_params": rs[0]["trainable_params"], "metric": rs[0]["metric"]}
-    for task, rows in runs.items():
-        for row, rs in rows.items():
-            table[task][row].update(chance_check(rs, n_perm=n_boot))
+                "trainable_params": rs[0]["trainable_params"], "metric": rs[0]["metric"],
+                **chance_check(rs, n_perm=n_boot)}
     comparisons = []
     for a, b in PAIRS:
         both = [t for t in TASKS if a in runs.get(t, {}) and b in runs.get(t, {})]
@@ -376,12 +374,12 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
         per_task = [c for (x, y, t), c in by_key.items() if (x, y) == (a, b) and not t.startswith("mean")]
         if per_task:
             lines.append("  Per task: " + "; ".join(f"{c['task']} {c['diff']:+.1f} [{c['ci'][0]:+.1f}, "
-                                                   f"{c['ci'][1]:+.1f}]{_chance_note(data, c['task'], a, b)}"
+                                                   f"{c['ci'][1]:+.1f}]{chance_note(data, c['task'], a, b)}"
                                                    for c in per_task) + ".")
     return lines + [""]
 
 
-def _chance_note(data: dict, task: str, a: str, b: str) -> str:
+def chance_note(data: dict, task: str, a: str, b: str) -> str:
     """" (both at chance)" when neither row beats the permutation null on ``task``: their difference is noise."""
     rows = data["tasks"].get(task, {})
     at_chance = [rows.get(r, {}).get("above_chance") is False for r in (a, b)]

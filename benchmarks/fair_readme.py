@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fair_glue import ALL_ROWS, TASKS
-from fair_glue_report import NAMES, load_json
+from fair_glue_report import NAMES, chance_note, load_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- fair-protocol:begin (benchmarks/fair_readme.py) -->", "<!-- fair-protocol:end -->"
@@ -25,11 +25,6 @@ def _interval(c: dict) -> str:
     lo, hi = c["ci"]
     word = "above" if lo > 0 else "below" if hi < 0 else "within noise"
     return f"{c['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], {word}"
-
-
-def _both_at_chance(data: dict, task: str, a: str, b: str) -> str:
-    rows = data["tasks"].get(task, {})
-    return " (both at chance)" if all(rows.get(r, {}).get("above_chance") is False for r in (a, b)) else ""
 
 
 def block(data: dict) -> list[str]:
@@ -63,7 +58,7 @@ def block(data: dict) -> list[str]:
                 parts.append(f"without tasks where both are at chance ({kept}) {_interval(c)}")
             lines.append(head + "; ".join(parts) + ".")
             continue
-        per = [f"{SHORT[t]} {_interval(by_key[(a, b, t)])}{_both_at_chance(data, t, a, b)}" for t in tasks
+        per = [f"{SHORT[t]} {_interval(by_key[(a, b, t)])}{chance_note(data, t, a, b)}" for t in tasks
                if (a, b, t) in by_key]
         lines.append(head + ("; ".join(per) + " (the five-task mean once every task has its seeds)." if per
                              else "not measured yet."))

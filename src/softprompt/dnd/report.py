@@ -268,9 +268,9 @@ def render(res: Mapping[str, Any]) -> str:
                          f"{_f(rec['own_lora'])} | {r['generate_seconds']:.3f} |")
     if rows:
         lines += ["", "Cost: seconds to generate one adapter (the generator loaded) against the optimiser seconds the "
-                  "held-out dataset's own LoRA trained (batch 32, one GPU) until it scored DnD's mean in the "
-                  "dataset's primary measure (bisection over saved steps, assuming accuracy rises with training; "
-                  "the stage lists the steps it scored).", "",
+                  "held-out dataset's own LoRA trained (the zoo's batch size, one device) until it scored DnD's "
+                  "mean in the dataset's primary measure (bisection over saved steps, assuming accuracy rises with "
+                  "training; the stage lists the steps it scored).", "",
                   "| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |", "|---|---|---|---|"]
         lines += [f"| {name} | {r['generate_seconds']:.3f} | {_cost_cell(r)} |" for name, r in rows]
     if all(r["dnd_mean"] is None for r in res["datasets"].values()):

@@ -5,7 +5,9 @@ launches and host work, not by the GPU: on the H200 of 2026-12-04 its steps took
 batches), about 12 TFLOP/s. ``workers`` spawned processes (each its own CUDA context and CPU core) train that many
 datasets at once and fill the GPU's idle time. Each process runs exactly the sequential stage's code
 (:meth:`.study.Study.run_zoo`, same seeds), so a stage's result does not depend on the worker count (GPU rounding
-aside). The speed-up on the GPU is an estimate until measured (``docs/dnd_gpu.md``).
+aside). Measured on an H100 (80 GB) on 2026-12-05: 4 workers ran out of memory (BoolQ's worker, 32 x ~700 tokens,
+held 37 GB beside three others and the parent's 16 GB cache); 2 workers rebuilt five stages in 303 s
+(``docs/dnd_gpu.md``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: 
     """Run ``stages`` (zoo stages of ``study``) in ``workers`` spawned processes, at most ``seconds``: at the
     deadline the pool is terminated (stages not written then are redone by a later call). A worker's exception is
     raised here. Returns the stages that finished."""
+    import torch
+
+    if torch.cuda.is_available():  # the parent's cached blocks (e.g. from the base stage) would crowd the workers
+        torch.cuda.empty_cache()
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
     t_end = time.time() + seconds
     pool = ctx.Pool(max(1, workers), maxtasksperchild=1)  # a fresh process (and GPU memory) per stage

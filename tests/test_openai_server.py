@@ -186,13 +186,16 @@ def test_cli_serves_softprompt_and_peft_folders(folders, tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     args = ["--model", base, "--dtype", "float32", "--adapter", f"a={paths['a']}", "--adapter",
             f"p={tmp_path / 'peft'}", "--decoding", "static", "--max-context", "64"]
-    with ServeProcess(args, tmp_path) as address:
+    server = ServeProcess(args, tmp_path)
+    with server as address:
         models = httpx.get(f"{address}/v1/models", timeout=60).json()["data"]
         assert [m["id"] for m in models][1:] == ["a", "p"]
         r = httpx.post(f"{address}/v1/completions", json={"model": "p", "prompt": PROMPT, "max_tokens": 3,
                                                            "temperature": 0}, timeout=120)
         assert r.status_code == 200, r.text
         assert json.loads(r.text)["choices"][0]["finish_reason"] in ("stop", "length")
+        # The startup line says how text generation decodes (here as asked; `auto` names its reason).
+        assert "softprompt serve: text generation decodes with decoding='static' (as asked)" in server.stderr()
 
 
 def test_fixed_decoding_buffers_that_cannot_fit_are_one_line(folders):

@@ -10,12 +10,11 @@ join the batch, and after it, rows that finished (EOS, a stop string, ``max_new_
 share prefill passes whatever their prompt lengths (left-padded, within a padding cap) wherever their adapters can
 share a pass (``multi.plan``, as for classification: bare rows, prompts, prefixes and gates together, insertions of
 one shape together); each row computes what its adapter's own ``generate()`` computes for it alone. From then on a
-row's adapter is the per-layer
-prefix that prefill produced (gates folded in, generated prompts already turned into prefixes, see
-``engine.compose.resolved_prefixes``), so rows of any method share one decoding batch and the KV cache holds each
-row's own sequence: its real tokens, plus the virtual tokens of an input-layer prompt (prompt tuning, P-tuning),
-which are part of the sequence in their own ``generate()`` too. Rows are left-padded in the shared cache; positions
-count each row's own tokens, so padding changes nothing.
+row's adapter is the per-layer prefix that prefill produced (gates folded in, generated prompts already turned into
+prefixes, see ``engine.compose.resolved_prefixes``), so rows of any method share one decoding batch and the KV cache
+holds each row's own sequence: its real tokens, plus the virtual tokens of an input-layer prompt (prompt tuning,
+P-tuning), which are part of the sequence in their own ``generate()`` too. Rows are left-padded in the shared cache;
+positions count each row's own tokens, so padding changes nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from .batch_prefixes import BatchPrefixes
 from .decode_batch import DynamicBatch
 from .plan import group_key, plan_rows
 from .sampling import SamplingParams, sample_token
-from .static_batch import StaticBatch, check_buffer_size
+from .static_batch import StaticBatch, check_buffer_size, choose_decoding
 
 __all__ = ["GenerationEngine", "SamplingParams", "TokenEvent"]
 
@@ -77,14 +76,14 @@ class GenerationEngine:
         lengths share a pass; 0 prefills each length on its own.
     ``decoding``: "dynamic" (a cache that grows by one column per step), or fixed-shape buffers of ``max_context``
         columns: "static" (eager), "cuda_graphs" (each step replays a CUDA graph captured once per batch-size bucket;
-        eager off CUDA). Not measured on a GPU yet: "dynamic" stays the default until it is.
+        eager off CUDA); "auto" picks one (``static_batch.choose_decoding``) and says why in ``decoding_reason``.
     ``policy``: "mixed" (any adapter joins any batch) or "per_adapter" (a batch holds one adapter's rows; when it
         drains, the adapter of the oldest waiting request goes next), the schedule a server without per-row
         adapters must follow, kept as the baseline of the serving benchmark.
     """
 
     def __init__(self, model, *, max_rows: int = 32, policy: str = "mixed", max_prefill_tokens: int = 8192,
-                 max_prefill_padding: float = 0.5, decoding: str = "dynamic", max_context: int = 2048):
+                 max_prefill_padding: float = 0.5, decoding: str = "auto", max_context: int = 2048):
         if policy not in ("mixed", "per_adapter"):
             raise ConfigError(f"policy must be 'mixed' or 'per_adapter', got {policy!r}")
         self.policy = policy
@@ -101,20 +100,21 @@ class GenerationEngine:
         self.rows: list[_Row] = []
         self._next_id = 0
         self.requests: dict[int, _Request] = {}
-        # transformers 5.24+ names the KV cache argument `cache` (`past_key_values` is deprecated); 5.17 knows only
-        # `past_key_values`.
+        # transformers 5.24+ names the KV cache argument `cache`; 5.17 knows only `past_key_values`.
         params = inspect.signature(model.base_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        if decoding not in ("dynamic", "static", "cuda_graphs"):
-            raise ConfigError(f"decoding must be 'dynamic', 'static' or 'cuda_graphs', got {decoding!r}")
+        if decoding not in ("auto", "dynamic", "static", "cuda_graphs"):
+            raise ConfigError(f"decoding must be 'auto', 'dynamic', 'static' or 'cuda_graphs', got {decoding!r}")
         # The rows' caches, masks and prefixes: grown step by step, or fixed buffers a CUDA graph can replay.
-        self._checked_prefix = 0
+        # No request can use more columns than the model has positions (``check``): no buffer needs them.
+        max_context = min(max_context, model.info.max_positions or max_context)
+        widest = max((max(model.adapter(n).shape.prefix, default=0) for n in model.adapter_names), default=0)
+        decoding, self.decoding_reason = (choose_decoding(model, max_rows, max_context, widest)
+                                          if decoding == "auto" else (decoding, f"decoding={decoding!r} (as asked)"))
+        self.decoding = decoding
         if decoding != "dynamic":
-            # No request can use more columns than the model has positions (``check``): no buffer needs them.
-            max_context = min(max_context, model.info.max_positions or max_context)
-            widest = max((max(model.adapter(n).shape.prefix, default=0) for n in model.adapter_names), default=0)
             check_buffer_size(model, max_rows, max_context, widest)
-            self._checked_prefix = widest  # prefix columns the size check counted (see _check_prefix_room)
+        self._checked_prefix = 0 if decoding == "dynamic" else widest  # what the check counted (_check_prefix_room)
         self.max_context = None if decoding == "dynamic" else max_context
         self.batch = (DynamicBatch(model, self._cache_arg) if decoding == "dynamic" else
                       StaticBatch(model, self._cache_arg, max_rows, max_context, cuda_graphs=decoding == "cuda_graphs"))

@@ -263,15 +263,20 @@ class StaticBatch:
         self._captured[b] = (graph, logits)
 
 
+def buffer_bytes(model, rows: int, columns: int, prefix_columns: int = 0) -> int:
+    """Bytes of fixed decoding buffers: keys and values of every layer, ``rows`` x (``columns`` + prefix columns)."""
+    info = model.info
+    itemsize = next(model.base_model.parameters()).element_size()
+    return 2 * info.num_layers * rows * info.num_kv_heads * (columns + prefix_columns) * info.head_dim * itemsize
+
+
 def check_buffer_size(model, rows: int, columns: int, prefix_columns: int = 0) -> None:
     """Fixed decoding buffers (keys and values of every layer, ``rows`` x (``columns`` + the loaded adapters' widest
     prefix)) must fit the memory that is free now: checked before anything is allocated, with the numbers and the
     fix in the message. (An adapter with a wider prefix, added later, widens the buffers when its first row joins.)"""
-    info = model.info
     if columns < 1:
         raise ConfigError(f"max_context must be at least 1, got {columns}")
-    itemsize = next(model.base_model.parameters()).element_size()
-    need = 2 * info.num_layers * rows * info.num_kv_heads * (columns + prefix_columns) * info.head_dim * itemsize
+    need = buffer_bytes(model, rows, columns, prefix_columns)
     free = free_bytes(model.device)
     if free is not None and need > free:
         prefix = f" (+ {prefix_columns} prefix columns)" if prefix_columns else ""
@@ -279,3 +284,25 @@ def check_buffer_size(model, rows: int, columns: int, prefix_columns: int = 0) -
                           f"{need / 2**30:.1f} GiB, "
                           f"more than the {free / 2**30:.1f} GiB free on {model.device}; lower max_context (or the "
                           "rows decoded together)")
+
+
+def choose_decoding(model, rows: int, columns: int, prefix_columns: int = 0) -> tuple[str, str]:
+    """What ``decoding="auto"`` means for ``model``, and why (servers print it at startup): CUDA graphs on a GPU,
+    where a small model's eager steps wait on the host (6x the goodput of eager decoding in
+    ``benchmarks/results/serve_generation.md``), unless the model's layers differ in shape (fixed buffers need one)
+    or the buffers would take more than half the free memory (the rest is for prefill activations); otherwise the
+    growing cache."""
+    if model.device.type != "cuda":
+        return "dynamic", f"a growing KV cache (auto: the model is on {model.device.type}; CUDA graphs need a GPU)"
+    text = model.base_model.config
+    text = text.get_text_config() if hasattr(text, "get_text_config") else text
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or not isinstance(getattr(text, "num_key_value_heads", 0) or 0, int):
+        return "dynamic", (f"a growing KV cache (auto: layers of different shapes or attention types, "
+                           f"{sorted(map(str, kinds))}; fixed buffers need one)")
+    need, free = buffer_bytes(model, rows, columns, prefix_columns), free_bytes(model.device)
+    size = f"{rows} rows x {columns} columns, {need / 2**30:.2f} GiB"
+    if free is not None and need > free / 2:
+        return "dynamic", (f"a growing KV cache (auto: fixed buffers of {size} would take more than half the "
+                           f"{free / 2**30:.1f} GiB free; lower max_context or the rows to get CUDA graphs)")
+    return "cuda_graphs", f"CUDA graphs over fixed buffers of {size} (auto)"

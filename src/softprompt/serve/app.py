@@ -98,6 +98,7 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> F
         description="Many prompt/prefix adapters on one frozen model; requests of all adapters share batches.",
     )
     app.state.model, app.state.batcher, app.state.config = model, batcher, cfg
+    app.state.generation = generation
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes, timeout=cfg.body_timeout_s)
 
     # ---- errors: always JSON with a message; client mistakes are 4xx ----------------------------------------

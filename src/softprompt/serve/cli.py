@@ -115,9 +115,10 @@ def add_serve_parser(sub) -> None:
     admin.add_argument("--max-virtual-tokens", type=positive_int, default=1024,
                        help="longest prompt/prefix of an adapter loaded at run time (the model's limit applies too)")
     gen = p.add_argument_group("text generation (/v1, causal language models)")
-    gen.add_argument("--decoding", choices=("dynamic", "static", "cuda_graphs"), default="dynamic",
+    gen.add_argument("--decoding", choices=("auto", "dynamic", "static", "cuda_graphs"), default="auto",
                      help="decoding batch: a growing KV cache, fixed buffers, or fixed buffers replayed as CUDA graphs "
-                          "(fastest for small models on a GPU)")
+                          "(fastest for small models on a GPU); auto: CUDA graphs on a GPU where they apply and fit "
+                          "half the free memory, else dynamic (printed at start)")
     gen.add_argument("--max-context", type=positive_int, default=2048,
                      help="columns per row of the fixed buffers: prompt + adapter positions + max_tokens must fit")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -216,6 +217,9 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"softprompt serve: {exc}") from None
     for line in warnings:
         print(f"softprompt serve: {line}", file=sys.stderr, flush=True)
+    if app.state.generation is not None:
+        reason = app.state.generation.engine.decoding_reason
+        print(f"softprompt serve: text generation decodes with {reason}", file=sys.stderr, flush=True)
     if config.admin_enabled:
         roots = ", ".join(app.state.adapter_roots) or "none (no folder is loadable)"
         auth = "bearer token" if config.admin_token else "no authentication (loopback only)"

@@ -36,11 +36,12 @@ class ServeConfig:
         modules its ``adapter_config.json`` would build (sized without allocating); checked before loading.
     max_virtual_tokens: most virtual tokens (prompt or prefix length) of an adapter loaded at run time; the model's
         position limit applies too.
-    decoding: text generation's decoding batch (``multi.generation.GenerationEngine``): "dynamic" (a KV cache that
-        grows step by step), "static" (fixed buffers of ``max_context`` columns per row) or "cuda_graphs" (the same
-        buffers, each decoding step replayed as a CUDA graph: several times faster for small models, whose eager
-        steps wait on the host). With fixed buffers, a request's prompt, adapter positions and max_tokens must fit
-        ``max_context`` (else 400).
+    decoding: text generation's decoding batch (``multi.generation.GenerationEngine``): "auto" (the default: CUDA
+        graphs on a GPU where they apply and their buffers take at most half the free memory, else "dynamic"; the
+        server prints its choice), "dynamic" (a KV cache that grows step by step), "static" (fixed buffers of
+        ``max_context`` columns per row) or "cuda_graphs" (the same buffers, each decoding step replayed as a CUDA
+        graph: several times faster for small models, whose eager steps wait on the host). With fixed buffers, a
+        request's prompt, adapter positions and max_tokens must fit ``max_context`` (else 400).
     """
 
     max_batch_size: int = 32
@@ -57,7 +58,7 @@ class ServeConfig:
     max_adapters: int = 64
     max_adapter_bytes: int = 256 * 2**20
     max_virtual_tokens: int = 1024
-    decoding: str = "dynamic"
+    decoding: str = "auto"
     max_context: int = 2048
 
     def __post_init__(self) -> None:
@@ -67,8 +68,8 @@ class ServeConfig:
                      "max_adapters", "max_adapter_bytes", "max_virtual_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.decoding not in ("dynamic", "static", "cuda_graphs"):
-            raise ConfigError(f"decoding must be 'dynamic', 'static' or 'cuda_graphs', got {self.decoding!r}")
+        if self.decoding not in ("auto", "dynamic", "static", "cuda_graphs"):
+            raise ConfigError(f"decoding must be 'auto', 'dynamic', 'static' or 'cuda_graphs', got {self.decoding!r}")
         if int(self.max_context) < 1:
             raise ConfigError(f"max_context must be >= 1, got {self.max_context}")
         if self.max_wait_ms < 0:

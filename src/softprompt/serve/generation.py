@@ -43,7 +43,7 @@ class _Pending:
 class GenerationService:
     """Owns the engine and its thread. ``stream()`` yields text deltas; ``complete()`` returns the whole text."""
 
-    def __init__(self, model, *, max_rows: int = 32, decoding: str = "dynamic", max_context: int = 2048):
+    def __init__(self, model, *, max_rows: int = 32, decoding: str = "auto", max_context: int = 2048):
         self.model = model
         # Kept to rebuild the engine after a failed step.
         self._engine_args = {"max_rows": max_rows, "decoding": decoding, "max_context": max_context}

@@ -154,6 +154,9 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     assert dnd["nearest"] == "commonsense/winogrande" and row["nearest_lora"]["dataset"] == "commonsense/winogrande"
     lo, hi = row["ci_dnd_minus_base"]
     assert lo <= row["dnd_mean"] - row["base"] + 1e-6 and row["dnd_mean"] - row["base"] <= hi + 1e-6
+    lo, hi = row["ci_dnd_minus_nearest"]  # against the nearest training LoRA, paired on the same examples
+    near = row["dnd_mean"] - row["nearest_lora"]["acc"]
+    assert lo <= near + 1e-6 and near <= hi + 1e-6
     assert row["zoo_mean"] == round(100 * dnd["zoo_mean"]["acc_norm"], 2)
     rec = row["in_distribution_recovery"]
     assert rec["dataset"] == WG and rec["own_lora"] == res["datasets"][WG]["own_lora"]

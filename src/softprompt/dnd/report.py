@@ -101,7 +101,8 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
             row["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[m] for r in abl["draws"]), 2)
             row["ci_stats_dnd_minus_relative"] = paired_bootstrap(per[0], per[1])
         for k in ("train_lora_mean", "train_lora_best", "own_lora", "dnd_mean", "dnd_sd", "ci_dnd_minus_train_mean",
-                  "ci_dnd_minus_base", "nearest_lora", "generate_seconds", "in_distribution_recovery", "lora_to_match"):
+                  "ci_dnd_minus_base", "ci_dnd_minus_nearest", "nearest_lora", "generate_seconds",
+                  "in_distribution_recovery", "lora_to_match"):
             row.setdefault(k, None)
         out[d] = row
     for row in out.values():
@@ -141,12 +142,23 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             if len(accs) > 1 else 0.0, "dnd_draws": len(accs),
             "ci_dnd_minus_train_mean": paired_bootstrap(per_dnd, per_train),
             "ci_dnd_minus_base": paired_bootstrap(per_dnd, base[key]),
+            # Does generating beat simply picking the training LoRA whose prompts look most alike?
+            "ci_dnd_minus_nearest": paired_bootstrap(per_dnd, others[dnd["nearest"]][key]),
             "nearest_lora": {"dataset": dnd["nearest"], "acc": round(100 * cross[dnd["nearest"]][d][measure], 2)},
             "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
             "zoo_mean": round(100 * dnd["zoo_mean"][measure], 2) if "zoo_mean" in dnd else None,
             "lora_to_match": _to_match(dnd.get("lora_to_match")),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
                 100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
+
+
+def _near(row: Mapping[str, Any]) -> str:
+    """The DnD − nearest-LoRA verdict with its interval (– for a row reported before the interval existed)."""
+    ci = row.get("ci_dnd_minus_nearest")
+    if ci is None:
+        return "–"
+    word = "wins" if ci[0] > 0 else "loses" if ci[1] < 0 else "no difference"
+    return f"{word} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
 
 
 def _to_match(t: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -258,12 +270,12 @@ def render(res: Mapping[str, Any]) -> str:
         vwins = sum(r["ci_dnd_minus_train_mean"][0] > 0 for r in valid)
         lines.append(f"DnD beats the training-LoRA mean (interval above 0) on {wins} of {len(rows)} held-out datasets "
                      f"({vwins} of {len(valid)} valid targets); the paper's claim needs at least 5 of 7.")
-        lines += ["", "| held-out | vs training-LoRA mean | vs base | nearest LoRA | zoo mean (A,B) | "
-                  "recovery: generated vs own LoRA | generate s |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| held-out | vs training-LoRA mean | vs base | nearest LoRA | vs nearest LoRA (95% CI) | "
+                  "zoo mean (A,B) | recovery: generated vs own LoRA | generate s |", "|" + "---|" * 8]
         for name, r in rows:
             rec = r["in_distribution_recovery"]
             lines.append(f"| {name} | {verdict(r['ci_dnd_minus_train_mean'])} | {verdict(r['ci_dnd_minus_base'])} | "
-                         f"{_f(r['nearest_lora'])} | {_f(r.get('zoo_mean'))} | "
+                         f"{_f(r['nearest_lora'])} | {_near(r)} | {_f(r.get('zoo_mean'))} | "
                          f"{rec['dataset'].split('/')[-1]}: {_f(rec['generated'])} vs "
                          f"{_f(rec['own_lora'])} | {r['generate_seconds']:.3f} |")
     if rows:

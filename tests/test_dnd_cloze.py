@@ -239,3 +239,25 @@ def test_lora_to_match_bisects_the_saved_steps():
     assert none["step"] is None and none["final_step"] == 250 and none["final_train_seconds"] == 25.0
     results["zoo:c:commonsense/piqa"] = {"test": {"acc_norm": 0.47}}  # recorded before curves existed
     assert run(0.40) is None
+
+
+def test_generators_run_for_valid_targets_first(tmp_path):
+    """Once ``base`` is recorded, held-out datasets whose base model is above chance and above the majority-class rate
+    get their generators first (a study cut short by the device budget keeps the datasets that can show an effect);
+    before that, and within each group, the study's own order holds."""
+    from softprompt.dnd.study import Study
+
+    names = ["commonsense/arc_easy", "superglue/boolq", "commonsense/piqa", "commonsense/winogrande"]
+    study = Study(tmp_path / "s", "unused-model", datasets=names, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+                  generators=True, log=lambda m: None)
+    assert study.holdout_order() == names
+    scores = {"commonsense/arc_easy": ("acc_norm", 0.49, 0.25, 0.26),  # valid
+              "superglue/boolq": ("acc_cal", 0.58, 0.50, 0.64),  # above chance, below always-"yes": not valid
+              "commonsense/piqa": ("acc_norm", 0.63, 0.50, 0.51),  # valid
+              "commonsense/winogrande": ("acc", 0.50, 0.50, 0.50)}  # at chance: not valid
+    base = {d: {"test": {m: v, "chance": c, "majority": maj}} for d, (m, v, c, maj) in scores.items()}
+    study.path("base").write_text(json.dumps({"datasets": base, "formats": study.formats("base")}))
+    order = ["commonsense/arc_easy", "commonsense/piqa", "superglue/boolq", "commonsense/winogrande"]
+    assert study.holdout_order() == order
+    gens = [s.split(":", 2)[2] for s in study.stages() if s.startswith("gen:")]
+    assert gens == order

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cloze import evaluate_cloze, format_version
+from .cloze import evaluate_cloze, format_version, primary_measure
 from .harness import _rank, dnd_records
 from .templates import DATASETS
 from .zoo import build_zoo, dataset_dirname
@@ -108,10 +108,25 @@ class Study:
         for c in self.configs:  # a config's cross stage right after its zoo: the first config completes first
             out += [f"zoo:{c['name']}:{d}" for d in self.datasets] + [f"cross:{c['name']}"]
             if self.generators:
-                out += [f"{k}:{c['name']}:{d}" for d in self.datasets for k in ("gen", "dnd")]
+                out += [f"{k}:{c['name']}:{d}" for d in self.holdout_order() for k in ("gen", "dnd")]
             if self.generators and self.stats_ablation:  # the same generators with DnD's scale code
-                out += [f"{k}:{c['name']}+statsdnd:{d}" for d in self.datasets for k in ("gen", "dnd")]
+                out += [f"{k}:{c['name']}+statsdnd:{d}" for d in self.holdout_order() for k in ("gen", "dnd")]
         return out
+
+    def holdout_order(self) -> list[str]:
+        """Held-out datasets in the order their generators run: once ``base`` is recorded, valid targets first (base
+        above chance and above the majority-class rate in the dataset's primary measure), so that a study cut short
+        by the device budget (a generator costs ~7 minutes) has the datasets on which an effect can show."""
+        if not self.recorded("base"):
+            return list(self.datasets)
+        base = self.result("base")["datasets"]
+
+        def valid(d: str) -> bool:
+            t = base.get(d, {}).get("test") or {}
+            m = primary_measure(d)
+            return m in t and t[m] > t["chance"] and t[m] > t["majority"]
+
+        return sorted(self.datasets, key=lambda d: not valid(d))  # stable: the study's order within each group
 
     def gen_dir(self, cfg: dict[str, Any], holdout: str, tag: str = "") -> Path:
         return self.state / f"gen_{cfg['name']}{tag}" / dataset_dirname(holdout)

@@ -203,6 +203,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_ablation(value: str | None) -> bool | list[str]:
+    """``--stats-ablation``: absent (False), bare (every held-out dataset) or a comma-separated list."""
+    return False if value is None else True if value == "all" else [d for d in value.split(",") if d]
+
+
 def cmd_cloze(args: argparse.Namespace) -> int:
     """Run the cloze study's pending stages (``softprompt.dnd.study``), exporting after every stage."""
     import torch
@@ -222,7 +227,8 @@ def cmd_cloze(args: argparse.Namespace) -> int:
         gen[k.strip()] = v.strip() if k.strip() == "stats_code" else float(v) if "." in v or "e" in v else int(v)
     study = Study(state, args.model, datasets, configs=args.configs.split(";"), n_eval=args.n_eval,
                   n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state),
-                  generators=args.generators, encoder=args.encoder, gen=gen, stats_ablation=args.stats_ablation,
+                  generators=args.generators, encoder=args.encoder, gen=gen,
+                  stats_ablation=_stats_ablation(args.stats_ablation),
                   gen_group=args.gen_group, gen_streams=args.gen_streams,
                   session_left=args.session_left - (time.time() - T_START) if args.session_left else None,
                   gen_step_seconds=args.gen_step_seconds, zoo_workers=args.zoo_workers)
@@ -287,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restore", help="dnd_cloze_stages.json of an earlier run (state lost)")
     p.add_argument("--generators", action="store_true", help="also the leave-one-out gen/dnd stages")
     p.add_argument("--encoder", default="minilm", help="condition encoder: alias or HF folder")
-    p.add_argument("--stats-ablation", action="store_true",
-                   help="also every generator with DnD's scale code (stages gen/dnd:<cfg>+statsdnd:<h>)")
+    p.add_argument("--stats-ablation", nargs="?", const="all", default=None, metavar="DATASETS",
+                   help="also the generators with DnD's scale code (stages gen/dnd:<cfg>+statsdnd:<h>): every held-out "
+                        "dataset, or those named (comma-separated, e.g. arc_easy,piqa)")
     p.add_argument("--gen", help="generator overrides, e.g. steps=1000,batch_size=64,lr=1e-3,stats_code=dnd "
                                  "(softprompt.dnd.study_gen.GEN_DEFAULTS)")
     p.add_argument("--device")

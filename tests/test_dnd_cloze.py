@@ -261,3 +261,11 @@ def test_generators_run_for_valid_targets_first(tmp_path):
     assert study.holdout_order() == order
     gens = [s.split(":", 2)[2] for s in study.stages() if s.startswith("gen:")]
     assert gens == order
+    # The stats-code ablation on the datasets named only (aliases accepted), after every main generator.
+    named = Study(tmp_path / "s", "unused-model", datasets=names, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+                  generators=True, log=lambda m: None, stats_ablation=["piqa", "boolq"])
+    stages = named.stages()
+    abl = [s.split(":", 2)[2] for s in stages if s.startswith("gen:") and "+statsdnd" in s]
+    assert abl == ["commonsense/piqa", "superglue/boolq"]
+    assert stages.index(f"gen:{stages[1].split(':')[1]}+statsdnd:commonsense/piqa") > stages.index(
+        f"dnd:{stages[1].split(':')[1]}:commonsense/winogrande")

@@ -218,7 +218,9 @@ class Study:
 
         stage = f"zoo:{cfg['name']}:{dataset}"
         old = self.result(stage) if self.recorded(stage) else None
+        t0 = time.time()
         model, tok = self._load()
+        t_load = time.time() - t0
         out = self.zoo_dir(cfg, dataset)
         if out.exists():
             shutil.rmtree(out)  # a stage interrupted mid-way leaves partial checkpoints
@@ -230,6 +232,9 @@ class Study:
                         max_length=ZOO_MAX_LENGTH, curve_steps=[s for s in ZOO_CURVE_STEPS if s <= warm])
         final = man["checkpoints"][-1]
         losses = [c["train_loss"] for c in man["checkpoints"]]
+        entry = man["datasets"][dataset]  # where a stage's seconds go (the GPU machine is not profiled otherwise)
+        profile = {"load_s": round(t_load, 2), "build_s": round(time.time() - t0 - t_load, 2),
+                   **{f"{k}_s": entry.get(f"{k}_seconds") for k in ("prep", "train", "save")}}
         # This machine's optimiser seconds to each saved step, the final one last (a kept record's seconds came from
         # another machine, so a rebuild brings its own).
         curve = [{k: c[k] for k in ("step", "path", "train_seconds")} for c in man["datasets"][dataset]["curve"]]
@@ -238,14 +243,15 @@ class Study:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         if old is not None and len(old["losses"]) == len(losses):
             diff = max(abs(a - b) / max(abs(b), 1e-8) for a, b in zip(losses, old["losses"]))
-            check = {"loss_max_rel_diff": diff, "train_seconds": man["datasets"][dataset]["train_seconds"]}
-            self.log(f"rebuilt {stage}: kept-step losses within {diff:.2e} (relative) of the record")
+            check = {"loss_max_rel_diff": diff, "train_seconds": entry["train_seconds"], "profile": profile}
+            self.log(f"rebuilt {stage}: kept-step losses within {diff:.2e} (relative) of the record; "
+                     f"seconds {profile}")
             if diff <= REBUILD_TOLERANCE and old["final"]["path"] == final["path"]:
                 return {**old, "curve": curve, "rebuilds": [*old.get("rebuilds", []), check]}
             self.path(f"cross:{cfg['name']}").unlink(missing_ok=True)
         pm, tok = self._load(str(out / final["path"]))
-        return {"final": final, "train_seconds": man["datasets"][dataset]["train_seconds"], "losses": losses,
-                "curve": curve,
+        return {"final": final, "train_seconds": entry["train_seconds"], "losses": losses, "curve": curve,
+                "profile": profile,
                 "dev": self._score(pm, tok, dataset, dnd_records(dataset, "dev")[:self.n_dev]),
                 "test": self._score(pm, tok, dataset)}
 

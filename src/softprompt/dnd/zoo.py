@@ -196,13 +196,14 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
             dev_items = format_dataset(name, dev_recs, tokenizer)
         else:
             raise ValueError(f"format={format!r}: use cloze or letter")
+        prep_seconds = time.time() - t0  # records, formatting, tokenisation (the stage's set-up, for profiling)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         rng = random.Random(data_seed + d_i)
         order: list[int] = []
         entry = {"dir": dataset_dirname(name), "splits": dnd_split_info(name), "n_zoo": len(examples),
                  "n_dev": len(dev_items), "checkpoints": [], "curve": []}
-        train_seconds = 0.0
+        train_seconds = save_seconds = 0.0
         sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else (lambda: None)
         from tqdm.auto import tqdm
 
@@ -230,12 +231,16 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
             train_seconds += time.perf_counter() - t_step
             if step <= warmup_steps and step in curve:
                 rel = f"{dataset_dirname(name)}/curve_{step:06d}"
+                t_save = time.perf_counter()
                 peft_model.save_pretrained(str(out / rel))
+                save_seconds += time.perf_counter() - t_save
                 entry["curve"].append({"step": step, "path": rel, "train_seconds": round(train_seconds, 4),
                                        "train_loss": float(loss.detach())})
             if step > warmup_steps and (step - warmup_steps) % checkpoint_every == 0:
                 rel = f"{dataset_dirname(name)}/step_{step:06d}"
+                t_save = time.perf_counter()
                 peft_model.save_pretrained(str(out / rel))
+                save_seconds += time.perf_counter() - t_save
                 rec: dict[str, Any] = {"dataset": name, "step": step, "path": rel, "train_loss": float(loss.detach()),
                                        "train_seconds": round(train_seconds, 4), "lr": opt.param_groups[0]["lr"]}
                 if dev_items and format == "cloze":
@@ -249,6 +254,7 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
                 entry["checkpoints"].append(rel)
         entry["seconds"] = round(time.time() - t0, 2)
         entry["train_seconds"] = round(train_seconds, 4)
+        entry["prep_seconds"], entry["save_seconds"] = round(prep_seconds, 2), round(save_seconds, 2)
         manifest["datasets"][name] = entry
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         del opt

@@ -60,3 +60,12 @@ def test_buffer_bytes_is_what_the_fixed_buffers_allocate(model):
         engine.step()
     kv = engine.batch._kv
     assert kv.numel() * kv.element_size() == buffer_bytes(model, 4, 32, 5)
+
+
+def test_the_service_rebuilds_its_engine_with_the_startup_choice(model):
+    """After a failed step the server rebuilds its engine: with what ``auto`` chose at startup, not a fresh choice
+    that free memory at that moment could change."""
+    from softprompt.serve.generation import GenerationService
+
+    service = GenerationService(model, max_rows=4, max_context=32)
+    assert service.engine.decoding == "dynamic" and service._engine_args["decoding"] == "dynamic"

@@ -48,6 +48,7 @@ class GenerationService:
         # Kept to rebuild the engine after a failed step.
         self._engine_args = {"max_rows": max_rows, "decoding": decoding, "max_context": max_context}
         self.engine = GenerationEngine(model, **self._engine_args)
+        self._engine_args["decoding"] = self.engine.decoding  # a rebuilt engine keeps what "auto" chose at startup
         self.tokenizer = model.tokenizer
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()

@@ -369,7 +369,8 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
         lines.append("* " + verdict(by_key.get((a, b, "mean5")), a, b))
         if (a, b, "mean_above_chance") in by_key:
             c = by_key[(a, b, "mean_above_chance")]
-            lines.append(f"  Without the tasks where both are at chance ({', '.join(c['tasks'])}): "
+            dropped = ", ".join(t for t in TASKS if t not in c["tasks"])
+            lines.append(f"  Without {dropped} (both at chance there; mean of {', '.join(c['tasks'])}): "
                          + verdict(c, a, b))
         per_task = [c for (x, y, t), c in by_key.items() if (x, y) == (a, b) and not t.startswith("mean")]
         if per_task:

@@ -54,8 +54,8 @@ def block(data: dict) -> list[str]:
             parts = [f"mean of the five tasks {_interval(by_key[(a, b, 'mean5')])}"]
             if (a, b, "mean_above_chance") in by_key:
                 c = by_key[(a, b, "mean_above_chance")]
-                kept = ", ".join(SHORT[t] for t in c["tasks"])
-                parts.append(f"without tasks where both are at chance ({kept}) {_interval(c)}")
+                dropped = ", ".join(SHORT[t] for t in tasks if t not in c["tasks"])
+                parts.append(f"without {dropped}, where both are at chance, {_interval(c)}")
             lines.append(head + "; ".join(parts) + ".")
             continue
         per = [f"{SHORT[t]} {_interval(by_key[(a, b, t)])}{chance_note(data, t, a, b)}" for t in tasks

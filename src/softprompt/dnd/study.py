@@ -123,7 +123,7 @@ class Study:
         by the device budget (a generator costs ~7 minutes) has the datasets on which an effect can show."""
         if not self.recorded("base"):
             return list(self.datasets)
-        base = self.result("base")["datasets"]
+        base = self.result("base").get("datasets", {})
 
         def valid(d: str) -> bool:
             t = base.get(d, {}).get("test") or {}

@@ -158,6 +158,10 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     near = row["dnd_mean"] - row["nearest_lora"]["acc"]
     assert lo <= near + 1e-6 and near <= hi + 1e-6
     assert row["zoo_mean"] == round(100 * dnd["zoo_mean"]["acc_norm"], 2)
+    w = dnd["weight_cosine"]  # generated adapters against each dataset's final zoo LoRA, in weight space
+    assert set(w["to_final_lora"]) == {"commonsense/arc_easy", WG} and w["own"] == w["to_final_lora"][
+        "commonsense/arc_easy"] and all(-1 <= c <= 1 for c in w["to_final_lora"].values())
+    assert -1 <= w["between_draws"] <= 1 and row["weight_cosine"] == w
     rec = row["in_distribution_recovery"]
     assert rec["dataset"] == WG and rec["own_lora"] == res["datasets"][WG]["own_lora"]
     assert rec["measure"] == "acc" and row["measure"] == "acc_norm"  # recovery in its own dataset's measure
@@ -172,6 +176,7 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     assert "| arc_easy | 6 | 25.0 |" in text and "training-LoRA mean (interval above 0) on" in text
     cost_row = row["lora_to_match"]
     assert cost_row["target"] == round(100 * ltm["target"], 2) and cost_row["step"] == ltm["step"]
+    assert f"| arc_easy | {w['own']:+.3f} | {w['to_final_lora'][WG]:+.3f} (winogrande) |" in text
     cost = text.split("| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |")[1]
     assert f"| arc_easy | {row['generate_seconds']:.3f} | " in cost
     fresh = Study(tmp_path / "state2", str(folder), **kw)

@@ -147,6 +147,7 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "nearest_lora": {"dataset": dnd["nearest"], "acc": round(100 * cross[dnd["nearest"]][d][measure], 2)},
             "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
             "zoo_mean": round(100 * dnd["zoo_mean"][measure], 2) if "zoo_mean" in dnd else None,
+            "weight_cosine": dnd.get("weight_cosine"),  # None for stages recorded before it existed
             "lora_to_match": _to_match(dnd.get("lora_to_match")),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
                 100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
@@ -278,6 +279,21 @@ def render(res: Mapping[str, Any]) -> str:
                          f"{_f(r['nearest_lora'])} | {_near(r)} | {_f(r.get('zoo_mean'))} | "
                          f"{rec['dataset'].split('/')[-1]}: {_f(rec['generated'])} vs "
                          f"{_f(rec['own_lora'])} | {r['generate_seconds']:.3f} |")
+    cos_rows = [(name, r) for name, r in rows if r.get("weight_cosine")]
+    if cos_rows:
+        lines += ["", "Weight space: cosine similarity of the generated adapters' updates ΔW = B·A (all modules; mean "
+                  "over draws) with each dataset's final zoo LoRA. `own` is the held-out dataset's LoRA, which the "
+                  "generator never saw; a generated adapter much closer to one training LoRA than to `own` is close to "
+                  "retrieval.", "",
+                  "| held-out | own | nearest training LoRA | closest training LoRA | between draws |",
+                  "|---" * 5 + "|"]
+        for name, r in cos_rows:
+            w, near = r["weight_cosine"], r["nearest_lora"]["dataset"]
+            train = {d: c for d, c in w["to_final_lora"].items() if not d.endswith("/" + name)}
+            best = max(train, key=train.__getitem__)
+            lines.append(f"| {name} | {w['own']:+.3f} | {train[near]:+.3f} ({near.split('/')[-1]}) | "
+                         f"{train[best]:+.3f} ({best.split('/')[-1]}) | "
+                         f"{'–' if w['between_draws'] is None else format(w['between_draws'], '+.3f')} |")
     if rows:
         lines += ["", "Cost: seconds to generate one adapter (the generator loaded) against the optimiser seconds the "
                   "held-out dataset's own LoRA trained (the zoo's batch size, one device) until it scored DnD's "

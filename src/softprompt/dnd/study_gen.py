@@ -195,10 +195,11 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
     template = gdir / "template_adapter_config.json"
     prompts, source = condition_pool(study, holdout, g["min_pool"], g["pool"])
     tmp = study.state / "tmp_adapter"
-    draws = []
+    draws, states = [], []
     for weights in (f"generator_step{g['steps'] // 2:06d}.safetensors", "generator.safetensors"):
         for seed in range(g["draws"]):
             state, secs = generate(gdir, prompts, seed=seed, weights=weights, device=study.device)
+            states.append(state)
             draws.append({"weights": weights, "seed": seed, "seconds": secs,
                           **_score_state(study, state, template, holdout, tmp)})
     train = [d for d in study.datasets if d != holdout]
@@ -221,10 +222,28 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
                                                             dim=0)) for d in train}
     nearest = max(sims, key=sims.__getitem__)
     return {"draws": draws, "condition_source": source, "n_condition_prompts": len(prompts),
+            "weight_cosine": weight_cosines(study, cfg, holdout, states),
             "lora_to_match": None if tag else lora_to_match(study, cfg, holdout, draws),  # ablations: no cost row
             "recovery": {"dataset": own, "draws": rec_draws}, "similarity": sims, "nearest": nearest,
             "zoo_mean": zoo_mean, "config": g,
             "generate_seconds": statistics.mean(d["seconds"] for d in draws)}
+
+
+def weight_cosines(study: Study, cfg: dict[str, Any], holdout: str, states: list[dict]) -> dict[str, Any]:
+    """What the generated adapters resemble in weight space (:func:`.delta.delta_cosine` of their updates, mean over
+    draws): each dataset's final zoo LoRA (the held-out one's own included, which the generator never saw), and the
+    draws among themselves (how much the seed changes the adapter)."""
+    from .delta import delta_cosine
+    from .export import read_lora_tensors
+
+    def final(d: str) -> dict:
+        return read_lora_tensors(study.zoo_dir(cfg, d) / study.result(f"zoo:{cfg['name']}:{d}")["final"]["path"])
+
+    to = {d: round(statistics.mean(delta_cosine(s, ref) for s in states), 4)
+          for d, ref in ((d, final(d)) for d in study.datasets)}
+    pairs = [delta_cosine(a, b) for i, a in enumerate(states) for b in states[i + 1:]]
+    return {"to_final_lora": to, "own": to[holdout], "between_draws": round(statistics.mean(pairs), 4)
+            if pairs else None}
 
 
 def lora_to_match(study: Study, cfg: dict[str, Any], holdout: str, draws: list[dict[str, Any]],

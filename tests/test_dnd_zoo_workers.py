@@ -39,3 +39,29 @@ def test_zoo_workers_match_sequential(folder, tmp_path):
 
     assert run_zoos_parallel(stop, zoo, 0.0, 2) == []  # deadline at once: workers killed, nothing written
     assert not any(stop.done(s) for s in zoo)
+
+
+class OomOnceStudy(Study):
+    """A study whose zoo stage for WinoGrande runs out of GPU memory the first time (a marker file in the state
+    folder says so across the spawned worker processes), as a worker too many for the card would."""
+
+    def run_zoo(self, cfg, dataset):
+        import torch
+
+        marker = self.state / "oom-once"
+        if dataset.endswith("winogrande") and marker.exists():
+            marker.unlink()
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().run_zoo(cfg, dataset)
+
+
+def test_a_worker_out_of_memory_reruns_its_stage_with_fewer_workers(folder, tmp_path):
+    from softprompt.dnd.study_zoo import run_zoos_parallel
+
+    logs: list[str] = []
+    st = OomOnceStudy(tmp_path / "oom", folder, zoo_workers=2, **{**KW, "log": logs.append})
+    (st.state / "oom-once").write_text("")
+    zoo = [s for s in st.stages() if s.startswith("zoo:")]
+    assert run_zoos_parallel(st, zoo, 600.0, 2) == zoo  # both written: WinoGrande's on its second try
+    assert not (st.state / "oom-once").exists()
+    assert any("winogrande ran out of GPU memory beside 1 other worker(s)" in m for m in logs), logs

@@ -36,8 +36,10 @@ def _zoo_job(study_class: type, kwargs: dict[str, Any], stage: str) -> str:
 
 def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: int) -> list[str]:
     """Run ``stages`` (zoo stages of ``study``) in ``workers`` spawned processes, at most ``seconds``: at the
-    deadline the pool is terminated (stages not written then are redone by a later call). A worker's exception is
-    raised here. Returns the stages that finished."""
+    deadline the pool is terminated (stages not written then are redone by a later call). A stage whose worker ran
+    out of GPU memory beside the others runs again afterwards with fewer workers (alone at last), so a worker count
+    that is one too many for the card costs time, not the call. Other worker exceptions are raised here. Returns the
+    stages that finished."""
     import torch
 
     if torch.cuda.is_available():  # the parent's cached blocks (e.g. from the base stage) would crowd the workers
@@ -45,17 +47,24 @@ def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: 
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
     t_end = time.time() + seconds
     pool = ctx.Pool(max(1, workers), maxtasksperchild=1)  # a fresh process (and GPU memory) per stage
+    retry = []
     try:
         jobs = [pool.apply_async(_zoo_job, (type(study), study.init_kwargs, s)) for s in stages]
-        for j in jobs:
+        for stage, j in zip(stages, jobs):
             try:
                 j.get(timeout=max(0.0, t_end - time.time()))
             except multiprocessing.TimeoutError:
                 study.log(f"zoo workers: deadline reached; {sum(not study.done(s) for s in stages)} stage(s) left")
                 break
+            except torch.OutOfMemoryError:
+                study.log(f"zoo workers: {stage} ran out of GPU memory beside {workers - 1} other worker(s); it "
+                          "runs again with fewer")
+                retry.append(stage)
     finally:
         pool.terminate()
         pool.join()
+    if retry and workers > 1 and time.time() < t_end:
+        run_zoos_parallel(study, retry, t_end - time.time(), max(1, min(workers - 1, len(retry))))
     return [s for s in stages if study.done(s)]
 
 

@@ -209,7 +209,7 @@ def make_cases(args: argparse.Namespace, folder: Path) -> dict[tuple[int, str], 
                 cases[(layers, variant)] = lambda m=hf: hf_round(m, prompts, args.steps, args.warmup, clock)
                 continue
             # One engine per variant on the shared model: rows of one variant never meet another's.
-            engine = GenerationEngine(multi, max_rows=args.rows)
+            engine = GenerationEngine(multi, max_rows=args.rows, decoding="dynamic")  # the eager path it times
             adapters = row_adapters(variant, args.rows)
             cases[(layers, variant)] = lambda e=engine, a=adapters: engine_round(e, a, prompts, args.steps,
                                                                                  args.warmup, clock)

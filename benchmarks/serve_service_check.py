@@ -42,10 +42,11 @@ class TokenIds:
 
 
 def offline(model, jobs, max_rows: int) -> list[list[int]]:
-    """Every job decoded by the default engine (dynamic cache), all submitted at once, in the calling thread."""
+    """Every job decoded with the growing cache (the reference layout, whatever ``auto`` would pick), all submitted
+    at once, in the calling thread."""
     from softprompt.multi.generation import GenerationEngine, SamplingParams
 
-    engine = GenerationEngine(model, max_rows=max_rows)
+    engine = GenerationEngine(model, max_rows=max_rows, decoding="dynamic")
     ids = [engine.submit(p, a, SamplingParams(max_new_tokens=n, stop_token_ids=[])) for p, a, n in jobs]
     while engine.busy:
         engine.step()

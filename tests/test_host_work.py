@@ -278,6 +278,26 @@ def test_mixed_parts_share_one_buffer_and_one_visibility_mask():
     assert torch.equal(full.layers[2].value[3], c.contribution.prefixes[2][1][1])
 
 
+def test_mixed_prefixes_are_stacked_in_the_models_dtype_once():
+    """fp32 adapters on a bf16 model: several parts' prefixes go into the model's dtype while they are stacked (one
+    cast per part for every layer, or one per layer for the small stacked tables), so attention casts nothing; the
+    values are the fp32 tables rounded once, as attention's own cast would."""
+    a = Part(Contribution(prefixes=_tables(p=2, seed=1)), torch.tensor([0, 2]))
+    b = Part(Contribution(prefixes=_tables(p=4, batch=1, seed=2)), torch.tensor([1]))
+    key, _ = _expected([a, b], 4, 4)
+    state = compose.compose([a, b], 4, dtype=torch.bfloat16)
+    for i in range(3):
+        assert state.layers[i].key.dtype == torch.bfloat16 and torch.equal(state.layers[i].key, key[i].bfloat16())
+    assert compose.compose([a, b], 4).layers[0].key.dtype == torch.float32  # no dtype: the tables' own
+    # Layer by layer (a part's lengths differ across layers), one table per part, every row covered: the stacked
+    # tables are cast before each row picks its own.
+    tables = {i: _tables(p=3 if i < 2 else 2, seed=7 + i)[i] for i in range(3)}
+    c, d = (Part(Contribution(prefixes=tables), torch.tensor([r])) for r in (0, 1))
+    per_layer = compose.compose([c, d], 2, dtype=torch.bfloat16)
+    for i in range(3):
+        assert torch.equal(per_layer.layers[i].key, tables[i][0].expand(2, -1, -1, -1).bfloat16())
+
+
 @pytest.mark.parametrize("irregular", ["missing-layer", "lengths-per-layer"])
 def test_irregular_parts_go_layer_by_layer(irregular):
     tables = _tables(p=3, seed=4)
@@ -354,3 +374,33 @@ def test_one_graph_under_autocast_with_and_without_a_mask(config):
             explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids, **kwargs)
             assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
+
+
+def test_stacking_in_the_models_dtype_changes_no_output(tmp_path, monkeypatch):
+    """A bf16 model serving fp32 prefix adapters of two lengths in one batch: the outputs with the prefixes stacked
+    in bf16 (what ``multi`` now asks compose for) equal, bit for bit, those with fp32 prefixes that attention casts
+    layer by layer (the previous path): the rounding happens once either way."""
+    from softprompt.multi import MultiAdapterModel, batch
+
+    base = tiny("bert", task="cls")
+    for name, n in (("a", 2), ("b", 3)):
+        sp.wrap(copy.deepcopy(base), sp.PrefixConfig(num_virtual_tokens=n, init="random", init_std=1.0,
+                                                     seed=n)).save_pretrained(str(tmp_path / name))
+    multi = MultiAdapterModel(base.to(torch.bfloat16), {n: str(tmp_path / n) for n in "ab"})
+    assert next(multi.adapter("a").modules.parameters()).dtype == torch.float32
+    ids, mask = _ids(batch=3, pad_from=5)
+    seen, plain = [], batch.compose
+
+    def watched(*args, keep_dtype=True, **kwargs):
+        if not keep_dtype:  # the previous call: no dtype, attention casts layer by layer
+            kwargs.pop("dtype", None)
+        state = plain(*args, **kwargs)
+        seen.append(state.layers[0].key.dtype)
+        return state
+
+    with torch.inference_mode():
+        monkeypatch.setattr(batch, "compose", watched)
+        now = multi(ids, mask, ["a", "b", None])
+        monkeypatch.setattr(batch, "compose", lambda *a, **k: watched(*a, keep_dtype=False, **k))
+        then = multi(ids, mask, ["a", "b", None])
+    assert seen == [torch.bfloat16, torch.float32] and now.dtype == torch.bfloat16 and torch.equal(now, then)

@@ -66,11 +66,13 @@ class Part:
 
 
 def compose(parts: Sequence[Part], batch: int, attention_mask: torch.Tensor | None = None, *,
-            replays: bool = False) -> InjectionState:
+            replays: bool = False, dtype: torch.dtype | None = None) -> InjectionState:
     """The injection state of one forward pass of ``batch`` rows.
 
     Rows that no part names run bare (no prefix, gate 1). Input-layer prompts are not part of the state: they change
-    the model inputs (see :func:`insert_prompt` and :func:`insert_row_prompts`).
+    the model inputs (see :func:`insert_prompt` and :func:`insert_row_prompts`). ``dtype``: the dtype attention
+    computes in (the model's; autocast's wins when it is on). Several parts' prefixes are then stacked straight into
+    it, so that no layer casts them (fp32 adapters on a bf16 model); None keeps the prefixes' own.
     """
     state = InjectionState(attention_mask=attention_mask, replays=replays)
     if len(parts) == 1 and (parts[0].rows is None or len(parts[0].rows) == batch):
@@ -80,7 +82,7 @@ def compose(parts: Sequence[Part], batch: int, attention_mask: torch.Tensor | No
         state.insertion, state.layer_hook = only.insertion, only.layer_hook
         return state
     covered = sum(len(p.rows) for p in parts) == batch
-    _stack_prefixes(batch, parts, covered, state)
+    _stack_prefixes(batch, parts, covered, state, dtype)
     _insertions_and_hooks(batch, parts, state, attention_mask)
     return state
 
@@ -110,10 +112,18 @@ def _batched(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int
     return {i: (flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(prefixes)}
 
 
-def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: InjectionState) -> None:
-    """Per-layer key/value prefixes, one row per example (padded and masked when lengths differ)."""
+def _target(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype to stack prefixes like ``t`` in: autocast's when it is on, else ``dtype``, else ``t``'s own."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else (dtype or t.dtype)
+
+
+def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: InjectionState,
+                    dtype: torch.dtype | None = None) -> None:
+    """Per-layer key/value prefixes, one row per example (padded and masked when lengths differ), in the dtype
+    attention computes in (see :func:`compose`)."""
     layers = sorted({i for p in parts for i in p.contribution.prefixes})
-    if not layers or _stack_all_layers(g, parts, layers, covered, state):
+    if not layers or _stack_all_layers(g, parts, layers, covered, state, dtype):
         return
     pick, pick_of = None, None  # row -> part index, shared by the layers
     visibility: dict[tuple, torch.Tensor] = {}  # layers whose rows see the same columns share one mask tensor
@@ -133,10 +143,13 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
                     pick[p.rows] = j
             keys = torch.cat([k for k, _ in tables])
             values = torch.cat([v for _, v in tables])
+            target = _target(keys, dtype)
+            if keys.dtype != target:  # cast the small stacked tables, before the pick per row
+                keys, values = keys.to(target), values.to(target)
             state.layers[layer] = LayerInjection(key=keys[pick], value=values[pick])
             continue
         k0 = tables[0][0]
-        key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3])
+        key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3])  # the rare path: attention casts, layer by layer
         value = key.clone()
         for p, (k, v), n in zip(present, tables, lengths):
             key[p.rows, :, :n] = k.expand(len(p.rows), *k.shape[1:])
@@ -155,8 +168,8 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
         state.layers[layer] = inj
 
 
-def _stack_all_layers(g: int, parts: Sequence[Part], layers: list[int], covered: bool, state: InjectionState
-                      ) -> bool:
+def _stack_all_layers(g: int, parts: Sequence[Part], layers: list[int], covered: bool, state: InjectionState,
+                      dtype: torch.dtype | None = None) -> bool:
     """The regular case, every layer at once: each part has prefixes in every layer of ``layers``, all of one shape.
     One buffer [G, 2L, H, P_max, D] takes each part's stacked tables with one write per part, and one visibility
     mask (None when every row sees every column) serves every layer, so attention builds its mask once per forward.
@@ -168,7 +181,9 @@ def _stack_all_layers(g: int, parts: Sequence[Part], layers: list[int], covered:
         tables = [t for i in layers if i in p.contribution.prefixes for t in p.contribution.prefixes[i]]
         if len(tables) != 2 * len(layers) or any(t.shape != tables[0].shape for t in tables):
             return False
-        stacks.append(torch.stack(tables, dim=1))  # [1 or rows, 2L, H, P, D]
+        stack = torch.stack(tables, dim=1)  # [1 or rows, 2L, H, P, D]
+        target = _target(stack, dtype)
+        stacks.append(stack if stack.dtype == target else stack.to(target))  # one cast per part for every layer
     lengths = [s.shape[-2] for s in stacks]
     s0 = stacks[0]
     buf = s0.new_zeros(g, s0.shape[1], s0.shape[2], max(lengths), s0.shape[4])

@@ -83,7 +83,7 @@ def run_group(model: nn.Module, entries: list[LoadedAdapter | None], ids: torch.
         # Positions count real tokens only (as generate() does for left padding): prefix keys carry no position,
         # so a row must see the same query positions as when it runs alone, unpadded.
         inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
-    state = compose(parts, g, inputs["attention_mask"])
+    state = compose(parts, g, inputs["attention_mask"], dtype=model.base_model.dtype)
     route_heads(model.routers, rows, lambda n: {} if n is None else dict(model.adapter(n).modules.heads))
     try:
         out = model.base_model(**inputs, **{STATE_KWARG: state})

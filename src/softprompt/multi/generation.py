@@ -317,7 +317,7 @@ class GenerationEngine:
             inputs = insert_row_prompts(embed(ids), mask, prompts, causal=True)
             del inputs["keep"]
             mask = inputs["attention_mask"]
-        state = compose(parts, n, mask) if parts else None
+        state = compose(parts, n, mask, dtype=base.dtype) if parts else None
         # Positions count each row's own tokens (padding and slots, which nothing attends to, get 0).
         inputs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0) + shift[:, None]
         cache = DynamicCache()

@@ -85,6 +85,35 @@ def test_parts_that_differ_by_layer_are_stacked_layer_by_layer(per_row):
         _check_rows(base, ids, mask, _run(base, ids, mask, state), alone)
 
 
+@pytest.mark.parametrize("layer_by_layer", [False, True], ids=["all-layers", "layer-by-layer"])
+def test_parts_in_another_dtype_are_stacked_in_the_models(layer_by_layer):
+    """fp32 tables for a float64 model: with ``dtype`` the composer stacks them in float64 (attention then casts
+    nothing), on the all-layers path and on the layer-by-layer one, and every row still equals the row alone, whose
+    fp32 prefix attention casts itself."""
+    base = _model("llama")
+    ids, mask = _batch("llama", 4)
+
+    def f32(length, seed):
+        return tuple(t.float() for t in _tables(1, length, seed))
+
+    a = {0: f32(3, 1), 1: f32(3, 2)} | ({2: f32(5, 3)} if layer_by_layer else {2: f32(3, 3)})
+    b = {0: f32(3, 4), 1: f32(3, 5)} | ({} if layer_by_layer else {2: f32(3, 6)})
+    rows = {"a": torch.tensor([0, 2]), "b": torch.tensor([1, 3])}
+    parts = [Part(Contribution(prefixes=a), rows["a"]), Part(Contribution(prefixes=b), rows["b"])]
+    state = compose(parts, 4, mask, dtype=F64)
+    # Layer by layer, layers 0-1 take the uniform path (cast while stacked) and layer 2, which only A's rows see,
+    # the padded one, whose tables keep their dtype for attention to cast.
+    want = [F64, F64, torch.float32 if layer_by_layer else F64]
+    assert [(state.layers[i].key.dtype, state.layers[i].value.dtype) for i in range(3)] == [(d, d) for d in want]
+
+    def alone(r):
+        own = a if r in (0, 2) else b
+        return InjectionState(layers={i: LayerInjection(k, v) for i, (k, v) in own.items()})
+
+    with torch.no_grad():
+        _check_rows(base, ids, mask, _run(base, ids, mask, state), alone)
+
+
 @pytest.mark.parametrize("kind,at", [("bert", 1), ("llama", 0)])
 def test_static_insertions_of_several_parts_reach_their_own_rows(kind, at):
     """Two parts insert their own vectors before layer 1 and no part has a layer hook: the insertion is stacked row

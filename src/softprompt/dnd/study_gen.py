@@ -239,11 +239,13 @@ def weight_cosines(study: Study, cfg: dict[str, Any], holdout: str, states: list
     def final(d: str) -> dict:
         return read_lora_tensors(study.zoo_dir(cfg, d) / study.result(f"zoo:{cfg['name']}:{d}")["final"]["path"])
 
-    to = {d: round(statistics.mean(delta_cosine(s, ref) for s in states), 4)
+    def r4(x: float) -> float:
+        return round(x, 4) + 0.0  # + 0.0: no "-0.0" in the results
+
+    to = {d: r4(statistics.mean(delta_cosine(s, ref) for s in states))
           for d, ref in ((d, final(d)) for d in study.datasets)}
     pairs = [delta_cosine(a, b) for i, a in enumerate(states) for b in states[i + 1:]]
-    return {"to_final_lora": to, "own": to[holdout], "between_draws": round(statistics.mean(pairs), 4)
-            if pairs else None}
+    return {"to_final_lora": to, "own": to[holdout], "between_draws": r4(statistics.mean(pairs)) if pairs else None}
 
 
 def lora_to_match(study: Study, cfg: dict[str, Any], holdout: str, draws: list[dict[str, Any]],

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import readme_block
 from fair_glue import ALL_ROWS, TASKS
 from fair_glue_report import NAMES, chance_note, load_json
 
@@ -67,13 +68,7 @@ def block(data: dict) -> list[str]:
 
 def update(readme: Path, data: dict) -> bool:
     """Rewrite the block between the markers; False (and nothing written) when the markers are missing."""
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(head + BEGIN + "\n" + "\n".join(block(data)) + "\n" + END + tail)
-    return True
+    return readme_block.update(readme, BEGIN, END, block(data))
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,105 @@
+"""The README's Drag-and-Drop block (issue 21), generated from ``benchmarks/results/dnd_cloze.json``, so that the
+README's numbers are the JSON's: the zoo gate, the valid targets, and one row per held-out dataset whose generator
+has run, with the paired intervals against the mean and the nearest training LoRA. It rewrites what lies between
+the two marker lines of ``README.md`` and nothing else.
+
+    python benchmarks/dnd_bench.py cloze-report ... && python benchmarks/dnd_readme.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import readme_block
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- dnd-cloze:begin (benchmarks/dnd_readme.py) -->", "<!-- dnd-cloze:end -->"
+
+
+def _name(dataset: str) -> str:
+    return dataset.split("/")[-1]
+
+
+def _diff(point: float, ci: list[float]) -> str:
+    word = "above" if ci[0] > 0 else "below" if ci[1] < 0 else "within noise"
+    return f"{point:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}], {word}"
+
+
+def _to_match(t: dict | None) -> str:
+    if not t:
+        return "–"
+    if t.get("step") is None:
+        return "not reached by its final LoRA"
+    return f"{t['train_seconds']:.1f} s ({t['step']} steps)" if t["step"] else "the base already does"
+
+
+def block(res: dict) -> list[str]:
+    """The block's lines (without the markers)."""
+    rows = res["datasets"]
+    date = (res.get("date") or "")[:10]
+    lines = [f"**Drag-and-Drop on SmolLM2-135M-Instruct** ([dnd.md](benchmarks/results/dnd.md), generated from "
+             f"[dnd_cloze.json](benchmarks/results/dnd_cloze.json); {res.get('device')}, {date}). Answers are scored "
+             "as continuations (cloze: acc_norm; acc for WinoGrande; calibrated two-shot acc for BoolQ); the earlier "
+             "letter-choice run was at chance ([dnd_letter.md](benchmarks/results/dnd_letter.md))."]
+    above = [d for d, r in rows.items() if r.get("base") is not None and r["base"] > r["chance"]]
+    invalid = [d for d, r in rows.items() if r.get("valid_target") is False]
+    facts = [f"The base model is above chance on {len(above)} of {len(rows)} datasets"]
+    if invalid:
+        facts.append("not a valid held-out target (base not above the always-the-most-frequent-answer rate): "
+                     + ", ".join(f"{_name(d)} ({rows[d]['base']:.1f} against {rows[d]['majority']:.1f})"
+                                 for d in invalid))
+    gate = res.get("zoo_gate")
+    if gate:
+        facts.append(f"the zoo {'passes' if gate['passes'] else 'fails'} its gate (own LoRA "
+                     f"{gate['mean_gain']:+.1f} points over the base on average, +3 or more on "
+                     f"{gate['datasets_gaining_3']} of {gate['n_datasets']})")
+    lines[0] += " " + "; ".join(facts) + "."
+    done = [(d, r) for d, r in rows.items() if r.get("dnd_mean") is not None]
+    if not done:
+        return lines + ["", "No leave-one-out generator has run on this zoo yet (`docs/dnd_gpu.md`)."]
+    lines += ["", f"Leave one dataset out ({len(done)} of {len(rows)} held-out datasets so far; paired 95% bootstrap "
+              "intervals over examples):", "",
+              "| held-out | measure | base | training-LoRA mean | nearest training LoRA | DnD (draws) | own LoRA | "
+              "DnD − mean | DnD − nearest | own LoRA training to match DnD |", "|---" * 10 + "|"]
+    for d, r in done:
+        near = r["nearest_lora"]
+        ci_near = r.get("ci_dnd_minus_nearest")
+        lines.append(
+            f"| {_name(d)} | {r['measure']} | {r['base']:.1f} | {r['train_lora_mean']:.1f} | {near['acc']:.1f} "
+            f"({_name(near['dataset'])}) | {r['dnd_mean']:.1f} ± {r['dnd_sd']:.1f} ({r['dnd_draws']}) | "
+            f"{r['own_lora']:.1f} | {_diff(r['dnd_mean'] - r['train_lora_mean'], r['ci_dnd_minus_train_mean'])} | "
+            f"{'–' if ci_near is None else _diff(r['dnd_mean'] - near['acc'], ci_near)} | "
+            f"{_to_match(r.get('lora_to_match'))} against {r['generate_seconds']:.2f} s to generate |")
+    valid = [r for _, r in done if r.get("valid_target") is not False]
+    beats = sum(r["ci_dnd_minus_train_mean"][0] > 0 for r in valid)
+    near = sum((r.get("ci_dnd_minus_nearest") or [0, 0])[0] > 0 for r in valid)
+    lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets so far (the "
+              f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}."]
+    return lines
+
+
+def update(readme: Path, res: dict) -> bool:
+    """Rewrite the block between the markers; False (and nothing written) when the markers are missing."""
+    return readme_block.update(readme, BEGIN, END, block(res))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "dnd_cloze.json"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = p.parse_args(argv)
+    path = Path(args.results)
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run `python benchmarks/dnd_bench.py cloze-report ...` first")
+    if not update(Path(args.readme), json.loads(path.read_text())):
+        raise SystemExit(f"{args.readme} has no Drag-and-Drop markers ({BEGIN} ... {END}): add them where the "
+                         "block goes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

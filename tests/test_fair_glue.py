@@ -242,3 +242,32 @@ def test_readme_block_is_generated_between_its_markers(tmp_path):
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")
     assert not update(bare, data) and bare.read_text() == "no markers\n"
+
+
+@pytest.mark.parametrize("row", ["prompt", "lora"])
+def test_stsb_runs_as_regression_with_the_shared_readout(row, tiny_glue, tiny_bert_dir):
+    """STS-B, reported beside the five tasks, goes through the same run: a regression head on the mean readout,
+    scored by Pearson correlation (a prompt-method row and a plain-Trainer row)."""
+    pytest.importorskip("peft")
+    import fair_glue
+
+    root = tiny_glue / "data" / "glue" / "STS-B"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    for split, n in (("train", 120), ("dev", 40)):
+        lines = [head]
+        for i in range(n):
+            same = rng.random() < 0.5
+            a, b = rng.choice(["movie", "film"]), rng.choice(["good", "bad"])
+            lines.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\tthe {a} was {b}\tthe {a if same else 'plane'} was "
+                         f"{b}\t{5.0 if same else 1.0:.3f}")
+        (root / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    state = tiny_glue / "state"
+    state.mkdir()
+    job = {"stage": "seeds", "task": "glue/stsb", "row": row, "lr": 1e-2, "seed": 2}
+    out = fair_glue.run_one(job, tiny_bert_dir, state, False, "mean", tiny_glue / "scratch")
+    assert out["metric"] == "pearson" and out["readout"] == "mean" and -1 <= out["score"] <= 1
+    assert out["eval_examples"] == 40 and len(out["predictions"]) == 40  # the dev split, kept for the bootstrap
+    assert all(isinstance(p, float) for p in out["predictions"]) and out["labels"][0] in (1.0, 5.0)  # scores
+    assert (state / f"{fair_glue.run_name('seeds', 'glue/stsb', row, 1e-2, 2)}.json").exists()

@@ -8,25 +8,17 @@ the two marker lines of ``README.md`` and nothing else.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block
 
-ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- dnd-cloze:begin (benchmarks/dnd_readme.py) -->", "<!-- dnd-cloze:end -->"
 
 
 def _name(dataset: str) -> str:
     return dataset.split("/")[-1]
-
-
-def _diff(point: float, ci: list[float]) -> str:
-    word = "above" if ci[0] > 0 else "below" if ci[1] < 0 else "within noise"
-    return f"{point:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}], {word}"
 
 
 def _to_match(t: dict | None) -> str:
@@ -66,13 +58,13 @@ def block(res: dict) -> list[str]:
               "| held-out | measure | base | training-LoRA mean | nearest training LoRA | DnD (draws) | own LoRA | "
               "DnD − mean | DnD − nearest | own LoRA training to match DnD |", "|---" * 10 + "|"]
     for d, r in done:
-        near = r["nearest_lora"]
-        ci_near = r.get("ci_dnd_minus_nearest")
+        near, ci_near = r["nearest_lora"], r.get("ci_dnd_minus_nearest")
+        vs_mean = readme_block.interval(r["dnd_mean"] - r["train_lora_mean"], r["ci_dnd_minus_train_mean"])
         lines.append(
             f"| {_name(d)} | {r['measure']} | {r['base']:.1f} | {r['train_lora_mean']:.1f} | {near['acc']:.1f} "
             f"({_name(near['dataset'])}) | {r['dnd_mean']:.1f} ± {r['dnd_sd']:.1f} ({r['dnd_draws']}) | "
-            f"{r['own_lora']:.1f} | {_diff(r['dnd_mean'] - r['train_lora_mean'], r['ci_dnd_minus_train_mean'])} | "
-            f"{'–' if ci_near is None else _diff(r['dnd_mean'] - near['acc'], ci_near)} | "
+            f"{r['own_lora']:.1f} | {vs_mean} | "
+            f"{'–' if ci_near is None else readme_block.interval(r['dnd_mean'] - near['acc'], ci_near)} | "
             f"{_to_match(r.get('lora_to_match'))} against {r['generate_seconds']:.2f} s to generate |")
     valid = [r for _, r in done if r.get("valid_target") is not False]
     beats = sum(r["ci_dnd_minus_train_mean"][0] > 0 for r in valid)
@@ -88,17 +80,8 @@ def update(readme: Path, res: dict) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "dnd_cloze.json"))
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
-    args = p.parse_args(argv)
-    path = Path(args.results)
-    if not path.exists():
-        raise SystemExit(f"{path} does not exist: run `python benchmarks/dnd_bench.py cloze-report ...` first")
-    if not update(Path(args.readme), json.loads(path.read_text())):
-        raise SystemExit(f"{args.readme} has no Drag-and-Drop markers ({BEGIN} ... {END}): add them where the "
-                         "block goes")
-    return 0
+    return readme_block.main(argv, __doc__.split("\n\n")[0], "benchmarks/results/dnd_cloze.json", block, BEGIN, END,
+                             "python benchmarks/dnd_bench.py cloze-report ...")
 
 
 if __name__ == "__main__":

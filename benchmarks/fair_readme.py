@@ -7,25 +7,21 @@ claims. It rewrites what lies between the two marker lines of ``README.md`` and 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block
 from fair_glue import ALL_ROWS, TASKS
-from fair_glue_report import NAMES, chance_note, load_json
+from fair_glue_report import NAMES, chance_note
 
-ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- fair-protocol:begin (benchmarks/fair_readme.py) -->", "<!-- fair-protocol:end -->"
 CLAIMS = [("idspam", "lpt_npg"), ("idspam", "prompt"), ("apt", "prefix"), ("apt", "prefix_half")]
 SHORT = {"glue/sst2": "SST-2", "glue/mrpc": "MRPC", "glue/rte": "RTE", "glue/cola": "CoLA", "superglue/cb": "CB"}
 
 
 def _interval(c: dict) -> str:
-    lo, hi = c["ci"]
-    word = "above" if lo > 0 else "below" if hi < 0 else "within noise"
-    return f"{c['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], {word}"
+    return readme_block.interval(c["diff"], c["ci"])
 
 
 def block(data: dict) -> list[str]:
@@ -72,17 +68,8 @@ def update(readme: Path, data: dict) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "fair_glue.json"))
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
-    args = p.parse_args(argv)
-    data = load_json(Path(args.results))
-    if data is None:
-        raise SystemExit(f"{args.results} does not exist: run `python benchmarks/fair_glue.py report` first")
-    if not update(Path(args.readme), data):
-        raise SystemExit(f"{args.readme} has no fair-protocol markers ({BEGIN} ... {END}): add them where the "
-                         "block goes")
-    return 0
+    return readme_block.main(argv, __doc__.split("\n\n")[0], "benchmarks/results/fair_glue.json", block, BEGIN, END,
+                             "python benchmarks/fair_glue.py report")
 
 
 if __name__ == "__main__":

@@ -153,13 +153,15 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
                 100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
 
 
+def _verdict(ci: Sequence[float]) -> str:
+    """A paired interval of DnD − something, in a word: it excludes 0 above, below, or contains it."""
+    return "wins" if ci[0] > 0 else "loses" if ci[1] < 0 else "no difference"
+
+
 def _near(row: Mapping[str, Any]) -> str:
     """The DnD − nearest-LoRA verdict with its interval (– for a row reported before the interval existed)."""
     ci = row.get("ci_dnd_minus_nearest")
-    if ci is None:
-        return "–"
-    word = "wins" if ci[0] > 0 else "loses" if ci[1] < 0 else "no difference"
-    return f"{word} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+    return "–" if ci is None else f"{_verdict(ci)} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
 
 
 def _to_match(t: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -263,9 +265,6 @@ def render(res: Mapping[str, Any]) -> str:
                          f"{v['datasets_gaining_3']} of {v['n_datasets']} gain ≥3.")
     rows = [(d.split("/")[-1], r) for d, r in res["datasets"].items() if r["dnd_mean"] is not None]
     if rows:
-        def verdict(ci: list[float]) -> str:
-            return "wins" if ci[0] > 0 else "loses" if ci[1] < 0 else "no difference"
-
         wins = sum(r["ci_dnd_minus_train_mean"][0] > 0 for _, r in rows)
         valid = [r for _, r in rows if r.get("valid_target") is not False]
         vwins = sum(r["ci_dnd_minus_train_mean"][0] > 0 for r in valid)
@@ -275,7 +274,7 @@ def render(res: Mapping[str, Any]) -> str:
                   "zoo mean (A,B) | recovery: generated vs own LoRA | generate s |", "|" + "---|" * 8]
         for name, r in rows:
             rec = r["in_distribution_recovery"]
-            lines.append(f"| {name} | {verdict(r['ci_dnd_minus_train_mean'])} | {verdict(r['ci_dnd_minus_base'])} | "
+            lines.append(f"| {name} | {_verdict(r['ci_dnd_minus_train_mean'])} | {_verdict(r['ci_dnd_minus_base'])} | "
                          f"{_f(r['nearest_lora'])} | {_near(r)} | {_f(r.get('zoo_mean'))} | "
                          f"{rec['dataset'].split('/')[-1]}: {_f(rec['generated'])} vs "
                          f"{_f(rec['own_lora'])} | {r['generate_seconds']:.3f} |")

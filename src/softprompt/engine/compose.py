@@ -87,11 +87,12 @@ def compose(parts: Sequence[Part], batch: int, attention_mask: torch.Tensor | No
     return state
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
     """The dtype attention will see for prefixes like ``t``: autocast's when it is on for ``t``'s device, else
-    ``t``'s own (attention casts whatever still differs, e.g. fp32 prefixes of a model loaded in bf16)."""
+    ``dtype`` (the model's, when the caller knows it), else ``t``'s own (attention casts whatever still differs, e.g.
+    fp32 prefixes of a model loaded in bf16)."""
     kind = t.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else (dtype or t.dtype)
 
 
 def _batched(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int
@@ -110,12 +111,6 @@ def _batched(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int
         return prefixes
     flat = torch.stack(tables).to(dtype).expand(-1, batch, -1, -1, -1).unbind(0)
     return {i: (flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(prefixes)}
-
-
-def _target(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype to stack prefixes like ``t`` in: autocast's when it is on, else ``dtype``, else ``t``'s own."""
-    kind = t.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else (dtype or t.dtype)
 
 
 def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: InjectionState,
@@ -143,7 +138,7 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
                     pick[p.rows] = j
             keys = torch.cat([k for k, _ in tables])
             values = torch.cat([v for _, v in tables])
-            target = _target(keys, dtype)
+            target = compute_dtype(keys, dtype)
             if keys.dtype != target:  # cast the small stacked tables, before the pick per row
                 keys, values = keys.to(target), values.to(target)
             state.layers[layer] = LayerInjection(key=keys[pick], value=values[pick])
@@ -182,7 +177,7 @@ def _stack_all_layers(g: int, parts: Sequence[Part], layers: list[int], covered:
         if len(tables) != 2 * len(layers) or any(t.shape != tables[0].shape for t in tables):
             return False
         stack = torch.stack(tables, dim=1)  # [1 or rows, 2L, H, P, D]
-        target = _target(stack, dtype)
+        target = compute_dtype(stack, dtype)
         stacks.append(stack if stack.dtype == target else stack.to(target))  # one cast per part for every layer
     lengths = [s.shape[-2] for s in stacks]
     s0 = stacks[0]

@@ -13,7 +13,9 @@ epochs per task (EPOCHS; SST-2 one epoch), no model selection on any dev set dur
    mean over TASKS is used by every method (readout.json).
 2. lr: each row of ROWS at each rate of its grid, seed 1, trained on 90% of the train split and scored on the other
    10% (``TrainConfig.carve_dev``; the same carve for every method and seed). The chosen rate maximises that score
-   (ties: the smaller rate).
+   (ties: the smaller rate). Where one rate at an end of the grid beats all others, the grid grows one step past
+   it (at most twice per direction; ``rate_grid``). A rate at which a seed run of stage 3 diverges (non-finite
+   training loss) is dropped and the next best rate runs all seeds again.
 3. seeds: SEEDS at the chosen rate, trained on the whole train split, scored on the task's dev set; every run
    records its per-example predictions (for the paired bootstrap of ``fair_glue_report.py``).
 State is one JSON per finished run in ``--state``: a restart skips them, so a killed or timed-out call resumes.
@@ -44,6 +46,7 @@ TRAIN_SIZES = {"glue/sst2": 67349, "glue/rte": 2490, "glue/mrpc": 3668, "glue/co
 CARVE = 0.1
 SEEDS = [1, 2, 3, 4, 5]
 LR_SEED = 1
+MAX_EXTEND = 2  # grid extensions per direction where the best rate lies at an end (``rate_grid``)
 PROMPT_GRID = [1e-3, 3e-3, 1e-2, 3e-2]
 # Prompt tuning and prefix tuning (and its fixed-scale control) train well at higher rates (Lester et al. use 0.3);
 # on the carved dev parts of 2026-12-05, prefix and its control chose 3e-2, the top of PROMPT_GRID, on 3 of 4 tasks,
@@ -79,19 +82,59 @@ def load_state(state: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(state.glob("*__*.json"))}
 
 
-def chosen_lr(done: dict, task: str, row: str) -> tuple[float | None, dict[float, float | None]]:
-    """(the rate with the best carved-dev score, or None while a grid point is missing; every score by rate, None
-    for a rate whose loss diverged)."""
-    scores = {}
-    for lr in ROWS[row][2]:
-        r = done.get(run_name("lr", task, row, lr, LR_SEED))
-        if r is not None:
-            scores[lr] = r["score"]
-    finite = {lr: s for lr, s in scores.items() if s is not None}
-    if len(scores) < len(ROWS[row][2]) or not finite:
+def chosen_lr(done: dict, task: str, row: str, extend: bool = True) -> tuple[float | None, dict[float, float | None]]:
+    """(the rate with the best carved-dev score, or None while a rate of the grid is missing; every score by rate,
+    None for a rate whose loss diverged).
+
+    A rate at which any seed-stage run diverged is unstable and is not chosen: the seeds then run again at the next
+    best rate. This looks at training losses only, never at a dev score, so the selection stays off the reported
+    dev set; the diverged runs stay in the state and the report lists them (``unstable_rates``). ``extend=False``:
+    the row's own grid, without ``rate_grid``'s extensions."""
+    grid = rate_grid(done, task, row) if extend else ROWS[row][2]
+    scores = {lr: done[name]["score"] for lr in grid if (name := run_name("lr", task, row, lr, LR_SEED)) in done}
+    unstable = unstable_rates(done, task, row)
+    finite = {lr: s for lr, s in scores.items() if s is not None and lr not in unstable}
+    if len(scores) < len(grid) or not finite:
         return None, scores
     best = max(finite.values())
     return min(lr for lr, s in finite.items() if s == best), scores
+
+
+def rate_grid(done: dict, task: str, row: str) -> list[float]:
+    """The row's grid, extended where its carved-dev best lies at an end: while one rate at the first or last grid
+    point scores strictly above every other, the next rate beyond it (1-3-10 steps) joins the grid, at most
+    ``MAX_EXTEND`` times per direction. A best at the edge says the optimum may lie outside; ties (CB's 25 carved
+    examples make many) do not extend."""
+    grid = list(ROWS[row][2])
+    for _ in range(2 * MAX_EXTEND):
+        runs = [done.get(run_name("lr", task, row, lr, LR_SEED)) for lr in grid]
+        if any(r is None for r in runs):
+            return grid
+        finite = {lr: r["score"] for lr, r in zip(grid, runs) if r["score"] is not None}
+        best = [lr for lr, s in finite.items() if s == max(finite.values(), default=None)]
+        if len(finite) < 2 or len(best) != 1 or best[0] not in (grid[0], grid[-1]):  # one rate: nothing to beat
+            return grid
+        up = best[0] == grid[-1]
+        if sum((lr > ROWS[row][2][-1]) if up else (lr < ROWS[row][2][0]) for lr in grid) >= MAX_EXTEND:
+            return grid
+        grid = grid + [next_rate(grid[-1], up=True)] if up else [next_rate(grid[0], up=False)] + grid
+    return grid
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the 1-3-10 ladder (1e-3 -> 3e-3 -> 1e-2 upwards, 1e-3 -> 3e-4 downwards)."""
+    leading = round(lr / 10 ** math.floor(math.log10(lr)))
+    factor = (3 if leading == 1 else 10 / 3) if up else (0.3 if leading == 1 else 1 / 3)
+    return float(f"{lr * factor:.0e}")
+
+
+def unstable_rates(done: dict, task: str, row: str) -> dict[float, list[int]]:
+    """Rate -> the seeds whose seed-stage run at that rate diverged (task and row given)."""
+    out: dict[float, list[int]] = {}
+    for r in done.values():
+        if r["stage"] == "seeds" and r["task"] == task and r["row"] == row and r["score"] is None:
+            out.setdefault(r["lr"], []).append(r["seed"])
+    return {lr: sorted(seeds) for lr, seeds in out.items()}
 
 
 def epochs_of(task: str) -> float:
@@ -210,7 +253,7 @@ def cmd_run(args) -> int:
                 for task in sorted(task_list, key=lambda t: estimated_steps(t, stage)):  # whole tasks, cheap first
                     for row in rows:
                         if stage == "lr":
-                            plan = [(lr, LR_SEED) for lr in ROWS[row][2]]
+                            plan = [(lr, LR_SEED) for lr in rate_grid(done, task, row)]
                         else:
                             lr, _ = chosen_lr(done, task, row)
                             if lr is None:

@@ -9,7 +9,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fair_glue import CARVE, EPOCHS, LR_SEED, ROWS, TASKS, chosen_lr, load_state, run_name
+from fair_glue import (
+    CARVE,
+    EPOCHS,
+    LR_SEED,
+    MAX_EXTEND,
+    ROWS,
+    TASKS,
+    chosen_lr,
+    load_state,
+    rate_grid,
+    run_name,
+    unstable_rates,
+)
 
 # (a, b): the papers' claims and the spec's ablations, as "a - b".
 PAIRS = [("idspam", "lpt_npg"), ("idspam", "prompt"), ("idspam", "lpt"), ("apt", "prefix"), ("apt", "prefix_half"),
@@ -183,11 +195,28 @@ def _metric(metric: str, p: np.ndarray, y: np.ndarray, preds: np.ndarray, labels
     raise ValueError(f"no bootstrap for metric {metric!r}")
 
 
+def reported_lr(done: dict, task: str, row: str) -> tuple[float | None, bool]:
+    """(the rate whose seeds the tables report, provisional): the chosen rate, or, while runs of an extended grid are
+    still missing, the choice on the row's own grid, flagged provisional."""
+    lr, _ = chosen_lr(done, task, row)
+    if lr is not None or rate_grid(done, task, row) == ROWS[row][2]:
+        return lr, False
+    base, _ = chosen_lr(done, task, row, extend=False)
+    return base, base is not None
+
+
 def seed_runs(done: dict) -> dict[str, dict[str, list[dict]]]:
-    """task -> row -> the seeds-stage runs (at the chosen rate), by seed."""
+    """task -> row -> the finished seeds-stage runs at the reported rate, by seed (runs at a rate that proved
+    unstable, and the diverged runs themselves, are left out here and listed by ``write_json``)."""
     out: dict = {}
+    rates = {}
     for r in done.values():
-        if r["stage"] == "seeds":
+        if r["stage"] != "seeds" or r["score"] is None:
+            continue
+        key = (r["task"], r["row"])
+        if key not in rates:
+            rates[key] = reported_lr(done, *key)[0]
+        if r["lr"] == rates[key]:
             out.setdefault(r["task"], {}).setdefault(r["row"], []).append(r)
     for rows in out.values():
         for runs in rows.values():
@@ -248,11 +277,14 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
         for row in ROWS:
             lr, scores = chosen_lr(done, task, row)
             if scores:
-                grid = ROWS[row][2]
+                grid = rate_grid(done, task, row)
                 lr_selection.setdefault(task, {})[row] = {
                     "chosen": lr, "carved_scores": {f"{k:g}": None if v is None else round(100 * v, 2)
                                                     for k, v in scores.items()},
+                    "grid": grid, "extended": [x for x in grid if x not in ROWS[row][2]],
+                    "reported": reported_lr(done, task, row)[0], "provisional": reported_lr(done, task, row)[1],
                     "at_grid_edge": lr in (grid[0], grid[-1]) if lr is not None else None,
+                    "unstable_rates": {f"{k:g}": v for k, v in unstable_rates(done, task, row).items()},
                     "carved_dev_examples": next((done[run_name("lr", task, row, x, LR_SEED)].get("eval_examples")
                                                  for x in scores if scores[x] is not None), None)}
     runs = seed_runs(done)
@@ -261,7 +293,8 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
         for row, rs in rows.items():
             vals = [100 * r["score"] for r in rs]
             table.setdefault(task, {})[row] = {
-                "lr": rs[0]["lr"], "scores": [round(v, 2) for v in vals], "seeds": [r["seed"] for r in rs],
+                "lr": rs[0]["lr"], "provisional": reported_lr(done, task, row)[1],
+                "scores": [round(v, 2) for v in vals], "seeds": [r["seed"] for r in rs],
                 "mean": round(statistics.mean(vals), 2),
                 "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else None,
                 "trainable_params": rs[0]["trainable_params"], "metric": rs[0]["metric"],
@@ -287,6 +320,8 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
             "readout": readout["choice"] if readout else None, "readout_selection": readout,
             "model": last.get("model"), "units": "points (metric x 100); diff = a - b; ci = paired bootstrap 95%",
             "protocol": {"carve_dev": CARVE, "lr_seed": LR_SEED, "grids": {r: v[2] for r, v in ROWS.items()},
+                         "grid_extension": f"one 1-3-10 step past an end whose rate beats all others, at most "
+                                           f"{MAX_EXTEND} per direction",
                          "rows": {r: {"method": v[0], "options": v[1]} for r, v in ROWS.items()}},
             "lr_selection": lr_selection, "tasks": table, "comparisons": comparisons,
             "runs": {"lr": sum(r["stage"] == "lr" for r in done.values()),
@@ -336,15 +371,23 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
             sel = data["lr_selection"].get(t, {}).get(r)
             if sel is None:
                 cells.append("not run")
+            elif sel["chosen"] is None and sel.get("provisional"):
+                base = max((v for k, v in sel["carved_scores"].items() if float(k) in ROWS[r][2] and v is not None))
+                pending = ", ".join(f"{x:g}" for x in sel["grid"] if f"{x:g}" not in sel["carved_scores"])
+                cells.append(f"*{sel['reported']:g}* ({base:.1f}) ‡ {pending} pending")
             elif sel["chosen"] is None:
-                cells.append(f"grid {len(sel['carved_scores'])}/{len(data['protocol']['grids'][r])}: "
+                cells.append(f"grid {len(sel['carved_scores'])}/{len(sel.get('grid', data['protocol']['grids'][r]))}: "
                              + ", ".join(f"{k}: {_score(v)}" for k, v in sel["carved_scores"].items()))
             else:
                 best = sel["carved_scores"][f"{sel['chosen']:g}"]
-                cells.append(f"**{sel['chosen']:g}** ({best:.1f}){' edge' if sel['at_grid_edge'] else ''}")
+                cells.append(f"**{sel['chosen']:g}** ({best:.1f}){' +' if sel.get('extended') else ''}"
+                             f"{' edge' if sel['at_grid_edge'] else ''}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: chosen rate (its carved-dev score x 100); `edge`: the best rate is at the end of the grid, "
-              "so the grid should be extended for that cell. Incomplete grids list the rates run so far. Carved dev "
+    lines += ["", "Cells: chosen rate (its carved-dev score x 100); `+`: the grid was extended past its end for that "
+              "cell (where one rate at an end beat all others, the next rate beyond it joined the grid, at most twice "
+              "per direction); `edge`: the chosen rate is still at an end of the grid (a tie that goes to the smaller "
+              "rate, or the cap); ‡: provisional, the rate chosen on the row's own grid while the extension's runs "
+              "(pending) are still missing. Incomplete grids list the rates run so far. Carved dev "
               "examples: " + ", ".join(f"{t} {n}" for t in tasks if (n := next((c.get("carved_dev_examples") for c in
                                        data["lr_selection"].get(t, {}).values()), None))) + " (CB's 25 make "
               "its choice coarse: one example is 4 points).", "",
@@ -354,14 +397,15 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
         cells = []
         for r in rows:
             c = data["tasks"].get(t, {}).get(r)
-            mark = " †" if c and c.get("above_chance") is False else ""
+            mark = (" †" if c and c.get("above_chance") is False else "") + (" ‡" if c and c.get("provisional") else "")
             cells.append(f"{c['mean']:.1f} ± {c['std'] or 0:.1f} ({len(c['scores'])}){mark}" if c else "pending")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     majority = {t: next((c["majority"] for c in data["tasks"].get(t, {}).values() if "majority" in c), None)
                 for t in tasks}
     lines += ["", "†: at chance, the seed mean is not above the 97.5th percentile of the same predictions shuffled "
               "across the dev examples (a permutation null; a claim resting on that cell says nothing about the "
-              "method). Majority-class scores: " + ", ".join(f"{t} {m:.1f}" for t, m in majority.items()
+              "method); ‡: at a provisional rate (grid extension pending). "
+              "Majority-class scores: " + ", ".join(f"{t} {m:.1f}" for t, m in majority.items()
                                                              if m is not None) + ".",
               "", "### Comparisons (paired bootstrap over dev examples, seeds resampled; 95% intervals)", ""]
     by_key = {(c["a"], c["b"], c["task"]): c for c in data["comparisons"]}

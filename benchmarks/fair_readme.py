@@ -32,7 +32,8 @@ def block(data: dict) -> list[str]:
     lines = [f"**Fair protocol (issue 23; {runs['seeds']} seed runs so far, 5 seeds per cell at the learning rate "
              "chosen on a split carved from train; [fair_glue.json](benchmarks/results/fair_glue.json), tables and "
              "protocol in [apt.md](benchmarks/results/apt.md) and [idspam.md](benchmarks/results/idspam.md)).** Dev "
-             "scores, mean ± std over seeds; † at chance (not above the same predictions shuffled across examples):",
+             "scores, mean ± std over seeds; † at chance (not above the same predictions shuffled across examples); "
+             "‡ at a provisional rate (the best rate lay at an end of the grid, and the runs past it are pending):",
              "", "| method | " + " | ".join(SHORT[t] for t in tasks) + " |",
              "|---|" + "---|" * len(tasks)]
     for r in rows:
@@ -40,7 +41,8 @@ def block(data: dict) -> list[str]:
         for t in tasks:
             c = data["tasks"][t].get(r)
             cells.append("–" if c is None else
-                         f"{c['mean']:.1f} ± {c['std'] or 0:.1f}{' †' if c.get('above_chance') is False else ''}")
+                         f"{c['mean']:.1f} ± {c['std'] or 0:.1f}{' †' if c.get('above_chance') is False else ''}"
+                         f"{' ‡' if c.get('provisional') else ''}")
         lines.append(f"| {NAMES[r]} | " + " | ".join(cells) + " |")
     lines += ["", "The papers' claims as differences (points, 95% paired bootstrap interval over dev examples and "
               "seeds; *above* / *below* when the interval excludes 0):", ""]

@@ -11,9 +11,9 @@
 # Environment: STAGES (default readout,lr,seeds), ROWS (default: all rows, the priority rows first),
 # TASKS (default: the five tasks), PARALLEL (default 15: one run per CPU core of the 16, the scheduler beside them).
 #
-# Next session (device tool `run`, kind nvidia-h200, carry [".carry_fair"], timeout_s 600; what is done and what is
-# left: benchmarks/results/fair_glue_status.md):
-#   ROWS=idspam,lpt,lpt_npg,prompt,prefix,apt,prefix_half STAGES=lr,seeds bash benchmarks/gpu_fair.sh 450
+# Next session (device tool `run`, kind nvidia-h100-x1, carry [".carry_fair"], timeout_s 600; what is done and what
+# is left: benchmarks/results/fair_glue_status.md):
+#   STAGES=lr,seeds bash benchmarks/gpu_fair.sh 450
 # then here: rm -rf benchmarks/results/fair_glue_runs && tar xzf <files_at>/fair_state.tgz -C benchmarks/results && \
 #   python benchmarks/fair_glue.py report && python benchmarks/method_tables.py all && python benchmarks/fair_readme.py
 # and commit benchmarks/results/fair_glue_runs, fair_glue.json and the regenerated tables.

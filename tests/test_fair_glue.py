@@ -165,10 +165,79 @@ def test_chosen_rate_skips_diverged_rates_and_waits_for_the_grid(monkeypatch):
     import fair_glue
 
     monkeypatch.setitem(fair_glue.ROWS, "lpt", ("lpt", {}, [1e-3, 1e-2, 3e-2]))
-    runs = {fair_glue.run_name("lr", "glue/rte", "lpt", lr, 1): {"score": s} for lr, s in ((1e-3, 0.6), (1e-2, 0.6))}
+    runs = _lr_runs(fair_glue, "glue/rte", "lpt", {1e-3: 0.6, 1e-2: 0.6})
     assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] is None  # 3e-2 not run yet
-    runs[fair_glue.run_name("lr", "glue/rte", "lpt", 3e-2, 1)] = {"score": None, "diverged": "loss became nan"}
+    runs.update(_lr_runs(fair_glue, "glue/rte", "lpt", {3e-2: None}))  # diverged
     assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] == 1e-3  # a tie goes to the smaller rate
+
+
+def _lr_runs(fair_glue, task, row, scores):
+    return {fair_glue.run_name("lr", task, row, lr, 1): {"stage": "lr", "task": task, "row": row, "lr": lr, "seed": 1,
+                                                         "score": s} for lr, s in scores.items()}
+
+
+def test_rate_ladder_steps_one_three_ten():
+    import fair_glue
+
+    assert [fair_glue.next_rate(x, up=True) for x in (1e-4, 3e-4, 1e-3, 3e-2, 1e-1)] == [3e-4, 1e-3, 3e-3, 1e-1, 3e-1]
+    assert [fair_glue.next_rate(x, up=False) for x in (1e-3, 3e-3, 1e-4, 3e-2)] == [3e-4, 1e-3, 3e-5, 1e-2]
+
+
+def test_grid_grows_past_an_end_that_beats_every_other_rate(monkeypatch):
+    """A strict best at the top adds the next rate up (at most twice), and the choice waits for it; a tie or an
+    interior best does not extend; a best at the bottom extends downwards."""
+    import fair_glue
+
+    monkeypatch.setitem(fair_glue.ROWS, "lpt", ("lpt", {}, [1e-3, 3e-3, 1e-2]))
+    runs = _lr_runs(fair_glue, "glue/rte", "lpt", {1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.7})
+    assert fair_glue.rate_grid(runs, "glue/rte", "lpt") == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] is None  # 3e-2 pending
+    assert fair_glue.chosen_lr(runs, "glue/rte", "lpt", extend=False)[0] == 1e-2
+    runs.update(_lr_runs(fair_glue, "glue/rte", "lpt", {3e-2: 0.8}))
+    assert fair_glue.rate_grid(runs, "glue/rte", "lpt")[-1] == 1e-1
+    runs.update(_lr_runs(fair_glue, "glue/rte", "lpt", {1e-1: 0.9}))
+    assert fair_glue.rate_grid(runs, "glue/rte", "lpt") == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # the cap: two steps
+    assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] == 1e-1
+    runs.update(_lr_runs(fair_glue, "glue/rte", "lpt", {1e-1: 0.8}))  # the first extension wins: interior, done
+    assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] == 3e-2
+    tie = _lr_runs(fair_glue, "glue/cola", "lpt", {1e-3: 0.7, 3e-3: 0.7, 1e-2: 0.5})
+    assert fair_glue.rate_grid(tie, "glue/cola", "lpt") == [1e-3, 3e-3, 1e-2]
+    assert fair_glue.chosen_lr(tie, "glue/cola", "lpt")[0] == 1e-3  # a tie goes to the smaller rate
+    low = _lr_runs(fair_glue, "glue/mrpc", "lpt", {1e-3: 0.7, 3e-3: 0.6, 1e-2: None})
+    assert fair_glue.rate_grid(low, "glue/mrpc", "lpt") == [3e-4, 1e-3, 3e-3, 1e-2]
+
+
+def test_a_rate_whose_seed_run_diverged_gives_way_to_the_next_best(monkeypatch, tmp_path):
+    """Seeds that diverge at the chosen rate move the row to the next best rate; the report keeps only the runs at
+    the rate in force and lists the unstable one."""
+    import fair_glue
+    from fair_glue_report import reported_lr, seed_runs
+
+    monkeypatch.setitem(fair_glue.ROWS, "lpt", ("lpt", {}, [1e-3, 3e-3, 1e-2]))
+    runs = _lr_runs(fair_glue, "glue/rte", "lpt", {1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.65})
+    assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] == 3e-3
+    for seed, score in ((1, 0.6), (2, None)):
+        runs[fair_glue.run_name("seeds", "glue/rte", "lpt", 3e-3, seed)] = {
+            "stage": "seeds", "task": "glue/rte", "row": "lpt", "lr": 3e-3, "seed": seed, "score": score}
+    assert fair_glue.unstable_rates(runs, "glue/rte", "lpt") == {3e-3: [2]}
+    assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] == 1e-2
+    assert reported_lr(runs, "glue/rte", "lpt") == (1e-2, False)
+    assert "glue/rte" not in seed_runs(runs)  # the finished seed at 3e-3 is not reported under 1e-2
+    runs[fair_glue.run_name("seeds", "glue/rte", "lpt", 1e-2, 1)] = {
+        "stage": "seeds", "task": "glue/rte", "row": "lpt", "lr": 1e-2, "seed": 1, "score": 0.62}
+    assert [r["score"] for r in seed_runs(runs)["glue/rte"]["lpt"]] == [0.62]
+
+
+def test_reported_rate_is_provisional_while_an_extension_is_pending(monkeypatch):
+    import fair_glue
+    from fair_glue_report import reported_lr
+
+    monkeypatch.setitem(fair_glue.ROWS, "lpt", ("lpt", {}, [1e-3, 3e-3, 1e-2]))
+    runs = _lr_runs(fair_glue, "glue/rte", "lpt", {1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.7})
+    assert reported_lr(runs, "glue/rte", "lpt") == (1e-2, True)
+    runs.update(_lr_runs(fair_glue, "glue/rte", "lpt", {3e-2: 0.65}))
+    assert reported_lr(runs, "glue/rte", "lpt") == (1e-2, False)
+    assert reported_lr(_lr_runs(fair_glue, "glue/rte", "lpt", {1e-3: 0.5}), "glue/rte", "lpt") == (None, False)
 
 
 @pytest.mark.parametrize("row", ["linear_probe", "lora"])
@@ -194,6 +263,9 @@ def _five_task_state(tmp_path):
     for task in fair_glue.TASKS:
         y = rng.integers(0, 2, 120)
         for row, right in (("apt", 0.85), ("prefix", 0.75)):
+            carved = {lr: 0.8 if lr == 0.01 else 0.5 for lr in fair_glue.ROWS[row][2]}  # 0.01 chosen, inside the grid
+            for name, run in _lr_runs(fair_glue, task, row, carved).items():
+                (tmp_path / f"{name}.json").write_text(json.dumps(run))
             for seed in range(1, 4):
                 pred = rng.integers(0, 2, 120) if task == "glue/rte" else np.where(rng.random(120) < right, y, 1 - y)
                 run = {"stage": "seeds", "task": task, "row": row, "lr": 0.01, "seed": seed, "metric": "accuracy",

@@ -163,7 +163,7 @@ def run_one(job: dict, model: str, state: Path, bf16: bool, readout: str, scratc
 
     try:
         if method in ("lora", "probe"):
-            from fair_glue_report import train_plain
+            from fair_glue_plain import train_plain
 
             metrics, preds, labels = train_plain(cfg, method, spec)
         else:
@@ -231,7 +231,7 @@ def cmd_run(args) -> int:
     rows = args.rows.split(",")
     start = time.time()
     if "readout" in stages and not (state / "readout.json").exists():
-        from fair_glue_report import choose_readout
+        from fair_glue_plain import choose_readout
 
         choose_readout(args.model, task_list, state / "readout.json", limit=args.readout_limit)
     readout = json.loads((state / "readout.json").read_text())["choice"] if (state / "readout.json").exists() \

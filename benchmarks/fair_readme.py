@@ -61,7 +61,19 @@ def block(data: dict) -> list[str]:
                if (a, b, t) in by_key]
         lines.append(head + ("; ".join(per) + " (the five-task mean once every task has its seeds)." if per
                              else "not measured yet."))
-    return lines
+    return lines + ["", excluding_zero(data, tasks)]
+
+
+def excluding_zero(data: dict, tasks: list[str]) -> str:
+    """One sentence naming every comparison of the claims whose interval excludes 0, on a task or on a mean."""
+    hits = [f"{NAMES[c['a']]} − {NAMES[c['b']]} on {SHORT.get(c['task'], _MEANS.get(c['task'], c['task']))} "
+            f"{_interval(c)}" for c in data["comparisons"] if (c["a"], c["b"]) in CLAIMS
+            and (c["task"] in tasks or c["task"] in _MEANS) and (c["ci"][0] > 0 or c["ci"][1] < 0)]
+    return ("Intervals of these claims that exclude 0: " + "; ".join(hits) + "." if hits else
+            "No interval of these claims excludes 0, on any task or mean.")
+
+
+_MEANS = {"mean5": "the five-task mean", "mean_above_chance": "the mean without tasks where both are at chance"}
 
 
 def update(readme: Path, data: dict) -> bool:

@@ -310,6 +310,9 @@ def test_readme_block_is_generated_between_its_markers(tmp_path):
     assert "old text" not in text and "| APT | " in text and " † |" in text  # RTE at chance
     line = next(x for x in text.splitlines() if x.startswith("* APT − prefix tuning"))
     assert "mean of the five tasks" in line and "without RTE, where both are at chance," in line
+    hits = next(x for x in text.splitlines() if x.startswith("Intervals of these claims that exclude 0: "))
+    assert "APT − prefix tuning (P-tuning v2) on SST-2 " in hits and "on the five-task mean" in hits
+    assert "on RTE" not in hits  # both predict at random there
     assert update(readme, data) and readme.read_text() == text  # idempotent
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")

@@ -102,9 +102,9 @@ def test_parts_in_another_dtype_are_stacked_in_the_models(layer_by_layer):
     parts = [Part(Contribution(prefixes=a), rows["a"]), Part(Contribution(prefixes=b), rows["b"])]
     state = compose(parts, 4, mask, dtype=F64)
     # Layer by layer, layers 0-1 take the uniform path (cast while stacked) and layer 2, which only A's rows see,
-    # the padded one, whose tables keep their dtype for attention to cast.
-    want = [F64, F64, torch.float32 if layer_by_layer else F64]
-    assert [(state.layers[i].key.dtype, state.layers[i].value.dtype) for i in range(3)] == [(d, d) for d in want]
+    # the padded one, whose buffer is made in the model's dtype: attention casts nothing on either.
+    assert [(state.layers[i].key.dtype, state.layers[i].value.dtype) for i in range(3)] == [(F64, F64)] * 3
+    assert (state.layers[2].prefix_mask is not None) == layer_by_layer
 
     def alone(r):
         own = a if r in (0, 2) else b

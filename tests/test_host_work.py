@@ -296,6 +296,19 @@ def test_mixed_prefixes_are_stacked_in_the_models_dtype_once():
     per_layer = compose.compose([c, d], 2, dtype=torch.bfloat16)
     for i in range(3):
         assert torch.equal(per_layer.layers[i].key, tables[i][0].expand(2, -1, -1, -1).bfloat16())
+    # The padded path (two lengths in one layer, and lengths that change across layers): one buffer per layer, made
+    # in the model's dtype, the padding zero and masked.
+    short = {i: _tables(p=3 if i < 2 else 2, seed=11 + i)[i] for i in range(3)}
+    e, f = Part(Contribution(prefixes=short), torch.tensor([0])), Part(Contribution(prefixes=_tables(p=4, seed=5)),
+                                                                      torch.tensor([1]))
+    padded = compose.compose([e, f], 2, dtype=torch.bfloat16)
+    for i in range(3):
+        inj, n = padded.layers[i], short[i][0].shape[-2]
+        assert inj.key.dtype == inj.value.dtype == torch.bfloat16 and inj.key.shape[-2] == 4
+        assert torch.equal(inj.key[0, :, :n], short[i][0][0].bfloat16()) and not inj.key[0, :, n:].any()
+        assert torch.equal(inj.value[1], f.contribution.prefixes[i][1][0].bfloat16())
+        assert inj.prefix_mask.tolist() == [[True] * n + [False] * (4 - n), [True] * 4]
+    assert compose.compose([e, f], 2).layers[0].key.dtype == torch.float32
 
 
 @pytest.mark.parametrize("irregular", ["missing-layer", "lengths-per-layer"])

@@ -143,12 +143,12 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
                 keys, values = keys.to(target), values.to(target)
             state.layers[layer] = LayerInjection(key=keys[pick], value=values[pick])
             continue
-        k0 = tables[0][0]
-        key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3])  # the rare path: attention casts, layer by layer
+        k0 = tables[0][0]  # the rare path (lengths or masks differ): one padded buffer per layer, in the dtype
+        key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3], dtype=compute_dtype(k0, dtype))  # attention uses
         value = key.clone()
         for p, (k, v), n in zip(present, tables, lengths):
-            key[p.rows, :, :n] = k.expand(len(p.rows), *k.shape[1:])
-            value[p.rows, :, :n] = v.expand(len(p.rows), *v.shape[1:])
+            key[p.rows, :, :n] = k.expand(len(p.rows), *k.shape[1:]).to(key.dtype)
+            value[p.rows, :, :n] = v.expand(len(p.rows), *v.shape[1:]).to(key.dtype)
         inj = LayerInjection(key=key, value=value)
         if not uniform:
             # Attention builds its mask once per distinct mask tensor in a forward (and in every decoding step that

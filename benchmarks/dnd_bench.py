@@ -231,7 +231,8 @@ def cmd_cloze(args: argparse.Namespace) -> int:
                   stats_ablation=_stats_ablation(args.stats_ablation),
                   gen_group=args.gen_group, gen_streams=args.gen_streams,
                   session_left=args.session_left - (time.time() - T_START) if args.session_left else None,
-                  gen_step_seconds=args.gen_step_seconds, zoo_workers=args.zoo_workers)
+                  gen_step_seconds=args.gen_step_seconds, zoo_workers=args.zoo_workers,
+                  gen_compile=args.gen_compile)
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
     info = {**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
@@ -303,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="zoo stages of a config trained in this many processes at once on the one GPU")
     p.add_argument("--gen-group", type=int, default=1, help="generators trained side by side (one process)")
     p.add_argument("--gen-streams", action="store_true", help="one CUDA stream per generator of a group")
+    p.add_argument("--gen-compile", action="store_true",
+                   help="generators through torch.compile (gen-bench --compile off,on says whether it pays)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning for the generator convolutions")
     p.add_argument("--session-left", type=float,
                    help="device seconds left in the session at this call's start (run tool status: budget_left_s); "
@@ -314,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed rounds per K (after 2 warm-up rounds)")
     p.add_argument("--no-streams", action="store_true", help="skip the one-stream-per-generator variant")
     p.add_argument("--cudnn", default="off", help="cuDNN autotuning: off, on, or off,on (both timed)")
+    p.add_argument("--compile", default="off", help="torch.compile of the generators: off, on, or off,on")
     p.add_argument("--shape", help="bench_steps overrides, e.g. batch_size=8,width=32 (default: the real sizes)")
     p.add_argument("--device")
     p.add_argument("--out", help="folder for dnd_gen_bench.json")

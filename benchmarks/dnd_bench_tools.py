@@ -22,10 +22,11 @@ def cmd_gen_bench(args: argparse.Namespace) -> int:
 
     kw = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, (args.shape or "").split(",")))}
     runs = []
-    for mode in args.cudnn.split(","):
-        res = bench_steps(groups=[int(x) for x in args.groups.split(",")], steps=args.steps,
-                          streams=not args.no_streams, cudnn_benchmark=mode == "on", device=args.device, **kw)
-        runs.append(res)
+    for compiled in args.compile.split(","):
+        for mode in args.cudnn.split(","):
+            runs.append(bench_steps(groups=[int(x) for x in args.groups.split(",")], steps=args.steps,
+                                    streams=not args.no_streams, cudnn_benchmark=mode == "on", device=args.device,
+                                    compile=compiled == "on", **kw))
     best = min(runs, key=lambda r: r["best"]["generator_step_seconds"])
     out = {**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": runs}
@@ -33,7 +34,17 @@ def cmd_gen_bench(args: argparse.Namespace) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "dnd_gen_bench.json").write_text(json.dumps(out, indent=1) + "\n")
     b = best["best"]
-    print(f"BEST: K={b['group']} streams={b['streams']} cudnn_benchmark={best['cudnn_benchmark']}: "
+    rows = {c: [r for run in runs for r in run["rows"] if r["compile"] is c and r["group"] == b["group"]]
+            for c in (False, True)}
+    if rows[False] and rows[True]:  # compiling pays once its warm-up is won back by faster steps
+        e, c = (min(rows[x], key=lambda r: r["generator_step_seconds"]) for x in (False, True))
+        gain = e["generator_step_seconds"] - c["generator_step_seconds"]
+        cost = (c["warmup_seconds"] - e["warmup_seconds"]) / b["group"]
+        print(f"COMPILE: {c['generator_step_seconds']:.3f} against {e['generator_step_seconds']:.3f} s per "
+              f"generator-step at K={b['group']}, {cost:.0f} s more warm-up per generator: "
+              + (f"pays after {cost / gain:.0f} steps per generator and call" if gain > 0 else "never pays"))
+    print(f"BEST: K={b['group']} streams={b['streams']} cudnn_benchmark={best['cudnn_benchmark']} "
+          f"compile={best['compile']}: "
           f"{b['generator_step_seconds']:.3f} s per generator-step (--gen-step-seconds), "
           f"{best['minutes_per_generator_1000_steps']:.1f} min per 1,000-step generator")
     return 0

@@ -147,17 +147,42 @@ def test_stale_formats_and_generator_options_are_redone(tmp_path, monkeypatch):
     assert not st.done(gen)
 
 
+def test_compiled_generators_learn_what_eager_ones_learn(zoo, tiny_bert_dir, tmp_path):  # noqa: F811
+    """``compile=True`` (torch.compile of each decoder) trains the same generators up to rounding, says so in its
+    config, and keeps state_dict keys, so a compiled run resumes from an eager run's state and vice versa."""
+    enc = ConditionEncoder(tiny_bert_dir, max_length=OPTS["max_length"])
+    eager = _group(zoo, enc, [tmp_path / "e" / h for h in HELD])
+    outs = [tmp_path / "c" / h for h in HELD]
+    part = _group(zoo, enc, outs, stop_after=3)
+    done = _group(zoo, enc, outs, compile=True)
+    for h, a, b in zip(HELD, eager, done):
+        assert b["complete"] and b["losses"][:3] == a["losses"][:3]
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
+        wa, wb = _weights(tmp_path / "e" / h), _weights(tmp_path / "c" / h)
+        diff = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+        # Adam moves a weight by about lr per step whatever the gradient's size, so where a gradient is ~0 rounding
+        # can flip its updates: those few weights differ by at most 2·lr per compiled step, the rest by rounding.
+        assert wa.keys() == wb.keys() and diff.max() <= 2 * OPTS["lr"] * 3 and (diff < 1e-5).float().mean() > 0.999
+        assert json.loads((tmp_path / "c" / h / "generator_config.json").read_text())["compiled"] is True
+    assert [r["step"] for r in part] == [3, 3]
+    assert json.loads((tmp_path / "e" / "pos" / "generator_config.json").read_text())["compiled"] is False
+
+
 def test_gen_bench_command(tmp_path, capsys):
     from test_dnd_bench import _load_bench
 
     shape = "n_prompts=2,max_length=4,hidden=8,width=2,n_layers=2,kernel=3,batch_size=2,cache_prompts=8"
     assert _load_bench().main(["gen-bench", "--shape", shape, "--steps", "1", "--groups", "1,2", "--device", "cpu",
-                               "--cudnn", "off,on", "--out", str(tmp_path)]) == 0
+                               "--cudnn", "off,on", "--compile", "off,on", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "dnd_gen_bench.json").read_text())
-    assert [r["cudnn_benchmark"] for r in res["runs"]] == [False, True] and "command" in res
+    assert [(r["compile"], r["cudnn_benchmark"]) for r in res["runs"]] == [(False, False), (False, True),
+                                                                            (True, False), (True, True)]
+    assert "command" in res and all(row["compile"] for row in res["runs"][2]["rows"])
+    assert all(row["warmup_seconds"] >= 0 for run in res["runs"] for row in run["rows"])
     rows = res["runs"][0]["rows"]
     assert [r["group"] for r in rows] == [1, 2] and not any(r["streams"] for r in rows)  # no CUDA streams on CPU
     # Both are rounded to 4 decimals on their own, so they agree to 1e-4 (a relative tolerance failed when the round
     # took 0.0963 s: 0.0481 against 0.04815).
     assert rows[1]["generator_step_seconds"] == pytest.approx(rows[1]["round_seconds"] / 2, abs=1e-4)
-    assert res["runs"][0]["step_tflop"] > 0 and "BEST: K=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert res["runs"][0]["step_tflop"] > 0 and "BEST: K=" in out and "COMPILE: " in out

@@ -36,8 +36,9 @@ def bench_steps(n_prompts: int = 64, max_length: int = 256, hidden: int = 384,
                 grid: tuple[int, int, int] = (1590, 10, 194), width: int = 64, n_layers: int = 4, kernel: int = 5,
                 batch_size: int = 64, groups: Sequence[int] = (1, 2), steps: int = 5, warmup: int = 2,
                 streams: bool = True, cudnn_benchmark: bool = False, cache_prompts: int = 512,
-                device: str | None = None, log: Any = print) -> dict[str, Any]:
-    """Time ``steps`` rounds (after ``warmup``) for every K in ``groups``; see the module docstring."""
+                device: str | None = None, log: Any = print, compile: bool = False) -> dict[str, Any]:
+    """Time ``steps`` rounds (after ``warmup``) for every K in ``groups``; see the module docstring. ``compile``:
+    the decoders through ``torch.compile``; the warm-up rounds then include compiling (``warmup_seconds``)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     if cuda:
@@ -52,7 +53,8 @@ def bench_steps(n_prompts: int = 64, max_length: int = 256, hidden: int = 384,
     pick = torch.Generator().manual_seed(0)
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "chain": chain,
                            "kernel": kernel, "batch_size": batch_size, "parameters": chain_parameters(chain, kernel),
-                           "step_tflop": flops / 1e12, "cudnn_benchmark": cudnn_benchmark, "rows": []}
+                           "step_tflop": flops / 1e12, "cudnn_benchmark": cudnn_benchmark, "compile": compile,
+                           "rows": []}
 
     def one_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         idx = torch.randint(0, cache_prompts, (batch_size, n_prompts), generator=pick).tolist()
@@ -68,16 +70,20 @@ def bench_steps(n_prompts: int = 64, max_length: int = 256, hidden: int = 384,
     for k in groups:
         for use_streams in ((False, True) if cuda and streams and k > 1 else (False,)):
             models = [HyperConvDecoder(chain, kernel).to(dev) for _ in range(k)]
+            for m in models if compile else ():
+                m.compile()
             opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for m in models]
             side = [torch.cuda.Stream(dev) for _ in range(k)] if use_streams else [None] * k
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(dev)
+            t_warm = time.perf_counter()
             for r in range(warmup + steps):
                 if r == warmup:
                     if cuda:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
+                    warm_seconds = t0 - t_warm
                 for m, o, s in zip(models, opts, side):
                     if s is None:
                         one_step(m, o)
@@ -88,14 +94,15 @@ def bench_steps(n_prompts: int = 64, max_length: int = 256, hidden: int = 384,
                 if cuda:
                     torch.cuda.synchronize()
             per_round = (time.perf_counter() - t0) / steps
-            row = {"group": k, "streams": use_streams, "round_seconds": round(per_round, 4),
+            row = {"group": k, "streams": use_streams, "compile": compile, "round_seconds": round(per_round, 4),
+                   "warmup_seconds": round(warm_seconds, 2),
                    "generator_step_seconds": round(per_round / k, 4),
                    "tflops": round(k * flops / per_round / 1e12, 1),
                    "peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if cuda else None}
             out["rows"].append(row)
-            log(f"K={k} streams={use_streams}: {row['round_seconds']:.3f} s per round, "
+            log(f"K={k} streams={use_streams} compile={compile}: {row['round_seconds']:.3f} s per round, "
                 f"{row['generator_step_seconds']:.3f} s per generator-step, {row['tflops']} TFLOP/s, "
-                f"peak {row['peak_gib']} GiB")
+                f"peak {row['peak_gib']} GiB; warm-up {row['warmup_seconds']:.1f} s")
             del models, opts
             if cuda:
                 torch.cuda.empty_cache()

@@ -65,8 +65,8 @@ class GeneratorRun:
                  encoder: ConditionEncoder, out: str | Path, steps: int, chain: Sequence[tuple[int, int, int]], *,
                  n_prompts: int, batch_size: int, lr: float, weight_decay: float, warmup: int, clip: float,
                  kernel: int, cond_noise: float, target_noise: float, weighting: str, seed: int,
-                 holdout: Sequence[str], keep_steps: Sequence[int] = (), config: Mapping[str, Any] | None = None
-                 ) -> None:
+                 holdout: Sequence[str], keep_steps: Sequence[int] = (), config: Mapping[str, Any] | None = None,
+                 compile: bool = False) -> None:
         self.bank, self.enc, self.out, self.steps = bank, encoder, Path(out), steps
         self.entries = [dict(e) for e in entries]
         self.ds = [e["dataset"] for e in self.entries]
@@ -82,6 +82,9 @@ class GeneratorRun:
             torch.manual_seed(seed)
             self.model = HyperConvDecoder(chain, kernel)
         self.model.to(dev)
+        if compile:  # in place (state_dict keys unchanged); every run of a group shares the one compiled graph
+            self.model.compile()
+        self.compiled = compile
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warmup_cosine(s, warmup, steps))
         self.gen = torch.Generator().manual_seed(seed)  # checkpoint draws
@@ -170,7 +173,8 @@ class GeneratorRun:
                "encoder": self.enc.name, "max_length": self.enc.max_length, "n_prompts": self.sampler.n,
                "holdout": self.sig["holdout"], "train_datasets": list(dict.fromkeys(self.ds)),
                "zoo_entries": self.entries, "parameters": self.parameters, "steps": self.steps,
-               "batch_size": self.batch_size, "lr": self.sig["lr"], "seed": self.sig["seed"], **self.config}
+               "batch_size": self.batch_size, "lr": self.sig["lr"], "seed": self.sig["seed"],
+               "compiled": self.compiled, **self.config}
         with open(self.out / "generator_config.json", "w") as f:
             json.dump(cfg, f, indent=1, default=str)
         summary = self.summary(True)
@@ -244,11 +248,14 @@ def train_group(entries: Sequence[Mapping], holdouts: Sequence[str], outs: Seque
                 pools_for: Callable[[str], Sequence[str]], encoder: ConditionEncoder, *,
                 opts: Mapping[str, Any] | None = None, keep_steps: Sequence[int] = (),
                 max_seconds: float | None = None, stop_after: int | None = None, streams: bool = False,
-                grid_cache: dict | None = None, t0: float | None = None) -> list[dict[str, Any]]:
+                grid_cache: dict | None = None, t0: float | None = None, compile: bool = False
+                ) -> list[dict[str, Any]]:
     """Leave-one-out generators for ``holdouts`` trained side by side: generator i learns every entry whose dataset
     is not ``holdouts[i]`` and writes to ``outs[i]``. One :class:`GridBank` over all entries and one warmed encoder
     cache serve every run. ``opts`` overrides :data:`GROUP_DEFAULTS`. Returns one :meth:`GeneratorRun.summary` per
-    holdout (``complete`` False for a run that continues in a later call, from its ``train_state.pt``)."""
+    holdout (``complete`` False for a run that continues in a later call, from its ``train_state.pt``).
+    ``compile``: each decoder through ``torch.compile`` (an execution choice like ``streams``: fused element-wise
+    work around the convolutions; rounding differs from eager, so a run keeps one choice to stay reproducible)."""
     t0 = time.perf_counter() if t0 is None else t0
     o = {**GROUP_DEFAULTS, **(opts or {})}
     if encoder.max_length != o["max_length"]:
@@ -271,7 +278,7 @@ def train_group(entries: Sequence[Mapping], holdouts: Sequence[str], outs: Seque
             weight_decay=o["weight_decay"], warmup=o["warmup"], clip=o["clip"], kernel=o["kernel"],
             cond_noise=o["cond_noise"], target_noise=o["target_noise"], weighting=o["weighting"], seed=o["seed"],
             holdout=[h], keep_steps=keep_steps, config={"target": o["target"], "condition": "raw",
-                                                        "group": list(holdouts)}))
+                                                        "group": list(holdouts)}, compile=compile))
     return train_runs(runs, max_seconds=max_seconds, stop_after=stop_after, streams=streams, t0=t0)
 
 

@@ -84,7 +84,7 @@ class Study:
                  log: Callable[[str], None] = print, generators: bool = False, encoder: str = "minilm",
                  gen: dict[str, Any] | None = None, stats_ablation: bool | Sequence[str] = False, gen_group: int = 1,
                  gen_streams: bool = False, session_left: float | None = None,
-                 gen_step_seconds: float | None = None, zoo_workers: int = 1) -> None:
+                 gen_step_seconds: float | None = None, zoo_workers: int = 1, gen_compile: bool = False) -> None:
         # what a zoo worker process needs to rebuild this study (softprompt.dnd.study_zoo)
         self.init_kwargs = {"state": str(state), "model": model, "datasets": list(datasets),
                             "configs": list(configs), "n_eval": n_eval, "n_dev": n_dev, "batch_size": batch_size,
@@ -101,7 +101,7 @@ class Study:
         # generators cost about two device sessions, so a subset can answer the question sooner).
         self.stats_ablation = (list(self.datasets) if stats_ablation is True else
                                [canonical_name(d) for d in stats_ablation] if stats_ablation else [])
-        self.gen_group, self.gen_streams = max(1, gen_group), gen_streams
+        self.gen_group, self.gen_streams, self.gen_compile = max(1, gen_group), gen_streams, gen_compile
         self.session_left, self.gen_step_prior = session_left, gen_step_seconds
 
     # -------------------------------------------------------------------------------------------- helpers

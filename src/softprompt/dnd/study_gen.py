@@ -93,7 +93,7 @@ def run_gen_group(study: Study, cfg: dict[str, Any], holdouts: list[str], max_se
     res = train_group(zoo_entries(study, cfg, study.datasets), holdouts, outs,
                       lambda d: training_prompts(d, g["pool"]), _encoder(study, g),
                       opts={k: g[k] for k in GROUP_DEFAULTS if k in g}, keep_steps=(g["steps"] // 2,),
-                      max_seconds=max_seconds, streams=study.gen_streams)
+                      max_seconds=max_seconds, streams=study.gen_streams, compile=study.gen_compile)
     out: dict[str, dict[str, Any] | None] = {}
     for h, r in zip(holdouts, res):
         if not r["complete"]:
@@ -104,7 +104,8 @@ def run_gen_group(study: Study, cfg: dict[str, Any], holdouts: list[str], max_se
         out[h] = {"parameters": r["parameters"], "loss_first": losses[0], "loss_last": losses[-1],
                   "loss_curve": losses[:: max(1, len(losses) // 50)], "train_seconds": r["seconds"],
                   "share_seconds": r["share_seconds"], "group": list(holdouts),
-                  "train_datasets": [d for d in study.datasets if d != h], "config": g}
+                  "train_datasets": [d for d in study.datasets if d != h], "config": g,
+                  "compiled": study.gen_compile}
     return out
 
 

@@ -106,6 +106,7 @@ def rate_grid(done: dict, task: str, row: str) -> list[float]:
     ``MAX_EXTEND`` times per direction. A best at the edge says the optimum may lie outside; ties (CB's 25 carved
     examples make many) do not extend."""
     grid = list(ROWS[row][2])
+    unstable = unstable_rates(done, task, row)
     for _ in range(2 * MAX_EXTEND):
         runs = [done.get(run_name("lr", task, row, lr, LR_SEED)) for lr in grid]
         if any(r is None for r in runs):
@@ -113,6 +114,8 @@ def rate_grid(done: dict, task: str, row: str) -> list[float]:
         finite = {lr: r["score"] for lr, r in zip(grid, runs) if r["score"] is not None}
         best = [lr for lr, s in finite.items() if s == max(finite.values(), default=None)]
         if len(finite) < 2 or len(best) != 1 or best[0] not in (grid[0], grid[-1]):  # one rate: nothing to beat
+            return grid
+        if best[0] in unstable:  # its seeds diverged: no reason to go further that way
             return grid
         up = best[0] == grid[-1]
         if sum((lr > ROWS[row][2][-1]) if up else (lr < ROWS[row][2][0]) for lr in grid) >= MAX_EXTEND:

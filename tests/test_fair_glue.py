@@ -220,6 +220,12 @@ def test_a_rate_whose_seed_run_diverged_gives_way_to_the_next_best(monkeypatch, 
         runs[fair_glue.run_name("seeds", "glue/rte", "lpt", 3e-3, seed)] = {
             "stage": "seeds", "task": "glue/rte", "row": "lpt", "lr": 3e-3, "seed": seed, "score": score}
     assert fair_glue.unstable_rates(runs, "glue/rte", "lpt") == {3e-3: [2]}
+    assert fair_glue.rate_grid(runs, "glue/rte", "lpt") == [1e-3, 3e-3, 1e-2]
+    edge = _lr_runs(fair_glue, "glue/cola", "lpt", {1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.7})
+    edge[fair_glue.run_name("seeds", "glue/cola", "lpt", 1e-2, 1)] = {
+        "stage": "seeds", "task": "glue/cola", "row": "lpt", "lr": 1e-2, "seed": 1, "score": None}
+    assert fair_glue.rate_grid(edge, "glue/cola", "lpt") == [1e-3, 3e-3, 1e-2]  # no step past a diverging rate
+    assert fair_glue.chosen_lr(edge, "glue/cola", "lpt")[0] == 3e-3
     assert fair_glue.chosen_lr(runs, "glue/rte", "lpt")[0] == 1e-2
     assert reported_lr(runs, "glue/rte", "lpt") == (1e-2, False)
     assert "glue/rte" not in seed_runs(runs)  # the finished seed at 3e-3 is not reported under 1e-2

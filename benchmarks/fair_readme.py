@@ -12,12 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block
-from fair_glue import ALL_ROWS, TASKS
+from fair_glue import ALL_ROWS, EXTRA_TASKS, TASKS
 from fair_glue_report import NAMES, chance_note
 
 BEGIN, END = "<!-- fair-protocol:begin (benchmarks/fair_readme.py) -->", "<!-- fair-protocol:end -->"
 CLAIMS = [("idspam", "lpt_npg"), ("idspam", "prompt"), ("apt", "prefix"), ("apt", "prefix_half")]
-SHORT = {"glue/sst2": "SST-2", "glue/mrpc": "MRPC", "glue/rte": "RTE", "glue/cola": "CoLA", "superglue/cb": "CB"}
+SHORT = {"glue/sst2": "SST-2", "glue/mrpc": "MRPC", "glue/rte": "RTE", "glue/cola": "CoLA", "superglue/cb": "CB",
+         "glue/stsb": "STS-B (apart)"}
 
 
 def _interval(c: dict) -> str:
@@ -27,23 +28,27 @@ def _interval(c: dict) -> str:
 def block(data: dict) -> list[str]:
     """The block's lines (without the markers)."""
     tasks = [t for t in TASKS if t in data["tasks"]]
-    rows = [r for r in ALL_ROWS if any(r in data["tasks"][t] for t in tasks)]
+    columns = tasks + [t for t in EXTRA_TASKS if t in data["tasks"]]  # STS-B: a column, outside means and claims
+    rows = [r for r in ALL_ROWS if any(r in data["tasks"][t] for t in columns)]
     runs = data["runs"]
     lines = [f"**Fair protocol (issue 23; {runs['seeds']} seed runs so far, 5 seeds per cell at the learning rate "
              "chosen on a split carved from train; [fair_glue.json](benchmarks/results/fair_glue.json), tables and "
              "protocol in [apt.md](benchmarks/results/apt.md) and [idspam.md](benchmarks/results/idspam.md)).** Dev "
              "scores, mean ± std over seeds; † at chance (not above the same predictions shuffled across examples); "
              "‡ at a provisional rate (the best rate lay at an end of the grid, and the runs past it are pending):",
-             "", "| method | " + " | ".join(SHORT[t] for t in tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
+             "", "| method | " + " | ".join(SHORT[t] for t in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for r in rows:
         cells = []
-        for t in tasks:
+        for t in columns:
             c = data["tasks"][t].get(r)
             cells.append("–" if c is None else
                          f"{c['mean']:.1f} ± {c['std'] or 0:.1f}{' †' if c.get('above_chance') is False else ''}"
                          f"{' ‡' if c.get('provisional') else ''}")
         lines.append(f"| {NAMES[r]} | " + " | ".join(cells) + " |")
+    if columns != tasks:
+        lines += ["", "STS-B (Pearson x 100) is a regression extension, not among the papers' tasks: it stays out of "
+                  "the means and the claims below."]
     lines += ["", "The papers' claims as differences (points, 95% paired bootstrap interval over dev examples and "
               "seeds; *above* / *below* when the interval excludes 0):", ""]
     by_key = {(c["a"], c["b"], c["task"]): c for c in data["comparisons"]}

@@ -320,6 +320,14 @@ def test_readme_block_is_generated_between_its_markers(tmp_path):
     assert "APT − prefix tuning (P-tuning v2) on SST-2 " in hits and "on the five-task mean" in hits
     assert "on RTE" not in hits  # both predict at random there
     assert update(readme, data) and readme.read_text() == text  # idempotent
+    assert "STS-B" not in text
+    data["tasks"]["glue/stsb"] = {"apt": {"mean": 81.25, "std": 0.5, "scores": [81.0, 81.5], "above_chance": True}}
+    assert update(readme, data)
+    table = readme.read_text().splitlines()
+    assert "| method | SST-2 | MRPC | RTE | CoLA | CB | STS-B (apart) |" in table
+    assert next(x for x in table if x.startswith("| APT | ")).endswith("| 81.2 ± 0.5 |")
+    assert next(x for x in table if x.startswith("| prefix tuning")).endswith("| – |")
+    assert any(x.startswith("STS-B (Pearson x 100) is a regression extension") for x in table)
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")
     assert not update(bare, data) and bare.read_text() == "no markers\n"

@@ -70,8 +70,9 @@ def bench_steps(n_prompts: int = 64, max_length: int = 256, hidden: int = 384,
     for k in groups:
         for use_streams in ((False, True) if cuda and streams and k > 1 else (False,)):
             models = [HyperConvDecoder(chain, kernel).to(dev) for _ in range(k)]
-            for m in models if compile else ():
-                m.compile()
+            if compile:
+                for m in models:
+                    m.compile()
             opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for m in models]
             side = [torch.cuda.Stream(dev) for _ in range(k)] if use_streams else [None] * k
             if cuda:

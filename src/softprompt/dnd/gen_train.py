@@ -82,7 +82,7 @@ class GeneratorRun:
             torch.manual_seed(seed)
             self.model = HyperConvDecoder(chain, kernel)
         self.model.to(dev)
-        if compile:  # in place (state_dict keys unchanged); every run of a group shares the one compiled graph
+        if compile:  # in place, so state_dict keys and train_state.pt stay those of the eager model
             self.model.compile()
         self.compiled = compile
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -255,7 +255,8 @@ def train_group(entries: Sequence[Mapping], holdouts: Sequence[str], outs: Seque
     cache serve every run. ``opts`` overrides :data:`GROUP_DEFAULTS`. Returns one :meth:`GeneratorRun.summary` per
     holdout (``complete`` False for a run that continues in a later call, from its ``train_state.pt``).
     ``compile``: each decoder through ``torch.compile`` (an execution choice like ``streams``: fused element-wise
-    work around the convolutions; rounding differs from eager, so a run keeps one choice to stay reproducible)."""
+    work around the convolutions). Its rounding differs from eager's; a run may switch between calls (the state
+    is the same), and its generator records whether its last call compiled."""
     t0 = time.perf_counter() if t0 is None else t0
     o = {**GROUP_DEFAULTS, **(opts or {})}
     if encoder.max_length != o["max_length"]:

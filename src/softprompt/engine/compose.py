@@ -143,8 +143,9 @@ def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: Injecti
                 keys, values = keys.to(target), values.to(target)
             state.layers[layer] = LayerInjection(key=keys[pick], value=values[pick])
             continue
-        k0 = tables[0][0]  # the rare path (lengths or masks differ): one padded buffer per layer, in the dtype
-        key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3], dtype=compute_dtype(k0, dtype))  # attention uses
+        # The rare path (lengths or masks differ): one padded buffer per layer, in the dtype attention computes in.
+        k0 = tables[0][0]
+        key = k0.new_zeros(g, k0.shape[1], width, k0.shape[3], dtype=compute_dtype(k0, dtype))
         value = key.clone()
         for p, (k, v), n in zip(present, tables, lengths):
             key[p.rows, :, :n] = k.expand(len(p.rows), *k.shape[1:]).to(key.dtype)

@@ -119,3 +119,47 @@ def test_zoo_two_datasets(tmp_path):
     pm = PeftModel.from_pretrained(base, str(tmp_path / "zoo" / m["checkpoints"][-1]["path"])).eval()
     r = evaluate(pm, tok, "commonsense/arc_easy", "dnd:test", limit=3, batch_size=3, progress=False)
     assert r["n"] == 3 and set(r) >= {"loglik_acc", "gen_acc"}
+
+
+def test_adapter_slot_scores_like_a_fresh_load(tmp_path):
+    """``AdapterSlot`` swaps LoRA weights into one loaded model: every adapter's logits equal a fresh
+    ``load_model``'s to the bit, also after other adapters were in the slot; another LoRA layout gets a fresh
+    model, and an adapter that does not cover the slot's LoRA weights is refused."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    from softprompt.dnd.harness import AdapterSlot, load_model
+
+    base = tmp_path / "base"
+    tiny("llama").save_pretrained(base)
+    _tok(chat=False).save_pretrained(base)
+    folders = {}
+    for name, rank, seed in (("a", 2, 1), ("b", 2, 2), ("wide", 4, 3)):
+        model = load_model(str(base), device="cpu")[0]
+        torch.manual_seed(seed)  # after loading: load_base seeds the global generator for a task head
+        pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=4, target_modules="all-linear",
+                                              init_lora_weights=False))
+        pm.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    ids = torch.randint(3, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    fresh = {n: logits(load_model(str(base), f, "cpu")[0]) for n, f in folders.items()}
+    assert not torch.equal(fresh["a"], fresh["b"])
+    slot = AdapterSlot(str(base), "cpu")
+    previous = slot.load(folders["a"])[0]
+    # (adapter, whether the slot keeps its model): same layout -> swap; the rank-4 layout and back -> fresh model
+    for name, kept in (("a", True), ("b", True), ("a", True), ("wide", False), ("b", False)):
+        model = slot.load(folders[name])[0]
+        assert torch.equal(logits(model), fresh[name]) and (model is previous) == kept, name
+        previous = model
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text((tmp_path / "b" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    save_file(dict(list(tensors.items())[1:]), str(partial / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="does not match the loaded LoRA layout"):
+        slot.load(str(partial))

@@ -330,3 +330,45 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
         m = PeftModel.from_pretrained(m, adapter)
     m.to(device or default_device()).eval()
     return m, tok
+
+
+# adapter_config.json fields that name where a folder came from, not the modules it builds
+_PROVENANCE = ("base_model_name_or_path", "revision", "peft_version", "inference_mode")
+
+
+class AdapterSlot:
+    """One base model on the device, whose LoRA weights are swapped from adapter to adapter.
+
+    Scoring many adapters of one configuration (a ``dnd`` stage's draws, the zoo checkpoints that
+    ``lora_to_match`` bisects) then loads and moves the base model once instead of once per adapter. The forward
+    is PEFT's own with the same weights as a fresh :func:`load_model`, so the scores are the same to the bit
+    (``tests/test_dnd_harness.py``). An adapter of another configuration gets a fresh model; one whose tensors do
+    not cover every LoRA weight of the slot raises, since the previous adapter's weights would otherwise remain.
+    """
+
+    def __init__(self, model: str, device: str | None = None) -> None:
+        self.model_path, self.device = model, device
+        self._loaded: tuple[Any, Any] | None = None
+        self._config: dict | None = None
+
+    def load(self, adapter: str) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` with ``adapter``'s weights (a PEFT LoRA folder)."""
+        import json
+        from pathlib import Path
+
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        raw = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        config = {k: v for k, v in raw.items() if k not in _PROVENANCE}
+        if self._loaded is None or config != self._config:
+            self._loaded, self._config = load_model(self.model_path, adapter, self.device), config
+            return self._loaded
+        model = self._loaded[0]
+        result = set_peft_model_state_dict(model, load_peft_weights(adapter, device=str(_device(model))))
+        own = {k for k, _ in model.named_parameters() if "lora_" in k}
+        missing = own & set(result.missing_keys)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"adapter {adapter} does not match the loaded LoRA layout: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(result.unexpected_keys)[:3]}; load it with load_model instead")
+        return self._loaded

@@ -189,9 +189,12 @@ class Study:
         return self._recs[dataset]
 
     def _load(self, adapter: str | None = None) -> tuple[Any, Any]:
-        from .harness import load_model
+        from .harness import AdapterSlot, load_model
 
-        return load_model(self.model_path, adapter, self.device)
+        if adapter is None:
+            return load_model(self.model_path, None, self.device)
+        self._slot = getattr(self, "_slot", None) or AdapterSlot(self.model_path, self.device)  # one base model
+        return self._slot.load(adapter)
 
     def _score(self, model: Any, tok: Any, dataset: str, records: list | None = None) -> dict[str, Any]:
         r = evaluate_cloze(model, tok, dataset, records=records if records is not None else self.records(dataset),
@@ -365,9 +368,7 @@ class Study:
                 self.log(f"done gen:{cfg_tag}:{h} ({r['train_seconds']:.1f} s of group training)")
         if export:
             self.export(export)
-        if any(r is None for r in res.values()):
-            return f"stopped during {stage}"
-        return None
+        return f"stopped during {stage}" if any(r is None for r in res.values()) else None
 
     def export(self, out: str | Path) -> Path:
         """Every finished stage JSON in one file ``out/dnd_cloze_stages.json`` (small; no weights)."""

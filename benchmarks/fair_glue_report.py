@@ -12,6 +12,7 @@ import numpy as np
 from fair_glue import (
     CARVE,
     EPOCHS,
+    EXTRA_TASKS,
     LR_SEED,
     MAX_EXTEND,
     ROWS,
@@ -177,7 +178,8 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
     comparisons = []
     for a, b in PAIRS:
         both = [t for t in TASKS if a in runs.get(t, {}) and b in runs.get(t, {})]
-        for task in both:
+        apart = [t for t in EXTRA_TASKS if a in runs.get(t, {}) and b in runs.get(t, {})]  # never in a mean
+        for task in both + apart:
             diff, ci = bootstrap(runs, [task], a, b, n_boot)
             comparisons.append({"a": a, "b": b, "task": task, "diff": diff, "ci": ci})
         if len(both) == len(TASKS):

@@ -360,3 +360,35 @@ def test_stsb_runs_as_regression_with_the_shared_readout(row, tiny_glue, tiny_be
     assert out["eval_examples"] == 40 and len(out["predictions"]) == 40  # the dev split, kept for the bootstrap
     assert all(isinstance(p, float) for p in out["predictions"]) and out["labels"][0] in (1.0, 5.0)  # scores
     assert (state / f"{fair_glue.run_name('seeds', 'glue/stsb', row, 1e-2, 2)}.json").exists()
+
+
+def test_stsb_is_compared_apart_and_stays_out_of_the_means(tmp_path):
+    """With STS-B seeds present, each claim gets an STS-B interval of its own, and the five-task means are those
+    of the state without STS-B."""
+    import shutil
+
+    import fair_glue
+    from fair_glue_report import write_json
+
+    (tmp_path / "five").mkdir()
+    _five_task_state(tmp_path / "five")
+    shutil.copytree(tmp_path / "five", tmp_path / "six")
+    rng = np.random.default_rng(9)
+    y = rng.uniform(0, 5, 80)
+    for row, noise in (("apt", 0.5), ("prefix", 2.0)):
+        carved = {lr: 0.8 if lr == 0.01 else 0.5 for lr in fair_glue.ROWS[row][2]}
+        for name, run in _lr_runs(fair_glue, "glue/stsb", row, carved).items():
+            (tmp_path / "six" / f"{name}.json").write_text(json.dumps(run))
+        for seed in range(1, 4):
+            pred = y + rng.normal(0, noise, 80)
+            run = {"stage": "seeds", "task": "glue/stsb", "row": row, "lr": 0.01, "seed": seed, "metric": "pearson",
+                   "score": float(np.corrcoef(pred, y)[0, 1]), "predictions": pred.tolist(), "labels": y.tolist(),
+                   "trainable_params": 1}
+            (tmp_path / "six" / f"{fair_glue.run_name('seeds', 'glue/stsb', row, 0.01, seed)}.json").write_text(
+                json.dumps(run))
+    five, six = (write_json(tmp_path / d, tmp_path / f"{d}.json", n_boot=200) for d in ("five", "six"))
+    by = {c["task"]: c for c in six["comparisons"] if (c["a"], c["b"]) == ("apt", "prefix")}
+    assert by["glue/stsb"]["ci"][0] > 0  # apt's predictions are far less noisy
+    assert by["mean5"] == next(c for c in five["comparisons"] if (c["a"], c["b"], c["task"]) == ("apt", "prefix",
+                                                                                                  "mean5"))
+    assert six["tasks"]["glue/stsb"]["apt"]["metric"] == "pearson"

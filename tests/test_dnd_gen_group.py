@@ -147,14 +147,30 @@ def test_stale_formats_and_generator_options_are_redone(tmp_path, monkeypatch):
     assert not st.done(gen)
 
 
-def test_compiled_generators_learn_what_eager_ones_learn(zoo, tiny_bert_dir, tmp_path):  # noqa: F811
+def _count_compiles(monkeypatch) -> list:
+    from softprompt.dnd.hyperconv import HyperConvDecoder
+
+    calls, original = [], HyperConvDecoder.compile
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HyperConvDecoder, "compile", counted)
+    return calls
+
+
+def test_compiled_generators_learn_what_eager_ones_learn(zoo, tiny_bert_dir, tmp_path, monkeypatch):  # noqa: F811
     """``compile=True`` (torch.compile of each decoder) trains the same generators up to rounding, says so in its
     config, and keeps state_dict keys, so a compiled run resumes from an eager run's state and vice versa."""
+    compiled = _count_compiles(monkeypatch)
     enc = ConditionEncoder(tiny_bert_dir, max_length=OPTS["max_length"])
     eager = _group(zoo, enc, [tmp_path / "e" / h for h in HELD])
     outs = [tmp_path / "c" / h for h in HELD]
     part = _group(zoo, enc, outs, stop_after=3)
+    assert compiled == []
     done = _group(zoo, enc, outs, compile=True)
+    assert len(compiled) == 2  # each run's decoder, once
     for h, a, b in zip(HELD, eager, done):
         assert b["complete"] and b["losses"][:3] == a["losses"][:3]
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
@@ -168,8 +184,10 @@ def test_compiled_generators_learn_what_eager_ones_learn(zoo, tiny_bert_dir, tmp
     assert json.loads((tmp_path / "e" / "pos" / "generator_config.json").read_text())["compiled"] is False
 
 
-def test_gen_bench_command(tmp_path, capsys):
+def test_gen_bench_command(tmp_path, capsys, monkeypatch):
     from test_dnd_bench import _load_bench
+
+    compiled = _count_compiles(monkeypatch)
 
     shape = "n_prompts=2,max_length=4,hidden=8,width=2,n_layers=2,kernel=3,batch_size=2,cache_prompts=8"
     assert _load_bench().main(["gen-bench", "--shape", shape, "--steps", "1", "--groups", "1,2", "--device", "cpu",
@@ -178,6 +196,7 @@ def test_gen_bench_command(tmp_path, capsys):
     assert [(r["compile"], r["cudnn_benchmark"]) for r in res["runs"]] == [(False, False), (False, True),
                                                                             (True, False), (True, True)]
     assert "command" in res and all(row["compile"] for row in res["runs"][2]["rows"])
+    assert len(compiled) == 2 * (1 + 2)  # the compiled runs (cuDNN off, on) built K = 1 and K = 2 decoders
     assert all(row["warmup_seconds"] >= 0 for run in res["runs"] for row in run["rows"])
     rows = res["runs"][0]["rows"]
     assert [r["group"] for r in rows] == [1, 2] and not any(r["streams"] for r in rows)  # no CUDA streams on CPU

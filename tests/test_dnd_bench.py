@@ -201,3 +201,36 @@ def test_failed_stage_then_resume(bench, two_runs, tmp_path, monkeypatch):
     assert bench.main(["run", "--state", str(state), *RUNTIME, "--export", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "dnd_results.json").read_text())
     assert res["status"]["pending"] == [] and res["invocations"][-1]["stages_run"] == ["gen:winogrande", "ans:boolq"]
+
+
+def test_gpu_call_script_builds_study_commands_the_bench_accepts(bench, monkeypatch, tmp_path):
+    """``benchmarks/gpu_dnd.sh`` (DRY_RUN) prints the study command of calls C and D; the bench parses it into the
+    options the environment asked for, and a call without the session's seconds left is refused."""
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    seen = []
+    monkeypatch.setattr(bench, "cmd_cloze", lambda args: seen.append(args) or 0)
+
+    def call(*argv, **env):
+        return subprocess.run(["bash", "benchmarks/gpu_dnd.sh", *argv], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, "HOME": str(tmp_path), "DRY_RUN": "1", **env})
+
+    for argv, env in ((("C", "1500"), {"GEN_COMPILE": "1", "STATS_ABLATION": "all"}),
+                      (("D", "900"), {"STATS_ABLATION": "arc_easy,piqa", "GEN_STEP_SECONDS": "0.3"})):
+        out = call(*argv, **env)
+        assert out.returncode == 0, out.stderr
+        command = shlex.split(out.stdout)
+        assert command[:3] == ["python3", "benchmarks/dnd_bench.py", "cloze"]
+        assert bench.main(command[2:]) == 0
+    c, d = seen
+    assert c.gen_compile and c.stats_ablation == "all" and c.restore == "benchmarks/results/dnd_cloze_stages.json"
+    assert 1400 <= c.session_left <= 1410 and c.zoo_workers == 3 and c.gen_group == 3 and c.gen_streams
+    assert c.state == str(tmp_path / "dnd_state" / "cz") and c.gen_step_seconds == 0.35
+    assert not d.gen_compile and d.stats_ablation == "arc_easy,piqa" and d.restore is None
+    assert d.gen_step_seconds == 0.3 and 800 <= d.session_left <= 810
+    refused = call("D")
+    assert refused.returncode == 2 and "needs LEFT" in refused.stderr and refused.stdout == ""

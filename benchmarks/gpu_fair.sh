@@ -33,6 +33,7 @@ from softprompt.resources import minilm_dir
 AutoModel.from_pretrained(minilm_dir(), dtype=torch.float16).save_pretrained(".carry_fair/minilm")
 AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(".carry_fair/minilm")
 PY
+  mkdir -p .git/info && touch .git/info/exclude
   grep -qx '/.carry_fair/' .git/info/exclude || echo '/.carry_fair/' >> .git/info/exclude
   du -sh .carry_fair; exit 0
 fi

@@ -319,8 +319,11 @@ def _raw_request(url: str, head: bytes, body: bytes) -> bytes:
     with socket.create_connection((host, int(port)), timeout=60) as s:
         s.sendall(head + body)
         data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:  # a server that closes with part of the body unread resets: what came is kept
+            pass
         return data
 
 
@@ -458,9 +461,17 @@ def test_the_body_timeout_covers_the_whole_body_not_each_chunk(model):
             for _ in range(100):
                 if select.select([s], [], [], 0.1)[0]:  # the server answered
                     break
-                s.sendall(b" ")
+                try:
+                    s.sendall(b" ")
+                except (BrokenPipeError, ConnectionResetError):  # it answered and closed since the select
+                    break
             answer = b""
-            while chunk := s.recv(65536):
-                answer += chunk
+            try:
+                while chunk := s.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                # A byte sent after the server closed makes its kernel answer with a reset; the answer read before
+                # that is complete (Linux hands out queued data before the reset's error).
+                pass
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"--body-timeout" in answer and b"\r\nconnection: close\r\n" in answer.lower()

@@ -154,11 +154,12 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
             lr, scores = chosen_lr(done, task, row)
             if scores:
                 grid = rate_grid(done, task, row)
+                reported, provisional = reported_lr(done, task, row)
                 lr_selection.setdefault(task, {})[row] = {
                     "chosen": lr, "carved_scores": {f"{k:g}": None if v is None else round(100 * v, 2)
                                                     for k, v in scores.items()},
                     "grid": grid, "extended": [x for x in grid if x not in ROWS[row][2]],
-                    "reported": reported_lr(done, task, row)[0], "provisional": reported_lr(done, task, row)[1],
+                    "reported": reported, "provisional": provisional,
                     "at_grid_edge": lr in (grid[0], grid[-1]) if lr is not None else None,
                     "unstable_rates": {f"{k:g}": v for k, v in unstable_rates(done, task, row).items()},
                     "carved_dev_examples": next((done[run_name("lr", task, row, x, LR_SEED)].get("eval_examples")
@@ -169,7 +170,7 @@ def write_json(state: Path, path: Path, n_boot: int = 2000) -> dict:
         for row, rs in rows.items():
             vals = [100 * r["score"] for r in rs]
             table.setdefault(task, {})[row] = {
-                "lr": rs[0]["lr"], "provisional": reported_lr(done, task, row)[1],
+                "lr": rs[0]["lr"], "provisional": lr_selection[task][row]["provisional"],
                 "scores": [round(v, 2) for v in vals], "seeds": [r["seed"] for r in rs],
                 "mean": round(statistics.mean(vals), 2),
                 "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else None,
@@ -249,7 +250,7 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
             if sel is None:
                 cells.append("not run")
             elif sel["chosen"] is None and sel.get("provisional"):
-                base = max((v for k, v in sel["carved_scores"].items() if float(k) in ROWS[r][2] and v is not None))
+                base = sel["carved_scores"][f"{sel['reported']:g}"]
                 pending = ", ".join(f"{x:g}" for x in sel["grid"] if f"{x:g}" not in sel["carved_scores"])
                 cells.append(f"*{sel['reported']:g}* ({base:.1f}) ‡ {pending} pending")
             elif sel["chosen"] is None:

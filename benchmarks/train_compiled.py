@@ -86,6 +86,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     import softprompt as sp
     from softprompt import tasks
     from softprompt.dnd.cloze import cloze_example, score_items, training_pairs
+    from softprompt.inductor import disable_mix_order_reduction
     from softprompt.methods import default_lr
     from softprompt.resources import resolve
     from softprompt.train.bucketing import bucket_for, length_buckets
@@ -106,6 +107,8 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=default_lr("prefix"))
+    if mode != "eager":
+        disable_mix_order_reduction()  # as softprompt train does (src/softprompt/inductor.py)
     step_model = model if mode == "eager" else torch.compile(model, mode=args.compile_mode)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     t_train = time.perf_counter()

@@ -135,3 +135,13 @@ def load_benchmark(name: str):
     spec.loader.exec_module(module)
     return module
 
+
+
+@pytest.fixture
+def mix_order_on():
+    """Inductor's mix-order reduction switched on for one test (its default on a GPU; softprompt.inductor turns it
+    off), restored afterwards with Inductor's own patching (pytest's monkeypatch cannot restore config entries)."""
+    from torch._inductor import config
+
+    with config.patch({"triton.mix_order_reduction": True}):
+        yield config

@@ -46,7 +46,7 @@ def _feats(n=200):
     return [{"input_ids": [5] * (4 + i % 20), "attention_mask": [1] * (4 + i % 20), "labels": i % 2} for i in range(n)]
 
 
-def test_compiled_runs_pad_to_buckets_and_eager_runs_do_not(monkeypatch, capsys):
+def test_compiled_runs_pad_to_buckets_and_eager_runs_do_not(monkeypatch, capsys, mix_order_on):
     model = sp.wrap(tiny("bert", task="cls"), sp.PrefixConfig(num_virtual_tokens=2))
     collator = Collator(_Tok(), "classification")
     cfg = TrainConfig(method="prefix", model="x", output="y", batch_size=8, max_steps=5)
@@ -55,9 +55,13 @@ def test_compiled_runs_pad_to_buckets_and_eager_runs_do_not(monkeypatch, capsys)
     assert compiled_collation(cfg, model, collator, _feats()) == (None, collator)
     assert capsys.readouterr().out == "softprompt train: compile auto: eager (no CUDA device; compiled CPU steps " \
                                       "do not pay off)\n"
+    # Inductor's mix-order reduction computes wrong gradients (softprompt/inductor.py): eager runs leave it alone,
+    # compiled ones turn it off before their first step.
+    assert mix_order_on.triton.mix_order_reduction is True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg.max_steps = 10**6
     mode, bucketed = compiled_collation(cfg, model, collator, _feats())
+    assert mix_order_on.triton.mix_order_reduction is False
     assert mode == "reduce-overhead" and bucketed.collator is collator and not bucketed.left
     assert bucketed.buckets[-1] == 24 and len(bucketed.buckets) <= cfg.length_buckets
     assert capsys.readouterr().out.startswith("softprompt train: compile auto: reduce-overhead (1000000 planned")

@@ -13,7 +13,7 @@ from test_dnd_harness import _tok
 from softprompt.dnd import cloze as C
 from softprompt.dnd.harness import dnd_records
 from softprompt.dnd.report import build_results, paired_bootstrap, render
-from softprompt.dnd.zoo import build_zoo, lr_factor
+from softprompt.dnd.zoo import _batch, build_zoo, lr_factor
 
 ARC = {"text": "which is the sky", "choices": ["blue", "red green", "sky is blue and green"], "label": 0}
 BOOLQ = {"text": "the sky is blue", "text_pair": "is the sky blue", "label": 1}
@@ -83,6 +83,29 @@ def test_lr_factor():
     assert lr_factor(1, 11) == 1.0 and lr_factor(11, 11) == pytest.approx(0.1)
     assert lr_factor(6, 11) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
     assert lr_factor(6, 11, "linear", 0.0) == pytest.approx(0.5) and lr_factor(6, 11, "constant") == 1.0
+
+
+def test_zoo_batch_keeps_only_the_answer_logits_and_the_same_loss():
+    """The zoo's batch asks for the logits of the answer positions only (the end of every left-padded row): the loss
+    and every weight's gradient equal those of the full-logits forward (float64: rounding is all that may differ)."""
+    model = tiny("llama").double()
+    examples = [([5, 6, 7, 8, 9, 10, 11], [-100] * 5 + [10, 11]), ([3, 4, 12], [-100, 4, 12]),
+                ([20, 21, 22, 23, 24], [-100] * 4 + [24])]
+    batch = _batch(examples, pad=0, device="cpu")
+    assert batch["logits_to_keep"] == 3 and batch["labels"].tolist() == [[-100, 10, 11], [-100, 4, 12],
+                                                                         [-100, -100, 24]]
+    full = {**batch, "labels": torch.tensor([[-100] * 5 + [10, 11], [-100] * 5 + [4, 12], [-100] * 6 + [24]])}
+    del full["logits_to_keep"]
+    losses, grads = [], []
+    for inputs in (batch, full):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
+    assert out.logits.shape[1] == 7 and model(**batch).logits.shape[1] == 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14)
 
 
 def test_cloze_zoo_decaying_lr_spaced_checkpoints(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..inductor import disable_mix_order_reduction
 from .gen_loss import weighted_mse
 from .hyperconv import HyperConvDecoder, chain_parameters, plan_chain
 
@@ -71,6 +72,7 @@ def bench_steps(n_prompts: int = 64, max_length: int = 256, hidden: int = 384,
         for use_streams in ((False, True) if cuda and streams and k > 1 else (False,)):
             models = [HyperConvDecoder(chain, kernel).to(dev) for _ in range(k)]
             if compile:
+                disable_mix_order_reduction()  # as GeneratorRun does (..inductor)
                 for m in models:
                     m.compile()
             opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for m in models]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..inductor import disable_mix_order_reduction
 from .condition import ConditionEncoder, PromptSampler
 from .export import ADAPTER_CONFIG
 from .gen_loss import token_weights, warmup_cosine, weighted_mse
@@ -83,6 +84,7 @@ class GeneratorRun:
             self.model = HyperConvDecoder(chain, kernel)
         self.model.to(dev)
         if compile:  # in place, so state_dict keys and train_state.pt stay those of the eager model
+            disable_mix_order_reduction()  # its fused norm backward broke this decoder on CUDA (..inductor)
             self.model.compile()
         self.compiled = compile
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -237,7 +237,7 @@ class Study:
         losses = [c["train_loss"] for c in man["checkpoints"]]
         entry = man["datasets"][dataset]  # where a stage's seconds go (the GPU machine is not profiled otherwise)
         profile = {"load_s": round(t_load, 2), "build_s": round(time.time() - t0 - t_load, 2),
-                   **{f"{k}_s": entry.get(f"{k}_seconds") for k in ("prep", "train", "save")}}
+                   **{f"{k}_s": entry.get(f"{k}_seconds") for k in ("prep", "train", "save")}, **entry["memory"]}
         # This machine's optimiser seconds to each saved step, the final one last (a kept record's seconds came from
         # another machine, so a rebuild brings its own).
         curve = [{k: c[k] for k in ("step", "path", "train_seconds")} for c in man["datasets"][dataset]["curve"]]

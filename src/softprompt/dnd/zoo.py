@@ -91,8 +91,11 @@ def _train_examples(tokenizer: Any, items: Sequence[Any], max_length: int) -> li
     return out
 
 
-def _batch(examples: Sequence[tuple[list[int], list[int]]], pad: int, device: Any) -> dict[str, torch.Tensor]:
-    """Left-padded batch with position ids skipping the padding."""
+def _batch(examples: Sequence[tuple[list[int], list[int]]], pad: int, device: Any) -> dict[str, Any]:
+    """Left-padded batch with position ids skipping the padding. The loss reads only the answer tokens, which end
+    every row, so the model computes logits for the last (longest answer + 1) positions alone (``logits_to_keep``,
+    labels cut to match): the same loss without the full-vocabulary logits of every prompt token, which were most of
+    a step's FLOPs and most of its memory (BoolQ's batch of 32 x ~700 tokens held 37 GB on an H100)."""
     n = max(len(e[0]) for e in examples)
     ids = torch.full((len(examples), n), pad, dtype=torch.long)
     lab = torch.full((len(examples), n), -100, dtype=torch.long)
@@ -102,8 +105,10 @@ def _batch(examples: Sequence[tuple[list[int], list[int]]], pad: int, device: An
         lab[i, n - len(y):] = torch.tensor(y)
         mask[i, n - len(x):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": lab, "position_ids": pos}
-    return {k: v.to(device) for k, v in batch.items()}
+    # The causal-LM loss shifts labels by one, so the first kept label must be a masked prompt token in every row.
+    keep = min(n, 1 + max(sum(t != -100 for t in y) for _, y in examples))
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": lab[:, n - keep:], "position_ids": pos}
+    return {**{k: v.to(device) for k, v in batch.items()}, "logits_to_keep": keep}
 
 
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:
@@ -204,7 +209,10 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         entry = {"dir": dataset_dirname(name), "splits": dnd_split_info(name), "n_zoo": len(examples),
                  "n_dev": len(dev_items), "checkpoints": [], "curve": []}
         train_seconds = save_seconds = 0.0
-        sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else (lambda: None)
+        cuda = torch.device(dev).type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if cuda:  # this dataset's peak alone, in the stage profile: how many zoo workers fit on one card
+            torch.cuda.reset_peak_memory_stats(dev)
         from tqdm.auto import tqdm
 
         total = warmup_steps + checkpoints * checkpoint_every
@@ -255,6 +263,7 @@ def build_zoo(model_name: str, datasets: Sequence[str], rank: int = 8, targets: 
         entry["seconds"] = round(time.time() - t0, 2)
         entry["train_seconds"] = round(train_seconds, 4)
         entry["prep_seconds"], entry["save_seconds"] = round(prep_seconds, 2), round(save_seconds, 2)
+        entry["memory"] = {"peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)} if cuda else {}
         manifest["datasets"][name] = entry
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         del opt

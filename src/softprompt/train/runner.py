@@ -20,6 +20,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .. import tasks
 from ..data import Collator, featurize
+from ..inductor import disable_mix_order_reduction
 from ..io import atomic_write_json
 from ..loading import load_base, load_tokenizer
 from ..methods import config_from_dict, default_lr, method_classes
@@ -245,6 +246,8 @@ def compiled_collation(cfg: TrainConfig, model: SoftPromptModel, collator: Colla
     mode, reason = decide_compile(cfg.compile, steps, max(len(buckets), 1), torch.cuda.is_available())
     if cfg.compile == "auto" and int(os.environ.get("RANK", "0")) == 0:
         print(f"softprompt train: {reason}", flush=True)
+    if mode is not None:
+        disable_mix_order_reduction()  # known wrong gradients in compiled backward reductions (..inductor)
     if mode is None or not buckets:
         return mode, collator
     return mode, BucketCollator(collator, buckets, left=model.info.is_causal and _runs_on_embeddings(model))

@@ -112,6 +112,14 @@ def test_session_plan_starts_only_what_can_finish(tmp_path):
     d.mkdir(parents=True)
     (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 9.0, "share": 9.0}))
     assert gen_step_seconds(st, 1.0) == pytest.approx(0.1)
+    st.gen_compile = True  # eager steps say nothing of compiled ones (and back): the prior until measured
+    assert gen_step_seconds(st, 1.0) == 1.0
+    (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 9.0, "share": 4.5,
+                                                       "compiled": True}))
+    assert gen_step_seconds(st, 1.0) == pytest.approx(0.05)
+    st.gen_compile = False
+    assert gen_step_seconds(st, 1.0) == 1.0
+    (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 9.0, "share": 9.0}))
     st.session_left = 350.0  # at the prior's 1 s per step only the first would fit
     assert st.gen_plan(first, t0=time.time()) == ["commonsense/arc_easy", "commonsense/piqa"]
     st.session_left, st.gen_group = None, 2  # no session limit: the next two pending generators
@@ -212,3 +220,27 @@ def test_gen_bench_command(tmp_path, capsys, monkeypatch):
     assert rows[1]["generator_step_seconds"] == pytest.approx(rows[1]["round_seconds"] / 2, abs=1e-4)
     out = capsys.readouterr().out
     assert res["runs"][0]["step_tflop"] > 0 and "BEST: K=" in out and "COMPILE: " in out
+
+
+def test_gen_bench_keeps_the_eager_rows_when_compiling_fails(tmp_path, capsys, monkeypatch):
+    """On an H100 (torch 2.11) the compiled generator's backward raised; the bench then reports the eager rows,
+    records the failure and prints a COMPILE line saying so, instead of losing the call's numbers."""
+    from test_dnd_bench import _load_bench
+
+    from softprompt.dnd.hyperconv import HyperConvDecoder
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("Function CompiledFunctionBackward returned an invalid gradient at index 40\nmore")
+
+    monkeypatch.setattr(HyperConvDecoder, "compile", broken)
+    shape = "n_prompts=2,max_length=4,hidden=8,width=2,n_layers=2,kernel=3,batch_size=2,cache_prompts=8"
+    argv = ["gen-bench", "--shape", shape, "--steps", "1", "--groups", "1", "--device", "cpu", "--cudnn", "off",
+            "--out", str(tmp_path)]
+    assert _load_bench().main([*argv, "--compile", "off,on"]) == 0
+    res = json.loads((tmp_path / "dnd_gen_bench.json").read_text())
+    assert [r["compile"] for r in res["runs"]] == [False]
+    assert res["failed"] == [{"compile": True, "cudnn_benchmark": False, "error": "RuntimeError: Function "
+                              "CompiledFunctionBackward returned an invalid gradient at index 40"}]
+    out = capsys.readouterr().out
+    assert "COMPILE: failed (RuntimeError: Function CompiledFunctionBackward" in out and "BEST: K=1" in out
+    assert _load_bench().main([*argv, "--compile", "on"]) == 1  # nothing measured: no BEST line

@@ -135,7 +135,8 @@ class GeneratorRun:
 
     def progress(self) -> dict[str, Any]:
         """``step``, ``steps``, ``wall`` and ``share`` seconds (small; read by planners without the state)."""
-        return {"step": self.step, "steps": self.steps, "wall": round(self.wall, 3), "share": round(self.share, 3)}
+        return {"step": self.step, "steps": self.steps, "wall": round(self.wall, 3), "share": round(self.share, 3),
+                "compiled": self.compiled}
 
     # -------------------------------------------------------------------------------------------- step
     def train_step(self) -> None:

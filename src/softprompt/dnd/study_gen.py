@@ -130,8 +130,8 @@ def stale(study: Study, stage: str, res: dict[str, Any]) -> bool:
 
 def gen_step_seconds(study: Study, prior: float | None = None) -> float:
     """Seconds one generator step costs (device time per generator-step, a run's share of its group): the largest
-    measured over finished ``gen`` stages and unfinished runs' ``train_progress.json``, else ``prior``, else
-    :data:`PRIOR_STEP_SECONDS`."""
+    measured over finished ``gen`` stages and unfinished runs' ``train_progress.json`` that trained as the study
+    does now (compiled or eager), else ``prior``, else :data:`PRIOR_STEP_SECONDS`."""
     import json
 
     seen = []
@@ -141,7 +141,7 @@ def gen_step_seconds(study: Study, prior: float | None = None) -> float:
             continue
         if study.done(s):
             r = study.result(s)
-            if "share_seconds" in r:
+            if "share_seconds" in r and r.get("compiled", False) == study.gen_compile:
                 seen.append(r["share_seconds"] / r["config"]["steps"])
             continue
         name, _, tag = rest[0].partition("+")
@@ -149,7 +149,7 @@ def gen_step_seconds(study: Study, prior: float | None = None) -> float:
         prog = study.gen_dir(cfg, rest[1], tag and "+" + tag) / "train_progress.json"
         if prog.exists():
             p = json.loads(prog.read_text())
-            if p["step"] >= 5:  # the first steps include warm-up (kernel selection)
+            if p["step"] >= 5 and p.get("compiled", False) == study.gen_compile:  # early steps: warm-up
                 seen.append(p["share"] / p["step"])
     if seen:
         return max(seen)

@@ -2,6 +2,7 @@
 stops the workers without writing half stages."""
 
 import json
+import types
 
 import pytest
 from conftest import tiny
@@ -64,4 +65,34 @@ def test_a_worker_out_of_memory_reruns_its_stage_with_fewer_workers(folder, tmp_
     zoo = [s for s in st.stages() if s.startswith("zoo:")]
     assert run_zoos_parallel(st, zoo, 600.0, 2) == zoo  # both written: WinoGrande's on its second try
     assert not (st.state / "oom-once").exists()
-    assert any("winogrande ran out of GPU memory beside 1 other worker(s)" in m for m in logs), logs
+    assert any("winogrande ran out of GPU memory (started beside 1 other worker(s)); it runs again alone" in m
+               for m in logs), logs
+
+
+def test_stages_start_longest_first_while_their_recorded_memory_fits():
+    from softprompt.dnd.study_zoo import fits, to_start
+
+    peak = {"boolq": 35.0, "hellaswag": 20.0, "arc_c": 10.0, "arc_e": 10.0, "piqa": 14.0, "new": None}
+    order = ["boolq", "hellaswag", "arc_c", "arc_e", "piqa"]
+    # 1.15 x peak + 0.6 GiB each: BoolQ 40.85 + HellaSwag 23.6 = 64.45; ARC-c's 12.1 more would pass 75
+    assert to_start(order, [], peak, set(), 3, 75.0) == ["boolq", "hellaswag"]
+    assert to_start(order, [], peak, set(), 3, 80.0) == ["boolq", "hellaswag", "arc_c"]
+    assert to_start(order[1:], ["boolq"], peak, set(), 3, 75.0) == ["hellaswag"]
+    assert to_start(["piqa", "arc_e"], ["boolq", "hellaswag"], peak, set(), 4, 80.0) == ["arc_e"]  # first fit
+    assert to_start(order, [], peak, set(), 2, None) == ["boolq", "hellaswag"]  # no card: the count alone
+    assert to_start(["new", "arc_c"], ["boolq"], peak, set(), 3, 50.0) == ["new", "arc_c"]  # unknown peak: count
+    assert to_start(order, [], {**peak, "boolq": 90.0}, set(), 3, 75.0) == ["boolq"]  # alone on an idle card
+    # a stage that ran out of memory beside others waits for an idle card, and nothing starts beside it
+    assert to_start(["boolq", "arc_c"], ["arc_e"], peak, {"boolq"}, 3, None) == []
+    assert to_start(["boolq", "arc_c"], [], peak, {"boolq"}, 3, None) == ["boolq"]
+    assert fits(10.0, [], 1.0) and not fits(10.0, [60.0], 75.0) and fits(10.0, [50.0], 75.0)
+
+
+def test_recorded_profiles_come_from_the_latest_rebuild():
+    from softprompt.dnd.study_zoo import _recorded
+
+    rebuilds = [{"profile": {"build_s": 90.0}}, {"profile": {"build_s": 129.0, "peak_gib": 33.1}}]
+    results = {"a": {"profile": {"build_s": 60.0}}, "b": {"rebuilds": rebuilds}, "c": {"final": {}}}
+    st = types.SimpleNamespace(recorded=results.__contains__, result=results.__getitem__)
+    assert [_recorded(st, s, "build_s") for s in "abcd"] == [60.0, 129.0, None, None]
+    assert _recorded(st, "b", "peak_gib") == 33.1 and _recorded(st, "a", "peak_gib") is None

@@ -5,6 +5,7 @@ import json
 import types
 
 import pytest
+import torch
 from conftest import tiny
 from test_dnd_harness import _tok
 
@@ -50,8 +51,8 @@ class OomOnceStudy(Study):
         import torch
 
         marker = self.state / "oom-once"
-        if dataset.endswith("winogrande") and marker.exists():
-            marker.unlink()
+        if dataset.endswith("winogrande") and (marker.exists() or (self.state / "oom-always").exists()):
+            marker.unlink(missing_ok=True)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return super().run_zoo(cfg, dataset)
 
@@ -67,6 +68,10 @@ def test_a_worker_out_of_memory_reruns_its_stage_with_fewer_workers(folder, tmp_
     assert not (st.state / "oom-once").exists()
     assert any("winogrande ran out of GPU memory (started beside 1 other worker(s)); it runs again alone" in m
                for m in logs), logs
+    always = OomOnceStudy(tmp_path / "oom-always", folder, zoo_workers=2, **KW)
+    (always.state / "oom-always").write_text("")
+    with pytest.raises(torch.OutOfMemoryError):  # out of memory alone on the card: raised, not retried forever
+        run_zoos_parallel(always, zoo, 600.0, 2)
 
 
 def test_stages_start_longest_first_while_their_recorded_memory_fits():

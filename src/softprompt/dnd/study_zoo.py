@@ -56,7 +56,7 @@ def fits(peak: float | None, running: list[float | None], budget: float | None) 
 def to_start(order: list[str], running: list[str], peak: dict[str, float | None], alone: set[str], workers: int,
              budget: float | None) -> list[str]:
     """The stages of ``order`` to start now beside ``running``, first fit in order: at most ``workers`` at once,
-    each only if it :func:`fits`, and a stage of ``alone`` only with nothing beside it (nor anything beside it)."""
+    each only if it :func:`fits`; a stage of ``alone`` starts only on an idle card, and nothing starts beside it."""
     started: list[str] = []
     for stage in order:
         now = [*running, *started]
@@ -79,8 +79,8 @@ def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: 
 
     The longest stages (recorded build seconds) start first, and a stage starts only while the recorded peak GPU
     memory of those running beside it fits the card (:func:`fits`). A stage whose worker still runs out of memory
-    runs again alone, so a worker count that is one too many for the card costs time, not the call. Other worker
-    exceptions are raised here. Returns the stages that finished."""
+    runs again alone, so a worker count that is one too many for the card costs time, not the call; out of memory
+    alone, and any other worker exception, is raised here. Returns the stages that finished."""
     import torch
 
     budget = None
@@ -111,6 +111,8 @@ def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: 
                 try:
                     job.get()
                 except torch.OutOfMemoryError:
+                    if beside[stage] == 0:  # alone on the card: more tries cannot help
+                        raise
                     study.log(f"zoo workers: {stage} ran out of GPU memory (started beside {beside[stage]} other "
                               "worker(s)); it runs again alone")
                     alone.add(stage)

@@ -129,6 +129,31 @@ def test_winogrande_resplit_keeps_twins_together():
     assert sum(len(v) for v in parts.values()) == 1267
 
 
+def test_diagnosis_says_where_dnd_wins_and_why_not():
+    from softprompt.dnd.report import diagnosis
+
+    def row(train, own_base, nearest, cos=None, rec=None, valid=True):
+        return {"ci_dnd_minus_train_mean": train, "ci_own_minus_base": own_base, "ci_dnd_minus_nearest": nearest,
+                "weight_cosine": cos, "in_distribution_recovery": rec, "valid_target": valid}
+
+    cos = {"own": 0.1, "to_final_lora": {"x/a": 0.9, "x/b": 0.2, "x/c": 0.05}}
+    rows = [("a", row([2.0, 5.0], [10.0, 20.0], [1.0, 3.0], rec={"dataset": "x/b", "generated": 50.0,
+                                                                   "own_lora": 51.5})),
+            ("b", row([-1.0, 2.0], [-2.0, 3.0], [-1.0, 1.0], cos={**cos, "own": 0.95})),
+            ("c", row([-0.5, 1.0], [1.0, 4.0], [-2.0, 0.5], cos=cos)),
+            ("d", row([9.0, 9.5], [1.0, 2.0], [5.0, 6.0], valid=False))]  # not a valid target: left out
+    out = diagnosis(rows)
+    assert out[0] == ("- **Wins.** DnD is above the training-LoRA mean on 1 of 3 valid held-out targets (a); not "
+                      "above it on b [-1.0, +2.0], c [-0.5, +1.0].")
+    assert out[1].startswith("- **Headroom.** On b the held-out dataset's own LoRA is not above the base either")
+    assert "on 2 of 3 (b, c) and above it on 1 (a)." in out[2]
+    # b's updates are closest to its own LoRA (0.95 > 0.9 with a's); c's to a's
+    assert out[3].endswith("own on 1 of 2 (c: +0.90 with a's against +0.10 with its own).")
+    assert out[4].startswith("- **Capacity.** Fed a training dataset's own prompts, each generator's adapters score "
+                             "within 1.5 points of that dataset's LoRA (a's generator on b: 50.0 vs 51.5)")
+    assert diagnosis([("d", rows[3][1])]) == []
+
+
 def test_paired_bootstrap():
     assert paired_bootstrap([1, 0, 1], [1, 0, 1]) == [0.0, 0.0]
     assert paired_bootstrap([1] * 5, [0] * 5) == [100.0, 100.0]

@@ -70,7 +70,9 @@ def block(res: dict) -> list[str]:
     beats = sum(r["ci_dnd_minus_train_mean"][0] > 0 for r in valid)
     near = sum((r.get("ci_dnd_minus_nearest") or [0, 0])[0] > 0 for r in valid)
     lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets so far (the "
-              f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}."]
+              f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}. Where "
+              "it wins and where it does not, with the evidence for why (headroom, retrieval, capacity): "
+              "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
     return lines
 
 

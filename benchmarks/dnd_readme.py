@@ -73,6 +73,9 @@ def block(res: dict) -> list[str]:
               f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}. Where "
               "it wins and where it does not, with the evidence for why (headroom, retrieval, capacity): "
               "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
+    if any((r.get("lora_to_match") or {"zoo_workers": 1}).get("zoo_workers") != 1 for _, r in done):
+        lines[-1] += (" The LoRA seconds were timed in zoo rebuilds that may have shared the GPU with other zoo "
+                      "stages, so they can overstate a LoRA trained alone.")
     return lines
 
 

@@ -154,6 +154,27 @@ def test_diagnosis_says_where_dnd_wins_and_why_not():
     assert diagnosis([("d", rows[3][1])]) == []
 
 
+def test_cost_seconds_come_from_the_latest_zoo_rebuild_and_say_when_the_gpu_was_shared():
+    from softprompt.dnd.report import _shared_gpu, _to_match
+
+    t = {"measure": "acc_norm", "step": 100, "train_seconds": 26.0, "target": 0.3, "base": 0.29, "own_lora": 0.35,
+         "scored": [{"step": 100, "acc_norm": 0.31}]}
+    old_zoo = {"curve": [{"step": 100, "train_seconds": 26.0}], "profile": {}}
+    rebuilt = {"curve": [{"step": 100, "train_seconds": 13.0}],
+               "rebuilds": [{"profile": {"zoo_workers": 3}}, {"profile": {"zoo_workers": 1}}]}
+    assert _to_match(t, old_zoo)["train_seconds"] == 26.0 and _to_match(t, old_zoo)["zoo_workers"] is None
+    assert _to_match(t, rebuilt)["train_seconds"] == 13.0 and _to_match(t, rebuilt)["zoo_workers"] == 1
+    assert _to_match({**t, "step": 0, "train_seconds": 0.0}, rebuilt)["train_seconds"] == 0.0
+
+    def rows(*workers):
+        return [(f"d{i}", {"lora_to_match": {"zoo_workers": w}}) for i, w in enumerate(workers)]
+
+    assert _shared_gpu(rows(1, 1)) == "" and _shared_gpu([("d", {"lora_to_match": None})]) == ""
+    assert "(`--zoo-workers`; up to 3 at once)" in _shared_gpu(rows(1, 3))
+    assert "(`--zoo-workers`; up to 2 at once; not recorded for some rows)" in _shared_gpu(rows(2, None))
+    assert "how many at once was not recorded" in _shared_gpu(rows(None))
+
+
 def test_paired_bootstrap():
     assert paired_bootstrap([1, 0, 1], [1, 0, 1]) == [0.0, 0.0]
     assert paired_bootstrap([1] * 5, [0] * 5) == [100.0, 100.0]

@@ -36,7 +36,11 @@ def test_block_between_markers(tmp_path):
     assert "6.6 s (25 steps) against 0.15 s to generate" in row
     assert "beats the training-LoRA mean on 1 of 1 valid held-out targets" in text
     assert "nearest training LoRA on 0 of 1" in text
+    assert "may have shared the GPU" in text  # the LoRA's seconds: worker count not recorded
     assert update(readme, _results(with_dnd=True)) and readme.read_text() == text  # idempotent
+    alone = _results(with_dnd=True)
+    alone["datasets"]["commonsense/arc_easy"]["lora_to_match"]["zoo_workers"] = 1
+    assert update(readme, alone) and "shared the GPU" not in readme.read_text()
     bare = tmp_path / "bare.md"
     bare.write_text("none\n")
     assert not update(bare, _results(with_dnd=True)) and bare.read_text() == "none\n"

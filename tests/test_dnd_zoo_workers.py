@@ -34,6 +34,8 @@ def test_zoo_workers_match_sequential(folder, tmp_path):
         if s.startswith("zoo:"):
             assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
             assert b["test"]["correct"] == a["test"]["correct"] and b["final"]["step"] == a["final"]["step"]
+            # its optimiser seconds were timed beside up to this many stages on the device
+            assert (a["profile"]["zoo_workers"], b["profile"]["zoo_workers"]) == (1, 2)
     stop = Study(tmp_path / "stop", folder, zoo_workers=2, **KW)
     stop.path("base").write_text(json.dumps(par.result("base")) + "\n")
     zoo = [s for s in stop.stages() if s.startswith("zoo:")]

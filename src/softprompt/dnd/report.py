@@ -148,7 +148,7 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
             "zoo_mean": round(100 * dnd["zoo_mean"][measure], 2) if "zoo_mean" in dnd else None,
             "weight_cosine": dnd.get("weight_cosine"),  # None for stages recorded before it existed
-            "lora_to_match": _to_match(dnd.get("lora_to_match")),
+            "lora_to_match": _to_match(dnd.get("lora_to_match"), own),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
                 100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
 
@@ -164,15 +164,22 @@ def _near(row: Mapping[str, Any]) -> str:
     return "–" if ci is None else f"{_verdict(ci)} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
 
 
-def _to_match(t: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """``study_gen.lora_to_match`` in percent (None for a stage recorded before it existed)."""
+def _to_match(t: Mapping[str, Any] | None, zoo: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """``study_gen.lora_to_match`` in percent (None for a stage recorded before it existed). The seconds come from
+    the held-out dataset's zoo stage as recorded now (its latest rebuild's ``curve``) where it has the step, so every
+    row times the same zoo code on the same machine, whichever session scored its DnD stage."""
     if t is None:
         return None
+    now = {c["step"]: c["train_seconds"] for c in (zoo or {}).get("curve", [])}
     out = {k: t[k] for k in ("measure", "step", "train_seconds") if k in t}
+    rebuilds = (zoo or {}).get("rebuilds") or [zoo or {}]
+    out["zoo_workers"] = (rebuilds[-1].get("profile") or {}).get("zoo_workers")  # None: not recorded
+    if out.get("step") and out["step"] in now:
+        out["train_seconds"] = now[out["step"]]
     out.update({k: round(100 * t[k], 2) for k in ("target", "base", "own_lora")})
     out["scored"] = [{"step": x["step"], "score": round(100 * x[t["measure"]], 2)} for x in t["scored"]]
     if t.get("final_step") is not None:
-        out.update(final_step=t["final_step"], final_train_seconds=t["final_train_seconds"])
+        out.update(final_step=t["final_step"], final_train_seconds=now.get(t["final_step"], t["final_train_seconds"]))
     return out
 
 
@@ -239,6 +246,18 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
         out.append(f"**Capacity.** Fed a training dataset's own prompts, each generator's adapters score within "
                    f"{gap:.1f} points of that dataset's LoRA ({pairs}): it reproduces what it was trained on.")
     return [f"- {line}" for line in out]
+
+
+def _shared_gpu(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """The cost caption's caveat: LoRA seconds timed while other zoo stages shared the GPU overstate a lone LoRA's."""
+    workers = [r["lora_to_match"].get("zoo_workers") for _, r in rows if r.get("lora_to_match")]
+    if not workers or all(w == 1 for w in workers):
+        return ""
+    known = [w for w in workers if w is not None]
+    count = (f"up to {max(known)} at once" if known else "how many at once was not recorded") + (
+        "; not recorded for some rows" if known and None in workers else "")
+    return (" The LoRA seconds come from the latest zoo rebuild, which may have trained several datasets at once on "
+            f"the one GPU (`--zoo-workers`; {count}), so they can overstate a LoRA trained alone.")
 
 
 def _f(x: Any) -> str:
@@ -349,7 +368,7 @@ def render(res: Mapping[str, Any]) -> str:
         lines += ["", "Cost: seconds to generate one adapter (the generator loaded) against the optimiser seconds the "
                   "held-out dataset's own LoRA trained (the zoo's batch size, one device) until it scored DnD's "
                   "mean in the dataset's primary measure (bisection over saved steps, assuming accuracy rises with "
-                  "training; the stage lists the steps it scored).", "",
+                  "training; the stage lists the steps it scored)." + _shared_gpu(rows), "",
                   "| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |", "|---|---|---|---|"]
         lines += [f"| {name} | {r['generate_seconds']:.3f} | {_cost_cell(r)} |" for name, r in rows]
     if rows:

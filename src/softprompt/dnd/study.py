@@ -236,8 +236,8 @@ class Study:
         final = man["checkpoints"][-1]
         losses = [c["train_loss"] for c in man["checkpoints"]]
         entry = man["datasets"][dataset]  # where a stage's seconds go (the GPU machine is not profiled otherwise)
-        profile = {"load_s": round(t_load, 2), "build_s": round(time.time() - t0 - t_load, 2),
-                   **{f"{k}_s": entry.get(f"{k}_seconds") for k in ("prep", "train", "save")}, **entry["memory"]}
+        profile = {"load_s": round(t_load, 2), "build_s": round(time.time() - t0 - t_load, 2), **entry["memory"],
+                   **{f"{k}_s": entry.get(f"{k}_seconds") for k in ("prep", "train", "save")}, "zoo_workers": 1}
         # This machine's optimiser seconds to each saved step, the final one last (a kept record's seconds came from
         # another machine, so a rebuild brings its own).
         curve = [{k: c[k] for k in ("step", "path", "train_seconds")} for c in man["datasets"][dataset]["curve"]]

@@ -22,14 +22,16 @@ from typing import Any
 Study = Any  # a softprompt.dnd.study.Study (not imported: study imports this module)
 
 
-def _zoo_job(study_class: type, kwargs: dict[str, Any], stage: str) -> str:
+def _zoo_job(study_class: type, kwargs: dict[str, Any], stage: str, workers: int = 1) -> str:
     """Worker: run one zoo stage of a study rebuilt from its class and constructor arguments (the class travels by
-    reference, so this module never imports :mod:`.study`); writes the stage JSON."""
+    reference, so this module never imports :mod:`.study`); writes the stage JSON, its profile noting ``workers``
+    (its optimiser seconds were timed while up to that many stages shared the GPU)."""
     st = study_class(**kwargs, log=lambda m: print(f"[{stage}] {m}", flush=True))
     _, name, dataset = stage.split(":")
     cfg = next(c for c in st.configs if c["name"] == name)
     s0 = time.time()
     res = st.run_zoo(cfg, dataset)
+    (res["rebuilds"][-1] if res.get("rebuilds") else res).setdefault("profile", {})["zoo_workers"] = workers
     res["seconds"] = round(time.time() - s0, 2)
     res["formats"] = st.formats(stage)
     st.path(stage).write_text(json.dumps(res) + "\n")
@@ -103,7 +105,7 @@ def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: 
             for stage in to_start(order, list(running), peak, alone, workers, budget):
                 order.remove(stage)
                 beside[stage] = len(running)
-                running[stage] = pool.apply_async(_zoo_job, (type(study), study.init_kwargs, stage))
+                running[stage] = pool.apply_async(_zoo_job, (type(study), study.init_kwargs, stage, workers))
             for stage, job in list(running.items()):
                 if not job.ready():
                     continue

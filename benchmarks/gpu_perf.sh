@@ -16,8 +16,8 @@
 #                                            run tool's budget_left_s right before the call
 #
 # Every call writes its JSON (and Markdown) under $OUT. Then, here: perf-a and perf-b's JSONs are merged into
-# benchmarks/results/perf/perf_eager_<card>.json (docs/performance.md), train_compiled.json is copied to
-# benchmarks/results/. DRY_RUN=1 prints the Python commands instead of running anything.
+# benchmarks/results/perf/perf_eager_<card>.json by benchmarks/perf_merge.py (docs/performance.md), and
+# train_compiled.json is copied to benchmarks/results/. DRY_RUN=1 prints the Python commands instead of running anything.
 set -euo pipefail
 CALL=${1:?usage: $0 carry|perf-a|perf-b|tc1|tc2|tc3|tc4|tc-dnd LEFT}
 O=${OUT:-/tmp/perf_out}

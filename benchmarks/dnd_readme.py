@@ -71,7 +71,7 @@ def block(res: dict) -> list[str]:
     near = sum((r.get("ci_dnd_minus_nearest") or [0, 0])[0] > 0 for r in valid)
     lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets so far (the "
               f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}. Where "
-              "it wins and where it does not, with the evidence for why (headroom, retrieval, capacity): "
+              "it wins and where it does not, with the evidence for why (headroom, retrieval, conditioning, capacity): "
               "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
     if any((r.get("lora_to_match") or {"zoo_workers": 1}).get("zoo_workers") != 1 for _, r in done):
         lines[-1] += (" The LoRA seconds were timed in zoo rebuilds that may have shared the GPU with other zoo "

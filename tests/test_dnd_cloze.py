@@ -152,6 +152,12 @@ def test_diagnosis_says_where_dnd_wins_and_why_not():
     assert out[4].startswith("- **Capacity.** Fed a training dataset's own prompts, each generator's adapters score "
                              "within 1.5 points of that dataset's LoRA (a's generator on b: 50.0 vs 51.5)")
     assert diagnosis([("d", rows[3][1])]) == []
+    near, best = {"dataset": "x/a", "acc": 40.0}, {"dataset": "x/b", "acc": 42.5}
+    picked = diagnosis([("e", {**rows[0][1], "nearest_lora": near, "train_lora_best": near}),
+                        ("f", {**rows[0][1], "nearest_lora": near, "train_lora_best": best})])
+    line = next(x for x in picked if x.startswith("- **Conditioning.**"))
+    assert "best-scoring training LoRA on 1 of 2 (e); elsewhere it scores below the best (f: a's 40.0 against " \
+           "b's 42.5)." in line
 
 
 def test_cost_seconds_come_from_the_latest_zoo_rebuild_and_say_when_the_gpu_was_shared():

@@ -204,8 +204,9 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """Where DnD wins and where it does not, with the evidence for why, in plain lines computed from the rows
     (held-out name, ``dnd_cloze.json`` entry); invalid targets are left out. Issue 21 asks, should DnD not beat the
     training-LoRA mean, for the reason: headroom (does the held-out dataset's own LoRA gain at all), retrieval (is
-    DnD just its nearest training LoRA, in score and in weight space), and capacity (does the generator reproduce
-    the LoRAs it was trained on)."""
+    DnD just its nearest training LoRA, in score and in weight space), conditioning (does the condition embedding's
+    nearest training LoRA equal the best-scoring one, which retrieval alone would then reach), and capacity (does
+    the generator reproduce the LoRAs it was trained on)."""
     valid = [(n, r) for n, r in rows if r.get("valid_target") is not False]
     if not valid:
         return []
@@ -237,6 +238,16 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     if cos:
         out.append(f"In weight space the generated updates are closer to a training LoRA than to the held-out "
                    f"dataset's own on {len(closer)} of {len(cos)} ({_names(closer)}).")
+    picked = [(n, r["nearest_lora"], r["train_lora_best"]) for n, r in valid
+              if r.get("nearest_lora") and r.get("train_lora_best")]
+    if picked:
+        best = [(n,) for n, a, b in picked if a["dataset"] == b["dataset"]]
+        miss = [(f"{n}: {a['dataset'].split('/')[-1]}'s {a['acc']:.1f} against {b['dataset'].split('/')[-1]}'s "
+                 f"{b['acc']:.1f}",) for n, a, b in picked if a["dataset"] != b["dataset"]]
+        out.append(f"**Conditioning.** The training LoRA nearest in condition embedding is also the best-scoring "
+                   f"training LoRA on {len(best)} of {len(picked)} ({_names(best)})"
+                   + (f"; elsewhere it scores below the best ({_names(miss)})." if miss else ".")
+                   + " A generator that only retrieved by its conditions would reach that LoRA's score.")
     rec = [(n, r["in_distribution_recovery"]) for n, r in valid
            if r.get("in_distribution_recovery") and r["in_distribution_recovery"].get("own_lora") is not None]
     if rec:

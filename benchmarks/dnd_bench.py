@@ -64,7 +64,7 @@ from dnd_bench_model import Evaluator as Evaluator  # noqa: E402
 from dnd_bench_model import convert  # noqa: E402
 from dnd_bench_report import export_results, render  # noqa: E402
 from dnd_bench_stages import BenchStages  # noqa: E402
-from dnd_bench_tools import cmd_boolq_probe, cmd_cloze_report, cmd_gen_bench  # noqa: E402
+from dnd_bench_tools import cmd_boolq_probe, cmd_cloze_report, cmd_gen_bench, cmd_zoo_alone  # noqa: E402
 
 
 def log(msg: str, state: Path | None = None) -> None:
@@ -321,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", help="bench_steps overrides, e.g. batch_size=8,width=32 (default: the real sizes)")
     p.add_argument("--device")
     p.add_argument("--out", help="folder for dnd_gen_bench.json")
+    p = sub.add_parser("zoo-alone", help="seconds per zoo step of each dataset, nothing else on the device")
+    p.add_argument("--model", required=True, help="HF folder or alias of the base model")
+    p.add_argument("--config", default="r8,lr2e-4,steps250,ckpt50", help="the zoo config (rank, lr, batch)")
+    p.add_argument("--datasets", help="comma list (default: the seven)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per dataset")
+    p.add_argument("--skip", type=int, default=3, help="warm-up steps before them, not timed")
+    p.add_argument("--device")
+    p.add_argument("--out", help="folder for dnd_zoo_alone.json")
     p = sub.add_parser("boolq-probe", help="BoolQ base-model skill per faithful cloze format (zoo-part examples)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--n", type=int, default=400, help="zoo-part examples (sha256-ranked)")
@@ -334,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", default="primary", choices=("primary", "acc", "acc_norm"),
                    help="primary: acc_norm, acc for BoolQ and WinoGrande (softprompt.dnd.cloze.PRIMARY_MEASURE)")
     p.add_argument("--json", default="benchmarks/results/dnd_cloze.json")
+    p.add_argument("--zoo-alone", default="benchmarks/results/dnd_zoo_alone.json",
+                   help="zoo-alone's JSON: the cost table's lone-LoRA seconds (used when the file exists)")
     p.add_argument("--md", default="benchmarks/results/dnd.md")
     args = ap.parse_args(argv)
     args.argv = argv
@@ -345,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_gen_bench(args)
     if args.cmd == "boolq-probe":
         return cmd_boolq_probe(args)
+    if args.cmd == "zoo-alone":
+        return cmd_zoo_alone(args)
     if args.cmd == "convert":
         convert(Path(args.gguf), Path(args.out))
         return 0

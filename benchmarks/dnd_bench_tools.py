@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import shlex
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -61,6 +62,45 @@ def cmd_gen_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_alone(args: argparse.Namespace) -> int:
+    """Optimiser seconds per zoo step of each dataset with nothing else on the device: the zoo's own loop (data order,
+    batch, LoRA) for ``--skip`` warm-up steps and ``--steps`` timed ones. Zoo rebuilds time their steps while other
+    zoo stages share the GPU (``--zoo-workers``), so the cost table scales these lone figures instead (issue 21)."""
+    import tempfile
+
+    from softprompt.dnd.harness import load_model
+    from softprompt.dnd.study import ZOO_MAX_LENGTH, parse_config
+    from softprompt.dnd.templates import DATASETS, canonical_name
+    from softprompt.dnd.zoo import build_zoo
+    from softprompt.resources import resolve
+
+    if args.skip < 1 or args.steps < 1:
+        print("zoo-alone: --skip and --steps must be at least 1 (the timing starts after a warm-up step)",
+              file=sys.stderr)
+        return 2
+    cfg = parse_config(args.config)
+    datasets = [canonical_name(d) for d in args.datasets.split(",")] if args.datasets else list(DATASETS)
+    path = str(resolve(args.model))
+    model, tok = load_model(path, None, args.device)
+    with tempfile.TemporaryDirectory() as tmp:  # steps skip + steps in all: warm-up ones, then one kept checkpoint
+        man = build_zoo(path, datasets, rank=cfg["rank"], warmup_steps=args.skip + args.steps - 1, checkpoints=1,
+                        out=tmp, lr=cfg["lr"], batch_size=cfg["batch_size"], dev_limit=0, model=model,
+                        tokenizer=tok, progress=False, device=args.device, max_length=ZOO_MAX_LENGTH,
+                        curve_steps=[args.skip])
+    out = {**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg["name"],
+           "skip": args.skip, "steps_timed": args.steps, "datasets": {}}
+    for d in datasets:
+        e = man["datasets"][d]
+        timed = e["train_seconds"] - e["curve"][0]["train_seconds"]
+        out["datasets"][d] = {"step_seconds": round(timed / args.steps, 5), "timed_seconds": round(timed, 4)}
+        print(f"{d}: {timed / args.steps:.4f} s per zoo step alone ({args.steps} steps after {args.skip})")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "dnd_zoo_alone.json").write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
 def cmd_boolq_probe(args: argparse.Namespace) -> int:
     """BoolQ: base-model skill under each faithful cloze format, on zoo-part examples (softprompt.dnd.format_probe)."""
     import torch
@@ -100,8 +140,13 @@ def cmd_cloze_report(args: argparse.Namespace) -> int:
 
     n = {d: r["test"]["n"] for d, r in stages.get("base", {}).get("datasets", {}).items()}
     golds = {d: [int(r["label"]) for r in eval_records(d, n[d])] for d in DATASETS if d in n}  # binary rows
+    lone = Path(args.zoo_alone) if args.zoo_alone else None
+    alone = json.loads(lone.read_text()) if lone and lone.exists() else None
+    if alone and alone.get("config") != args.config:
+        print(f"cloze-report: {lone} timed zoo config {alone.get('config')}, not {args.config}: not used")
+        alone = None
     res = build_results(stages, args.config, args.measure, device=last["device"], versions=versions,
-                        date=last["date"], command=last["command"], golds=golds)
+                        date=last["date"], command=last["command"], golds=golds, alone=alone)
     # every call of the state (a call that failed before finishing a stage is listed too)
     res["invocations"] = [{"date": i["date"], "command": i["command"], "device": i["device"]} for i in inv]
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

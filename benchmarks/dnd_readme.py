@@ -26,7 +26,11 @@ def _to_match(t: dict | None) -> str:
         return "–"
     if t.get("step") is None:
         return "not reached by its final LoRA"
-    return f"{t['train_seconds']:.1f} s ({t['step']} steps)" if t["step"] else "the base already does"
+    if not t["step"]:
+        return "the base already does"
+    if t.get("alone_seconds") is not None:
+        return f"≈{t['alone_seconds']:.1f} s alone ({t['step']} steps)"
+    return f"{t['train_seconds']:.1f} s ({t['step']} steps)"
 
 
 def block(res: dict) -> list[str]:
@@ -73,7 +77,8 @@ def block(res: dict) -> list[str]:
               f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}. Where "
               "it wins and where it does not, with the evidence for why (headroom, retrieval, conditioning, capacity): "
               "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
-    if any((r.get("lora_to_match") or {"zoo_workers": 1}).get("zoo_workers") != 1 for _, r in done):
+    if any((r.get("lora_to_match") or {"zoo_workers": 1}).get("zoo_workers") != 1
+           and (r.get("lora_to_match") or {}).get("alone_seconds") is None for _, r in done):
         lines[-1] += (" The LoRA seconds were timed in zoo rebuilds that may have shared the GPU with other zoo "
                       "stages, so they can overstate a LoRA trained alone.")
     return lines

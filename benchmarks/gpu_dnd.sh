@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_dnd.sh C LEFT   carry [".gguf_parts/2", ".whl", ".dnd_src"]: reassemble, convert, restore the
 #                                       committed stages, then run the study until this call's budget
 #   bash benchmarks/gpu_dnd.sh D LEFT   carry [".dnd_src"]: go on (as often as needed)
+#   bash benchmarks/gpu_dnd.sh E        carry [".dnd_src"]: with 3+ minutes left on the warm machine, time each
+#                                       dataset's zoo step alone (dnd_bench.py zoo-alone: the cost table's lone
+#                                       LoRA seconds; about 1-2 minutes); copy dnd_zoo_alone.json to benchmarks/results/
 #
 # LEFT: the session's device seconds left right before the call (the run tool's status: budget_left_s).
 # Environment: GEN_STEP_SECONDS (default 0.35, or the BEST line of call A), GEN_COMPILE=1 (train the generators
@@ -17,7 +20,7 @@
 # After each call, here: copy dnd_cloze_stages.json and dnd_cloze_invocations.jsonl from the call's files into
 # benchmarks/results/, then run cloze-report and dnd_readme.py (docs/dnd_gpu.md, "After every call").
 set -euo pipefail
-CALL=${1:?usage: $0 A|B|C LEFT|D LEFT}
+CALL=${1:?usage: $0 A|B|C LEFT|D LEFT|E}
 case $CALL in C|D) [ -n "${2:-}" ] || { echo "call $CALL needs LEFT: the run tool's budget_left_s" >&2; exit 2; } ;; esac
 S=$HOME/dnd_state
 export PYTHONUNBUFFERED=1 SOFTPROMPT_DATA_DIR=$S/data HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
@@ -62,6 +65,12 @@ case $CALL in
   D)
     [ -n "${DRY_RUN:-}" ] || ls "$S/smollm2/config.json" > /dev/null
     study "$2" ;;
+  E)
+    cmd=(python3 benchmarks/dnd_bench.py zoo-alone --model "$S/smollm2" --config "r8,lr2e-4,steps250,ckpt50"
+      --steps 20 --skip 3 --out "${OUT:-/tmp/dnd_out}")
+    if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+    ls "$S/smollm2/config.json" > /dev/null
+    "${cmd[@]}" ;;
   *)
-    echo "unknown call $CALL: A, B, C LEFT or D LEFT" >&2; exit 2 ;;
+    echo "unknown call $CALL: A, B, C LEFT, D LEFT or E" >&2; exit 2 ;;
 esac

@@ -234,3 +234,12 @@ def test_gpu_call_script_builds_study_commands_the_bench_accepts(bench, monkeypa
     assert d.gen_step_seconds == 0.3 and 800 <= d.session_left <= 810
     refused = call("D")
     assert refused.returncode == 2 and "needs LEFT" in refused.stderr and refused.stdout == ""
+    timed = []  # call E: the zoo's lone step time, with the study's zoo config
+    monkeypatch.setattr(bench, "cmd_zoo_alone", lambda args: timed.append(args) or 0)
+    out = call("E")
+    assert out.returncode == 0, out.stderr
+    command = shlex.split(out.stdout)
+    assert command[:3] == ["python3", "benchmarks/dnd_bench.py", "zoo-alone"] and bench.main(command[2:]) == 0
+    e, = timed
+    assert e.config == "r8,lr2e-4,steps250,ckpt50" and e.model == str(tmp_path / "dnd_state" / "smollm2")
+    assert (e.steps, e.skip) == (20, 3)

@@ -181,6 +181,25 @@ def test_cost_seconds_come_from_the_latest_zoo_rebuild_and_say_when_the_gpu_was_
     assert "how many at once was not recorded" in _shared_gpu(rows(None))
 
 
+def test_cost_rows_use_the_lone_zoo_step_when_timed():
+    from softprompt.dnd.report import _cost_cell, _shared_gpu
+
+    t = {"step": 100, "train_seconds": 26.0, "zoo_workers": 3, "own_lora": 34.8, "target": 32.5}
+    lone = {"device": "GPU X", "date": "2026-12-06T10:00:00", "command": "zoo-alone ...", "steps_timed": 20,
+            "skip": 3}
+    shared = {"generate_seconds": 0.13, "lora_to_match": t}
+    alone = {"generate_seconds": 0.13, "lora_to_match": {**t, "alone_seconds": 13.0}}
+    assert _cost_cell(shared) == "step 100, 26.0 s | 200x"
+    assert _cost_cell(alone) == "step 100, ≈13.0 s alone (26.0 s in the zoo rebuild) | 100x"
+    missed = {**alone["lora_to_match"], "step": None, "final_step": 250, "final_train_seconds": 60.0,
+              "alone_seconds": 30.0}
+    assert "(step 250, 60.0 s, ≈30.0 s alone) scores 34.8 < 32.5" in _cost_cell({**alone, "lora_to_match": missed})
+    note = _shared_gpu([("a", alone)], lone)
+    assert "(20 steps after 3 warm-up steps; GPU X, 2026-12-06: `zoo-alone ...`); the ratio uses it." in note
+    # a row without the lone figure keeps the caveat
+    assert "can overstate a LoRA trained alone" in _shared_gpu([("a", alone), ("b", shared)], lone)
+
+
 def test_paired_bootstrap():
     assert paired_bootstrap([1, 0, 1], [1, 0, 1]) == [0.0, 0.0]
     assert paired_bootstrap([1] * 5, [0] * 5) == [100.0, 100.0]
@@ -254,6 +273,14 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     assert f"| arc_easy | {w['own']:+.3f} | {w['to_final_lora'][WG]:+.3f} (winogrande) |" in text
     cost = text.split("| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |")[1]
     assert f"| arc_easy | {row['generate_seconds']:.3f} | " in cost
+    alone = {"config": cfg, "device": "cpu", "steps_timed": 20, "skip": 3,
+             "datasets": {"commonsense/arc_easy": {"step_seconds": 0.5}}}
+    lone = build_results(stages, cfg, device="cpu", versions={}, date="d", command="c", alone=alone,
+                         datasets=["commonsense/arc_easy", "commonsense/winogrande"])
+    t = lone["datasets"]["commonsense/arc_easy"]["lora_to_match"]
+    step = ltm["step"] if ltm["step"] is not None else ltm["final_step"]
+    assert t["alone_seconds"] == round(step * 0.5, 2) and lone["zoo_alone"]["steps_timed"] == 20
+    assert res["zoo_alone"] is None and "alone_seconds" not in cost_row
     fresh = Study(tmp_path / "state2", str(folder), **kw)
     kept = fresh.restore(tmp_path / "out" / "dnd_cloze_stages.json")  # every result; the zoo weights are absent
     assert kept == study.stages()

@@ -103,3 +103,21 @@ def test_recorded_profiles_come_from_the_latest_rebuild():
     st = types.SimpleNamespace(recorded=results.__contains__, result=results.__getitem__)
     assert [_recorded(st, s, "build_s") for s in "abcd"] == [60.0, 129.0, None, None]
     assert _recorded(st, "b", "peak_gib") == 33.1 and _recorded(st, "a", "peak_gib") is None
+
+
+def test_zoo_alone_times_each_datasets_zoo_loop(folder, tmp_path, capsys):
+    """``dnd_bench.py zoo-alone``: seconds per zoo step of each dataset, with nothing else on the device (the cost
+    table's lone-LoRA estimate); the warm-up steps are left out of the timing."""
+    from test_dnd_bench import _load_bench
+
+    argv = ["zoo-alone", "--model", folder, "--config", "r2,lr1e-2,steps3,ckpt2,bs4", "--datasets",
+            "arc_easy,winogrande", "--steps", "2", "--skip", "1", "--device", "cpu", "--out", str(tmp_path)]
+    assert _load_bench().main(argv) == 0
+    res = json.loads((tmp_path / "dnd_zoo_alone.json").read_text())
+    assert res["config"] == "r2_lr1e-2_steps3_ckpt2_bs4" and (res["skip"], res["steps_timed"]) == (1, 2)
+    assert list(res["datasets"]) == DS and "device" in res and "zoo-alone" in res["command"]
+    for r in res["datasets"].values():
+        assert r["step_seconds"] > 0 and r["step_seconds"] == pytest.approx(r["timed_seconds"] / 2, abs=1e-5)
+    assert "commonsense/arc_easy: " in capsys.readouterr().out
+    assert _load_bench().main([*argv[:-6], "--skip", "0", "--device", "cpu"]) == 2
+    assert "--skip and --steps must be at least 1" in capsys.readouterr().err

@@ -41,7 +41,8 @@ def _pct(x: float | None) -> float | None:
 def build_results(stages: Mapping[str, Any], config: str, measure: str = "primary", *,
                   device: str, versions: Mapping[str, str], date: str, command: str,
                   datasets: Sequence[str] = DATASETS,
-                  golds: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+                  golds: Mapping[str, Sequence[int]] | None = None,
+                  alone: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``dnd_cloze.json`` object from the stage results of one zoo config (see the issue's schema).
 
     A dataset is a ``valid_target`` when the base model beats both chance (1/options) and the majority-class rate
@@ -52,7 +53,9 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
     ``measure``: ``primary`` (each dataset's :func:`.cloze.primary_measure`: acc_norm, acc where the options are
     single tokens or share their continuation), ``acc`` or ``acc_norm``. Fields not measured yet (the DnD rows
     before the generator stages) are ``None``; ``zoo_gate`` summarises own LoRA − base on the evaluation subsets.
-    Each row names the cloze ``format`` version its stages were made with and the current one."""
+    Each row names the cloze ``format`` version its stages were made with and the current one. ``alone`` (the JSON
+    of ``dnd_bench.py zoo-alone``: seconds per zoo step of each dataset with nothing else on the device) adds to each
+    cost row the lone estimate ``alone_seconds`` = matching step × that dataset's seconds per step."""
     from .cloze import format_version, primary_measure
 
     base_stage = stages.get("base", {})
@@ -95,6 +98,11 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
             rec_src = dnd["recovery"]["dataset"]
             rec_m = measures.get(rec_src) or (primary_measure(rec_src) if measure == "primary" else measure)
             row.update(_dnd_fields(dnd, others, b, z, cross, d, m, key, rec_m))
+            per_step = ((alone or {}).get("datasets") or {}).get(d, {}).get("step_seconds")
+            t = row["lora_to_match"]
+            if t and per_step is not None:
+                step = t["step"] if t.get("step") is not None else t.get("final_step")
+                t["alone_seconds"] = round(step * per_step, 2) if step is not None else None
         abl = stages.get(f"dnd:{config}+statsdnd:{d}")
         if abl and dnd and b:  # stats-code ablation: DnD's scale code against the relative code, same examples
             per = [[statistics.mean(r[key][i] for r in x["draws"]) for i in range(len(b[key]))] for x in (abl, dnd)]
@@ -117,8 +125,9 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
                 "n_datasets": len(g), "passes": statistics.mean(g) >= 3 and sum(x >= 3 for x in g) >= 5,
                 "valid_targets": {"n_datasets": len(v), "mean_gain": round(statistics.mean(v), 2) if v else None,
                                   "datasets_gaining_3": sum(x >= 3 for x in v)}}
+    lone = None if not alone else {k: alone.get(k) for k in ("device", "date", "command", "steps_timed", "skip")}
     return {"device": device, "versions": dict(versions), "date": date, "command": command, "measure": measure,
-            "measures": measures, "zoo_config": config, "zoo_gate": gate, "datasets": out}
+            "measures": measures, "zoo_config": config, "zoo_gate": gate, "zoo_alone": lone, "datasets": out}
 
 
 def _binary(correct: Sequence[int], gold: Sequence[int]) -> dict[str, float]:
@@ -189,9 +198,14 @@ def _cost_cell(r: Mapping[str, Any]) -> str:
         return "– | –"
     if t["step"] == 0:
         return "0 (the base already scores DnD's mean) | –"
+    alone = t.get("alone_seconds")
     if t["step"] is None:
-        return (f"not reached: the final LoRA (step {t['final_step']}, {t['final_train_seconds']:.1f} s) scores "
-                f"{t['own_lora']:.1f} < {t['target']:.1f} | –")
+        lone = "" if alone is None else f", ≈{alone:.1f} s alone"
+        return (f"not reached: the final LoRA (step {t['final_step']}, {t['final_train_seconds']:.1f} s{lone}) "
+                f"scores {t['own_lora']:.1f} < {t['target']:.1f} | –")
+    if alone is not None:
+        return (f"step {t['step']}, ≈{alone:.1f} s alone ({t['train_seconds']:.1f} s in the zoo rebuild) | "
+                f"{alone / r['generate_seconds']:.0f}x")
     return (f"step {t['step']}, {t['train_seconds']:.1f} s | "
             f"{t['train_seconds'] / r['generate_seconds']:.0f}x")
 
@@ -259,9 +273,17 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     return [f"- {line}" for line in out]
 
 
-def _shared_gpu(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """The cost caption's caveat: LoRA seconds timed while other zoo stages shared the GPU overstate a lone LoRA's."""
-    workers = [r["lora_to_match"].get("zoo_workers") for _, r in rows if r.get("lora_to_match")]
+def _shared_gpu(rows: Sequence[tuple[str, Mapping[str, Any]]], lone: Mapping[str, Any] | None = None) -> str:
+    """The cost caption's note on the LoRA seconds: where they come from and, when they were timed while other zoo
+    stages shared the GPU, that they overstate a lone LoRA's (or how the lone estimate replaces them)."""
+    costs = [r["lora_to_match"] for _, r in rows if r.get("lora_to_match")]
+    if lone and costs and all(t.get("alone_seconds") is not None for t in costs if t.get("step") != 0):
+        return (" `≈ alone`: the matching step × that dataset's seconds per zoo step timed with nothing else on the "
+                f"device ({lone.get('steps_timed')} steps after {lone.get('skip')} warm-up steps; "
+                f"{lone.get('device')}, {str(lone.get('date'))[:10]}: `{lone.get('command')}`); the ratio uses it. "
+                "The seconds in brackets come from the latest zoo rebuild, whose steps may have shared the GPU with "
+                "other zoo stages.")
+    workers = [t.get("zoo_workers") for t in costs]
     if not workers or all(w == 1 for w in workers):
         return ""
     known = [w for w in workers if w is not None]
@@ -379,7 +401,7 @@ def render(res: Mapping[str, Any]) -> str:
         lines += ["", "Cost: seconds to generate one adapter (the generator loaded) against the optimiser seconds the "
                   "held-out dataset's own LoRA trained (the zoo's batch size, one device) until it scored DnD's "
                   "mean in the dataset's primary measure (bisection over saved steps, assuming accuracy rises with "
-                  "training; the stage lists the steps it scored)." + _shared_gpu(rows), "",
+                  "training; the stage lists the steps it scored)." + _shared_gpu(rows, res.get("zoo_alone")), "",
                   "| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |", "|---|---|---|---|"]
         lines += [f"| {name} | {r['generate_seconds']:.3f} | {_cost_cell(r)} |" for name, r in rows]
     if rows:

@@ -130,7 +130,7 @@ def test_winogrande_resplit_keeps_twins_together():
 
 
 def test_diagnosis_says_where_dnd_wins_and_why_not():
-    from softprompt.dnd.report import diagnosis
+    from softprompt.dnd.diagnosis import diagnosis
 
     def row(train, own_base, nearest, cos=None, rec=None, valid=True):
         return {"ci_dnd_minus_train_mean": train, "ci_own_minus_base": own_base, "ci_dnd_minus_nearest": nearest,

@@ -1,0 +1,73 @@
+"""Where Drag-and-Drop wins and where it does not, with the evidence for why (issue 21): plain lines for
+``dnd.md``, computed from the rows of ``dnd_cloze.json`` (:mod:`.report` renders them)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _names(rows: Sequence[tuple[str, Any]]) -> str:
+    return ", ".join(n for n, *_ in rows) or "none"
+
+
+def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Where DnD wins and where it does not, with the evidence for why, in plain lines computed from the rows
+    (held-out name, ``dnd_cloze.json`` entry); invalid targets are left out. Issue 21 asks, should DnD not beat the
+    training-LoRA mean, for the reason: headroom (does the held-out dataset's own LoRA gain at all), retrieval (is
+    DnD just its nearest training LoRA, in score and in weight space), conditioning (does the condition embedding's
+    nearest training LoRA equal the best-scoring one, which retrieval alone would then reach), and capacity (does
+    the generator reproduce the LoRAs it was trained on)."""
+    valid = [(n, r) for n, r in rows if r.get("valid_target") is not False]
+    if not valid:
+        return []
+    ci = "ci_dnd_minus_train_mean"
+    wins = [(n, r) for n, r in valid if r[ci][0] > 0]
+    rest = [(f"{n} [{r[ci][0]:+.1f}, {r[ci][1]:+.1f}]",) for n, r in valid if r[ci][0] <= 0]
+    out = [f"**Wins.** DnD is above the training-LoRA mean on {len(wins)} of {len(valid)} valid held-out targets "
+           f"({_names(wins)}); not above it on {_names(rest)}."]
+    flat = [(n,) for n, r in valid if r.get("ci_own_minus_base") and r["ci_own_minus_base"][0] <= 0]
+    if flat:
+        out.append(f"**Headroom.** On {_names(flat)} the held-out dataset's own LoRA is not above the base either "
+                   "(own − base interval includes 0): training in this format gains nothing measurable there, so a "
+                   "generated adapter has little to gain either.")
+    near = [(n, r["ci_dnd_minus_nearest"]) for n, r in valid if r.get("ci_dnd_minus_nearest")]
+    if near:
+        same = [(n,) for n, c in near if c[0] <= 0 <= c[1]]
+        above = [(n,) for n, c in near if c[0] > 0]
+        out.append(f"**Retrieval.** DnD scores within noise of the nearest training LoRA (the one whose prompts' "
+                   f"condition embedding is closest) on {len(same)} of {len(near)} ({_names(same)}) and above it on "
+                   f"{len(above)} ({_names(above)}).")
+    closer = []
+    cos = [(n, r["weight_cosine"]) for n, r in valid if r.get("weight_cosine")]
+    for n, w in cos:
+        train = {d: c for d, c in w["to_final_lora"].items() if not d.endswith("/" + n)}
+        best = max(train, key=train.__getitem__)
+        if train[best] > w["own"]:
+            other = best.split("/")[-1]
+            closer.append((f"{n}: {train[best]:+.2f} with {other}'s against {w['own']:+.2f} with its own",))
+    if cos:
+        out.append(f"In weight space the generated updates are closer to a training LoRA than to the held-out "
+                   f"dataset's own on {len(closer)} of {len(cos)} ({_names(closer)}).")
+    picked = [(n, r["nearest_lora"], r["train_lora_best"]) for n, r in valid
+              if r.get("nearest_lora") and r.get("train_lora_best")]
+    if picked:
+        best = [(n,) for n, a, b in picked if a["dataset"] == b["dataset"]]
+        miss = [(f"{n}: {a['dataset'].split('/')[-1]}'s {a['acc']:.1f} against {b['dataset'].split('/')[-1]}'s "
+                 f"{b['acc']:.1f}",) for n, a, b in picked if a["dataset"] != b["dataset"]]
+        out.append(f"**Conditioning.** The training LoRA nearest in condition embedding is also the best-scoring "
+                   f"training LoRA on {len(best)} of {len(picked)} ({_names(best)})"
+                   + (f"; elsewhere it scores below the best ({_names(miss)})." if miss else ".")
+                   + " A generator that only retrieved by its conditions would reach that LoRA's score.")
+    rec = [(n, r["in_distribution_recovery"]) for n, r in valid
+           if r.get("in_distribution_recovery") and r["in_distribution_recovery"].get("own_lora") is not None]
+    if rec:
+        gap = max(abs(x["generated"] - x["own_lora"]) for _, x in rec)
+        pairs = "; ".join(f"{n}'s generator on {x['dataset'].split('/')[-1]}: {x['generated']:.1f} vs "
+                          f"{x['own_lora']:.1f}" for n, x in rec)
+        out.append(f"**Capacity.** Fed a training dataset's own prompts, each generator's adapters score within "
+                   f"{gap:.1f} points of that dataset's LoRA ({pairs}): it reproduces what it was trained on.")
+    return [f"- {line}" for line in out]
+
+
+__all__ = ["diagnosis"]

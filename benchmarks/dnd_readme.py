@@ -77,8 +77,8 @@ def block(res: dict) -> list[str]:
               f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}. Where "
               "it wins and where it does not, with the evidence for why (headroom, retrieval, conditioning, capacity): "
               "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
-    if any((r.get("lora_to_match") or {"zoo_workers": 1}).get("zoo_workers") != 1
-           and (r.get("lora_to_match") or {}).get("alone_seconds") is None for _, r in done):
+    costs = [r["lora_to_match"] for _, r in done if r.get("lora_to_match")]
+    if any(t.get("zoo_workers") != 1 and t.get("alone_seconds") is None for t in costs):
         lines[-1] += (" The LoRA seconds were timed in zoo rebuilds that may have shared the GPU with other zoo "
                       "stages, so they can overstate a LoRA trained alone.")
     return lines

@@ -152,11 +152,12 @@ class Bench:
         opt = torch.optim.AdamW(params, lr=1e-5, **fused) if params else None
         # --compile: the model's forward (and so its backward) through torch.compile; "reduce-overhead" adds CUDA
         # graphs, aimed at small shapes whose steps wait on kernel launches. Compilation happens in the warm-up.
+        forward = model
         if self.args.compile != "none":
             from softprompt.inductor import disable_mix_order_reduction
 
             disable_mix_order_reduction()  # as softprompt train does: what users run is what is timed
-        forward = torch.compile(model, mode=self.args.compile) if self.args.compile != "none" else model
+            forward = torch.compile(model, mode=self.args.compile)
 
         def step() -> None:
             out = forward(**batch, **extra)

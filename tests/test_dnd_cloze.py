@@ -161,7 +161,7 @@ def test_diagnosis_says_where_dnd_wins_and_why_not():
 
 
 def test_cost_seconds_come_from_the_latest_zoo_rebuild_and_say_when_the_gpu_was_shared():
-    from softprompt.dnd.report import _shared_gpu, _to_match
+    from softprompt.dnd.report import _cost_note, _to_match
 
     t = {"measure": "acc_norm", "step": 100, "train_seconds": 26.0, "target": 0.3, "base": 0.29, "own_lora": 0.35,
          "scored": [{"step": 100, "acc_norm": 0.31}]}
@@ -175,14 +175,14 @@ def test_cost_seconds_come_from_the_latest_zoo_rebuild_and_say_when_the_gpu_was_
     def rows(*workers):
         return [(f"d{i}", {"lora_to_match": {"zoo_workers": w}}) for i, w in enumerate(workers)]
 
-    assert _shared_gpu(rows(1, 1)) == "" and _shared_gpu([("d", {"lora_to_match": None})]) == ""
-    assert "(`--zoo-workers`; up to 3 at once)" in _shared_gpu(rows(1, 3))
-    assert "(`--zoo-workers`; up to 2 at once; not recorded for some rows)" in _shared_gpu(rows(2, None))
-    assert "how many at once was not recorded" in _shared_gpu(rows(None))
+    assert _cost_note(rows(1, 1)) == "" and _cost_note([("d", {"lora_to_match": None})]) == ""
+    assert "(`--zoo-workers`; up to 3 at once)" in _cost_note(rows(1, 3))
+    assert "(`--zoo-workers`; up to 2 at once; not recorded for some rows)" in _cost_note(rows(2, None))
+    assert "how many at once was not recorded" in _cost_note(rows(None))
 
 
 def test_cost_rows_use_the_lone_zoo_step_when_timed():
-    from softprompt.dnd.report import _cost_cell, _shared_gpu
+    from softprompt.dnd.report import _cost_cell, _cost_note
 
     t = {"step": 100, "train_seconds": 26.0, "zoo_workers": 3, "own_lora": 34.8, "target": 32.5}
     lone = {"device": "GPU X", "date": "2026-12-06T10:00:00", "command": "zoo-alone ...", "steps_timed": 20,
@@ -194,10 +194,10 @@ def test_cost_rows_use_the_lone_zoo_step_when_timed():
     missed = {**alone["lora_to_match"], "step": None, "final_step": 250, "final_train_seconds": 60.0,
               "alone_seconds": 30.0}
     assert "(step 250, 60.0 s, ≈30.0 s alone) scores 34.8 < 32.5" in _cost_cell({**alone, "lora_to_match": missed})
-    note = _shared_gpu([("a", alone)], lone)
+    note = _cost_note([("a", alone)], lone)
     assert "(20 steps after 3 warm-up steps; GPU X, 2026-12-06: `zoo-alone ...`); the ratio uses it." in note
     # a row without the lone figure keeps the caveat
-    assert "can overstate a LoRA trained alone" in _shared_gpu([("a", alone), ("b", shared)], lone)
+    assert "can overstate a LoRA trained alone" in _cost_note([("a", alone), ("b", shared)], lone)
 
 
 def test_paired_bootstrap():

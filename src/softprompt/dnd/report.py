@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .diagnosis import diagnosis
+from .study_zoo import last_build
 from .templates import DATASETS
 
 
@@ -182,8 +183,7 @@ def _to_match(t: Mapping[str, Any] | None, zoo: Mapping[str, Any] | None = None)
         return None
     now = {c["step"]: c["train_seconds"] for c in (zoo or {}).get("curve", [])}
     out = {k: t[k] for k in ("measure", "step", "train_seconds") if k in t}
-    rebuilds = (zoo or {}).get("rebuilds") or [zoo or {}]
-    out["zoo_workers"] = (rebuilds[-1].get("profile") or {}).get("zoo_workers")  # None: not recorded
+    out["zoo_workers"] = (last_build(zoo or {}).get("profile") or {}).get("zoo_workers")  # None: not recorded
     if out.get("step") and out["step"] in now:
         out["train_seconds"] = now[out["step"]]
     out.update({k: round(100 * t[k], 2) for k in ("target", "base", "own_lora")})
@@ -211,7 +211,7 @@ def _cost_cell(r: Mapping[str, Any]) -> str:
             f"{t['train_seconds'] / r['generate_seconds']:.0f}x")
 
 
-def _shared_gpu(rows: Sequence[tuple[str, Mapping[str, Any]]], lone: Mapping[str, Any] | None = None) -> str:
+def _cost_note(rows: Sequence[tuple[str, Mapping[str, Any]]], lone: Mapping[str, Any] | None = None) -> str:
     """The cost caption's note on the LoRA seconds: where they come from and, when they were timed while other zoo
     stages shared the GPU, that they overstate a lone LoRA's (or how the lone estimate replaces them)."""
     costs = [r["lora_to_match"] for _, r in rows if r.get("lora_to_match")]
@@ -339,7 +339,7 @@ def render(res: Mapping[str, Any]) -> str:
         lines += ["", "Cost: seconds to generate one adapter (the generator loaded) against the optimiser seconds the "
                   "held-out dataset's own LoRA trained (the zoo's batch size, one device) until it scored DnD's "
                   "mean in the dataset's primary measure (bisection over saved steps, assuming accuracy rises with "
-                  "training; the stage lists the steps it scored)." + _shared_gpu(rows, res.get("zoo_alone")), "",
+                  "training; the stage lists the steps it scored)." + _cost_note(rows, res.get("zoo_alone")), "",
                   "| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |", "|---|---|---|---|"]
         lines += [f"| {name} | {r['generate_seconds']:.3f} | {_cost_cell(r)} |" for name, r in rows]
     if rows:

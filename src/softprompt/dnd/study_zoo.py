@@ -31,20 +31,24 @@ def _zoo_job(study_class: type, kwargs: dict[str, Any], stage: str, workers: int
     cfg = next(c for c in st.configs if c["name"] == name)
     s0 = time.time()
     res = st.run_zoo(cfg, dataset)
-    (res["rebuilds"][-1] if res.get("rebuilds") else res).setdefault("profile", {})["zoo_workers"] = workers
+    last_build(res).setdefault("profile", {})["zoo_workers"] = workers
     res["seconds"] = round(time.time() - s0, 2)
     res["formats"] = st.formats(stage)
     st.path(stage).write_text(json.dumps(res) + "\n")
     return stage
 
 
+def last_build(result: dict[str, Any]) -> dict[str, Any]:
+    """The record of a zoo stage's last build: its latest rebuild check, else the stage result itself (both carry
+    that build's ``profile``: seconds, peak memory, worker count)."""
+    return result["rebuilds"][-1] if result.get("rebuilds") else result
+
+
 def _recorded(study: Study, stage: str, key: str) -> float | None:
-    """``key`` of the stage's last recorded profile (its latest rebuild's, else its own), or None."""
+    """``key`` of the profile of the stage's last recorded build, or None."""
     if not study.recorded(stage):
         return None
-    res = study.result(stage)
-    profiles = [r.get("profile") or {} for r in reversed(res.get("rebuilds", []))] + [res.get("profile") or {}]
-    return next((p[key] for p in profiles if p.get(key) is not None), None)
+    return (last_build(study.result(stage)).get("profile") or {}).get(key)
 
 
 def fits(peak: float | None, running: list[float | None], budget: float | None) -> bool:
@@ -126,4 +130,4 @@ def run_zoos_parallel(study: Study, stages: list[str], seconds: float, workers: 
     return [s for s in stages if study.done(s)]
 
 
-__all__ = ["fits", "run_zoos_parallel", "to_start"]
+__all__ = ["fits", "last_build", "run_zoos_parallel", "to_start"]

@@ -232,7 +232,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def compiled_collation(cfg: TrainConfig, model: SoftPromptModel, collator: Collator, feats: list[dict]
                        ) -> tuple[str | None, Any]:
     """The torch.compile mode of this run (``--compile auto`` resolved and its decision printed in one line) and
-    the collator: compiled runs pad each batch to one of ``cfg.length_buckets`` lengths, so graphs are reused."""
+    the collator: compiled runs pad each batch to one of ``cfg.length_buckets`` lengths, so graphs are reused. A
+    compiled run also turns Inductor's mix-order reduction off before anything compiles (:mod:`..inductor`)."""
     if cfg.compile is None:
         return None, collator
     lengths = [max(map(len, f["input_ids"])) if f["input_ids"] and isinstance(f["input_ids"][0], list)

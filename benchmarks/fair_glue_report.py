@@ -264,8 +264,9 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
     lines += ["", "Cells: chosen rate (its carved-dev score x 100); `+`: the grid was extended past its end for that "
               "cell (where one rate at an end beat all others, the next rate beyond it joined the grid, at most twice "
               "per direction); `edge`: the chosen rate is still at an end of the grid (a tie that goes to the smaller "
-              "rate, or the cap); ‡: provisional, the rate chosen on the row's own grid while the extension's runs "
-              "(pending) are still missing. Incomplete grids list the rates run so far. Carved dev "
+              "rate, or the cap)" + ("; ‡: provisional, the rate chosen on the row's own grid while the extension's "
+                                     "runs (pending) are still missing" if any_provisional(data) else "") +
+              ". Incomplete grids list the rates run so far. Carved dev "
               "examples: " + ", ".join(f"{t} {n}" for t in tasks if (n := next((c.get("carved_dev_examples") for c in
                                        data["lr_selection"].get(t, {}).values()), None))) + " (CB's 25 make "
               "its choice coarse: one example is 4 points).", "",
@@ -282,9 +283,10 @@ def fair_section(data: dict | None, rows: list[str], pairs: list[tuple[str, str]
                 for t in tasks}
     lines += ["", "†: at chance, the seed mean is not above the 97.5th percentile of the same predictions shuffled "
               "across the dev examples (a permutation null; a claim resting on that cell says nothing about the "
-              "method); ‡: at a provisional rate (grid extension pending). "
-              "Majority-class scores: " + ", ".join(f"{t} {m:.1f}" for t, m in majority.items()
+              "method)" + ("; ‡: at a provisional rate (grid extension pending)" if any_provisional(data) else "") +
+              ". Majority-class scores: " + ", ".join(f"{t} {m:.1f}" for t, m in majority.items()
                                                              if m is not None) + ".",
+              *([wide] if (wide := wide_seeds(data, tasks, rows)) else []),
               "", "### Comparisons (paired bootstrap over dev examples, seeds resampled; 95% intervals)", ""]
     by_key = {(c["a"], c["b"], c["task"]): c for c in data["comparisons"]}
     for a, b in pairs:
@@ -307,6 +309,25 @@ def chance_note(data: dict, task: str, a: str, b: str) -> str:
     rows = data["tasks"].get(task, {})
     at_chance = [rows.get(r, {}).get("above_chance") is False for r in (a, b)]
     return " (both at chance)" if all(at_chance) else ""
+
+
+def wide_seeds(data: dict, tasks: list[str], rows: list[str], std_points: float = 10.0) -> str:
+    """A sentence naming the cells whose seeds disagree by more than ``std_points`` (sample std), with every seed's
+    score, so that a mean over a collapse is read as one; "" when there is none."""
+    cells = []
+    for t in tasks:
+        for r in rows:
+            c = data["tasks"].get(t, {}).get(r)
+            if c and (c.get("std") or 0) > std_points:
+                cells.append(f"{t} {NAMES[r]} ({', '.join(f'{x:.1f}' for x in c['scores'])})")
+    if not cells:
+        return ""
+    return f"Seeds that disagree (std above {std_points:g} points; each seed's score): " + "; ".join(cells) + "."
+
+
+def any_provisional(data: dict) -> bool:
+    """Whether a reported cell still rests on a provisional rate (a grid extension's runs pending)."""
+    return any(c.get("provisional") for rows in data["tasks"].values() for c in rows.values())
 
 
 def _score(v: float | None) -> str:

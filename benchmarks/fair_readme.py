@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block
 from fair_glue import ALL_ROWS, EXTRA_TASKS, TASKS
-from fair_glue_report import NAMES, chance_note
+from fair_glue_report import NAMES, any_provisional, chance_note, wide_seeds
 
 BEGIN, END = "<!-- fair-protocol:begin (benchmarks/fair_readme.py) -->", "<!-- fair-protocol:end -->"
 CLAIMS = [("idspam", "lpt_npg"), ("idspam", "prompt"), ("apt", "prefix"), ("apt", "prefix_half")]
@@ -34,8 +34,9 @@ def block(data: dict) -> list[str]:
     lines = [f"**Fair protocol (issue 23; {runs['seeds']} seed runs so far, 5 seeds per cell at the learning rate "
              "chosen on a split carved from train; [fair_glue.json](benchmarks/results/fair_glue.json), tables and "
              "protocol in [apt.md](benchmarks/results/apt.md) and [idspam.md](benchmarks/results/idspam.md)).** Dev "
-             "scores, mean ± std over seeds; † at chance (not above the same predictions shuffled across examples); "
-             "‡ at a provisional rate (the best rate lay at an end of the grid, and the runs past it are pending):",
+             "scores, mean ± std over seeds; † at chance (not above the same predictions shuffled across examples)"
+             + ("; ‡ at a provisional rate (the best rate lay at an end of the grid, and the runs past it are pending)"
+                if any_provisional(data) else "") + ":",
              "", "| method | " + " | ".join(SHORT[t] for t in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for r in rows:
@@ -49,6 +50,8 @@ def block(data: dict) -> list[str]:
     if columns != tasks:
         lines += ["", "STS-B (Pearson x 100) is a regression extension, not among the papers' tasks: it stays out of "
                   "the means and the claims below."]
+    if wide := wide_seeds(data, columns, rows):
+        lines += ["", wide]
     lines += ["", "The papers' claims as differences (points, 95% paired bootstrap interval over dev examples and "
               "seeds; *above* / *below* when the interval excludes 0):", ""]
     by_key = {(c["a"], c["b"], c["task"]): c for c in data["comparisons"]}

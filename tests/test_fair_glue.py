@@ -328,6 +328,13 @@ def test_readme_block_is_generated_between_its_markers(tmp_path):
     assert next(x for x in table if x.startswith("| APT | ")).endswith("| 81.2 ± 0.5 |")
     assert next(x for x in table if x.startswith("| prefix tuning")).endswith("| – |")
     assert any(x.startswith("STS-B (Pearson x 100) is a regression extension") for x in table)
+    assert not any(x.startswith("Seeds that disagree") for x in table) and "‡" not in readme.read_text()
+    data["tasks"]["glue/stsb"]["apt"].update(scores=[81.0, 20.5, 75.0], std=32.9)
+    data["tasks"]["glue/cola"]["apt"]["provisional"] = True
+    assert update(readme, data)
+    text = readme.read_text()
+    assert "glue/stsb APT (81.0, 20.5, 75.0)." in text  # a seed collapse is shown seed by seed
+    assert "‡ at a provisional rate" in text and text.count(" ‡ |") == 1
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")
     assert not update(bare, data) and bare.read_text() == "no markers\n"

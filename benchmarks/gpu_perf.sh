@@ -7,6 +7,8 @@
 #                                            wheel) and .carry_fair (MiniLM, GLUE); both git-ignored
 #   bash benchmarks/gpu_perf.sh perf-a       carry []: perf.py, qwen0.5b and roberta-large (8x512, 4x2048)
 #   bash benchmarks/gpu_perf.sh perf-b       carry []: perf.py, qwen1.5b
+#   bash benchmarks/gpu_perf.sh sync         carry []: host_sync.py, roberta-large and qwen0.5b at 8x512 (host work,
+#                                            host syncs or device: where a host-bound step's time goes; ~2 min)
 #   bash benchmarks/gpu_perf.sh tc1          carry [".carry_tc/g1"]: the GGUF's first part and ARC-Easy
 #   bash benchmarks/gpu_perf.sh tc2          carry [".carry_tc/g2"]: reassemble, check, convert SmolLM2
 #   bash benchmarks/gpu_perf.sh tc3          carry [".carry_fair"]: MiniLM + GLUE, then train_compiled.py
@@ -19,7 +21,7 @@
 # benchmarks/results/perf/perf_eager_<card>.json by benchmarks/perf_merge.py (docs/performance.md), and
 # train_compiled.json is copied to benchmarks/results/. DRY_RUN=1 prints the Python commands instead of running anything.
 set -euo pipefail
-CALL=${1:?usage: $0 carry|perf-a|perf-b|tc1|tc2|tc3|tc4|tc-dnd LEFT}
+CALL=${1:?usage: $0 carry|perf-a|perf-b|sync|tc1|tc2|tc3|tc4|tc-dnd LEFT}
 O=${OUT:-/tmp/perf_out}
 METHODS=frozen,prefix,peft_prefix,apt,prompt,idspam,lpt
 
@@ -27,9 +29,10 @@ run() {  # a Python command: printed under DRY_RUN, else run
   if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 
+# 9 rounds: session 15's 3-round calls took 86-96 s of their 540, and single rounds of one case swung by up to 60%.
 perf() {  # $1 = models, $2 = output name
   run python3 benchmarks/perf.py --sections train --models "$1" --shapes 8x512,4x2048 --methods "$METHODS" \
-    --rounds 3 --steps 10 --warmup 3 --time-budget 540 --out "$O/$2.json" --markdown "$O/$2.md"
+    --rounds 9 --steps 10 --warmup 3 --time-budget 540 --out "$O/$2.json" --markdown "$O/$2.md"
 }
 
 train_compiled() {  # $1 = state folder, $2 = time budget (s)
@@ -53,6 +56,7 @@ case $CALL in
     du -sh .carry_tc/g1 .carry_tc/g2 .carry_fair ;;
   perf-a) perf qwen0.5b,roberta-large perf_eager_a ;;
   perf-b) perf qwen1.5b perf_eager_b ;;
+  sync) run python3 benchmarks/host_sync.py --models roberta-large,qwen0.5b --shape 8x512 --out "$O/host_sync.json" ;;
   tc1)
     S=$HOME/tc; mkdir -p "$S/data"
     cp .carry_tc/g1/part0 "$S/" && tar -xJf .carry_tc/g1/arc.tar.xz -C "$S/data" && echo TC-1-OK ;;
@@ -81,5 +85,5 @@ case $CALL in
     fi
     train_compiled "$S/tc" $((LEFT - 90 - SECONDS)) ;;
   *)
-    echo "unknown call $CALL: carry, perf-a, perf-b, tc1, tc2, tc3, tc4 or tc-dnd LEFT" >&2; exit 2 ;;
+    echo "unknown call $CALL: carry, perf-a, perf-b, sync, tc1, tc2, tc3, tc4 or tc-dnd LEFT" >&2; exit 2 ;;
 esac

@@ -7,7 +7,10 @@ batches to a few lengths), and SmolLM2 (``--smollm2``) with prefix tuning on ARC
 dev accuracy by cloze scoring (``softprompt.dnd.cloze``), trained by a plain loop here (``softprompt train`` has no
 multiple-choice head for decoders), compiled with ``torch.compile(mode="reduce-overhead")`` on bucketed batches.
 Same data order, seed, batch and steps in both modes. ``wall_s``: the whole run (load, compile, train, evaluate);
-``train_s``: the training loop; ``accuracy``: dev accuracy (SmolLM2: acc_norm, the cloze measure of ARC).
+``train_s``: the training loop; ``accuracy``: dev accuracy (SmolLM2: acc_norm, the cloze measure of ARC);
+``steady_step_ms`` and ``one_off_s``: the training loop split into steady steps and one-off costs (compiling,
+recording graphs; ``softprompt.train.trainer.StepClock``). The summary turns each eager/compiled pair into what
+``--compile auto`` needs: ``saved_s_per_step``, ``compile_s_per_bucket`` and ``break_even_steps``.
 
 Resumable: ``--out`` is rewritten after every run and finished runs (same model, task, method, mode, steps) are
 skipped; ``--time-budget S`` starts no run that its estimate (the longest finished run of its kind) would take past
@@ -41,6 +44,7 @@ METHODS = ("prefix", "apt", "idspam")
 SMOLLM2_TASK = "commonsense/arc_easy"
 MODES = ("eager", "compiled")
 DEFAULT_ESTIMATE_S = {"eager": 150.0, "compiled": 300.0}
+CLOCK_WINDOW = 50  # steps between two readings of the step clock (softprompt.train.trainer.StepClock's window)
 
 
 def all_runs() -> list[tuple[str, str, str]]:
@@ -73,6 +77,7 @@ def minilm_run(args, task: str, method: str, mode: str, steps: int) -> dict:
     return {"wall_s": round(wall, 2), "train_s": metrics["train_seconds"], "accuracy": metrics["eval_accuracy"],
             "metric": MINILM_TASKS[task] + " dev accuracy", "compile": metrics.get("compile"),
             "length_buckets": metrics.get("length_buckets"), "steps_done": metrics["steps"],
+            "steady_step_ms": metrics.get("steady_step_ms"), "one_off_s": metrics.get("one_off_s"),
             "eval_examples": metrics["eval_examples"],
             "command": portable(" ".join(cmd[1:]).replace(str(args.scratch), "$SCRATCH"))}
 
@@ -90,6 +95,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     from softprompt.methods import default_lr
     from softprompt.resources import resolve
     from softprompt.train.bucketing import bucket_for, length_buckets
+    from softprompt.train.trainer import split_time
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -112,6 +118,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     step_model = model if mode == "eager" else torch.compile(model, mode=args.compile_mode)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     t_train = time.perf_counter()
+    marks = [(0, t_train)]  # the step clock of softprompt train (StepClock), without a Trainer
     for step in range(steps):
         rows = [pairs[order[(step * args.batch_size + i) % len(order)]] for i in range(args.batch_size)]
         n = max(len(x) for x, _ in rows)
@@ -127,16 +134,19 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if (step + 1) % CLOCK_WINDOW == 0:
+            marks.append((step + 1, time.perf_counter()))
     if device == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t_train
+    marks.append((steps, t_train + train_s))
     model.eval()
     with autocast:
         scores = score_items(model, tok, dev, batch_size=32)
     return {"wall_s": round(time.perf_counter() - t0, 2), "train_s": round(train_s, 2), "accuracy": scores["acc_norm"],
             "accuracy_unnormalised": scores["acc"], "metric": f"{name} dev acc_norm (cloze)", "steps_done": steps,
             "compile": None if mode == "eager" else args.compile_mode, "length_buckets": list(buckets),
-            "eval_examples": scores["n"], "final_loss": float(loss)}
+            "eval_examples": scores["n"], "final_loss": float(loss), **split_time(marks, CLOCK_WINDOW)}
 
 
 # ---- driver --------------------------------------------------------------------------------------------------------
@@ -164,9 +174,23 @@ def summarise(runs: list[dict]) -> list[dict]:
                     "eager_wall_s": eager["wall_s"], "compiled_wall_s": compiled["wall_s"],
                     "compiled_over_eager": round(ratio, 3),
                     "train_s_ratio": round(compiled["train_s"] / max(eager["train_s"], 1e-9), 3),
-                    "accuracy_diff_points": round(diff, 2),
+                    "accuracy_diff_points": round(diff, 2), **calibration(eager, compiled),
                     "goal_met": ratio <= 1 / 1.5 and abs(diff) <= 0.5 if model == "minilm" else None})
     return out
+
+
+def calibration(eager: dict, compiled: dict) -> dict:
+    """What ``--compile auto``'s cost model needs (``softprompt.train.bucketing``), from one eager/compiled pair with
+    the same steps: the host time a compiled step saves, what compiling costs per length bucket (the one-off time
+    beyond eager's), and the steps after which compiling pays. Empty when a run lacks its step clock."""
+    e, c = eager.get("steady_step_ms"), compiled.get("steady_step_ms")
+    if e is None or c is None or compiled.get("one_off_s") is None or eager.get("one_off_s") is None:
+        return {}
+    saved = (e - c) / 1e3
+    compile_s = compiled["one_off_s"] - eager["one_off_s"]
+    buckets = max(len(compiled.get("length_buckets") or ()), 1)
+    return {"saved_s_per_step": round(saved, 5), "compile_s_per_bucket": round(compile_s / buckets, 2),
+            "break_even_steps": round(compile_s / saved) if saved > 0 else None}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -180,6 +180,25 @@ def test_train_compiled_benchmark_records_runs_and_resumes(tmp_path, tiny_bert_d
     summary = tc.summarise([eager, {**eager, "mode": "compiled", "wall_s": 15.0, "accuracy": 0.903}])
     assert summary[0]["compiled_over_eager"] == 0.5 and summary[0]["goal_met"] is True
     assert summary[0]["accuracy_diff_points"] == 0.3
+    assert "saved_s_per_step" not in summary[0]  # runs without a step clock: no calibration
+    assert run["steady_step_ms"] is None and run["one_off_s"] is None  # 2 steps: fewer than four clock windows
+    clocked = {**eager, "steady_step_ms": 22.5, "one_off_s": 5.0}
+    summary = tc.summarise([clocked, {**clocked, "mode": "compiled", "steady_step_ms": 12.5, "one_off_s": 35.0,
+                                      "length_buckets": [40, 48, 72]}])
+    assert (summary[0]["saved_s_per_step"], summary[0]["compile_s_per_bucket"], summary[0]["break_even_steps"]) \
+        == (0.01, 10.0, 3000)  # 30 s of compiling over 10 ms saved per step
+
+
+def test_step_clock_splits_training_time_into_steady_steps_and_one_off_costs():
+    """Marks every 10 steps: a 6 s first window (compiling) and 1 s windows after it give 100 ms steady steps and
+    5 s one-off; the median of the second half ignores a late slow window; too few windows give None."""
+    from softprompt.train.trainer import split_time
+
+    marks = [(0, 0.0), (10, 6.0)] + [(10 * k, 6.0 + (k - 1)) for k in range(2, 9)] + [(85, 13.5)]
+    assert split_time(marks, 10) == {"steady_step_ms": 100.0, "one_off_s": 5.0}
+    slow_end = marks[:-1] + [(90, 15.0)]  # one 2 s window among four in the second half
+    assert split_time(slow_end, 10)["steady_step_ms"] == 100.0
+    assert split_time(marks[:3], 10) == {"steady_step_ms": None, "one_off_s": None}
 
 
 def test_a_non_finite_loss_at_the_last_step_is_caught_before_the_adapter_is_saved(monkeypatch, tiny_bert_dir,

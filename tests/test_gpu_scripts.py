@@ -1,6 +1,7 @@
 """The GPU call scripts of issue 18 (``benchmarks/gpu_perf.sh``): under DRY_RUN each call prints the Python command
 it would run, and the benchmark's own parser accepts it with the options of docs/performance.md."""
 
+import json
 import os
 import shlex
 import subprocess
@@ -29,7 +30,7 @@ def test_perf_calls_parse_with_perf_py(tmp_path):
         args = parser.parse_args(command[2:])
         assert args.models == models and args.sections == "train" and args.shapes == "8x512,4x2048"
         assert args.methods.split(",") == ["frozen", "prefix", "peft_prefix", "apt", "prompt", "idspam", "lpt"]
-        assert args.rounds == 3 and args.steps == 10 and args.out == str(tmp_path / "out" / f"{name}.json")
+        assert args.rounds == 9 and args.steps == 10 and args.out == str(tmp_path / "out" / f"{name}.json")
 
 
 def test_train_compiled_calls_parse_and_need_left(tmp_path):
@@ -47,3 +48,20 @@ def test_train_compiled_calls_parse_and_need_left(tmp_path):
     refused = _dry(tmp_path, "tc-dnd")
     assert refused.returncode != 0 and "needs LEFT" in refused.stderr and refused.stdout == ""
     assert _dry(tmp_path, "nope").returncode == 2
+
+
+def test_host_sync_diagnostic_runs_on_cpu(tmp_path):
+    """benchmarks/host_sync.py with tiny models: one row per method with host and wall times and the aten op count
+    (APT's per-layer gates dispatch more ops than prefix tuning's plain prefixes); no device, so no device time and
+    no sync count; the JSON names the machine."""
+    host_sync = load_benchmark("host_sync")
+    out = tmp_path / "hs.json"
+    rows = host_sync.main(["--tiny", "--models", "roberta-large", "--methods", "prefix,apt", "--shape", "2x16",
+                           "--steps", "2", "--out", str(out)])
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"prefix", "apt"} and all("error" not in r for r in rows), rows
+    assert by["apt"]["aten_ops"] > by["prefix"]["aten_ops"] > 0
+    assert all(r["enqueue_ms"] > 0 and r["wall_ms"] >= r["enqueue_ms"] for r in rows)
+    assert all(r["device_ms"] is None and r["syncs"] is None for r in rows)
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == rows and doc["command"].startswith("python benchmarks/host_sync.py --tiny")

@@ -28,7 +28,7 @@ from ..model import SoftPromptModel
 from .bucketing import BucketCollator, decide_compile, length_buckets, planned_steps
 from .evaluate import labelled, predictions_to_metrics
 from .guards import check_output, check_values, resume_point
-from .trainer import AdapterTrainer, ListDataset, LossLogger, ProgressLines
+from .trainer import AdapterTrainer, ListDataset, LossLogger, ProgressLines, StepClock
 
 
 @dataclass
@@ -189,10 +189,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    logger = LossLogger()
+    logger, clock = LossLogger(), StepClock()
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=ListDataset(train_feats), eval_dataset=ListDataset(eval_feats),
-        data_collator=collator, callbacks=[logger],
+        data_collator=collator, callbacks=[logger, clock],
         compute_metrics=lambda ev: predictions_to_metrics(spec, _first(ev.predictions), ev.label_ids),
     )
     if not _interactive():  # plain flushed lines instead of the Trainer's buffered dicts
@@ -216,7 +216,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "carve_dev": cfg.carve_dev,
         "train_examples": len(train_feats), "eval_examples": len(eval_feats), "steps": trainer.state.global_step,
         "compile": compile_mode, "length_buckets": list(getattr(collator, "buckets", ())),
-        "loss_history": logger.history[-20:],
+        "loss_history": logger.history[-20:], **clock.summary(),
     }
     if cfg.task:
         metrics["train_split"] = registry_split(cfg, spec, "train")

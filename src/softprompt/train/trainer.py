@@ -4,6 +4,7 @@ frozen base model; plus a sampler that makes runs independent of the number of p
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -111,6 +112,47 @@ class LossLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs:
             self.history.append({"step": state.global_step, **logs})
+
+
+class StepClock(TrainerCallback):
+    """Splits a run's training time into steady steps and one-off costs (compilation, CUDA-graph recording, warm-up),
+    so that ``--compile auto``'s cost model can be calibrated from real runs (``train/bucketing.py``).
+
+    It reads the host clock at the end of every ``window``-th step and never synchronises: over a window the host
+    cannot run ahead of the device by more than the launch queue, and the Trainer reads the loss back at logging
+    steps. ``summary()``: ``steady_step_ms``, the median of the windows' mean step times over the run's second half
+    (by then every length bucket has been seen), and ``one_off_s``, the training time those steps do not explain."""
+
+    def __init__(self, window: int = 50):
+        self.window = window
+        self.marks: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.marks = [(state.global_step, time.perf_counter())]
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step % self.window == 0:
+            self.marks.append((state.global_step, time.perf_counter()))
+
+    def on_train_end(self, args, state, control, **kw):
+        self.marks.append((state.global_step, time.perf_counter()))
+
+    def summary(self) -> dict[str, float | None]:
+        """``steady_step_ms`` and ``one_off_s`` of this run (:func:`split_time`)."""
+        return split_time(self.marks, self.window)
+
+
+def split_time(marks: list[tuple[int, float]], window: int) -> dict[str, float | None]:
+    """From (step, seconds) marks taken every ``window`` steps (plus the start and the end): ``steady_step_ms``, the
+    median of the full windows' mean step times over the second half, and ``one_off_s``, the time those steps do
+    not explain. Both None with fewer than four windows."""
+    spans = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:], strict=False) if b[0] > a[0]]
+    late = [sec / steps for steps, sec in spans[len(spans) // 2:] if steps == window]
+    if len(spans) < 4 or not late:
+        return {"steady_step_ms": None, "one_off_s": None}
+    steady = statistics.median(late)
+    total_steps, total_s = marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1]
+    return {"steady_step_ms": round(steady * 1e3, 3), "one_off_s": round(total_s - total_steps * steady, 2)}
 
 
 def last_checkpoint(output: str) -> str | None:

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Where a host-bound training step spends its time (issue 18): host work, host syncs or the device.
+
+``perf.py`` found steps whose wall time is far above their profiled device time (RoBERTa-large 8x512 on an H100,
+session 15: APT 64 ms against 20 ms of kernels, prefix tuning 44 against 18), and APT's wall time 1.46x prefix's
+while its device time is 1.12x. Two causes look the same from the wall clock: the host issuing many small ops (the
+device waits for it), or a host sync inside the step (the host waits for the device, then the device waits for
+the host). This script tells them apart, per method, on the models and shapes of ``perf.py``:
+
+* ``enqueue_ms``: host time of one step started on an idle device, up to the return of ``optimizer.step()``,
+  without a sync (median). Without a sync inside the step it is pure host work.
+* ``wall_ms``: the same step followed by ``torch.cuda.synchronize()`` (median).
+* ``device_ms``: profiled kernel time of one step (``perf_measure.profile_kernels``).
+* ``syncs``: host syncs torch reports in one step (``torch.cuda.set_sync_debug_mode``), with where they come from.
+* ``aten_ops``: aten operations dispatched in one step (forward, backward, optimizer): the host's work scales with it.
+
+On a CPU (``--tiny``, the test) there is no device: ``device_ms`` and ``syncs`` are None.
+
+    python benchmarks/host_sync.py --models roberta-large,qwen0.5b --shape 8x512 --out /tmp/host_sync.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_measure import environment, profile_kernels, synchronize
+from perf_models import MODELS, build_base, make_batch, make_method, parse_shapes, shape_of
+
+METHODS = "frozen,prefix,peft_prefix,apt,prompt,idspam,lpt"
+
+
+def count_aten_ops(step) -> int:
+    """aten operations dispatched by one call of ``step``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
+
+
+def count_syncs(step, device: torch.device) -> tuple[int | None, list[str]]:
+    """Host syncs in one call of ``step`` (CUDA only) and the distinct places outside torch that caused them."""
+    if device.type != "cuda":
+        return None, []
+    where: Counter = Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            original = warnings.showwarning
+
+            def note(message, category, filename, lineno, file=None, line=None):
+                frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
+                where[f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else "?"] += 1
+                original(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = note
+            step()
+            torch.cuda.synchronize(device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = original
+    n = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    return n, [f"{k} x{v}" for k, v in where.most_common(5)]
+
+
+def measure(model_name: str, method: str, b: int, s: int, device: torch.device, dtype: torch.dtype, tiny: bool,
+            steps: int) -> dict:
+    spec = MODELS[model_name]
+    base = build_base(spec, tiny, device, dtype)
+    limit = shape_of(spec, tiny, base).max_positions
+    s = s if limit is None else min(s, limit - 22)  # as perf.py: room for 20 virtual tokens in RoBERTa's 514
+    model, params, extra = make_method(method, base, spec, False, 20)
+    model.train()
+    batch = make_batch(spec, shape_of(spec, tiny, base), b, s, device)
+    opt = torch.optim.AdamW(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+
+    def step() -> None:
+        model(**batch, **extra).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    enqueue, wall = [], []
+    for _ in range(steps):
+        synchronize(device)
+        t = time.perf_counter()
+        step()
+        enqueue.append((time.perf_counter() - t) * 1e3)
+        synchronize(device)
+        wall.append((time.perf_counter() - t) * 1e3)
+    profile = profile_kernels(step, device)
+    syncs, where = count_syncs(step, device)
+    return {"model": model_name, "method": method, "shape": f"{b}x{s}",
+            "enqueue_ms": round(statistics.median(enqueue), 3), "wall_ms": round(statistics.median(wall), 3),
+            "device_ms": profile["device_ms"] if profile else None, "syncs": syncs, "sync_sites": where,
+            "aten_ops": count_aten_ops(step)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="roberta-large,qwen0.5b")
+    p.add_argument("--shape", default="8x512")
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="tiny models on the CPU (the test)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ((b, s),) = parse_shapes(args.shape)
+    rows = []
+    for model_name in args.models.split(","):
+        for method in args.methods.split(","):
+            try:
+                row = measure(model_name, method, b, s, device, dtype, args.tiny, args.steps)
+            except Exception as exc:  # a method a model refuses (PEFT prefix on some encoders) is a row, not a crash
+                row = {"model": model_name, "method": method, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        command = "python benchmarks/host_sync.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        doc = {**environment(device, dtype), "command": command, "rows": rows}
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

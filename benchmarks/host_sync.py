@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_measure import environment, profile_kernels, synchronize
 from perf_models import MODELS, build_base, make_batch, make_method, parse_shapes, shape_of
+from portable import portable
 
 METHODS = "frozen,prefix,peft_prefix,apt,prompt,idspam,lpt"
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(json.dumps(row), flush=True)
     if args.out:
         command = "python benchmarks/host_sync.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        doc = {**environment(device, dtype), "command": command, "rows": rows}
+        doc = {**environment(device, dtype), "command": portable(command), "rows": rows}
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     return rows
 

@@ -44,6 +44,7 @@ from perf_models import (
     shape_of,
 )
 from perf_report import _STREAM_WIDTHS, _base_row, format_table, targets
+from portable import portable
 
 
 class Bench:
@@ -59,9 +60,9 @@ class Bench:
         self.out = Path(args.out)
         self.shapes: dict[str, Shape] = {}
         self.meta: dict = environment(device, dtype)
-        self.meta.update(argv=sys.argv[1:] if args.argv is None else args.argv, time_budget_s=args.time_budget,
-                         steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                         virtual_tokens=args.virtual_tokens, tiny=args.tiny)
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        self.meta.update(argv=portable(argv), time_budget_s=args.time_budget, steps=args.steps, warmup=args.warmup,
+                         rounds=args.rounds, virtual_tokens=args.virtual_tokens, tiny=args.tiny)
         self._header_printed = False
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------------

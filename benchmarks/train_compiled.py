@@ -10,7 +10,7 @@ Same data order, seed, batch and steps in both modes. ``wall_s``: the whole run 
 ``train_s``: the training loop; ``accuracy``: dev accuracy (SmolLM2: acc_norm, the cloze measure of ARC);
 ``steady_step_ms`` and ``one_off_s``: the training loop split into steady steps and one-off costs (compiling,
 recording graphs; ``softprompt.train.trainer.StepClock``). The summary turns each eager/compiled pair into what
-``--compile auto`` needs: ``saved_s_per_step``, ``compile_s_per_bucket`` and ``break_even_steps``.
+``--compile auto`` needs: ``saved_s_per_step``, ``one_off_extra_s`` and ``break_even_steps``.
 
 Resumable: ``--out`` is rewritten after every run and finished runs (same model, task, method, mode, steps) are
 skipped; ``--time-budget S`` starts no run that its estimate (the longest finished run of its kind) would take past
@@ -181,16 +181,16 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def calibration(eager: dict, compiled: dict) -> dict:
     """What ``--compile auto``'s cost model needs (``softprompt.train.bucketing``), from one eager/compiled pair with
-    the same steps: the host time a compiled step saves, what compiling costs per length bucket (the one-off time
-    beyond eager's), and the steps after which compiling pays. Empty when a run lacks its step clock."""
+    the same steps: the host time a compiled step saves, the one-off time beyond eager's (compiling once, recording
+    each length bucket's graphs), and the steps after which compiling pays. Empty when a run lacks its step clock."""
     e, c = eager.get("steady_step_ms"), compiled.get("steady_step_ms")
     if e is None or c is None or compiled.get("one_off_s") is None or eager.get("one_off_s") is None:
         return {}
     saved = (e - c) / 1e3
-    compile_s = compiled["one_off_s"] - eager["one_off_s"]
-    buckets = max(len(compiled.get("length_buckets") or ()), 1)
-    return {"saved_s_per_step": round(saved, 5), "compile_s_per_bucket": round(compile_s / buckets, 2),
-            "break_even_steps": round(compile_s / saved) if saved > 0 else None}
+    extra = compiled["one_off_s"] - eager["one_off_s"]
+    return {"saved_s_per_step": round(saved, 5), "one_off_extra_s": round(extra, 2),
+            "buckets": len(compiled.get("length_buckets") or ()),
+            "break_even_steps": round(extra / saved) if saved > 0 else None}
 
 
 def main(argv: list[str] | None = None) -> dict:

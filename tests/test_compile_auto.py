@@ -28,7 +28,8 @@ def test_planned_steps_count_as_the_trainer_does():
 
 
 def test_the_auto_decision():
-    needed = bk.planned_steps(0, 1, 1, int(4 * bk.COMPILE_S_PER_SHAPE / bk.SAVED_S_PER_STEP))
+    needed = bk.steps_to_pay(4)
+    assert needed == -(-(bk.COMPILE_S + 4 * bk.RECORD_S_PER_BUCKET) // bk.SAVED_S_PER_STEP)
     assert bk.decide_compile("auto", needed, 4, cuda=True)[0] == bk.AUTO_MODE
     mode, reason = bk.decide_compile("auto", needed - 1, 4, cuda=True)
     assert mode is None and f"{needed - 1} planned steps < {needed}" in reason and "\n" not in reason
@@ -87,17 +88,18 @@ def test_compiled_runs_pad_to_buckets_and_eager_runs_do_not(monkeypatch, capsys,
 
 
 def test_the_auto_decision_counts_every_bucket(monkeypatch, capsys):
-    """Compiling costs one graph per length bucket: steps that would pay for one bucket do not pay for several."""
+    """Each length bucket records its own graphs: steps that would pay for one bucket do not pay for several."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     model = sp.wrap(tiny("bert", task="cls"), sp.PrefixConfig(num_virtual_tokens=2))
     collator = Collator(_Tok(), "classification")
-    one = int(bk.COMPILE_S_PER_SHAPE / bk.SAVED_S_PER_STEP)
+    one = bk.steps_to_pay(1)
     cfg = TrainConfig(method="prefix", model="x", output="y", batch_size=1, max_steps=10**6, compile="auto")
     buckets = compiled_collation(cfg, model, collator, _feats())[1].buckets
     assert len(buckets) > 1, buckets
     cfg.max_steps = one
     assert compiled_collation(cfg, model, collator, _feats()) == (None, collator)
-    assert f"({one} planned steps < {len(buckets) * one}, the steps that would pay for compiling {len(buckets)} " \
+    assert f"({one} planned steps < {bk.steps_to_pay(len(buckets))}, the steps that would pay for compiling " \
+           f"{len(buckets)} " \
            "length bucket(s))" in capsys.readouterr().out
 
 
@@ -185,8 +187,8 @@ def test_train_compiled_benchmark_records_runs_and_resumes(tmp_path, tiny_bert_d
     clocked = {**eager, "steady_step_ms": 22.5, "one_off_s": 5.0}
     summary = tc.summarise([clocked, {**clocked, "mode": "compiled", "steady_step_ms": 12.5, "one_off_s": 35.0,
                                       "length_buckets": [40, 48, 72]}])
-    assert (summary[0]["saved_s_per_step"], summary[0]["compile_s_per_bucket"], summary[0]["break_even_steps"]) \
-        == (0.01, 10.0, 3000)  # 30 s of compiling over 10 ms saved per step
+    assert (summary[0]["saved_s_per_step"], summary[0]["one_off_extra_s"], summary[0]["buckets"],
+            summary[0]["break_even_steps"]) == (0.01, 30.0, 3, 3000)  # 30 s of compiling over 10 ms saved per step
 
 
 def test_step_clock_splits_training_time_into_steady_steps_and_one_off_costs():
@@ -213,3 +215,43 @@ def test_a_non_finite_loss_at_the_last_step_is_caught_before_the_adapter_is_save
     with pytest.raises(NonFiniteLossError, match="loss became inf at step 5;"):
         train(cfg)
     assert len(calls) == 5 and not (tmp_path / "inf" / "adapter_model.safetensors").exists()
+
+
+def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_bert_dir, mix_order_on):
+    """A compiled run over batches of several length buckets traces once (the length is symbolic from the first
+    batch on); without the marking, the second length compiles again. Nothing that changes at the first forward
+    (transformers' config.problem_type, our checkpointing flags) makes it compile a second time either. Dynamo's
+    graphs are counted with the aot_eager backend (no Inductor: the count is Dynamo's, the same for every backend)."""
+    import csv
+    import random
+
+    from torch._dynamo.utils import counters
+
+    from softprompt.train import runner, train
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real_compile(
+        model, backend="aot_eager", dynamic=kw.get("dynamic")))
+    rng = random.Random(0)
+    words = ["good", "bad", "movie", "the", "was", "very", "not"]
+    path = tmp_path / "train.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["sentence", "sentiment"])
+        w.writeheader()
+        w.writerows({"sentence": " ".join(rng.choice(words) for _ in range(rng.randint(2, 30))),
+                     "sentiment": rng.choice(["pos", "neg"])} for _ in range(64))
+
+    def graphs(name: str) -> tuple[int, list[int]]:
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / name), file=str(path),
+                          text_column="sentence", label_column="sentiment", max_steps=10, batch_size=2,
+                          compile="default", length_buckets=3, max_length=40,
+                          method_options={"num_virtual_tokens": 2})
+        metrics = train(cfg)
+        return counters["stats"]["unique_graphs"], metrics["length_buckets"]
+
+    count, buckets = graphs("marked")
+    assert len(buckets) > 1 and count == 1, (buckets, count)
+    monkeypatch.setattr(runner.AdapterTrainer, "dynamic_length", property(lambda self: False, lambda self, v: None))
+    assert graphs("unmarked")[0] == 2  # a second length was seen: static first, then a dynamic recompilation

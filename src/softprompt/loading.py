@@ -117,6 +117,11 @@ def load_base(model_name: str, spec: HeadSpec, *, dtype=torch.float32, head_seed
         kwargs["num_labels"] = len(spec.label_names)
         kwargs["id2label"] = dict(enumerate(spec.label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(spec.label_names)}
+        if spec.kind == "classification" and len(spec.label_names) > 1:
+            # What transformers' sequence-classification heads would write into their config at the first forward
+            # (our labels are class ids): set now, a compiled forward does not see the config change under it and
+            # compile a second time.
+            kwargs["problem_type"] = "single_label_classification"
     elif spec.kind == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
     torch.manual_seed(head_seed)

@@ -59,7 +59,9 @@ class SoftPromptModel(nn.Module):
         method.init_from_model(embed, tokenizer, capture=self.capture_kv)
         param = next(base.parameters())
         self.method: PromptMethod = method.to(param.device)
-        self._checkpoint_flags: tuple[nn.Module, ...] | None = None
+        # Found here, not at the first forward: a compiled forward would see the attribute change under it and
+        # compile a second time.
+        self._checkpoint_flags = tuple(m for m in base.modules() if hasattr(m, "gradient_checkpointing"))
 
     def _checkpointing(self) -> bool:
         """Whether activation checkpointing is on in the base model: transformers' own test
@@ -67,9 +69,6 @@ class SoftPromptModel(nn.Module):
         every module of the model on every call, which cost about 1 ms of CPU per step on a 24-layer encoder, and
         the module tree does not change after wrapping; the flags themselves are read fresh each call, so toggling
         checkpointing later is seen."""
-        if self._checkpoint_flags is None:
-            modules = self.base_model.modules()
-            self._checkpoint_flags = tuple(m for m in modules if hasattr(m, "gradient_checkpointing"))
         return any(m.gradient_checkpointing for m in self._checkpoint_flags)
 
     # ---- engine plumbing ---------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-# Cost model of ``--compile auto`` (to be calibrated on the GPU by benchmarks/train_compiled.py): compiling one
-# length bucket's training step takes about COMPILE_S_PER_SHAPE seconds, and a compiled step saves about
-# SAVED_S_PER_STEP of host time against eager (small models and short sequences are host-bound: issue 18). Compiling
-# pays off once the planned steps save more than it costs.
-COMPILE_S_PER_SHAPE = 20.0
+# Cost model of ``--compile auto`` (to be calibrated on the GPU by benchmarks/train_compiled.py): compiling the
+# training step takes about COMPILE_S seconds once (the length is traced symbolically, so one compilation serves
+# every bucket: ``mark_length_dynamic``), each length bucket then costs about RECORD_S_PER_BUCKET to record its CUDA
+# graphs, and a compiled step saves about SAVED_S_PER_STEP of host time against eager (small models and short
+# sequences are host-bound: issue 18). Compiling pays off once the planned steps save more than it costs.
+COMPILE_S = 20.0
+RECORD_S_PER_BUCKET = 2.0
 SAVED_S_PER_STEP = 0.005
 AUTO_MODE = "reduce-overhead"  # CUDA graphs: what removes the per-step host cost
 
@@ -81,6 +83,20 @@ class BucketCollator:
         return batch
 
 
+def mark_length_dynamic(batch: dict[str, Any]) -> dict[str, Any]:
+    """Marks the length dimension of every per-token tensor of ``batch`` dynamic for torch.compile, so that one
+    compilation serves every length bucket: traced with a symbolic length from the first batch on, instead of
+    one compilation for the first length and a second, dynamic one at the next. It marks the tensors the model
+    receives (after the move to the device, which makes new tensors) and changes nothing else."""
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return batch
+    for t in batch.values():
+        if isinstance(t, torch.Tensor) and t.dim() == ids.dim() and t.shape[-1] == ids.shape[-1]:
+            torch._dynamo.maybe_mark_dynamic(t, t.dim() - 1)
+    return batch
+
+
 def planned_steps(examples: int, batch_size: int, epochs: float, max_steps: int, world_size: int = 1) -> int:
     """Optimizer steps the Trainer will take (``max_steps`` when given, else whole epochs of global batches)."""
     if max_steps > 0:
@@ -88,14 +104,20 @@ def planned_steps(examples: int, batch_size: int, epochs: float, max_steps: int,
     return math.ceil(epochs * math.ceil(examples / (batch_size * world_size)))  # the Trainer's own count
 
 
+def steps_to_pay(buckets: int) -> int:
+    """Planned steps from which compiling a run padded to ``buckets`` lengths pays off (the module's cost model)."""
+    return math.ceil((COMPILE_S + buckets * RECORD_S_PER_BUCKET) / SAVED_S_PER_STEP)
+
+
 def decide_compile(mode: str | None, steps: int, buckets: int, cuda: bool) -> tuple[str | None, str]:
     """(torch.compile mode or None for eager, the one-line reason). ``mode`` "auto" compiles on CUDA when the
-    planned ``steps`` save more than compiling ``buckets`` shapes costs (module constants); other modes are kept."""
+    planned ``steps`` save more than compiling once and recording ``buckets`` shapes cost (module constants); other
+    modes are kept."""
     if mode != "auto":
         return mode, f"compile {mode}" if mode else "eager"
     if not cuda:
         return None, "compile auto: eager (no CUDA device; compiled CPU steps do not pay off)"
-    needed = math.ceil(buckets * COMPILE_S_PER_SHAPE / SAVED_S_PER_STEP)
+    needed = steps_to_pay(buckets)
     if steps >= needed:
         return AUTO_MODE, (f"compile auto: {AUTO_MODE} ({steps} planned steps >= {needed}, the steps that pay for "
                            f"compiling {buckets} length bucket(s))")

@@ -199,6 +199,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(ProgressLines())
     trainer.adapter_metadata = _adapter_metadata(cfg, spec)
+    trainer.dynamic_length = compile_mode is not None and len(getattr(collator, "buckets", ())) > 1
     start = time.time()
     resume = resume_point(cfg)
     trainer.train(resume_from_checkpoint=resume)

@@ -3,6 +3,7 @@ frozen base model; plus a sampler that makes runs independent of the number of p
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -13,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..errors import NonFiniteLossError
 from ..io import read_adapter_tensors
+from .bucketing import mark_length_dynamic
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -52,6 +54,14 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 class AdapterTrainer(Trainer):
     """Saves and restores only the adapter (safetensors + JSON); stops on a non-finite loss."""
+
+    # Set when a compiled run pads batches to several length buckets: the model's inputs then carry a dynamic
+    # length, so that one compilation serves them all (``bucketing.mark_length_dynamic``).
+    dynamic_length = False
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        return mark_length_dynamic(inputs) if self.dynamic_length and self.model.training else inputs
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -146,7 +156,7 @@ def split_time(marks: list[tuple[int, float]], window: int) -> dict[str, float |
     """From (step, seconds) marks taken every ``window`` steps (plus the start and the end): ``steady_step_ms``, the
     median of the full windows' mean step times over the second half, and ``one_off_s``, the time those steps do
     not explain. Both None with fewer than four windows."""
-    spans = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:], strict=False) if b[0] > a[0]]
+    spans = [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(marks) if b[0] > a[0]]
     late = [sec / steps for steps, sec in spans[len(spans) // 2:] if steps == window]
     if len(spans) < 4 or not late:
         return {"steady_step_ms": None, "one_off_s": None}

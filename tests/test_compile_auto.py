@@ -4,6 +4,7 @@ CPU, the decision printed in one line; compiled runs pad batches to a few length
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,21 +218,12 @@ def test_a_non_finite_loss_at_the_last_step_is_caught_before_the_adapter_is_save
     assert len(calls) == 5 and not (tmp_path / "inf" / "adapter_model.safetensors").exists()
 
 
-def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_bert_dir, mix_order_on):
-    """A compiled run over batches of several length buckets traces once (the length is symbolic from the first
-    batch on); without the marking, the second length compiles again. Nothing that changes at the first forward
-    (transformers' config.problem_type, our checkpointing flags) makes it compile a second time either. Dynamo's
-    graphs are counted with the aot_eager backend (no Inductor: the count is Dynamo's, the same for every backend)."""
+@pytest.fixture
+def varied_csv(tmp_path):
+    """64 sentences of 2-30 words (labels at random): batches of two fall into several length buckets."""
     import csv
     import random
 
-    from torch._dynamo.utils import counters
-
-    from softprompt.train import runner, train
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real_compile(
-        model, backend="aot_eager", dynamic=kw.get("dynamic")))
     rng = random.Random(0)
     words = ["good", "bad", "movie", "the", "was", "very", "not"]
     path = tmp_path / "train.csv"
@@ -240,18 +232,55 @@ def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_
         w.writeheader()
         w.writerows({"sentence": " ".join(rng.choice(words) for _ in range(rng.randint(2, 30))),
                      "sentiment": rng.choice(["pos", "neg"])} for _ in range(64))
+    return str(path)
+
+
+def _bucketed_run(model: str, data: str, output: str, compile_mode: str | None, **kw) -> dict:
+    from softprompt.train import train
+
+    cfg = TrainConfig(method="prefix", model=model, output=output, file=data, text_column="sentence",
+                      label_column="sentiment", max_steps=10, batch_size=2, compile=compile_mode, length_buckets=3,
+                      max_length=40, logging_steps=1, method_options={"num_virtual_tokens": 2}, **kw)
+    return train(cfg)
+
+
+def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_bert_dir, varied_csv, mix_order_on):
+    """A compiled run over batches of several length buckets traces once (the length is symbolic from the first
+    batch on); without the marking, the second length compiles again. Nothing that changes at the first forward
+    (transformers' config.problem_type, our checkpointing flags) makes it compile a second time either. Dynamo's
+    graphs are counted with the aot_eager backend (no Inductor: the count is Dynamo's, the same for every backend)."""
+    from torch._dynamo.utils import counters
+
+    from softprompt.train import runner
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real_compile(
+        model, backend="aot_eager", dynamic=kw.get("dynamic")))
 
     def graphs(name: str) -> tuple[int, list[int]]:
         torch._dynamo.reset()
         counters.clear()
-        cfg = TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / name), file=str(path),
-                          text_column="sentence", label_column="sentiment", max_steps=10, batch_size=2,
-                          compile="default", length_buckets=3, max_length=40,
-                          method_options={"num_virtual_tokens": 2})
-        metrics = train(cfg)
+        metrics = _bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / name), "default")
         return counters["stats"]["unique_graphs"], metrics["length_buckets"]
 
     count, buckets = graphs("marked")
     assert len(buckets) > 1 and count == 1, (buckets, count)
     monkeypatch.setattr(runner.AdapterTrainer, "dynamic_length", property(lambda self: False, lambda self, v: None))
     assert graphs("unmarked")[0] == 2  # a second length was seen: static first, then a dynamic recompilation
+
+
+def test_a_compiled_run_over_several_buckets_trains_as_eager_does(tmp_path, varied_csv, mix_order_on):
+    """Inductor with the symbolic length, on the CPU: the same losses as eager at every step (dropout off, so that
+    both draw nothing at random; Inductor's kernels round differently, hence the tolerance)."""
+    from conftest import save_tiny_bert
+
+    torch._dynamo.reset()
+    model = save_tiny_bert(tmp_path / "bert", ["good", "bad", "movie", "the", "was", "very", "not"])
+    config = json.loads((Path(model) / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (Path(model) / "config.json").write_text(json.dumps(config))
+    runs = {mode: _bucketed_run(model, varied_csv, str(tmp_path / f"run-{mode}"), mode) for mode in ("default", None)}
+    assert len(runs["default"]["length_buckets"]) > 1 and runs[None]["length_buckets"] == []
+    losses = {mode: [h["loss"] for h in m["loss_history"] if "loss" in h] for mode, m in runs.items()}
+    assert len(losses["default"]) == len(losses[None]) == 10
+    assert losses["default"] == pytest.approx(losses[None], abs=1e-4)

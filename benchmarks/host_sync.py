@@ -13,6 +13,8 @@ the host). This script tells them apart, per method, on the models and shapes of
 * ``device_ms``: profiled kernel time of one step (``perf_measure.profile_kernels``).
 * ``syncs``: host syncs torch reports in one step (``torch.cuda.set_sync_debug_mode``), with where they come from.
 * ``aten_ops``: aten operations dispatched in one step (forward, backward, optimizer): the host's work scales with it.
+* ``host_top``: the ops with the most host self time in one step (torch.profiler), e.g. an attention kernel whose
+  launch path is slow on the host.
 
 On a CPU (``--tiny``, the test) there is no device: ``device_ms`` and ``syncs`` are None.
 
@@ -55,6 +57,16 @@ def count_aten_ops(step) -> int:
     with Count():
         step()
     return Count.n
+
+
+def host_top(step, top: int = 8) -> list[dict]:
+    """The ops that took the most host time in one call of ``step`` (torch.profiler, CPU activity: self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return [{"op": e.key[:80], "self_us": round(e.self_cpu_time_total, 1), "calls": e.count} for e in events[:top]]
 
 
 def count_syncs(step, device: torch.device) -> tuple[int | None, list[str]]:
@@ -114,7 +126,7 @@ def measure(model_name: str, method: str, b: int, s: int, device: torch.device, 
     return {"model": model_name, "method": method, "shape": f"{b}x{s}",
             "enqueue_ms": round(statistics.median(enqueue), 3), "wall_ms": round(statistics.median(wall), 3),
             "device_ms": profile["device_ms"] if profile else None, "syncs": syncs, "sync_sites": where,
-            "aten_ops": count_aten_ops(step)}
+            "aten_ops": count_aten_ops(step), "host_top": host_top(step)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

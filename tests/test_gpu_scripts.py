@@ -63,5 +63,6 @@ def test_host_sync_diagnostic_runs_on_cpu(tmp_path):
     assert by["apt"]["aten_ops"] > by["prefix"]["aten_ops"] > 0
     assert all(r["enqueue_ms"] > 0 and r["wall_ms"] >= r["enqueue_ms"] for r in rows)
     assert all(r["device_ms"] is None and r["syncs"] is None for r in rows)
+    assert all(r["host_top"] and r["host_top"][0]["self_us"] > 0 for r in rows)
     doc = json.loads(out.read_text())
     assert doc["rows"] == rows and doc["command"].startswith("python benchmarks/host_sync.py --tiny")

@@ -225,12 +225,14 @@ def main(argv: list[str] | None = None) -> dict:
             run["batch_size"], run["bf16"], run["date"] = args.batch_size, args.bf16, _now()
             doc["runs"] = [r for r in doc["runs"] if key(r) != key(run)] + [run]
             print(f"{model} {task} {method} {mode} {steps} steps: {run['status']} "
-                  f"{run.get('wall_s')} s, accuracy {run.get('accuracy')}", flush=True)
+                  f"{run.get('wall_s')} s, accuracy {run.get('accuracy')}, steady {run.get('steady_step_ms')} ms "
+                  f"per step, one-off {run.get('one_off_s')} s", flush=True)
             write(out, doc, args, argv)
     write(out, doc, args, argv)
     for s in doc["summary"]:
         print(f"  {s['model']} {s['task']} {s['method']}: compiled/eager wall {s['compiled_over_eager']}x, "
-              f"accuracy {s['accuracy_diff_points']:+.2f} points, goal met: {s['goal_met']}")
+              f"accuracy {s['accuracy_diff_points']:+.2f} points, goal met: {s['goal_met']}, "
+              f"saved {s.get('saved_s_per_step')} s per step, break-even {s.get('break_even_steps')} steps")
     return doc
 
 

@@ -24,6 +24,7 @@ On a CPU (``--tiny``, the test) there is no device: ``device_ms`` and ``syncs`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -31,6 +32,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -69,30 +71,41 @@ def host_top(step, top: int = 8) -> list[dict]:
     return [{"op": e.key[:80], "self_us": round(e.self_cpu_time_total, 1), "calls": e.count} for e in events[:top]]
 
 
+@contextlib.contextmanager
+def sync_warnings() -> Iterator[Counter]:
+    """Counts, while active, the warnings torch's sync debug mode emits ("called a synchronizing CUDA operation"),
+    keyed by the innermost frame outside torch (``file:line``), and keeps them off the console. Other warnings pass
+    through as usual."""
+    where: Counter = Counter()
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def note(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message).lower():
+                shown(message, category, filename, lineno, file, line)
+                return
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
+            site = f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else "?"
+            where[site] += 1
+
+        warnings.showwarning = note
+        yield where
+
+
 def count_syncs(step, device: torch.device) -> tuple[int | None, list[str]]:
-    """Host syncs in one call of ``step`` (CUDA only) and the distinct places outside torch that caused them."""
+    """Host syncs in one call of ``step`` (CUDA only) and the places outside torch that caused most of them."""
     if device.type != "cuda":
         return None, []
-    where: Counter = Counter()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            original = warnings.showwarning
-
-            def note(message, category, filename, lineno, file=None, line=None):
-                frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
-                where[f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else "?"] += 1
-                original(message, category, filename, lineno, file, line)
-
-            warnings.showwarning = note
+    with sync_warnings() as where:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
             step()
-            torch.cuda.synchronize(device)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = original
-    n = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
-    return n, [f"{k} x{v}" for k, v in where.most_common(5)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    return sum(where.values()), [f"{k} x{v}" for k, v in where.most_common(5)]
 
 
 def measure(model_name: str, method: str, b: int, s: int, device: torch.device, dtype: torch.dtype, tiny: bool,

@@ -66,3 +66,25 @@ def test_host_sync_diagnostic_runs_on_cpu(tmp_path):
     assert all(r["host_top"] and r["host_top"][0]["self_us"] > 0 for r in rows)
     doc = json.loads(out.read_text())
     assert doc["rows"] == rows and doc["command"].startswith("python benchmarks/host_sync.py --tiny")
+
+
+def test_host_sync_counts_sync_warnings_by_their_site():
+    """The sync counter counts the sync debug mode's warnings by the frame outside torch that caused them, and lets
+    every other warning through."""
+    import warnings
+
+    host_sync = load_benchmark("host_sync")
+
+    def caller():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    with warnings.catch_warnings(record=True) as passed:
+        warnings.simplefilter("always")
+        with host_sync.sync_warnings() as where:
+            caller()
+            caller()
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    assert sum(where.values()) == 2 and len(where) == 1
+    (site,) = where
+    assert site.endswith(f"test_gpu_scripts.py:{caller.__code__.co_firstlineno + 1}")
+    assert [str(w.message) for w in passed] == ["something else"]

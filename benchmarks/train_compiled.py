@@ -13,8 +13,9 @@ recording graphs; ``softprompt.train.trainer.StepClock``). The summary turns eac
 ``--compile auto`` needs: ``saved_s_per_step``, ``one_off_extra_s`` and ``break_even_steps``.
 
 Resumable: ``--out`` is rewritten after every run and finished runs (same model, task, method, mode, steps) are
-skipped; ``--time-budget S`` starts no run that its estimate (the longest finished run of its kind) would take past
-S seconds from the start. GPU commands: docs/performance.md, "Next GPU session".
+skipped; ``--time-budget S`` starts no run that its estimate (``estimate_s``: the longest finished run of its kind, or
+one of another task scaled to the steps) would take past S seconds from the start. GPU commands:
+docs/performance.md, "Next GPU session".
 
     python benchmarks/train_compiled.py --out benchmarks/results/train_compiled.json --time-budget 540 --bf16
     python benchmarks/train_compiled.py --smoke --out /tmp/tc.json        # CPU, tiny sizes, a few minutes
@@ -179,6 +180,18 @@ def summarise(runs: list[dict]) -> list[dict]:
     return out
 
 
+def estimate_s(runs: list[dict], model: str, task: str, mode: str, steps: int) -> float:
+    """Seconds a run is expected to take: the longest finished run of the same model, task and mode; else the
+    finished runs of the same model and mode on other tasks, their training time scaled to ``steps`` (loading and
+    evaluation kept as they were); else a fixed default per mode."""
+    ok = [r for r in runs if r.get("status") == "ok" and (r["model"], r["mode"]) == (model, mode)]
+    same = [r["wall_s"] for r in ok if r["task"] == task]
+    if same:
+        return max(same)
+    scaled = [r["wall_s"] - r["train_s"] + r["train_s"] * steps / r["steps"] for r in ok if r.get("train_s")]
+    return max(scaled, default=DEFAULT_ESTIMATE_S[mode])
+
+
 def calibration(eager: dict, compiled: dict) -> dict:
     """What ``--compile auto``'s cost model needs (``softprompt.train.bucketing``), from one eager/compiled pair with
     the same steps: the host time a compiled step saves, the one-off time beyond eager's (compiling once, recording
@@ -211,9 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
             run = {"model": model, "task": task, "method": method, "mode": mode, "steps": steps}
             if any(key(r) == key(run) and r.get("status") == "ok" for r in doc["runs"]):
                 continue
-            done = [r["wall_s"] for r in doc["runs"] if r.get("status") == "ok" and
-                    (r["model"], r["task"], r["mode"]) == (model, task, mode)]
-            estimate = max(done, default=DEFAULT_ESTIMATE_S[mode])
+            estimate = estimate_s(doc["runs"], model, task, mode, steps)
             if args.time_budget and time.time() - start + estimate > args.time_budget:
                 print(f"skipped (time budget): {model} {task} {method} {mode}", flush=True)
                 continue

@@ -192,6 +192,23 @@ def test_train_compiled_benchmark_records_runs_and_resumes(tmp_path, tiny_bert_d
             summary[0]["break_even_steps"]) == (0.01, 30.0, 3, 3000)  # 30 s of compiling over 10 ms saved per step
 
 
+def test_train_compiled_estimates_a_run_from_its_kind_or_another_task():
+    """The budget's estimate: a finished run of the same kind; else the same model and mode on another task, its
+    training time scaled to the steps; else the default."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_compiled as tc
+
+    sst2 = {"model": "minilm", "task": "sst2", "mode": "eager", "steps": 2000, "wall_s": 60.0, "train_s": 40.0,
+            "status": "ok"}
+    assert tc.estimate_s([sst2], "minilm", "sst2", "eager", 2000) == 60.0
+    assert tc.estimate_s([sst2], "minilm", "mrpc", "eager", 1000) == 40.0  # 20 s fixed + 40 s x 1000 / 2000
+    assert tc.estimate_s([sst2], "minilm", "mrpc", "compiled", 1000) == tc.DEFAULT_ESTIMATE_S["compiled"]
+    assert tc.estimate_s([{**sst2, "status": "error"}], "minilm", "sst2", "eager", 2000) == \
+        tc.DEFAULT_ESTIMATE_S["eager"]
+
+
 def test_step_clock_splits_training_time_into_steady_steps_and_one_off_costs():
     """Marks every 10 steps: a 6 s first window (compiling) and 1 s windows after it give 100 ms steady steps and
     5 s one-off; the median of the second half ignores a late slow window; too few windows give None."""

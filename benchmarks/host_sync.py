@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_bench import Bench
 from perf_measure import environment, profile_kernels, synchronize
-from perf_models import MODELS, build_base, make_batch, make_method, parse_shapes, shape_of
+from perf_models import MODELS, parse_shapes
 from portable import portable
 
 METHODS = "frozen,prefix,peft_prefix,apt,prompt,idspam,lpt"
@@ -108,22 +109,22 @@ def count_syncs(step, device: torch.device) -> tuple[int | None, list[str]]:
     return sum(where.values()), [f"{k} x{v}" for k, v in where.most_common(5)]
 
 
-def measure(model_name: str, method: str, b: int, s: int, device: torch.device, dtype: torch.dtype, tiny: bool,
-            steps: int) -> dict:
-    spec = MODELS[model_name]
-    base = build_base(spec, tiny, device, dtype)
-    limit = shape_of(spec, tiny, base).max_positions
-    s = s if limit is None else min(s, limit - 22)  # as perf.py: room for 20 virtual tokens in RoBERTa's 514
-    model, params, extra = make_method(method, base, spec, False, 20)
-    model.train()
-    batch = make_batch(spec, shape_of(spec, tiny, base), b, s, device)
-    opt = torch.optim.AdamW(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+def bench(device: torch.device, dtype: torch.dtype, tiny: bool) -> Bench:
+    """perf.py's bench with its defaults, so that every case here is one of its training cases (model, batch,
+    fused AdamW, the sequence clamp for RoBERTa's positions, the step itself)."""
+    import os
 
-    def step() -> None:
-        model(**batch, **extra).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    import perf
 
+    args = perf.build_parser().parse_args(["--out", os.devnull] + ["--tiny"] * tiny)
+    args.argv = []
+    perf._defaults(args)
+    return Bench(args, device, dtype)
+
+
+def measure(runner: Bench, model_name: str, method: str, b: int, s: int, steps: int) -> dict:
+    case = runner.train_setup(MODELS[model_name], method, b, s, gc_on=False)
+    step, device = case["step"], runner.device
     for _ in range(3):
         step()
     enqueue, wall = [], []
@@ -136,7 +137,7 @@ def measure(model_name: str, method: str, b: int, s: int, device: torch.device, 
         wall.append((time.perf_counter() - t) * 1e3)
     profile = profile_kernels(step, device)
     syncs, where = count_syncs(step, device)
-    return {"model": model_name, "method": method, "shape": f"{b}x{s}",
+    return {"model": model_name, "method": method, "shape": f"{b}x{case['s']}",
             "enqueue_ms": round(statistics.median(enqueue), 3), "wall_ms": round(statistics.median(wall), 3),
             "device_ms": profile["device_ms"] if profile else None, "syncs": syncs, "sync_sites": where,
             "aten_ops": count_aten_ops(step), "host_top": host_top(step)}
@@ -154,11 +155,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ((b, s),) = parse_shapes(args.shape)
+    runner = bench(device, dtype, args.tiny)
     rows = []
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
             try:
-                row = measure(model_name, method, b, s, device, dtype, args.tiny, args.steps)
+                row = measure(runner, model_name, method, b, s, args.steps)
             except Exception as exc:  # a method a model refuses (PEFT prefix on some encoders) is a row, not a crash
                 row = {"model": model_name, "method": method, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             rows.append(row)

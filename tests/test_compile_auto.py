@@ -268,7 +268,7 @@ def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_
     graphs are counted with the aot_eager backend (no Inductor: the count is Dynamo's, the same for every backend)."""
     from torch._dynamo.utils import counters
 
-    from softprompt.train import runner
+    from softprompt.train import trainer
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real_compile(
@@ -282,7 +282,7 @@ def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_
 
     count, buckets = graphs("marked")
     assert len(buckets) > 1 and count == 1, (buckets, count)
-    monkeypatch.setattr(runner.AdapterTrainer, "dynamic_length", property(lambda self: False, lambda self, v: None))
+    monkeypatch.setattr(trainer, "mark_length_dynamic", lambda batch: batch)
     assert graphs("unmarked")[0] == 2  # a second length was seen: static first, then a dynamic recompilation
 
 

@@ -44,6 +44,12 @@ from perf_models import MODELS, parse_shapes
 from portable import portable
 
 METHODS = "frozen,prefix,peft_prefix,apt,prompt,idspam,lpt"
+TORCH_DIR = str(Path(torch.__file__).resolve().parent) + "/"
+
+
+def _short(filename: str) -> str:
+    """A frame's file as a short, machine-independent name: the part after site-packages, or portable's."""
+    return filename.split("site-packages/")[-1] if "site-packages/" in filename else portable(filename)
 
 
 def count_aten_ops(step) -> int:
@@ -86,9 +92,11 @@ def sync_warnings() -> Iterator[Counter]:
             if "synchroniz" not in str(message).lower():
                 shown(message, category, filename, lineno, file, line)
                 return
+            # torch's own frames by torch's folder: a plain "/torch/" test also drops every frame of a venv that
+            # lives under a folder named torch (the GPU machine's /opt/torch/.venv), transformers' included.
             frames = [f for f in traceback.extract_stack()[:-1]
-                      if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
-            site = f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else "?"
+                      if not f.filename.startswith(TORCH_DIR) and not f.filename.endswith("warnings.py")]
+            site = f"{_short(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
             where[site] += 1
 
         warnings.showwarning = note

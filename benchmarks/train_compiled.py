@@ -95,7 +95,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     from softprompt.inductor import disable_mix_order_reduction
     from softprompt.methods import default_lr
     from softprompt.resources import resolve
-    from softprompt.train.bucketing import bucket_for, length_buckets
+    from softprompt.train.bucketing import bucket_for, length_buckets, mark_length_dynamic
     from softprompt.train.trainer import split_time
 
     t0 = time.perf_counter()
@@ -129,9 +129,11 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
         mask = torch.zeros((len(rows), n), dtype=torch.long)
         for i, (x, y) in enumerate(rows):  # right padding: causal rows are computed as if alone
             ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        if len(buckets) > 1:  # one compilation for every bucket, as softprompt train does (AdapterTrainer)
+            batch = mark_length_dynamic(batch)
         with autocast:
-            loss = step_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
-                              use_cache=False).loss
+            loss = step_model(**batch, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -17,14 +17,18 @@ from typing import Any
 
 import torch
 
-# Cost model of ``--compile auto`` (to be calibrated on the GPU by benchmarks/train_compiled.py): compiling the
-# training step takes about COMPILE_S seconds once (the length is traced symbolically, so one compilation serves
-# every bucket: ``mark_length_dynamic``), each length bucket then costs about RECORD_S_PER_BUCKET to record its CUDA
-# graphs, and a compiled step saves about SAVED_S_PER_STEP of host time against eager (small models and short
-# sequences are host-bound: issue 18). Compiling pays off once the planned steps save more than it costs.
-COMPILE_S = 20.0
+# Cost model of ``--compile auto``: compiling the training step takes about COMPILE_S seconds once (the length is
+# traced symbolically, so one compilation serves every bucket: ``mark_length_dynamic``), each length bucket then
+# costs about RECORD_S_PER_BUCKET to record its CUDA graphs, and a compiled step saves about SAVED_S_PER_STEP of host
+# time against eager (small models and short sequences are host-bound: issue 18). Compiling pays off once the planned
+# steps save more than it costs. Calibrated on an H100 (benchmarks/results/train_compiled.json, session 16: MiniLM,
+# SST-2 and MRPC, prefix, APT and ID-SPAM, 3 buckets): compiling cost 7-23 s more one-off time than eager (median
+# 15.8 s, recording included: 10 + 3 x 2 here; how it splits between compiling and recording was not measured) and a
+# compiled step saved 7.2-12.6 ms (median 9.5). SmolLM2 (30 layers) cost far more (146 s) but saved 57 ms a step:
+# its break-even, 2,552 steps, is of the same order as these constants' 1,685-1,895.
+COMPILE_S = 10.0
 RECORD_S_PER_BUCKET = 2.0
-SAVED_S_PER_STEP = 0.005
+SAVED_S_PER_STEP = 0.0095
 AUTO_MODE = "reduce-overhead"  # CUDA graphs: what removes the per-step host cost
 
 

@@ -255,9 +255,10 @@ def varied_csv(tmp_path):
 def _bucketed_run(model: str, data: str, output: str, compile_mode: str | None, **kw) -> dict:
     from softprompt.train import train
 
+    options = {"max_steps": 10, "batch_size": 2, **kw}
     cfg = TrainConfig(method="prefix", model=model, output=output, file=data, text_column="sentence",
-                      label_column="sentiment", max_steps=10, batch_size=2, compile=compile_mode, length_buckets=3,
-                      max_length=40, logging_steps=1, method_options={"num_virtual_tokens": 2}, **kw)
+                      label_column="sentiment", compile=compile_mode, length_buckets=3, max_length=40,
+                      logging_steps=1, method_options={"num_virtual_tokens": 2}, **options)
     return train(cfg)
 
 
@@ -284,6 +285,44 @@ def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_
     assert len(buckets) > 1 and count == 1, (buckets, count)
     monkeypatch.setattr(trainer, "mark_length_dynamic", lambda batch: batch)
     assert graphs("unmarked")[0] == 2  # a second length was seen: static first, then a dynamic recompilation
+
+
+def test_a_compiled_run_trains_on_full_batches_only(monkeypatch, tmp_path, tiny_bert_dir, varied_csv, mix_order_on):
+    """64 examples in batches of 3 leave a batch of 1 at each epoch's end: a compiled run over two epochs skips it
+    (one graph), where keeping it would change the batch dimension and compile again."""
+    from torch._dynamo.utils import counters
+
+    from softprompt.train import trainer
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real_compile(
+        model, backend="aot_eager", dynamic=kw.get("dynamic")))
+
+    def run(name: str) -> tuple[int, dict]:
+        torch._dynamo.reset()
+        counters.clear()
+        metrics = _bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / name), "default", batch_size=3,
+                                max_steps=24)
+        return counters["stats"]["unique_graphs"], metrics
+
+    count, metrics = run("full")
+    assert metrics["steps"] == 24 and count == 1, (metrics["steps"], count)  # 21 full batches per epoch, 2 epochs
+    monkeypatch.setattr(trainer.AdapterTrainer, "full_batches_only", property(lambda self: False,
+                                                                              lambda self, value: None))
+    assert run("partial")[0] == 2  # the 22nd batch holds one example: a second graph
+
+
+def test_epoch_sampler_keeps_full_batches_and_a_new_subset_each_epoch():
+    from softprompt.train.trainer import EpochShuffleSampler
+
+    s = EpochShuffleSampler(10, seed=3, full_batches=4)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    assert len(s) == len(first) == len(second) == 8
+    assert len(set(first)) == 8 and set(first) != set(second)  # the two left out change with the epoch
+    assert list(EpochShuffleSampler(10, seed=3))[:8] == first  # the same order, cut
+    assert len(EpochShuffleSampler(3, seed=3, full_batches=4)) == 3  # smaller than one batch: all kept
 
 
 def test_a_compiled_run_over_several_buckets_trains_as_eager_does(tmp_path, varied_csv, mix_order_on):

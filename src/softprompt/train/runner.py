@@ -200,6 +200,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.add_callback(ProgressLines())
     trainer.adapter_metadata = _adapter_metadata(cfg, spec)
     trainer.dynamic_length = compile_mode is not None and len(getattr(collator, "buckets", ())) > 1
+    trainer.full_batches_only = compile_mode is not None  # one batch size: no recompilation at an epoch's end
     start = time.time()
     resume = resume_point(cfg)
     trainer.train(resume_from_checkpoint=resume)

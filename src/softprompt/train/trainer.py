@@ -36,20 +36,26 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     accelerate shards the *batches* of this sampler across ranks (rank r takes batches r, r+W, ...), so a step of
     W processes with batch b sees exactly the examples of one step of a single process with batch W*b: runs with the
     same global batch give the same adapter whatever the number of processes.
+
+    ``full_batches`` (a global batch size, 0 = off): each epoch keeps the largest multiple of it, so that every batch
+    is full. Compiled runs use it: a smaller last batch changes the batch dimension, and the step compiles again (a
+    second, dynamic graph; on the GPU Inductor failed on one, see docs/performance.md). The examples left out differ
+    from epoch to epoch (each epoch's permutation is new); a dataset smaller than one batch keeps all its examples.
     """
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, full_batches: int = 0):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.kept = n - n % full_batches if 0 < full_batches <= n else n
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.n
+        return self.kept
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g)[: self.kept].tolist())
 
 
 class AdapterTrainer(Trainer):
@@ -58,6 +64,8 @@ class AdapterTrainer(Trainer):
     # Set when a compiled run pads batches to several length buckets: the model's inputs then carry a dynamic
     # length, so that one compilation serves them all (``bucketing.mark_length_dynamic``).
     dynamic_length = False
+    # Set by compiled runs: train on full global batches only (``EpochShuffleSampler``'s ``full_batches``).
+    full_batches_only = False
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
@@ -65,7 +73,8 @@ class AdapterTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return EpochShuffleSampler(len(dataset), self.args.data_seed or self.args.seed)
+        full = self.args.per_device_train_batch_size * self.args.world_size if self.full_batches_only else 0
+        return EpochShuffleSampler(len(dataset), self.args.data_seed or self.args.seed, full_batches=full)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         self.check_finite()  # never save what a non-finite step produced

@@ -169,9 +169,9 @@ def test_data_order_follows_the_seed_and_the_epoch(tiny_bert_dir, sentiment_csv,
     seen = []
 
     class Recording(trainer.EpochShuffleSampler):
-        def __init__(self, n, seed):
+        def __init__(self, n, seed, full_batches=0):
             seen.append((n, seed))
-            super().__init__(n, seed)
+            super().__init__(n, seed, full_batches)
 
     monkeypatch.setattr(trainer, "EpochShuffleSampler", Recording)
     train(TrainConfig(method="prefix", model=tiny_bert_dir, output=str(tmp_path / "run"), file=sentiment_csv,

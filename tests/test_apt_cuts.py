@@ -3,17 +3,23 @@
 * Key and value gated in one multiply of compose's joint [2, B, H, P, D] view: the same products as two multiplies
   (outputs and the tables' gradients bit for bit); the gate's gradient is one reduction over key and value instead
   of two and a sum, exact where every partial sum is (dyadic values), within float rounding otherwise.
+* lambda_i out of the layer call: APT's forward scales all layers' stacked tables by their lambdas in one multiply
+  (keys and values, or values only), and the layer's gate is alpha alone. Same numbers as lambda * alpha up to float
+  rounding; exact where the products are (dyadic values); the saved adapter is unchanged.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import softprompt as sp
 from softprompt.engine import attention
 from softprompt.engine.compose import Contribution, Part, compose
-from softprompt.engine.state import LayerInjection
+from softprompt.engine.state import InjectionState, LayerInjection
+from softprompt.methods.base import MethodInputs
 
 B, H, P, D = 3, 2, 4, 5
 
@@ -112,3 +118,85 @@ def test_joint_view_only_for_contributions_with_a_layer_hook():
         assert inj.key_value.shape == (2, B, H, P, D)
         assert torch.equal(inj.key_value[0], inj.key) and torch.equal(inj.key_value[1], inj.value)
     assert LayerInjection().key_value is None
+
+
+# ---- lambda_i scales the stacked tables once per forward ---------------------------------------------------------
+def _dyadic_apt(target: str, lengths=None, double: bool = True):
+    """A tiny BERT with APT whose tables and lambdas are multiples of 1/4 (exact products, see ``_leaves``)."""
+    cfg = {"layer_lengths": lengths} if lengths else {"num_virtual_tokens": 4}
+    model = sp.wrap(tiny("bert", task="cls"), sp.APTConfig(gate_target=target, init="random", **cfg))
+    if double:
+        model.method.double()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for t in model.method.tables.values():
+            t.copy_(torch.randint(-8, 9, t.shape, generator=gen) / 4)
+        for lam in model.method.gate_lambda.values():
+            lam.fill_(float(torch.randint(1, 12, (), generator=gen)) / 4)
+    return model
+
+
+def _inputs(model):
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    return MethodInputs(ids, (ids > 0).long(), model.base_model.get_input_embeddings(), 2)
+
+
+@pytest.mark.parametrize("target", ["kv", "v"])
+@pytest.mark.parametrize("lengths", [None, [4, 0, 2]], ids=["one-length", "lengths-differ"])
+def test_lambda_scales_the_tables_and_the_gate_is_alpha(target, lengths):
+    """The contribution's key and value of layer i are lambda_i * table (keys unscaled for 'v'), values and gradients
+    equal to a plain float64 computation; the hook's gate is alpha, bit for bit what ``compute_gate`` gives."""
+    model = _dyadic_apt(target, lengths)
+    method = model.method
+    contrib = method(_inputs(model))
+    tables, lams = dict(method.tables.items()), dict(method.gate_lambda.items())
+    assert sorted(contrib.prefixes) == sorted(int(i) for i in tables)
+    weights = {}
+    for i, (k, v) in contrib.prefixes.items():
+        t, lam = tables[str(i)], lams[str(i)]
+        assert torch.equal(k, (t[:1] * lam) if target == "kv" else t[:1]) and torch.equal(v, t[1:] * lam)
+        weights[i] = torch.randint(-4, 5, (2, *k.shape[1:]), generator=torch.Generator().manual_seed(i)) / 4
+    loss = sum((k * weights[i][:1]).sum() + (v * weights[i][1:]).pow(2).sum() for i, (k, v) in contrib.prefixes.items())
+    loss.backward()
+    for i in contrib.prefixes:
+        t, lam, w = tables[str(i)].detach(), lams[str(i)].detach(), weights[i]
+        key_scale = lam if target == "kv" else 1.0
+        want_t = torch.cat([w[:1] * key_scale, 2 * (t[1:] * lam) * w[1:] ** 2 * lam])
+        want_lam = 2 * ((t[1:] * lam) * w[1:] ** 2 * t[1:]).sum() + ((t[:1] * w[:1]).sum() if target == "kv" else 0)
+        assert torch.equal(tables[str(i)].grad, want_t) and torch.equal(lams[str(i)].grad, want_lam)
+    state = InjectionState(attention_mask=_inputs(model).attention_mask)
+    hidden = torch.randn(2, 5, model.info.hidden_size, dtype=torch.float64)
+    for i in contrib.prefixes:
+        contrib.layer_hook(i, hidden, state)
+        alpha, _ = method.compute_gate(i, hidden, state.attention_mask)
+        assert torch.equal(state.layers[i].gate, alpha)
+
+
+def test_lambda_costs_no_op_per_layer_in_the_forward():
+    """The contribution's ops do not grow with the layers (the lambdas are stacked and applied once)."""
+    counts = []
+    for lengths in ([3, 0, 0], [3, 3, 3]):  # one prefixed layer, three
+        model = sp.wrap(tiny("bert", task="cls"), sp.APTConfig(layer_lengths=lengths))
+        inputs = _inputs(model)
+        counter = _Ops()
+        with counter:
+            model.method(inputs)
+        counts.append(len(counter.ops))
+    assert counts[0] == counts[1]
+
+
+def test_saved_adapter_holds_the_unscaled_tables_and_every_lambda(tmp_path):
+    """What is saved did not change: the tables as trained (not scaled by lambda) and one lambda per layer."""
+    model = _dyadic_apt("kv", double=False)
+    saved = model.method.export_state_dict()
+    assert sorted(k for k in saved if k.startswith("gate_lambda.")) == [f"gate_lambda.{i}" for i in range(3)]
+    for i, t in model.method.tables.items():
+        assert torch.equal(saved[f"tables.{i}"], t.detach())
+        assert torch.equal(saved[f"gate_lambda.{i}"], model.method.gate_lambda[i].detach())
+    ids = _inputs(model)
+    model.save_pretrained(tmp_path)
+    loaded = sp.load(tiny("bert", task="cls"), tmp_path)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(loaded(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits,
+                           model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).logits)

@@ -96,7 +96,7 @@ def test_apt_host_ops_script_runs_at_tiny_settings(tmp_path, capsys):
     out = tmp_path / "ops.json"
     threads = torch.get_num_threads()
     cases = module.main(["--layers", "2", "--short-layers", "1", "--seq", "4", "--tokens", "2", "--models", "decoder",
-                         "--breakdown", "--json", str(out)])
+                         "--breakdown", "--kernels", "--json", str(out)])
     assert torch.get_num_threads() == threads
     assert json.loads(out.read_text()) == json.loads(json.dumps(cases))
     assert set(cases) == {"decoder/train", "decoder/forward"}
@@ -105,7 +105,8 @@ def test_apt_host_ops_script_runs_at_tiny_settings(tmp_path, capsys):
         bare, prefix, apt = (case[v]["per_layer"] for v in module.VARIANTS)
         assert 0 < bare < prefix < apt
         assert all(sum(case[v]["by_op"].values()) == case[v]["per_layer"] for v in module.VARIANTS)
+        assert all(0 < case[v]["non_view_per_layer"] < case[v]["per_layer"] for v in module.VARIANTS)
     printed = capsys.readouterr().out
-    assert "| decoder/train |" in printed and "decoder/forward: " in printed
+    assert "| decoder/train |" in printed and "decoder/forward: " in printed and "without view ops" in printed
     with pytest.raises(SystemExit):
         module.main(["--layers", "2", "--short-layers", "2"])

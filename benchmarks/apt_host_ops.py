@@ -10,6 +10,10 @@ divided by the difference in depth is the count per layer call (what a layer add
     python benchmarks/apt_host_ops.py                     # the table of benchmarks/results/apt_host_ops.md
     python benchmarks/apt_host_ops.py --breakdown         # plus, per op, what APT dispatches beyond prefix
     python benchmarks/apt_host_ops.py --json /tmp/ops.json
+    python benchmarks/apt_host_ops.py --kernels           # plus the same counts without view ops
+
+Views (``view``, ``t``, ``detach``, ``unbind``, ...: ops whose schema returns an alias) cost host time but launch no
+kernel on a GPU; ``--kernels`` counts the other ops, roughly the kernels a GPU step launches per layer call.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,12 +52,16 @@ def _host_overhead():
 class _CountOps(TorchDispatchMode):
     """Counts every aten op dispatched inside the ``with`` block, by name (backward ops included)."""
 
+    views: ClassVar[set[str]] = set()  # names of the view ops seen (by any counter)
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func)] += 1
+        if func.is_view:
+            _CountOps.views.add(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -71,7 +80,8 @@ def count_step(kind: str, variant: str, layers: int, mode: str, *, batch: int, s
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """{"decoder/train": {variant: {"per_layer": n, "by_op": {op: n}}}, ...}: ops per layer call."""
+    """{"decoder/train": {variant: {"per_layer": n, "by_op": {op: n}, "non_view_per_layer": n}}, ...}: ops per layer
+    call (all, by op, and those that are not views)."""
     short, long = args.short_layers, args.layers
     out: dict = {}
     threads = torch.get_num_threads()
@@ -86,15 +96,19 @@ def measure(args: argparse.Namespace) -> dict:
                     by_op = {op: (b[op] - a[op]) / (long - short) for op in sorted(set(a) | set(b)) if b[op] != a[op]}
                     case[variant] = {"per_layer": (sum(b.values()) - sum(a.values())) / (long - short),
                                      "by_op": by_op}
+        for case in out.values():
+            for counts in case.values():
+                counts["non_view_per_layer"] = sum(n for op, n in counts["by_op"].items()
+                                                   if op not in _CountOps.views)
     finally:
         torch.set_num_threads(threads)
     return out
 
 
-def table(cases: dict) -> str:
+def table(cases: dict, key: str = "per_layer") -> str:
     lines = ["| case | bare | prefix | APT | APT - prefix | APT / prefix |", "|---|---|---|---|---|---|"]
     for name, case in cases.items():
-        bare, prefix, apt = (case[v]["per_layer"] for v in VARIANTS)
+        bare, prefix, apt = (case[v][key] for v in VARIANTS)
         lines.append(f"| {name} | {bare:g} | {prefix:g} | {apt:g} | {apt - prefix:g} | {apt / prefix:.3f}x |")
     return "\n".join(lines)
 
@@ -120,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--breakdown", action="store_true", help="print APT's ops beyond prefix's, by op")
+    parser.add_argument("--kernels", action="store_true", help="also print the counts without view ops")
     parser.add_argument("--json", help="also write the counts (per layer and by op) to this file")
     return parser
 
@@ -131,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     cases = measure(args)
     print("aten ops per layer call (forward + backward for train, no-grad forward for forward)")
     print(table(cases))
+    if args.kernels:
+        print("the same without view ops (about the kernels a GPU launches)")
+        print(table(cases, "non_view_per_layer"))
     if args.breakdown:
         print(breakdown(cases))
     if args.json:

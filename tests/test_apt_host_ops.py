@@ -96,7 +96,7 @@ def test_apt_host_ops_script_runs_at_tiny_settings(tmp_path, capsys):
     out = tmp_path / "ops.json"
     threads = torch.get_num_threads()
     cases = module.main(["--layers", "2", "--short-layers", "1", "--seq", "4", "--tokens", "2", "--models", "decoder",
-                         "--breakdown", "--json", str(out)])
+                         "--breakdown", "--kernels", "--json", str(out)])
     assert torch.get_num_threads() == threads
     assert json.loads(out.read_text()) == json.loads(json.dumps(cases))
     assert set(cases) == {"decoder/train", "decoder/forward"}
@@ -105,7 +105,19 @@ def test_apt_host_ops_script_runs_at_tiny_settings(tmp_path, capsys):
         bare, prefix, apt = (case[v]["per_layer"] for v in module.VARIANTS)
         assert 0 < bare < prefix < apt
         assert all(sum(case[v]["by_op"].values()) == case[v]["per_layer"] for v in module.VARIANTS)
+        assert all(0 < case[v]["non_view_per_layer"] < case[v]["per_layer"] for v in module.VARIANTS)
     printed = capsys.readouterr().out
-    assert "| decoder/train |" in printed and "decoder/forward: " in printed
+    assert "| decoder/train |" in printed and "decoder/forward: " in printed and "without view ops" in printed
     with pytest.raises(SystemExit):
         module.main(["--layers", "2", "--short-layers", "2"])
+
+
+def test_apt_rounding_script_runs_against_a_commit(capsys):
+    """Smoke run against HEAD (another import of the package): both versions close to float64 in fp32."""
+    module = load_benchmark("apt_rounding")
+    rows = module.main(["--baseline", "HEAD", "--layers", "2", "--models", "encoder"])
+    assert [r["case"] for r in rows] == [f"encoder {t} {p}" for t in ("kv", "v") for p in ("fp32", "bf16 autocast")]
+    for r in rows[::2]:  # fp32
+        assert r["now"]["logits"] < 1e-5 and r["before"]["logits"] < 1e-5 and r["max_abs_logit_diff"] < 1e-6
+        assert {"tables", "gate_proj", "gate_lambda"} <= set(r["now"])
+    assert "relative error against float64" in capsys.readouterr().out

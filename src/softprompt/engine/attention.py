@@ -58,7 +58,8 @@ def gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: to
         return _compute_gated_prefix(inj, batch, dtype, device)
     # Without gradients (generate(), evaluation) a state's prefix is fixed: cast/gate/expand it once, not at every
     # decoding step of every layer.
-    key = (batch, dtype, device, id(inj.key), id(inj.value), id(inj.gate))  # the tensors inj holds: ids are stable
+    key = (batch, dtype, device, id(inj.key), id(inj.value), id(inj.gate), id(inj.key_value))  # ids are stable:
+    # they are those of the tensors inj holds
     if inj.cache is None or inj.cache[0] != key:
         inj.cache = (key, _compute_gated_prefix(inj, batch, dtype, device))
     return inj.cache[1]
@@ -70,14 +71,21 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Te
 
 
 def _compute_gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, device: torch.device):
-    pk = _cast(inj.key, dtype, device)
-    pv = _cast(inj.value, dtype, device)
-    if inj.gate is not None:
-        g = _cast(inj.gate, dtype, device)
-        # Straight to [B, H|1, P, 1] in one reshape (a view of a contiguous gate): one op and one backward node per
-        # layer call, where a reshape and an unsqueeze cost two of each.
-        g = g.reshape(g.shape[0], -1 if g.dim() > 2 else 1, g.shape[-1], 1)
-        pv = pv * g
+    if inj.gate is None:
+        pk, pv = _cast(inj.key, dtype, device), _cast(inj.value, dtype, device)
+        return _expand_batch(pk, batch), _expand_batch(pv, batch)
+    g = _cast(inj.gate, dtype, device)
+    # Straight to [B, H|1, P, 1] in one reshape (a view of a contiguous gate): one op and one backward node per
+    # layer call, where a reshape and an unsqueeze cost two of each.
+    g = g.reshape(g.shape[0], -1 if g.dim() > 2 else 1, g.shape[-1], 1)
+    if inj.key_value is not None and not inj.gate_values_only:
+        # Key and value gated in one multiply of their joint [2, B, H, P, D] view (compose's): the same products,
+        # element by element, as two multiplies; the backward makes one product and one reduction for the gate
+        # instead of two of each and their sum (that reduction runs over key and value at once, so the gate's
+        # gradient may differ from the two-multiply form's in float rounding).
+        pk, pv = (_cast(inj.key_value, dtype, device) * g).unbind(0)
+    else:
+        pk, pv = _cast(inj.key, dtype, device), _cast(inj.value, dtype, device) * g
         if not inj.gate_values_only:
             pk = pk * g
     return _expand_batch(pk, batch), _expand_batch(pv, batch)

@@ -77,8 +77,9 @@ def compose(parts: Sequence[Part], batch: int, attention_mask: torch.Tensor | No
     state = InjectionState(attention_mask=attention_mask, replays=replays)
     if len(parts) == 1 and (parts[0].rows is None or len(parts[0].rows) == batch):
         only = parts[0].contribution  # one method for every row: its tensors are used as they are
-        for i, (k, v) in _batched(only.prefixes, batch).items():
-            state.layers[i] = LayerInjection(key=k, value=v, prefix_mask=only.prefix_mask.get(i))
+        joint = only.layer_hook is not None  # a hook may gate the prefixes (APT): give it key and value as one
+        for i, (k, v, kv) in _batched(only.prefixes, batch, joint).items():
+            state.layers[i] = LayerInjection(key=k, value=v, prefix_mask=only.prefix_mask.get(i), key_value=kv)
         state.insertion, state.layer_hook = only.insertion, only.layer_hook
         return state
     covered = sum(len(p.rows) for p in parts) == batch
@@ -95,22 +96,28 @@ def compute_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dt
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else (dtype or t.dtype)
 
 
-def _batched(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int
-             ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _batched(prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int, joint: bool = False
+             ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Shared prefixes ([1, H, P, D], one shape for every layer) cast and expanded to ``batch`` rows for all layers
     at once: one stack, one cast and one expand (one autograd node each, whose backward sums the batch once) instead
-    of a cast and an expand per key and value in every layer call. Other prefixes pass through unchanged."""
+    of a cast and an expand per key and value in every layer call. Other prefixes pass through unchanged.
+
+    layer -> (key, value, key_value): with ``joint``, key_value is the layer's key and value as one [2, batch, H, P,
+    D] view of the same stack (``LayerInjection.key_value``: a gate on both is then one multiply), else None."""
     tables = [t for kv in prefixes.values() for t in kv]
     first = tables[0] if tables else None
     if first is None or first.shape[0] != 1 or any(t.shape != first.shape for t in tables):
-        return prefixes
+        return {i: (k, v, None) for i, (k, v) in prefixes.items()}
     dtype = compute_dtype(first)
     if batch == 1 and all(t.dtype == dtype for t in tables):
         # Nothing to cast or expand: the tensors stay what they are. A caller that keeps one state over buffers it
         # rewrites between forwards (the fixed decoding buffers of multi.static_batch) needs views to stay views.
-        return prefixes
-    flat = torch.stack(tables).to(dtype).expand(-1, batch, -1, -1, -1).unbind(0)
-    return {i: (flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(prefixes)}
+        return {i: (k, v, None) for i, (k, v) in prefixes.items()}
+    stacked = torch.stack(tables).to(dtype).expand(-1, batch, -1, -1, -1)
+    flat = stacked.unbind(0)
+    # Key j and value j are rows 2j and 2j + 1 of the stack: pairs[j] is [2, batch, H, P, D], two ops per forward.
+    pairs = stacked.unflatten(0, (-1, 2)).unbind(0) if joint else [None] * len(prefixes)
+    return {i: (flat[2 * j], flat[2 * j + 1], pairs[j]) for j, i in enumerate(prefixes)}
 
 
 def _stack_prefixes(g: int, parts: Sequence[Part], covered: bool, state: InjectionState,

@@ -162,7 +162,8 @@ class Injector:
         if self.info.is_causal:
             # Causal decoders: the inserted tokens become key/value prefixes of layers index..L-1.
             for j, (k, v) in self.insertion_to_prefix(ins.vectors.to(hidden.dtype), index).items():
-                state.layer(j).key, state.layer(j).value = k, v
+                inj = state.layer(j)
+                inj.key, inj.value, inj.key_value = k, v, None  # a joint key_value would be the replaced prefix's
             ins.consumed = True
             return args, kwargs
         if self.info.has_rotary:

@@ -30,6 +30,10 @@ class LayerInjection:
     prefix_mask: optional [B or 1, P] bool, True = the row sees that prefix column. Lets rows of one batch carry
         prefixes of different lengths (shorter ones padded, padding hidden), e.g. several adapters in one batch.
         None = every column visible to every row (the fused attention paths stay usable).
+    key_value: optional [2, B or 1, H_kv, P, D], the key and the value as one tensor (``key, value =
+        key_value.unbind(0)`` in numbers), set by ``compose`` where the layout allows it: a gate on both is then
+        one multiply (one kernel, and in the backward one product and one reduction for the gate instead of two each
+        plus a sum). Whoever replaces ``key`` or ``value`` afterwards clears it.
     """
 
     key: torch.Tensor | None = None
@@ -39,6 +43,7 @@ class LayerInjection:
     inserted: int = 0
     insert_at: int = 0
     prefix_mask: torch.Tensor | None = None
+    key_value: torch.Tensor | None = field(default=None, repr=False)
     # The prefix as attention uses it (cast, gated, expanded), kept for no-grad calls (see attention.py).
     cache: tuple | None = field(default=None, repr=False, compare=False)
 

@@ -8,10 +8,14 @@ that carries a prefix:
   layer and per example, computed from the hidden states ``h_{i-1}`` entering layer i;
 * a layer-level learnable scalar ``lambda_i``.
 
-The engine receives ``lambda_i * alpha_i`` ([B, P_i]) as the layer's gate and scales the prefix keys and values
-(``gate_target="kv"``) or the values only (``"v"``) before they are concatenated in front of the real keys/values
-("scale" gating, injection spec section 6). Nothing else changes in attention, so every fused kernel stays usable:
-the only extra work per layer is one pooled [B, d] x [d, P] product.
+The prefix keys and values (``gate_target="kv"``) or the values only (``"v"``) are scaled by ``lambda_i * alpha_i``
+before they are concatenated in front of the real keys/values ("scale" gating, injection spec section 6). Nothing
+else changes in attention, so every fused kernel stays usable: the only extra work per layer is one pooled [B, d] x
+[d, P] product and the gate's multiply. That multiply is split where it costs least on the host (issue 18): lambda_i
+scales the layer's table in the forward's one multiply of all layers' stacked tables (``key_value_pairs``), and the
+engine receives ``alpha_i`` ([B, P_i]) as the layer's gate, so a layer call makes no ``lambda * alpha`` product (one
+op, and three in its backward). The prefix attention sees is ``(lambda_i k) alpha_i`` instead of ``k (lambda_i
+alpha_i)``: equal up to float rounding (a relative 2^-24 or so in float32).
 
 Only the abstract of the paper could be read: the equations are a reconstruction (``shared/specs/apt.md``); each
 option below says whether it is the paper's, a reconstruction, or our choice.
@@ -33,7 +37,7 @@ from ...engine.injector import ModelInfo
 from ...engine.state import InjectionState
 from ...pooling import mean_weights, pool
 from ..base import Contribution, HookShape, MethodInputs, PromptMethod
-from ..prefix_tuning.module import PrefixTuning
+from ..prefix_tuning.module import PrefixTuning, key_value_pairs
 from .config import APTConfig
 
 # Attribute of the per-forward InjectionState that caches this forward's gates (reused by generate's decode steps).
@@ -98,9 +102,16 @@ class APT(PromptMethod):
         return HookShape(gate="v" if self.config.gate_target == "v" else "kv")
 
     def forward(self, inputs: MethodInputs) -> Contribution:
-        contrib = self.prefix(inputs)
-        contrib.layer_hook = self._gate_hook
-        return contrib
+        tables = self.prefix.forward_tables()
+        return Contribution(prefixes=key_value_pairs(tables, self._lambda_scale(tables)), layer_hook=self._gate_hook)
+
+    def _lambda_scale(self, tables: dict[int, torch.Tensor]) -> torch.Tensor:
+        """[L, 1, 1, 1, 1] (every lambda_i, in ``tables``' order), or [L, 2, 1, 1, 1] with 1 for the keys when only
+        values are gated: the per-layer factor of ``key_value_pairs``, a few ops per forward whatever the depth."""
+        lams = torch.stack([self.gate_lambda[str(i)] for i in tables])
+        if self.config.gate_target == "v":
+            lams = torch.stack([torch.ones_like(lams), lams], dim=1)  # keys x 1: exact
+        return lams.view(len(tables), -1, 1, 1, 1)
 
     def compute_gate(
         self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None, pool_weights: torch.Tensor | None = None
@@ -149,7 +160,7 @@ class APT(PromptMethod):
                     cache[key] = mean_weights(mask, hidden.dtype)
                 weights = cache[key]
             alpha, lam = self.compute_gate(index, hidden, mask, pool_weights=weights)
-            gate = lam * alpha
+            gate = alpha  # lambda_i already scales this layer's prefix (forward): the gate is alpha alone
             cache[index] = gate
             if self.record:
                 self.last_gates[index] = {"alpha": alpha.detach().float().cpu(), "lambda": float(lam.detach())}

@@ -82,13 +82,17 @@ class PrefixTuning(PromptMethod):
         return max(self.lengths) if self.config.shift_positions else 0
 
     def forward(self, inputs: MethodInputs) -> Contribution:
+        return Contribution(prefixes=key_value_pairs(self.forward_tables()))
+
+    def forward_tables(self) -> dict[int, torch.Tensor]:
+        """layer -> [2, H_kv, P, D] as this forward uses them: after dropout (training) and ``config.scale``."""
         tables = self.layer_tables()
         if self.training and self.drop.p > 0:  # else skip L no-op module calls: CPU time at small shapes
             tables = {i: self.drop(t) for i, t in tables.items()}
         scale = float(self.config.scale)
         if scale != 1.0:  # skipped at 1.0 so that the default stays bit-identical to PEFT (tests/test_parity_peft)
             tables = {i: t * scale for i, t in tables.items()}
-        return Contribution(prefixes=key_value_pairs(tables))
+        return tables
 
     # ---- saving: projected tables always, the MLP too for resuming ---------------------------------------------
     def export_state_dict(self) -> dict[str, torch.Tensor]:
@@ -118,13 +122,22 @@ class PrefixTuning(PromptMethod):
         self.tables = nn.ParameterDict(tables)
 
 
-def key_value_pairs(tables: dict[int, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def key_value_pairs(tables: dict[int, torch.Tensor], scale: torch.Tensor | None = None
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """layer -> (key, value), each [1, H, P, D], from [2, H, P, D] tables. Tables of one shape (the common case) go
     through one stack and one unbind for all layers: a slice per key and per value costs 2 ops per layer in the
     forward and more in the backward (each slice's gradient is a zero tensor with a copy), host time in every step
-    of a small model. The values and gradients are the same either way."""
+    of a small model. The values and gradients are the same either way.
+
+    ``scale`` ([L, 1 or 2, 1, 1, 1], one row per table in ``tables``' order) multiplies each layer's key and value
+    (or, with 2 columns, each separately): one multiply for every layer on the stacked tables (APT's lambdas)."""
     first = next(iter(tables.values()), None)
     if first is None or any(t.shape != first.shape for t in tables.values()):
+        if scale is not None:  # the rare path (lengths differ): a multiply per layer
+            tables = {i: t * s for (i, t), s in zip(tables.items(), scale.unbind(0))}
         return {i: (t[:1], t[1:]) for i, t in tables.items()}
-    flat = torch.stack(list(tables.values())).flatten(0, 1).unsqueeze(1).unbind(0)  # 2L x [1, H, P, D]
+    stacked = torch.stack(list(tables.values()))  # [L, 2, H, P, D]
+    if scale is not None:
+        stacked = stacked * scale
+    flat = stacked.flatten(0, 1).unsqueeze(1).unbind(0)  # 2L x [1, H, P, D]
     return {i: (flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(tables)}

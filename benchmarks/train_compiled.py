@@ -3,14 +3,16 @@
 
 Runs (``--runs``, default all): the real MiniLM (``--minilm``) on GLUE SST-2 and MRPC with prefix, APT and ID-SPAM
 through ``softprompt train`` (a subprocess each: ``--compile off`` against ``--compile reduce-overhead``, which pads
-batches to a few lengths), and SmolLM2 (``--smollm2``) with prefix tuning on ARC-Easy: LM loss on the gold answer,
+batches to a few lengths, and ``--compile cudagraphs``, mode ``graphs``: the same CUDA graphs without Inductor's code
+generation, CUDA only), and SmolLM2 (``--smollm2``) with prefix tuning on ARC-Easy: LM loss on the gold answer,
 dev accuracy by cloze scoring (``softprompt.dnd.cloze``), trained by a plain loop here (``softprompt train`` has no
-multiple-choice head for decoders), compiled with ``torch.compile(mode="reduce-overhead")`` on bucketed batches.
+multiple-choice head for decoders), compiled with ``torch.compile(mode="reduce-overhead")`` (``graphs``:
+``backend="cudagraphs"``) on bucketed batches.
 Same data order, seed, batch and steps in both modes. ``wall_s``: the whole run (load, compile, train, evaluate);
 ``train_s``: the training loop; ``accuracy``: dev accuracy (SmolLM2: acc_norm, the cloze measure of ARC);
 ``steady_step_ms`` and ``one_off_s``: the training loop split into steady steps and one-off costs (compiling,
-recording graphs; ``softprompt.train.trainer.StepClock``). The summary turns each eager/compiled pair into what
-``--compile auto`` needs: ``saved_s_per_step``, ``one_off_extra_s`` and ``break_even_steps``.
+recording graphs; ``softprompt.train.trainer.StepClock``). The summary turns each pair of eager and a compiled mode
+into what ``--compile auto`` needs: ``saved_s_per_step``, ``one_off_extra_s`` and ``break_even_steps``.
 
 Resumable: ``--out`` is rewritten after every run and finished runs (same model, task, method, mode, steps) are
 skipped; ``--time-budget S`` starts no run that its estimate (``estimate_s``: the longest finished run of its kind, or
@@ -43,8 +45,8 @@ from portable import portable  # noqa: E402
 MINILM_TASKS = {"sst2": "glue/sst2", "mrpc": "glue/mrpc"}
 METHODS = ("prefix", "apt", "idspam")
 SMOLLM2_TASK = "commonsense/arc_easy"
-MODES = ("eager", "compiled")
-DEFAULT_ESTIMATE_S = {"eager": 150.0, "compiled": 300.0}
+MODES = ("eager", "compiled", "graphs")  # graphs: CUDA graphs without Inductor (--compile cudagraphs), CUDA only
+DEFAULT_ESTIMATE_S = {"eager": 150.0, "compiled": 300.0, "graphs": 200.0}
 CLOCK_WINDOW = 50  # steps between two readings of the step clock (softprompt.train.trainer.StepClock's window)
 
 
@@ -63,7 +65,7 @@ def minilm_run(args, task: str, method: str, mode: str, steps: int) -> dict:
     cmd = [sys.executable, "-m", "softprompt", "train", "--method", method, "--model", args.minilm,
            "--task", MINILM_TASKS[task], "--output", str(out), "--max-steps", str(steps),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--seed", str(args.seed),
-           "--compile", "off" if mode == "eager" else args.compile_mode, "--overwrite"]
+           "--compile", {"eager": "off", "graphs": "cudagraphs"}.get(mode, args.compile_mode), "--overwrite"]
     cmd += ["--bf16"] * args.bf16
     cmd += ["--train-limit", str(args.train_limit)] if args.train_limit else []
     cmd += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []
@@ -116,7 +118,8 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=default_lr("prefix"))
     if mode != "eager":
         disable_mix_order_reduction()  # as softprompt train does (src/softprompt/inductor.py)
-    step_model = model if mode == "eager" else torch.compile(model, mode=args.compile_mode)
+    step_model = (model if mode == "eager" else torch.compile(model, backend="cudagraphs") if mode == "graphs"
+                  else torch.compile(model, mode=args.compile_mode))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     t_train = time.perf_counter()
     marks = [(0, t_train)]  # the step clock of softprompt train (StepClock), without a Trainer
@@ -148,7 +151,8 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
         scores = score_items(model, tok, dev, batch_size=32)
     return {"wall_s": round(time.perf_counter() - t0, 2), "train_s": round(train_s, 2), "accuracy": scores["acc_norm"],
             "accuracy_unnormalised": scores["acc"], "metric": f"{name} dev acc_norm (cloze)", "steps_done": steps,
-            "compile": None if mode == "eager" else args.compile_mode, "length_buckets": list(buckets),
+            "compile": {"eager": None, "graphs": "cudagraphs"}.get(mode, args.compile_mode),
+            "length_buckets": list(buckets),
             "eval_examples": scores["n"], "final_loss": float(loss), **split_time(marks, CLOCK_WINDOW)}
 
 
@@ -163,22 +167,24 @@ def environment() -> dict:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Per (model, task, method, steps): compiled / eager wall time and the accuracy difference (issue 18's goal:
-    at most 1/1.5 of eager's wall time on the MiniLM runs, accuracy within 0.5 points)."""
+    """Per (model, task, method, steps) and compiled mode (``compiled``, ``graphs``): its wall time over eager's and
+    the accuracy difference (issue 18's goal: at most 1/1.5 of eager's wall time on the MiniLM runs, accuracy within
+    0.5 points). The ``compiled_*`` fields name the compiled mode of the row, whichever it is."""
     ok = {key(r): r for r in runs if r.get("status") == "ok"}
     out = []
     for (model, task, method, mode, steps), eager in ok.items():
-        compiled = ok.get((model, task, method, "compiled", steps))
-        if mode != "eager" or compiled is None:
-            continue
-        ratio = compiled["wall_s"] / eager["wall_s"]
-        diff = 100 * (compiled["accuracy"] - eager["accuracy"])
-        out.append({"model": model, "task": task, "method": method, "steps": steps,
-                    "eager_wall_s": eager["wall_s"], "compiled_wall_s": compiled["wall_s"],
-                    "compiled_over_eager": round(ratio, 3),
-                    "train_s_ratio": round(compiled["train_s"] / max(eager["train_s"], 1e-9), 3),
-                    "accuracy_diff_points": round(diff, 2), **calibration(eager, compiled),
-                    "goal_met": ratio <= 1 / 1.5 and abs(diff) <= 0.5 if model == "minilm" else None})
+        for compiled_mode in MODES[1:]:
+            compiled = ok.get((model, task, method, compiled_mode, steps))
+            if mode != "eager" or compiled is None:
+                continue
+            ratio = compiled["wall_s"] / eager["wall_s"]
+            diff = 100 * (compiled["accuracy"] - eager["accuracy"])
+            out.append({"model": model, "task": task, "method": method, "mode": compiled_mode, "steps": steps,
+                        "eager_wall_s": eager["wall_s"], "compiled_wall_s": compiled["wall_s"],
+                        "compiled_over_eager": round(ratio, 3),
+                        "train_s_ratio": round(compiled["train_s"] / max(eager["train_s"], 1e-9), 3),
+                        "accuracy_diff_points": round(diff, 2), **calibration(eager, compiled),
+                        "goal_met": ratio <= 1 / 1.5 and abs(diff) <= 0.5 if model == "minilm" else None})
     return out
 
 
@@ -224,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in args.modes.split(","):
             steps = args.steps[task]
             run = {"model": model, "task": task, "method": method, "mode": mode, "steps": steps}
+            if mode == "graphs" and not _cuda():
+                print(f"skipped (no CUDA device for CUDA graphs): {model} {task} {method} {mode}", flush=True)
+                continue
             if any(key(r) == key(run) and r.get("status") == "ok" for r in doc["runs"]):
                 continue
             estimate = estimate_s(doc["runs"], model, task, mode, steps)
@@ -243,10 +252,16 @@ def main(argv: list[str] | None = None) -> dict:
             write(out, doc, args, argv)
     write(out, doc, args, argv)
     for s in doc["summary"]:
-        print(f"  {s['model']} {s['task']} {s['method']}: compiled/eager wall {s['compiled_over_eager']}x, "
+        print(f"  {s['model']} {s['task']} {s['method']} {s['mode']}: /eager wall {s['compiled_over_eager']}x, "
               f"accuracy {s['accuracy_diff_points']:+.2f} points, goal met: {s['goal_met']}, "
               f"saved {s.get('saved_s_per_step')} s per step, break-even {s.get('break_even_steps')} steps")
     return doc
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def smollm2_subprocess(args, mode: str, steps: int) -> dict:

@@ -177,11 +177,17 @@ def test_train_compiled_benchmark_records_runs_and_resumes(tmp_path, tiny_bert_d
     assert 0 <= run["accuracy"] <= 1 and run["wall_s"] > 0 and "$SCRATCH" in run["command"]
     assert {"device", "versions", "date", "command", "summary"} <= set(json.loads(out.read_text()))
     assert tc.main(argv)["runs"] == [run]  # finished: skipped
+    if not torch.cuda.is_available():  # CUDA graphs need CUDA: the graphs mode is skipped, nothing recorded
+        assert tc.main([*common, "--modes", "graphs"])["runs"] == [run]
     budget = tc.main([*common, "--modes", "compiled", "--time-budget", "1"])
     assert [r["mode"] for r in budget["runs"]] == ["eager"]  # the compiled run would not fit: not started
     eager = {**run, "wall_s": 30.0, "accuracy": 0.9}
     summary = tc.summarise([eager, {**eager, "mode": "compiled", "wall_s": 15.0, "accuracy": 0.903}])
     assert summary[0]["compiled_over_eager"] == 0.5 and summary[0]["goal_met"] is True
+    assert summary[0]["mode"] == "compiled"
+    both = tc.summarise([eager, {**eager, "mode": "compiled", "wall_s": 15.0}, {**eager, "mode": "graphs",
+                                                                                 "wall_s": 24.0}])
+    assert [(x["mode"], x["compiled_over_eager"]) for x in both] == [("compiled", 0.5), ("graphs", 0.8)]
     assert summary[0]["accuracy_diff_points"] == 0.3
     assert "saved_s_per_step" not in summary[0]  # runs without a step clock: no calibration
     assert run["steady_step_ms"] is None and run["one_off_s"] is None  # 2 steps: fewer than four clock windows
@@ -340,3 +346,20 @@ def test_a_compiled_run_over_several_buckets_trains_as_eager_does(tmp_path, vari
     losses = {mode: [h["loss"] for h in m["loss_history"] if "loss" in h] for mode, m in runs.items()}
     assert len(losses["default"]) == len(losses[None]) == 10
     assert losses["default"] == pytest.approx(losses[None], abs=1e-4)
+
+
+def test_cudagraphs_mode_uses_the_cudagraphs_backend_and_needs_cuda(tmp_path, tiny_bert_dir, varied_csv):
+    """``--compile cudagraphs`` hands the Trainer Dynamo's cudagraphs backend (no Inductor mode); Inductor's modes
+    keep the inductor backend; on a machine without CUDA the run stops before loading anything, with one line."""
+    from softprompt.errors import ConfigError
+    from softprompt.train.runner import compile_arguments
+
+    assert compile_arguments("cudagraphs") == {"torch_compile": True, "torch_compile_backend": "cudagraphs"}
+    assert compile_arguments("reduce-overhead") == {"torch_compile": True, "torch_compile_backend": "inductor",
+                                                    "torch_compile_mode": "reduce-overhead"}
+    assert compile_arguments(None) == {"torch_compile": False}
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        _bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / "run"), "cudagraphs")
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -131,12 +131,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", nargs="?", const="default", default="auto",
-                   choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                   choices=("auto", "off", "default", "reduce-overhead", "max-autotune", "cudagraphs"),
                    help="run the training forward through torch.compile. auto (the default): on CUDA, CUDA graphs "
                         "(reduce-overhead) with batches padded to a few lengths when the planned steps pay for "
                         "compiling, else eager; on CPU eager; the decision is printed. off: eager. A mode (bare "
-                        "--compile: 'default') compiles always. Compiled runs turn Inductor's mix-order reduction "
-                        "off (it produced wrong gradients on torch 2.10-2.13; softprompt/inductor.py)")
+                        "--compile: 'default') compiles always. cudagraphs (CUDA only): CUDA graphs of the "
+                        "captured step without Inductor's code generation (compiles in seconds; eager's kernels). "
+                        "Compiled runs turn Inductor's mix-order reduction off (it produced wrong gradients on "
+                        "torch 2.10-2.13; softprompt/inductor.py)")
     p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")

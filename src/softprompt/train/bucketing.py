@@ -30,6 +30,7 @@ COMPILE_S = 10.0
 RECORD_S_PER_BUCKET = 2.0
 SAVED_S_PER_STEP = 0.0095
 AUTO_MODE = "reduce-overhead"  # CUDA graphs: what removes the per-step host cost
+CUDAGRAPHS = "cudagraphs"  # CUDA graphs of the captured step without Inductor (softprompt train --compile cudagraphs)
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, count: int = 4, multiple: int = 8,

@@ -20,12 +20,13 @@ from transformers.trainer_callback import PrinterCallback
 
 from .. import tasks
 from ..data import Collator, featurize
+from ..errors import ConfigError
 from ..inductor import disable_mix_order_reduction
 from ..io import atomic_write_json
 from ..loading import load_base, load_tokenizer
 from ..methods import config_from_dict, default_lr, method_classes
 from ..model import SoftPromptModel
-from .bucketing import BucketCollator, decide_compile, length_buckets, planned_steps
+from .bucketing import CUDAGRAPHS, BucketCollator, decide_compile, length_buckets, planned_steps
 from .evaluate import labelled, predictions_to_metrics
 from .guards import check_output, check_values, resume_point
 from .trainer import AdapterTrainer, ListDataset, LossLogger, ProgressLines, StepClock
@@ -158,6 +159,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one adapter; writes the adapter and ``metrics.json`` into ``cfg.output`` and returns the metrics."""
     check_values(cfg)
     check_output(cfg)
+    if cfg.compile == CUDAGRAPHS and not torch.cuda.is_available():  # checked before anything loads
+        raise ConfigError("--compile cudagraphs needs a CUDA device (CUDA graphs); on CPU use --compile default or off")
     torch.manual_seed(cfg.seed)
     train_recs, spec = task_records(cfg, "train")
     eval_recs, _ = task_records(cfg, "eval")
@@ -182,7 +185,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         disable_tqdm=not _interactive(), fsdp=cfg.fsdp, use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         # Every method's forward traces into one graph (tests/test_engine.py); compiled runs pad to a few lengths.
-        torch_compile=compile_mode is not None, torch_compile_mode=compile_mode,
+        **compile_arguments(compile_mode),
         # Its per-step isnan/isinf test reads the loss back (a host sync every step, which undoes what CUDA graphs
         # gain); AdapterTrainer checks finiteness on the device and reads the result at logging and saving instead.
         logging_nan_inf_filter=False,
@@ -229,6 +232,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.save_pretrained(cfg.output, **trainer.adapter_metadata)
         atomic_write_json(Path(cfg.output) / "metrics.json", metrics)
     return metrics
+
+
+def compile_arguments(mode: str | None) -> dict[str, Any]:
+    """The Trainer's torch.compile arguments for a compile mode: Inductor's modes, or ``cudagraphs`` (Dynamo and AOT
+    autograd capture the step, CUDA graphs replay it, and no code is generated: compiling takes seconds, not the tens
+    of seconds Inductor takes, and the kernels are eager's, unfused)."""
+    if mode is None:
+        return {"torch_compile": False}
+    if mode == CUDAGRAPHS:
+        return {"torch_compile": True, "torch_compile_backend": "cudagraphs"}
+    return {"torch_compile": True, "torch_compile_backend": "inductor", "torch_compile_mode": mode}
 
 
 def compiled_collation(cfg: TrainConfig, model: SoftPromptModel, collator: Collator, feats: list[dict]

@@ -78,6 +78,13 @@ def _compute_gated_prefix(inj: LayerInjection, batch: int, dtype: torch.dtype, d
     # Straight to [B, H|1, P, 1] in one reshape (a view of a contiguous gate): one op and one backward node per
     # layer call, where a reshape and an unsqueeze cost two of each.
     g = g.reshape(g.shape[0], -1 if g.dim() > 2 else 1, g.shape[-1], 1)
+    if inj.key.shape[0] not in (1, g.shape[0]):
+        # Beam search (generate with num_beams or num_return_sequences): the prefixes have the prompt's rows, the
+        # gate, computed from the hidden states, the repeated rows. Bring both to the attention batch first.
+        pk, pv = _expand_batch(_cast(inj.key, dtype, device), batch), _expand_batch(_cast(inj.value, dtype, device),
+                                                                                   batch)
+        g = _expand_batch(g, batch)
+        return (pk if inj.gate_values_only else pk * g), pv * g
     if inj.key_value is not None and not inj.gate_values_only:
         # Key and value gated in one multiply of their joint [2, B, H, P, D] view (compose's): the same products,
         # element by element, as two multiplies; the backward makes one product and one reduction for the gate

@@ -237,18 +237,3 @@ def test_gate_target_matches_hand_gated_prefix_through_engine(target):
         assert (outs[tgt] - ungated).abs().max().item() > 1e-2  # the gate really acts
     assert (outs["kv"] - outs["v"]).abs().max().item() > 1e-2
 
-
-@pytest.mark.parametrize("target", ["kv", "v"])
-def test_beam_search_gates_each_row_as_it_gates_that_example_alone(target):
-    """generate() with beams repeats each example: the gate then has the repeated rows and the prefixes the prompt's
-    (this crashed before: shapes [2] against [4]). Two examples in one call give the beams each gives alone."""
-    from test_apt import llama_lm
-
-    model = apt(llama_lm(), gate_target=target)
-    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
-    kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
-    with torch.no_grad():
-        both = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        alone = [model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kw) for i in range(2)]
-    assert both.shape == (4, 10)
-    assert torch.equal(both, torch.cat(alone))

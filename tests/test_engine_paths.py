@@ -2,6 +2,7 @@
 plain full forward of the same adapter: unpadded batch-1 decoding (no mask at all), chunked prefill (a cached prefix
 of the sequence, then several new tokens without a mask), and a greedy loop of full forwards."""
 
+import pytest
 import torch
 from conftest import tiny
 
@@ -106,3 +107,19 @@ def test_prompt_generate_returns_the_prompt_and_new_tokens_in_every_output_form(
     assert plain.shape == (2, 10) and torch.equal(plain[:, :6], ids)
     assert torch.equal(rich.sequences, plain) and len(rich.scores) == 4
     assert beams.shape == (4, 10) and torch.equal(beams[:, :6], ids.repeat_interleave(2, dim=0))
+
+
+@pytest.mark.parametrize("target", ["kv", "v"])
+def test_beam_search_gates_each_row_as_it_gates_that_example_alone(target):
+    """generate() with beams repeats each example: APT's gate then has the repeated rows and the prefixes the
+    prompt's (this crashed: shapes [2] against [4]). Two examples in one call give the beams each gives alone."""
+    from test_apt import apt, llama_lm
+
+    model = apt(llama_lm(), gate_target=target)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        both = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        alone = [model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kw) for i in range(2)]
+    assert both.shape == (4, 10)
+    assert torch.equal(both, torch.cat(alone))

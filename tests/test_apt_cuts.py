@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import OpRecorder, tiny
 from test_apt import apt, bert, last_hidden, right_padded
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import softprompt as sp
 from softprompt.engine import attention
@@ -24,16 +23,6 @@ from softprompt.engine.state import InjectionState, LayerInjection
 from softprompt.methods.base import MethodInputs
 
 B, H, P, D = 3, 2, 4, 5
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _leaves(seed: int, gate_shape: tuple, dyadic: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +59,7 @@ def _engine(table: torch.Tensor, gate: torch.Tensor, values_only: bool, joint: b
     inj = state.layers[0]
     assert (inj.key_value is not None) == joint
     inj.gate, inj.gate_values_only = gate, values_only
-    counter = _Ops()
+    counter = OpRecorder()
     with counter:
         pk, pv = attention._compute_gated_prefix(inj, B, torch.float64, table.device)
     return pk, pv, counter.ops
@@ -180,7 +169,7 @@ def test_lambda_costs_no_op_per_layer_in_the_forward():
     for lengths in ([3, 0, 0], [3, 3, 3]):  # one prefixed layer, three
         model = sp.wrap(tiny("bert", task="cls"), sp.APTConfig(layer_lengths=lengths))
         inputs = _inputs(model)
-        counter = _Ops()
+        counter = OpRecorder()
         with counter:
             model.method(inputs)
         counts.append(len(counter.ops))

@@ -9,23 +9,12 @@ import json
 
 import pytest
 import torch
-from conftest import load_benchmark, tiny
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import OpRecorder, load_benchmark, tiny
 
 import softprompt as sp
 from softprompt.engine import attention
 from softprompt.engine.state import LayerInjection
 from softprompt.pooling import pool
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _old_gated_prefix(key, value, gate, values_only, dtype):
@@ -47,7 +36,7 @@ def _leaves(seed, gate_shape, dtype=torch.float32):
 def test_gate_is_one_reshape_and_equal_to_the_computation_it_replaced(gate_shape, values_only):
     key, value, gate = _leaves(0, gate_shape)
     inj = LayerInjection(key=key, value=value, gate=gate, gate_values_only=values_only)
-    counter = _Ops()
+    counter = OpRecorder()
     with counter:
         pk, pv = attention._compute_gated_prefix(inj, 2, torch.float32, key.device)
     products = ["aten.mul.Tensor"] * (1 if values_only else 2)

@@ -50,6 +50,11 @@ DEFAULT_ESTIMATE_S = {"eager": 150.0, "compiled": 300.0, "graphs": 200.0}
 CLOCK_WINDOW = 50  # steps between two readings of the step clock (softprompt.train.trainer.StepClock's window)
 
 
+def compile_flag(mode: str, args) -> str | None:
+    """``softprompt train --compile``'s value of a mode (None: eager)."""
+    return {"eager": None, "compiled": args.compile_mode, "graphs": "cudagraphs"}[mode]
+
+
 def all_runs() -> list[tuple[str, str, str]]:
     """(model, task, method) of every run, MiniLM first."""
     return [("minilm", t, m) for t in MINILM_TASKS for m in METHODS] + [("smollm2", "arc_easy", "prefix")]
@@ -65,7 +70,7 @@ def minilm_run(args, task: str, method: str, mode: str, steps: int) -> dict:
     cmd = [sys.executable, "-m", "softprompt", "train", "--method", method, "--model", args.minilm,
            "--task", MINILM_TASKS[task], "--output", str(out), "--max-steps", str(steps),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--seed", str(args.seed),
-           "--compile", {"eager": "off", "graphs": "cudagraphs"}.get(mode, args.compile_mode), "--overwrite"]
+           "--compile", compile_flag(mode, args) or "off", "--overwrite"]
     cmd += ["--bf16"] * args.bf16
     cmd += ["--train-limit", str(args.train_limit)] if args.train_limit else []
     cmd += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []
@@ -118,8 +123,9 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=default_lr("prefix"))
     if mode != "eager":
         disable_mix_order_reduction()  # as softprompt train does (src/softprompt/inductor.py)
-    step_model = (model if mode == "eager" else torch.compile(model, backend="cudagraphs") if mode == "graphs"
-                  else torch.compile(model, mode=args.compile_mode))
+    flag = compile_flag(mode, args)
+    step_model = (model if flag is None else torch.compile(model, backend="cudagraphs") if flag == "cudagraphs"
+                  else torch.compile(model, mode=flag))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     t_train = time.perf_counter()
     marks = [(0, t_train)]  # the step clock of softprompt train (StepClock), without a Trainer
@@ -151,8 +157,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
         scores = score_items(model, tok, dev, batch_size=32)
     return {"wall_s": round(time.perf_counter() - t0, 2), "train_s": round(train_s, 2), "accuracy": scores["acc_norm"],
             "accuracy_unnormalised": scores["acc"], "metric": f"{name} dev acc_norm (cloze)", "steps_done": steps,
-            "compile": {"eager": None, "graphs": "cudagraphs"}.get(mode, args.compile_mode),
-            "length_buckets": list(buckets),
+            "compile": flag, "length_buckets": list(buckets),
             "eval_examples": scores["n"], "final_loss": float(loss), **split_time(marks, CLOCK_WINDOW)}
 
 
@@ -173,9 +178,11 @@ def summarise(runs: list[dict]) -> list[dict]:
     ok = {key(r): r for r in runs if r.get("status") == "ok"}
     out = []
     for (model, task, method, mode, steps), eager in ok.items():
+        if mode != "eager":
+            continue
         for compiled_mode in MODES[1:]:
             compiled = ok.get((model, task, method, compiled_mode, steps))
-            if mode != "eager" or compiled is None:
+            if compiled is None:
                 continue
             ratio = compiled["wall_s"] / eager["wall_s"]
             diff = 100 * (compiled["accuracy"] - eager["accuracy"])

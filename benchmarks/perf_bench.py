@@ -339,9 +339,8 @@ class Bench:
 
         before = reset_peak(self.device)
         gen()  # warm-up
-        runs = max(1, min(3, self.args.steps))
         times = []
-        for _ in range(runs):
+        for _ in range(max(1, min(3, self.args.steps))):
             synchronize(self.device)
             t = time.perf_counter()
             gen()
@@ -379,9 +378,7 @@ class Bench:
     def section_longseq(self, specs: list[ModelSpec]) -> None:
         steps, warmup = max(1, min(self.args.steps, 5)), min(self.args.warmup, 2)
         methods = [m for m in self.args.longseq_methods.split(",") if m]
-        for spec in specs:
-            if not spec.causal:
-                continue
+        for spec in [x for x in specs if x.causal]:
             for s in [int(x) for x in self.args.longseq.split(",") if x]:
                 for method in methods:
                     self.run("longseq", _base_row(spec, method, 1, s, False),
@@ -394,9 +391,7 @@ class Bench:
             for method in INFER_METHODS:
                 self.run("forward", _base_row(spec, method, b, s, False),
                          lambda: self.forward_case(spec, method, b, s))  # noqa: B023 - run at once
-        for spec in specs:
-            if not spec.causal:
-                continue
+        for spec in [x for x in specs if x.causal]:
             for method in INFER_METHODS:
                 row = _base_row(spec, method, gb, gs, False)
                 row["shape"] += f"+{self.args.gen_tokens}"

@@ -158,3 +158,99 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+# ---- fixtures of test modules split along themes (their other builders are in _helpers/) ---------------------------
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """test_generation*.py: an adapter of every method (``_helpers.generation.CONFIGS``) saved once per module."""
+    from _helpers.generation import CONFIGS, tiny_lm
+
+    import softprompt as sp
+
+    root = tmp_path_factory.mktemp("gen_adapters")
+    paths = {}
+    for name, config in CONFIGS.items():
+        model = sp.wrap(tiny_lm(), config)
+        if name == "lpt_npg":  # the generator starts near zero: give it weight so it matters
+            with torch.no_grad():
+                for p in model.method.parameters():
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(11))
+        model.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture
+def padded():
+    """test_id_spam*.py: a batch of 3 x 9 ids, row 0 left-padded and row 2 right-padded."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding on row 0
+    mask[2, 7:] = 0  # right padding on row 2
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """test_serve_limits*.py: base/, root/ (every kind of adapter, plus hostile ones), outside/ (a valid adapter
+    outside the root) and root_sibling/ (one beside the root whose name starts with the root's: outside it all the
+    same)."""
+    import shutil
+
+    from test_serve_helpers import adapter_tree, edit_config
+
+    base, root, outside = adapter_tree(tmp_path_factory.mktemp("serve_limits"))
+    sibling = root.parent / f"{root.name}_sibling"
+    shutil.copytree(root / "prompt_cls", sibling / "prompt_cls")
+    (root / "no_weights").mkdir()
+    shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "no_weights")
+    (root / "dir_weights").mkdir()  # adapter_model.safetensors is a folder, not a file
+    shutil.copy(root / "prompt_cls" / "adapter_config.json", root / "dir_weights")
+    (root / "dir_weights" / "adapter_model.safetensors").mkdir()
+    shutil.copytree(root / "prefix_a", root / "big_config")  # a valid config padded with spaces to over 1 MiB
+    text = (root / "big_config" / "adapter_config.json").read_text()
+    (root / "big_config" / "adapter_config.json").write_text(text + " " * 2**20)
+    for name, options in {"float_tokens": {"num_virtual_tokens": 1e9},
+                          "huge_mlp": {"projection": True, "projection_hidden_size": 10**7},
+                          "many_layers": {"layer_lengths": [4] * 1000}, "layer_out": {"layers": [0, 99]}}.items():
+        shutil.copytree(root / "prefix_a", root / name)
+        edit_config(root / name, **options)
+    return {"base": base, "root": root, "outside": outside, "sibling": sibling}
+
+
+@pytest.fixture(scope="module")
+def model(tree):
+    """test_serve_limits*.py: a model serving prefix_a of ``tree``."""
+    from softprompt.multi import MultiAdapterModel
+
+    return MultiAdapterModel(tree["base"], {"prefix_a": tree["root"] / "prefix_a"})
+
+
+@pytest.fixture
+def only_prefix_a(model):
+    """Each test starts from, and leaves, a model holding prefix_a only (a failed test must not fail the next):
+    test_serve_limits*.py use it for every test (``pytestmark``)."""
+    yield
+    for name in model.adapter_names:
+        if name != "prefix_a":
+            model.remove_adapter(name)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """test_openai_server*.py: the tiny LM with its tokenizer, and its adapters (``_helpers.openai_server``)."""
+    from _helpers.openai_server import ADAPTERS, lm, tokenizer
+
+    import softprompt as sp
+
+    root = tmp_path_factory.mktemp("openai")
+    base = root / "base"
+    lm().save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    paths = {}
+    for name, config in ADAPTERS.items():
+        sp.wrap(lm(), config).save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return str(base), paths

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers.apt import apt, bert, last_hidden, right_padded
 from conftest import OpRecorder, tiny
-from test_apt import apt, bert, last_hidden, right_padded
 
 import softprompt as sp
 from softprompt.engine import attention

@@ -20,7 +20,8 @@
 # Every call writes its JSON (and Markdown) under $OUT. Then, here: perf-a and perf-b's JSONs are merged into
 # benchmarks/results/perf/perf_eager_<card>.json by benchmarks/perf_merge.py (docs/performance.md), and
 # train_compiled.json is copied to benchmarks/results/. DRY_RUN=1 prints the Python commands instead of running anything.
-# TC_MODES (default eager,compiled,graphs) picks train_compiled.py's modes: a short session runs eager,graphs first.
+# TC_MODES (default eager,compiled,graphs) picks train_compiled.py's modes: a short session runs eager,graphs first;
+# TC_RUNS (model:task:method,...) its runs, e.g. the MiniLM ones only (then tc3 needs no tc1/tc2 before it).
 set -euo pipefail
 CALL=${1:?usage: $0 carry|perf-a|perf-b|sync|tc1|tc2|tc3|tc4|tc-dnd LEFT}
 O=${OUT:-/tmp/perf_out}
@@ -39,7 +40,7 @@ perf() {  # $1 = models, $2 = output name
 train_compiled() {  # $1 = state folder, $2 = time budget (s)
   run python3 benchmarks/train_compiled.py --out "$1/train_compiled.json" --minilm "$1/minilm" \
     --smollm2 "$1/smollm2" --data-dir "$1/data" --scratch "$1/scratch" --bf16 --time-budget "$2" \
-    --modes "${TC_MODES:-eager,compiled,graphs}"
+    --modes "${TC_MODES:-eager,compiled,graphs}" ${TC_RUNS:+--runs "$TC_RUNS"}
   [ -n "${DRY_RUN:-}" ] || cp "$1/train_compiled.json" "$O/"
 }
 
@@ -71,7 +72,7 @@ case $CALL in
   tc3)
     S=$HOME/tc; export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src:$S/site
     if [ -z "${DRY_RUN:-}" ]; then
-      tar -xJf .carry_fair/qdata.tar.xz -C "$S" && cp -r "$S/qdata/glue" "$S/data/" && cp -r .carry_fair/minilm "$S/minilm"
+      mkdir -p "$S/data" && tar -xJf .carry_fair/qdata.tar.xz -C "$S" && cp -r "$S/qdata/glue" "$S/data/" && cp -r .carry_fair/minilm "$S/minilm"
       nvidia-smi --query-gpu=name --format=csv,noheader
     fi
     train_compiled "$S" $((540 - SECONDS)) ;;

@@ -113,7 +113,7 @@ def test_prompt_generate_returns_the_prompt_and_new_tokens_in_every_output_form(
 def test_beam_search_gates_each_row_as_it_gates_that_example_alone(target):
     """generate() with beams repeats each example: APT's gate then has the repeated rows and the prefixes the
     prompt's (this crashed: shapes [2] against [4]). Two examples in one call give the beams each gives alone."""
-    from test_apt import apt, llama_lm
+    from _helpers.apt import apt, llama_lm
 
     model = apt(llama_lm(), gate_target=target)
     ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))

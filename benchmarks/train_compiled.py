@@ -8,11 +8,12 @@ generation, CUDA only), and SmolLM2 (``--smollm2``) with prefix tuning on ARC-Ea
 dev accuracy by cloze scoring (``softprompt.dnd.cloze``), trained by a plain loop here (``softprompt train`` has no
 multiple-choice head for decoders), compiled with ``torch.compile(mode="reduce-overhead")`` (``graphs``:
 ``backend="cudagraphs"``) on bucketed batches.
-Same data order, seed, batch and steps in both modes. ``wall_s``: the whole run (load, compile, train, evaluate);
-``train_s``: the training loop; ``accuracy``: dev accuracy (SmolLM2: acc_norm, the cloze measure of ARC);
-``steady_step_ms`` and ``one_off_s``: the training loop split into steady steps and one-off costs (compiling,
-recording graphs; ``softprompt.train.trainer.StepClock``). The summary turns each pair of eager and a compiled mode
-into what ``--compile auto`` needs: ``saved_s_per_step``, ``one_off_extra_s`` and ``break_even_steps``.
+Same data order, seed, batch and steps in every mode (MiniLM runs pass ``--full-batches``: eager drops each epoch's
+short last batch as compiled runs must, so that every mode trains on the same batches). ``wall_s``: the whole run (load,
+compile, train, evaluate); ``train_s``: the training loop; ``accuracy``: dev accuracy (SmolLM2: acc_norm, the cloze
+measure of ARC); ``steady_step_ms`` and ``one_off_s``: the training loop split into steady steps and one-off costs
+(compiling, recording graphs; ``softprompt.train.trainer.StepClock``). The summary turns each pair of eager and a
+compiled mode into what ``--compile auto`` needs: ``saved_s_per_step``, ``one_off_extra_s`` and ``break_even_steps``.
 
 Resumable: ``--out`` is rewritten after every run and finished runs (same model, task, method, mode, steps) are
 skipped; ``--time-budget S`` starts no run that its estimate (``estimate_s``: the longest finished run of its kind, or
@@ -70,7 +71,7 @@ def minilm_run(args, task: str, method: str, mode: str, steps: int) -> dict:
     cmd = [sys.executable, "-m", "softprompt", "train", "--method", method, "--model", args.minilm,
            "--task", MINILM_TASKS[task], "--output", str(out), "--max-steps", str(steps),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--seed", str(args.seed),
-           "--compile", compile_flag(mode, args) or "off", "--overwrite"]
+           "--compile", compile_flag(mode, args) or "off", "--full-batches", "--overwrite"]
     cmd += ["--bf16"] * args.bf16
     cmd += ["--train-limit", str(args.train_limit)] if args.train_limit else []
     cmd += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []

@@ -318,6 +318,27 @@ def test_a_compiled_run_trains_on_full_batches_only(monkeypatch, tmp_path, tiny_
     assert run("partial")[0] == 2  # the 22nd batch holds one example: a second graph
 
 
+def test_full_batches_gives_an_eager_run_the_batches_of_a_compiled_one(monkeypatch, tmp_path, tiny_bert_dir,
+                                                                      varied_csv):
+    """`softprompt train --compile off --full-batches`: the sampler keeps 63 of 64 examples in batches of 3, as a
+    compiled run's does (train_compiled.py compares modes on the same batches); without the flag eager keeps all."""
+    from softprompt.train import trainer
+
+    kept = []
+
+    class Recording(trainer.EpochShuffleSampler):
+        def __init__(self, n, seed, full_batches=0):
+            super().__init__(n, seed, full_batches)
+            kept.append(len(self))
+
+    monkeypatch.setattr(trainer, "EpochShuffleSampler", Recording)
+    for name, flags in (("full", ["--full-batches"]), ("all", [])):
+        main(["train", "--method", "prefix", "--model", tiny_bert_dir, "--file", varied_csv, "--text-column",
+              "sentence", "--label-column", "sentiment", "--output", str(tmp_path / name), "--compile", "off",
+              "--batch-size", "3", "--max-steps", "2", "--max-length", "40", "--num-virtual-tokens", "2", *flags])
+    assert kept == [63, 64]
+
+
 def test_epoch_sampler_keeps_full_batches_and_a_new_subset_each_epoch():
     from softprompt.train.trainer import EpochShuffleSampler
 

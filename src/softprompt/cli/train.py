@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit, method_options=method_options(args),
         bf16=args.bf16, fp16=args.fp16, gradient_checkpointing=args.gradient_checkpointing,
-        compile=None if args.compile == "off" else args.compile,
+        compile=None if args.compile == "off" else args.compile, full_batches=args.full_batches,
         save_steps=args.save_steps, eval_steps=args.eval_steps, resume=args.resume, overwrite=args.overwrite,
         strict=args.strict, label_map=args.label_map, readout=args.readout, carve_dev=args.carve_dev,
         fsdp=args.fsdp or "", weight_decay=args.weight_decay,
@@ -139,6 +139,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "captured step without Inductor's code generation (compiles in seconds; eager's kernels). "
                         "Compiled runs turn Inductor's mix-order reduction off (it produced wrong gradients on "
                         "torch 2.10-2.13; softprompt/inductor.py)")
+    p.add_argument("--full-batches", action="store_true",
+                   help="drop each epoch's short last batch, as compiled runs do, so that an eager run trains on "
+                        "the same batches as a compiled one")
     p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")

@@ -69,6 +69,9 @@ class TrainConfig:
     # planned steps pay for compiling, eager on CPU; the CLI's default) or None (eager)
     compile: str | None = None
     length_buckets: int = 4  # compiled runs pad each batch to one of this many lengths (0: to its longest row)
+    # Drop each epoch's short last batch, as compiled runs always do: an eager run then trains on the same batches
+    # as a compiled one (eager-against-compiled comparisons; benchmarks/train_compiled.py)
+    full_batches: bool = False
     save_steps: int | None = None
     eval_steps: int | None = None
     resume: bool = False
@@ -203,7 +206,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.add_callback(ProgressLines())
     trainer.adapter_metadata = _adapter_metadata(cfg, spec)
     trainer.dynamic_length = compile_mode is not None and len(getattr(collator, "buckets", ())) > 1
-    trainer.full_batches_only = compile_mode is not None  # one batch size: no recompilation at an epoch's end
+    # One batch size: no recompilation at an epoch's end.
+    trainer.full_batches_only = cfg.full_batches or compile_mode is not None
     start = time.time()
     resume = resume_point(cfg)
     trainer.train(resume_from_checkpoint=resume)

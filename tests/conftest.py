@@ -254,3 +254,21 @@ def folders(tmp_path_factory):
         sp.wrap(lm(), config).save_pretrained(root / name)
         paths[name] = str(root / name)
     return str(base), paths
+
+
+@pytest.fixture
+def varied_csv(tmp_path):
+    """test_compile_*.py: 64 sentences of 2-30 words (labels at random): batches of two fall into several length
+    buckets."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    words = ["good", "bad", "movie", "the", "was", "very", "not"]
+    path = tmp_path / "train.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["sentence", "sentiment"])
+        w.writeheader()
+        w.writerows({"sentence": " ".join(rng.choice(words) for _ in range(rng.randint(2, 30))),
+                     "sentiment": rng.choice(["pos", "neg"])} for _ in range(64))
+    return str(path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers.compile_runs import bucketed_run
 from conftest import tiny
 
 import softprompt as sp
@@ -241,33 +242,6 @@ def test_a_non_finite_loss_at_the_last_step_is_caught_before_the_adapter_is_save
     assert len(calls) == 5 and not (tmp_path / "inf" / "adapter_model.safetensors").exists()
 
 
-@pytest.fixture
-def varied_csv(tmp_path):
-    """64 sentences of 2-30 words (labels at random): batches of two fall into several length buckets."""
-    import csv
-    import random
-
-    rng = random.Random(0)
-    words = ["good", "bad", "movie", "the", "was", "very", "not"]
-    path = tmp_path / "train.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["sentence", "sentiment"])
-        w.writeheader()
-        w.writerows({"sentence": " ".join(rng.choice(words) for _ in range(rng.randint(2, 30))),
-                     "sentiment": rng.choice(["pos", "neg"])} for _ in range(64))
-    return str(path)
-
-
-def _bucketed_run(model: str, data: str, output: str, compile_mode: str | None, **kw) -> dict:
-    from softprompt.train import train
-
-    options = {"max_steps": 10, "batch_size": 2, **kw}
-    cfg = TrainConfig(method="prefix", model=model, output=output, file=data, text_column="sentence",
-                      label_column="sentiment", compile=compile_mode, length_buckets=3, max_length=40,
-                      logging_steps=1, method_options={"num_virtual_tokens": 2}, **options)
-    return train(cfg)
-
-
 def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_bert_dir, varied_csv, mix_order_on):
     """A compiled run over batches of several length buckets traces once (the length is symbolic from the first
     batch on); without the marking, the second length compiles again. Nothing that changes at the first forward
@@ -284,7 +258,7 @@ def test_one_compilation_serves_every_length_bucket(monkeypatch, tmp_path, tiny_
     def graphs(name: str) -> tuple[int, list[int]]:
         torch._dynamo.reset()
         counters.clear()
-        metrics = _bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / name), "default")
+        metrics = bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / name), "default")
         return counters["stats"]["unique_graphs"], metrics["length_buckets"]
 
     count, buckets = graphs("marked")
@@ -307,7 +281,7 @@ def test_a_compiled_run_trains_on_full_batches_only(monkeypatch, tmp_path, tiny_
     def run(name: str) -> tuple[int, dict]:
         torch._dynamo.reset()
         counters.clear()
-        metrics = _bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / name), "default", batch_size=3,
+        metrics = bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / name), "default", batch_size=3,
                                 max_steps=24)
         return counters["stats"]["unique_graphs"], metrics
 
@@ -362,25 +336,8 @@ def test_a_compiled_run_over_several_buckets_trains_as_eager_does(tmp_path, vari
     config = json.loads((Path(model) / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (Path(model) / "config.json").write_text(json.dumps(config))
-    runs = {mode: _bucketed_run(model, varied_csv, str(tmp_path / f"run-{mode}"), mode) for mode in ("default", None)}
+    runs = {mode: bucketed_run(model, varied_csv, str(tmp_path / f"run-{mode}"), mode) for mode in ("default", None)}
     assert len(runs["default"]["length_buckets"]) > 1 and runs[None]["length_buckets"] == []
     losses = {mode: [h["loss"] for h in m["loss_history"] if "loss" in h] for mode, m in runs.items()}
     assert len(losses["default"]) == len(losses[None]) == 10
     assert losses["default"] == pytest.approx(losses[None], abs=1e-4)
-
-
-def test_cudagraphs_mode_uses_the_cudagraphs_backend_and_needs_cuda(tmp_path, tiny_bert_dir, varied_csv):
-    """``--compile cudagraphs`` hands the Trainer Dynamo's cudagraphs backend (no Inductor mode); Inductor's modes
-    keep the inductor backend; on a machine without CUDA the run stops before loading anything, with one line."""
-    from softprompt.errors import ConfigError
-    from softprompt.train.runner import compile_arguments
-
-    assert compile_arguments("cudagraphs") == {"torch_compile": True, "torch_compile_backend": "cudagraphs"}
-    assert compile_arguments("reduce-overhead") == {"torch_compile": True, "torch_compile_backend": "inductor",
-                                                    "torch_compile_mode": "reduce-overhead"}
-    assert compile_arguments(None) == {"torch_compile": False}
-    if torch.cuda.is_available():
-        pytest.skip("the refusal is for machines without CUDA")
-    with pytest.raises(ConfigError, match="needs a CUDA device"):
-        _bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / "run"), "cudagraphs")
-    assert not (tmp_path / "run" / "metrics.json").exists()

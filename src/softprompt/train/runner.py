@@ -6,6 +6,7 @@ change what it saves and loads: the adapter (safetensors + JSON), never the froz
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -162,8 +163,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one adapter; writes the adapter and ``metrics.json`` into ``cfg.output`` and returns the metrics."""
     check_values(cfg)
     check_output(cfg)
-    if cfg.compile == CUDAGRAPHS and not torch.cuda.is_available():  # checked before anything loads
-        raise ConfigError("--compile cudagraphs needs a CUDA device (CUDA graphs); on CPU use --compile default or off")
+    check_device(cfg)
     torch.manual_seed(cfg.seed)
     train_recs, spec = task_records(cfg, "train")
     eval_recs, _ = task_records(cfg, "eval")
@@ -205,12 +205,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(ProgressLines())
     trainer.adapter_metadata = _adapter_metadata(cfg, spec)
-    trainer.dynamic_length = compile_mode is not None and len(getattr(collator, "buckets", ())) > 1
+    # Inductor's CUDA graphs record one graph per length of a dynamic-length compilation. The plain cudagraphs
+    # backend does not: it replays the first length's recording for every length (a size mismatch on the H100), so
+    # there each bucket gets its own static compilation (seconds each) and Dynamo must not turn the length dynamic.
+    graphs = compile_mode == CUDAGRAPHS
+    trainer.dynamic_length = compile_mode is not None and not graphs and len(getattr(collator, "buckets", ())) > 1
     # One batch size: no recompilation at an epoch's end.
     trainer.full_batches_only = cfg.full_batches or compile_mode is not None
     start = time.time()
     resume = resume_point(cfg)
-    trainer.train(resume_from_checkpoint=resume)
+    static = torch._dynamo.config.patch(automatic_dynamic_shapes=False) if graphs else contextlib.nullcontext()
+    with static:
+        trainer.train(resume_from_checkpoint=resume)
     trainer.check_finite()
     train_seconds = time.time() - start
     eval_metrics = trainer.evaluate()
@@ -236,6 +242,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.save_pretrained(cfg.output, **trainer.adapter_metadata)
         atomic_write_json(Path(cfg.output) / "metrics.json", metrics)
     return metrics
+
+
+def check_device(cfg: TrainConfig) -> None:
+    """Checks of the machine, before anything loads (``check_values`` holds those independent of it)."""
+    if cfg.compile == CUDAGRAPHS and not torch.cuda.is_available():
+        raise ConfigError("--compile cudagraphs needs a CUDA device (CUDA graphs); on CPU use --compile default or off")
 
 
 def compile_arguments(mode: str | None) -> dict[str, Any]:

@@ -125,8 +125,9 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     if mode != "eager":
         disable_mix_order_reduction()  # as softprompt train does (src/softprompt/inductor.py)
     flag = compile_flag(mode, args)
-    step_model = (model if flag is None else torch.compile(model, backend="cudagraphs") if flag == "cudagraphs"
-                  else torch.compile(model, mode=flag))
+    # cudagraphs keeps one recording per graph: a static graph per bucket (dynamic=False), as softprompt train does
+    step_model = (model if flag is None else torch.compile(model, backend="cudagraphs", dynamic=False)
+                  if flag == "cudagraphs" else torch.compile(model, mode=flag))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     t_train = time.perf_counter()
     marks = [(0, t_train)]  # the step clock of softprompt train (StepClock), without a Trainer
@@ -140,7 +141,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
         for i, (x, y) in enumerate(rows):  # right padding: causal rows are computed as if alone
             ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
         batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-        if len(buckets) > 1:  # one compilation for every bucket, as softprompt train does (AdapterTrainer)
+        if len(buckets) > 1 and flag != "cudagraphs":  # one compilation for every bucket, as softprompt train does
             batch = mark_length_dynamic(batch)
         with autocast:
             loss = step_model(**batch, use_cache=False).loss

@@ -3,8 +3,9 @@
 # command lines. State lives in $HOME/dnd_state, which the machine keeps only while it stays warm: the calls must
 # follow each other within ~25 s. Build the carried folders here first: benchmarks/make_dnd_carry.sh (commit first).
 #
-#   bash benchmarks/gpu_dnd.sh A        carry [".carry", ".dnd_src"]: data and MiniLM, then gen-bench
-#                                       (GEN_BENCH=0 skips the bench; default: K=3, compiled and eager)
+#   bash benchmarks/gpu_dnd.sh A        carry [".carry/minilm", ".carry/dnd_data.tar.xz", ".dnd_src"]: data and
+#                                       MiniLM, then gen-bench (GEN_BENCH=0 skips the bench; default: K=3, compiled
+#                                       and eager)
 #   bash benchmarks/gpu_dnd.sh B        carry [".gguf_parts/1"]: first half of the GGUF
 #   bash benchmarks/gpu_dnd.sh C LEFT   carry [".gguf_parts/2", ".whl", ".dnd_src"]: reassemble, convert, restore the
 #                                       committed stages, then run the study until this call's budget

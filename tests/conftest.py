@@ -182,12 +182,10 @@ def adapters(tmp_path_factory):
 
 
 @pytest.fixture
-def padded():
-    """test_id_spam*.py: a batch of 3 x 9 ids, row 0 left-padded and row 2 right-padded."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, 100, (3, 9))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # left padding on row 0
+def padded(batch):
+    """test_id_spam*.py: ``batch`` (3 x 9 ids, row 0 left-padded) with row 2 right-padded too."""
+    ids, mask = batch
+    mask = mask.clone()
     mask[2, 7:] = 0  # right padding on row 2
     return ids, mask
 

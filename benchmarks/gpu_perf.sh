@@ -73,7 +73,8 @@ case $CALL in
   tc3)
     S=$HOME/tc; export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src:$S/site
     if [ -z "${DRY_RUN:-}" ]; then
-      mkdir -p "$S/data" && tar -xJf .carry_fair/qdata.tar.xz -C "$S" && cp -r "$S/qdata/glue" "$S/data/" && cp -r .carry_fair/minilm "$S/minilm"
+      mkdir -p "$S/data" && tar -xJf .carry_fair/qdata.tar.xz -C "$S" && cp -r "$S/qdata/glue" "$S/data/"
+      cp -r .carry_fair/minilm "$S/minilm"
       nvidia-smi --query-gpu=name --format=csv,noheader
     fi
     train_compiled "$S" $((${TC_BUDGET:-540} - SECONDS)) ;;

@@ -103,7 +103,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     from softprompt.inductor import disable_mix_order_reduction
     from softprompt.methods import default_lr
     from softprompt.resources import resolve
-    from softprompt.train.bucketing import bucket_for, length_buckets, mark_length_dynamic
+    from softprompt.train.bucketing import bucket_for, length_buckets, length_is_dynamic, mark_length_dynamic
     from softprompt.train.trainer import split_time
 
     t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
     if mode != "eager":
         disable_mix_order_reduction()  # as softprompt train does (src/softprompt/inductor.py)
     flag = compile_flag(mode, args)
-    # cudagraphs keeps one recording per graph: a static graph per bucket (dynamic=False), as softprompt train does
+    # cudagraphs: a static graph per bucket (dynamic=False; bucketing.length_is_dynamic), as softprompt train does
     step_model = (model if flag is None else torch.compile(model, backend="cudagraphs", dynamic=False)
                   if flag == "cudagraphs" else torch.compile(model, mode=flag))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
@@ -141,7 +141,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
         for i, (x, y) in enumerate(rows):  # right padding: causal rows are computed as if alone
             ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
         batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-        if len(buckets) > 1 and flag != "cudagraphs":  # one compilation for every bucket, as softprompt train does
+        if length_is_dynamic(flag, len(buckets)):  # one compilation for every bucket, as softprompt train does
             batch = mark_length_dynamic(batch)
         with autocast:
             loss = step_model(**batch, use_cache=False).loss

@@ -67,8 +67,17 @@ def test_cudagraphs_mode_compiles_each_length_bucket_statically(monkeypatch, tmp
     lengths = {shapes[0][1] for shapes in calls if shapes and len(shapes[0]) == 2}
     assert len(lengths) > 1, lengths  # several lengths ran, each through its own recording
 
-    monkeypatch.setattr(runner, "CUDAGRAPHS", "not-cudagraphs")  # the length marked dynamic, as Inductor's modes do
+    # the length marked dynamic, as for Inductor's modes
+    monkeypatch.setattr(runner, "length_is_dynamic", lambda mode, buckets: buckets > 1)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="replayed a recording"):
         bucketed_run(tiny_bert_dir, varied_csv, str(tmp_path / "dynamic"), "cudagraphs", max_steps=12)
     torch._dynamo.reset()
+
+
+def test_only_inductor_modes_take_the_length_as_dynamic():
+    from softprompt.train.bucketing import length_is_dynamic
+
+    assert length_is_dynamic("reduce-overhead", 3) and length_is_dynamic("default", 2)
+    assert not length_is_dynamic("cudagraphs", 3)  # a static graph per bucket
+    assert not length_is_dynamic("reduce-overhead", 1) and not length_is_dynamic(None, 3)

@@ -102,6 +102,14 @@ def mark_length_dynamic(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def length_is_dynamic(mode: str | None, buckets: int) -> bool:
+    """Whether a step compiled in ``mode`` takes its length as dynamic (:func:`mark_length_dynamic`: one compilation
+    for every bucket). Inductor's modes record CUDA graphs once per length of such a compilation; the plain
+    cudagraphs backend keeps one recording per graph and replayed it at another length (a size mismatch on the
+    H100), so there each bucket gets a static graph of its own (compiled in seconds)."""
+    return mode is not None and mode != CUDAGRAPHS and buckets > 1
+
+
 def planned_steps(examples: int, batch_size: int, epochs: float, max_steps: int, world_size: int = 1) -> int:
     """Optimizer steps the Trainer will take (``max_steps`` when given, else whole epochs of global batches)."""
     if max_steps > 0:

@@ -27,7 +27,7 @@ from ..io import atomic_write_json
 from ..loading import load_base, load_tokenizer
 from ..methods import config_from_dict, default_lr, method_classes
 from ..model import SoftPromptModel
-from .bucketing import CUDAGRAPHS, BucketCollator, decide_compile, length_buckets, planned_steps
+from .bucketing import CUDAGRAPHS, BucketCollator, decide_compile, length_buckets, length_is_dynamic, planned_steps
 from .evaluate import labelled, predictions_to_metrics
 from .guards import check_output, check_values, resume_point
 from .trainer import AdapterTrainer, ListDataset, LossLogger, ProgressLines, StepClock
@@ -205,16 +205,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(ProgressLines())
     trainer.adapter_metadata = _adapter_metadata(cfg, spec)
-    # Inductor's CUDA graphs record one graph per length of a dynamic-length compilation. The plain cudagraphs
-    # backend does not: it replays the first length's recording for every length (a size mismatch on the H100), so
-    # there each bucket gets its own static compilation (seconds each) and Dynamo must not turn the length dynamic.
-    graphs = compile_mode == CUDAGRAPHS
-    trainer.dynamic_length = compile_mode is not None and not graphs and len(getattr(collator, "buckets", ())) > 1
+    trainer.dynamic_length = length_is_dynamic(compile_mode, len(getattr(collator, "buckets", ())))
     # One batch size: no recompilation at an epoch's end.
     trainer.full_batches_only = cfg.full_batches or compile_mode is not None
     start = time.time()
     resume = resume_point(cfg)
-    static = torch._dynamo.config.patch(automatic_dynamic_shapes=False) if graphs else contextlib.nullcontext()
+    # cudagraphs: a static graph per bucket, so Dynamo must not turn the length dynamic on its own either
+    static = torch._dynamo.config.patch(automatic_dynamic_shapes=False) if compile_mode == CUDAGRAPHS \
+        else contextlib.nullcontext()
     with static:
         trainer.train(resume_from_checkpoint=resume)
     trainer.check_finite()

@@ -22,7 +22,7 @@
 # train_compiled.json is copied to benchmarks/results/. DRY_RUN=1 prints the Python commands instead of running anything.
 # TC_MODES (default eager,compiled,graphs) picks train_compiled.py's modes: a short session runs eager,graphs first;
 # TC_RUNS (model:task:method,...) its runs, e.g. the MiniLM ones only (then tc3 needs no tc1/tc2 before it);
-# TC_BUDGET (default 540) tc3's seconds, below the call's timeout when little device time is left.
+# TC_BUDGET (default 540) tc3's and tc4's seconds, below the call's timeout when little device time is left.
 set -euo pipefail
 CALL=${1:?usage: $0 carry|perf-a|perf-b|sync|tc1|tc2|tc3|tc4|tc-dnd LEFT}
 O=${OUT:-/tmp/perf_out}
@@ -80,7 +80,7 @@ case $CALL in
     train_compiled "$S" $((${TC_BUDGET:-540} - SECONDS)) ;;
   tc4)
     S=$HOME/tc; export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src:$S/site
-    train_compiled "$S" 540 ;;
+    train_compiled "$S" "${TC_BUDGET:-540}" ;;
   tc-dnd)
     LEFT=${2:?tc-dnd needs LEFT: budget_left_s from the run tool status}
     S=$HOME/dnd_state; export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src:$S/site

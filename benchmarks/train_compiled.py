@@ -61,8 +61,14 @@ def all_runs() -> list[tuple[str, str, str]]:
     return [("minilm", t, m) for t in MINILM_TASKS for m in METHODS] + [("smollm2", "arc_easy", "prefix")]
 
 
+def fields(mode: str, args) -> dict:
+    """What a run records of its ``--modes`` entry: ``mode`` is ``eager`` or ``compiled`` (issue 18's results format)
+    and ``compile`` the ``softprompt train --compile`` value that compiled it (``reduce-overhead``, ``cudagraphs``)."""
+    return {"mode": "eager" if mode == "eager" else "compiled", "compile": compile_flag(mode, args)}
+
+
 def key(run: dict) -> tuple:
-    return run["model"], run["task"], run["method"], run["mode"], run["steps"]
+    return run["model"], run["task"], run["method"], run["mode"], run.get("compile"), run["steps"]
 
 
 # ---- MiniLM: softprompt train in a subprocess ------------------------------------------------------------------------
@@ -84,7 +90,7 @@ def minilm_run(args, task: str, method: str, mode: str, steps: int) -> dict:
         raise RuntimeError(f"softprompt train exited {proc.returncode}: {proc.stderr[-800:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"wall_s": round(wall, 2), "train_s": metrics["train_seconds"], "accuracy": metrics["eval_accuracy"],
-            "metric": MINILM_TASKS[task] + " dev accuracy", "compile": metrics.get("compile"),
+            "metric": MINILM_TASKS[task] + " dev accuracy",
             "length_buckets": metrics.get("length_buckets"), "steps_done": metrics["steps"],
             "steady_step_ms": metrics.get("steady_step_ms"), "one_off_s": metrics.get("one_off_s"),
             "eval_examples": metrics["eval_examples"],
@@ -159,7 +165,7 @@ def smollm2_run(args, mode: str, steps: int) -> dict:
         scores = score_items(model, tok, dev, batch_size=32)
     return {"wall_s": round(time.perf_counter() - t0, 2), "train_s": round(train_s, 2), "accuracy": scores["acc_norm"],
             "accuracy_unnormalised": scores["acc"], "metric": f"{name} dev acc_norm (cloze)", "steps_done": steps,
-            "compile": flag, "length_buckets": list(buckets),
+            "length_buckets": list(buckets),
             "eval_examples": scores["n"], "final_loss": float(loss), **split_time(marks, CLOCK_WINDOW)}
 
 
@@ -173,22 +179,24 @@ def environment() -> dict:
                                            "transformers": transformers.__version__}}
 
 
+def same_run(run: dict) -> tuple:
+    """What an eager run and the compiled runs it pairs with share."""
+    return run["model"], run["task"], run["method"], run["steps"]
+
+
 def summarise(runs: list[dict]) -> list[dict]:
-    """Per (model, task, method, steps) and compiled mode (``compiled``, ``graphs``): its wall time over eager's and
-    the accuracy difference (issue 18's goal: at most 1/1.5 of eager's wall time on the MiniLM runs, accuracy within
-    0.5 points). The ``compiled_*`` fields name the compiled mode of the row, whichever it is."""
-    ok = {key(r): r for r in runs if r.get("status") == "ok"}
+    """Per (model, task, method, steps) and compiled run (``compile``: ``reduce-overhead`` or ``cudagraphs``): its wall
+    time over eager's and the accuracy difference (issue 18's goal: at most 1/1.5 of eager's wall time on the MiniLM
+    runs, accuracy within 0.5 points). The ``compiled_*`` fields are the row's compiled run, whichever its compile."""
+    ok = [r for r in runs if r.get("status") == "ok"]
     out = []
-    for (model, task, method, mode, steps), eager in ok.items():
-        if mode != "eager":
-            continue
-        for compiled_mode in MODES[1:]:
-            compiled = ok.get((model, task, method, compiled_mode, steps))
-            if compiled is None:
-                continue
+    for eager in (r for r in ok if r["mode"] == "eager"):
+        model, task, method, steps = same_run(eager)
+        for compiled in (r for r in ok if r["mode"] == "compiled" and same_run(r) == same_run(eager)):
             ratio = compiled["wall_s"] / eager["wall_s"]
             diff = 100 * (compiled["accuracy"] - eager["accuracy"])
-            out.append({"model": model, "task": task, "method": method, "mode": compiled_mode, "steps": steps,
+            out.append({"model": model, "task": task, "method": method, "mode": compiled["mode"],
+                        "compile": compiled.get("compile"), "steps": steps,
                         "eager_wall_s": eager["wall_s"], "compiled_wall_s": compiled["wall_s"],
                         "compiled_over_eager": round(ratio, 3),
                         "train_s_ratio": round(compiled["train_s"] / max(eager["train_s"], 1e-9), 3),
@@ -197,11 +205,12 @@ def summarise(runs: list[dict]) -> list[dict]:
     return out
 
 
-def estimate_s(runs: list[dict], model: str, task: str, mode: str, steps: int) -> float:
+def estimate_s(runs: list[dict], model: str, task: str, mode: str, steps: int, flag: str | None = None) -> float:
     """Seconds a run is expected to take: the longest finished run of the same model, task and mode; else the
     finished runs of the same model and mode on other tasks, their training time scaled to ``steps`` (loading and
     evaluation kept as they were); else a fixed default per mode."""
-    ok = [r for r in runs if r.get("status") == "ok" and (r["model"], r["mode"]) == (model, mode)]
+    kind = (model, "eager" if mode == "eager" else "compiled", flag)
+    ok = [r for r in runs if r.get("status") == "ok" and (r["model"], r["mode"], r.get("compile")) == kind]
     same = [r["wall_s"] for r in ok if r["task"] == task]
     if same:
         return max(same)
@@ -238,13 +247,13 @@ def main(argv: list[str] | None = None) -> dict:
     for model, task, method in wanted:
         for mode in args.modes.split(","):
             steps = args.steps[task]
-            run = {"model": model, "task": task, "method": method, "mode": mode, "steps": steps}
+            run = {"model": model, "task": task, "method": method, **fields(mode, args), "steps": steps}
             if mode == "graphs" and not _cuda():
                 print(f"skipped (no CUDA device for CUDA graphs): {model} {task} {method} {mode}", flush=True)
                 continue
             if any(key(r) == key(run) and r.get("status") == "ok" for r in doc["runs"]):
                 continue
-            estimate = estimate_s(doc["runs"], model, task, mode, steps)
+            estimate = estimate_s(doc["runs"], model, task, mode, steps, run["compile"])
             if args.time_budget and time.time() - start + estimate > args.time_budget:
                 print(f"skipped (time budget): {model} {task} {method} {mode}", flush=True)
                 continue
@@ -255,13 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
                 run.update(status="error", error=str(exc)[-800:])
             run["batch_size"], run["bf16"], run["date"] = args.batch_size, args.bf16, _now()
             doc["runs"] = [r for r in doc["runs"] if key(r) != key(run)] + [run]
-            print(f"{model} {task} {method} {mode} {steps} steps: {run['status']} "
+            print(f"{model} {task} {method} {mode} ({run['compile']}) {steps} steps: {run['status']} "
                   f"{run.get('wall_s')} s, accuracy {run.get('accuracy')}, steady {run.get('steady_step_ms')} ms "
                   f"per step, one-off {run.get('one_off_s')} s", flush=True)
             write(out, doc, args, argv)
     write(out, doc, args, argv)
     for s in doc["summary"]:
-        print(f"  {s['model']} {s['task']} {s['method']} {s['mode']}: /eager wall {s['compiled_over_eager']}x, "
+        print(f"  {s['model']} {s['task']} {s['method']} {s['compile']}: /eager wall {s['compiled_over_eager']}x, "
               f"accuracy {s['accuracy_diff_points']:+.2f} points, goal met: {s['goal_met']}, "
               f"saved {s.get('saved_s_per_step')} s per step, break-even {s.get('break_even_steps')} steps")
     return doc

@@ -183,17 +183,20 @@ def test_train_compiled_benchmark_records_runs_and_resumes(tmp_path, tiny_bert_d
     budget = tc.main([*common, "--modes", "compiled", "--time-budget", "1"])
     assert [r["mode"] for r in budget["runs"]] == ["eager"]  # the compiled run would not fit: not started
     eager = {**run, "wall_s": 30.0, "accuracy": 0.9}
-    summary = tc.summarise([eager, {**eager, "mode": "compiled", "wall_s": 15.0, "accuracy": 0.903}])
+    assert run["compile"] is None  # eager: no compile value
+    compiled = {**eager, "mode": "compiled", "compile": "reduce-overhead"}
+    summary = tc.summarise([eager, {**compiled, "wall_s": 15.0, "accuracy": 0.903}])
     assert summary[0]["compiled_over_eager"] == 0.5 and summary[0]["goal_met"] is True
-    assert summary[0]["mode"] == "compiled"
-    both = tc.summarise([eager, {**eager, "mode": "compiled", "wall_s": 15.0}, {**eager, "mode": "graphs",
-                                                                                 "wall_s": 24.0}])
-    assert [(x["mode"], x["compiled_over_eager"]) for x in both] == [("compiled", 0.5), ("graphs", 0.8)]
+    assert (summary[0]["mode"], summary[0]["compile"]) == ("compiled", "reduce-overhead")
+    both = tc.summarise([eager, {**compiled, "wall_s": 15.0}, {**compiled, "compile": "cudagraphs", "wall_s": 24.0}])
+    assert [(x["compile"], x["compiled_over_eager"]) for x in both] == [("reduce-overhead", 0.5), ("cudagraphs", 0.8)]
+    assert tc.fields("graphs", tc.build_parser().parse_args(["--out", "x"])) == {"mode": "compiled",
+                                                                                 "compile": "cudagraphs"}
     assert summary[0]["accuracy_diff_points"] == 0.3
     assert "saved_s_per_step" not in summary[0]  # runs without a step clock: no calibration
     assert run["steady_step_ms"] is None and run["one_off_s"] is None  # 2 steps: fewer than four clock windows
     clocked = {**eager, "steady_step_ms": 22.5, "one_off_s": 5.0}
-    summary = tc.summarise([clocked, {**clocked, "mode": "compiled", "steady_step_ms": 12.5, "one_off_s": 35.0,
+    summary = tc.summarise([clocked, {**compiled, "steady_step_ms": 12.5, "one_off_s": 35.0,
                                       "length_buckets": [40, 48, 72]}])
     assert (summary[0]["saved_s_per_step"], summary[0]["one_off_extra_s"], summary[0]["buckets"],
             summary[0]["break_even_steps"]) == (0.01, 30.0, 3, 3000)  # 30 s of compiling over 10 ms saved per step
@@ -214,6 +217,9 @@ def test_train_compiled_estimates_a_run_from_its_kind_or_another_task():
     assert tc.estimate_s([sst2], "minilm", "mrpc", "compiled", 1000) == tc.DEFAULT_ESTIMATE_S["compiled"]
     assert tc.estimate_s([{**sst2, "status": "error"}], "minilm", "sst2", "eager", 2000) == \
         tc.DEFAULT_ESTIMATE_S["eager"]
+    inductor = {**sst2, "mode": "compiled", "compile": "reduce-overhead", "wall_s": 90.0}  # a compile is a kind
+    assert tc.estimate_s([inductor], "minilm", "sst2", "compiled", 2000, "reduce-overhead") == 90.0
+    assert tc.estimate_s([inductor], "minilm", "sst2", "graphs", 2000, "cudagraphs") == tc.DEFAULT_ESTIMATE_S["graphs"]
 
 
 def test_step_clock_splits_training_time_into_steady_steps_and_one_off_costs():

@@ -210,14 +210,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     trainer.full_batches_only = cfg.full_batches or compile_mode is not None
     start = time.time()
     resume = resume_point(cfg)
-    # cudagraphs: a static graph per bucket, so Dynamo must not turn the length dynamic on its own either
-    static = torch._dynamo.config.patch(automatic_dynamic_shapes=False) if compile_mode == CUDAGRAPHS \
-        else contextlib.nullcontext()
-    with static:
+    with _static_shapes(compile_mode):
         trainer.train(resume_from_checkpoint=resume)
     trainer.check_finite()
     train_seconds = time.time() - start
-    eval_metrics = trainer.evaluate()
+    with _static_shapes(compile_mode):  # evaluation runs the compiled model too, at its own batch lengths
+        eval_metrics = trainer.evaluate()
     method_params, head_params, _ = model.num_parameters_summary()
     metrics = {
         **{k: _py(v) for k, v in eval_metrics.items()},
@@ -240,6 +238,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.save_pretrained(cfg.output, **trainer.adapter_metadata)
         atomic_write_json(Path(cfg.output) / "metrics.json", metrics)
     return metrics
+
+
+def _static_shapes(compile_mode: str | None):
+    """cudagraphs: a static graph per shape, so Dynamo must not turn a length dynamic on its own (the cudagraphs
+    backend replays one recording per graph, at the recorded shape); other modes: nothing to change."""
+    if compile_mode == CUDAGRAPHS:
+        return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+    return contextlib.nullcontext()
 
 
 def check_device(cfg: TrainConfig) -> None:

@@ -31,8 +31,15 @@ def test_planned_steps_count_as_the_trainer_does():
 
 def test_the_auto_decision():
     needed = bk.steps_to_pay(4)
-    assert needed == -(-(bk.COMPILE_S + 4 * bk.RECORD_S_PER_BUCKET) // bk.SAVED_S_PER_STEP)
-    assert bk.decide_compile("auto", needed, 4, cuda=True)[0] == bk.AUTO_MODE
+    assert needed == min(-(-(c.once_s + 4 * c.per_bucket_s) // c.saved_s_per_step) for c in bk.COSTS.values())
+    cheapest = min(bk.COSTS, key=lambda m: bk.COSTS[m].steps_to_pay(4))
+    assert bk.decide_compile("auto", needed, 4, cuda=True)[0] == cheapest  # the first mode to pay off
+    fastest = max(bk.COSTS, key=lambda m: bk.COSTS[m].saved_s_per_step)
+    assert bk.decide_compile("auto", 10**7, 4, cuda=True)[0] == fastest  # in a long run the fastest step wins
+    # where the two cross: the mode that saves the most seconds at that many steps
+    for steps in (needed, 2 * needed, 10 * needed, 100 * needed):
+        best = bk.decide_compile("auto", steps, 4, cuda=True)[0]
+        assert all(bk.COSTS[best].net_s(steps, 4) >= c.net_s(steps, 4) for c in bk.COSTS.values())
     mode, reason = bk.decide_compile("auto", needed - 1, 4, cuda=True)
     assert mode is None and f"{needed - 1} planned steps < {needed}" in reason and "\n" not in reason
     assert bk.decide_compile("auto", 10**9, 1, cuda=False) == (

@@ -133,8 +133,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="default", default="auto",
                    choices=("auto", "off", "default", "reduce-overhead", "max-autotune", "cudagraphs"),
                    help="run the training forward through torch.compile. auto (the default): on CUDA, CUDA graphs "
-                        "(reduce-overhead) with batches padded to a few lengths when the planned steps pay for "
-                        "compiling, else eager; on CPU eager; the decision is printed. off: eager. A mode (bare "
+                        "with batches padded to a few lengths when the planned steps pay for compiling (cudagraphs, "
+                        "or reduce-overhead for very long runs: the one that saves the most), else eager; on CPU "
+                        "eager; the decision is printed. off: eager. A mode (bare "
                         "--compile: 'default') compiles always. cudagraphs (CUDA only): CUDA graphs of the "
                         "captured step without Inductor's code generation (compiles in seconds; eager's kernels). "
                         "Compiled runs turn Inductor's mix-order reduction off (it produced wrong gradients on "

@@ -17,20 +17,41 @@ from typing import Any
 
 import torch
 
-# Cost model of ``--compile auto``: compiling the training step takes about COMPILE_S seconds once (the length is
-# traced symbolically, so one compilation serves every bucket: ``mark_length_dynamic``), each length bucket then
-# costs about RECORD_S_PER_BUCKET to record its CUDA graphs, and a compiled step saves about SAVED_S_PER_STEP of host
-# time against eager (small models and short sequences are host-bound: issue 18). Compiling pays off once the planned
-# steps save more than it costs. Calibrated on an H100 (benchmarks/results/train_compiled.json, session 16: MiniLM,
-# SST-2 and MRPC, prefix, APT and ID-SPAM, 3 buckets): compiling cost 7-23 s more one-off time than eager (median
-# 15.8 s, recording included: 10 + 3 x 2 here; how it splits between compiling and recording was not measured) and a
-# compiled step saved 7.2-12.6 ms (median 9.5). SmolLM2 (30 layers) cost far more (146 s) but saved 57 ms a step:
-# its break-even, 2,552 steps, is of the same order as these constants' 1,685-1,895.
-COMPILE_S = 10.0
-RECORD_S_PER_BUCKET = 2.0
-SAVED_S_PER_STEP = 0.0095
-AUTO_MODE = "reduce-overhead"  # CUDA graphs: what removes the per-step host cost
 CUDAGRAPHS = "cudagraphs"  # CUDA graphs of the captured step without Inductor (softprompt train --compile cudagraphs)
+
+
+@dataclass(frozen=True)
+class CompileCost:
+    """What compiling the training step in one mode costs and saves against eager, in seconds: ``once_s`` for the
+    compilation that serves every bucket, ``per_bucket_s`` for each length bucket (its CUDA graph recording; for
+    ``cudagraphs`` also its own static capture), ``saved_s_per_step`` of host time per compiled step."""
+
+    once_s: float
+    per_bucket_s: float
+    saved_s_per_step: float
+
+    def one_off_s(self, buckets: int) -> float:
+        return self.once_s + buckets * self.per_bucket_s
+
+    def steps_to_pay(self, buckets: int) -> int:
+        return math.ceil(self.one_off_s(buckets) / self.saved_s_per_step)
+
+    def net_s(self, steps: int, buckets: int) -> float:
+        return steps * self.saved_s_per_step - self.one_off_s(buckets)
+
+
+# Cost model of ``--compile auto``: small models and short sequences are host-bound (issue 18), and a CUDA graph
+# removes a step's host time; compiling pays once the planned steps save more than it costs, and auto takes the mode
+# that saves the most. Calibrated on one H100, cold compile caches (benchmarks/results/train_compiled.json, session 18:
+# MiniLM, SST-2 and MRPC, prefix, APT and ID-SPAM, 3 buckets each, medians over the runs): cudagraphs cost 6.6 s more
+# one-off time than eager (1.1-8.6 s; each bucket is its own capture, so 2.2 s a bucket) and saved 7.5 ms a step
+# (6.8-9.7); Inductor's reduce-overhead cost 16 s cold (7.3-17.5; 10 + 2 per bucket as calibrated in session 16; 0.6 s
+# with Inductor's caches warm from an earlier run) and saved 8.2 ms (7.4-10.5). So cudagraphs pays from ~900 steps
+# and reduce-overhead's faster steps overtake it from ~13,000. SmolLM2 (30 layers) scales both: cudagraphs cost 47 s
+# and saved 47 ms (break-even 991 steps), reduce-overhead 99 s and 63 ms (1,576; it overtakes from ~3,300 there).
+COSTS = {CUDAGRAPHS: CompileCost(0.0, 2.2, 0.0075), "reduce-overhead": CompileCost(10.0, 2.0, 0.0082)}
+
+
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, count: int = 4, multiple: int = 8,
@@ -118,21 +139,22 @@ def planned_steps(examples: int, batch_size: int, epochs: float, max_steps: int,
 
 
 def steps_to_pay(buckets: int) -> int:
-    """Planned steps from which compiling a run padded to ``buckets`` lengths pays off (the module's cost model)."""
-    return math.ceil((COMPILE_S + buckets * RECORD_S_PER_BUCKET) / SAVED_S_PER_STEP)
+    """Planned steps from which compiling a run padded to ``buckets`` lengths pays off in some mode (``COSTS``)."""
+    return min(cost.steps_to_pay(buckets) for cost in COSTS.values())
 
 
 def decide_compile(mode: str | None, steps: int, buckets: int, cuda: bool) -> tuple[str | None, str]:
     """(torch.compile mode or None for eager, the one-line reason). ``mode`` "auto" compiles on CUDA when the
-    planned ``steps`` save more than compiling once and recording ``buckets`` shapes cost (module constants); other
-    modes are kept."""
+    planned ``steps`` save more than compiling and recording ``buckets`` shapes cost, in the mode of ``COSTS`` that
+    saves the most at that many steps; other modes are kept."""
     if mode != "auto":
         return mode, f"compile {mode}" if mode else "eager"
     if not cuda:
         return None, "compile auto: eager (no CUDA device; compiled CPU steps do not pay off)"
     needed = steps_to_pay(buckets)
-    if steps >= needed:
-        return AUTO_MODE, (f"compile auto: {AUTO_MODE} ({steps} planned steps >= {needed}, the steps that pay for "
-                           f"compiling {buckets} length bucket(s))")
+    best = max(COSTS, key=lambda m: COSTS[m].net_s(steps, buckets))
+    if COSTS[best].net_s(steps, buckets) > 0:
+        return best, (f"compile auto: {best} ({steps} planned steps >= {needed}, the steps that pay for compiling "
+                      f"{buckets} length bucket(s); {best} saves the most at {steps} steps)")
     return None, (f"compile auto: eager ({steps} planned steps < {needed}, the steps that would pay for compiling "
                   f"{buckets} length bucket(s))")

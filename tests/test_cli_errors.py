@@ -182,3 +182,19 @@ def test_carve_dev_is_checked(train_args, tmp_path, capsys):
     assert code == 2 and "--carve-dev must be a fraction" in err
     code, err = run(train_args(tmp_path / "o", "--carve-dev", "0.1"), capsys)
     assert code == 2 and "--eval-file" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--adapter", "nan"], "softprompt predict: error: no texts: give --text"),
+    (["train", "--method", "prefix", "--model", "m", "--output", "o"], "softprompt train: error: no training data"),
+    (["probe", "--output", "o"], "softprompt probe: error: no training data"),
+    (["probe-predict", "--probe", "p", "--text", "a", "--text", "b", "--text-pair", "c"],
+     "softprompt probe-predict: error: 1 --text-pair for 2 --text"),
+])
+def test_missing_inputs_are_a_returned_usage_error_not_an_exit(argv, message, tmp_path, monkeypatch, capsys):
+    """Commands that lack their inputs return exit 2 with the one-line error (main() raised SystemExit with a bare
+    message before, which printed no "error" line and skipped main's handler when called from Python)."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run(argv, capsys)
+    assert code == 2 and err.startswith(message), err
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -22,14 +22,14 @@ def add_adapter_flags(p: argparse.ArgumentParser) -> None:
                                         "in the adapter, e.g. after moving the adapter to another machine")
 
 
-def texts_from_args(args, command: str) -> list[str]:
+def texts_from_args(args) -> list[str]:
     """Texts of a prediction command: repeated ``--text`` flags, or ``--file`` with one text per line."""
     if args.text:
         return list(args.text)
     if args.file:
         with open(args.file, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f if line.strip()]
-    raise SystemExit(f"softprompt {command}: give --text \"...\" (repeatable) or --file texts.txt")
+    raise ConfigError("no texts: give --text \"...\" (repeatable) or --file texts.txt")
 
 
 def method_options(args) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import ConfigError
 from .common import (
     add_adapter_flags,
     add_file_columns,
@@ -31,7 +32,7 @@ def cmd_train(args) -> int:
     from ..train import TrainConfig, train
 
     if not args.task and not args.file:
-        raise SystemExit("softprompt train: give --task NAME (see `softprompt tasks`) or --file F.csv|F.jsonl")
+        raise ConfigError("no training data: give --task NAME (see `softprompt tasks`) or --file F.csv|F.jsonl")
     cfg = TrainConfig(
         method=args.method, model=args.model, output=args.output, task=args.task, file=args.file,
         eval_file=args.eval_file, text_column=args.text_column, text_pair_column=args.text_pair_column,
@@ -85,7 +86,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from ..train import predict
 
-    texts = texts_from_args(args, "predict")
+    texts = texts_from_args(args)
     for row in predict(args.adapter, texts, base_model=args.base_model):
         print(json.dumps(row, ensure_ascii=False))
     return 0

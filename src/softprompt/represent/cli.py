@@ -9,6 +9,7 @@ import argparse
 import json
 
 from ..cli.common import add_file_columns, texts_from_args
+from ..errors import ConfigError
 from .features import KINDS
 
 
@@ -100,7 +101,7 @@ def cmd_probe(args) -> int:
     from .probe import ProbeConfig
 
     if not args.task and not args.file:
-        raise SystemExit("softprompt probe: give --task NAME or --file train.csv")
+        raise ConfigError("no training data: give --task NAME or --file train.csv")
     cfg = ProbeConfig(classifier=args.classifier, hidden=args.hidden, lr=args.lr, epochs=args.epochs,
                       patience=args.patience, seed=args.seed)
     metrics = run_probe(_feature_spec(args), args.output, task=args.task, file=args.file, eval_file=args.eval_file,
@@ -116,10 +117,10 @@ def cmd_probe(args) -> int:
 def cmd_probe_predict(args) -> int:
     from .api import probe_predict
 
-    texts = texts_from_args(args, "probe-predict")
+    texts = texts_from_args(args)
     pairs = list(args.text_pair) if args.text_pair else None
     if pairs is not None and len(pairs) != len(texts):
-        raise SystemExit("softprompt probe-predict: give one --text-pair per --text")
+        raise ConfigError(f"{len(pairs)} --text-pair for {len(texts)} --text: give one --text-pair per --text")
     rows = probe_predict(args.probe, texts, pairs=pairs, choices=args.choice, cache_dir=args.cache,
                          device=args.device, batch_size=args.batch_size, progress=False)
     for row in rows:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from ...cli.common import add_adapter_flags, add_task_flags
+from ...errors import ConfigError
 
 
 def adapter_batches(adapter: str, *, task: str | None = None, split: str | None = None, limit: int | None = None,
@@ -25,7 +26,7 @@ def adapter_batches(adapter: str, *, task: str | None = None, split: str | None 
     else:
         task = task or meta.get("task")
         if not task:
-            raise SystemExit("give --task NAME or --file F (the adapter was not trained on a registry task)")
+            raise ConfigError("give --task NAME or --file F (the adapter was not trained on a registry task)")
         spec = tasks.get_task(task)
         recs = tasks.load_split(task, split or spec.eval_split, data_dir, limit=limit)
     feats = featurize(recs, spec, tokenizer, meta.get("max_length", 128))

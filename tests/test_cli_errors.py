@@ -198,3 +198,16 @@ def test_missing_inputs_are_a_returned_usage_error_not_an_exit(argv, message, tm
     code, err = run(argv, capsys)
     assert code == 2 and err.startswith(message), err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_gates_without_a_task_is_refused_before_the_model_loads(tmp_path, capsys):
+    """An adapter that records no registry task, with neither --task nor --file: the one-line usage error comes from
+    the adapter's config alone (its base model here does not exist, so loading it would fail otherwise)."""
+    import json
+
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"method": "apt", "config": {}, "base_model": {"name_or_path": str(tmp_path / "no-model")}}))
+    code, err = run(["gates", "--adapter", str(adapter)], capsys)
+    assert code == 2 and err.startswith("softprompt gates: error: give --task NAME or --file F"), err

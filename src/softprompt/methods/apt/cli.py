@@ -17,16 +17,17 @@ def adapter_batches(adapter: str, *, task: str | None = None, split: str | None 
     split (default: the adapter's task, its eval split) or of a user file, on the model's device."""
     from ... import tasks
     from ...data import Collator, featurize
+    from ...io import read_adapter_config
     from ...loading import load_for_inference
 
+    task = None if file else task or read_adapter_config(adapter).get("task")
+    if not file and not task:  # checked before the model loads
+        raise ConfigError("give --task NAME or --file F (the adapter was not trained on a registry task)")
     model, tokenizer, meta = load_for_inference(adapter, base_model)
     if file:
         recs, spec = tasks.load_file(file, text_column=text_column)
         recs = recs[:limit] if limit else recs
     else:
-        task = task or meta.get("task")
-        if not task:
-            raise ConfigError("give --task NAME or --file F (the adapter was not trained on a registry task)")
         spec = tasks.get_task(task)
         recs = tasks.load_split(task, split or spec.eval_split, data_dir, limit=limit)
     feats = featurize(recs, spec, tokenizer, meta.get("max_length", 128))

@@ -52,8 +52,6 @@ class CompileCost:
 COSTS = {CUDAGRAPHS: CompileCost(0.0, 2.2, 0.0075), "reduce-overhead": CompileCost(10.0, 2.0, 0.0082)}
 
 
-
-
 def length_buckets(lengths: Sequence[int], batch_size: int, count: int = 4, multiple: int = 8,
                    cap: int | None = None, seed: int = 0) -> tuple[int, ...]:
     """``count`` (or fewer) padded lengths for batches of ``batch_size`` rows drawn from examples of ``lengths``.

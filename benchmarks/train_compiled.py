@@ -61,10 +61,15 @@ def all_runs() -> list[tuple[str, str, str]]:
     return [("minilm", t, m) for t in MINILM_TASKS for m in METHODS] + [("smollm2", "arc_easy", "prefix")]
 
 
+def recorded_mode(mode: str) -> str:
+    """A ``--modes`` entry as runs record it: ``eager`` or ``compiled`` (issue 18's results format)."""
+    return "eager" if mode == "eager" else "compiled"
+
+
 def fields(mode: str, args) -> dict:
-    """What a run records of its ``--modes`` entry: ``mode`` is ``eager`` or ``compiled`` (issue 18's results format)
-    and ``compile`` the ``softprompt train --compile`` value that compiled it (``reduce-overhead``, ``cudagraphs``)."""
-    return {"mode": "eager" if mode == "eager" else "compiled", "compile": compile_flag(mode, args)}
+    """What a run records of its ``--modes`` entry: its ``mode`` (:func:`recorded_mode`) and ``compile``, the
+    ``softprompt train --compile`` value that compiled it (``reduce-overhead``, ``cudagraphs``; None for eager)."""
+    return {"mode": recorded_mode(mode), "compile": compile_flag(mode, args)}
 
 
 def key(run: dict) -> tuple:
@@ -206,10 +211,11 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def estimate_s(runs: list[dict], model: str, task: str, mode: str, steps: int, flag: str | None = None) -> float:
-    """Seconds a run is expected to take: the longest finished run of the same model, task and mode; else the
+    """Seconds a run is expected to take: the longest finished run of the same model, task, mode and compile value
+    (``flag``); else the
     finished runs of the same model and mode on other tasks, their training time scaled to ``steps`` (loading and
     evaluation kept as they were); else a fixed default per mode."""
-    kind = (model, "eager" if mode == "eager" else "compiled", flag)
+    kind = (model, recorded_mode(mode), flag)
     ok = [r for r in runs if r.get("status") == "ok" and (r["model"], r["mode"], r.get("compile")) == kind]
     same = [r["wall_s"] for r in ok if r["task"] == task]
     if same:

@@ -1,6 +1,7 @@
 """Bad command lines get one line on stderr, the right exit code, and change nothing on disk."""
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -203,8 +204,6 @@ def test_missing_inputs_are_a_returned_usage_error_not_an_exit(argv, message, tm
 def test_gates_without_a_task_is_refused_before_the_model_loads(tmp_path, capsys):
     """An adapter that records no registry task, with neither --task nor --file: the one-line usage error comes from
     the adapter's config alone (its base model here does not exist, so loading it would fail otherwise)."""
-    import json
-
     adapter = tmp_path / "a"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps(

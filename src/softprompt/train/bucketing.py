@@ -40,15 +40,16 @@ class CompileCost:
         return steps * self.saved_s_per_step - self.one_off_s(buckets)
 
 
-# Cost model of ``--compile auto``: small models and short sequences are host-bound (issue 18), and a CUDA graph
-# removes a step's host time; compiling pays once the planned steps save more than it costs, and auto takes the mode
-# that saves the most. Calibrated on one H100, cold compile caches (benchmarks/results/train_compiled.json, session 18:
-# MiniLM, SST-2 and MRPC, prefix, APT and ID-SPAM, 3 buckets each, medians over the runs): cudagraphs cost 6.6 s more
-# one-off time than eager (1.1-8.6 s; each bucket is its own capture, so 2.2 s a bucket) and saved 7.5 ms a step
-# (6.8-9.7); Inductor's reduce-overhead cost 16 s cold (7.3-17.5; 10 + 2 per bucket as calibrated in session 16; 0.6 s
-# with Inductor's caches warm from an earlier run) and saved 8.2 ms (7.4-10.5). So cudagraphs pays from ~900 steps
-# and reduce-overhead's faster steps overtake it from ~13,000. SmolLM2 (30 layers) scales both: cudagraphs cost 47 s
-# and saved 47 ms (break-even 991 steps), reduce-overhead 99 s and 63 ms (1,576; it overtakes from ~3,300 there).
+# Cost model of ``--compile auto``: small models and short sequences are host-bound (issue 18), and a CUDA graph removes
+# a step's host time; compiling pays once the planned steps save more than it costs, and auto takes the mode that saves
+# the most. Calibrated on one H100, cold compile caches (benchmarks/results/train_compiled.json, session 18: MiniLM,
+# SST-2 and MRPC, prefix, APT and ID-SPAM, 3 buckets each, medians over the runs): cudagraphs cost 6.6 s more one-off
+# time than eager (1.1-8.6 s over five pairs; the sixth, -1.5 s, paired it with the machine's first eager run, which
+# spent 12 s warming up; each bucket is its own capture, so 2.2 s a bucket) and saved 7.5 ms a step (6.8-9.7);
+# Inductor's reduce-overhead cost 16 s cold (7.3-17.5; 10 + 2 per bucket as calibrated in session 16; 0.6 s with
+# Inductor's caches warm from an earlier run) and saved 8.2 ms (7.4-10.5). So cudagraphs pays from ~900 steps and
+# reduce-overhead's faster steps overtake it from ~13,000. SmolLM2 (30 layers) scales both: cudagraphs cost 47 s and
+# saved 47 ms (break-even 991 steps), reduce-overhead 99 s and 63 ms (1,576; it overtakes from ~3,300 there).
 COSTS = {CUDAGRAPHS: CompileCost(0.0, 2.2, 0.0075), "reduce-overhead": CompileCost(10.0, 2.0, 0.0082)}
 
 
@@ -150,8 +151,8 @@ def decide_compile(mode: str | None, steps: int, buckets: int, cuda: bool) -> tu
     if not cuda:
         return None, "compile auto: eager (no CUDA device; compiled CPU steps do not pay off)"
     needed = steps_to_pay(buckets)
-    best = max(COSTS, key=lambda m: COSTS[m].net_s(steps, buckets))
-    if COSTS[best].net_s(steps, buckets) > 0:
+    if steps >= needed:  # some mode pays: take the one that saves the most seconds at these steps
+        best = max(COSTS, key=lambda m: COSTS[m].net_s(steps, buckets))
         return best, (f"compile auto: {best} ({steps} planned steps >= {needed}, the steps that pay for compiling "
                       f"{buckets} length bucket(s); {best} saves the most at {steps} steps)")
     return None, (f"compile auto: eager ({steps} planned steps < {needed}, the steps that would pay for compiling "

@@ -214,7 +214,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer.train(resume_from_checkpoint=resume)
     trainer.check_finite()
     train_seconds = time.time() - start
-    with _static_shapes(compile_mode):  # evaluation runs the compiled model too, at its own batch lengths
+    with _static_shapes(compile_mode):  # accelerate compiles the evaluation model too; its batches have own lengths
         eval_metrics = trainer.evaluate()
     method_params, head_params, _ = model.num_parameters_summary()
     metrics = {

@@ -208,6 +208,15 @@ def _stats_ablation(value: str | None) -> bool | list[str]:
     return False if value is None else True if value == "all" else [d for d in value.split(",") if d]
 
 
+def _seed_invocations(history: Path, committed: Path) -> None:
+    """Start a fresh state's call history with the committed one, so that exports list every session's calls.
+
+    A state that already has a history (a later call of the same session) keeps it as it is.
+    """
+    if not history.exists() and committed.exists():
+        shutil.copy(committed, history)
+
+
 def cmd_cloze(args: argparse.Namespace) -> int:
     """Run the cloze study's pending stages (``softprompt.dnd.study``), exporting after every stage."""
     import torch
@@ -235,6 +244,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
                   gen_compile=args.gen_compile)
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
+        _seed_invocations(state / "invocations.jsonl", Path(args.restore).with_name("dnd_cloze_invocations.jsonl"))
     info = {**env_info(), "command": portable(shlex.join(["python benchmarks/dnd_bench.py", *args.argv])),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with open(state / "invocations.jsonl", "a") as f:

@@ -243,3 +243,21 @@ def test_gpu_call_script_builds_study_commands_the_bench_accepts(bench, monkeypa
     e, = timed
     assert e.config == "r8,lr2e-4,steps250,ckpt50" and e.model == str(tmp_path / "dnd_state" / "smollm2")
     assert (e.steps, e.skip) == (20, 3)
+
+
+def test_a_restored_state_starts_its_call_history_with_the_committed_one(bench, tmp_path):
+    committed = tmp_path / "results" / "dnd_cloze_invocations.jsonl"
+    committed.parent.mkdir()
+    committed.write_text('{"date": "2026-12-05"}\n')
+    history = tmp_path / "state" / "invocations.jsonl"
+    history.parent.mkdir()
+    bench._seed_invocations(history, committed)
+    assert history.read_text() == '{"date": "2026-12-05"}\n'
+    # a later call of the same session keeps its own history, which already starts with the committed calls
+    history.write_text('{"date": "2026-12-05"}\n{"date": "2026-12-06"}\n')
+    bench._seed_invocations(history, committed)
+    assert history.read_text() == '{"date": "2026-12-05"}\n{"date": "2026-12-06"}\n'
+    # no committed history (a first session): nothing to seed
+    fresh = tmp_path / "fresh.jsonl"
+    bench._seed_invocations(fresh, tmp_path / "missing.jsonl")
+    assert not fresh.exists()

@@ -46,7 +46,7 @@ def test_fixed_decoding_buffers_that_cannot_fit_are_one_line(folders):
     result = run_serve(["--model", folders[0], "--task-kind", "causal_lm", "--dtype", "float32", "--decoding",
                         "cuda_graphs", "--max-context", str(10**9), "--max-batch-size", str(10**12)])
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1, result.stderr[-500:]
+    assert result.returncode == 2, result.stderr[-500:]
     assert len(lines) == 1 and f"fixed decoding buffers of {10**12} rows x {limit} columns need" in lines[0], lines
     assert "lower max_context" in lines[0]
 

@@ -307,11 +307,12 @@ def test_schemathesis_finds_no_server_error(dirs):
 def test_cli_serves_named_adapters(dirs, tmp_path):
     """``softprompt serve`` end to end in a subprocess: flags parsed, adapters loaded, HTTP answered, admin off by
     default. The server binds port 0 and prints the port it got."""
+    from softprompt.errors import ConfigError
     from softprompt.serve.cli import parse_adapter_specs
 
     assert parse_adapter_specs(["a=/x", "b = /y"]) == {"a": "/x", "b": "/y"}
     for bad in (["a"], ["=/x"], ["a=/x", "a=/y"]):
-        with pytest.raises(SystemExit, match=r"NAME=DIR|twice"):
+        with pytest.raises(ConfigError, match=r"NAME=DIR|twice"):
             parse_adapter_specs(bad)
     base, adapters = dirs
     args = ["--model", base, "--adapter", f"pos={adapters['prefix_a']}", "--adapter",

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+from ..errors import ConfigError, SoftPromptError
 from .config import ADMIN_TOKEN_ENV
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,9 +31,9 @@ def parse_adapter_specs(specs: list[str] | None) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
-            raise SystemExit(f"softprompt serve: --adapter takes NAME=DIR, got {spec!r}")
+            raise ConfigError(f"--adapter takes NAME=DIR, got {spec!r}")
         if name in out:
-            raise SystemExit(f"softprompt serve: adapter name {name!r} given twice")
+            raise ConfigError(f"adapter name {name!r} given twice: give each --adapter its own NAME")
         out[name] = path
     return out
 
@@ -199,22 +200,18 @@ def _server_class():
 
 
 def cmd_serve(args) -> int:
-    """Run the server until interrupted; startup problems end it with a one-line message."""
+    """Run the server until interrupted. Startup problems raise ``SoftPromptError``s, which ``softprompt``'s main
+    prints as one line (exit 2 for a configuration error, 1 otherwise) before anything listens."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ModuleNotFoundError as exc:
-        raise SystemExit(f"softprompt serve needs {exc.name}: pip install 'softprompt[serve]' "
-                         "(fastapi, uvicorn)") from None
-    from ..errors import SoftPromptError
+        raise SoftPromptError(f"serving needs {exc.name}: pip install 'softprompt[serve]' (fastapi, uvicorn)") from None
     from .security import startup_warnings
 
-    try:
-        config = serve_config(args)
-        warnings = startup_warnings(config, args.host)  # before the model loads: an unsafe setup fails at once
-        app = build_app(args, config)
-    except SoftPromptError as exc:
-        raise SystemExit(f"softprompt serve: {exc}") from None
+    config = serve_config(args)
+    warnings = startup_warnings(config, args.host)  # before the model loads: an unsafe setup fails at once
+    app = build_app(args, config)
     for line in warnings:
         print(f"softprompt serve: {line}", file=sys.stderr, flush=True)
     if app.state.generation is not None:

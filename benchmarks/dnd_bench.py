@@ -203,8 +203,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats_ablation(value: str | None) -> bool | list[str]:
-    """``--stats-ablation``: absent (False), bare (every held-out dataset) or a comma-separated list."""
+def _ablation(value: str | None) -> bool | list[str]:
+    """``--stats-ablation`` / ``--nearest-ablation``: absent (False), bare (every held-out dataset) or a
+    comma-separated list."""
     return False if value is None else True if value == "all" else [d for d in value.split(",") if d]
 
 
@@ -237,7 +238,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     study = Study(state, args.model, datasets, configs=args.configs.split(";"), n_eval=args.n_eval,
                   n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state),
                   generators=args.generators, encoder=args.encoder, gen=gen,
-                  stats_ablation=_stats_ablation(args.stats_ablation),
+                  stats_ablation=_ablation(args.stats_ablation), nearest_ablation=_ablation(args.nearest_ablation),
                   gen_group=args.gen_group, gen_streams=args.gen_streams,
                   session_left=args.session_left - (time.time() - T_START) if args.session_left else None,
                   gen_step_seconds=args.gen_step_seconds, zoo_workers=args.zoo_workers,
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats-ablation", nargs="?", const="all", default=None, metavar="DATASETS",
                    help="also the generators with DnD's scale code (stages gen/dnd:<cfg>+statsdnd:<h>): every held-out "
                         "dataset, or those named (comma-separated, e.g. arc_easy,piqa)")
+    p.add_argument("--nearest-ablation", nargs="?", const="all", default=None, metavar="DATASETS",
+                   help="also generators that do not learn the held-out dataset's nearest training dataset either "
+                        "(stages gen/dnd:<cfg>+nonearest:<h>, after the main ones): is DnD more than retrieval?")
     p.add_argument("--gen", help="generator overrides, e.g. steps=1000,batch_size=64,lr=1e-3,stats_code=dnd "
                                  "(softprompt.dnd.study_gen.GEN_DEFAULTS)")
     p.add_argument("--device")

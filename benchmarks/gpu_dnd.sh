@@ -16,8 +16,8 @@
 #
 # LEFT: the session's device seconds left right before the call (the run tool's status: budget_left_s).
 # Environment: GEN_STEP_SECONDS (default 0.35, or the BEST line of call A), GEN_COMPILE=1 (train the generators
-# compiled, if call A's COMPILE line pays), ZOO_WORKERS (3), GEN_GROUP (3), STATS_ABLATION (datasets, or "all"),
-# DRY_RUN=1 (print the study's command line instead of running anything).
+# compiled, if call A's COMPILE line pays), ZOO_WORKERS (3), GEN_GROUP (3), STATS_ABLATION and NEAREST_ABLATION
+# (datasets, or "all"), DRY_RUN=1 (print the study's command line instead of running anything).
 # After each call, here: copy dnd_cloze_stages.json and dnd_cloze_invocations.jsonl from the call's files into
 # benchmarks/results/, then run cloze-report and dnd_readme.py (docs/dnd_gpu.md, "After every call").
 set -euo pipefail
@@ -37,6 +37,8 @@ study() {  # the cloze study, resumed from $S/cz; $1 = LEFT, the rest: extra opt
   if [ "${GEN_COMPILE:-0}" = 1 ]; then cmd+=(--gen-compile); fi
   if [ "${STATS_ABLATION:-}" = all ]; then cmd+=(--stats-ablation)
   elif [ -n "${STATS_ABLATION:-}" ]; then cmd+=(--stats-ablation "$STATS_ABLATION"); fi
+  if [ "${NEAREST_ABLATION:-}" = all ]; then cmd+=(--nearest-ablation)
+  elif [ -n "${NEAREST_ABLATION:-}" ]; then cmd+=(--nearest-ablation "$NEAREST_ABLATION"); fi
   if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; return 0; fi
   "${cmd[@]}"
 }

@@ -220,7 +220,8 @@ def test_gpu_call_script_builds_study_commands_the_bench_accepts(bench, monkeypa
                               env={**os.environ, "HOME": str(tmp_path), "DRY_RUN": "1", **env})
 
     for argv, env in ((("C", "1500"), {"GEN_COMPILE": "1", "STATS_ABLATION": "all"}),
-                      (("D", "900"), {"STATS_ABLATION": "arc_easy,piqa", "GEN_STEP_SECONDS": "0.3"})):
+                      (("D", "900"), {"STATS_ABLATION": "arc_easy,piqa", "GEN_STEP_SECONDS": "0.3",
+                                      "NEAREST_ABLATION": "arc_easy"})):
         out = call(*argv, **env)
         assert out.returncode == 0, out.stderr
         command = shlex.split(out.stdout)
@@ -231,6 +232,7 @@ def test_gpu_call_script_builds_study_commands_the_bench_accepts(bench, monkeypa
     assert 1400 <= c.session_left <= 1410 and c.zoo_workers == 3 and c.gen_group == 3 and c.gen_streams
     assert c.state == str(tmp_path / "dnd_state" / "cz") and c.gen_step_seconds == 0.35
     assert not d.gen_compile and d.stats_ablation == "arc_easy,piqa" and d.restore is None
+    assert d.nearest_ablation == "arc_easy" and c.nearest_ablation is None
     assert d.gen_step_seconds == 0.3 and 800 <= d.session_left <= 810
     refused = call("D")
     assert refused.returncode == 2 and "needs LEFT" in refused.stderr and refused.stdout == ""

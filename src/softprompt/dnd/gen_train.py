@@ -251,10 +251,11 @@ def train_group(entries: Sequence[Mapping], holdouts: Sequence[str], outs: Seque
                 pools_for: Callable[[str], Sequence[str]], encoder: ConditionEncoder, *,
                 opts: Mapping[str, Any] | None = None, keep_steps: Sequence[int] = (),
                 max_seconds: float | None = None, stop_after: int | None = None, streams: bool = False,
-                grid_cache: dict | None = None, t0: float | None = None, compile: bool = False
-                ) -> list[dict[str, Any]]:
+                grid_cache: dict | None = None, t0: float | None = None, compile: bool = False,
+                exclude: Sequence[Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Leave-one-out generators for ``holdouts`` trained side by side: generator i learns every entry whose dataset
-    is not ``holdouts[i]`` and writes to ``outs[i]``. One :class:`GridBank` over all entries and one warmed encoder
+    is not ``holdouts[i]`` (nor in ``exclude[i]``, an ablation's further datasets left out) and writes to
+    ``outs[i]``. One :class:`GridBank` over all entries and one warmed encoder
     cache serve every run. ``opts`` overrides :data:`GROUP_DEFAULTS`. Returns one :meth:`GeneratorRun.summary` per
     holdout (``complete`` False for a run that continues in a later call, from its ``train_state.pt``).
     ``compile``: each decoder through ``torch.compile`` (an execution choice like ``streams``: fused element-wise
@@ -272,16 +273,17 @@ def train_group(entries: Sequence[Mapping], holdouts: Sequence[str], outs: Seque
     in_shape = (o["n_prompts"], o["max_length"], encoder.hidden)
     chain = plan_chain(in_shape, bank.layout.grid_shape, o["width"], o["n_layers"])
     runs = []
-    for h, out in zip(holdouts, outs, strict=True):
-        train = [e for e in entries if e["dataset"] != h]
+    for h, out, more in zip(holdouts, outs, exclude or [()] * len(holdouts), strict=True):
+        left_out = [h, *more]
+        train = [e for e in entries if e["dataset"] not in left_out]
         if not train:
-            raise ValueError(f"no zoo checkpoints left after holding out {h}")
+            raise ValueError(f"no zoo checkpoints left after holding out {', '.join(left_out)}")
         runs.append(GeneratorRun(
             bank, train, {d: pools[d] for d in dict.fromkeys(e["dataset"] for e in train)}, encoder, out,
             o["steps"], chain, n_prompts=o["n_prompts"], batch_size=o["batch_size"], lr=o["lr"],
             weight_decay=o["weight_decay"], warmup=o["warmup"], clip=o["clip"], kernel=o["kernel"],
             cond_noise=o["cond_noise"], target_noise=o["target_noise"], weighting=o["weighting"], seed=o["seed"],
-            holdout=[h], keep_steps=keep_steps, config={"target": o["target"], "condition": "raw",
+            holdout=left_out, keep_steps=keep_steps, config={"target": o["target"], "condition": "raw",
                                                         "group": list(holdouts)}, compile=compile))
     return train_runs(runs, max_seconds=max_seconds, stop_after=stop_after, streams=streams, t0=t0)
 

@@ -1,4 +1,4 @@
-"""Results of the cloze study: paired bootstrap intervals, ``dnd_cloze.json`` (issue 21 schema) and its markdown.
+"""Results of the cloze study: ``dnd_cloze.json`` (issue 21 schema) and its markdown.
 
 ``build_results(stages, ...)`` turns the stage JSONs of :mod:`.study` (and, when present, DnD stages with the same
 per-example layout) into the machine-readable file; ``render(results)`` writes ``dnd.md`` from that file alone, so
@@ -7,31 +7,16 @@ the markdown never holds a number the JSON lacks. All accuracies are in percent.
 
 from __future__ import annotations
 
-import random
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .ablations import ablation_fields, render_ablations
 from .diagnosis import diagnosis
+from .intervals import paired_bootstrap
+from .intervals import verdict as _verdict
 from .study_zoo import last_build
 from .templates import DATASETS
-
-
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> list[float]:
-    """Percentile interval (in points) of mean(a) − mean(b) over examples, resampling examples with replacement
-    (the same indices for both, since a and b score the same examples). Entries may be fractions (an example's
-    mean correctness over several adapters)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired bootstrap needs two equal, non-empty lists (got {len(a)} and {len(b)})")
-    n = len(a)
-    diff = [x - y for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    stats = sorted(sum(diff[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    lo = stats[int((1 - level) / 2 * n_boot)]
-    hi = stats[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
-    return [round(100 * lo, 2), round(100 * hi, 2)]
-
 
 KEYS = {"acc": "correct", "acc_norm": "correct_norm", "acc_cal": "correct_cal"}  # per-example lists of a measure
 
@@ -105,11 +90,8 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
             if t and per_step is not None:
                 step = t["step"] if t.get("step") is not None else t.get("final_step")
                 t["alone_seconds"] = round(step * per_step, 2) if step is not None else None
-        abl = stages.get(f"dnd:{config}+statsdnd:{d}")
-        if abl and dnd and b:  # stats-code ablation: DnD's scale code against the relative code, same examples
-            per = [[statistics.mean(r[key][i] for r in x["draws"]) for i in range(len(b[key]))] for x in (abl, dnd)]
-            row["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[m] for r in abl["draws"]), 2)
-            row["ci_stats_dnd_minus_relative"] = paired_bootstrap(per[0], per[1])
+        if b and cross:
+            row.update(ablation_fields(stages, config, d, b, cross, m, key))
         for k in ("train_lora_mean", "train_lora_best", "own_lora", "dnd_mean", "dnd_sd", "ci_dnd_minus_train_mean",
                   "ci_dnd_minus_base", "ci_dnd_minus_nearest", "nearest_lora", "generate_seconds",
                   "in_distribution_recovery", "lora_to_match"):
@@ -162,11 +144,6 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "lora_to_match": _to_match(dnd.get("lora_to_match"), own),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
                 100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
-
-
-def _verdict(ci: Sequence[float]) -> str:
-    """A paired interval of DnD − something, in a word: it excludes 0 above, below, or contains it."""
-    return "wins" if ci[0] > 0 else "loses" if ci[1] < 0 else "no difference"
 
 
 def _near(row: Mapping[str, Any]) -> str:
@@ -342,6 +319,7 @@ def render(res: Mapping[str, Any]) -> str:
                   "training; the stage lists the steps it scored)." + _cost_note(rows, res.get("zoo_alone")), "",
                   "| held-out | generate s | own LoRA to match DnD | LoRA s / generate s |", "|---|---|---|---|"]
         lines += [f"| {name} | {r['generate_seconds']:.3f} | {_cost_cell(r)} |" for name, r in rows]
+    lines += render_ablations(rows)
     if rows:
         lines += ["", "### Where DnD wins and where it does not", "", *diagnosis(rows)]
     if all(r["dnd_mean"] is None for r in res["datasets"].values()):

@@ -12,7 +12,8 @@ A *state* folder holds one JSON per finished stage (``stages/<name>.json``) plus
   ``gen`` stage may span calls: it starts when 120 s are left and trains until the budget is spent. ``gen_group``
   generators train side by side in one process (:mod:`.gen_train`); with ``session_left`` (device seconds left in
   the session) a generator is started only if it and its ``dnd`` stage can finish before the session ends (a
-  generator cut by the session's end loses its training state with the machine).
+  generator cut by the session's end loses its training state with the machine). Ablations (``stats_ablation``,
+  ``nearest_ablation``: ``gen``/``dnd:<cfg>+<tag>:<h>``, :data:`.study_gen.TAGS`) come after every main generator.
 
 A stage result records the cloze format version (:data:`.cloze.FORMAT_VERSIONS`) of every dataset it depends on
 (a zoo stage: its dataset; every other stage: all datasets), and ``gen``/``dnd`` results their generator options;
@@ -21,8 +22,7 @@ With ``zoo_workers`` > 1 the zoo stages of a config run in that many processes a
 
 A stage starts only if its estimate (the longest finished stage of its kind, else a prior) fits in the time budget,
 so a 10-minute device call stops cleanly; a rerun skips finished stages. Stage JSONs are small: they travel back in
-``$OUT`` and can be restored into a fresh state with ``restore`` (the zoo weights of a lost state are then rebuilt
-by rerunning the zoo stages, which are removed from the restored set when their weights are missing).
+``$OUT`` and ``restore`` brings them into a fresh state (whose zoo weights the zoo stages then rebuild).
 
 Evaluation subset: the sha256-ranked first ``n_eval`` records of the DnD ``test`` part (key
 ``<dataset>|dnd-eval``, seed 0), all of them when fewer.
@@ -84,7 +84,8 @@ class Study:
                  log: Callable[[str], None] = print, generators: bool = False, encoder: str = "minilm",
                  gen: dict[str, Any] | None = None, stats_ablation: bool | Sequence[str] = False, gen_group: int = 1,
                  gen_streams: bool = False, session_left: float | None = None,
-                 gen_step_seconds: float | None = None, zoo_workers: int = 1, gen_compile: bool = False) -> None:
+                 gen_step_seconds: float | None = None, zoo_workers: int = 1, gen_compile: bool = False,
+                 nearest_ablation: bool | Sequence[str] = False) -> None:
         # what a zoo worker process needs to rebuild this study (softprompt.dnd.study_zoo)
         self.init_kwargs = {"state": str(state), "model": model, "datasets": list(datasets),
                             "configs": list(configs), "n_eval": n_eval, "n_dev": n_dev, "batch_size": batch_size,
@@ -97,10 +98,11 @@ class Study:
         self.batch_size, self.device, self.log = batch_size, device, log
         self._recs: dict[str, list] = {}
         self.generators, self.encoder, self.gen = generators, encoder, dict(gen or {})
-        # The stats-code ablation's held-out datasets: all (True), none (False) or the ones named (seven more
+        # Each ablation's held-out datasets (study_gen.TAGS): all (True), none (False) or the ones named (seven more
         # generators cost about two device sessions, so a subset can answer the question sooner).
-        self.stats_ablation = (list(self.datasets) if stats_ablation is True else
-                               [canonical_name(d) for d in stats_ablation] if stats_ablation else [])
+        self.ablations = {tag: list(self.datasets) if which is True else
+                          [canonical_name(d) for d in which] if which else []
+                          for tag, which in (("statsdnd", stats_ablation), ("nonearest", nearest_ablation))}
         self.gen_group, self.gen_streams, self.gen_compile = max(1, gen_group), gen_streams, gen_compile
         self.session_left, self.gen_step_prior = session_left, gen_step_seconds
 
@@ -112,9 +114,8 @@ class Study:
             out += [f"zoo:{c['name']}:{d}" for d in self.datasets] + [f"cross:{c['name']}"]
             if self.generators:
                 out += [f"{k}:{c['name']}:{d}" for d in self.holdout_order() for k in ("gen", "dnd")]
-            if self.generators and self.stats_ablation:  # the same generators with DnD's scale code
-                out += [f"{k}:{c['name']}+statsdnd:{d}" for d in self.holdout_order() if d in self.stats_ablation
-                        for k in ("gen", "dnd")]
+            for tag, held in self.ablations.items() if self.generators else ():  # after every main generator
+                out += [f"{k}:{c['name']}+{tag}:{d}" for d in self.holdout_order() if d in held for k in ("gen", "dnd")]
         return out
 
     def holdout_order(self) -> list[str]:
@@ -223,7 +224,7 @@ class Study:
         old = self.result(stage) if self.recorded(stage) else None
         t0 = time.time()
         model, tok = self._load()
-        t_load = time.time() - t0
+        t_load = time.time() - t0  # where a stage's seconds go (below: the GPU machine is not profiled otherwise)
         out = self.zoo_dir(cfg, dataset)
         if out.exists():
             shutil.rmtree(out)  # a stage interrupted mid-way leaves partial checkpoints
@@ -235,7 +236,7 @@ class Study:
                         max_length=ZOO_MAX_LENGTH, curve_steps=[s for s in ZOO_CURVE_STEPS if s <= warm])
         final = man["checkpoints"][-1]
         losses = [c["train_loss"] for c in man["checkpoints"]]
-        entry = man["datasets"][dataset]  # where a stage's seconds go (the GPU machine is not profiled otherwise)
+        entry = man["datasets"][dataset]
         profile = {"load_s": round(t_load, 2), "build_s": round(time.time() - t0 - t_load, 2), **entry["memory"],
                    **{f"{k}_s": entry.get(f"{k}_seconds") for k in ("prep", "train", "save")}, "zoo_workers": 1}
         # This machine's optimiser seconds to each saved step, the final one last (a kept record's seconds came from
@@ -309,8 +310,7 @@ class Study:
 
                 name, _, tag = rest[0].partition("+")
                 res = run_dnd(self, cfgs[name], rest[1], tag=tag)
-            res["seconds"] = round(time.time() - s0, 2)
-            res["formats"] = self.formats(stage)
+            res["seconds"], res["formats"] = round(time.time() - s0, 2), self.formats(stage)
             self.path(stage).write_text(json.dumps(res) + "\n")
             self.log(f"done {stage} in {res['seconds']:.1f} s")
             if export:

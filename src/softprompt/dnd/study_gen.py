@@ -61,7 +61,22 @@ def zoo_entries(study: Study, cfg: dict[str, Any], datasets: list[str]) -> list[
     return out
 
 
-TAGS = {"": {}, "statsdnd": {"stats_code": "dnd"}}  # ablation variants of the generator (stage name suffix +tag)
+# Ablation variants of the generator (stage name suffix +tag): generator options they change. ``nonearest`` changes
+# what it learns instead: the held-out dataset's nearest training dataset is left out too (:func:`left_out`).
+TAGS: dict[str, dict[str, Any]] = {"": {}, "statsdnd": {"stats_code": "dnd"}, "nonearest": {}}
+
+
+def left_out(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> list[str]:
+    """The datasets a generator does not learn: the held-out one, and for ``nonearest`` also the training dataset
+    nearest to it in condition embedding, as the main ``dnd`` stage of ``holdout`` found it (that stage runs first:
+    the study orders ablations after every main generator). Does DnD still beat the training LoRAs when the one
+    it resembles most is not there to be retrieved?"""
+    if tag != "nonearest":
+        return [holdout]
+    main = f"dnd:{cfg['name']}:{holdout}"
+    if not study.recorded(main):
+        raise RuntimeError(f"{main} must be recorded before its nonearest ablation: it names the nearest dataset")
+    return [holdout, study.result(main)["nearest"]]
 
 
 def _options(study: Study, tag: str) -> dict[str, Any]:
@@ -90,10 +105,12 @@ def run_gen_group(study: Study, cfg: dict[str, Any], holdouts: list[str], max_se
 
     g = _options(study, tag)
     outs = [study.gen_dir(cfg, h, tag and "+" + tag) for h in holdouts]
+    drop = {h: left_out(study, cfg, h, tag) for h in holdouts}
     res = train_group(zoo_entries(study, cfg, study.datasets), holdouts, outs,
                       lambda d: training_prompts(d, g["pool"]), _encoder(study, g),
                       opts={k: g[k] for k in GROUP_DEFAULTS if k in g}, keep_steps=(g["steps"] // 2,),
-                      max_seconds=max_seconds, streams=study.gen_streams, compile=study.gen_compile)
+                      max_seconds=max_seconds, streams=study.gen_streams, compile=study.gen_compile,
+                      exclude=[drop[h][1:] for h in holdouts])
     out: dict[str, dict[str, Any] | None] = {}
     for h, r in zip(holdouts, res):
         if not r["complete"]:
@@ -104,7 +121,7 @@ def run_gen_group(study: Study, cfg: dict[str, Any], holdouts: list[str], max_se
         out[h] = {"parameters": r["parameters"], "loss_first": losses[0], "loss_last": losses[-1],
                   "loss_curve": losses[:: max(1, len(losses) // 50)], "train_seconds": r["seconds"],
                   "share_seconds": r["share_seconds"], "group": list(holdouts),
-                  "train_datasets": [d for d in study.datasets if d != h], "config": g,
+                  "train_datasets": [d for d in study.datasets if d not in drop[h]], "config": g,
                   "compiled": study.gen_compile}
     return out
 
@@ -203,7 +220,9 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
             states.append(state)
             draws.append({"weights": weights, "seed": seed, "seconds": secs,
                           **_score_state(study, state, template, holdout, tmp)})
-    train = [d for d in study.datasets if d != holdout]
+    gen_stage = f"gen:{cfg['name']}{tag and '+' + tag}:{holdout}"  # what the generator learned (ablations: less)
+    train = study.result(gen_stage)["train_datasets"] if study.recorded(gen_stage) else [
+        d for d in study.datasets if d != holdout]
     own = train[0]
     rec_draws = []
     for seed in range(g["recovery_draws"]):

@@ -1,0 +1,89 @@
+"""The cloze study's generator ablations in ``dnd_cloze.json`` and ``dnd.md`` (issue 21, step 4).
+
+* ``statsdnd``: the same generator with DnD's scale code for weight-token statistics instead of ours
+  (``stats_code``), scored on the same examples: DnD(dnd code) − DnD(relative code).
+* ``nonearest``: a generator that learns neither the held-out dataset nor the training dataset nearest to it in
+  condition embedding (the one the main generator's adapters most resemble). If DnD only retrieves the nearest
+  training LoRA, its score falls to that of the next nearest; if it generates, it stays above the training LoRAs it
+  learned from.
+
+Every interval is a 95% paired bootstrap over the evaluated examples (:func:`.intervals.paired_bootstrap`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .intervals import paired_bootstrap, verdict
+
+
+def _per_example(dnd: Mapping[str, Any], key: str, n: int) -> list[float]:
+    """Mean correctness over a ``dnd`` stage's draws, example by example."""
+    return [statistics.mean(r[key][i] for r in dnd["draws"]) for i in range(n)]
+
+
+def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mapping[str, Any],
+                    cross: Mapping[str, Any], measure: str, key: str) -> dict[str, Any]:
+    """A dataset row's ablation fields (nothing for a dataset without its main ``dnd`` stage)."""
+    main = stages.get(f"dnd:{config}:{d}")
+    if not main:
+        return {}
+    n = len(base[key])
+    per_main = _per_example(main, key, n)
+    out: dict[str, Any] = {}
+    stats = stages.get(f"dnd:{config}+statsdnd:{d}")
+    if stats:
+        out["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[measure] for r in stats["draws"]), 2)
+        out["ci_stats_dnd_minus_relative"] = paired_bootstrap(_per_example(stats, key, n), per_main)
+    far = stages.get(f"dnd:{config}+nonearest:{d}")
+    if far:
+        train = list(far["similarity"])  # the datasets this generator learned
+        per = _per_example(far, key, n)
+        per_train = [statistics.mean(cross[s][d][key][i] for s in train) for i in range(n)]
+        near = far["nearest"]
+        accs = [100 * r[measure] for r in far["draws"]]
+        cos = {s: c for s, c in (far.get("weight_cosine") or {}).get("to_final_lora", {}).items() if s in train}
+        closest = max(cos, key=cos.__getitem__) if cos else None
+        out["without_nearest"] = {
+            "left_out": main["nearest"], "train_datasets": train, "dnd_mean": round(statistics.mean(accs), 2),
+            "dnd_sd": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
+            "train_lora_mean": round(statistics.mean(100 * cross[s][d][measure] for s in train), 2),
+            "ci_dnd_minus_train_mean": paired_bootstrap(per, per_train),
+            "nearest_lora": {"dataset": near, "acc": round(100 * cross[near][d][measure], 2)},
+            "ci_dnd_minus_nearest": paired_bootstrap(per, cross[near][d][key]),
+            "ci_minus_main_dnd": paired_bootstrap(per, per_main),
+            "closest_in_weights": {"dataset": closest, "cosine": cos[closest]} if closest else None}
+    return out
+
+
+def render_ablations(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Markdown lines of the ablations measured so far (none: no lines)."""
+    def ci(x: Sequence[float]) -> str:
+        return f"{verdict(x)} [{x[0]:+.1f}, {x[1]:+.1f}]"
+
+    lines: list[str] = []
+    stats = [(n, r) for n, r in rows if r.get("dnd_mean_stats_dnd") is not None]
+    if stats:
+        lines += ["", "Stats-code ablation: the same generator with DnD's scale code for the weight tokens' "
+                  "statistics (`dnd`) instead of ours (`relative`), scored on the same examples.", "",
+                  "| held-out | DnD (relative) | DnD (dnd code) | dnd − relative |", "|---|---|---|---|"]
+        lines += [f"| {n} | {r['dnd_mean']:.1f} | {r['dnd_mean_stats_dnd']:.1f} | "
+                  f"{ci(r['ci_stats_dnd_minus_relative'])} |" for n, r in stats]
+    far = [(n, r["without_nearest"]) for n, r in rows if r.get("without_nearest")]
+    if far:
+        lines += ["", "Without the nearest dataset: a generator that also does not learn the training dataset "
+                  "nearest to the held-out one in condition embedding (`left out`). Retrieval would fall to the "
+                  "next nearest LoRA; generation would stay above the LoRAs it learned.", "",
+                  "| held-out | left out | DnD | its training-LoRA mean | DnD − that mean | its nearest LoRA | "
+                  "DnD − nearest | − main DnD | closest in weights |", "|" + "---|" * 9]
+        for n, w in far:
+            near, close = w["nearest_lora"], w["closest_in_weights"]
+            lines.append(
+                f"| {n} | {w['left_out'].split('/')[-1]} | {w['dnd_mean']:.1f} ± {w['dnd_sd']:.1f} | "
+                f"{w['train_lora_mean']:.1f} | {ci(w['ci_dnd_minus_train_mean'])} | "
+                f"{near['acc']:.1f} ({near['dataset'].split('/')[-1]}) | {ci(w['ci_dnd_minus_nearest'])} | "
+                f"{ci(w['ci_minus_main_dnd'])} | "
+                + ("–" if close is None else f"{close['cosine']:+.3f} ({close['dataset'].split('/')[-1]})") + " |")
+    return lines

@@ -1,0 +1,91 @@
+"""The cloze study's `nonearest` ablation end to end on CPU (tiny Llama, tiny BERT encoder, three real datasets): the
+generator learns neither the held-out dataset nor its nearest training dataset, and the report compares it with
+what is left."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny
+from test_dnd_harness import _tok
+
+from softprompt.dnd.report import build_results, render
+
+DATASETS = ["commonsense/arc_easy", "commonsense/winogrande", "commonsense/piqa"]
+CFG = "r2_lr1e-2_steps3_ckpt2_bs4"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_bert_dir):
+    from softprompt.dnd.study import Study
+
+    root = tmp_path_factory.mktemp("nonearest")
+    folder = root / "tiny-llama"
+    tiny("llama").save_pretrained(folder)
+    _tok(chat=False).save_pretrained(folder)
+    study = Study(root / "state", str(folder), datasets=DATASETS, configs=["r2,lr1e-2,steps3,ckpt2,bs4"], n_eval=6,
+                  n_dev=4, batch_size=8, device="cpu", log=lambda m: None, generators=True, encoder=tiny_bert_dir,
+                  gen={"steps": 2, "batch_size": 2, "width": 4, "n_layers": 2, "kernel": 3, "chunk": 16,
+                       "n_prompts": 4, "max_length": 16, "warmup": 1, "draws": 2, "recovery_draws": 1, "pool": 20,
+                       "min_pool": 8},
+                  nearest_ablation=["arc_easy"])
+    assert study.run() == "complete"
+    return study, json.loads(study.export(root / "out").read_text())
+
+
+def test_the_ablation_runs_after_every_main_generator_and_learns_without_the_nearest(finished):
+    study, stages = finished
+    names = study.stages()
+    abl = f"gen:{CFG}+nonearest:commonsense/arc_easy"
+    assert names[-2:] == [abl, f"dnd:{CFG}+nonearest:commonsense/arc_easy"]
+    assert all(names.index(abl) > names.index(f"dnd:{CFG}:{d}") for d in DATASETS)
+    near = stages[f"dnd:{CFG}:commonsense/arc_easy"]["nearest"]
+    left = [d for d in DATASETS if d not in ("commonsense/arc_easy", near)]
+    assert stages[abl]["train_datasets"] == left
+    gdir = study.gen_dir(study.configs[0], "commonsense/arc_easy", "+nonearest")
+    assert json.loads((gdir / "generator_config.json").read_text())["holdout"] == sorted(
+        ["commonsense/arc_easy", near])
+    far = stages[f"dnd:{CFG}+nonearest:commonsense/arc_easy"]
+    assert list(far["similarity"]) == left and far["nearest"] == left[0] and far["recovery"]["dataset"] == left[0]
+    assert far["lora_to_match"] is None  # ablations have no cost row
+
+
+def test_the_report_compares_it_with_the_datasets_it_learned(finished):
+    _, stages = finished
+    res = build_results(stages, CFG, device="cpu", versions={"torch": torch.__version__}, date="d", command="c",
+                        datasets=DATASETS)
+    row = res["datasets"]["commonsense/arc_easy"]
+    w = row["without_nearest"]
+    main_near = stages[f"dnd:{CFG}:commonsense/arc_easy"]["nearest"]
+    (kept,) = [d for d in DATASETS[1:] if d != main_near]
+    cross = stages[f"cross:{CFG}"]["lora_on"]
+    measure = row["measure"]
+    assert w["left_out"] == main_near and w["train_datasets"] == [kept]
+    assert w["train_lora_mean"] == round(100 * cross[kept]["commonsense/arc_easy"][measure], 2)
+    assert w["nearest_lora"] == {"dataset": kept, "acc": w["train_lora_mean"]}  # one dataset left: the same LoRA
+    draws = stages[f"dnd:{CFG}+nonearest:commonsense/arc_easy"]["draws"]
+    assert w["dnd_mean"] == round(sum(100 * r[measure] for r in draws) / len(draws), 2)
+    for k in ("ci_dnd_minus_train_mean", "ci_dnd_minus_nearest", "ci_minus_main_dnd"):
+        lo, hi = w[k]
+        assert lo <= hi
+    lo, hi = w["ci_dnd_minus_train_mean"]  # the interval contains the observed difference
+    assert lo - 1e-6 <= w["dnd_mean"] - w["train_lora_mean"] <= hi + 1e-6
+    lo, hi = w["ci_minus_main_dnd"]
+    assert lo - 1e-6 <= w["dnd_mean"] - row["dnd_mean"] <= hi + 1e-6
+    assert w["closest_in_weights"]["dataset"] == kept
+    assert all("without_nearest" not in r for d, r in res["datasets"].items() if d != "commonsense/arc_easy")
+    text = render(res)
+    assert "Without the nearest dataset" in text
+    assert f"| arc_easy | {main_near.split('/')[-1]} | {w['dnd_mean']:.1f} ± {w['dnd_sd']:.1f} | " in text
+
+
+def test_the_ablation_needs_the_main_stage_that_names_the_nearest(tmp_path):
+    from softprompt.dnd.study import Study
+    from softprompt.dnd.study_gen import left_out
+
+    study = Study(tmp_path / "s", "unused-model", datasets=DATASETS, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+                  generators=True, log=lambda m: None, nearest_ablation=True)
+    cfg = study.configs[0]
+    assert left_out(study, cfg, "commonsense/piqa") == ["commonsense/piqa"]  # the main generator
+    with pytest.raises(RuntimeError, match=r"dnd:.*piqa must be recorded before its nonearest ablation"):
+        left_out(study, cfg, "commonsense/piqa", "nonearest")

@@ -89,3 +89,21 @@ def test_the_ablation_needs_the_main_stage_that_names_the_nearest(tmp_path):
     assert left_out(study, cfg, "commonsense/piqa") == ["commonsense/piqa"]  # the main generator
     with pytest.raises(RuntimeError, match=r"dnd:.*piqa must be recorded before its nonearest ablation"):
         left_out(study, cfg, "commonsense/piqa", "nonearest")
+
+
+def test_the_diagnosis_says_what_the_retrieval_test_found():
+    from softprompt.dnd.diagnosis import diagnosis
+
+    def row(lo, hi, near_ci, main_ci):
+        return {"valid_target": True, "ci_dnd_minus_train_mean": [-1.0, 1.0], "without_nearest": {
+            "left_out": "commonsense/arc_challenge", "dnd_mean": 55.0, "train_lora_mean": 50.0,
+            "ci_dnd_minus_train_mean": [lo, hi], "nearest_lora": {"dataset": "commonsense/openbookqa", "acc": 54.0},
+            "ci_dnd_minus_nearest": near_ci, "ci_minus_main_dnd": main_ci}}
+
+    lines = diagnosis([("arc_easy", row(2.0, 8.0, [-1.0, 3.0], [-12.0, -6.0])),
+                       ("piqa", row(-1.0, 3.0, [-2.0, 2.0], [-3.0, 1.0]))])
+    (line,) = [x for x in lines if "Without the nearest dataset" in x]
+    assert "above the mean of the LoRAs it learned on 1 of 2 (arc_easy)" in line
+    assert "above its own nearest LoRA on 0 (none)" in line
+    # the main DnD minus the ablation: the interval of (ablation − main), negated
+    assert "arc_easy without arc_challenge: 55.0 against the mean 50.0" in line and "[+6.0, +12.0]" in line

@@ -67,7 +67,27 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                           f"{x['own_lora']:.1f}" for n, x in rec)
         out.append(f"**Capacity.** Fed a training dataset's own prompts, each generator's adapters score within "
                    f"{gap:.1f} points of that dataset's LoRA ({pairs}): it reproduces what it was trained on.")
+    out += _without_nearest(valid)
     return [f"- {line}" for line in out]
+
+
+def _without_nearest(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """The retrieval test (the ``nonearest`` ablation, :mod:`.ablations`): a generator that did not learn the nearest
+    training dataset either. Retrieval would fall to the next nearest LoRA; generation would stay above the LoRAs it
+    learned."""
+    rows = [(n, r["without_nearest"]) for n, r in valid if r.get("without_nearest")]
+    if not rows:
+        return []
+    above = [(n,) for n, w in rows if w["ci_dnd_minus_train_mean"][0] > 0]
+    beyond = [(n,) for n, w in rows if w["ci_dnd_minus_nearest"][0] > 0]
+    each = "; ".join(
+        f"{n} without {w['left_out'].split('/')[-1]}: {w['dnd_mean']:.1f} against the mean {w['train_lora_mean']:.1f} "
+        f"of the LoRAs it learned, {w['nearest_lora']['acc']:.1f} for its nearest "
+        f"({w['nearest_lora']['dataset'].split('/')[-1]}), main DnD − this [{-w['ci_minus_main_dnd'][1]:+.1f}, "
+        f"{-w['ci_minus_main_dnd'][0]:+.1f}]" for n, w in rows)
+    return [f"**Without the nearest dataset.** A generator that also did not learn the nearest training dataset is "
+            f"above the mean of the LoRAs it learned on {len(above)} of {len(rows)} ({_names(above)}) and above its "
+            f"own nearest LoRA on {len(beyond)} ({_names(beyond)}): {each}."]
 
 
 __all__ = ["diagnosis"]

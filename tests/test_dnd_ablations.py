@@ -73,10 +73,13 @@ def test_the_report_compares_it_with_the_datasets_it_learned(finished):
     lo, hi = w["ci_minus_main_dnd"]
     assert lo - 1e-6 <= w["dnd_mean"] - row["dnd_mean"] <= hi + 1e-6
     assert w["closest_in_weights"]["dataset"] == kept
+    cos = stages[f"dnd:{CFG}+nonearest:commonsense/arc_easy"]["weight_cosine"]["to_final_lora"]
+    assert w["cosine_with_left_out"] == cos[main_near] and -1 <= w["cosine_with_left_out"] <= 1
     assert all("without_nearest" not in r for d, r in res["datasets"].items() if d != "commonsense/arc_easy")
     text = render(res)
     assert "Without the nearest dataset" in text
     assert f"| arc_easy | {main_near.split('/')[-1]} | {w['dnd_mean']:.1f} ± {w['dnd_sd']:.1f} | " in text
+    assert f"({kept.split('/')[-1]}) | {w['cosine_with_left_out']:+.3f} |" in text
 
 
 def test_the_ablation_needs_the_main_stage_that_names_the_nearest(tmp_path):
@@ -98,7 +101,7 @@ def test_the_diagnosis_says_what_the_retrieval_test_found():
         return {"valid_target": True, "ci_dnd_minus_train_mean": [-1.0, 1.0], "without_nearest": {
             "left_out": "commonsense/arc_challenge", "dnd_mean": 55.0, "train_lora_mean": 50.0,
             "ci_dnd_minus_train_mean": [lo, hi], "nearest_lora": {"dataset": "commonsense/openbookqa", "acc": 54.0},
-            "ci_dnd_minus_nearest": near_ci, "ci_minus_main_dnd": main_ci}}
+            "ci_dnd_minus_nearest": near_ci, "ci_minus_main_dnd": main_ci, "cosine_with_left_out": 0.31}}
 
     lines = diagnosis([("arc_easy", row(2.0, 8.0, [-1.0, 3.0], [-12.0, -6.0])),
                        ("piqa", row(-1.0, 3.0, [-2.0, 2.0], [-3.0, 1.0]))])
@@ -106,4 +109,5 @@ def test_the_diagnosis_says_what_the_retrieval_test_found():
     assert "above the mean of the LoRAs it learned on 1 of 2 (arc_easy)" in line
     assert "above its own nearest LoRA on 0 (none)" in line
     # the main DnD minus the ablation: the interval of (ablation − main), negated
-    assert "arc_easy without arc_challenge: 55.0 against the mean 50.0" in line and "[+6.0, +12.0]" in line
+    assert "arc_easy without arc_challenge: 55.0 against the mean 50.0" in line
+    assert "[+6.0, +12.0], cosine +0.31 with the left-out LoRA" in line

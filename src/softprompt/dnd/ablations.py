@@ -44,7 +44,8 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
         per_train = [statistics.mean(cross[s][d][key][i] for s in train) for i in range(n)]
         near = far["nearest"]
         accs = [100 * r[measure] for r in far["draws"]]
-        cos = {s: c for s, c in (far.get("weight_cosine") or {}).get("to_final_lora", {}).items() if s in train}
+        to = (far.get("weight_cosine") or {}).get("to_final_lora", {})
+        cos = {s: c for s, c in to.items() if s in train}
         closest = max(cos, key=cos.__getitem__) if cos else None
         out["without_nearest"] = {
             "left_out": main["nearest"], "train_datasets": train, "dnd_mean": round(statistics.mean(accs), 2),
@@ -54,7 +55,9 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
             "nearest_lora": {"dataset": near, "acc": round(100 * cross[near][d][measure], 2)},
             "ci_dnd_minus_nearest": paired_bootstrap(per, cross[near][d][key]),
             "ci_minus_main_dnd": paired_bootstrap(per, per_main),
-            "closest_in_weights": {"dataset": closest, "cosine": cos[closest]} if closest else None}
+            "closest_in_weights": {"dataset": closest, "cosine": cos[closest]} if closest else None,
+            # does it still make what the left-out LoRA is, without having seen it? (generation, not retrieval)
+            "cosine_with_left_out": to.get(main["nearest"])}
     return out
 
 
@@ -77,7 +80,8 @@ def render_ablations(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]
                   "nearest to the held-out one in condition embedding (`left out`). Retrieval would fall to the "
                   "next nearest LoRA; generation would stay above the LoRAs it learned.", "",
                   "| held-out | left out | DnD | its training-LoRA mean | DnD − that mean | its nearest LoRA | "
-                  "DnD − nearest | − main DnD | closest in weights |", "|" + "---|" * 9]
+                  "DnD − nearest | − main DnD | closest in weights | cosine with the left-out LoRA |",
+                  "|" + "---|" * 10]
         for n, w in far:
             near, close = w["nearest_lora"], w["closest_in_weights"]
             lines.append(
@@ -85,5 +89,6 @@ def render_ablations(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]
                 f"{w['train_lora_mean']:.1f} | {ci(w['ci_dnd_minus_train_mean'])} | "
                 f"{near['acc']:.1f} ({near['dataset'].split('/')[-1]}) | {ci(w['ci_dnd_minus_nearest'])} | "
                 f"{ci(w['ci_minus_main_dnd'])} | "
-                + ("–" if close is None else f"{close['cosine']:+.3f} ({close['dataset'].split('/')[-1]})") + " |")
+                + ("–" if close is None else f"{close['cosine']:+.3f} ({close['dataset'].split('/')[-1]})") + " | "
+                + ("–" if w.get("cosine_with_left_out") is None else f"{w['cosine_with_left_out']:+.3f}") + " |")
     return lines

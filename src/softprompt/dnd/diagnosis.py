@@ -84,7 +84,9 @@ def _without_nearest(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str
         f"{n} without {w['left_out'].split('/')[-1]}: {w['dnd_mean']:.1f} against the mean {w['train_lora_mean']:.1f} "
         f"of the LoRAs it learned, {w['nearest_lora']['acc']:.1f} for its nearest "
         f"({w['nearest_lora']['dataset'].split('/')[-1]}), main DnD − this [{-w['ci_minus_main_dnd'][1]:+.1f}, "
-        f"{-w['ci_minus_main_dnd'][0]:+.1f}]" for n, w in rows)
+        f"{-w['ci_minus_main_dnd'][0]:+.1f}]" + ("" if w.get("cosine_with_left_out") is None else
+                                               f", cosine {w['cosine_with_left_out']:+.2f} with the left-out LoRA")
+        for n, w in rows)
     return [f"**Without the nearest dataset.** A generator that also did not learn the nearest training dataset is "
             f"above the mean of the LoRAs it learned on {len(above)} of {len(rows)} ({_names(above)}) and above its "
             f"own nearest LoRA on {len(beyond)} ({_names(beyond)}): {each}."]

@@ -111,3 +111,20 @@ def test_the_diagnosis_says_what_the_retrieval_test_found():
     # the main DnD minus the ablation: the interval of (ablation − main), negated
     assert "arc_easy without arc_challenge: 55.0 against the mean 50.0" in line
     assert "[+6.0, +12.0], cosine +0.31 with the left-out LoRA" in line
+
+
+def test_the_report_takes_each_rows_condition_membership_from_the_geometry(finished):
+    _, stages = finished
+    geometry = {"command": "python benchmarks/dnd_conditions.py", "date": "d", "device": "cpu", "encoder": "minilm",
+                "n": 256, "membership": {"commonsense/arc_easy": {"dataset": "commonsense/piqa", "cosine": 0.2,
+                                                                  "ratio": 0.5},
+                                         "superglue/boolq": {"dataset": "commonsense/piqa", "cosine": 0.0,
+                                                             "ratio": 0.0}}}  # not in this study: ignored
+    res = build_results(stages, CFG, device="cpu", versions={}, date="d", command="c", datasets=DATASETS,
+                        conditions=geometry)
+    assert res["condition_geometry"]["command"] == "python benchmarks/dnd_conditions.py"
+    assert res["datasets"]["commonsense/arc_easy"]["condition_membership"]["ratio"] == 0.5
+    assert "condition_membership" not in res["datasets"]["commonsense/piqa"]
+    assert "superglue/boolq" not in res["datasets"]
+    plain = build_results(stages, CFG, device="cpu", versions={}, date="d", command="c", datasets=DATASETS)
+    assert plain["condition_geometry"] is None

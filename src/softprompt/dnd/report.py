@@ -29,7 +29,8 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
                   device: str, versions: Mapping[str, str], date: str, command: str,
                   datasets: Sequence[str] = DATASETS,
                   golds: Mapping[str, Sequence[int]] | None = None,
-                  alone: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  alone: Mapping[str, Any] | None = None,
+                  conditions: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``dnd_cloze.json`` object from the stage results of one zoo config (see the issue's schema).
 
     A dataset is a ``valid_target`` when the base model beats both chance (1/options) and the majority-class rate
@@ -42,7 +43,8 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
     before the generator stages) are ``None``; ``zoo_gate`` summarises own LoRA − base on the evaluation subsets.
     Each row names the cloze ``format`` version its stages were made with and the current one. ``alone`` (the JSON
     of ``dnd_bench.py zoo-alone``: seconds per zoo step of each dataset with nothing else on the device) adds to each
-    cost row the lone estimate ``alone_seconds`` = matching step × that dataset's seconds per step."""
+    cost row the lone estimate ``alone_seconds`` = matching step × that dataset's seconds per step. ``conditions``
+    (the JSON of ``benchmarks/dnd_conditions.py``, :mod:`.geometry`) adds each row's ``condition_membership``."""
     from .cloze import format_version, primary_measure
 
     base_stage = stages.get("base", {})
@@ -110,8 +112,15 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
                 "valid_targets": {"n_datasets": len(v), "mean_gain": round(statistics.mean(v), 2) if v else None,
                                   "datasets_gaining_3": sum(x >= 3 for x in v)}}
     lone = None if not alone else {k: alone.get(k) for k in ("device", "date", "command", "steps_timed", "skip")}
+    geometry = None
+    if conditions:
+        geometry = {k: conditions.get(k) for k in ("device", "date", "command", "encoder", "n")}
+        for d, m in conditions.get("membership", {}).items():
+            if d in out:
+                out[d]["condition_membership"] = dict(m)
     return {"device": device, "versions": dict(versions), "date": date, "command": command, "measure": measure,
-            "measures": measures, "zoo_config": config, "zoo_gate": gate, "zoo_alone": lone, "datasets": out}
+            "measures": measures, "zoo_config": config, "zoo_gate": gate, "zoo_alone": lone,
+            "condition_geometry": geometry, "datasets": out}
 
 
 def _binary(correct: Sequence[int], gold: Sequence[int]) -> dict[str, float]:

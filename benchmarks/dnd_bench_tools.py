@@ -145,8 +145,8 @@ def cmd_cloze_report(args: argparse.Namespace) -> int:
     if alone and alone.get("config") != args.config:
         print(f"cloze-report: {lone} timed zoo config {alone.get('config')}, not {args.config}: not used")
         alone = None
-    cond = Path(args.conditions) if getattr(args, "conditions", None) else None
-    conditions = json.loads(cond.read_text()) if cond and cond.exists() else None
+    cond = Path(args.conditions)
+    conditions = json.loads(cond.read_text()) if cond.exists() else None
     res = build_results(stages, args.config, args.measure, device=last["device"], versions=versions,
                         date=last["date"], command=last["command"], golds=golds, alone=alone, conditions=conditions)
     # every call of the state (a call that failed before finishing a stage is listed too)

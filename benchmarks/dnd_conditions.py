@@ -28,13 +28,6 @@ from dnd_bench_common import env_info
 from portable import portable
 
 
-def embed(encoder, prompts: list[str]):
-    """Per-prompt embeddings [N, D]: the encoder's token states averaged over real tokens."""
-    states, mask = encoder.encode(prompts)
-    m = mask.to(states.dtype)[..., None]
-    return (states * m).sum(1) / m.sum(1).clamp_min(1)
-
-
 def measure(datasets: list[str], encoder_name: str, n: int, max_length: int) -> dict:
     from softprompt.dnd.condition import ConditionEncoder
     from softprompt.dnd.geometry import condition_geometry
@@ -47,8 +40,8 @@ def measure(datasets: list[str], encoder_name: str, n: int, max_length: int) -> 
         held, sources = {}, {}
         for d in datasets:
             prompts, sources[d] = condition_pool(study, d)
-            held[d] = embed(enc, prompts[:n])
-    train = {d: embed(enc, training_prompts(d, n)) for d in datasets}
+            held[d] = enc.pooled(prompts[:n])
+    train = {d: enc.pooled(training_prompts(d, n)) for d in datasets}
     out = condition_geometry(train, held)
     out["held_out_source"] = sources
     out["n_prompts"] = {d: [int(train[d].shape[0]), int(held[d].shape[0])] for d in datasets}

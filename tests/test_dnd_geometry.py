@@ -60,17 +60,6 @@ def test_the_benchmark_writes_json_and_markdown_for_the_study_prompts(tmp_path, 
     assert md.count("\n| ") == 3  # the header and one row per dataset
 
 
-def test_spearman_matches_the_closed_form_with_and_without_ties():
-    from softprompt.dnd.diagnosis import spearman
-
-    # no ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) with rank differences (1, -1, 0, 0, 0)
-    assert spearman([0.95, 0.93, 0.77, 0.55, 0.43], [2.2, 9.7, 1.4, 0.9, 0.6]) == pytest.approx(1 - 6 * 2 / 120)
-    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    # ties share their mean rank: ranks (1.5, 1.5, 3) against (1, 2, 3): Pearson on ranks
-    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)
-    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [1, 2]) is None
-
-
 def test_the_report_carries_the_geometry_and_the_diagnosis_reads_it():
     from softprompt.dnd.diagnosis import diagnosis
 
@@ -85,3 +74,19 @@ def test_the_report_carries_the_geometry_and_the_diagnosis_reads_it():
     assert ("arc_easy 0.93 (arc_challenge): +9.7; piqa 0.77 (hellaswag): +1.4; "
             "winogrande 0.43 (openbookqa): +0.6") in line
     assert "Spearman's rank correlation between the two: +1.00 over 3 datasets" in line
+    (two,) = [x for x in diagnosis([("piqa", row(0.77, "commonsense/hellaswag", 64.9, 63.5)),
+                                    ("arc_easy", row(0.93, "commonsense/arc_challenge", 64.1, 54.4))])
+              if "Condition geometry" in x]
+    assert "Spearman" not in two  # two points: no correlation reported
+
+
+def test_pooled_embeddings_average_the_real_tokens_only(tiny_bert_dir):
+    from softprompt.dnd.condition import ConditionEncoder
+
+    enc = ConditionEncoder(tiny_bert_dir, 16, "cpu")
+    prompts = ["good movie", "the film was very bad"]
+    states, mask = enc.encode(prompts)
+    pooled = enc.pooled(prompts)
+    for i in range(2):
+        real = states[i][mask[i]]  # padding rows are excluded, not averaged in as zeros
+        assert mask[i].sum() < 16 and torch.allclose(pooled[i], real.mean(0), atol=1e-6)

@@ -69,6 +69,13 @@ class ConditionEncoder:
             res = [self._cache[p] for p in prompts]
         return torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
 
+    def pooled(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> one embedding each [N, D]: the token states averaged over real tokens (the study's pooling
+        for comparing datasets; the generator itself sees every token)."""
+        states, mask = self.encode(prompts)
+        m = mask.to(states.dtype)[..., None]
+        return (states * m).sum(1) / m.sum(1).clamp_min(1)
+
     def warm(self, pools: Mapping[str, Sequence[str]], batch_size: int = 64) -> int:
         """Encode every prompt of ``pools`` into the cache in a fixed order: each dataset's deduplicated pool in
         chunks of ``batch_size``, a chunk (re-)encoded whole when any of its prompts is missing. A cached state then

@@ -71,32 +71,6 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     return [f"- {line}" for line in out]
 
 
-def _ranks(xs: Sequence[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
-    order = sorted(range(len(xs)), key=xs.__getitem__)
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (Pearson's on ranks); None when either side is constant or has < 3 points."""
-    if len(a) != len(b) or len(a) < 3:
-        return None
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
-    return None if not va or not vb else cov / (va * vb) ** 0.5
-
-
 def _geometry(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """Condition geometry (:mod:`.geometry`): how far inside its nearest training dataset's cluster each held-out
     dataset's prompts sit, beside DnD's gain over the training-LoRA mean."""
@@ -105,8 +79,10 @@ def _geometry(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                    and r.get("train_lora_mean") is not None), key=lambda x: -x[1]["ratio"])
     if not rows:
         return []
+    from ..tasks.metrics import spearman
+
     gain = [r["dnd_mean"] - r["train_lora_mean"] for _, _, r in rows]
-    rho = spearman([m["ratio"] for _, m, _ in rows], gain)
+    rho = spearman([m["ratio"] for _, m, _ in rows], gain) if len(rows) >= 3 else None
     each = "; ".join(f"{n} {m['ratio']:.2f} ({m['dataset'].split('/')[-1]}): {g:+.1f}"
                      for (n, m, _), g in zip(rows, gain))
     corr = "" if rho is None else (f" Spearman's rank correlation between the two: {rho:+.2f} over {len(rows)} "

@@ -255,9 +255,9 @@ def train_group(entries: Sequence[Mapping], holdouts: Sequence[str], outs: Seque
                 exclude: Sequence[Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Leave-one-out generators for ``holdouts`` trained side by side: generator i learns every entry whose dataset
     is not ``holdouts[i]`` (nor in ``exclude[i]``, an ablation's further datasets left out) and writes to
-    ``outs[i]``. One :class:`GridBank` over all entries and one warmed encoder
-    cache serve every run. ``opts`` overrides :data:`GROUP_DEFAULTS`. Returns one :meth:`GeneratorRun.summary` per
-    holdout (``complete`` False for a run that continues in a later call, from its ``train_state.pt``).
+    ``outs[i]``. One :class:`GridBank` over all entries and one warmed encoder cache serve every run. ``opts``
+    overrides :data:`GROUP_DEFAULTS`. Returns one :meth:`GeneratorRun.summary` per holdout (``complete`` False for a
+    run that continues in a later call, from its ``train_state.pt``).
     ``compile``: each decoder through ``torch.compile`` (an execution choice like ``streams``: fused element-wise
     work around the convolutions). Its rounding differs from eager's; a run may switch between calls (the state
     is the same), and its generator records whether its last call compiled."""

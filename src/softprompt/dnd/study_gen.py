@@ -196,10 +196,7 @@ def _score_state(study: Study, state: dict, template: Any, dataset: str, tmp: An
 
 
 def _mean_embedding(enc: Any, prompts: list[str]) -> Any:
-    states, mask = enc.encode(prompts[:256])
-    m = mask.to(states.dtype)[..., None]
-    per = (states * m).sum(1) / m.sum(1).clamp_min(1)
-    return per.mean(0)
+    return enc.pooled(prompts[:256]).mean(0)
 
 
 def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> dict[str, Any]:

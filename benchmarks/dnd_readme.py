@@ -57,7 +57,8 @@ def block(res: dict) -> list[str]:
     done = [(d, r) for d, r in rows.items() if r.get("dnd_mean") is not None]
     if not done:
         return lines + ["", "No leave-one-out generator has run on this zoo yet (`docs/dnd_gpu.md`)."]
-    lines += ["", f"Leave one dataset out ({len(done)} of {len(rows)} held-out datasets so far; paired 95% bootstrap "
+    so_far = " so far" if len(done) < len(rows) else ""
+    lines += ["", f"Leave one dataset out ({len(done)} of {len(rows)} held-out datasets{so_far}; paired 95% bootstrap "
               "intervals over examples):", "",
               "| held-out | measure | base | training-LoRA mean | nearest training LoRA | DnD (draws) | own LoRA | "
               "DnD − mean | DnD − nearest | own LoRA training to match DnD |", "|---" * 10 + "|"]
@@ -73,7 +74,7 @@ def block(res: dict) -> list[str]:
     valid = [r for _, r in done if r.get("valid_target") is not False]
     beats = sum(r["ci_dnd_minus_train_mean"][0] > 0 for r in valid)
     near = sum((r.get("ci_dnd_minus_nearest") or [0, 0])[0] > 0 for r in valid)
-    lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets so far (the "
+    lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets{so_far} (the "
               f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}. Where "
               "it wins and where it does not, with the evidence for why (headroom, retrieval, conditioning, capacity): "
               "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]

@@ -74,6 +74,7 @@ def test_the_report_carries_the_geometry_and_the_diagnosis_reads_it():
     assert ("arc_easy 0.93 (arc_challenge): +9.7; piqa 0.77 (hellaswag): +1.4; "
             "winogrande 0.43 (openbookqa): +0.6") in line
     assert "Spearman's rank correlation between the two: +1.00 over 3 datasets" in line
+    assert "one-sided exact permutation p = 0.167 (all 6 orderings" in line  # 1 of 3! orderings reaches +1
     (two,) = [x for x in diagnosis([("piqa", row(0.77, "commonsense/hellaswag", 64.9, 63.5)),
                                     ("arc_easy", row(0.93, "commonsense/arc_challenge", 64.1, 54.4))])
               if "Condition geometry" in x]

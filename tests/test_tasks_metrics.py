@@ -67,6 +67,20 @@ def test_pearson_spearman_hand_values():
     assert M.pearson([1, 1, 1], [1, 2, 3]) == 0.0
 
 
+def test_spearman_exact_p_counts_orderings_by_hand():
+    # n = 4: rho = 1 - sum(d^2) / 10; over the 24 orderings sum(d^2) takes 0 once, 2 three times, 4 once, 6 four
+    # times (then 8, 10, ...), so P(rho >= 0.8) = 4/24, P(rho >= 0.6) = 5/24 and P(rho >= 0.4) = 9/24.
+    assert M.spearman_exact_p([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 24, abs=1e-15)  # sum(d^2) = 2
+    assert M.spearman_exact_p([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(5 / 24, abs=1e-15)  # sum(d^2) = 4
+    assert M.spearman_exact_p([1, 2, 3, 4], [1, 3, 4, 2]) == pytest.approx(9 / 24, abs=1e-15)  # sum(d^2) = 6
+    assert M.spearman_exact_p([1, 2, 3, 4], [4, 3, 2, 1]) == 1.0  # every ordering is at least rho = -1
+    assert M.spearman_exact_p(range(6), range(6)) == pytest.approx(1 / 720, abs=1e-15)
+    # ties keep average ranks: y ranks [1.5, 1.5, 3]; 2 of its 6 orderings reach the observed rho
+    assert M.spearman_exact_p([1, 2, 3], [5, 5, 7]) == pytest.approx(2 / 6, abs=1e-15)
+    with pytest.raises(ValueError, match="2 to 9 paired values"):
+        M.spearman_exact_p(range(10), range(10))
+
+
 def test_pearson_float64_on_float32_input():
     rng = np.random.default_rng(0)
     a = rng.normal(size=5000).astype(np.float32) + 1e4  # large offset: float32 arithmetic would lose digits

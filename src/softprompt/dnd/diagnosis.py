@@ -79,14 +79,19 @@ def _geometry(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                    and r.get("train_lora_mean") is not None), key=lambda x: -x[1]["ratio"])
     if not rows:
         return []
-    from ..tasks.metrics import spearman
+    from math import factorial
 
+    from ..tasks.metrics import spearman, spearman_exact_p
+
+    ratio = [m["ratio"] for _, m, _ in rows]
     gain = [r["dnd_mean"] - r["train_lora_mean"] for _, _, r in rows]
-    rho = spearman([m["ratio"] for _, m, _ in rows], gain) if len(rows) >= 3 else None
     each = "; ".join(f"{n} {m['ratio']:.2f} ({m['dataset'].split('/')[-1]}): {g:+.1f}"
                      for (n, m, _), g in zip(rows, gain))
-    corr = "" if rho is None else (f" Spearman's rank correlation between the two: {rho:+.2f} over {len(rows)} "
-                                   "datasets (too few for a test; a pattern to check as the rest come in).")
+    corr = ""
+    if 3 <= len(rows) <= 9:  # an exact test enumerates n! orderings
+        corr = (f" Spearman's rank correlation between the two: {spearman(ratio, gain):+.2f} over {len(rows)} "
+                f"datasets, one-sided exact permutation p = {spearman_exact_p(ratio, gain):.3f} (all "
+                f"{factorial(len(rows))} orderings; with this few points a pattern, not proof).")
     return [f"**Condition geometry.** How far inside the nearest training dataset's cluster the held-out prompts sit "
             f"in the condition encoder's space (1: as its own prompts do; `dnd_conditions.md`), against DnD − "
             f"training-LoRA mean: {each}.{corr}"]

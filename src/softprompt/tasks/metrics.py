@@ -116,6 +116,23 @@ def spearman(x: Any, y: Any) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
+def spearman_exact_p(x: Any, y: Any, max_n: int = 9) -> float:
+    """One-sided exact permutation p-value of Spearman's rho: the share of all ``n!`` orderings of ``y`` whose
+    rho is at least the observed one (ties kept as average ranks). For the handful of points where asymptotic
+    approximations mislead; refuses ``n > max_n`` (``n!`` orderings)."""
+    from itertools import permutations
+
+    rx, ry = rankdata(x), rankdata(y)
+    if len(rx) != len(ry) or not 2 <= len(rx) <= max_n:
+        raise ValueError(f"spearman_exact_p needs 2 to {max_n} paired values, got {len(rx)} and {len(ry)}")
+    observed = pearson(rx, ry) - 1e-12  # a permutation tying the observed rho counts, despite rounding
+    hits = total = 0
+    for perm in permutations(ry):
+        total += 1
+        hits += pearson(rx, np.asarray(perm)) >= observed
+    return hits / total
+
+
 # ---------------------------------------------------------------- entities (IOB1/IOB2/IOBES)
 def _split_tag(tag: str) -> tuple[str, str]:
     if tag in ("O", "", None):

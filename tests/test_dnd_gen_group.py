@@ -42,6 +42,8 @@ def test_group_equals_solo_and_resumes_under_any_grouping(zoo, tiny_bert_dir, tm
     for h, r in zip(HELD, both):
         assert r["complete"] and r["losses"] == solo[h]["losses"] and _same(tmp_path / "g" / h, tmp_path / "solo" / h)
         assert r["share_seconds"] == pytest.approx(r["seconds"] / 2)  # two runs in every round
+        # the rate past the call's warm-up rounds (3 of the 6) is what the planner reads
+        assert r["steady_steps"] == 3 and 0 < r["steady_share_seconds"] < r["share_seconds"]
         cfg = json.loads((tmp_path / "g" / h / "generator_config.json").read_text())
         assert cfg["holdout"] == [h] and cfg["train_datasets"] == [d for d in HELD if d != h]
     assert solo["pos"]["losses"] != solo["neg"]["losses"]  # they did learn different zoos
@@ -51,6 +53,7 @@ def test_group_equals_solo_and_resumes_under_any_grouping(zoo, tiny_bert_dir, tm
     assert [r["step"] for r in part] == [2, 2] and not any(r["complete"] for r in part)
     prog = json.loads((outs[0] / "train_progress.json").read_text())
     assert prog["step"] == 2 and prog["steps"] == 6 and prog["share"] > 0
+    assert prog["steady_steps"] == 0 and prog["steady_share"] == 0  # two rounds: still warming up
     one = _group(zoo, ConditionEncoder(tiny_bert_dir, max_length=OPTS["max_length"]), outs[1:], held=["neg"],
                  stop_after=1)
     assert one[0]["step"] == 3 and (outs[1] / "generator_step000003.safetensors").exists()
@@ -94,7 +97,7 @@ def _fake_study(tmp_path, mark=True, **kw):
 
 
 def test_session_plan_starts_only_what_can_finish(tmp_path):
-    from softprompt.dnd.study_gen import gen_step_seconds
+    from softprompt.dnd.study_gen import GEN_DEFAULTS, gen_step_seconds
 
     st = _fake_study(tmp_path, gen_group=3, session_left=450.0, gen_step_seconds=1.0)
     first = next(s for s in st.stages() if s.startswith("gen:"))
@@ -119,6 +122,22 @@ def test_session_plan_starts_only_what_can_finish(tmp_path):
     assert gen_step_seconds(st, 1.0) == pytest.approx(0.05)
     st.gen_compile = False
     assert gen_step_seconds(st, 1.0) == 1.0
+    (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 9.0, "share": 9.0}))
+    # past the warm-up the steady rate wins: the first rounds of each call compile, which the planner counts per call
+    (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 30.0, "share": 30.0,
+                                                       "steady_share": 8.7, "steady_steps": 87}))
+    assert gen_step_seconds(st, 1.0) == pytest.approx(0.1)
+    (d / "train_progress.json").write_text(json.dumps({"step": 20, "steps": 100, "wall": 30.0, "share": 30.0,
+                                                       "steady_share": 1.7, "steady_steps": 17}))
+    assert gen_step_seconds(st, 1.0) == pytest.approx(1.5)  # too few steady steps: the whole rate
+    fin, opts = st.path(first), {**GEN_DEFAULTS, **st.gen}  # a finished stage: its steady rate where recorded,
+    fin.write_text(json.dumps({"share_seconds": 40.0, "steady_seconds_per_step": 0.2, "config": opts,  # else its
+                               "formats": st.formats(first)}) + "\n")  # whole share
+    (d / "train_progress.json").unlink()
+    assert st.done(first) and gen_step_seconds(st, 1.0) == pytest.approx(0.2)
+    fin.write_text(json.dumps({"share_seconds": 40.0, "config": opts, "formats": st.formats(first)}) + "\n")
+    assert gen_step_seconds(st, 1.0) == pytest.approx(0.4)
+    fin.unlink()
     (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 9.0, "share": 9.0}))
     st.session_left = 350.0  # at the prior's 1 s per step only the first would fit
     assert st.gen_plan(first, t0=time.time()) == ["commonsense/arc_easy", "commonsense/piqa"]

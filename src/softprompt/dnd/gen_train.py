@@ -98,6 +98,9 @@ class GeneratorRun:
         self.losses: list[float] = []
         self._pending: list[torch.Tensor] = []  # losses not yet copied to the host (no sync per step)
         self.wall, self.share, self.step = 0.0, 0.0, 0  # share: this run's part of the group's wall seconds
+        # share seconds and steps of rounds past each call's warm-up (WARM_ROUNDS): the planner's per-step rate
+        # without the compile and first-touch costs, which it counts once per call
+        self.steady_share, self.steady_steps = 0.0, 0
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume()
 
@@ -117,6 +120,7 @@ class GeneratorRun:
         self.noise.set_state(st["noise"])
         self.sampler.rng.setstate(st["sampler"])
         self.step, self.losses, self.wall, self.share = st["step"], st["losses"], st["wall"], st["share"]
+        self.steady_share, self.steady_steps = st.get("steady", (0.0, 0))  # states saved before it: none
 
     def flush(self) -> list[float]:
         """Copy pending losses to the host (one sync) and return all losses so far."""
@@ -128,14 +132,17 @@ class GeneratorRun:
     def save_state(self) -> None:
         """Everything needed to continue bit-identically: ``out/train_state.pt``."""
         torch.save({"sig": self.sig, "step": self.step, "losses": self.flush(), "wall": self.wall,
-                    "share": self.share, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                    "share": self.share, "steady": (self.steady_share, self.steady_steps),
+                    "model": self.model.state_dict(), "opt": self.opt.state_dict(),
                     "sched": self.sched.state_dict(), "gen": self.gen.get_state(), "noise": self.noise.get_state(),
                     "sampler": self.sampler.rng.getstate()}, self.out / "train_state.pt")
         (self.out / "train_progress.json").write_text(json.dumps(self.progress()) + "\n")
 
     def progress(self) -> dict[str, Any]:
-        """``step``, ``steps``, ``wall`` and ``share`` seconds (small; read by planners without the state)."""
+        """``step``, ``steps``, ``wall`` and ``share`` seconds, ``steady_share`` seconds over ``steady_steps``
+        (rounds past each call's warm-up) and ``compiled`` (small; read by planners without the state)."""
         return {"step": self.step, "steps": self.steps, "wall": round(self.wall, 3), "share": round(self.share, 3),
+                "steady_share": round(self.steady_share, 3), "steady_steps": self.steady_steps,
                 "compiled": self.compiled}
 
     # -------------------------------------------------------------------------------------------- step
@@ -192,10 +199,14 @@ class GeneratorRun:
 
     def summary(self, complete: bool) -> dict[str, Any]:
         """``parameters``, ``losses``, ``seconds`` (wall seconds of the training loop over all calls: the group's),
-        ``share_seconds`` (this run's part: each round's time divided by the runs in it), ``out``, ``complete``,
-        ``step``."""
+        ``share_seconds`` (this run's part: each round's time divided by the runs in it), ``steady_share_seconds``
+        over ``steady_steps`` (the same, past each call's warm-up rounds), ``out``, ``complete``, ``step``."""
         return {"parameters": self.parameters, "losses": self.flush(), "seconds": self.wall,
-                "share_seconds": self.share, "out": str(self.out), "complete": complete, "step": self.step}
+                "share_seconds": self.share, "steady_share_seconds": self.steady_share,
+                "steady_steps": self.steady_steps, "out": str(self.out), "complete": complete, "step": self.step}
+
+
+WARM_ROUNDS = 3  # rounds of each call that compile (Inductor), autotune and first touch memory
 
 
 def train_runs(runs: Sequence[GeneratorRun], *, max_seconds: float | None = None, stop_after: int | None = None,
@@ -235,6 +246,9 @@ def train_runs(runs: Sequence[GeneratorRun], *, max_seconds: float | None = None
         for r in active:
             r.wall += dt
             r.share += dt / len(active)
+            if rounds >= WARM_ROUNDS:
+                r.steady_share += dt / len(active)
+                r.steady_steps += 1
             if r.step >= r.steps:
                 done[id(r)] = r.finish()  # at once: a later stop or crash cannot lose a finished generator
         rounds += 1

@@ -121,6 +121,8 @@ def run_gen_group(study: Study, cfg: dict[str, Any], holdouts: list[str], max_se
         out[h] = {"parameters": r["parameters"], "loss_first": losses[0], "loss_last": losses[-1],
                   "loss_curve": losses[:: max(1, len(losses) // 50)], "train_seconds": r["seconds"],
                   "share_seconds": r["share_seconds"], "group": list(holdouts),
+                  "steady_seconds_per_step": (r["steady_share_seconds"] / r["steady_steps"]
+                                              if r["steady_steps"] else None),
                   "train_datasets": [d for d in study.datasets if d not in drop[h]], "config": g,
                   "compiled": study.gen_compile}
     return out
@@ -148,7 +150,9 @@ def stale(study: Study, stage: str, res: dict[str, Any]) -> bool:
 def gen_step_seconds(study: Study, prior: float | None = None) -> float:
     """Seconds one generator step costs (device time per generator-step, a run's share of its group): the largest
     measured over finished ``gen`` stages and unfinished runs' ``train_progress.json`` that trained as the study
-    does now (compiled or eager), else ``prior``, else :data:`PRIOR_STEP_SECONDS`."""
+    does now (compiled or eager), else ``prior``, else :data:`PRIOR_STEP_SECONDS`. Where recorded, the rate past
+    each call's warm-up rounds (``steady``): each call's compile is in the planner's per-call term, and a run
+    measured over one short call would otherwise carry a whole compile in its rate."""
     import json
 
     seen = []
@@ -159,14 +163,18 @@ def gen_step_seconds(study: Study, prior: float | None = None) -> float:
         if study.done(s):
             r = study.result(s)
             if "share_seconds" in r and r.get("compiled", False) == study.gen_compile:
-                seen.append(r["share_seconds"] / r["config"]["steps"])
+                seen.append(r.get("steady_seconds_per_step") or r["share_seconds"] / r["config"]["steps"])
             continue
         name, _, tag = rest[0].partition("+")
         cfg = next(c for c in study.configs if c["name"] == name)
         prog = study.gen_dir(cfg, rest[1], tag and "+" + tag) / "train_progress.json"
         if prog.exists():
             p = json.loads(prog.read_text())
-            if p["step"] >= 5 and p.get("compiled", False) == study.gen_compile:  # early steps: warm-up
+            if p.get("compiled", False) != study.gen_compile:
+                continue
+            if p.get("steady_steps", 0) >= 20:
+                seen.append(p["steady_share"] / p["steady_steps"])
+            elif p["step"] >= 5:  # fewer steps: warm-up
                 seen.append(p["share"] / p["step"])
     if seen:
         return max(seen)

@@ -74,10 +74,13 @@ def block(res: dict) -> list[str]:
     valid = [r for _, r in done if r.get("valid_target") is not False]
     beats = sum(r["ci_dnd_minus_train_mean"][0] > 0 for r in valid)
     near = sum((r.get("ci_dnd_minus_nearest") or [0, 0])[0] > 0 for r in valid)
+    zoo = [r["ci_dnd_minus_zoo_mean"] for r in valid if r.get("ci_dnd_minus_zoo_mean")]
+    zoo_note = (f", and the zoo mean (about what it would output if it ignored its condition) on "
+                f"{sum(c[0] > 0 for c in zoo)} of {len(zoo)}" if zoo else "")
     lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets{so_far} (the "
-              f"paper's claim needs at least 5 of 7), and the nearest training LoRA on {near} of {len(valid)}. Where "
-              "it wins and where it does not, with the evidence for why (headroom, retrieval, conditioning, capacity): "
-              "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
+              f"paper's claim needs at least 5 of 7), the nearest training LoRA on {near} of {len(valid)}{zoo_note}. "
+              "Where it wins and where it does not, with the evidence for why (headroom, retrieval, the condition, "
+              "capacity): [dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
     costs = [r["lora_to_match"] for _, r in done if r.get("lora_to_match")]
     if any(t.get("zoo_workers") != 1 and t.get("alone_seconds") is None for t in costs):
         lines[-1] += (" The LoRA seconds were timed in zoo rebuilds that may have shared the GPU with other zoo "

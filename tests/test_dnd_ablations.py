@@ -128,3 +128,45 @@ def test_the_report_takes_each_rows_condition_membership_from_the_geometry(finis
     assert "superglue/boolq" not in res["datasets"]
     plain = build_results(stages, CFG, device="cpu", versions={}, date="d", command="c", datasets=DATASETS)
     assert plain["condition_geometry"] is None
+
+
+def test_the_report_compares_dnd_with_the_zoo_mean(finished):
+    """Does the condition matter? DnD against the zoo mean (the generator's output for a condition it ignores), and
+    the zoo mean against the training-LoRA mean, on the same examples."""
+    from softprompt.dnd.intervals import paired_bootstrap
+
+    _, stages = finished
+    res = build_results(stages, CFG, device="cpu", versions={}, date="d", command="c", datasets=DATASETS)
+    keys = {"acc": "correct", "acc_norm": "correct_norm"}
+    for d, row in res["datasets"].items():
+        dnd, key = stages[f"dnd:{CFG}:{d}"], keys[row["measure"]]
+        n = len(dnd["zoo_mean"][key])
+        per_dnd = [sum(r[key][i] for r in dnd["draws"]) / len(dnd["draws"]) for i in range(n)]
+        others = [o for o in DATASETS if o != d]
+        lora = stages[f"cross:{CFG}"]["lora_on"]
+        per_train = [sum(lora[o][d][key][i] for o in others) / len(others) for i in range(n)]
+        assert row["ci_dnd_minus_zoo_mean"] == paired_bootstrap(per_dnd, dnd["zoo_mean"][key])
+        assert row["ci_zoo_mean_minus_train_mean"] == paired_bootstrap(dnd["zoo_mean"][key], per_train)
+        lo, hi = row["ci_dnd_minus_zoo_mean"]  # the interval contains the observed difference
+        assert lo - 1e-6 <= row["dnd_mean"] - row["zoo_mean"] <= hi + 1e-6
+    ci = res["datasets"]["commonsense/piqa"]["ci_dnd_minus_zoo_mean"]
+    assert "| vs zoo mean (95% CI) |" in render(res) and f"[{ci[0]:+.1f}, {ci[1]:+.1f}] |" in render(res)
+
+
+def test_the_diagnosis_says_whether_the_condition_matters():
+    from softprompt.dnd.diagnosis import diagnosis
+
+    def row(train, zoo, zoo_train):
+        return {"valid_target": True, "ci_dnd_minus_train_mean": train, "ci_dnd_minus_zoo_mean": zoo,
+                "ci_zoo_mean_minus_train_mean": zoo_train}
+
+    lines = diagnosis([("arc_easy", row([6.7, 13.0], [-2.4, 5.2], [5.8, 11.3])),
+                       ("openbookqa", row([1.2, 6.3], [0.8, 6.6], [-2.0, 2.4])),
+                       ("piqa", row([-0.3, 3.1], [-1.8, 2.7], [-1.0, 1.0]))])
+    (line,) = [x for x in lines if "The condition." in x]
+    assert "within noise of DnD on 2 of 3 (arc_easy [-2.4, +5.2], piqa [-1.8, +2.7])" in line
+    assert "DnD is above it on 1 (openbookqa [+0.8, +6.6])" in line
+    assert ("Of the 2 held-out datasets where DnD beats the training-LoRA mean, the zoo mean alone does too on 1 "
+            "(arc_easy: zoo mean − training-LoRA mean [+5.8, +11.3])") in line
+    (none,) = [x for x in diagnosis([("piqa", row([-0.3, 3.1], [-1.8, 2.7], [-1.0, 1.0]))]) if "The condition." in x]
+    assert none.endswith("DnD is above it on 0 (none).")  # no win: nothing to attribute

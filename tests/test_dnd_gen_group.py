@@ -122,7 +122,6 @@ def test_session_plan_starts_only_what_can_finish(tmp_path):
     assert gen_step_seconds(st, 1.0) == pytest.approx(0.05)
     st.gen_compile = False
     assert gen_step_seconds(st, 1.0) == 1.0
-    (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 9.0, "share": 9.0}))
     # past the warm-up the steady rate wins: the first rounds of each call compile, which the planner counts per call
     (d / "train_progress.json").write_text(json.dumps({"step": 90, "steps": 100, "wall": 30.0, "share": 30.0,
                                                        "steady_share": 8.7, "steady_steps": 87}))

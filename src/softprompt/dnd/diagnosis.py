@@ -49,6 +49,7 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     if cos:
         out.append(f"In weight space the generated updates are closer to a training LoRA than to the held-out "
                    f"dataset's own on {len(closer)} of {len(cos)} ({_names(closer)}).")
+    out += _condition(valid)
     picked = [(n, r["nearest_lora"], r["train_lora_best"]) for n, r in valid
               if r.get("nearest_lora") and r.get("train_lora_best")]
     if picked:
@@ -69,6 +70,32 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                    f"{gap:.1f} points of that dataset's LoRA ({pairs}): it reproduces what it was trained on.")
     out += _geometry(valid) + _without_nearest(valid)
     return [f"- {line}" for line in out]
+
+
+def _ci(c: Sequence[float]) -> str:
+    return f"[{c[0]:+.1f}, {c[1]:+.1f}]"
+
+
+def _condition(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Does the generator use its condition? Against the zoo mean (the elementwise mean of the training checkpoints'
+    A and B, which minimises the generator's loss for a condition it ignores), and whether that mean alone already
+    beats the training-LoRA mean where DnD does."""
+    rows = [(n, r) for n, r in valid if r.get("ci_dnd_minus_zoo_mean")]
+    if not rows:
+        return []
+    same = [(f"{n} {_ci(r['ci_dnd_minus_zoo_mean'])}",) for n, r in rows if r["ci_dnd_minus_zoo_mean"][0] <= 0]
+    above = [(f"{n} {_ci(r['ci_dnd_minus_zoo_mean'])}",) for n, r in rows if r["ci_dnd_minus_zoo_mean"][0] > 0]
+    line = (f"**The condition.** The zoo mean (the elementwise mean of the training checkpoints' A and B: about what a "
+            f"generator that ignores its condition would output) scores within noise of DnD on {len(same)} of "
+            f"{len(rows)} ({_names(same)}); DnD is above it on {len(above)} ({_names(above)}).")
+    wins = [(n, r) for n, r in rows if r["ci_dnd_minus_train_mean"][0] > 0 and r.get("ci_zoo_mean_minus_train_mean")]
+    alone = [(f"{n}: zoo mean − training-LoRA mean {_ci(r['ci_zoo_mean_minus_train_mean'])}",) for n, r in wins
+             if r["ci_zoo_mean_minus_train_mean"][0] > 0]
+    if wins:
+        line += (f" Of the {len(wins)} held-out datasets where DnD beats the training-LoRA mean, the zoo mean alone "
+                 f"does too on {len(alone)}" + (f" ({_names(alone)}): there, averaging the zoo's weights gives the "
+                                                "gain without any condition." if alone else "."))
+    return [line]
 
 
 def _geometry(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:

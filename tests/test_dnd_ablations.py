@@ -170,3 +170,33 @@ def test_the_diagnosis_says_whether_the_condition_matters():
             "(arc_easy: zoo mean − training-LoRA mean [+5.8, +11.3])") in line
     (none,) = [x for x in diagnosis([("piqa", row([-0.3, 3.1], [-1.8, 2.7], [-1.0, 1.0]))]) if "The condition." in x]
     assert none.endswith("DnD is above it on 0 (none).")  # no win: nothing to attribute
+
+
+def test_generated_adapters_are_compared_with_the_zoo_mean_in_weight_space(finished):
+    from softprompt.dnd.delta import delta_cosine
+    from softprompt.dnd.export import read_lora_tensors
+    from softprompt.dnd.study_gen import weight_cosines, zoo_entries
+
+    study, stages = finished
+    cfg = study.configs[0]
+    mean: dict = {}
+    entries = zoo_entries(study, cfg, DATASETS[1:])
+    for e in entries:
+        for k, v in read_lora_tensors(e["path"]).items():
+            mean[k] = mean.get(k, 0) + v.double() / len(entries)
+    mean = {k: v.float() for k, v in mean.items()}
+    piqa = read_lora_tensors(entries[-1]["path"])
+    w = weight_cosines(study, cfg, "commonsense/arc_easy", [piqa, mean], zoo_mean=mean)
+    assert w["to_zoo_mean"] == round((delta_cosine(piqa, mean) + 1.0) / 2, 4)  # the mean itself counts 1
+    assert weight_cosines(study, cfg, "commonsense/arc_easy", [piqa])["to_zoo_mean"] is None
+    for stage in (f"dnd:{CFG}:commonsense/arc_easy", f"dnd:{CFG}+nonearest:commonsense/arc_easy"):
+        assert -1 <= stages[stage]["weight_cosine"]["to_zoo_mean"] <= 1
+    res = build_results(stages, CFG, device="cpu", versions={}, date="d", command="c", datasets=DATASETS)
+    w = res["datasets"]["commonsense/arc_easy"]["without_nearest"]
+    cos = stages[f"dnd:{CFG}+nonearest:commonsense/arc_easy"]["weight_cosine"]["to_zoo_mean"]
+    assert w["cosine_with_zoo_mean"] == cos
+    from softprompt.dnd.diagnosis import diagnosis
+
+    row = {**res["datasets"]["commonsense/arc_easy"], "valid_target": True}  # a tiny model's row is not valid
+    (line,) = [x for x in diagnosis([("arc_easy", row)]) if "Without the nearest dataset" in x]
+    assert line.endswith(f"{cos:+.2f} with the zoo mean.")

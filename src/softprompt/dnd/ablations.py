@@ -57,7 +57,8 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
             "ci_minus_main_dnd": paired_bootstrap(per, per_main),
             "closest_in_weights": {"dataset": closest, "cosine": cos[closest]} if closest else None,
             # does it still make what the left-out LoRA is, without having seen it? (generation, not retrieval)
-            "cosine_with_left_out": to.get(main["nearest"])}
+            "cosine_with_left_out": to.get(main["nearest"]),
+            "cosine_with_zoo_mean": (far.get("weight_cosine") or {}).get("to_zoo_mean")}
     return out
 
 

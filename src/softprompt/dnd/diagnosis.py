@@ -139,6 +139,7 @@ def _without_nearest(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str
         f"({w['nearest_lora']['dataset'].split('/')[-1]}), main DnD − this [{-w['ci_minus_main_dnd'][1]:+.1f}, "
         f"{-w['ci_minus_main_dnd'][0]:+.1f}]" + ("" if w.get("cosine_with_left_out") is None else
                                                f", cosine {w['cosine_with_left_out']:+.2f} with the left-out LoRA")
+        + ("" if w.get("cosine_with_zoo_mean") is None else f", {w['cosine_with_zoo_mean']:+.2f} with the zoo mean")
         for n, w in rows)
     return [f"**Without the nearest dataset.** A generator that also did not learn the nearest training dataset is "
             f"above the mean of the LoRAs it learned on {len(above)} of {len(rows)} ({_names(above)}) and above its "

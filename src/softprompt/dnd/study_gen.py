@@ -247,17 +247,19 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
                                                             dim=0)) for d in train}
     nearest = max(sims, key=sims.__getitem__)
     return {"draws": draws, "condition_source": source, "n_condition_prompts": len(prompts),
-            "weight_cosine": weight_cosines(study, cfg, holdout, states),
+            "weight_cosine": weight_cosines(study, cfg, holdout, states, {k: v.float() for k, v in mean.items()}),
             "lora_to_match": None if tag else lora_to_match(study, cfg, holdout, draws),  # ablations: no cost row
             "recovery": {"dataset": own, "draws": rec_draws}, "similarity": sims, "nearest": nearest,
             "zoo_mean": zoo_mean, "config": g,
             "generate_seconds": statistics.mean(d["seconds"] for d in draws)}
 
 
-def weight_cosines(study: Study, cfg: dict[str, Any], holdout: str, states: list[dict]) -> dict[str, Any]:
+def weight_cosines(study: Study, cfg: dict[str, Any], holdout: str, states: list[dict],
+                   zoo_mean: dict | None = None) -> dict[str, Any]:
     """What the generated adapters resemble in weight space (:func:`.delta.delta_cosine` of their updates, mean over
-    draws): each dataset's final zoo LoRA (the held-out one's own included, which the generator never saw), and the
-    draws among themselves (how much the seed changes the adapter)."""
+    draws): each dataset's final zoo LoRA (the held-out one's own included, which the generator never saw), the
+    draws among themselves (how much the seed changes the adapter) and, given, the zoo mean (near 1: the generator
+    makes about what it would for a condition it ignores)."""
     from .delta import delta_cosine
     from .export import read_lora_tensors
 
@@ -270,7 +272,8 @@ def weight_cosines(study: Study, cfg: dict[str, Any], holdout: str, states: list
     to = {d: r4(statistics.mean(delta_cosine(s, ref) for s in states))
           for d, ref in ((d, final(d)) for d in study.datasets)}
     pairs = [delta_cosine(a, b) for i, a in enumerate(states) for b in states[i + 1:]]
-    return {"to_final_lora": to, "own": to[holdout], "between_draws": r4(statistics.mean(pairs)) if pairs else None}
+    return {"to_final_lora": to, "own": to[holdout], "between_draws": r4(statistics.mean(pairs)) if pairs else None,
+            "to_zoo_mean": None if zoo_mean is None else r4(statistics.mean(delta_cosine(s, zoo_mean) for s in states))}
 
 
 def lora_to_match(study: Study, cfg: dict[str, Any], holdout: str, draws: list[dict[str, Any]],

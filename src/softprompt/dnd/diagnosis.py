@@ -15,9 +15,10 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """Where DnD wins and where it does not, with the evidence for why, in plain lines computed from the rows
     (held-out name, ``dnd_cloze.json`` entry); invalid targets are left out. Issue 21 asks, should DnD not beat the
     training-LoRA mean, for the reason: headroom (does the held-out dataset's own LoRA gain at all), retrieval (is
-    DnD just its nearest training LoRA, in score and in weight space), conditioning (does the condition embedding's
-    nearest training LoRA equal the best-scoring one, which retrieval alone would then reach), and capacity (does
-    the generator reproduce the LoRAs it was trained on)."""
+    DnD just its nearest training LoRA, in score and in weight space), the condition (does DnD beat the zoo mean, its
+    output for a condition it ignores), conditioning (does the condition embedding's nearest training LoRA equal the
+    best-scoring one, which retrieval alone would then reach), capacity (does the generator reproduce the LoRAs it
+    was trained on), the condition geometry and the retrieval test (the ``nonearest`` ablation)."""
     valid = [(n, r) for n, r in rows if r.get("valid_target") is not False]
     if not valid:
         return []

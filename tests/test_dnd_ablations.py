@@ -133,6 +133,7 @@ def test_the_report_takes_each_rows_condition_membership_from_the_geometry(finis
 def test_the_report_compares_dnd_with_the_zoo_mean(finished):
     """Does the condition matter? DnD against the zoo mean (the generator's output for a condition it ignores), and
     the zoo mean against the training-LoRA mean, on the same examples."""
+    from softprompt.dnd.agreement import answer_agreement
     from softprompt.dnd.intervals import paired_bootstrap
 
     _, stages = finished
@@ -149,6 +150,9 @@ def test_the_report_compares_dnd_with_the_zoo_mean(finished):
         assert row["ci_zoo_mean_minus_train_mean"] == paired_bootstrap(dnd["zoo_mean"][key], per_train)
         lo, hi = row["ci_dnd_minus_zoo_mean"]  # the interval contains the observed difference
         assert lo - 1e-6 <= row["dnd_mean"] - row["zoo_mean"] <= hi + 1e-6
+        # which adapter DnD answers like, example by example (softprompt.dnd.agreement)
+        assert row["answer_agreement"] == answer_agreement(per_dnd, dnd["zoo_mean"][key],
+                                                           {o: lora[o][d][key] for o in others}, dnd["nearest"])
     ci = res["datasets"]["commonsense/piqa"]["ci_dnd_minus_zoo_mean"]
     assert "| vs zoo mean (95% CI) |" in render(res) and f"[{ci[0]:+.1f}, {ci[1]:+.1f}] |" in render(res)
 
@@ -199,4 +203,20 @@ def test_generated_adapters_are_compared_with_the_zoo_mean_in_weight_space(finis
 
     row = {**res["datasets"]["commonsense/arc_easy"], "valid_target": True}  # a tiny model's row is not valid
     (line,) = [x for x in diagnosis([("arc_easy", row)]) if "Without the nearest dataset" in x]
-    assert line.endswith(f"{cos:+.2f} with the zoo mean.")
+    assert f"{cos:+.2f} with the zoo mean; answers: kappa {w['kappa_with_left_out']:.2f} with the left-out LoRA" in line
+
+
+def test_the_retrieval_test_asks_whom_the_ablated_generator_answers_like(finished):
+    from softprompt.dnd.agreement import answer_agreement, soft_kappa
+
+    _, stages = finished
+    res = build_results(stages, CFG, device="cpu", versions={}, date="d", command="c", datasets=DATASETS)
+    row = res["datasets"]["commonsense/arc_easy"]
+    w, key = row["without_nearest"], {"acc": "correct", "acc_norm": "correct_norm"}[row["measure"]]
+    far = stages[f"dnd:{CFG}+nonearest:commonsense/arc_easy"]
+    per = [sum(r[key][i] for r in far["draws"]) / len(far["draws"]) for i in range(len(far["zoo_mean"][key]))]
+    lora = stages[f"cross:{CFG}"]["lora_on"]
+    assert w["kappa_with_left_out"] == round(soft_kappa(per, lora[w["left_out"]]["commonsense/arc_easy"][key]), 3)
+    assert w["answer_agreement"] == answer_agreement(
+        per, far["zoo_mean"][key], {s: lora[s]["commonsense/arc_easy"][key] for s in w["train_datasets"]},
+        far["nearest"])

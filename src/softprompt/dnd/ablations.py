@@ -16,6 +16,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .agreement import answer_agreement, soft_kappa
 from .intervals import paired_bootstrap, verdict
 
 
@@ -58,7 +59,11 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
             "closest_in_weights": {"dataset": closest, "cosine": cos[closest]} if closest else None,
             # does it still make what the left-out LoRA is, without having seen it? (generation, not retrieval)
             "cosine_with_left_out": to.get(main["nearest"]),
-            "cosine_with_zoo_mean": (far.get("weight_cosine") or {}).get("to_zoo_mean")}
+            "cosine_with_zoo_mean": (far.get("weight_cosine") or {}).get("to_zoo_mean"),
+            # the same question example by example: does it answer like the LoRA it never saw?
+            "kappa_with_left_out": round(soft_kappa(per, cross[main["nearest"]][d][key]), 3),
+            "answer_agreement": answer_agreement(per, far["zoo_mean"][key], {s: cross[s][d][key] for s in train},
+                                                 near) if "zoo_mean" in far else None}
     return out
 
 

@@ -50,7 +50,7 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     if cos:
         out.append(f"In weight space the generated updates are closer to a training LoRA than to the held-out "
                    f"dataset's own on {len(closer)} of {len(cos)} ({_names(closer)}).")
-    out += _condition(valid)
+    out += _condition(valid) + _answers(valid)
     picked = [(n, r["nearest_lora"], r["train_lora_best"]) for n, r in valid
               if r.get("nearest_lora") and r.get("train_lora_best")]
     if picked:
@@ -99,6 +99,30 @@ def _condition(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     return [line]
 
 
+def _answers(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Example-level agreement (:mod:`.agreement`): does DnD answer like its nearest training LoRA or like the zoo
+    mean, and is the LoRA it answers most like also the one closest in weight space?"""
+    rows = [(n, r, r["answer_agreement"]) for n, r in valid if r.get("answer_agreement")]
+    if not rows:
+        return []
+    gap = "ci_kappa_nearest_minus_zoo_mean"
+    near = [(f"{n} [{a[gap][0]:+.2f}, {a[gap][1]:+.2f}]",) for n, r, a in rows if a[gap][0] > 0]
+    rest = [(f"{n} [{a[gap][0]:+.2f}, {a[gap][1]:+.2f}]",) for n, r, a in rows if a[gap][0] <= 0]
+    each = "; ".join(f"{n}: {a['most_alike'].split('/')[-1]}'s {a['kappa_lora'][a['most_alike']]:.2f} against the "
+                     f"zoo mean's {a['kappa_zoo_mean']:.2f}" for n, r, a in rows)
+    line = (f"**Answers.** Example by example (Cohen's kappa of correctness, chance agreement removed), DnD answers "
+            f"more like its nearest training LoRA (chosen from the prompts) than like the zoo mean on {len(near)} of "
+            f"{len(rows)} ({_names(near)}; kappa difference); not on {_names(rest)}. The LoRA it answers most like "
+            f"(picked on these examples): {each}.")
+    cos = [(n, r["weight_cosine"], a["most_alike"]) for n, r, a in rows if r.get("weight_cosine")]
+    if cos:
+        same = [(n,) for n, w, m in cos
+                if m == max((d for d in w["to_final_lora"] if not d.endswith("/" + n)), key=w["to_final_lora"].get)]
+        line += (f" It is also the training LoRA closest in weight space on {len(same)} of {len(cos)} "
+                 f"({_names(same)}).")
+    return [line]
+
+
 def _geometry(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """Condition geometry (:mod:`.geometry`): how far inside its nearest training dataset's cluster each held-out
     dataset's prompts sit, beside DnD's gain over the training-LoRA mean."""
@@ -125,23 +149,37 @@ def _geometry(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
             f"training-LoRA mean: {each}.{corr}"]
 
 
+def _far_row(n: str, w: Mapping[str, Any]) -> str:
+    """One held-out dataset's ``without_nearest`` result in words (fields recorded before a measure existed are
+    left out)."""
+    main = w["ci_minus_main_dnd"]
+    parts = [f"{n} without {w['left_out'].split('/')[-1]}: {w['dnd_mean']:.1f} against the mean "
+             f"{w['train_lora_mean']:.1f} of the LoRAs it learned, {w['nearest_lora']['acc']:.1f} for its nearest "
+             f"({w['nearest_lora']['dataset'].split('/')[-1]}), main DnD − this [{-main[1]:+.1f}, {-main[0]:+.1f}]"]
+    if w.get("cosine_with_left_out") is not None:
+        parts.append(f"cosine {w['cosine_with_left_out']:+.2f} with the left-out LoRA")
+    if w.get("cosine_with_zoo_mean") is not None:
+        parts.append(f"{w['cosine_with_zoo_mean']:+.2f} with the zoo mean")
+    text = ", ".join(parts)
+    a = w.get("answer_agreement")
+    if w.get("kappa_with_left_out") is not None and a:
+        alike = a["most_alike"]
+        text += (f"; answers: kappa {w['kappa_with_left_out']:.2f} with the left-out LoRA, "
+                 f"{a['kappa_lora'][alike]:.2f} with {alike.split('/')[-1]}'s (the most alike of those it learned), "
+                 f"{a['kappa_zoo_mean']:.2f} with its zoo mean")
+    return text
+
+
 def _without_nearest(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """The retrieval test (the ``nonearest`` ablation, :mod:`.ablations`): a generator that did not learn the nearest
     training dataset either. Retrieval would fall to the next nearest LoRA; generation would stay above the LoRAs it
-    learned."""
+    learned and still make (and answer like) something like the LoRA it never saw."""
     rows = [(n, r["without_nearest"]) for n, r in valid if r.get("without_nearest")]
     if not rows:
         return []
     above = [(n,) for n, w in rows if w["ci_dnd_minus_train_mean"][0] > 0]
     beyond = [(n,) for n, w in rows if w["ci_dnd_minus_nearest"][0] > 0]
-    each = "; ".join(
-        f"{n} without {w['left_out'].split('/')[-1]}: {w['dnd_mean']:.1f} against the mean {w['train_lora_mean']:.1f} "
-        f"of the LoRAs it learned, {w['nearest_lora']['acc']:.1f} for its nearest "
-        f"({w['nearest_lora']['dataset'].split('/')[-1]}), main DnD − this [{-w['ci_minus_main_dnd'][1]:+.1f}, "
-        f"{-w['ci_minus_main_dnd'][0]:+.1f}]" + ("" if w.get("cosine_with_left_out") is None else
-                                               f", cosine {w['cosine_with_left_out']:+.2f} with the left-out LoRA")
-        + ("" if w.get("cosine_with_zoo_mean") is None else f", {w['cosine_with_zoo_mean']:+.2f} with the zoo mean")
-        for n, w in rows)
+    each = "; ".join(_far_row(n, w) for n, w in rows)
     return [f"**Without the nearest dataset.** A generator that also did not learn the nearest training dataset is "
             f"above the mean of the LoRAs it learned on {len(above)} of {len(rows)} ({_names(above)}) and above its "
             f"own nearest LoRA on {len(beyond)} ({_names(beyond)}): {each}."]

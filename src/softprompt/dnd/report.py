@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .ablations import ablation_fields, render_ablations
+from .agreement import answer_agreement
 from .diagnosis import diagnosis
 from .intervals import paired_bootstrap
 from .intervals import verdict as _verdict
@@ -153,6 +154,8 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "ci_dnd_minus_zoo_mean": paired_bootstrap(per_dnd, dnd["zoo_mean"][key]) if "zoo_mean" in dnd else None,
             "ci_zoo_mean_minus_train_mean": paired_bootstrap(dnd["zoo_mean"][key], per_train)
             if "zoo_mean" in dnd else None,
+            "answer_agreement": answer_agreement(per_dnd, dnd["zoo_mean"][key], {o: v[key] for o, v in others.items()},
+                                                 dnd["nearest"]) if "zoo_mean" in dnd else None,
             "weight_cosine": dnd.get("weight_cosine"),  # None for stages recorded before it existed
             "lora_to_match": _to_match(dnd.get("lora_to_match"), own),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(

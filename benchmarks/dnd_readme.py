@@ -77,10 +77,14 @@ def block(res: dict) -> list[str]:
     zoo = [r["ci_dnd_minus_zoo_mean"] for r in valid if r.get("ci_dnd_minus_zoo_mean")]
     zoo_note = (f", and the zoo mean (about what it would output if it ignored its condition) on "
                 f"{sum(c[0] > 0 for c in zoo)} of {len(zoo)}" if zoo else "")
+    agree = [r["answer_agreement"]["ci_kappa_nearest_minus_zoo_mean"] for r in valid if r.get("answer_agreement")]
+    agree_note = (f" Example by example it answers more like its nearest training LoRA than like the zoo mean on "
+                  f"{sum(c[0] > 0 for c in agree)} of {len(agree)} (Cohen's kappa)." if agree else "")
     lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets{so_far} (the "
-              f"paper's claim needs at least 5 of 7), the nearest training LoRA on {near} of {len(valid)}{zoo_note}. "
-              "Where it wins and where it does not, with the evidence for why (headroom, retrieval, the condition, "
-              "capacity): [dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
+              f"paper's claim needs at least 5 of 7), the nearest training LoRA on {near} of {len(valid)}{zoo_note}."
+              f"{agree_note} Where it wins and where it does not, with the evidence for why (headroom, retrieval, "
+              "the condition, answers, capacity): "
+              "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
     costs = [r["lora_to_match"] for _, r in done if r.get("lora_to_match")]
     if any(t.get("zoo_workers") != 1 and t.get("alone_seconds") is None for t in costs):
         lines[-1] += (" The LoRA seconds were timed in zoo rebuilds that may have shared the GPU with other zoo "

@@ -44,3 +44,23 @@ def test_block_between_markers(tmp_path):
     bare = tmp_path / "bare.md"
     bare.write_text("none\n")
     assert not update(bare, _results(with_dnd=True)) and bare.read_text() == "none\n"
+
+
+def test_block_counts_the_zoo_mean_and_the_answers_once_recorded(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    res = _results(with_dnd=True)
+    assert update(readme, res)
+    text = readme.read_text()
+    assert "(1 of 2 held-out datasets so far;" in text and "zoo mean" not in text and "kappa" not in text
+    res["datasets"]["commonsense/arc_easy"].update(
+        ci_dnd_minus_zoo_mean=[-2.4, 5.2],
+        answer_agreement={"ci_kappa_nearest_minus_zoo_mean": [0.25, 0.40]})
+    res["datasets"]["superglue/boolq"].update(
+        dnd_mean=54.4, dnd_sd=0.9, dnd_draws=10, ci_dnd_minus_train_mean=[-4.4, 1.4], train_lora_mean=55.8,
+        nearest_lora={"dataset": "commonsense/openbookqa", "acc": 60.2}, own_lora=64.4, generate_seconds=0.088)
+    assert update(readme, res)
+    text = readme.read_text()
+    assert "(2 of 2 held-out datasets;" in text  # all in: no "so far"
+    assert "and the zoo mean (about what it would output if it ignored its condition) on 0 of 1." in text
+    assert "answers more like its nearest training LoRA than like the zoo mean on 1 of 1 (Cohen's kappa)" in text

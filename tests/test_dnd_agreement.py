@@ -54,3 +54,12 @@ def test_the_diagnosis_says_which_adapter_dnd_answers_like():
     assert "than like the zoo mean on 1 of 2 (openbookqa [+0.17, +0.29]; kappa difference); not on piqa" in line
     assert "openbookqa: arc_easy's 0.96 against the zoo mean's 0.73; piqa: openbookqa's 0.89" in line
     assert line.endswith("closest in weight space on 1 of 2 (openbookqa).")
+
+
+def test_bootstrap_interval_draws_the_same_resamples_for_every_statistic():
+    from softprompt.dnd.intervals import bootstrap_interval
+
+    rng = random.Random(3)  # the resamples, drawn by hand in the documented order
+    sums = sorted(sum(rng.randrange(10) for _ in range(10)) for _ in range(40))
+    assert bootstrap_interval(sum, 10, n_boot=40, seed=3, level=0.5) == (sums[10], sums[30])
+    assert bootstrap_interval(lambda idx: -sum(idx), 10, n_boot=40, seed=3, level=0.5) == (-sums[29], -sums[9])

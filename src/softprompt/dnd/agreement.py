@@ -8,9 +8,10 @@ its mean over draws (a fraction), so agreement is the probability that a DnD dra
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from .intervals import bootstrap_interval
 
 
 def soft_kappa(x: Sequence[float], y: Sequence[float]) -> float:
@@ -32,14 +33,12 @@ def kappa_gap_interval(x: Sequence[float], y: Sequence[float], z: Sequence[float
     indices for all three: they score the same examples)."""
     if not len(x) == len(y) == len(z):
         raise ValueError(f"kappa_gap_interval needs three equal lists (got {len(x)}, {len(y)}, {len(z)})")
-    n, rng = len(x), random.Random(seed)
-    gaps = []
-    for _ in range(n_boot):
-        idx = [rng.randrange(n) for _ in range(n)]
+
+    def gap(idx: list[int]) -> float:
         xs = [x[i] for i in idx]
-        gaps.append(soft_kappa(xs, [y[i] for i in idx]) - soft_kappa(xs, [z[i] for i in idx]))
-    gaps.sort()
-    lo, hi = gaps[int((1 - level) / 2 * n_boot)], gaps[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+        return soft_kappa(xs, [y[i] for i in idx]) - soft_kappa(xs, [z[i] for i in idx])
+
+    lo, hi = bootstrap_interval(gap, len(x), n_boot, seed, level)
     return [round(lo, 3), round(hi, 3)]
 
 

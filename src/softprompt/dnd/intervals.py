@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+
+def bootstrap_interval(stat: Callable[[list[int]], float], n: int, n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``stat(indices)`` over ``n_boot`` resamples of ``n`` examples with replacement (each
+    resample's indices drawn in order from ``random.Random(seed)``, so that every statistic sees the same
+    resamples for the same seed)."""
+    rng = random.Random(seed)
+    stats = sorted(stat([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
+    return stats[int((1 - level) / 2 * n_boot)], stats[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
@@ -15,10 +25,7 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
         raise ValueError(f"paired bootstrap needs two equal, non-empty lists (got {len(a)} and {len(b)})")
     n = len(a)
     diff = [x - y for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    stats = sorted(sum(diff[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    lo = stats[int((1 - level) / 2 * n_boot)]
-    hi = stats[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    lo, hi = bootstrap_interval(lambda idx: sum(diff[i] for i in idx) / n, n, n_boot, seed, level)
     return [round(100 * lo, 2), round(100 * hi, 2)]
 
 

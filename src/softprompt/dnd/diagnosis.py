@@ -42,11 +42,10 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     closer = []
     cos = [(n, r["weight_cosine"]) for n, r in valid if r.get("weight_cosine")]
     for n, w in cos:
-        train = {d: c for d, c in w["to_final_lora"].items() if not d.endswith("/" + n)}
-        best = max(train, key=train.__getitem__)
-        if train[best] > w["own"]:
-            other = best.split("/")[-1]
-            closer.append((f"{n}: {train[best]:+.2f} with {other}'s against {w['own']:+.2f} with its own",))
+        best = _closest_in_weights(n, w)
+        if w["to_final_lora"][best] > w["own"]:
+            closer.append((f"{n}: {w['to_final_lora'][best]:+.2f} with {best.split('/')[-1]}'s against "
+                           f"{w['own']:+.2f} with its own",))
     if cos:
         out.append(f"In weight space the generated updates are closer to a training LoRA than to the held-out "
                    f"dataset's own on {len(closer)} of {len(cos)} ({_names(closer)}).")
@@ -73,13 +72,19 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     return [f"- {line}" for line in out]
 
 
-def _ci(c: Sequence[float]) -> str:
-    return f"[{c[0]:+.1f}, {c[1]:+.1f}]"
+def _closest_in_weights(n: str, w: Mapping[str, Any]) -> str:
+    """The training LoRA whose update the generated ones resemble most (``weight_cosine``; held-out ``n`` excluded)."""
+    train = {d: c for d, c in w["to_final_lora"].items() if not d.endswith("/" + n)}
+    return max(train, key=train.__getitem__)
+
+
+def _ci(c: Sequence[float], digits: int = 1) -> str:
+    return f"[{c[0]:+.{digits}f}, {c[1]:+.{digits}f}]"
 
 
 def _condition(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """Does the generator use its condition? Against the zoo mean (the elementwise mean of the training checkpoints'
-    A and B, which minimises the generator's loss for a condition it ignores), and whether that mean alone already
+    A and B, about what minimises the generator's loss for a condition it ignores), and whether that mean alone already
     beats the training-LoRA mean where DnD does."""
     rows = [(n, r) for n, r in valid if r.get("ci_dnd_minus_zoo_mean")]
     if not rows:
@@ -106,8 +111,8 @@ def _answers(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     if not rows:
         return []
     gap = "ci_kappa_nearest_minus_zoo_mean"
-    near = [(f"{n} [{a[gap][0]:+.2f}, {a[gap][1]:+.2f}]",) for n, r, a in rows if a[gap][0] > 0]
-    rest = [(f"{n} [{a[gap][0]:+.2f}, {a[gap][1]:+.2f}]",) for n, r, a in rows if a[gap][0] <= 0]
+    near = [(f"{n} {_ci(a[gap], 2)}",) for n, r, a in rows if a[gap][0] > 0]
+    rest = [(f"{n} {_ci(a[gap], 2)}",) for n, r, a in rows if a[gap][0] <= 0]
     each = "; ".join(f"{n}: {a['most_alike'].split('/')[-1]}'s {a['kappa_lora'][a['most_alike']]:.2f} against the "
                      f"zoo mean's {a['kappa_zoo_mean']:.2f}" for n, r, a in rows)
     line = (f"**Answers.** Example by example (Cohen's kappa of correctness, chance agreement removed), DnD answers "
@@ -116,8 +121,7 @@ def _answers(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
             f"(picked on these examples): {each}.")
     cos = [(n, r["weight_cosine"], a["most_alike"]) for n, r, a in rows if r.get("weight_cosine")]
     if cos:
-        same = [(n,) for n, w, m in cos
-                if m == max((d for d in w["to_final_lora"] if not d.endswith("/" + n)), key=w["to_final_lora"].get)]
+        same = [(n,) for n, w, m in cos if m == _closest_in_weights(n, w)]
         line += (f" It is also the training LoRA closest in weight space on {len(same)} of {len(cos)} "
                  f"({_names(same)}).")
     return [line]

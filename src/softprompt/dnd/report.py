@@ -149,20 +149,26 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "ci_dnd_minus_nearest": paired_bootstrap(per_dnd, others[dnd["nearest"]][key]),
             "nearest_lora": {"dataset": dnd["nearest"], "acc": round(100 * cross[dnd["nearest"]][d][measure], 2)},
             "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
-            "zoo_mean": round(100 * dnd["zoo_mean"][measure], 2) if "zoo_mean" in dnd else None,
-            # Does the condition matter? The zoo mean is what a generator outputs when it ignores its condition.
-            "ci_dnd_minus_zoo_mean": paired_bootstrap(per_dnd, dnd["zoo_mean"][key]) if "zoo_mean" in dnd else None,
-            "ci_zoo_mean_minus_train_mean": paired_bootstrap(dnd["zoo_mean"][key], per_train)
-            if "zoo_mean" in dnd else None,
-            "answer_agreement": answer_agreement(per_dnd, dnd["zoo_mean"][key], {o: v[key] for o, v in others.items()},
-                                                 dnd["nearest"]) if "zoo_mean" in dnd else None,
+            **_zoo_mean_fields(dnd.get("zoo_mean"), per_dnd, per_train, others, dnd["nearest"], measure, key),
             "weight_cosine": dnd.get("weight_cosine"),  # None for stages recorded before it existed
             "lora_to_match": _to_match(dnd.get("lora_to_match"), own),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
                 100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
 
 
-def _near(row: Mapping[str, Any], field: str = "ci_dnd_minus_nearest") -> str:
+def _zoo_mean_fields(zoo: Mapping[str, Any] | None, per_dnd: list[float], per_train: list[float],
+                     others: Mapping[str, Any], nearest: str, measure: str, key: str) -> dict[str, Any]:
+    """Does the condition matter? The zoo mean is about what a generator outputs for a condition it ignores: DnD
+    against it in score and example by example (:mod:`.agreement`), and it against the training-LoRA mean. All
+    None for a stage recorded before the zoo mean was scored."""
+    if zoo is None:
+        return dict.fromkeys(("zoo_mean", "ci_dnd_minus_zoo_mean", "ci_zoo_mean_minus_train_mean", "answer_agreement"))
+    return {"zoo_mean": round(100 * zoo[measure], 2), "ci_dnd_minus_zoo_mean": paired_bootstrap(per_dnd, zoo[key]),
+            "ci_zoo_mean_minus_train_mean": paired_bootstrap(zoo[key], per_train),
+            "answer_agreement": answer_agreement(per_dnd, zoo[key], {o: v[key] for o, v in others.items()}, nearest)}
+
+
+def _vs(row: Mapping[str, Any], field: str = "ci_dnd_minus_nearest") -> str:
     """A DnD − reference verdict with its interval (– for a row reported before the interval existed)."""
     ci = row.get(field)
     return "–" if ci is None else f"{_verdict(ci)} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
@@ -311,8 +317,8 @@ def render(res: Mapping[str, Any]) -> str:
         for name, r in rows:
             rec = r["in_distribution_recovery"]
             lines.append(f"| {name} | {_verdict(r['ci_dnd_minus_train_mean'])} | {_verdict(r['ci_dnd_minus_base'])} | "
-                         f"{_f(r['nearest_lora'])} | {_near(r)} | {_f(r.get('zoo_mean'))} | "
-                         f"{_near(r, 'ci_dnd_minus_zoo_mean')} | "
+                         f"{_f(r['nearest_lora'])} | {_vs(r)} | {_f(r.get('zoo_mean'))} | "
+                         f"{_vs(r, 'ci_dnd_minus_zoo_mean')} | "
                          f"{rec['dataset'].split('/')[-1]}: {_f(rec['generated'])} vs "
                          f"{_f(rec['own_lora'])} | {r['generate_seconds']:.3f} |")
     cos_rows = [(name, r) for name, r in rows if r.get("weight_cosine")]

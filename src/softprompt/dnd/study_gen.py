@@ -240,14 +240,15 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
     for e in entries:
         for k, v in read_lora_tensors(e["path"]).items():
             mean[k] = mean.get(k, 0) + v.double() / len(entries)
-    zoo_mean = _score_state(study, {k: v.float() for k, v in mean.items()}, template, holdout, tmp)
+    mean = {k: v.float() for k, v in mean.items()}
+    zoo_mean = _score_state(study, mean, template, holdout, tmp)
     _, enc, _, _ = load_generator(gdir, study.device)
     target = _mean_embedding(enc, prompts)
     sims = {d: float(torch.nn.functional.cosine_similarity(target, _mean_embedding(enc, training_prompts(d, 256)),
                                                             dim=0)) for d in train}
     nearest = max(sims, key=sims.__getitem__)
     return {"draws": draws, "condition_source": source, "n_condition_prompts": len(prompts),
-            "weight_cosine": weight_cosines(study, cfg, holdout, states, {k: v.float() for k, v in mean.items()}),
+            "weight_cosine": weight_cosines(study, cfg, holdout, states, mean),
             "lora_to_match": None if tag else lora_to_match(study, cfg, holdout, draws),  # ablations: no cost row
             "recovery": {"dataset": own, "draws": rec_draws}, "similarity": sims, "nearest": nearest,
             "zoo_mean": zoo_mean, "config": g,

@@ -113,6 +113,27 @@ def test_the_diagnosis_says_what_the_retrieval_test_found():
     assert "[+6.0, +12.0], cosine +0.31 with the left-out LoRA" in line
 
 
+def test_the_diagnosis_says_what_the_stats_code_ablation_found():
+    from softprompt.dnd.diagnosis import diagnosis
+
+    def row(ci, main=None, abl=None):
+        return {"valid_target": True, "ci_dnd_minus_train_mean": [-1.0, 1.0], "dnd_mean": 34.6,
+                "dnd_mean_stats_dnd": 28.6, "ci_stats_dnd_minus_relative": ci, "weight_cosine": main,
+                "stats_dnd_weights": abl}
+
+    main = {"own": 0.38, "to_final_lora": {"commonsense/openbookqa": 0.38, "commonsense/arc_easy": 0.93,
+                                           "commonsense/piqa": 0.1}}
+    abl = {"closest": {"dataset": "commonsense/arc_easy", "cosine": 0.29}, "own": 0.11}
+    lines = diagnosis([("arc_easy", row([-1.4, 2.4])), ("openbookqa", row([-9.7, -2.3], main, abl))])
+    (line,) = [x for x in lines if "Weight tokenisation" in x]
+    assert "scores higher on 0 of 2 (none), within noise on 1 (arc_easy [-1.4, +2.4]) and lower on 1" in line
+    assert ("(openbookqa [-9.7, -2.3], 34.6 → 28.6; the updates' cosine with the closest training LoRA falls from "
+            "+0.93 (arc_easy) to +0.29 (arc_easy))") in line
+    assert line.endswith("Our tokenisation is not what holds DnD back.")
+    (up,) = [x for x in diagnosis([("piqa", row([0.5, 3.0]))]) if "Weight tokenisation" in x]
+    assert "higher on 1 of 1 (piqa [+0.5, +3.0])" in up and "not what holds" not in up  # no such claim then
+
+
 def test_the_report_takes_each_rows_condition_membership_from_the_geometry(finished):
     _, stages = finished
     geometry = {"command": "python benchmarks/dnd_conditions.py", "date": "d", "device": "cpu", "encoder": "minilm",

@@ -263,11 +263,21 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     abl = stages[f"dnd:{cfg}+statsdnd:commonsense/arc_easy"]["draws"]
     assert row["dnd_mean_stats_dnd"] == round(sum(100 * d["acc_norm"] for d in abl) / 2, 2)
     assert len(row["ci_stats_dnd_minus_relative"]) == 2
+    stats = stages[f"dnd:{cfg}+statsdnd:commonsense/arc_easy"]  # where its updates sit, what it recovers
+    sw = stats["weight_cosine"]
+    assert row["stats_dnd_weights"] == {"closest": {"dataset": WG, "cosine": sw["to_final_lora"][WG]},
+                                        "own": sw["own"], "to_zoo_mean": sw["to_zoo_mean"],
+                                        "between_draws": sw["between_draws"]}
+    assert row["stats_dnd_recovery"] == {"dataset": WG, "generated": round(
+        sum(100 * d["acc"] for d in stats["recovery"]["draws"]) / len(stats["recovery"]["draws"]), 2)}  # WG: acc
     layouts = [json.loads((tmp_path / "state" / f"gen_{cfg}{t}" / "commonsense__arc_easy" / "generator_config.json")
                           .read_text())["layout"]["stats_code"] for t in ("", "+statsdnd")]
     assert layouts == ["relative", "dnd"]
     text = render(res)
     assert "| arc_easy | 6 | 25.0 |" in text and "training-LoRA mean (interval above 0) on" in text
+    assert (f" | {w['to_final_lora'][WG]:+.2f} (winogrande) | {sw['to_final_lora'][WG]:+.2f} (winogrande) | "
+            f"{w['own']:+.2f} → {sw['own']:+.2f} | winogrande: {rec['generated']:.1f} / "
+            f"{row['stats_dnd_recovery']['generated']:.1f} |") in text
     cost_row = row["lora_to_match"]
     assert cost_row["target"] == round(100 * ltm["target"], 2) and cost_row["step"] == ltm["step"]
     assert f"| arc_easy | {w['own']:+.3f} | {w['to_final_lora'][WG]:+.3f} (winogrande) |" in text

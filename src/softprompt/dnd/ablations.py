@@ -26,8 +26,11 @@ def _per_example(dnd: Mapping[str, Any], key: str, n: int) -> list[float]:
 
 
 def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mapping[str, Any],
-                    cross: Mapping[str, Any], measure: str, key: str) -> dict[str, Any]:
-    """A dataset row's ablation fields (nothing for a dataset without its main ``dnd`` stage)."""
+                    cross: Mapping[str, Any], measure: str, key: str,
+                    measures: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A dataset row's ablation fields (nothing for a dataset without its main ``dnd`` stage); ``measures`` names
+    each dataset's reported measure, for the in-distribution recovery scored on a training dataset."""
+    measures = measures or {}
     main = stages.get(f"dnd:{config}:{d}")
     if not main:
         return {}
@@ -38,6 +41,10 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
     if stats:
         out["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[measure] for r in stats["draws"]), 2)
         out["ci_stats_dnd_minus_relative"] = paired_bootstrap(_per_example(stats, key, n), per_main)
+        out["stats_dnd_weights"] = _weights_summary(stats.get("weight_cosine"), d)
+        rec = stats["recovery"]
+        out["stats_dnd_recovery"] = {"dataset": rec["dataset"], "generated": round(statistics.mean(
+            100 * r[measures.get(rec["dataset"], measure)] for r in rec["draws"]), 2)}
     far = stages.get(f"dnd:{config}+nonearest:{d}")
     if far:
         train = list(far["similarity"])  # the datasets this generator learned
@@ -67,6 +74,35 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
     return out
 
 
+def _weights_summary(w: Mapping[str, Any] | None, held_out: str) -> dict[str, Any] | None:
+    """Where a stage's generated updates sit in weight space: the closest training LoRA, the held-out one's own, the
+    zoo mean and the agreement between draws (None for a stage recorded without ``weight_cosine``)."""
+    if not w:
+        return None
+    train = {s: c for s, c in w["to_final_lora"].items() if s != held_out and not s.endswith("/" + held_out)}
+    closest = max(train, key=train.__getitem__)
+    return {"closest": {"dataset": closest, "cosine": train[closest]}, "own": w.get("own"),
+            "to_zoo_mean": w.get("to_zoo_mean"), "between_draws": w.get("between_draws")}
+
+
+def _cos(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.2f}"
+
+
+def _closest_cell(w: Mapping[str, Any] | None) -> str:
+    return "–" if not w else f"{w['closest']['cosine']:+.2f} ({w['closest']['dataset'].split('/')[-1]})"
+
+
+def _recovery_cell(main: Mapping[str, Any] | None, abl: Mapping[str, Any] | None) -> str:
+    """``dataset: relative / dnd code`` (each side names its dataset should the two differ)."""
+    if not main or not abl:
+        return "–"
+    a, b = main["dataset"].split("/")[-1], abl["dataset"].split("/")[-1]
+    if a == b:
+        return f"{a}: {main['generated']:.1f} / {abl['generated']:.1f}"
+    return f"{a} {main['generated']:.1f} / {b} {abl['generated']:.1f}"
+
+
 def render_ablations(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """Markdown lines of the ablations measured so far (none: no lines)."""
     def ci(x: Sequence[float]) -> str:
@@ -76,10 +112,19 @@ def render_ablations(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]
     stats = [(n, r) for n, r in rows if r.get("dnd_mean_stats_dnd") is not None]
     if stats:
         lines += ["", "Stats-code ablation: the same generator with DnD's scale code for the weight tokens' "
-                  "statistics (`dnd`) instead of ours (`relative`), scored on the same examples.", "",
-                  "| held-out | DnD (relative) | DnD (dnd code) | dnd − relative |", "|---|---|---|---|"]
-        lines += [f"| {n} | {r['dnd_mean']:.1f} | {r['dnd_mean_stats_dnd']:.1f} | "
-                  f"{ci(r['ci_stats_dnd_minus_relative'])} |" for n, r in stats]
+                  "statistics (`dnd`) instead of ours (`relative`), scored on the same examples. Weight columns: "
+                  "cosine of the generated updates with the closest training LoRA and with the held-out dataset's "
+                  "own (– where the stage did not record them); recovery: the adapters generated from a training "
+                  "dataset's own prompts, scored there.", "",
+                  "| held-out | DnD (relative) | DnD (dnd code) | dnd − relative | closest LoRA, relative | "
+                  "closest LoRA, dnd code | own, relative → dnd code | recovery: relative / dnd code |",
+                  "|" + "---|" * 8]
+        for n, r in stats:
+            main, abl = _weights_summary(r.get("weight_cosine"), n), r.get("stats_dnd_weights")
+            lines.append(f"| {n} | {r['dnd_mean']:.1f} | {r['dnd_mean_stats_dnd']:.1f} | "
+                         f"{ci(r['ci_stats_dnd_minus_relative'])} | {_closest_cell(main)} | {_closest_cell(abl)} | "
+                         f"{_cos(main and main['own'])} → {_cos(abl and abl['own'])} | "
+                         f"{_recovery_cell(r.get('in_distribution_recovery'), r.get('stats_dnd_recovery'))} |")
     far = [(n, r["without_nearest"]) for n, r in rows if r.get("without_nearest")]
     if far:
         lines += ["", "Without the nearest dataset: a generator that also does not learn the training dataset "

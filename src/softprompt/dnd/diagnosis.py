@@ -18,7 +18,8 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     DnD just its nearest training LoRA, in score and in weight space), the condition (does DnD beat the zoo mean, its
     output for a condition it ignores), conditioning (does the condition embedding's nearest training LoRA equal the
     best-scoring one, which retrieval alone would then reach), capacity (does the generator reproduce the LoRAs it
-    was trained on), the condition geometry and the retrieval test (the ``nonearest`` ablation)."""
+    was trained on), weight tokenisation (the ``statsdnd`` ablation), the condition geometry and the retrieval test
+    (the ``nonearest`` ablation)."""
     valid = [(n, r) for n, r in rows if r.get("valid_target") is not False]
     if not valid:
         return []
@@ -68,7 +69,7 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                           f"{x['own_lora']:.1f}" for n, x in rec)
         out.append(f"**Capacity.** Fed a training dataset's own prompts, each generator's adapters score within "
                    f"{gap:.1f} points of that dataset's LoRA ({pairs}): it reproduces what it was trained on.")
-    out += _geometry(valid) + _without_nearest(valid)
+    out += _stats_code(valid) + _geometry(valid) + _without_nearest(valid)
     return [f"- {line}" for line in out]
 
 
@@ -124,6 +125,34 @@ def _answers(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
         same = [(n,) for n, w, m in cos if m == _closest_in_weights(n, w)]
         line += (f" It is also the training LoRA closest in weight space on {len(same)} of {len(cos)} "
                  f"({_names(same)}).")
+    return [line]
+
+
+def _stats_code(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Weight tokenisation (the ``statsdnd`` ablation, :mod:`.ablations`): DnD's own scale code for the weight
+    tokens' statistics against ours, on the same examples, with where the generated updates then sit."""
+    key = "ci_stats_dnd_minus_relative"
+    rows = [(n, r) for n, r in valid if r.get(key)]
+    if not rows:
+        return []
+    up = [(f"{n} {_ci(r[key])}",) for n, r in rows if r[key][0] > 0]
+    same = [(f"{n} {_ci(r[key])}",) for n, r in rows if r[key][0] <= 0 <= r[key][1]]
+    down = []
+    for n, r in rows:
+        if r[key][1] < 0:
+            text = f"{n} {_ci(r[key])}, {r['dnd_mean']:.1f} → {r['dnd_mean_stats_dnd']:.1f}"
+            w, a = r.get("weight_cosine"), r.get("stats_dnd_weights")
+            if w and a:
+                best = _closest_in_weights(n, w)
+                text += (f"; the updates' cosine with the closest training LoRA falls from "
+                         f"{w['to_final_lora'][best]:+.2f} ({best.split('/')[-1]}) to {a['closest']['cosine']:+.2f} "
+                         f"({a['closest']['dataset'].split('/')[-1]})")
+            down.append((text,))
+    line = (f"**Weight tokenisation.** With DnD's scale code for the weight tokens' statistics instead of ours, the "
+            f"generator scores higher on {len(up)} of {len(rows)} ({_names(up)}), within noise on {len(same)} "
+            f"({_names(same)}) and lower on {len(down)} ({_names(down)}).")
+    if not up:
+        line += " Our tokenisation is not what holds DnD back."
     return [line]
 
 

@@ -94,7 +94,7 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
                 step = t["step"] if t.get("step") is not None else t.get("final_step")
                 t["alone_seconds"] = round(step * per_step, 2) if step is not None else None
         if b and cross:
-            row.update(ablation_fields(stages, config, d, b, cross, m, key))
+            row.update(ablation_fields(stages, config, d, b, cross, m, key, measures))
         for k in ("train_lora_mean", "train_lora_best", "own_lora", "dnd_mean", "dnd_sd", "ci_dnd_minus_train_mean",
                   "ci_dnd_minus_base", "ci_dnd_minus_nearest", "nearest_lora", "generate_seconds",
                   "in_distribution_recovery", "lora_to_match"):

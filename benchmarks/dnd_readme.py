@@ -80,10 +80,14 @@ def block(res: dict) -> list[str]:
     agree = [r["answer_agreement"]["ci_kappa_nearest_minus_zoo_mean"] for r in valid if r.get("answer_agreement")]
     agree_note = (f" Example by example it answers more like its nearest training LoRA than like the zoo mean on "
                   f"{sum(c[0] > 0 for c in agree)} of {len(agree)} (Cohen's kappa)." if agree else "")
+    stats = [r["ci_stats_dnd_minus_relative"] for r in valid if r.get("ci_stats_dnd_minus_relative")]
+    stats_note = (f" With DnD's own scale code for the weight tokens' statistics instead of ours it scores higher on "
+                  f"{sum(c[0] > 0 for c in stats)} of {len(stats)} held-out datasets tried and lower on "
+                  f"{sum(c[1] < 0 for c in stats)}." if stats else "")
     lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets{so_far} (the "
               f"paper's claim needs at least 5 of 7), the nearest training LoRA on {near} of {len(valid)}{zoo_note}."
-              f"{agree_note} Where it wins and where it does not, with the evidence for why (headroom, retrieval, "
-              "the condition, answers, capacity): "
+              f"{agree_note}{stats_note} Where it wins and where it does not, with the evidence for why (headroom, "
+              "retrieval, the condition, answers, capacity" + (", weight tokenisation" if stats else "") + "): "
               "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
     costs = [r["lora_to_match"] for _, r in done if r.get("lora_to_match")]
     if any(t.get("zoo_workers") != 1 and t.get("alone_seconds") is None for t in costs):

@@ -64,3 +64,10 @@ def test_block_counts_the_zoo_mean_and_the_answers_once_recorded(tmp_path):
     assert "(2 of 2 held-out datasets;" in text  # all in: no "so far"
     assert "and the zoo mean (about what it would output if it ignored its condition) on 0 of 1." in text
     assert "answers more like its nearest training LoRA than like the zoo mean on 1 of 1 (Cohen's kappa)" in text
+    assert "scale code" not in text and "weight tokenisation" not in text  # no stats-code ablation yet
+    res["datasets"]["commonsense/arc_easy"]["ci_stats_dnd_minus_relative"] = [-9.7, -2.3]
+    assert update(readme, res)
+    text = readme.read_text()
+    assert ("With DnD's own scale code for the weight tokens' statistics instead of ours it scores higher on 0 of 1 "
+            "held-out datasets tried and lower on 1.") in text
+    assert "(headroom, retrieval, the condition, answers, capacity, weight tokenisation)" in text

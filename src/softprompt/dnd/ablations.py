@@ -4,8 +4,7 @@
   (``stats_code``), scored on the same examples: DnD(dnd code) − DnD(relative code).
 * ``nonearest``: a generator that learns neither the held-out dataset nor the training dataset nearest to it in
   condition embedding (the one the main generator's adapters most resemble). If DnD only retrieves the nearest
-  training LoRA, its score falls to that of the next nearest; if it generates, it stays above the training LoRAs it
-  learned from.
+  training LoRA, it scores as its new nearest; if it generates, it goes beyond that LoRA, towards the left-out one.
 
 Every interval is a 95% paired bootstrap over the evaluated examples (:func:`.intervals.paired_bootstrap`).
 """
@@ -128,8 +127,9 @@ def render_ablations(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]
     far = [(n, r["without_nearest"]) for n, r in rows if r.get("without_nearest")]
     if far:
         lines += ["", "Without the nearest dataset: a generator that also does not learn the training dataset "
-                  "nearest to the held-out one in condition embedding (`left out`). Retrieval would fall to the "
-                  "next nearest LoRA; generation would stay above the LoRAs it learned.", "",
+                  "nearest to the held-out one in condition embedding (`left out`). Retrieval would score as its "
+                  "new nearest LoRA; generation would go beyond it, towards what the left-out LoRA scores (where "
+                  "the two LoRAs score alike, only the weight and answer columns can tell them apart).", "",
                   "| held-out | left out | DnD | its training-LoRA mean | DnD − that mean | its nearest LoRA | "
                   "DnD − nearest | − main DnD | closest in weights | cosine with the left-out LoRA |",
                   "|" + "---|" * 10]

@@ -205,8 +205,8 @@ def _far_row(n: str, w: Mapping[str, Any]) -> str:
 
 def _without_nearest(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """The retrieval test (the ``nonearest`` ablation, :mod:`.ablations`): a generator that did not learn the nearest
-    training dataset either. Retrieval would fall to the next nearest LoRA; generation would stay above the LoRAs it
-    learned and still make (and answer like) something like the LoRA it never saw."""
+    training dataset either. Retrieval would score as its new nearest LoRA; generation would go beyond it and still
+    make (and answer like) something like the LoRA it never saw."""
     rows = [(n, r["without_nearest"]) for n, r in valid if r.get("without_nearest")]
     if not rows:
         return []

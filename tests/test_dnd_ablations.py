@@ -134,6 +134,22 @@ def test_the_diagnosis_says_what_the_stats_code_ablation_found():
     assert "higher on 1 of 1 (piqa [+0.5, +3.0])" in up and "not what holds" not in up  # no such claim then
 
 
+def test_the_diagnosis_compares_checkpoints_and_datasets_with_the_papers_recipe():
+    from softprompt.dnd.diagnosis import diagnosis
+
+    def row(ckpt, sets):
+        return {"valid_target": True, "ci_dnd_minus_train_mean": [-1.0, 1.0],
+                "training_data": {"datasets": sets, "checkpoints_per_dataset": ckpt}}
+
+    (line,) = [x for x in diagnosis([("a", row(50, 6)), ("b", row(50, 6))]) if "Checkpoints and datasets" in x]
+    assert "Each generator learned 50 checkpoints of each of 6 training datasets" in line
+    assert line.endswith("so neither count falls short of the paper's.")
+    (short,) = [x for x in diagnosis([("a", row(50, 6)), ("b", row(5, 2))]) if "Checkpoints and datasets" in x]
+    assert "learned at least 5 checkpoints of each of at least 2 training datasets" in short
+    assert short.endswith("falls short of it (5 checkpoints against 50, 2 training datasets against 6).")
+    assert not [x for x in diagnosis([("a", row(None, 6))]) if "Checkpoints" in x]  # zoo stage missing: no claim
+
+
 def test_the_report_takes_each_rows_condition_membership_from_the_geometry(finished):
     _, stages = finished
     geometry = {"command": "python benchmarks/dnd_conditions.py", "date": "d", "device": "cpu", "encoder": "minilm",

@@ -260,6 +260,7 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     assert rec["dataset"] == WG and rec["own_lora"] == res["datasets"][WG]["own_lora"]
     assert rec["measure"] == "acc" and row["measure"] == "acc_norm"  # recovery in its own dataset's measure
     assert res["zoo_gate"]["n_datasets"] == 2
+    assert row["training_data"] == {"datasets": 1, "checkpoints_per_dataset": 2}  # winogrande's 2 kept steps
     abl = stages[f"dnd:{cfg}+statsdnd:commonsense/arc_easy"]["draws"]
     assert row["dnd_mean_stats_dnd"] == round(sum(100 * d["acc_norm"] for d in abl) / 2, 2)
     assert len(row["ci_stats_dnd_minus_relative"]) == 2

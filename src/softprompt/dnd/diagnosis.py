@@ -6,6 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# DnD's common-sense recipe (the spec, ../shared/specs/dnd.md): 50 checkpoints per dataset, one per step, and
+# leave-one-out over these same 7 datasets, so 6 training datasets per generator (its largest dataset-count setting).
+PAPER_CHECKPOINTS, PAPER_TRAIN_DATASETS = 50, 6
+
 
 def _names(rows: Sequence[tuple[str, Any]]) -> str:
     return ", ".join(n for n, *_ in rows) or "none"
@@ -18,8 +22,8 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     DnD just its nearest training LoRA, in score and in weight space), the condition (does DnD beat the zoo mean, its
     output for a condition it ignores), conditioning (does the condition embedding's nearest training LoRA equal the
     best-scoring one, which retrieval alone would then reach), capacity (does the generator reproduce the LoRAs it
-    was trained on), weight tokenisation (the ``statsdnd`` ablation), the condition geometry and the retrieval test
-    (the ``nonearest`` ablation)."""
+    was trained on), weight tokenisation (the ``statsdnd`` ablation), the checkpoints and datasets it learned from, the
+    condition geometry and the retrieval test (the ``nonearest`` ablation)."""
     valid = [(n, r) for n, r in rows if r.get("valid_target") is not False]
     if not valid:
         return []
@@ -69,7 +73,7 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                           f"{x['own_lora']:.1f}" for n, x in rec)
         out.append(f"**Capacity.** Fed a training dataset's own prompts, each generator's adapters score within "
                    f"{gap:.1f} points of that dataset's LoRA ({pairs}): it reproduces what it was trained on.")
-    out += _stats_code(valid) + _geometry(valid) + _without_nearest(valid)
+    out += _stats_code(valid) + _training_data(valid) + _geometry(valid) + _without_nearest(valid)
     return [f"- {line}" for line in out]
 
 
@@ -154,6 +158,23 @@ def _stats_code(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     if not up:
         line += " Our tokenisation is not what holds DnD back."
     return [line]
+
+
+def _training_data(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Too few checkpoints or training datasets? What each generator learned from, against DnD's own recipe."""
+    data = [r["training_data"] for _, r in valid if r.get("training_data")]
+    if not data or any(t["checkpoints_per_dataset"] is None for t in data):
+        return []
+    ckpt = min(t["checkpoints_per_dataset"] for t in data)
+    sets = min(t["datasets"] for t in data)
+    short = [f"{ckpt} checkpoints against {PAPER_CHECKPOINTS}"] if ckpt < PAPER_CHECKPOINTS else []
+    short += [f"{sets} training datasets against {PAPER_TRAIN_DATASETS}"] if sets < PAPER_TRAIN_DATASETS else []
+    least = "" if len({(t["checkpoints_per_dataset"], t["datasets"]) for t in data}) == 1 else "at least "
+    return [f"**Checkpoints and datasets.** Each generator learned {least}{ckpt} checkpoints of each of {least}"
+            f"{sets} training datasets; DnD's common-sense recipe keeps {PAPER_CHECKPOINTS} per dataset and trains on "
+            f"the other {PAPER_TRAIN_DATASETS} of the same 7 datasets, "
+            + (f"so this testbed falls short of it ({', '.join(short)})." if short else
+               "so neither count falls short of the paper's.")]
 
 
 def _geometry(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:

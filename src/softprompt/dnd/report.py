@@ -88,6 +88,11 @@ def build_results(stages: Mapping[str, Any], config: str, measure: str = "primar
             rec_src = dnd["recovery"]["dataset"]
             rec_m = measures.get(rec_src) or (primary_measure(rec_src) if measure == "primary" else measure)
             row.update(_dnd_fields(dnd, others, b, z, cross, d, m, key, rec_m))
+            kept = [len(stages[f"zoo:{config}:{s}"]["losses"]) for s in dnd["similarity"]
+                    if f"zoo:{config}:{s}" in stages]
+            # what the generator learned from: the issue asks whether too few checkpoints or datasets hold it back
+            row["training_data"] = {"datasets": len(dnd["similarity"]),
+                                    "checkpoints_per_dataset": min(kept) if kept else None}
             per_step = ((alone or {}).get("datasets") or {}).get(d, {}).get("step_seconds")
             t = row["lora_to_match"]
             if t and per_step is not None:

@@ -73,14 +73,20 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
     return out
 
 
+def closest_in_weights(held_out: str, w: Mapping[str, Any]) -> str:
+    """The training LoRA whose update the generated ones resemble most (a stage's ``weight_cosine``; the held-out
+    dataset, by full or short name, excluded)."""
+    train = {s: c for s, c in w["to_final_lora"].items() if s != held_out and not s.endswith("/" + held_out)}
+    return max(train, key=train.__getitem__)
+
+
 def _weights_summary(w: Mapping[str, Any] | None, held_out: str) -> dict[str, Any] | None:
     """Where a stage's generated updates sit in weight space: the closest training LoRA, the held-out one's own, the
     zoo mean and the agreement between draws (None for a stage recorded without ``weight_cosine``)."""
     if not w:
         return None
-    train = {s: c for s, c in w["to_final_lora"].items() if s != held_out and not s.endswith("/" + held_out)}
-    closest = max(train, key=train.__getitem__)
-    return {"closest": {"dataset": closest, "cosine": train[closest]}, "own": w.get("own"),
+    closest = closest_in_weights(held_out, w)
+    return {"closest": {"dataset": closest, "cosine": w["to_final_lora"][closest]}, "own": w.get("own"),
             "to_zoo_mean": w.get("to_zoo_mean"), "between_draws": w.get("between_draws")}
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .ablations import closest_in_weights
+
 # DnD's common-sense recipe (the spec, ../shared/specs/dnd.md): 50 checkpoints per dataset, one per step, and
 # leave-one-out over these same 7 datasets, so 6 training datasets per generator (its largest dataset-count setting).
 PAPER_CHECKPOINTS, PAPER_TRAIN_DATASETS = 50, 6
@@ -47,7 +49,7 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     closer = []
     cos = [(n, r["weight_cosine"]) for n, r in valid if r.get("weight_cosine")]
     for n, w in cos:
-        best = _closest_in_weights(n, w)
+        best = closest_in_weights(n, w)
         if w["to_final_lora"][best] > w["own"]:
             closer.append((f"{n}: {w['to_final_lora'][best]:+.2f} with {best.split('/')[-1]}'s against "
                            f"{w['own']:+.2f} with its own",))
@@ -75,12 +77,6 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                    f"{gap:.1f} points of that dataset's LoRA ({pairs}): it reproduces what it was trained on.")
     out += _stats_code(valid) + _training_data(valid) + _geometry(valid) + _without_nearest(valid)
     return [f"- {line}" for line in out]
-
-
-def _closest_in_weights(n: str, w: Mapping[str, Any]) -> str:
-    """The training LoRA whose update the generated ones resemble most (``weight_cosine``; held-out ``n`` excluded)."""
-    train = {d: c for d, c in w["to_final_lora"].items() if not d.endswith("/" + n)}
-    return max(train, key=train.__getitem__)
 
 
 def _ci(c: Sequence[float], digits: int = 1) -> str:
@@ -126,7 +122,7 @@ def _answers(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
             f"(picked on these examples): {each}.")
     cos = [(n, r["weight_cosine"], a["most_alike"]) for n, r, a in rows if r.get("weight_cosine")]
     if cos:
-        same = [(n,) for n, w, m in cos if m == _closest_in_weights(n, w)]
+        same = [(n,) for n, w, m in cos if m == closest_in_weights(n, w)]
         line += (f" It is also the training LoRA closest in weight space on {len(same)} of {len(cos)} "
                  f"({_names(same)}).")
     return [line]
@@ -147,7 +143,7 @@ def _stats_code(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
             text = f"{n} {_ci(r[key])}, {r['dnd_mean']:.1f} → {r['dnd_mean_stats_dnd']:.1f}"
             w, a = r.get("weight_cosine"), r.get("stats_dnd_weights")
             if w and a:
-                best = _closest_in_weights(n, w)
+                best = closest_in_weights(n, w)
                 text += (f"; the updates' cosine with the closest training LoRA falls from "
                          f"{w['to_final_lora'][best]:+.2f} ({best.split('/')[-1]}) to {a['closest']['cosine']:+.2f} "
                          f"({a['closest']['dataset'].split('/')[-1]})")

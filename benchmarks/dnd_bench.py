@@ -227,7 +227,6 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
     state = Path(args.state)
-    state.mkdir(parents=True, exist_ok=True)
     from softprompt.dnd.templates import DATASETS, canonical_name
 
     datasets = [canonical_name(d) for d in args.datasets.split(",")] if args.datasets else list(DATASETS)
@@ -235,14 +234,18 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     for kv in filter(None, (args.gen or "").split(",")):
         k, _, v = kv.partition("=")
         gen[k.strip()] = v.strip() if k.strip() == "stats_code" else float(v) if "." in v or "e" in v else int(v)
-    study = Study(state, args.model, datasets, configs=args.configs.split(";"), n_eval=args.n_eval,
-                  n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state),
-                  generators=args.generators, encoder=args.encoder, gen=gen,
-                  stats_ablation=_ablation(args.stats_ablation), nearest_ablation=_ablation(args.nearest_ablation),
-                  gen_group=args.gen_group, gen_streams=args.gen_streams,
-                  session_left=args.session_left - (time.time() - T_START) if args.session_left else None,
-                  gen_step_seconds=args.gen_step_seconds, zoo_workers=args.zoo_workers,
-                  gen_compile=args.gen_compile)
+    try:  # a bad config or ablation name: one line, nothing started
+        study = Study(state, args.model, datasets, configs=args.configs.split(";"), n_eval=args.n_eval,
+                      n_dev=args.n_dev, batch_size=args.eval_batch, device=args.device, log=lambda m: log(m, state),
+                      generators=args.generators, encoder=args.encoder, gen=gen,
+                      stats_ablation=_ablation(args.stats_ablation),
+                      nearest_ablation=_ablation(args.nearest_ablation),
+                      gen_group=args.gen_group, gen_streams=args.gen_streams,
+                      session_left=args.session_left - (time.time() - T_START) if args.session_left else None,
+                      gen_step_seconds=args.gen_step_seconds, zoo_workers=args.zoo_workers,
+                      gen_compile=args.gen_compile)
+    except ValueError as e:
+        raise SystemExit(f"dnd_bench.py cloze: {e}") from None
     if args.restore:
         log(f"restored {study.restore(args.restore)}", state)
         _seed_invocations(state / "invocations.jsonl", Path(args.restore).with_name("dnd_cloze_invocations.jsonl"))
@@ -307,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="minilm", help="condition encoder: alias or HF folder")
     p.add_argument("--stats-ablation", nargs="?", const="all", default=None, metavar="DATASETS",
                    help="also the generators with DnD's scale code (stages gen/dnd:<cfg>+statsdnd:<h>): every held-out "
-                        "dataset, or those named (comma-separated, e.g. arc_easy,piqa)")
+                        "dataset, or those named, in that order (comma-separated, e.g. arc_easy,piqa)")
     p.add_argument("--nearest-ablation", nargs="?", const="all", default=None, metavar="DATASETS",
                    help="also generators that do not learn the held-out dataset's nearest training dataset either "
-                        "(stages gen/dnd:<cfg>+nonearest:<h>, after the main ones): is DnD more than retrieval?")
+                        "(gen/dnd:<cfg>+nonearest:<h>; all, or those named, in that order): DnD beyond retrieval?")
     p.add_argument("--gen", help="generator overrides, e.g. steps=1000,batch_size=64,lr=1e-3,stats_code=dnd "
                                  "(softprompt.dnd.study_gen.GEN_DEFAULTS)")
     p.add_argument("--device")

@@ -263,3 +263,14 @@ def test_a_restored_state_starts_its_call_history_with_the_committed_one(bench, 
     fresh = tmp_path / "fresh.jsonl"
     bench._seed_invocations(fresh, tmp_path / "missing.jsonl")
     assert not fresh.exists()
+
+
+def test_cloze_refuses_an_ablation_outside_the_study_in_one_line_and_starts_nothing(bench, tmp_path):
+    state = tmp_path / "state"
+    with pytest.raises(SystemExit) as err:
+        bench.main(["cloze", "--state", str(state), "--model", "unused", "--generators",
+                    "--datasets", "arc_easy,piqa", "--nearest-ablation", "piqa,hellaswag"])
+    assert str(err.value) == ("dnd_bench.py cloze: nonearest ablation: commonsense/hellaswag is not among the study's "
+                              "datasets; name held-out datasets of this study (commonsense/arc_easy, "
+                              "commonsense/piqa)")
+    assert not state.exists()  # no state folder, no call history

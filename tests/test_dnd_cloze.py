@@ -387,3 +387,14 @@ def test_generators_run_for_valid_targets_first(tmp_path):
     assert abl == ["commonsense/piqa", "superglue/boolq"]
     assert stages.index(f"gen:{stages[1].split(':')[1]}+statsdnd:commonsense/piqa") > stages.index(
         f"dnd:{stages[1].split(':')[1]}:commonsense/winogrande")
+    # Named datasets run in the order named (most telling first), duplicates once; all of them: valid targets first.
+    mixed = Study(tmp_path / "s", "unused-model", datasets=names, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+                  generators=True, log=lambda m: None, nearest_ablation=["winogrande", "arc_easy", "winogrande"],
+                  stats_ablation=True)
+    tagged = {t: [s.split(":", 2)[2] for s in mixed.stages() if s.startswith("gen:") and f"+{t}" in s]
+              for t in ("statsdnd", "nonearest")}
+    assert tagged == {"statsdnd": order, "nonearest": ["commonsense/winogrande", "commonsense/arc_easy"]}
+    with pytest.raises(ValueError, match=r"nonearest ablation: commonsense/hellaswag is not among the study's "
+                                         r"datasets; name held-out datasets of this study"):
+        Study(tmp_path / "s", "unused-model", datasets=names, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+              generators=True, log=lambda m: None, nearest_ablation=["hellaswag"])

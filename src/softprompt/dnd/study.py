@@ -39,7 +39,8 @@ from typing import Any
 
 from .cloze import evaluate_cloze, format_version, primary_measure
 from .harness import _rank, dnd_records
-from .templates import DATASETS, canonical_name
+from .study_gen import ablation_targets
+from .templates import DATASETS
 from .zoo import build_zoo, dataset_dirname
 
 PRIORS = {"base": 60.0, "zoo": 90.0, "cross": 120.0, "gen": 120.0, "dnd": 120.0}  # s, until measured
@@ -92,17 +93,14 @@ class Study:
                             "device": device}
         self.zoo_workers = max(1, zoo_workers)
         self.state = Path(state)
-        (self.state / "stages").mkdir(parents=True, exist_ok=True)
         self.model_path, self.datasets, self.n_eval, self.n_dev = model, list(datasets), n_eval, n_dev
         self.configs = [parse_config(c) for c in configs]
         self.batch_size, self.device, self.log = batch_size, device, log
         self._recs: dict[str, list] = {}
         self.generators, self.encoder, self.gen = generators, encoder, dict(gen or {})
-        # Each ablation's held-out datasets (study_gen.TAGS): all (True), none (False) or the ones named (seven more
-        # generators cost about two device sessions, so a subset can answer the question sooner).
-        self.ablations = {tag: list(self.datasets) if which is True else
-                          [canonical_name(d) for d in which] if which else []
+        self.ablations = {tag: ablation_targets(tag, which, self.datasets)
                           for tag, which in (("statsdnd", stats_ablation), ("nonearest", nearest_ablation))}
+        (self.state / "stages").mkdir(parents=True, exist_ok=True)  # after the checks: a bad call leaves nothing
         self.gen_group, self.gen_streams, self.gen_compile = max(1, gen_group), gen_streams, gen_compile
         self.session_left, self.gen_step_prior = session_left, gen_step_seconds
 
@@ -115,7 +113,8 @@ class Study:
             if self.generators:
                 out += [f"{k}:{c['name']}:{d}" for d in self.holdout_order() for k in ("gen", "dnd")]
             for tag, held in self.ablations.items() if self.generators else ():  # after every main generator
-                out += [f"{k}:{c['name']}+{tag}:{d}" for d in self.holdout_order() if d in held for k in ("gen", "dnd")]
+                order = self.holdout_order() if held is True else held
+                out += [f"{k}:{c['name']}+{tag}:{d}" for d in order for k in ("gen", "dnd")]
         return out
 
     def holdout_order(self) -> list[str]:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import shutil
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 from .cloze import condition_text
 from .harness import _rank, dnd_records
+from .templates import canonical_name
 
 Study = Any  # a softprompt.dnd.study.Study (not imported: study imports this module)
 
@@ -64,6 +66,20 @@ def zoo_entries(study: Study, cfg: dict[str, Any], datasets: list[str]) -> list[
 # Ablation variants of the generator (stage name suffix +tag): generator options they change. ``nonearest`` changes
 # what it learns instead: the held-out dataset's nearest training dataset is left out too (:func:`left_out`).
 TAGS: dict[str, dict[str, Any]] = {"": {}, "statsdnd": {"stats_code": "dnd"}, "nonearest": {}}
+
+
+def ablation_targets(tag: str, which: bool | Sequence[str] | None, datasets: Sequence[str]) -> bool | list[str]:
+    """An ablation's held-out datasets: all (``True``; the study runs them valid targets first), none (``[]``) or
+    those named, in the order named, once each: seven more generators cost about two device sessions, so a subset,
+    most telling first, answers sooner. A name outside the study's ``datasets`` is a ValueError."""
+    if which is True:
+        return True
+    named = list(dict.fromkeys(canonical_name(d) for d in which or ()))
+    unknown = [d for d in named if d not in datasets]
+    if unknown:
+        raise ValueError(f"{tag} ablation: {', '.join(unknown)} is not among the study's datasets; name held-out "
+                         f"datasets of this study ({', '.join(datasets)})")
+    return named
 
 
 def left_out(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> list[str]:

@@ -240,7 +240,42 @@ def test_generated_adapters_are_compared_with_the_zoo_mean_in_weight_space(finis
 
     row = {**res["datasets"]["commonsense/arc_easy"], "valid_target": True}  # a tiny model's row is not valid
     (line,) = [x for x in diagnosis([("arc_easy", row)]) if "Without the nearest dataset" in x]
-    assert f"{cos:+.2f} with the zoo mean; answers: kappa {w['kappa_with_left_out']:.2f} with the left-out LoRA" in line
+    ci = w["ci_dnd_minus_zoo_token_mean"]
+    assert (f"{cos:+.2f} with the zoo mean, the token-space zoo mean (its exact output for an ignored condition) "
+            f"scores {w['zoo_token_mean']:.1f}, this − it [{ci[0]:+.1f}, {ci[1]:+.1f}]; answers: kappa "
+            f"{w['kappa_with_left_out']:.2f} with the left-out LoRA") in line
+
+
+def test_dnd_stages_score_the_exact_output_for_an_ignored_condition(finished):
+    """The token-space zoo mean (:func:`grid_mean_state` over what the generator learned), scored on the same
+    examples, compared in weight space, and paired against DnD in the report."""
+    from softprompt.dnd.generator import load_generator
+    from softprompt.dnd.hyperconv import grid_mean_state
+    from softprompt.dnd.intervals import paired_bootstrap
+    from softprompt.dnd.study_gen import weight_cosines, zoo_entries
+
+    study, stages = finished
+    cfg = study.configs[0]
+    res = build_results(stages, CFG, device="cpu", versions={}, date="d", command="c", datasets=DATASETS)
+    for tag, field in (("", None), ("+nonearest", "without_nearest")):
+        st = stages[f"dnd:{CFG}{tag}:commonsense/arc_easy"]
+        t = st["zoo_token_mean"]
+        assert t["n"] == st["zoo_mean"]["n"] and 0 <= t["acc"] <= 1
+        assert -1 <= st["weight_cosine"]["to_zoo_token_mean"] <= 1
+        row = res["datasets"]["commonsense/arc_easy"]
+        m, key = row["measure"], {"acc": "correct", "acc_norm": "correct_norm"}[row["measure"]]
+        per = [sum(r[key][i] for r in st["draws"]) / len(st["draws"]) for i in range(t["n"])]
+        got = row[field] if field else row
+        assert got["zoo_token_mean"] == round(100 * t[m], 2)
+        assert got["ci_dnd_minus_zoo_token_mean"] == paired_bootstrap(per, t[key])
+    w = res["datasets"]["commonsense/arc_easy"]["without_nearest"]
+    assert w["cosine_with_zoo_token_mean"] == stages[f"dnd:{CFG}+nonearest:commonsense/arc_easy"][
+        "weight_cosine"]["to_zoo_token_mean"]
+    gdir = study.gen_dir(cfg, "commonsense/arc_easy", "+nonearest")
+    _, _, layout, gcfg = load_generator(gdir, "cpu")
+    learned = stages[f"gen:{CFG}+nonearest:commonsense/arc_easy"]["train_datasets"]
+    exact = grid_mean_state(zoo_entries(study, cfg, learned), layout, gcfg["target"])
+    assert weight_cosines(study, cfg, "commonsense/arc_easy", [exact], token_mean=exact)["to_zoo_token_mean"] == 1.0
 
 
 def test_the_retrieval_test_asks_whom_the_ablated_generator_answers_like(finished):

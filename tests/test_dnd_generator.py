@@ -157,6 +157,32 @@ def test_gauge_svd_and_shared_init(zoo):
                             {k: v.detach() for k, v in _lora_params(_peft_model(seed=1)).items()}])
 
 
+def test_the_ignored_condition_optimum_is_the_decoded_mean_grid(zoo):
+    """What a generator that ignores its condition outputs: the elementwise mean of the training grids (the minimiser
+    of its MSE), decoded as a generated grid; checked against the stacked grids the generator trains on and against
+    the checkpoint itself for a one-checkpoint zoo; the thread count does not change it."""
+    from softprompt.dnd.hyperconv import grid_mean_state, load_zoo_tensors
+    from softprompt.dnd.tokenizer import detokenize, from_grid
+
+    entries = read_zoo(zoo)
+    for code in ("relative", "dnd"):
+        layout, grids, _ = load_zoo_tensors(entries, 16, stats_code=code)
+        mean = grid_mean_state(entries, layout, workers=3)
+        stacked = detokenize(from_grid(grids.double().mean(0), layout), layout, dtype=torch.float32)
+        assert mean.keys() == stacked.keys() and all(torch.equal(mean[k], stacked[k]) for k in mean)
+        one = grid_mean_state(entries, layout, workers=1)
+        assert all(torch.equal(mean[k], one[k]) for k in mean)
+        # not the mean of A and B: the statistics code averages scales in its own (log) space
+        ab = {k: sum(read_lora_tensors(e["path"])[k] for e in entries) / len(entries) for k in mean}
+        assert not all(torch.allclose(mean[k], ab[k], rtol=1e-3, atol=1e-6) for k in mean)
+    ckpt = read_lora_tensors(entries[0]["path"])
+    layout, _, _ = load_zoo_tensors(entries[:1], 16)
+    alone = grid_mean_state(entries[:1], layout)
+    assert all(torch.allclose(alone[k], ckpt[k], rtol=1e-5, atol=1e-7) for k in ckpt)
+    with pytest.raises(ValueError, match="empty zoo"):
+        grid_mean_state([], layout)
+
+
 def test_chain_shapes_and_parameter_count():
     in_shape, out_shape, k = (4, 8, 32), (96, 4, 18), 3
     chain = plan_chain(in_shape, out_shape, width=8, n_layers=3)

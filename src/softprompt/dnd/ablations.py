@@ -24,6 +24,18 @@ def _per_example(dnd: Mapping[str, Any], key: str, n: int) -> list[float]:
     return [statistics.mean(r[key][i] for r in dnd["draws"]) for i in range(n)]
 
 
+def token_mean_fields(stage: Mapping[str, Any], per_dnd: Sequence[float], measure: str,
+                      key: str) -> dict[str, Any]:
+    """DnD against the exact output for an ignored condition (the token-space zoo mean a ``dnd`` stage scores as
+    ``zoo_token_mean``, :func:`.hyperconv.grid_mean_state`), paired on the same examples; None for stages recorded
+    before it was scored."""
+    t = stage.get("zoo_token_mean")
+    if t is None:
+        return {"zoo_token_mean": None, "ci_dnd_minus_zoo_token_mean": None}
+    return {"zoo_token_mean": round(100 * t[measure], 2),
+            "ci_dnd_minus_zoo_token_mean": paired_bootstrap(list(per_dnd), t[key])}
+
+
 def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mapping[str, Any],
                     cross: Mapping[str, Any], measure: str, key: str,
                     measures: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -66,6 +78,8 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
             # does it still make what the left-out LoRA is, without having seen it? (generation, not retrieval)
             "cosine_with_left_out": to.get(main["nearest"]),
             "cosine_with_zoo_mean": (far.get("weight_cosine") or {}).get("to_zoo_mean"),
+            "cosine_with_zoo_token_mean": (far.get("weight_cosine") or {}).get("to_zoo_token_mean"),
+            **token_mean_fields(far, per, measure, key),
             # the same question example by example: does it answer like the LoRA it never saw?
             "kappa_with_left_out": round(soft_kappa(per, cross[main["nearest"]][d][key]), 3),
             "answer_agreement": answer_agreement(per, far["zoo_mean"][key], {s: cross[s][d][key] for s in train},

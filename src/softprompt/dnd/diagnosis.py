@@ -210,6 +210,9 @@ def _far_row(n: str, w: Mapping[str, Any]) -> str:
         parts.append(f"cosine {w['cosine_with_left_out']:+.2f} with the left-out LoRA")
     if w.get("cosine_with_zoo_mean") is not None:
         parts.append(f"{w['cosine_with_zoo_mean']:+.2f} with the zoo mean")
+    if w.get("ci_dnd_minus_zoo_token_mean"):
+        parts.append(f"the token-space zoo mean (its exact output for an ignored condition) scores "
+                     f"{w['zoo_token_mean']:.1f}, this − it {_ci(w['ci_dnd_minus_zoo_token_mean'])}")
     text = ", ".join(parts)
     a = w.get("answer_agreement")
     if w.get("kappa_with_left_out") is not None and a:

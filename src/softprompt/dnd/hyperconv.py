@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .export import read_lora_tensors
-from .tokenizer import TokenLayout, canonicalize_state, to_grid, tokenize
+from .tokenizer import TokenLayout, canonicalize_state, detokenize, from_grid, to_grid, tokenize
 
 Shape = tuple[int, int, int]
 
@@ -126,7 +126,7 @@ def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
     layout = TokenLayout.from_state_dict(first, chunk, stats_code)  # from the first checkpoint's tensors
 
     def grid_of(path: str) -> torch.Tensor:
-        return to_grid(tokenize(canonicalize_state(read_lora_tensors(path), target), layout), stats_code)
+        return _grid(path, layout, target)
 
     known = dict(cache or {})
     todo = list(dict.fromkeys(k for k in keys if k not in known))
@@ -137,3 +137,27 @@ def load_zoo_tensors(entries: Sequence[Mapping], chunk: int, target: str = "ab",
             if cache is not None:
                 cache[k] = g
     return layout, torch.stack([known[k] for k in keys]), [e["dataset"] for e in entries]
+
+
+def _grid(path: str, layout: TokenLayout, target: str) -> torch.Tensor:
+    """One zoo checkpoint as the generator's regression target (a float32 token grid)."""
+    return to_grid(tokenize(canonicalize_state(read_lora_tensors(path), target), layout), layout.stats_code)
+
+
+def grid_mean_state(entries: Sequence[Mapping], layout: TokenLayout, target: str = "ab",
+                    workers: int | None = None) -> dict[str, torch.Tensor]:
+    """The adapter a generator makes for a condition it ignores: the constant output that minimises its (weighted)
+    MSE over checkpoints drawn uniformly from ``entries`` is the elementwise mean of their token grids, decoded as a
+    generated grid is (:func:`.tokenizer.from_grid`, :func:`.tokenizer.detokenize`). Unlike the mean of the
+    checkpoints' A and B, this is exact in the generator's own token space (statistics code and all). The grids
+    are summed in float64 in the entries' order, so the result does not depend on ``workers`` (threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not entries:
+        raise ValueError("empty zoo")
+    n = workers if workers is not None else min(8, os.cpu_count() or 1)
+    total = None
+    with ThreadPoolExecutor(max(1, n)) as pool:
+        for g in pool.map(lambda e: _grid(str(e["path"]), layout, target), entries):
+            total = g.double() if total is None else total + g.double()
+    return detokenize(from_grid(total / len(entries), layout), layout, dtype=torch.float32)

@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .ablations import ablation_fields, render_ablations
+from .ablations import ablation_fields, render_ablations, token_mean_fields
 from .agreement import answer_agreement
 from .diagnosis import diagnosis
 from .intervals import paired_bootstrap
@@ -155,6 +155,7 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "nearest_lora": {"dataset": dnd["nearest"], "acc": round(100 * cross[dnd["nearest"]][d][measure], 2)},
             "generate_seconds": round(dnd["generate_seconds"], 4), "condition_source": dnd["condition_source"],
             **_zoo_mean_fields(dnd.get("zoo_mean"), per_dnd, per_train, others, dnd["nearest"], measure, key),
+            **token_mean_fields(dnd, per_dnd, measure, key),
             "weight_cosine": dnd.get("weight_cosine"),  # None for stages recorded before it existed
             "lora_to_match": _to_match(dnd.get("lora_to_match"), own),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(

@@ -228,6 +228,7 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
     import torch
 
     from .generator import generate, load_generator
+    from .hyperconv import grid_mean_state
 
     g = _options(study, tag)
     gdir = study.gen_dir(cfg, holdout, tag and "+" + tag)
@@ -258,25 +259,28 @@ def run_dnd(study: Study, cfg: dict[str, Any], holdout: str, tag: str = "") -> d
             mean[k] = mean.get(k, 0) + v.double() / len(entries)
     mean = {k: v.float() for k, v in mean.items()}
     zoo_mean = _score_state(study, mean, template, holdout, tmp)
-    _, enc, _, _ = load_generator(gdir, study.device)
+    _, enc, layout, gcfg = load_generator(gdir, study.device)
+    # the exact output for an ignored condition: the mean in the generator's token space (the A,B mean is near it)
+    token_mean = grid_mean_state(entries, layout, gcfg.get("target", "ab"))
+    zoo_token_mean = _score_state(study, token_mean, template, holdout, tmp)
     target = _mean_embedding(enc, prompts)
     sims = {d: float(torch.nn.functional.cosine_similarity(target, _mean_embedding(enc, training_prompts(d, 256)),
                                                             dim=0)) for d in train}
     nearest = max(sims, key=sims.__getitem__)
     return {"draws": draws, "condition_source": source, "n_condition_prompts": len(prompts),
-            "weight_cosine": weight_cosines(study, cfg, holdout, states, mean),
+            "weight_cosine": weight_cosines(study, cfg, holdout, states, mean, token_mean),
             "lora_to_match": None if tag else lora_to_match(study, cfg, holdout, draws),  # ablations: no cost row
             "recovery": {"dataset": own, "draws": rec_draws}, "similarity": sims, "nearest": nearest,
-            "zoo_mean": zoo_mean, "config": g,
+            "zoo_mean": zoo_mean, "zoo_token_mean": zoo_token_mean, "config": g,
             "generate_seconds": statistics.mean(d["seconds"] for d in draws)}
 
 
 def weight_cosines(study: Study, cfg: dict[str, Any], holdout: str, states: list[dict],
-                   zoo_mean: dict | None = None) -> dict[str, Any]:
+                   zoo_mean: dict | None = None, token_mean: dict | None = None) -> dict[str, Any]:
     """What the generated adapters resemble in weight space (:func:`.delta.delta_cosine` of their updates, mean over
     draws): each dataset's final zoo LoRA (the held-out one's own included, which the generator never saw), the
-    draws among themselves (how much the seed changes the adapter) and, given, the zoo mean (near 1: the generator
-    makes about what it would for a condition it ignores)."""
+    draws among themselves (how much the seed changes the adapter) and, given, the zoo mean of A and B and the
+    token-space mean (near 1: the generator makes what it would for a condition it ignores)."""
     from .delta import delta_cosine
     from .export import read_lora_tensors
 
@@ -290,7 +294,8 @@ def weight_cosines(study: Study, cfg: dict[str, Any], holdout: str, states: list
           for d, ref in ((d, final(d)) for d in study.datasets)}
     pairs = [delta_cosine(a, b) for i, a in enumerate(states) for b in states[i + 1:]]
     return {"to_final_lora": to, "own": to[holdout], "between_draws": r4(statistics.mean(pairs)) if pairs else None,
-            "to_zoo_mean": None if zoo_mean is None else r4(statistics.mean(delta_cosine(s, zoo_mean) for s in states))}
+            **{f"to_{name}": None if ref is None else r4(statistics.mean(delta_cosine(s, ref) for s in states))
+               for name, ref in (("zoo_mean", zoo_mean), ("zoo_token_mean", token_mean))}}
 
 
 def lora_to_match(study: Study, cfg: dict[str, Any], holdout: str, draws: list[dict[str, Any]],

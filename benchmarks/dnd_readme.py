@@ -84,10 +84,12 @@ def block(res: dict) -> list[str]:
     stats_note = (f" With DnD's own scale code for the weight tokens' statistics instead of ours it scores higher on "
                   f"{sum(c[0] > 0 for c in stats)} of {len(stats)} held-out datasets tried and lower on "
                   f"{sum(c[1] < 0 for c in stats)}." if stats else "")
+    evidence = ["headroom", "retrieval", "the condition", "answers", "capacity"]
+    evidence += ["budget"] * any(r.get("budget") for r in valid) + ["weight tokenisation"] * bool(stats)
     lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets{so_far} (the "
               f"paper's claim needs at least 5 of 7), the nearest training LoRA on {near} of {len(valid)}{zoo_note}."
-              f"{agree_note}{stats_note} Where it wins and where it does not, with the evidence for why (headroom, "
-              "retrieval, the condition, answers, capacity" + (", weight tokenisation" if stats else "") + "): "
+              f"{agree_note}{stats_note} Where it wins and where it does not, with the evidence for why "
+              f"({', '.join(evidence)}): "
               "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
     costs = [r["lora_to_match"] for _, r in done if r.get("lora_to_match")]
     if any(t.get("zoo_workers") != 1 and t.get("alone_seconds") is None for t in costs):

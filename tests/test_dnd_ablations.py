@@ -134,6 +134,23 @@ def test_the_diagnosis_says_what_the_stats_code_ablation_found():
     assert "higher on 1 of 1 (piqa [+0.5, +3.0])" in up and "not what holds" not in up  # no such claim then
 
 
+def test_the_diagnosis_says_whether_more_generator_training_would_help():
+    from softprompt.dnd.diagnosis import diagnosis
+
+    def row(mid, final, ci, steps=(500, 1000)):
+        return {"valid_target": True, "ci_dnd_minus_train_mean": [-1.0, 1.0], "budget": {
+            "mid_step": steps[0], "final_step": steps[1], "mid": mid, "final": final, "ci_final_minus_mid": ci}}
+
+    lines = diagnosis([("arc_easy", row(63.8, 64.4, [0.1, 1.2])), ("piqa", row(64.9, 65.0, [-0.3, 0.4]))])
+    (line,) = [x for x in lines if "Budget" in x]
+    assert ("Twice the generator training (step 1000 against step 500) moves DnD by at most 0.6 points: within "
+            "noise on 1 of 2 (piqa), elsewhere arc_easy 63.8 → 64.4 [+0.1, +1.2].") in line
+    (mixed,) = [x for x in diagnosis([("a", row(1.0, 1.0, [-1, 1])), ("b", row(1.0, 3.5, [-1, 1], (100, 200)))])
+                if "Budget" in x]
+    assert "(the final generator against the one halfway through its training) moves DnD by at most 2.5 points" in mixed
+    assert mixed.endswith("within noise on 2 of 2 (a, b).")
+
+
 def test_the_diagnosis_compares_checkpoints_and_datasets_with_the_papers_recipe():
     from softprompt.dnd.diagnosis import diagnosis
 

@@ -261,6 +261,13 @@ def test_study_resumes_and_reports(tmp_path, tiny_bert_dir):
     assert rec["measure"] == "acc" and row["measure"] == "acc_norm"  # recovery in its own dataset's measure
     assert res["zoo_gate"]["n_datasets"] == 2
     assert row["training_data"] == {"datasets": 1, "checkpoints_per_dataset": 2}  # winogrande's 2 kept steps
+    budget, key = row["budget"], "correct_norm"  # halfway (step 2 of 4) against the final generator
+    mid = [d for d in dnd["draws"] if d["weights"] == "generator_step000002.safetensors"]
+    fin = [d for d in dnd["draws"] if d["weights"] == "generator.safetensors"]
+    assert (budget["mid_step"], budget["final_step"]) == (2, dnd["config"]["steps"]) == (2, 4)
+    assert len(mid) == len(fin) == 1
+    assert budget["mid"] == round(100 * mid[0]["acc_norm"], 2) and budget["final"] == round(100 * fin[0]["acc_norm"], 2)
+    assert budget["ci_final_minus_mid"] == paired_bootstrap(fin[0][key], mid[0][key])
     abl = stages[f"dnd:{cfg}+statsdnd:commonsense/arc_easy"]["draws"]
     assert row["dnd_mean_stats_dnd"] == round(sum(100 * d["acc_norm"] for d in abl) / 2, 2)
     assert len(row["ci_stats_dnd_minus_relative"]) == 2

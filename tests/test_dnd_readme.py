@@ -71,3 +71,6 @@ def test_block_counts_the_zoo_mean_and_the_answers_once_recorded(tmp_path):
     assert ("With DnD's own scale code for the weight tokens' statistics instead of ours it scores higher on 0 of 1 "
             "held-out datasets tried and lower on 1.") in text
     assert "(headroom, retrieval, the condition, answers, capacity, weight tokenisation)" in text
+    res["datasets"]["commonsense/arc_easy"]["budget"] = {"ci_final_minus_mid": [0.1, 1.2]}
+    assert update(readme, res) and "(headroom, retrieval, the condition, answers, capacity, budget, weight " \
+        "tokenisation)" in readme.read_text()

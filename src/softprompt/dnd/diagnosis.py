@@ -75,7 +75,7 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                           f"{x['own_lora']:.1f}" for n, x in rec)
         out.append(f"**Capacity.** Fed a training dataset's own prompts, each generator's adapters score within "
                    f"{gap:.1f} points of that dataset's LoRA ({pairs}): it reproduces what it was trained on.")
-    out += _stats_code(valid) + _training_data(valid) + _geometry(valid) + _without_nearest(valid)
+    out += _budget(valid) + _stats_code(valid) + _training_data(valid) + _geometry(valid) + _without_nearest(valid)
     return [f"- {line}" for line in out]
 
 
@@ -126,6 +126,23 @@ def _answers(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
         line += (f" It is also the training LoRA closest in weight space on {len(same)} of {len(cos)} "
                  f"({_names(same)}).")
     return [line]
+
+
+def _budget(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Generator budget: the draws from halfway through the generator's training against the final ones."""
+    rows = [(n, r["budget"]) for n, r in valid if r.get("budget") and r["budget"].get("final_step")]
+    if not rows:
+        return []
+    key = "ci_final_minus_mid"
+    same = [(n,) for n, b in rows if b[key][0] <= 0 <= b[key][1]]
+    moved = [(f"{n} {b['mid']:.1f} → {b['final']:.1f} {_ci(b[key])}",) for n, b in rows
+             if not b[key][0] <= 0 <= b[key][1]]
+    steps = {(b["mid_step"], b["final_step"]) for _, b in rows}
+    span = (f"step {rows[0][1]['final_step']} against step {rows[0][1]['mid_step']}" if len(steps) == 1
+            else "the final generator against the one halfway through its training")
+    worst = max(abs(b["final"] - b["mid"]) for _, b in rows)
+    return [f"**Budget.** Twice the generator training ({span}) moves DnD by at most {worst:.1f} points: within noise "
+            f"on {len(same)} of {len(rows)} ({_names(same)})" + (f", elsewhere {_names(moved)}." if moved else ".")]
 
 
 def _stats_code(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:

@@ -157,9 +157,29 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             **_zoo_mean_fields(dnd.get("zoo_mean"), per_dnd, per_train, others, dnd["nearest"], measure, key),
             **token_mean_fields(dnd, per_dnd, measure, key),
             "weight_cosine": dnd.get("weight_cosine"),  # None for stages recorded before it existed
+            "budget": _budget(dnd, measure, key, n),
             "lora_to_match": _to_match(dnd.get("lora_to_match"), own),
             "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
                 100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
+
+
+def _budget(dnd: Mapping[str, Any], measure: str, key: str, n: int) -> dict[str, Any] | None:
+    """Would more generator training help? Each ``dnd`` stage draws from the generator halfway through its training
+    (``generator_step<k>``) and at the end: their scores, and a paired interval of final − halfway (None without
+    both)."""
+    final = [r for r in dnd["draws"] if r["weights"] == "generator.safetensors"]
+    mid = [r for r in dnd["draws"] if r["weights"].startswith("generator_step")]
+    if not final or not mid:
+        return None
+
+    def per(rs: list) -> list[float]:
+        return [statistics.mean(r[key][i] for r in rs) for i in range(n)]
+
+    return {"mid_step": int(mid[0]["weights"].removeprefix("generator_step").split(".")[0]),
+            "final_step": (dnd.get("config") or {}).get("steps"),
+            "mid": round(statistics.mean(100 * r[measure] for r in mid), 2),
+            "final": round(statistics.mean(100 * r[measure] for r in final), 2),
+            "ci_final_minus_mid": paired_bootstrap(per(final), per(mid))}
 
 
 def _zoo_mean_fields(zoo: Mapping[str, Any] | None, per_dnd: list[float], per_train: list[float],

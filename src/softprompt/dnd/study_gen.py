@@ -10,7 +10,8 @@ For a zoo config ``cfg`` and each held-out dataset ``h`` (after ``cross:<cfg>``)
   each scored on h's evaluation subset; in-distribution recovery (the generator fed its first training dataset's
   own prompts, scored there, against that dataset's own LoRA); the nearest-dataset LoRA (the training dataset whose
   mean prompt embedding is closest in cosine to h's); the zoo mean (elementwise mean of A and of B over the
-  generator's training checkpoints: the MSE optimum of an uninformative condition, jerryliang24/Drag-and-Drop-LLMs#4)
+  generator's training checkpoints, jerryliang24/Drag-and-Drop-LLMs#4) and the token-space zoo mean (the decoded
+  mean token grid: exactly the MSE optimum for an uninformative condition, :func:`.hyperconv.grid_mean_state`)
   and generation seconds; and the cost to match: the optimiser seconds h's own LoRA trained until it scored as
   well as DnD's mean (:func:`lora_to_match`).
 """

@@ -262,3 +262,44 @@ def test_gen_bench_keeps_the_eager_rows_when_compiling_fails(tmp_path, capsys, m
     out = capsys.readouterr().out
     assert "COMPILE: failed (RuntimeError: Function CompiledFunctionBackward" in out and "BEST: K=1" in out
     assert _load_bench().main([*argv, "--compile", "on"]) == 1  # nothing measured: no BEST line
+
+
+def test_generators_run_for_valid_targets_first(tmp_path):
+    """Once ``base`` is recorded, held-out datasets whose base model is above chance and above the majority-class rate
+    get their generators first (a study cut short by the device budget keeps the datasets that can show an effect);
+    before that, and within each group, the study's own order holds."""
+    from softprompt.dnd.study import Study
+
+    names = ["commonsense/arc_easy", "superglue/boolq", "commonsense/piqa", "commonsense/winogrande"]
+    study = Study(tmp_path / "s", "unused-model", datasets=names, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+                  generators=True, log=lambda m: None)
+    assert study.holdout_order() == names
+    scores = {"commonsense/arc_easy": ("acc_norm", 0.49, 0.25, 0.26),  # valid
+              "superglue/boolq": ("acc_cal", 0.58, 0.50, 0.64),  # above chance, below always-"yes": not valid
+              "commonsense/piqa": ("acc_norm", 0.63, 0.50, 0.51),  # valid
+              "commonsense/winogrande": ("acc", 0.50, 0.50, 0.50)}  # at chance: not valid
+    base = {d: {"test": {m: v, "chance": c, "majority": maj}} for d, (m, v, c, maj) in scores.items()}
+    study.path("base").write_text(json.dumps({"datasets": base, "formats": study.formats("base")}))
+    order = ["commonsense/arc_easy", "commonsense/piqa", "superglue/boolq", "commonsense/winogrande"]
+    assert study.holdout_order() == order
+    gens = [s.split(":", 2)[2] for s in study.stages() if s.startswith("gen:")]
+    assert gens == order
+    # The stats-code ablation on the datasets named only (aliases accepted), after every main generator.
+    named = Study(tmp_path / "s", "unused-model", datasets=names, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+                  generators=True, log=lambda m: None, stats_ablation=["piqa", "boolq"])
+    stages = named.stages()
+    abl = [s.split(":", 2)[2] for s in stages if s.startswith("gen:") and "+statsdnd" in s]
+    assert abl == ["commonsense/piqa", "superglue/boolq"]
+    assert stages.index(f"gen:{stages[1].split(':')[1]}+statsdnd:commonsense/piqa") > stages.index(
+        f"dnd:{stages[1].split(':')[1]}:commonsense/winogrande")
+    # Named datasets run in the order named (most telling first), duplicates once; all of them: valid targets first.
+    mixed = Study(tmp_path / "s", "unused-model", datasets=names, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+                  generators=True, log=lambda m: None, nearest_ablation=["winogrande", "arc_easy", "winogrande"],
+                  stats_ablation=True)
+    tagged = {t: [s.split(":", 2)[2] for s in mixed.stages() if s.startswith("gen:") and f"+{t}" in s]
+              for t in ("statsdnd", "nonearest")}
+    assert tagged == {"statsdnd": order, "nonearest": ["commonsense/winogrande", "commonsense/arc_easy"]}
+    with pytest.raises(ValueError, match=r"nonearest ablation: commonsense/hellaswag is not among the study's "
+                                         r"datasets; name held-out datasets of this study"):
+        Study(tmp_path / "s", "unused-model", datasets=names, configs=["r2,lr1e-2,steps3,ckpt2,bs4"],
+              generators=True, log=lambda m: None, nearest_ablation=["hellaswag"])

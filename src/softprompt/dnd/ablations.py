@@ -19,9 +19,14 @@ from .agreement import answer_agreement, soft_kappa
 from .intervals import paired_bootstrap, verdict
 
 
-def _per_example(dnd: Mapping[str, Any], key: str, n: int) -> list[float]:
-    """Mean correctness over a ``dnd`` stage's draws, example by example."""
-    return [statistics.mean(r[key][i] for r in dnd["draws"]) for i in range(n)]
+def per_example(draws: Sequence[Mapping[str, Any]], key: str, n: int) -> list[float]:
+    """Mean correctness over draws (a ``dnd`` stage's, or some of them), example by example."""
+    return [statistics.mean(r[key][i] for r in draws) for i in range(n)]
+
+
+def mean_score(draws: Sequence[Mapping[str, Any]], measure: str) -> float:
+    """Mean accuracy in percent over draws, rounded as the reports give it."""
+    return round(statistics.mean(100 * r[measure] for r in draws), 2)
 
 
 def token_mean_fields(stage: Mapping[str, Any], per_dnd: Sequence[float], measure: str,
@@ -46,20 +51,20 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
     if not main:
         return {}
     n = len(base[key])
-    per_main = _per_example(main, key, n)
+    per_main = per_example(main["draws"], key, n)
     out: dict[str, Any] = {}
     stats = stages.get(f"dnd:{config}+statsdnd:{d}")
     if stats:
-        out["dnd_mean_stats_dnd"] = round(statistics.mean(100 * r[measure] for r in stats["draws"]), 2)
-        out["ci_stats_dnd_minus_relative"] = paired_bootstrap(_per_example(stats, key, n), per_main)
+        out["dnd_mean_stats_dnd"] = mean_score(stats["draws"], measure)
+        out["ci_stats_dnd_minus_relative"] = paired_bootstrap(per_example(stats["draws"], key, n), per_main)
         out["stats_dnd_weights"] = _weights_summary(stats.get("weight_cosine"), d)
         rec = stats["recovery"]
-        out["stats_dnd_recovery"] = {"dataset": rec["dataset"], "generated": round(statistics.mean(
-            100 * r[measures.get(rec["dataset"], measure)] for r in rec["draws"]), 2)}
+        out["stats_dnd_recovery"] = {"dataset": rec["dataset"],
+                                     "generated": mean_score(rec["draws"], measures.get(rec["dataset"], measure))}
     far = stages.get(f"dnd:{config}+nonearest:{d}")
     if far:
         train = list(far["similarity"])  # the datasets this generator learned
-        per = _per_example(far, key, n)
+        per = per_example(far["draws"], key, n)
         per_train = [statistics.mean(cross[s][d][key][i] for s in train) for i in range(n)]
         near = far["nearest"]
         accs = [100 * r[measure] for r in far["draws"]]

@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .ablations import ablation_fields, render_ablations, token_mean_fields
+from .ablations import ablation_fields, mean_score, per_example, render_ablations, token_mean_fields
 from .agreement import answer_agreement
 from .diagnosis import diagnosis
 from .intervals import paired_bootstrap
@@ -142,8 +142,8 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
     (scored on the recovery dataset, in that dataset's measure ``rec_measure``)."""
     accs = [100 * r[measure] for r in dnd["draws"]]
     n = len(base[key])
-    per_dnd = [statistics.mean(r[key][i] for r in dnd["draws"]) for i in range(n)]
-    per_train = [statistics.mean(r[key][i] for r in others.values()) for i in range(n)]
+    per_dnd = per_example(dnd["draws"], key, n)
+    per_train = per_example(list(others.values()), key, n)
     rec = dnd["recovery"]
     src = rec["dataset"]
     return {"dnd_mean": round(statistics.mean(accs), 2), "dnd_sd": round(statistics.stdev(accs), 2)
@@ -159,8 +159,8 @@ def _dnd_fields(dnd: Mapping[str, Any], others: Mapping[str, Any], base: Mapping
             "weight_cosine": dnd.get("weight_cosine"),  # None for stages recorded before it existed
             "budget": _budget(dnd, measure, key, n),
             "lora_to_match": _to_match(dnd.get("lora_to_match"), own),
-            "in_distribution_recovery": {"dataset": src, "measure": rec_measure, "generated": round(statistics.mean(
-                100 * r[rec_measure] for r in rec["draws"]), 2), "own_lora": None}}
+            "in_distribution_recovery": {"dataset": src, "measure": rec_measure,
+                                         "generated": mean_score(rec["draws"], rec_measure), "own_lora": None}}
 
 
 def _budget(dnd: Mapping[str, Any], measure: str, key: str, n: int) -> dict[str, Any] | None:
@@ -171,15 +171,10 @@ def _budget(dnd: Mapping[str, Any], measure: str, key: str, n: int) -> dict[str,
     mid = [r for r in dnd["draws"] if r["weights"].startswith("generator_step")]
     if not final or not mid:
         return None
-
-    def per(rs: list) -> list[float]:
-        return [statistics.mean(r[key][i] for r in rs) for i in range(n)]
-
     return {"mid_step": int(mid[0]["weights"].removeprefix("generator_step").split(".")[0]),
-            "final_step": (dnd.get("config") or {}).get("steps"),
-            "mid": round(statistics.mean(100 * r[measure] for r in mid), 2),
-            "final": round(statistics.mean(100 * r[measure] for r in final), 2),
-            "ci_final_minus_mid": paired_bootstrap(per(final), per(mid))}
+            "final_step": (dnd.get("config") or {}).get("steps"), "mid": mean_score(mid, measure),
+            "final": mean_score(final, measure),
+            "ci_final_minus_mid": paired_bootstrap(per_example(final, key, n), per_example(mid, key, n))}
 
 
 def _zoo_mean_fields(zoo: Mapping[str, Any] | None, per_dnd: list[float], per_train: list[float],

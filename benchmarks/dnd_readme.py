@@ -84,12 +84,17 @@ def block(res: dict) -> list[str]:
     stats_note = (f" With DnD's own scale code for the weight tokens' statistics instead of ours it scores higher on "
                   f"{sum(c[0] > 0 for c in stats)} of {len(stats)} held-out datasets tried and lower on "
                   f"{sum(c[1] < 0 for c in stats)}." if stats else "")
+    far = [r["without_nearest"] for r in valid if r.get("without_nearest")]
+    far_note = (f" Trained without the dataset nearest to the held-out one as well, it is above its new nearest "
+                f"training LoRA on {sum(w['ci_dnd_minus_nearest'][0] > 0 for w in far)} of {len(far)} held-out "
+                "datasets tried." if far else "")
     evidence = ["headroom", "retrieval", "the condition", "answers", "capacity"]
     evidence += ["budget"] * any(r.get("budget") for r in valid) + ["weight tokenisation"] * bool(stats)
+    evidence += ["without the nearest dataset"] * bool(far)
     lines += ["", f"DnD beats the training-LoRA mean on {beats} of {len(valid)} valid held-out targets{so_far} (the "
               f"paper's claim needs at least 5 of 7), the nearest training LoRA on {near} of {len(valid)}{zoo_note}."
-              f"{agree_note}{stats_note} Where it wins and where it does not, with the evidence for why "
-              f"({', '.join(evidence)}): "
+              f"{agree_note}{stats_note}{far_note} Where it wins and where it does not, with the evidence for why "
+              f"({', '.join(evidence)}) and the verdict: "
               "[dnd.md](benchmarks/results/dnd.md#where-dnd-wins-and-where-it-does-not)."]
     costs = [r["lora_to_match"] for _, r in done if r.get("lora_to_match")]
     if any(t.get("zoo_workers") != 1 and t.get("alone_seconds") is None for t in costs):

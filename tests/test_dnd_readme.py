@@ -73,4 +73,11 @@ def test_block_counts_the_zoo_mean_and_the_answers_once_recorded(tmp_path):
     assert "(headroom, retrieval, the condition, answers, capacity, weight tokenisation)" in text
     res["datasets"]["commonsense/arc_easy"]["budget"] = {"ci_final_minus_mid": [0.1, 1.2]}
     assert update(readme, res) and "(headroom, retrieval, the condition, answers, capacity, budget, weight " \
-        "tokenisation)" in readme.read_text()
+        "tokenisation) and the verdict" in readme.read_text()
+    assert "Trained without" not in readme.read_text()  # no nonearest ablation yet
+    res["datasets"]["commonsense/arc_easy"]["without_nearest"] = {"ci_dnd_minus_nearest": [-1.0, 0.4]}
+    assert update(readme, res)
+    text = readme.read_text()
+    assert ("Trained without the dataset nearest to the held-out one as well, it is above its new nearest training "
+            "LoRA on 0 of 1 held-out datasets tried.") in text
+    assert "weight tokenisation, without the nearest dataset) and the verdict" in text

@@ -49,14 +49,16 @@ def test_the_verdict_rules_out_only_causes_that_are_small():
 
 def test_the_verdict_calls_it_retrieval_only_when_dnd_does_not_beat_its_nearest_lora():
     (line,) = verdict([("arc_easy", _row(False, without_nearest=_far([-1.0, 0.4]))), ("piqa", _row(False))])
-    assert "within noise on 2 of 2 and above on 0; without that dataset it is above its new nearest LoRA on 0 of 1." \
-        in line
+    assert ("within noise on 2 of 2, above on 0 and below on 0; without that dataset it is above its new nearest LoRA "
+            "on 0 of 1.") in line
     assert "mostly retrieval" in line
     (line,) = verdict([("arc_easy", _row(False, without_nearest=_far([0.04, 2.42], dnd=60.9)))])
     assert "above its new nearest LoRA on 1 of 1 (arc_easy +1.1 [+0.0, +2.4], its updates at cosine +0.97" in line
     assert "mostly retrieval" not in line  # beyond the nearest on every ablation tried
     (line,) = verdict([("arc_easy", _row(False, near=(0.5, 2.0)))])
     assert "above on 1" in line and "mostly retrieval" not in line
+    (line,) = verdict([("arc_easy", _row(False, near=(-4.0, -0.5)))])
+    assert "below on 1" in line and "mostly retrieval" not in line  # worse than the LoRA it would retrieve
 
 
 def test_the_nonearest_line_says_where_the_updates_and_answers_land():

@@ -302,9 +302,9 @@ def verdict(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
         out += f" Ruled out: {'; '.join(ruled)}."
     near = [r["ci_dnd_minus_nearest"] for _, r in valid if r.get("ci_dnd_minus_nearest")]
     if near:
-        above = sum(c[0] > 0 for c in near)
-        out += (f" Against the training LoRA nearest in condition embedding DnD is within noise on "
-                f"{sum(c[0] <= 0 <= c[1] for c in near)} of {len(near)} and above on {above}")
+        same, above = sum(c[0] <= 0 <= c[1] for c in near), sum(c[0] > 0 for c in near)
+        out += (f" Against the training LoRA nearest in condition embedding DnD is within noise on {same} of "
+                f"{len(near)}, above on {above} and below on {len(near) - same - above}")
         far = [(n, r["without_nearest"]) for n, r in valid if r.get("without_nearest")]
         beyond = [(f"{n} {w['dnd_mean'] - w['nearest_lora']['acc']:+.1f} {_ci(w['ci_dnd_minus_nearest'])}"
                   + (f", its updates at cosine {w['closest_in_weights']['cosine']:+.2f} with that LoRA"
@@ -314,7 +314,7 @@ def verdict(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
             out += (f"; without that dataset it is above its new nearest LoRA on {len(beyond)} of {len(far)}"
                     + (f" ({_names(beyond)})" if beyond else ""))
         out += "."
-        if not above and len(beyond) <= len(far) / 2:
+        if same == len(near) and len(beyond) <= len(far) / 2:  # as good as the nearest LoRA, and no better
             out += (" So DnD here is mostly retrieval of the training LoRA whose prompts resemble the held-out ones: "
                     "it gains where that LoRA is good on the held-out task, and little beyond it.")
     flat = [n for n, r in valid if r.get("ci_own_minus_base") and r["ci_own_minus_base"][0] <= 0]

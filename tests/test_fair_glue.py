@@ -231,6 +231,12 @@ def test_readme_block_is_generated_between_its_markers(tmp_path):
     assert "on RTE" not in hits  # both predict at random there
     assert update(readme, data) and readme.read_text() == text  # idempotent
     assert "STS-B" not in text
+    assert f"issue 23; {data['runs']['seeds']} seed runs so far, " in text  # 3 of 5 seeds per cell
+    full = {**data, "tasks": {t: {r: {**c, "scores": c["scores"] + c["scores"][:2]} for r, c in cells.items()}
+                              for t, cells in data["tasks"].items()}}
+    assert update(readme, full)
+    assert f"issue 23; {data['runs']['seeds']} seed runs, 5 seeds per cell" in readme.read_text()
+    assert update(readme, data) and readme.read_text() == text
     data["tasks"]["glue/stsb"] = {"apt": {"mean": 81.25, "std": 0.5, "scores": [81.0, 81.5], "above_chance": True}}
     assert update(readme, data)
     table = readme.read_text().splitlines()

@@ -257,10 +257,11 @@ def test_generated_adapters_are_compared_with_the_zoo_mean_in_weight_space(finis
 
     row = {**res["datasets"]["commonsense/arc_easy"], "valid_target": True}  # a tiny model's row is not valid
     (line,) = [x for x in diagnosis([("arc_easy", row)]) if "Without the nearest dataset" in x]
-    ci = w["ci_dnd_minus_zoo_token_mean"]
+    ci, ab = w["ci_dnd_minus_zoo_token_mean"], w["ci_zoo_token_mean_minus_zoo_mean"]
     assert (f"{cos:+.2f} with the zoo mean, the token-space zoo mean (its exact output for an ignored condition) "
-            f"scores {w['zoo_token_mean']:.1f}, this − it [{ci[0]:+.1f}, {ci[1]:+.1f}]; answers: kappa "
-            f"{w['kappa_with_left_out']:.2f} with the left-out LoRA") in line
+            f"scores {w['zoo_token_mean']:.1f}, this − it [{ci[0]:+.1f}, {ci[1]:+.1f}], the A,B zoo mean (the other "
+            f"rows' stand-in for it) {w['zoo_mean']:.1f}, token-space − A,B [{ab[0]:+.1f}, {ab[1]:+.1f}]; answers: "
+            f"kappa {w['kappa_with_left_out']:.2f} with the left-out LoRA") in line
 
 
 def test_dnd_stages_score_the_exact_output_for_an_ignored_condition(finished):
@@ -285,6 +286,9 @@ def test_dnd_stages_score_the_exact_output_for_an_ignored_condition(finished):
         got = row[field] if field else row
         assert got["zoo_token_mean"] == round(100 * t[m], 2)
         assert got["ci_dnd_minus_zoo_token_mean"] == paired_bootstrap(per, t[key])
+        assert got["ci_zoo_token_mean_minus_zoo_mean"] == paired_bootstrap(t[key], st["zoo_mean"][key])
+    far = stages[f"dnd:{CFG}+nonearest:commonsense/arc_easy"]
+    assert row["without_nearest"]["zoo_mean"] == round(100 * far["zoo_mean"][m], 2)
     w = res["datasets"]["commonsense/arc_easy"]["without_nearest"]
     assert w["cosine_with_zoo_token_mean"] == stages[f"dnd:{CFG}+nonearest:commonsense/arc_easy"][
         "weight_cosine"]["to_zoo_token_mean"]

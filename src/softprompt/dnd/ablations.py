@@ -32,13 +32,16 @@ def mean_score(draws: Sequence[Mapping[str, Any]], measure: str) -> float:
 def token_mean_fields(stage: Mapping[str, Any], per_dnd: Sequence[float], measure: str,
                       key: str) -> dict[str, Any]:
     """DnD against the exact output for an ignored condition (the token-space zoo mean a ``dnd`` stage scores as
-    ``zoo_token_mean``, :func:`.hyperconv.grid_mean_state`), paired on the same examples; None for stages recorded
-    before it was scored."""
+    ``zoo_token_mean``, :func:`.hyperconv.grid_mean_state`), paired on the same examples, and that output against
+    the A,B zoo mean the older rows use as its stand-in (does the stand-in score as the exact output?); None for
+    stages recorded before it was scored."""
     t = stage.get("zoo_token_mean")
     if t is None:
-        return {"zoo_token_mean": None, "ci_dnd_minus_zoo_token_mean": None}
+        return {"zoo_token_mean": None, "ci_dnd_minus_zoo_token_mean": None, "ci_zoo_token_mean_minus_zoo_mean": None}
+    ab = stage.get("zoo_mean")
     return {"zoo_token_mean": round(100 * t[measure], 2),
-            "ci_dnd_minus_zoo_token_mean": paired_bootstrap(list(per_dnd), t[key])}
+            "ci_dnd_minus_zoo_token_mean": paired_bootstrap(list(per_dnd), t[key]),
+            "ci_zoo_token_mean_minus_zoo_mean": paired_bootstrap(t[key], ab[key]) if ab else None}
 
 
 def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mapping[str, Any],
@@ -84,6 +87,8 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
             "cosine_with_left_out": to.get(main["nearest"]),
             "cosine_with_zoo_mean": (far.get("weight_cosine") or {}).get("to_zoo_mean"),
             "cosine_with_zoo_token_mean": (far.get("weight_cosine") or {}).get("to_zoo_token_mean"),
+            "zoo_mean": round(100 * far["zoo_mean"][measure], 2) if "zoo_mean" in far else None,
+            "ci_dnd_minus_zoo_mean": paired_bootstrap(per, far["zoo_mean"][key]) if "zoo_mean" in far else None,
             **token_mean_fields(far, per, measure, key),
             # the same question example by example: does it answer like the LoRA it never saw?
             "kappa_with_left_out": round(soft_kappa(per, cross[main["nearest"]][d][key]), 3),

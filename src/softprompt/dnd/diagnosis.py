@@ -232,6 +232,9 @@ def _far_row(n: str, w: Mapping[str, Any]) -> str:
     if w.get("ci_dnd_minus_zoo_token_mean"):
         parts.append(f"the token-space zoo mean (its exact output for an ignored condition) scores "
                      f"{w['zoo_token_mean']:.1f}, this − it {_ci(w['ci_dnd_minus_zoo_token_mean'])}")
+        if w.get("ci_zoo_token_mean_minus_zoo_mean") and w.get("zoo_mean") is not None:
+            parts.append(f"the A,B zoo mean (the other rows' stand-in for it) {w['zoo_mean']:.1f}, token-space − A,B "
+                         f"{_ci(w['ci_zoo_token_mean_minus_zoo_mean'])}")
     text = ", ".join(parts)
     a = w.get("answer_agreement")
     if w.get("kappa_with_left_out") is not None and a:

@@ -88,7 +88,6 @@ def ablation_fields(stages: Mapping[str, Any], config: str, d: str, base: Mappin
             "cosine_with_zoo_mean": (far.get("weight_cosine") or {}).get("to_zoo_mean"),
             "cosine_with_zoo_token_mean": (far.get("weight_cosine") or {}).get("to_zoo_token_mean"),
             "zoo_mean": round(100 * far["zoo_mean"][measure], 2) if "zoo_mean" in far else None,
-            "ci_dnd_minus_zoo_mean": paired_bootstrap(per, far["zoo_mean"][key]) if "zoo_mean" in far else None,
             **token_mean_fields(far, per, measure, key),
             # the same question example by example: does it answer like the LoRA it never saw?
             "kappa_with_left_out": round(soft_kappa(per, cross[main["nearest"]][d][key]), 3),

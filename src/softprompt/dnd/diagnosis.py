@@ -17,7 +17,49 @@ def _names(rows: Sequence[tuple[str, Any]]) -> str:
     return ", ".join(n for n, *_ in rows) or "none"
 
 
-def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+Rows = Sequence[tuple[str, Mapping[str, Any]]]
+
+
+def _no_headroom(valid: Rows) -> list[str]:
+    """Held-out datasets whose own LoRA is not above the base (own − base interval includes 0)."""
+    return [n for n, r in valid if r.get("ci_own_minus_base") and r["ci_own_minus_base"][0] <= 0]
+
+
+def _recovery(valid: Rows) -> list[tuple[str, Mapping[str, Any]]]:
+    """In-distribution recovery where the own LoRA's score is known, and the largest gap to it."""
+    return [(n, r["in_distribution_recovery"]) for n, r in valid
+            if (r.get("in_distribution_recovery") or {}).get("own_lora") is not None]
+
+
+def _recovery_gap(rec: Sequence[tuple[str, Mapping[str, Any]]]) -> float:
+    return max(abs(x["generated"] - x["own_lora"]) for _, x in rec)
+
+
+def _budget_rows(valid: Rows) -> list[tuple[str, Mapping[str, Any]]]:
+    return [(n, r["budget"]) for n, r in valid if (r.get("budget") or {}).get("final_step")]
+
+
+def _budget_worst(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> float:
+    return max(abs(b["final"] - b["mid"]) for _, b in rows)
+
+
+def _data_counts(valid: Rows) -> tuple[int, int, list[str], int] | None:
+    """Fewest checkpoints per dataset and training datasets any generator learned, what falls short of DnD's recipe,
+    and how many distinct (checkpoints, datasets) pairs there are; None where a zoo stage is missing."""
+    data = [r["training_data"] for _, r in valid if r.get("training_data")]
+    if not data or any(t["checkpoints_per_dataset"] is None for t in data):
+        return None
+    ckpt = min(t["checkpoints_per_dataset"] for t in data)
+    sets = min(t["datasets"] for t in data)
+    short = [f"{ckpt} checkpoints against {PAPER_CHECKPOINTS}"] if ckpt < PAPER_CHECKPOINTS else []
+    short += [f"{sets} training datasets against {PAPER_TRAIN_DATASETS}"] if sets < PAPER_TRAIN_DATASETS else []
+    return ckpt, sets, short, len({(t["checkpoints_per_dataset"], t["datasets"]) for t in data})
+
+
+STATS_KEY = "ci_stats_dnd_minus_relative"
+
+
+def diagnosis(rows: Rows) -> list[str]:
     """Where DnD wins and where it does not, with the evidence for why, in plain lines computed from the rows
     (held-out name, ``dnd_cloze.json`` entry); invalid targets are left out. Issue 21 asks, should DnD not beat the
     training-LoRA mean, for the reason: headroom (does the held-out dataset's own LoRA gain at all), retrieval (is
@@ -35,7 +77,7 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     rest = [(f"{n} [{r[ci][0]:+.1f}, {r[ci][1]:+.1f}]",) for n, r in valid if r[ci][0] <= 0]
     out = [f"**Wins.** DnD is above the training-LoRA mean on {len(wins)} of {len(valid)} valid held-out targets "
            f"({_names(wins)}); not above it on {_names(rest)}."]
-    flat = [(n,) for n, r in valid if r.get("ci_own_minus_base") and r["ci_own_minus_base"][0] <= 0]
+    flat = [(n,) for n in _no_headroom(valid)]
     if flat:
         out.append(f"**Headroom.** On {_names(flat)} the held-out dataset's own LoRA is not above the base either "
                    "(own − base interval includes 0): training in this format gains nothing measurable there, so a "
@@ -68,10 +110,9 @@ def diagnosis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                    f"training LoRA on {len(best)} of {len(picked)} ({_names(best)})"
                    + (f"; elsewhere it scores below the best ({_names(miss)})." if miss else ".")
                    + " A generator that only retrieved by its conditions would reach that LoRA's score.")
-    rec = [(n, r["in_distribution_recovery"]) for n, r in valid
-           if r.get("in_distribution_recovery") and r["in_distribution_recovery"].get("own_lora") is not None]
+    rec = _recovery(valid)
     if rec:
-        gap = max(abs(x["generated"] - x["own_lora"]) for _, x in rec)
+        gap = _recovery_gap(rec)
         pairs = "; ".join(f"{n}'s generator on {x['dataset'].split('/')[-1]}: {x['generated']:.1f} vs "
                           f"{x['own_lora']:.1f}" for n, x in rec)
         out.append(f"**Capacity.** Fed a training dataset's own prompts, each generator's adapters score within "
@@ -85,7 +126,7 @@ def _ci(c: Sequence[float], digits: int = 1) -> str:
     return f"[{c[0]:+.{digits}f}, {c[1]:+.{digits}f}]"
 
 
-def _condition(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+def _condition(valid: Rows) -> list[str]:
     """Does the generator use its condition? Against the zoo mean (the elementwise mean of the training checkpoints'
     A and B, about what minimises the generator's loss for a condition it ignores), and whether that mean alone already
     beats the training-LoRA mean where DnD does."""
@@ -107,7 +148,7 @@ def _condition(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     return [line]
 
 
-def _answers(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+def _answers(valid: Rows) -> list[str]:
     """Example-level agreement (:mod:`.agreement`): does DnD answer like its nearest training LoRA or like the zoo
     mean, and is the LoRA it answers most like also the one closest in weight space?"""
     rows = [(n, r, r["answer_agreement"]) for n, r in valid if r.get("answer_agreement")]
@@ -130,9 +171,9 @@ def _answers(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     return [line]
 
 
-def _budget(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+def _budget(valid: Rows) -> list[str]:
     """Generator budget: the draws from halfway through the generator's training against the final ones."""
-    rows = [(n, r["budget"]) for n, r in valid if r.get("budget") and r["budget"].get("final_step")]
+    rows = _budget_rows(valid)
     if not rows:
         return []
     key = "ci_final_minus_mid"
@@ -142,15 +183,15 @@ def _budget(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     steps = {(b["mid_step"], b["final_step"]) for _, b in rows}
     span = (f"step {rows[0][1]['final_step']} against step {rows[0][1]['mid_step']}" if len(steps) == 1
             else "the final generator against the one halfway through its training")
-    worst = max(abs(b["final"] - b["mid"]) for _, b in rows)
+    worst = _budget_worst(rows)
     return [f"**Budget.** Twice the generator training ({span}) moves DnD by at most {worst:.1f} points: within noise "
             f"on {len(same)} of {len(rows)} ({_names(same)})" + (f", elsewhere {_names(moved)}." if moved else ".")]
 
 
-def _stats_code(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+def _stats_code(valid: Rows) -> list[str]:
     """Weight tokenisation (the ``statsdnd`` ablation, :mod:`.ablations`): DnD's own scale code for the weight
     tokens' statistics against ours, on the same examples, with where the generated updates then sit."""
-    key = "ci_stats_dnd_minus_relative"
+    key = STATS_KEY
     rows = [(n, r) for n, r in valid if r.get(key)]
     if not rows:
         return []
@@ -175,16 +216,13 @@ def _stats_code(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     return [line]
 
 
-def _training_data(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+def _training_data(valid: Rows) -> list[str]:
     """Too few checkpoints or training datasets? What each generator learned from, against DnD's own recipe."""
-    data = [r["training_data"] for _, r in valid if r.get("training_data")]
-    if not data or any(t["checkpoints_per_dataset"] is None for t in data):
+    counts = _data_counts(valid)
+    if counts is None:
         return []
-    ckpt = min(t["checkpoints_per_dataset"] for t in data)
-    sets = min(t["datasets"] for t in data)
-    short = [f"{ckpt} checkpoints against {PAPER_CHECKPOINTS}"] if ckpt < PAPER_CHECKPOINTS else []
-    short += [f"{sets} training datasets against {PAPER_TRAIN_DATASETS}"] if sets < PAPER_TRAIN_DATASETS else []
-    least = "" if len({(t["checkpoints_per_dataset"], t["datasets"]) for t in data}) == 1 else "at least "
+    ckpt, sets, short, kinds = counts
+    least = "" if kinds == 1 else "at least "
     return [f"**Checkpoints and datasets.** Each generator learned {least}{ckpt} checkpoints of each of {least}"
             f"{sets} training datasets; DnD's common-sense recipe keeps {PAPER_CHECKPOINTS} per dataset and trains on "
             f"the other {PAPER_TRAIN_DATASETS} of the same 7 datasets, "
@@ -192,7 +230,7 @@ def _training_data(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
                "so neither count falls short of the paper's.")]
 
 
-def _geometry(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+def _geometry(valid: Rows) -> list[str]:
     """Condition geometry (:mod:`.geometry`): how far inside its nearest training dataset's cluster each held-out
     dataset's prompts sit, beside DnD's gain over the training-LoRA mean."""
     rows = sorted(((n, r["condition_membership"], r) for n, r in valid
@@ -245,7 +283,7 @@ def _far_row(n: str, w: Mapping[str, Any]) -> str:
     return text
 
 
-def _without_nearest(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+def _without_nearest(valid: Rows) -> list[str]:
     """The retrieval test (the ``nonearest`` ablation, :mod:`.ablations`): a generator that did not learn the nearest
     training dataset either. Retrieval would score as its new nearest LoRA; generation would go beyond it and still
     make (and answer like) something like the LoRA it never saw."""
@@ -276,7 +314,7 @@ def _without_nearest(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str
 NEGLIGIBLE_POINTS = 1.0
 
 
-def verdict(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+def verdict(valid: Rows) -> list[str]:
     """The paper's claim against the rows, the causes issue 21 names that the rows rule out, and what is left: one
     line, every number taken from the rows (the lines above give the intervals)."""
     if not valid:
@@ -287,19 +325,15 @@ def verdict(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     out = (f"**Verdict.** The paper's claim (DnD above the training-LoRA mean on at least 5 of 7 held-out datasets) "
            f"is {'reproduced' if wins >= needed else 'not reproduced'} here: {wins} of {len(valid)} valid targets.")
     ruled = []
-    rec = [r["in_distribution_recovery"] for _, r in valid if (r.get("in_distribution_recovery") or {}).get("own_lora")
-           is not None]
-    if rec and (gap := max(abs(x["generated"] - x["own_lora"]) for x in rec)) <= NEGLIGIBLE_POINTS:
+    rec, bud = _recovery(valid), _budget_rows(valid)
+    if rec and (gap := _recovery_gap(rec)) <= NEGLIGIBLE_POINTS:
         ruled.append(f"capacity (recovery within {gap:.1f} points)")
-    bud = [r["budget"] for _, r in valid if (r.get("budget") or {}).get("final_step")]
-    if bud and (worst := max(abs(b["final"] - b["mid"]) for b in bud)) <= NEGLIGIBLE_POINTS:
+    if bud and (worst := _budget_worst(bud)) <= NEGLIGIBLE_POINTS:
         ruled.append(f"budget (twice the training moves it by at most {worst:.1f})")
-    stats = [r["ci_stats_dnd_minus_relative"] for _, r in valid if r.get("ci_stats_dnd_minus_relative")]
+    stats = [r[STATS_KEY] for _, r in valid if r.get(STATS_KEY)]
     if stats and not any(c[0] > 0 for c in stats):
         ruled.append(f"weight tokenisation (DnD's own code higher on 0 of {len(stats)})")
-    data = [r["training_data"] for _, r in valid if r.get("training_data")]
-    if data and all(t["checkpoints_per_dataset"] is not None and t["checkpoints_per_dataset"] >= PAPER_CHECKPOINTS
-                    and t["datasets"] >= PAPER_TRAIN_DATASETS for t in data):
+    if (counts := _data_counts(valid)) is not None and not counts[2]:
         ruled.append("too few checkpoints or training datasets (as many as the paper's recipe)")
     if wins < needed and ruled:
         out += f" Ruled out: {'; '.join(ruled)}."
@@ -320,8 +354,7 @@ def verdict(valid: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
         if same == len(near) and len(beyond) <= len(far) / 2:  # as good as the nearest LoRA, and no better
             out += (" So DnD here is mostly retrieval of the training LoRA whose prompts resemble the held-out ones: "
                     "it gains where that LoRA is good on the held-out task, and little beyond it.")
-    flat = [n for n, r in valid if r.get("ci_own_minus_base") and r["ci_own_minus_base"][0] <= 0]
-    if flat:
+    if flat := _no_headroom(valid):
         out += f" Headroom is small besides: the own LoRA is not above the base on {', '.join(flat)}."
     return [out]
 
